@@ -1,0 +1,427 @@
+"""The replay buffer: one SQLite database in state_dir.
+
+WAL mode, numbered transactional migrations, and every write batched in one transaction
+together with the bookkeeping that says it happened (file signatures, JSONL offsets), so a
+crash at any instant either keeps a whole batch or none of it.
+
+Tables created here (later migrations add theirs, named ``NNNN_<what>``):
+
+- ``artifacts``: one row per attempt, normalised from any source; unique on
+  (source, locator), where the locator is the file path in the store or the JSONL record id.
+- ``chains``: retry chains linked from the artifacts (see :mod:`lorad.buffer.traces`).
+- ``quarantine``: inputs that could not be read, with a human-readable reason.
+- ``files``: the signature (size, mtime, content hash) of every file already handled, so a
+  rescan skips unchanged files without reading them.
+- ``ingest_state``: per-source resume state (JSONL byte offset, inode).
+- ``audit``: an append-only log of events (promotions, rollbacks, ingest errors).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+# Columns of ``artifacts`` that a source fills in, in insert order.
+ARTIFACT_COLUMNS = (
+    "source", "locator", "artifact_id", "workflow_id", "action_pair_id", "parent_action_pair_id",
+    "previous_attempt_id", "attempt_number", "status", "created_at", "created_ts", "content",
+    "passed", "fatal", "feedback", "sub_results", "specification", "constraints",
+    "feedback_history", "dependency_artifacts", "origin", "metadata", "messages", "score",
+    "content_hash",
+)
+
+
+class BufferError(Exception):
+    "The buffer database cannot be opened or written."
+
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(name: str):
+    """Register a numbered migration; each runs once, inside its own transaction."""
+
+    def register(fn: Migration) -> Migration:
+        if any(n == name for n, _ in MIGRATIONS):
+            raise ValueError(f"duplicate migration {name}")
+        MIGRATIONS.append((name, fn))
+        MIGRATIONS.sort(key=lambda m: m[0])
+        return fn
+
+    return register
+
+
+@migration("0001_initial")
+def _initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE artifacts (
+            id INTEGER PRIMARY KEY,
+            source TEXT NOT NULL,
+            locator TEXT NOT NULL,
+            artifact_id TEXT NOT NULL,
+            workflow_id TEXT NOT NULL,
+            action_pair_id TEXT NOT NULL,
+            parent_action_pair_id TEXT,
+            previous_attempt_id TEXT,
+            attempt_number INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('pending','rejected','accepted','superseded')),
+            created_at TEXT,
+            created_ts REAL,
+            content TEXT NOT NULL,
+            passed INTEGER,
+            fatal INTEGER NOT NULL DEFAULT 0,
+            feedback TEXT,
+            sub_results TEXT,
+            specification TEXT NOT NULL DEFAULT '',
+            constraints TEXT NOT NULL DEFAULT '',
+            feedback_history TEXT,
+            dependency_artifacts TEXT,
+            origin TEXT NOT NULL DEFAULT 'generated',
+            metadata TEXT,
+            messages TEXT,
+            score REAL,
+            content_hash TEXT NOT NULL,
+            chain_id TEXT,
+            ingested_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            UNIQUE (source, locator)
+        )
+        """
+    )
+    db.execute("CREATE INDEX artifacts_group ON artifacts (source, workflow_id, action_pair_id)")
+    db.execute("CREATE INDEX artifacts_artifact_id ON artifacts (source, artifact_id)")
+    db.execute("CREATE INDEX artifacts_chain ON artifacts (chain_id)")
+    db.execute("CREATE INDEX artifacts_created ON artifacts (created_ts)")
+    db.execute(
+        """
+        CREATE TABLE chains (
+            chain_id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            workflow_id TEXT NOT NULL,
+            action_pair_id TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            rejected INTEGER NOT NULL,
+            accepted_id INTEGER,
+            outcome TEXT NOT NULL CHECK (outcome IN ('first_try','refined','exhausted','open')),
+            specification TEXT NOT NULL DEFAULT '',
+            first_ts REAL,
+            last_ts REAL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX chains_group ON chains (source, workflow_id, action_pair_id)")
+    db.execute("CREATE INDEX chains_outcome ON chains (outcome)")
+    db.execute(
+        """
+        CREATE TABLE quarantine (
+            id INTEGER PRIMARY KEY,
+            source TEXT NOT NULL,
+            locator TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            content_hash TEXT,
+            size INTEGER,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            seen INTEGER NOT NULL DEFAULT 1,
+            UNIQUE (source, locator)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE files (
+            source TEXT NOT NULL,
+            locator TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            content_hash TEXT NOT NULL,
+            PRIMARY KEY (source, locator)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE ingest_state (
+            source TEXT PRIMARY KEY,
+            state TEXT NOT NULL DEFAULT '{}',
+            last_scan REAL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            event TEXT NOT NULL,
+            version TEXT,
+            job_id TEXT,
+            detail TEXT NOT NULL DEFAULT '{}'
+        )
+        """
+    )
+    db.execute("CREATE INDEX audit_event ON audit (event, ts)")
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply every migration not yet applied, each in its own transaction. Returns their names."""
+    conn = db.conn
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have applied it while we waited for the write lock.
+            if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone():
+                conn.execute("ROLLBACK")
+                continue
+            fn(db)
+            conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied
+
+
+class Buffer:
+    """The SQLite replay buffer.
+
+    Args:
+        path: database file (created with its folder if missing); ":memory:" for tests.
+        synchronous: "full" (durable across power loss) or "normal" (across process crashes).
+        readonly: open for reading only (status, history); no migrations are run.
+    """
+
+    def __init__(self, path: str | Path, synchronous: str = "full", readonly: bool = False):
+        self.path = Path(path) if path != ":memory:" else None
+        try:
+            if self.path and not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            if readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False, timeout=30)
+            else:
+                conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                                       timeout=30)
+            conn.execute("PRAGMA busy_timeout = 30000")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self.conn = conn
+            self.db = sqlite_utils.Database(conn)
+            if not readonly:
+                migrate(self.db)
+        except sqlite3.DatabaseError as e:
+            raise BufferError(f"cannot open buffer {path}: {e}") from None
+        if self.path and not readonly:
+            # The buffer holds users' code and prompts: never world-readable.
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                if p.exists():
+                    p.chmod(0o640)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextmanager
+    def transaction(self):
+        """One write transaction (BEGIN IMMEDIATE .. COMMIT, ROLLBACK on any error)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- ingest bookkeeping ---------------------------------------------------------------------
+
+    def file_signatures(self, source: str) -> dict[str, tuple[int, int, str]]:
+        """locator -> (size, mtime_ns, content_hash) of every file already handled."""
+        rows = self.conn.execute(
+            "SELECT locator, size, mtime_ns, content_hash FROM files WHERE source = ?", (source,)
+        )
+        return {loc: (size, mtime, h) for loc, size, mtime, h in rows}
+
+    def artifact_hashes(self, source: str) -> dict[str, str]:
+        """locator -> content_hash of every stored artifact of a source."""
+        rows = self.conn.execute(
+            "SELECT locator, content_hash FROM artifacts WHERE source = ?", (source,)
+        )
+        return dict(rows.fetchall())
+
+    def source_state(self, source: str) -> dict[str, Any]:
+        row = self.conn.execute("SELECT state FROM ingest_state WHERE source = ?", (source,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def write_batch(self, batch: "Batch") -> tuple[int, int, int]:
+        """Commit one batch atomically: rows, quarantine, file signatures, source state, chains.
+
+        Returns:
+            (new, updated, unchanged) artifact counts.
+        """
+        now = time.time()
+        new = updated = unchanged = 0
+        with self.transaction() as conn:
+            if batch.artifacts:
+                existing = {}
+                locators = [row["locator"] for row in batch.artifacts]
+                for i in range(0, len(locators), 900):
+                    chunk = locators[i:i + 900]
+                    existing.update(conn.execute(
+                        f"SELECT locator, content_hash FROM artifacts WHERE source = ? AND locator IN "
+                        f"({', '.join('?' for _ in chunk)})", (batch.source, *chunk)).fetchall())
+                for row in batch.artifacts:
+                    old = existing.get(row["locator"])
+                    if old is None:
+                        new += 1
+                    elif old != row["content_hash"]:
+                        updated += 1
+                    else:
+                        unchanged += 1
+                placeholders = ", ".join("?" for _ in ARTIFACT_COLUMNS)
+                updates = ", ".join(
+                    f"{c} = excluded.{c}" for c in ARTIFACT_COLUMNS if c not in ("source", "locator")
+                )
+                conn.executemany(
+                    f"INSERT INTO artifacts ({', '.join(ARTIFACT_COLUMNS)}, ingested_at, updated_at) "
+                    f"VALUES ({placeholders}, ?, ?) "
+                    f"ON CONFLICT (source, locator) DO UPDATE SET {updates}, updated_at = excluded.updated_at "
+                    f"WHERE artifacts.content_hash != excluded.content_hash",
+                    [tuple(row[c] for c in ARTIFACT_COLUMNS) + (now, now) for row in batch.artifacts],
+                )
+                conn.executemany(
+                    "DELETE FROM quarantine WHERE source = ? AND locator = ?",
+                    [(row["source"], row["locator"]) for row in batch.artifacts],
+                )
+            if batch.quarantined:
+                conn.executemany(
+                    "INSERT INTO quarantine (source, locator, reason, content_hash, size, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (source, locator) DO UPDATE SET reason = excluded.reason, "
+                    "content_hash = excluded.content_hash, size = excluded.size, "
+                    "last_seen = excluded.last_seen, seen = quarantine.seen + 1",
+                    [(q.source, q.locator, q.reason, q.content_hash, q.size, now, now) for q in batch.quarantined],
+                )
+            if batch.signatures:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO files (source, locator, size, mtime_ns, content_hash) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    batch.signatures,
+                )
+            if batch.forget:
+                conn.executemany("DELETE FROM files WHERE source = ? AND locator = ?", batch.forget)
+            if batch.state is not None:
+                conn.execute(
+                    "INSERT INTO ingest_state (source, state, last_scan) VALUES (?, ?, ?) "
+                    "ON CONFLICT (source) DO UPDATE SET state = excluded.state, last_scan = excluded.last_scan",
+                    (batch.source, json.dumps(batch.state), now),
+                )
+            if batch.artifacts:
+                from lorad.buffer.traces import relink
+
+                groups = {(r["source"], r["workflow_id"], r["action_pair_id"]) for r in batch.artifacts}
+                relink(conn, groups, now)
+        return new, updated, unchanged
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def artifacts(self, where: str = "", params: Iterable = ()) -> Iterator[dict]:
+        """Artifact rows as dicts (JSON columns left as text), optionally filtered."""
+        sql = "SELECT * FROM artifacts" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+        cur = self.conn.execute(sql, tuple(params))
+        names = [d[0] for d in cur.description]
+        for row in cur:
+            yield dict(zip(names, row))
+
+    def counts(self) -> dict[str, int]:
+        """Headline counts for status displays."""
+        q = self.conn.execute
+        out = {
+            "artifacts": q("SELECT count(*) FROM artifacts").fetchone()[0],
+            "chains": q("SELECT count(*) FROM chains").fetchone()[0],
+            "quarantined": q("SELECT count(*) FROM quarantine").fetchone()[0],
+        }
+        for outcome, n in q("SELECT outcome, count(*) FROM chains GROUP BY outcome"):
+            out[f"chains_{outcome}"] = n
+        return out
+
+    def quarantine(self) -> list[dict]:
+        cur = self.conn.execute("SELECT source, locator, reason, size, first_seen, last_seen, seen FROM quarantine ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur]
+
+    def record_event(self, event: str, *, version: str | None = None, job_id: str | None = None,
+                     **detail: Any) -> None:
+        """Append one event to the audit table (its own transaction)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO audit (ts, event, version, job_id, detail) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), event, version, job_id, json.dumps(detail, default=str)),
+            )
+
+    def events(self, event: str | None = None, limit: int = 100) -> list[dict]:
+        sql = "SELECT id, ts, event, version, job_id, detail FROM audit"
+        params: tuple = ()
+        if event:
+            sql += " WHERE event = ?"
+            params = (event,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        rows = self.conn.execute(sql, params + (limit,)).fetchall()
+        return [
+            {"id": i, "ts": ts, "event": ev, "version": v, "job_id": j, "detail": json.loads(d)}
+            for i, ts, ev, v, j, d in rows
+        ]
+
+
+class Quarantined:
+    """One input that could not be read, and why."""
+
+    __slots__ = ("source", "locator", "reason", "content_hash", "size")
+
+    def __init__(self, source: str, locator: str, reason: str, content_hash: str | None = None,
+                 size: int | None = None):
+        self.source, self.locator, self.reason = source, locator, reason
+        self.content_hash, self.size = content_hash, size
+
+    def __repr__(self):
+        return f"Quarantined({self.locator!r}: {self.reason})"
+
+
+class Batch:
+    """What one ingest step writes in a single transaction."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.artifacts: list[dict] = []
+        self.quarantined: list[Quarantined] = []
+        self.signatures: list[tuple] = []  # (source, locator, size, mtime_ns, hash)
+        self.forget: list[tuple] = []  # (source, locator) signatures to drop
+        self.state: dict | None = None
+        self.unchanged = 0  # inputs seen and skipped because nothing changed
+
+    def __len__(self):
+        return len(self.artifacts) + len(self.quarantined) + len(self.signatures)

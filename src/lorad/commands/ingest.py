@@ -1,0 +1,44 @@
+"""`lorad ingest`: scan every configured source once into the buffer."""
+
+from __future__ import annotations
+
+from lorad.commands import emit
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("ingest", parents=[common], help="scan every configured source once into the buffer")
+    p.add_argument("--quarantine", action="store_true", help="also list every quarantined input with its reason")
+    p.set_defaults(func=run)
+
+
+def run(args, settings) -> int:
+    from lorad.buffer.store import Buffer
+    from lorad.cli import CommandError
+    from lorad.ingest import ingest
+    from lorad.sources import open_sources
+
+    if not settings.store.sources:
+        raise CommandError("no sources configured: add a [[store.sources]] table (kind, path) to the config", 78)
+    with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
+        report = ingest(buffer, open_sources(settings.store), settings.buffer.batch_size)
+        totals = buffer.counts()
+        held = buffer.quarantine() if args.quarantine else []
+    payload = report.as_dict() | {"buffer": totals}
+    if args.quarantine:
+        payload["quarantine"] = held
+    lines = [f"new {report.new}  updated {report.updated}  unchanged {report.unchanged}  "
+             f"quarantined {report.quarantined}"]
+    for name, c in report.per_source.items():
+        lines.append(f"  {name}: new {c['new']}, updated {c['updated']}, unchanged {c['unchanged']}, "
+                     f"quarantined {c['quarantined']}")
+    lines.append(
+        f"buffer: {totals['artifacts']} artifacts in {totals['chains']} chains "
+        f"({totals.get('chains_first_try', 0)} first-try, {totals.get('chains_refined', 0)} refined, "
+        f"{totals.get('chains_exhausted', 0)} exhausted, {totals.get('chains_open', 0)} open); "
+        f"{totals['quarantined']} quarantined")
+    for q in held:
+        lines.append(f"  quarantined {q['source']}:{q['locator']}: {q['reason']}")
+    for err in report.errors:
+        lines.append(f"error: {err}")
+    emit(args, payload, "\n".join(lines))
+    return 1 if report.errors else 0

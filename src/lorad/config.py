@@ -1,0 +1,432 @@
+"""config.toml -> frozen, validated settings.
+
+The file is read once, at the edge, into the dataclasses below. Every key a user can set is a
+field here; the field's type is the schema, and ``metadata={"check": ...}`` adds value checks.
+An unknown key, a wrong type or a bad value raises :class:`ConfigError` naming the key path
+(``training.lora_r: must be a positive integer, got -4``); the CLI turns it into exit code 78
+(EX_CONFIG), which the systemd unit lists in RestartPreventExitStatus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+EX_CONFIG = 78
+
+DEFAULT_PATHS = (Path("/etc/lorad/config.toml"), Path("config.toml"))
+
+
+class ConfigError(Exception):
+    "The configuration is invalid; the message names every offending key path."
+
+    def __init__(self, problems: list[str], path: Path | None = None):
+        self.problems = problems
+        self.path = path
+        where = f"{path}: " if path else ""
+        super().__init__(where + "; ".join(problems))
+
+
+# -- value checks -------------------------------------------------------------------------------
+# Each returns an error message (without the key path) or None.
+
+
+def positive(v):
+    return None if v > 0 else f"must be positive, got {v!r}"
+
+
+def non_negative(v):
+    return None if v >= 0 else f"must be zero or positive, got {v!r}"
+
+
+def fraction(v):
+    return None if 0 <= v <= 1 else f"must be between 0 and 1, got {v!r}"
+
+
+def open_fraction(v):
+    return None if 0 < v < 1 else f"must be strictly between 0 and 1, got {v!r}"
+
+
+def in_range(lo, hi):
+    def check(v):
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v!r}"
+
+    return check
+
+
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+def windows(v):
+    for w in v:
+        m = _WINDOW.match(w)
+        if not m or (m.group(3) == "24" and m.group(4) != "00"):
+            return f'each window must look like "HH:MM-HH:MM", got {w!r}'
+        if m.group(1, 2) == m.group(3, 4):
+            return f"window {w!r} is empty (start equals end)"
+    return None
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def weekdays(v):
+    bad = [d for d in v if d not in WEEKDAYS]
+    return f"unknown weekday(s) {bad}; expected any of {list(WEEKDAYS)}" if bad else None
+
+
+def timezone(v):
+    if v == "local":
+        return None
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(v)
+    except Exception:
+        return f'must be "local" or an IANA zone such as "Europe/Berlin", got {v!r}'
+    return None
+
+
+def learning_rate(v):
+    # A sane range for LoRA fine-tuning: outside it a run either learns nothing or diverges.
+    # This is an error, never a silent clamp.
+    return None if 1e-7 <= v <= 1e-2 else f"must be between 1e-07 and 0.01 for LoRA training, got {v!r}"
+
+
+def _c(check, **kw):
+    return field(metadata={"check": check}, **kw)
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    state_dir: Path = Path("/var/lib/lorad")
+    # "" = $RUNTIME_DIRECTORY/lorad.sock when systemd sets it, else <state_dir>/lorad.sock
+    socket: str = ""
+    allowed_uids: tuple[int, ...] = ()
+    allowed_group: str = ""
+    watchdog: bool = True
+
+    @property
+    def socket_path(self) -> Path:
+        if self.socket:
+            return Path(self.socket)
+        runtime = os.environ.get("RUNTIME_DIRECTORY")
+        if runtime:
+            return Path(runtime.split(":")[0]) / "lorad.sock"
+        return self.state_dir / "lorad.sock"
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    kind: Literal["atomicguard", "jsonl"] = "atomicguard"
+    path: Path = field(default=Path(""), metadata={"required": True})
+    # Name under which the source's rows are kept in the buffer; defaults to kind:path.
+    name: str = ""
+    # jsonl only: a record with a numeric score at or above this counts as accepted.
+    score_threshold: float = 0.5
+
+    @property
+    def key(self) -> str:
+        return self.name or f"{self.kind}:{self.path}"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    sources: tuple[SourceSettings, ...] = ()
+    max_file_bytes: int = _c(positive, default=8 * 1024 * 1024)
+    # A file that fails to parse and was modified less than this many seconds ago is
+    # treated as still being written and retried on the next scan instead of quarantined.
+    settle_seconds: float = _c(non_negative, default=2.0)
+
+
+@dataclass(frozen=True)
+class BufferSettings:
+    # "" = <state_dir>/buffer.sqlite3
+    path: str = ""
+    batch_size: int = _c(positive, default=500)
+    # "full" survives power loss; "normal" survives any process crash and is faster.
+    synchronous: Literal["full", "normal"] = "full"
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    policy: str = "refinement"
+    min_retries: int = _c(positive, default=2)
+    recent_days: int = _c(non_negative, default=30)
+    action_pairs: tuple[str, ...] = ()
+    max_history: int = _c(non_negative, default=3)
+    max_artifact_chars: int = _c(positive, default=4000)
+    # "" or "FILE:KEY" of a prompts.json whose entry supplies the system role.
+    prompt_template: str = ""
+    dedup_similarity: float = _c(open_fraction, default=0.9)
+    heldout_fraction: float = _c(open_fraction, default=0.15)
+    replay_weighting: Literal["uniform", "retries"] = "retries"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    windows: tuple[str, ...] = _c(windows, default=("02:00-06:00",))
+    timezone: str = _c(timezone, default="local")
+    weekdays: tuple[str, ...] = _c(weekdays, default=())
+    min_new_examples: int = _c(non_negative, default=20)
+    # 0 disables the check; otherwise training waits while NVML reports a busier GPU.
+    gpu_busy_percent: int = _c(in_range(0, 100), default=0)
+    reconcile_interval: float = _c(positive, default=300.0)
+    debounce_seconds: float = _c(non_negative, default=0.1)
+    backoff_initial: float = _c(positive, default=60.0)
+    backoff_max: float = _c(positive, default=3600.0)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    # Hugging Face id, local directory or .gguf file
+    base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    method: Literal["sft", "dpo", "kto"] = "sft"
+    lora_r: int = _c(positive, default=4)
+    lora_alpha: int = _c(positive, default=8)
+    lora_dropout: float = _c(fraction, default=0.05)
+    target_modules: tuple[str, ...] = ("all-linear",)
+    learning_rate: float = _c(learning_rate, default=2e-4)
+    # 0 = derive from epochs
+    max_steps: int = _c(non_negative, default=0)
+    epochs: float = _c(positive, default=1.0)
+    batch_size: int = _c(positive, default=4)
+    grad_accum: int = _c(positive, default=1)
+    max_seq_length: int = _c(positive, default=512)
+    quantization: Literal["auto", "4bit", "none"] = "auto"
+    warm_start: bool = True
+    replay_ratio: float = _c(fraction, default=0.5)
+    train_examples: int = _c(positive, default=2000)
+    processes: int = _c(positive, default=1)
+    accelerate_config: str = ""
+    save_steps: int = _c(positive, default=50)
+    gradient_checkpointing: bool = True
+    packing: bool = False
+    seed: int = 0
+    # Fraction of device memory the run may plan to use (the rest is headroom).
+    memory_headroom: float = _c(open_fraction, default=0.9)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    # argv run on each generated artifact (stdin); "" disables the guard pass-rate check.
+    guard_command: tuple[str, ...] = ()
+    generation_samples: int = _c(non_negative, default=32)
+    guard_timeout: float = _c(positive, default=30.0)
+    max_new_tokens: int = _c(positive, default=256)
+    eval_batch_size: int = _c(positive, default=8)
+    # Relative drop in held-out loss the candidate must achieve (0.01 = 1 %).
+    min_improvement: float = _c(fraction, default=0.01)
+    # Largest allowed drop in first-attempt acceptance (absolute, 0.05 = 5 points).
+    max_regression: float = _c(fraction, default=0.0)
+    min_heldout_examples: int = _c(positive, default=5)
+    # Automatic rollback: re-score the active adapter against the previous blessed one.
+    rescore_active: bool = True
+    rollback_threshold: float = _c(fraction, default=0.02)
+    # Live rollback from the store: metadata key naming the adapter that produced an artifact.
+    live_metadata_key: str = "adapter_version"
+    live_confidence: float = _c(open_fraction, default=0.95)
+    live_min_attempts: int = _c(positive, default=30)
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    keep: int = _c(positive, default=5)
+    keep_best: bool = True
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    kind: Literal["command", "vllm"] = "command"
+    # command: argv with {version}, {path}, {previous} placeholders
+    argv: tuple[str, ...] = ()
+    # vllm: base URL of the server, e.g. http://127.0.0.1:8000
+    url: str = ""
+    name_prefix: str = "lorad"
+    api_key_env: str = ""
+    timeout: float = _c(positive, default=30.0)
+    retries: int = _c(non_negative, default=3)
+    backoff: float = _c(non_negative, default=1.0)
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto = console on a TTY, JSON lines otherwise (journald)
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class Settings:
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    buffer: BufferSettings = field(default_factory=BufferSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    publish: tuple[PublishSettings, ...] = ()
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    # Where the settings came from (None for built-in defaults); not a config key.
+    source_path: Path | None = field(default=None, metadata={"internal": True})
+
+    @property
+    def state_dir(self) -> Path:
+        return self.daemon.state_dir
+
+    @property
+    def buffer_path(self) -> Path:
+        return Path(self.buffer.path) if self.buffer.path else self.state_dir / "buffer.sqlite3"
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The config file to use: --config, then $LORAD_CONFIG, then /etc/lorad, then ./config.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("LORAD_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_PATHS:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load(path: str | os.PathLike | None = None) -> Settings:
+    """Read and validate a config file; with no file anywhere, the built-in defaults.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or any key is unknown or invalid.
+    """
+    found = find_config(path)
+    if found is None:
+        return Settings()
+    try:
+        text = found.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read config file: {e.strerror}"], found) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["config file is not UTF-8"], found) from None
+    settings = loads(text, found)
+    return settings
+
+
+def loads(text: str, path: Path | None = None) -> Settings:
+    """Validate TOML text into Settings (relative paths resolve against the file's folder)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"not valid TOML: {e}"], path) from None
+    problems: list[str] = []
+    base = path.parent.resolve() if path else Path.cwd()
+    settings = _build(Settings, raw, "", problems, base)
+    if problems:
+        raise ConfigError(problems, path)
+    return dataclasses.replace(settings, source_path=path)
+
+
+def _build(cls, raw: Any, prefix: str, problems: list[str], base: Path):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or '<root>'}: must be a table, got {_tname(raw)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in known:
+            choices = ", ".join(sorted(known))
+            problems.append(f"{prefix}{key}: unknown key (expected one of: {choices})")
+    values = {}
+    for name, f in known.items():
+        if name not in raw:
+            if f.metadata.get("required"):
+                problems.append(f"{prefix}{name}: required key is missing")
+            continue
+        keypath = prefix + name
+        before = len(problems)
+        value = _convert(hints[name], raw[name], keypath, problems, base)
+        if len(problems) > before:
+            continue
+        check = f.metadata.get("check")
+        message = check(value) if check else None
+        if message:
+            problems.append(f"{keypath}: {message}")
+            continue
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as e:  # pragma: no cover - guarded by the checks above
+        problems.append(f"{prefix.rstrip('.')}: {e}")
+        return cls()
+
+
+def _convert(tp, value, keypath: str, problems: list[str], base: Path):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, keypath + ".", problems, base)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append(f"{keypath}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if isinstance(value, str) and item_tp is str:
+            # A single string where a list is expected: a command line, a module name.
+            value = value.split() if keypath.endswith(("argv", "guard_command")) else [value]
+        if not isinstance(value, list):
+            problems.append(f"{keypath}: must be a list, got {_tname(value)}")
+            return ()
+        items = []
+        for i, item in enumerate(value):
+            items.append(_convert(item_tp, item, f"{keypath}[{i}]", problems, base))
+        return tuple(items)
+    if origin in (types.UnionType, typing.Union):
+        # Only "X | None" is used in settings.
+        if value is None:
+            return None
+        return _convert(typing.get_args(tp)[0], value, keypath, problems, base)
+    if tp is Path:
+        if not isinstance(value, str):
+            problems.append(f"{keypath}: must be a path string, got {_tname(value)}")
+            return Path("")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() or not value else base / p
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{keypath}: must be true or false, got {_tname(value)} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{keypath}: must be an integer, got {_tname(value)} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{keypath}: must be a number, got {_tname(value)} {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{keypath}: must be a string, got {_tname(value)} {value!r}")
+        return value
+    raise TypeError(f"unsupported settings type {tp!r} at {keypath}")  # pragma: no cover
+
+
+def _tname(value) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)

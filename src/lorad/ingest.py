@@ -1,0 +1,77 @@
+"""Ingest: every configured source, once, into the buffer.
+
+This is the one function behind ``lorad ingest``, the daemon's watcher events and its periodic
+reconciliation. It is idempotent: a second run over an unchanged store writes nothing new,
+and a file rewritten with new content updates its row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from lorad.buffer.store import Buffer
+from lorad.sources.base import Reader
+
+log = structlog.get_logger()
+
+
+@dataclass
+class IngestReport:
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    quarantined: int = 0
+    errors: list[str] = field(default_factory=list)
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, source: str, new: int, updated: int, unchanged: int, quarantined: int) -> None:
+        self.new += new
+        self.updated += updated
+        self.unchanged += unchanged
+        self.quarantined += quarantined
+        counts = self.per_source.setdefault(source, {"new": 0, "updated": 0, "unchanged": 0, "quarantined": 0})
+        counts["new"] += new
+        counts["updated"] += updated
+        counts["unchanged"] += unchanged
+        counts["quarantined"] += quarantined
+
+    def as_dict(self) -> dict:
+        return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged,
+                "quarantined": self.quarantined, "errors": self.errors, "sources": self.per_source}
+
+
+def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = 500,
+                  paths: Iterable[str] | None = None, report: IngestReport | None = None) -> IngestReport:
+    """Scan one source and commit what changed, batch by batch.
+
+    A source that cannot be read at all (a missing directory, a permission error, a full
+    disk) is reported in ``report.errors``; the batches committed before it stay committed.
+    """
+    report = report or IngestReport()
+    try:
+        for batch in reader.scan(buffer, batch_size, paths):
+            new, updated, unchanged = buffer.write_batch(batch)
+            for q in batch.quarantined:
+                log.warning("artifact_quarantined", source=reader.key, locator=q.locator, reason=q.reason)
+            report.add(reader.key, new, updated, unchanged + batch.unchanged, len(batch.quarantined))
+    except OSError as e:
+        message = f"{reader.key}: {e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else "")
+        report.errors.append(message)
+        log.error("ingest_failed", source=reader.key, error=message)
+    return report
+
+
+def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = 500,
+           paths: Iterable[str] | None = None) -> IngestReport:
+    """Scan every source once (or only ``paths``, from watcher events)."""
+    report = IngestReport()
+    paths = list(paths) if paths is not None else None
+    for reader in readers:
+        ingest_source(buffer, reader, batch_size, paths, report)
+    if report.new or report.updated or report.quarantined:
+        log.info("ingest_completed", new=report.new, updated=report.updated,
+                 unchanged=report.unchanged, quarantined=report.quarantined)
+    return report

@@ -1,0 +1,301 @@
+"""Reader of an AtomicGuard FilesystemArtifactDAG: objects/<xx>/<artifact_id>.json + index.json.
+
+Every artifact file is parsed on its own; index.json only supplies the workflow id that older
+library versions kept there instead of in the object. A file already seen with the same size
+and mtime is skipped without being read, so a rescan of an unchanged store costs one stat per
+file. A file whose content changed (pending -> accepted) is read again and its row updated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lorad.buffer.store import Batch, Buffer, Quarantined
+from lorad.sources.base import (
+    ORIGINS, STATUSES, ParseError, content_hash, decode_json, json_text, kind, safe_name, text, timestamp,
+)
+
+
+def parse_artifact(data: bytes, *, source: str, locator: str, index_entry: dict | None = None,
+                   digest: str | None = None) -> dict:
+    """One artifact file -> a normalised ``artifacts`` row.
+
+    Accepts the current schema and the legacy forms atomicguard itself still reads
+    (guard_result as a bare bool with the feedback beside it, feedback_history entries as
+    [id, feedback] pairs, dependency_artifacts as pairs, workflow_id only in the index).
+
+    Raises:
+        ParseError: with the reason, for anything that is not a readable artifact.
+    """
+    obj = decode_json(data)
+    if not isinstance(obj, dict):
+        raise ParseError(f"artifact must be a JSON object, got {kind(obj)}")
+    artifact_id = text(obj, "artifact_id", required=True)
+    if not artifact_id:
+        raise ParseError("artifact_id: must not be empty")
+    content = text(obj, "content", required=True)
+    action_pair_id = text(obj, "action_pair_id", required=True)
+    status = obj.get("status")
+    if status is None:
+        raise ParseError("status: required field is missing")
+    if status not in STATUSES:
+        raise ParseError(f"status: must be one of {list(STATUSES)}, got {status!r}"[:200])
+    attempt = obj.get("attempt_number")
+    if attempt is None:
+        raise ParseError("attempt_number: required field is missing")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ParseError(f"attempt_number: must be an integer >= 1, got {attempt!r}"[:200])
+
+    context = obj.get("context")
+    if context is None:
+        context = {}
+    elif not isinstance(context, dict):
+        raise ParseError(f"context: must be an object, got {kind(context)}")
+
+    workflow_id = (
+        text(obj, "workflow_id")
+        or text(context, "workflow_id", where="context.")
+        or (index_entry or {}).get("workflow_id")
+        or ""
+    )
+    if not isinstance(workflow_id, str):
+        workflow_id = ""
+    created_at, created_ts = timestamp(obj.get("created_at"))
+
+    passed, fatal, feedback, sub_results = _guard_result(obj)
+    origin = obj.get("source")
+    if origin is None:
+        origin = "generated"  # absent means generated (the schema's default)
+    elif origin not in ORIGINS:
+        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {origin!r}"[:200])
+    metadata = obj.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ParseError(f"metadata: must be an object, got {kind(metadata)}")
+
+    return {
+        "source": source,
+        "locator": locator,
+        "artifact_id": artifact_id,
+        "workflow_id": workflow_id,
+        "action_pair_id": action_pair_id,
+        "parent_action_pair_id": text(obj, "parent_action_pair_id"),
+        "previous_attempt_id": text(obj, "previous_attempt_id") or None,
+        "attempt_number": attempt,
+        "status": status,
+        "created_at": created_at,
+        "created_ts": created_ts,
+        "content": content,
+        "passed": None if passed is None else int(passed),
+        "fatal": int(fatal),
+        "feedback": feedback,
+        "sub_results": json_text(sub_results),
+        "specification": text(context, "specification", default="", where="context."),
+        "constraints": text(context, "constraints", default="", where="context."),
+        "feedback_history": json_text(_feedback_history(context.get("feedback_history"))),
+        "dependency_artifacts": json_text(_dependencies(context.get("dependency_artifacts"))),
+        "origin": origin,
+        "metadata": json_text(metadata),
+        "messages": None,
+        "score": None,
+        "content_hash": digest or content_hash(data),
+    }
+
+
+def _guard_result(obj: dict) -> tuple[bool | None, bool, str | None, list | None]:
+    gr = obj.get("guard_result")
+    loose_feedback = obj.get("feedback")
+    if loose_feedback is not None and not isinstance(loose_feedback, str):
+        raise ParseError(f"feedback: must be a string, got {kind(loose_feedback)}")
+    if gr is None:
+        return None, False, loose_feedback, None
+    if isinstance(gr, bool):  # legacy: a bare verdict, the feedback beside it
+        return gr, False, loose_feedback, None
+    if not isinstance(gr, dict):
+        raise ParseError(f"guard_result: must be an object or a boolean, got {kind(gr)}")
+    passed = gr.get("passed")
+    if passed is not None and not isinstance(passed, bool):
+        raise ParseError(f"guard_result.passed: must be a boolean, got {kind(passed)}")
+    fatal = gr.get("fatal", False)
+    if fatal is None:
+        fatal = False
+    if not isinstance(fatal, bool):
+        raise ParseError(f"guard_result.fatal: must be a boolean, got {kind(fatal)}")
+    feedback = text(gr, "feedback", where="guard_result.")
+    sub = gr.get("sub_results")
+    if sub is not None and not isinstance(sub, list):
+        raise ParseError(f"guard_result.sub_results: must be an array, got {kind(sub)}")
+    return passed, fatal, feedback if feedback is not None else loose_feedback, sub
+
+
+def _feedback_history(value: Any) -> list[dict] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ParseError(f"context.feedback_history: must be an array, got {kind(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, dict):
+            aid, fb = entry.get("artifact_id"), entry.get("feedback")
+        elif isinstance(entry, list) and len(entry) == 2:  # legacy (id, feedback) pairs
+            aid, fb = entry
+        else:
+            raise ParseError(f"context.feedback_history[{i}]: must be an object with artifact_id and feedback")
+        if not isinstance(aid, str) or not isinstance(fb, str):
+            raise ParseError(f"context.feedback_history[{i}]: artifact_id and feedback must be strings")
+        out.append({"artifact_id": aid, "feedback": fb})
+    return out
+
+
+def _dependencies(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if isinstance(value, list):  # legacy tuple-of-pairs form
+        try:
+            value = dict(value)
+        except (TypeError, ValueError):
+            raise ParseError("context.dependency_artifacts: must map action pair ids to artifact ids") from None
+    if not isinstance(value, dict):
+        raise ParseError(f"context.dependency_artifacts: must be an object, got {kind(value)}")
+    return value
+
+
+class AtomicGuardSource:
+    """Reads one FilesystemArtifactDAG directory.
+
+    Args:
+        key: the name under which rows are stored in the buffer.
+        root: the store directory (holding objects/ and index.json).
+        max_file_bytes: larger files are quarantined unread.
+        settle_seconds: a file that does not parse and changed this recently is still being
+            written: it is retried on a later scan, not quarantined.
+    """
+
+    def __init__(self, key: str, root: Path, max_file_bytes: int = 8 << 20, settle_seconds: float = 2.0):
+        self.key = key
+        self.root = Path(root)
+        self.real_root = os.path.realpath(self.root)
+        self.max_file_bytes = max_file_bytes
+        self.settle_seconds = settle_seconds
+
+    def watch_paths(self) -> list[Path]:
+        return [self.root]
+
+    def _index(self) -> dict[str, dict]:
+        try:
+            with open(self.root / "index.json", "rb") as f:
+                index = json.loads(f.read())
+            artifacts = index.get("artifacts", {}) if isinstance(index, dict) else {}
+            return artifacts if isinstance(artifacts, dict) else {}
+        except (OSError, ValueError):
+            return {}  # the index is only a hint; the object files are the truth
+
+    def _walk(self, paths: Iterable[str] | None) -> Iterator[tuple[str, str]]:
+        """(locator, absolute path) of candidate artifact files."""
+        objects = os.path.join(str(self.root), "objects")
+        if paths is not None:
+            for p in paths:
+                p = os.fspath(p)
+                rel = os.path.relpath(p, str(self.root))
+                if rel.startswith("objects" + os.sep) and p.endswith(".json"):
+                    yield rel, p
+            return
+        try:
+            prefixes = sorted(os.scandir(objects), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for prefix in prefixes:
+            if not prefix.is_dir(follow_symlinks=False):
+                continue
+            try:
+                entries = sorted(os.scandir(prefix.path), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.endswith(".json"):
+                    yield f"objects/{prefix.name}/{entry.name}", entry.path
+
+    def scan(self, buffer: Buffer, batch_size: int = 500, paths: Iterable[str] | None = None) -> Iterator[Batch]:
+        known = buffer.file_signatures(self.key)
+        index = None  # loaded on first need
+        batch = Batch(self.key)
+        now = time.time()
+        for locator, path in self._walk(paths):
+            try:
+                if _undecodable(locator):
+                    st = os.stat(path, follow_symlinks=False)
+                    self._quarantine_once(batch, known, safe_name(locator), st, "file name is not valid UTF-8")
+                    continue
+                st = os.stat(path, follow_symlinks=False)
+                if os.path.islink(path):
+                    target = os.path.realpath(path)
+                    if os.path.commonpath([target, self.real_root]) != self.real_root:
+                        self._quarantine_once(batch, known, locator, st, f"symlink leads outside the store (to {target})")
+                        continue
+                    st = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed since listed
+            except OSError as e:
+                batch.quarantined.append(Quarantined(self.key, locator, f"cannot stat: {e.strerror}"))
+                continue
+            sig = known.get(locator)
+            if sig and sig[0] == st.st_size and sig[1] == st.st_mtime_ns:
+                batch.unchanged += 1  # unchanged since last seen
+                continue
+            if st.st_size > self.max_file_bytes:
+                self._quarantine_once(batch, known, locator, st,
+                                      f"file is {st.st_size} bytes, over the {self.max_file_bytes}-byte limit")
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(self.max_file_bytes + 1)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                batch.quarantined.append(Quarantined(self.key, locator, f"cannot read: {e.strerror}"))
+                continue
+            digest = content_hash(data)
+            signature = (self.key, locator, st.st_size, st.st_mtime_ns, digest)
+            if sig and sig[2] == digest:
+                batch.signatures.append(signature)  # touched, same content
+                batch.unchanged += 1
+                continue
+            if index is None:
+                index = self._index()
+            stem = os.path.basename(locator)[:-5]
+            try:
+                row = parse_artifact(data, source=self.key, locator=locator,
+                                     index_entry=index.get(stem), digest=digest)
+            except ParseError as e:
+                if now - st.st_mtime_ns / 1e9 < self.settle_seconds:
+                    continue  # probably still being written: look again on the next scan
+                batch.quarantined.append(Quarantined(self.key, locator, str(e), digest, len(data)))
+                batch.signatures.append(signature)
+            else:
+                batch.artifacts.append(row)
+                batch.signatures.append(signature)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = Batch(self.key)
+        if len(batch) or batch.unchanged:
+            yield batch
+
+    def _quarantine_once(self, batch: Batch, known: dict, locator: str, st: os.stat_result, reason: str) -> None:
+        sig = known.get(locator)
+        if sig and sig[0] == st.st_size and sig[1] == st.st_mtime_ns:
+            batch.unchanged += 1
+            return
+        batch.quarantined.append(Quarantined(self.key, locator, reason, None, st.st_size))
+        batch.signatures.append((self.key, locator, st.st_size, st.st_mtime_ns, "-"))
+
+
+def _undecodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True

@@ -1,0 +1,104 @@
+"""What every source reader shares: the reader interface, parse errors and field checks.
+
+A reader turns one configured store into :class:`~lorad.buffer.store.Batch` es of normalised
+artifact rows (the columns of ``artifacts``) plus quarantine entries. It never writes to the
+buffer itself: :func:`lorad.ingest.ingest_source` commits each batch in one transaction, with
+the reader's resume state, so a crash between batches loses nothing and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from lorad.buffer.store import Batch, Buffer
+
+STATUSES = ("pending", "rejected", "accepted", "superseded")
+ORIGINS = ("generated", "human", "imported")
+
+
+class ParseError(Exception):
+    "An input could not be turned into an artifact; the message is the human-readable reason."
+
+
+class Reader(Protocol):
+    """A source of attempts and verdicts."""
+
+    key: str
+
+    def scan(self, buffer: Buffer, batch_size: int, paths: Iterable[str] | None = None) -> Iterator[Batch]:
+        """Yield batches of what changed since the buffer last saw this source.
+
+        Args:
+            buffer: read for what is already known (file signatures, offsets); never written.
+            batch_size: rows per batch.
+            paths: only look at these files (from watcher events); None scans everything.
+        """
+        ...
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def safe_name(name: str) -> str:
+    """A file name as storable text: undecodable bytes shown as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def decode_json(data: bytes) -> Any:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParseError(f"not UTF-8 text (invalid byte at offset {e.start})") from None
+    if not text.strip():
+        raise ParseError("empty file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.pos >= len(text.rstrip()):
+            raise ParseError(f"truncated JSON (ends at line {e.lineno} column {e.colno}: {e.msg})") from None
+        raise ParseError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ParseError("malformed JSON: nested too deeply") from None
+
+
+def timestamp(value: Any, key: str = "created_at") -> tuple[str | None, float | None]:
+    """(ISO text, epoch seconds) of an ISO 8601 timestamp; naive times are taken as UTC."""
+    if value is None:
+        return None, None
+    if not isinstance(value, str):
+        raise ParseError(f"{key}: must be an ISO 8601 timestamp string, got {_kind(value)}")
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
+    except ValueError:
+        raise ParseError(f"{key}: not an ISO 8601 timestamp: {value[:64]!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return value, dt.timestamp()
+
+
+def text(obj: dict, key: str, *, required: bool = False, default: str | None = None, where: str = "") -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ParseError(f"{where}{key}: required field is missing")
+        return default
+    if not isinstance(value, str):
+        raise ParseError(f"{where}{key}: must be a string, got {_kind(value)}")
+    return value
+
+
+def json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+kind = _kind
