@@ -14,27 +14,28 @@ import importlib
 import sys
 
 from lorad import __version__
+from lorad.commands import CommandError
 from lorad.config import EX_CONFIG, ConfigError
 
 # Modules under lorad.commands, in the order their commands appear in --help.
 COMMAND_MODULES = ("ingest",)
 
 
-class CommandError(Exception):
-    "A command failed in a way the user can act on; the message says how."
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
-                        help="config file (default: $LORAD_CONFIG, /etc/lorad/config.toml, ./config.toml)")
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    def options(default):
+        # Accepted before and after the command; SUPPRESS keeps a subcommand from resetting a
+        # value given before it.
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--config", metavar="PATH", default=default(None),
+                       help="config file (default: $LORAD_CONFIG, /etc/lorad/config.toml, ./config.toml)")
+        p.add_argument("--json", action="store_true", default=default(False),
+                       help="print machine-readable JSON")
+        return p
+
+    top = options(lambda value: value)
+    common = options(lambda value: argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
-        prog="lorad", parents=[common],
+        prog="lorad", parents=[top],
         description="Continuous LoRA learning from guard verdicts: watch, buffer, train, gate, promote.")
     parser.add_argument("--version", action="version", version=f"lorad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -68,5 +69,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m lorad.cli
     sys.exit(main())

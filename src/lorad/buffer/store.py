@@ -302,6 +302,7 @@ class Buffer:
                         updated += 1
                     else:
                         unchanged += 1
+                    existing[row["locator"]] = row["content_hash"]  # a repeat within the batch
                 placeholders = ", ".join("?" for _ in ARTIFACT_COLUMNS)
                 updates = ", ".join(
                     f"{c} = excluded.{c}" for c in ARTIFACT_COLUMNS if c not in ("source", "locator")

@@ -6,6 +6,14 @@ import json
 import sys
 
 
+class CommandError(Exception):
+    "A command failed in a way the user can act on; the message says how."
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
 def emit(args, payload, text: str | None = None) -> None:
     """Print ``payload`` as JSON under --json, else ``text`` (or the payload's JSON)."""
     if args.json or text is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorad.commands import emit
+from lorad.commands import CommandError, emit
 
 
 def register(sub, common) -> None:
@@ -13,7 +13,6 @@ def register(sub, common) -> None:
 
 def run(args, settings) -> int:
     from lorad.buffer.store import Buffer
-    from lorad.cli import CommandError
     from lorad.ingest import ingest
     from lorad.sources import open_sources
 

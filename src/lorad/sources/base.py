@@ -59,7 +59,7 @@ def decode_json(data: bytes) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        if e.pos >= len(text.rstrip()):
+        if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
             raise ParseError(f"truncated JSON (ends at line {e.lineno} column {e.colno}: {e.msg})") from None
         raise ParseError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:

@@ -1,0 +1,5 @@
+import sys
+
+from lorad.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""The buffer database: migrations, WAL, atomic batches, permissions."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from lorad.buffer import store
+from lorad.buffer.store import Batch, Buffer, Quarantined
+
+
+def test_migrations_build_the_schema_on_a_fresh_in_memory_database():
+    with Buffer(":memory:") as b:
+        tables = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"artifacts", "chains", "quarantine", "files", "ingest_state", "audit", "_migrations"} <= tables
+        applied = [r[0] for r in b.conn.execute("SELECT name FROM _migrations ORDER BY name")]
+        assert applied == [name for name, _ in store.MIGRATIONS]
+
+
+def test_migrations_run_once_and_reopen_is_a_no_op(tmp_path):
+    path = tmp_path / "b.sqlite3"
+    Buffer(path).close()
+    with Buffer(path) as b:
+        assert store.migrate(b.db) == []
+        assert b.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_failing_migration_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(db):
+        db.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [("9999_broken", broken)])
+    with pytest.raises(RuntimeError):
+        Buffer(tmp_path / "b.sqlite3")
+    conn = sqlite3.connect(tmp_path / "b.sqlite3")
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert "half_done" not in names
+    assert "9999_broken" not in {r[0] for r in conn.execute("SELECT name FROM _migrations")}
+    assert "artifacts" in names  # the earlier migrations stayed
+
+
+def _row(locator: str, **kw) -> dict:
+    row = {c: None for c in store.ARTIFACT_COLUMNS}
+    row.update(source="s", locator=locator, artifact_id=locator, workflow_id="w", action_pair_id="a",
+               attempt_number=1, status="accepted", content="x", fatal=0, specification="spec",
+               constraints="", origin="generated", content_hash=f"h-{locator}")
+    row.update(kw)
+    return row
+
+
+def test_a_batch_that_fails_midway_writes_nothing(buffer):
+    batch = Batch("s")
+    batch.artifacts = [_row("a"), _row("b", status="bogus")]  # CHECK constraint fails on the second
+    batch.signatures = [("s", "a", 1, 1, "h-a")]
+    batch.quarantined = [Quarantined("s", "c", "bad")]
+    with pytest.raises(sqlite3.IntegrityError):
+        buffer.write_batch(batch)
+    assert buffer.counts()["artifacts"] == 0
+    assert buffer.file_signatures("s") == {}
+    assert buffer.quarantine() == []
+
+
+def test_write_batch_counts_new_updated_and_unchanged(buffer):
+    b1 = Batch("s")
+    b1.artifacts = [_row("a"), _row("b")]
+    assert buffer.write_batch(b1) == (2, 0, 0)
+    b2 = Batch("s")
+    b2.artifacts = [_row("a"), _row("b", content_hash="changed", status="rejected")]
+    assert buffer.write_batch(b2) == (0, 1, 1)
+    assert {r["locator"]: r["status"] for r in buffer.artifacts()} == {"a": "accepted", "b": "rejected"}
+
+
+def test_database_files_are_not_world_readable(tmp_path):
+    with Buffer(tmp_path / "b.sqlite3") as b:
+        b.record_event("test_event", x=1)
+    mode = (tmp_path / "b.sqlite3").stat().st_mode & 0o777
+    assert mode & 0o007 == 0
+
+
+def test_audit_events_round_trip(buffer):
+    buffer.record_event("adapter_promoted", version="v0001-x", reasons=["better"])
+    [e] = buffer.events()
+    assert e["event"] == "adapter_promoted" and e["version"] == "v0001-x"
+    assert e["detail"] == {"reasons": ["better"]}
+
+
+def test_readonly_buffer_reads_without_writing(tmp_path):
+    path = tmp_path / "b.sqlite3"
+    Buffer(path).close()
+    with Buffer(path, readonly=True) as ro:
+        assert ro.counts()["artifacts"] == 0
+        with pytest.raises(sqlite3.OperationalError):
+            ro.conn.execute("INSERT INTO audit (ts, event) VALUES (1, 'x')")

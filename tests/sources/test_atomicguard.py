@@ -1,0 +1,271 @@
+"""The AtomicGuard reader on the real fixture store and on every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from lorad import synthetic
+from lorad.ingest import ingest
+from lorad.sources.atomicguard import AtomicGuardSource, parse_artifact
+from lorad.sources.base import ParseError
+
+KEY = "ag"
+
+
+def scan(buffer, store, **kw):
+    return ingest(buffer, [AtomicGuardSource(KEY, store, **kw)])
+
+
+def fixture_objects(store: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (store / "objects").glob("*/*.json")}
+
+
+def rows_by_id(buffer) -> dict[str, dict]:
+    return {r["artifact_id"]: r for r in buffer.artifacts()}
+
+
+def test_reads_every_artifact_of_the_real_store_with_its_fields(buffer, fixture_store):
+    report = scan(buffer, fixture_store)
+    objects = fixture_objects(fixture_store)
+    rows = rows_by_id(buffer)
+    assert report.new == len(objects) == 102
+    assert report.quarantined == 0
+    assert set(rows) == set(objects)
+    for aid, obj in objects.items():
+        row = rows[aid]
+        assert row["workflow_id"] == obj["workflow_id"]
+        assert row["action_pair_id"] == obj["action_pair_id"] == "g_coder"
+        assert row["previous_attempt_id"] == obj["previous_attempt_id"]
+        assert row["attempt_number"] == obj["attempt_number"]
+        assert row["status"] == obj["status"]
+        assert row["content"] == obj["content"]
+        assert row["created_at"] == obj["created_at"]
+        assert row["passed"] == int(obj["guard_result"]["passed"])
+        assert row["feedback"] == obj["guard_result"]["feedback"]
+        assert row["specification"] == obj["context"]["specification"]
+        assert row["constraints"] == obj["context"]["constraints"]
+        assert json.loads(row["feedback_history"]) == obj["context"]["feedback_history"]
+        assert row["origin"] == "generated"  # absent in this store: generated
+
+
+def test_links_the_real_store_into_its_retry_chains(buffer, fixture_store):
+    scan(buffer, fixture_store)
+    objects = fixture_objects(fixture_store)
+    rows = rows_by_id(buffer)
+    # Oracle: walk previous_attempt_id from every artifact to its first attempt.
+    for aid, obj in objects.items():
+        first = obj
+        while first["previous_attempt_id"]:
+            first = objects[first["previous_attempt_id"]]
+        assert rows[aid]["chain_id"] == rows[first["artifact_id"]]["chain_id"]
+    counts = buffer.counts()
+    assert counts["chains"] == 40
+    assert (counts["chains_first_try"], counts["chains_refined"], counts["chains_exhausted"]) == (10, 25, 5)
+    accepted = buffer.conn.execute("SELECT count(*) FROM chains WHERE accepted_id IS NOT NULL").fetchone()[0]
+    assert accepted == 35
+
+
+def test_second_scan_of_an_unchanged_store_changes_nothing(buffer, fixture_store):
+    scan(buffer, fixture_store)
+    before = buffer.conn.execute("SELECT * FROM artifacts ORDER BY id").fetchall()
+    report = scan(buffer, fixture_store)
+    assert (report.new, report.updated, report.quarantined, report.unchanged) == (0, 0, 0, 102)
+    assert buffer.conn.execute("SELECT * FROM artifacts ORDER BY id").fetchall() == before
+
+
+def test_rewritten_artifact_updates_its_row_and_its_chain(buffer, tmp_path):
+    store = tmp_path / "s"
+    [a] = synthetic.chain(specification="Write f()", attempts=[("def f(): pass", "pending", "")])
+    path = synthetic.write(store, a)
+    scan(buffer, store)
+    assert buffer.counts().get("chains_open") == 1
+    a["status"] = "accepted"
+    a["guard_result"] = {"passed": True, "feedback": "ok"}
+    synthetic.write(store, a)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # same-second rewrite
+    report = scan(buffer, store)
+    assert (report.new, report.updated) == (0, 1)
+    [row] = buffer.artifacts()
+    assert row["status"] == "accepted" and row["passed"] == 1
+    assert buffer.counts().get("chains_first_try") == 1
+
+
+def test_touched_file_with_same_content_is_unchanged(buffer, fixture_store):
+    scan(buffer, fixture_store)
+    some = next((fixture_store / "objects").glob("*/*.json"))
+    os.utime(some, ns=(time.time_ns(), time.time_ns()))
+    report = scan(buffer, fixture_store)
+    assert (report.new, report.updated, report.unchanged) == (0, 0, 102)
+
+
+BAD_INPUTS = {
+    "malformed": (b'{"artifact_id": "x", oops}', "malformed JSON"),
+    "truncated": (b'{"artifact_id": "x", "content": "def f', "truncated JSON"),
+    "garbage": (bytes(range(256)) * 4, "not UTF-8"),
+    "wrong-type": (None, "attempt_number: must be an integer"),
+    "missing-field": (None, "content: required field is missing"),
+    "bad-status": (None, "status: must be one of"),
+    "not-an-object": (b"[1, 2, 3]", "must be a JSON object"),
+    "empty": (b"", "empty file"),
+}
+
+
+def _valid(aid: str) -> dict:
+    return synthetic.artifact(workflow_id="w", content="x = 1", status="accepted", artifact_id=aid)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_artifact_is_quarantined_with_its_reason_and_ingest_carries_on(buffer, tmp_path, case):
+    store = tmp_path / "s"
+    synthetic.write(store, _valid("aa-good"))
+    data, reason = BAD_INPUTS[case]
+    if data is None:
+        obj = _valid("bb-bad")
+        if case == "wrong-type":
+            obj["attempt_number"] = "two"
+        elif case == "missing-field":
+            del obj["content"]
+        else:
+            obj["status"] = "maybe"
+        data = json.dumps(obj).encode()
+    bad = store / "objects" / "bb" / "bb-bad.json"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(data)
+    old = time.time() - 60
+    os.utime(bad, (old, old))
+    report = scan(buffer, store)
+    assert report.new == 1 and report.quarantined == 1
+    [q] = buffer.quarantine()
+    assert q["locator"] == "objects/bb/bb-bad.json"
+    assert reason in q["reason"]
+    # Counted once: a rescan does not quarantine it again.
+    assert scan(buffer, store).quarantined == 0
+    assert buffer.counts()["quarantined"] == 1
+
+
+def test_oversized_file_is_quarantined_unread(buffer, tmp_path):
+    store = tmp_path / "s"
+    obj = _valid("cc-big")
+    obj["content"] = "x" * 5000
+    synthetic.write(store, obj)
+    report = scan(buffer, store, max_file_bytes=1000)
+    assert report.quarantined == 1 and report.new == 0
+    assert "over the 1000-byte limit" in buffer.quarantine()[0]["reason"]
+
+
+def test_symlink_leading_outside_the_store_is_quarantined(buffer, tmp_path):
+    store = tmp_path / "s"
+    outside = tmp_path / "secret.json"
+    outside.write_text(json.dumps(_valid("dd-out")))
+    link = store / "objects" / "dd" / "dd-out.json"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    inside = synthetic.write(store, _valid("ee-in"))
+    (store / "objects" / "ee" / "ee-alias.json").symlink_to(inside)
+    report = scan(buffer, store)
+    assert report.quarantined == 1
+    assert "symlink leads outside the store" in buffer.quarantine()[0]["reason"]
+    assert report.new == 2  # the symlink inside the store is read
+
+
+def test_non_utf8_file_name_is_quarantined(buffer, tmp_path):
+    store = tmp_path / "s"
+    synthetic.write(store, _valid("ff-good"))
+    folder = os.path.join(os.fsencode(store), b"objects", b"ff")
+    with open(os.path.join(folder, b"bad-\xff\xfe.json"), "wb") as f:
+        f.write(json.dumps(_valid("ff-bad")).encode())
+    report = scan(buffer, store)
+    assert report.new == 1 and report.quarantined == 1
+    q = buffer.quarantine()[0]
+    assert q["reason"] == "file name is not valid UTF-8"
+    assert "\\xff" in q["locator"]
+
+
+def test_file_caught_mid_write_is_retried_not_quarantined(buffer, tmp_path):
+    store = tmp_path / "s"
+    obj = _valid("ab-live")
+    path = synthetic.object_path(store, obj["artifact_id"])
+    path.parent.mkdir(parents=True)
+    data = json.dumps(obj, indent=2).encode()
+    path.write_bytes(data[: len(data) // 2])  # the writer is halfway through
+    report = scan(buffer, store, settle_seconds=30)
+    assert (report.new, report.quarantined) == (0, 0)
+    path.write_bytes(data)  # the writer finishes
+    report = scan(buffer, store, settle_seconds=30)
+    assert (report.new, report.quarantined) == (1, 0)
+
+
+def test_quarantined_file_rewritten_with_valid_content_gets_a_new_chance(buffer, tmp_path):
+    store = tmp_path / "s"
+    obj = _valid("ac-fix")
+    path = synthetic.object_path(store, obj["artifact_id"])
+    path.parent.mkdir(parents=True)
+    path.write_text('{"artifact_id": "ac-fix", "content": ')
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    assert scan(buffer, store).quarantined == 1
+    synthetic.write(store, obj)
+    report = scan(buffer, store)
+    assert report.new == 1
+    assert buffer.quarantine() == []
+
+
+def test_reads_the_legacy_forms_atomicguard_still_reads():
+    legacy = {
+        "artifact_id": "legacy-1", "content": "def f(): return 1", "previous_attempt_id": None,
+        "action_pair_id": "g_coder", "created_at": "2025-01-01T00:00:00", "attempt_number": 1,
+        "status": "rejected", "guard_result": False, "feedback": "AssertionError: f() != 2",
+        "context": {"specification": "Write f", "constraints": "",
+                    "feedback_history": [["old-1", "SyntaxError"]],
+                    "dependency_artifacts": [["g_plan", "plan-1"]]},
+        "unknown_future_field": {"ignored": True},
+    }
+    row = parse_artifact(json.dumps(legacy).encode(), source="s", locator="l",
+                         index_entry={"workflow_id": "wf-from-index"})
+    assert row["passed"] == 0
+    assert row["feedback"] == "AssertionError: f() != 2"
+    assert row["workflow_id"] == "wf-from-index"
+    assert json.loads(row["feedback_history"]) == [{"artifact_id": "old-1", "feedback": "SyntaxError"}]
+    assert json.loads(row["dependency_artifacts"]) == {"g_plan": "plan-1"}
+
+
+def test_reads_source_metadata_and_pending_superseded_statuses():
+    for status in ("pending", "superseded"):
+        obj = synthetic.artifact(workflow_id="w", content="c", status=status, source="human",
+                                 metadata={"adapter_version": "v0001"})
+        row = parse_artifact(json.dumps(obj).encode(), source="s", locator="l")
+        assert row["status"] == status
+        assert row["origin"] == "human"
+        assert json.loads(row["metadata"]) == {"adapter_version": "v0001"}
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda o: o.update(source="robot"), "source: must be one of"),
+    (lambda o: o.update(guard_result="yes"), "guard_result: must be an object or a boolean"),
+    (lambda o: o.update(context=[]), "context: must be an object"),
+    (lambda o: o.update(created_at="yesterday"), "created_at: not an ISO 8601 timestamp"),
+    (lambda o: o.update(attempt_number=0), "attempt_number: must be an integer >= 1"),
+    (lambda o: o.update(artifact_id=""), "artifact_id: must not be empty"),
+    (lambda o: o["context"].update(feedback_history=[{"artifact_id": 1}]), "feedback_history[0]"),
+])
+def test_each_schema_violation_names_the_field(mutate, reason):
+    obj = synthetic.artifact(workflow_id="w", content="c", status="accepted")
+    mutate(obj)
+    with pytest.raises(ParseError, match=reason.replace("[", r"\[").replace("]", r"\]")):
+        parse_artifact(json.dumps(obj).encode(), source="s", locator="l")
+
+
+def test_repeated_unknown_ids_across_workflows_stay_apart(buffer, tmp_path):
+    """Real stores hold artifacts whose ids repeat 'unknown' across workflows."""
+    store = tmp_path / "s"
+    for wf in ("w1", "w2"):
+        obj = synthetic.artifact(workflow_id=wf, content=f"# {wf}", status="accepted", artifact_id="unknown")
+        p = store / "objects" / "un" / f"unknown-{wf}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(obj))
+    assert scan(buffer, store).new == 2
+    assert buffer.counts()["chains"] == 2

@@ -1,0 +1,166 @@
+"""The JSONL feedback-log reader: offsets, partial lines, truncation, rotation, bad lines."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from lorad.buffer.store import Buffer
+from lorad.ingest import ingest
+from lorad.sources.base import ParseError
+from lorad.sources.jsonl import JsonlSource, parse_record
+
+KEY = "log"
+
+
+def rec(i: int, **kw) -> dict:
+    return {"id": f"r{i}", "prompt": f"task {i}", "completion": f"answer {i}", "status": "accepted"} | kw
+
+
+def append(path, *records, raw: bytes | None = None) -> None:
+    with open(path, "ab") as f:
+        for r in records:
+            f.write(json.dumps(r).encode() + b"\n")
+        if raw:
+            f.write(raw)
+
+
+def ids(buffer) -> list[str]:
+    return [r["artifact_id"] for r in buffer.artifacts()]
+
+
+def scan(buffer, path, **kw):
+    return ingest(buffer, [JsonlSource(KEY, path, **kw)])
+
+
+def test_resumes_at_the_committed_offset_after_a_restart(tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    db = tmp_path / "b.sqlite3"
+    append(log, rec(1), rec(2))
+    with Buffer(db) as b:
+        assert scan(b, log).new == 2
+    append(log, rec(3))
+    with Buffer(db) as b:  # a new process: only the state in the database carries over
+        report = scan(b, log)
+        assert (report.new, report.unchanged) == (1, 0)
+        assert ids(b) == ["r1", "r2", "r3"]
+        assert b.source_state(KEY)["offset"] == log.stat().st_size
+
+
+def test_partial_last_line_waits_for_its_end(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    line = json.dumps(rec(2)).encode()
+    append(log, rec(1), raw=line[:10])
+    assert scan(buffer, log).new == 1
+    assert scan(buffer, log).quarantined == 0
+    append(log, raw=line[10:] + b"\n")
+    assert scan(buffer, log).new == 1
+    assert ids(buffer) == ["r1", "r2"]
+
+
+def test_truncated_log_is_read_again_from_the_top(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1), rec(2), rec(3))
+    scan(buffer, log)
+    log.write_bytes(b"")  # copytruncate
+    append(log, rec(4))
+    report = scan(buffer, log)
+    assert report.new == 1
+    assert ids(buffer) == ["r1", "r2", "r3", "r4"]
+
+
+def test_log_overwritten_in_place_with_different_head_is_reread(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1, prompt="x" * 50), rec(2))
+    scan(buffer, log)
+    with open(log, "r+b") as f:  # same inode, same size or larger, new content
+        f.write(json.dumps(rec(9, prompt="y" * 50)).encode() + b"\n")
+    report = scan(buffer, log)
+    assert "r9" in ids(buffer)
+    assert report.new >= 1
+
+
+def test_rotation_finishes_the_old_file_then_reads_the_new_one(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1), rec(2))
+    scan(buffer, log)
+    append(log, rec(3))  # written after our last read, just before rotation
+    os.rename(log, tmp_path / "feedback.jsonl.1")
+    append(log, rec(4), rec(5))  # the new file
+    report = scan(buffer, log)
+    assert report.new == 3
+    assert ids(buffer) == ["r1", "r2", "r3", "r4", "r5"]
+    # and nothing is read twice afterwards
+    assert scan(buffer, log).new == 0
+    append(log, rec(6))
+    assert scan(buffer, log).new == 1
+
+
+def test_rotation_without_the_old_file_starts_the_new_one_at_zero(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1))
+    scan(buffer, log)
+    os.unlink(log)
+    append(log, rec(2))
+    assert scan(buffer, log).new == 1
+    assert ids(buffer) == ["r1", "r2"]
+
+
+def test_bad_lines_are_quarantined_and_reading_carries_on(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1), raw=b'{"id": "r2", nope}\n\xff\xfe garbage\n' + json.dumps({"id": "r3"}).encode() + b"\n")
+    append(log, rec(4))
+    report = scan(buffer, log)
+    assert (report.new, report.quarantined) == (2, 3)
+    reasons = [q["reason"] for q in buffer.quarantine()]
+    assert any("malformed JSON" in r for r in reasons)
+    assert any("not UTF-8" in r for r in reasons)
+    assert any("completion: required" in r for r in reasons)
+    assert all("@" in q["locator"] for q in buffer.quarantine())
+    assert scan(buffer, log).quarantined == 0  # past them for good
+
+
+def test_line_read_twice_changes_nothing(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1), rec(1))
+    report = scan(buffer, log)
+    assert (report.new, report.unchanged) == (1, 1)
+
+
+def test_retries_link_through_parent_id_into_one_chain(buffer, tmp_path):
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1, status="rejected", feedback="wrong"), rec(2, parent_id="r1", status="rejected"),
+           rec(3, parent_id="r2"))
+    scan(buffer, log)
+    rows = list(buffer.artifacts())
+    assert len({r["chain_id"] for r in rows}) == 1
+    assert [r["attempt_number"] for r in rows] == [1, 2, 3]
+    assert buffer.counts()["chains_refined"] == 1
+
+
+def test_score_and_messages_forms():
+    row = parse_record(json.dumps({
+        "id": 7, "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Sum xs"}],
+        "completion": "sum(xs)", "score": 0.8, "source": "human", "created_at": "2026-01-01T00:00:00Z",
+    }).encode(), source="s", score_threshold=0.5)
+    assert (row["artifact_id"], row["status"], row["score"]) == ("7", "accepted", 0.8)
+    assert (row["specification"], row["constraints"], row["origin"]) == ("Sum xs", "Be terse.", "human")
+    low = parse_record(json.dumps({"id": "x", "prompt": "p", "completion": "c", "score": 0.2}).encode(),
+                       source="s", score_threshold=0.5)
+    assert low["status"] == "rejected"
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": "p", "completion": "c", "status": "accepted"}, "id: required"),
+    ({"id": "a", "completion": "c", "status": "accepted"}, "prompt: required"),
+    ({"id": "a", "prompt": "p", "completion": "c"}, "status: required"),
+    ({"id": "a", "prompt": "p", "completion": "c", "status": "meh"}, "status: must be accepted or rejected"),
+    ({"id": "a", "prompt": "p", "completion": "c", "score": "high"}, "score: must be a number"),
+    ({"id": "a", "prompt": "p", "completion": 3, "status": "accepted"}, "completion: must be a string"),
+    ({"id": "a", "messages": "hi", "completion": "c", "status": "accepted"}, "messages: must be an array"),
+])
+def test_each_bad_record_names_its_field(record, reason):
+    with pytest.raises(ParseError, match=reason):
+        parse_record(json.dumps(record).encode(), source="s")

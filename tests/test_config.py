@@ -1,0 +1,113 @@
+"""Config loading: defaults, the documented example, and errors that name their key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorad import config
+from lorad.config import ConfigError, EX_CONFIG
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_documented_example_loads_and_matches_the_defaults():
+    """config.toml documents every key with its default: loading it must equal the built-in settings."""
+    loaded = config.load(ROOT / "config.toml")
+    defaults = config.Settings()
+    for section in ("daemon", "buffer", "selection", "schedule", "training", "evaluation", "registry", "logging"):
+        assert getattr(loaded, section) == getattr(defaults, section), section
+    assert loaded.store.max_file_bytes == defaults.store.max_file_bytes
+    assert loaded.store.settle_seconds == defaults.store.settle_seconds
+
+
+def test_every_settings_key_is_documented_in_the_example():
+    import dataclasses
+
+    text = (ROOT / "config.toml").read_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            yield f.name
+
+    for cls in (config.DaemonSettings, config.StoreSettings, config.BufferSettings, config.SelectionSettings,
+                config.ScheduleSettings, config.TrainingSettings, config.EvaluationSettings,
+                config.RegistrySettings, config.PublishSettings, config.LoggingSettings, config.SourceSettings):
+        for key in keys(cls):
+            if key == "sources":
+                continue
+            assert f"{key} =" in text, f"{cls.__name__}.{key} is not documented in config.toml"
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ("[training]\nlora_r = -4", "training.lora_r: must be positive, got -4"),
+    ("[training]\nlora_r = 'four'", "training.lora_r: must be an integer, got a string 'four'"),
+    ("[training]\nlearning_rate = 3.0", "training.learning_rate: must be between 1e-07 and 0.01"),
+    ("[training]\nmethod = 'ppo'", "training.method: must be one of ['sft', 'dpo', 'kto'], got 'ppo'"),
+    ("[trainin]\nlora_r = 4", "trainin: unknown key"),
+    ("[training]\nlora_rank = 4", "training.lora_rank: unknown key"),
+    ("[[store.sources]]\nkind = 'atomicguard'", "store.sources[0].path: required key is missing"),
+    ("[[store.sources]]\nkind = 'git'\npath = '/x'", "store.sources[0].kind: must be one of"),
+    ("[schedule]\nwindows = ['2am-6am']", 'schedule.windows: each window must look like "HH:MM-HH:MM"'),
+    ("[schedule]\nweekdays = ['monday']", "schedule.weekdays: unknown weekday(s) ['monday']"),
+    ("[schedule]\ntimezone = 'Mars/Olympus'", "schedule.timezone: must be \"local\" or an IANA zone"),
+    ("[selection]\nheldout_fraction = 1.5", "selection.heldout_fraction: must be strictly between 0 and 1"),
+    ("[daemon]\nallowed_uids = [1000, 'bob']", "daemon.allowed_uids[1]: must be an integer"),
+    ("[evaluation]\nrescore_active = 'yes'", "evaluation.rescore_active: must be true or false"),
+    ("[[publish]]\nkind = 'webhook'", "publish[0].kind: must be one of ['command', 'vllm']"),
+    ("daemon = 3", "daemon: must be a table"),
+    ("[training\n", "not valid TOML"),
+])
+def test_bad_value_names_the_key_path(toml, expected):
+    with pytest.raises(ConfigError) as err:
+        config.loads(toml)
+    assert expected in str(err.value)
+
+
+def test_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as err:
+        config.loads("[training]\nlora_r = 0\nbatch_size = -1\n[logging]\nlevel = 'loud'")
+    assert len(err.value.problems) == 3
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    cfg = tmp_path / "etc" / "lorad.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[daemon]\nstate_dir = "state"\n[[store.sources]]\nkind = "jsonl"\npath = "../log.jsonl"\n')
+    s = config.load(cfg)
+    assert s.state_dir == tmp_path / "etc" / "state"
+    assert s.store.sources[0].path.resolve() == (tmp_path / "log.jsonl").resolve()
+
+
+def test_config_is_found_through_the_environment(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[training]\nlora_r = 16\n")
+    monkeypatch.setenv("LORAD_CONFIG", str(cfg))
+    assert config.load().training.lora_r == 16
+
+
+def test_settings_are_frozen():
+    s = config.Settings()
+    with pytest.raises(Exception):
+        s.training.lora_r = 8  # type: ignore[misc]
+
+
+def test_cli_exits_78_with_the_key_path(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[training]\nlora_r = -4\n")
+    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"],
+                          capture_output=True, text=True)
+    assert proc.returncode == EX_CONFIG == 78
+    assert "training.lora_r: must be positive, got -4" in proc.stderr
+
+
+def test_cli_exits_78_when_the_config_file_is_missing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(tmp_path / "nope.toml"), "ingest"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 78
+    assert "cannot read config file" in proc.stderr
