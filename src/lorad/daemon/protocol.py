@@ -1,0 +1,114 @@
+"""The control protocol: one JSON request line, one JSON response line, over a Unix socket.
+
+A request is ``{"command": "status", ...arguments}``. A response is ``{"ok": true, ...}`` or
+``{"ok": false, "error": "why"}``. A request line longer than :data:`MAX_REQUEST` bytes is
+refused without being read further.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+MAX_REQUEST = 1 << 20  # bytes, newline included
+MAX_RESPONSE = 64 << 20
+
+COMMANDS = ("status", "jobs", "job", "train_now", "cancel", "pause", "resume", "reload", "feedback",
+            "history", "promote", "rollback", "ping")
+
+
+class ProtocolError(Exception):
+    "A request or response line is not valid protocol."
+
+
+class DaemonUnavailable(Exception):
+    "No daemon is listening on the control socket."
+
+
+def encode(message: dict) -> bytes:
+    return json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> dict:
+    """Parse one request line.
+
+    Raises:
+        ProtocolError: not JSON, not an object, or no known ``command``.
+    """
+    if len(line) > MAX_REQUEST:
+        raise ProtocolError(f"request over {MAX_REQUEST} bytes")
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"malformed JSON: {e}"[:200]) from None
+    if not isinstance(message, dict):
+        raise ProtocolError("request must be a JSON object")
+    command = message.get("command")
+    if not isinstance(command, str):
+        raise ProtocolError('request needs a "command" string')
+    if command not in COMMANDS:
+        raise ProtocolError(f"unknown command {command[:64]!r}; expected one of {list(COMMANDS)}")
+    return message
+
+
+def error(message: str) -> dict:
+    return {"ok": False, "error": message}
+
+
+def read_line(sock: socket.socket, limit: int) -> bytes | None:
+    """Bytes up to the first newline; None when the line runs past ``limit``."""
+    chunks, size = [], 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        end = chunk.find(b"\n")
+        if end >= 0:
+            chunks.append(chunk[:end])
+            size += end
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+    line = b"".join(chunks)
+    return None if len(line) + 1 > limit else line
+
+
+def request(path: str | Path, command: str, timeout: float | None = 30.0, **arguments: Any) -> dict:
+    """Send one request to the daemon and return its response.
+
+    Raises:
+        DaemonUnavailable: nothing listens at ``path`` (or it does not answer).
+        ProtocolError: the answer is not a JSON object.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonUnavailable(f"no lorad daemon is running (nothing listens on {path}: {e.strerror})") from None
+        except PermissionError:
+            raise DaemonUnavailable(f"permission denied on {path}: ask for membership of the daemon's "
+                                    "allowed_group, or run as its user") from None
+        sock.sendall(encode({"command": command, **arguments}))
+        try:
+            line = read_line(sock, MAX_RESPONSE)
+        except socket.timeout:
+            raise DaemonUnavailable(f"the daemon did not answer within {timeout:g} s") from None
+        except ConnectionResetError:
+            raise DaemonUnavailable("the daemon closed the connection") from None
+    finally:
+        sock.close()
+    if not line:
+        raise DaemonUnavailable("the daemon closed the connection without answering")
+    try:
+        response = json.loads(line)
+    except json.JSONDecodeError:
+        raise ProtocolError("the daemon's answer is not JSON") from None
+    if not isinstance(response, dict):
+        raise ProtocolError("the daemon's answer is not a JSON object")
+    return response

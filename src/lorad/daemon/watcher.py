@@ -1,0 +1,226 @@
+"""Watch the configured stores and ingest what changes, soon after it changes.
+
+:class:`Watcher` turns watchdog (inotify) events into a set of changed paths. :class:`IngestLoop`
+is the one thread that writes artifacts into the buffer: it waits for paths, lets them settle
+for ``debounce`` seconds, and feeds them to the same idempotent :func:`lorad.ingest.ingest`
+as ``lorad ingest``. inotify drops events when its queue overflows (watchdog discards
+IN_Q_OVERFLOW), so every ``reconcile_interval`` seconds the loop also scans everything; a scan
+of an unchanged store only stats files. Other buffer writes the daemon must serialise with
+ingest (``lorad feedback``) are submitted to the same thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from lorad.ingest import IngestReport, ingest
+
+log = structlog.get_logger()
+
+
+class Watcher(FileSystemEventHandler):
+    """Collects the paths watchdog reports under ``roots``.
+
+    Args:
+        roots: directories to watch recursively; one that does not exist yet is retried by
+            :meth:`rewatch` (the reconciliation scan covers it meanwhile).
+    """
+
+    def __init__(self, roots: Iterable[Path]):
+        self.roots = [Path(r) for r in roots]
+        self._observer = None
+        self._watched: set[Path] = set()
+        self._paths: set[str] = set()
+        self._cond = threading.Condition()
+        self.events = 0
+
+    def start(self) -> None:
+        self._observer = Observer(timeout=0.1)
+        self._observer.daemon = True
+        self.rewatch()
+        self._observer.start()
+
+    def rewatch(self) -> None:
+        """Start watching roots that appeared since the last try."""
+        for root in self.roots:
+            if root in self._watched:
+                continue
+            if not root.is_dir():
+                log.warning("source_not_watched", path=str(root), reason="directory does not exist (yet)")
+                continue
+            try:
+                self._observer.schedule(self, str(root), recursive=True)
+            except OSError as e:  # e.g. the inotify watch limit
+                log.warning("source_not_watched", path=str(root), reason=str(e))
+                continue
+            self._watched.add(root)
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+        with self._cond:
+            self._cond.notify_all()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        paths = [event.src_path]
+        if getattr(event, "dest_path", ""):
+            paths.append(event.dest_path)
+        with self._cond:
+            for p in paths:
+                self._paths.add(os.fsdecode(p))
+            self.events += 1
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Block until some path changed (True) or ``timeout`` passed (False)."""
+        with self._cond:
+            if not self._paths:
+                self._cond.wait(timeout)
+            return bool(self._paths)
+
+    def take(self) -> set[str]:
+        """The changed paths since the last call; directories are expanded to their files."""
+        with self._cond:
+            paths, self._paths = self._paths, set()
+        out = set()
+        for p in paths:
+            if os.path.isdir(p):
+                for folder, _, files in os.walk(p):
+                    out.update(os.path.join(folder, f) for f in files)
+            else:
+                out.add(p)
+        return out
+
+
+class IngestLoop:
+    """The buffer's writer thread: debounced watcher batches, periodic reconciliation, submitted tasks.
+
+    Args:
+        buffer: the write connection this thread owns.
+        readers: the configured sources.
+        watcher: where changed paths come from.
+        batch_size: rows per ingest transaction.
+        debounce: seconds to gather events before ingesting.
+        reconcile_interval: seconds between full scans.
+        settle: paths are looked at once more this long after an event, for files that were
+            still being written (the sources skip, not quarantine, a fresh unparsable file).
+        on_ingest: called with each IngestReport that changed something (in this thread).
+    """
+
+    def __init__(self, buffer, readers: list, watcher: Watcher, batch_size: int = 500,
+                 debounce: float = 0.1, reconcile_interval: float = 300.0, settle: float = 2.0,
+                 on_ingest: Callable[[IngestReport], None] | None = None):
+        self.buffer = buffer
+        self.readers = readers
+        self.watcher = watcher
+        self.batch_size = batch_size
+        self.debounce = debounce
+        self.reconcile_interval = reconcile_interval
+        self.settle = settle
+        self.on_ingest = on_ingest
+        self.last_reconcile = 0.0
+        self.last_ingest = 0.0
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._retry: list[tuple[float, set[str]]] = []
+        self._reconcile_requested = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reconcile(self) -> IngestReport:
+        """Scan every source fully (also at start-up, before the daemon reports ready)."""
+        self.watcher.rewatch()
+        report = ingest(self.buffer, self.readers, self.batch_size)
+        self.last_reconcile = time.monotonic()
+        self._done(report, "reconcile")
+        return report
+
+    def request_reconcile(self) -> None:
+        self._reconcile_requested.set()
+        with self.watcher._cond:
+            self.watcher._cond.notify_all()
+
+    def submit(self, fn: Callable) -> Future:
+        """Run ``fn(buffer)`` in the writer thread; the future holds its result or exception."""
+        future: Future = Future()
+        self._tasks.put((fn, future))
+        with self.watcher._cond:
+            self.watcher._cond.notify_all()
+        return future
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lorad-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.watcher._cond:
+            self.watcher._cond.notify_all()
+        if self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            deadline = self.last_reconcile + self.reconcile_interval
+            if self._retry:
+                deadline = min(deadline, self._retry[0][0])
+            changed = self.watcher.wait(max(0.0, min(deadline - now, 1.0)))
+            if self._stop.is_set():
+                break
+            self._run_tasks()
+            try:
+                if self._reconcile_requested.is_set() or time.monotonic() >= self.last_reconcile + self.reconcile_interval:
+                    self._reconcile_requested.clear()
+                    self.watcher.take()  # the full scan covers them
+                    self._retry.clear()
+                    self.reconcile()
+                    continue
+                if changed:
+                    time.sleep(self.debounce)  # let a burst of events arrive
+                    paths = self.watcher.take()
+                    if paths:
+                        self._ingest(paths, "watch")
+                        self._retry.append((time.monotonic() + self.settle + 0.1, paths))
+                if self._retry and self._retry[0][0] <= time.monotonic():
+                    _, paths = self._retry.pop(0)
+                    self._ingest(paths, "settle")
+            except Exception:  # a bad moment (disk full, locked database) must not end the loop
+                log.exception("ingest_loop_failed")
+                time.sleep(1.0)
+        self._run_tasks()
+
+    def _run_tasks(self) -> None:
+        while True:
+            try:
+                fn, future = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self.buffer))
+            except BaseException as e:
+                future.set_exception(e)
+
+    def _ingest(self, paths: set[str], why: str) -> None:
+        report = ingest(self.buffer, self.readers, self.batch_size, paths=sorted(paths))
+        self._done(report, why)
+
+    def _done(self, report: IngestReport, why: str) -> None:
+        self.last_ingest = time.time()
+        if self.on_ingest and (report.new or report.updated or report.quarantined or report.errors):
+            self.on_ingest(report)
