@@ -100,6 +100,16 @@ def learning_rate(v):
     return None if 1e-7 <= v <= 1e-2 else f"must be between 1e-07 and 0.01 for LoRA training, got {v!r}"
 
 
+def filter_policy(v):
+    from lorad.buffer.traces import PolicyError, parse_policy  # lazily: no import cycle
+
+    try:
+        parse_policy(v)
+    except PolicyError as e:
+        return str(e)
+    return None
+
+
 def _c(check, **kw):
     return field(metadata={"check": check}, **kw)
 
@@ -160,7 +170,7 @@ class BufferSettings:
 
 @dataclass(frozen=True)
 class SelectionSettings:
-    policy: str = "refinement"
+    policy: str = _c(filter_policy, default="refinement")
     min_retries: int = _c(positive, default=2)
     recent_days: int = _c(non_negative, default=30)
     action_pairs: tuple[str, ...] = ()

@@ -9,6 +9,7 @@ chains back to the buffer inside the ingest transaction.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -160,3 +161,226 @@ def relink(conn, groups: Iterable[tuple[str, str, str]], now: float) -> None:
                     max((r["created_ts"] or 0.0) for r in chain.rows), now,
                 ),
             )
+
+
+# -- what an example is made of ------------------------------------------------------------------
+# The columns a filter policy looks at. ``facts`` computes them from a chain; the examples table
+# stores the same values, so a policy gives the same answer in Python and in SQL.
+
+
+def target(chain: Chain) -> dict | None:
+    """The attempt an example teaches: the accepted one, else (never accepted) the last one."""
+    if chain.accepted is not None:
+        return chain.accepted
+    return chain.rows[-1] if chain.rows else None
+
+
+def facts(chain: Chain) -> dict:
+    """The values filter policies test, for one chain."""
+    row = target(chain) or {}
+    return {
+        "outcome": chain.outcome,
+        "retries": chain.retries,
+        "origin": row.get("origin") or "generated",
+        "generated_only": int(all((r.get("origin") or "generated") == "generated" for r in chain.rows)),
+        "action_pair_id": chain.action_pair_id,
+        "created_ts": row.get("created_ts") or 0.0,
+    }
+
+
+# -- filter policies -------------------------------------------------------------------------------
+
+
+class PolicyError(ValueError):
+    "A filter policy expression does not parse; the message names the offending token."
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """The plain values some policies need.
+
+    Args:
+        min_retries: ``high_value`` keeps chains with at least this many rejected attempts
+            before the accepted one.
+        since: ``recent`` keeps chains whose example attempt was created at or after this
+            epoch time.
+        action_pairs: when not empty, only chains of these action pairs are selected at all.
+    """
+
+    min_retries: int = 2
+    since: float = 0.0
+    action_pairs: tuple[str, ...] = ()
+
+
+# name -> (python test over facts, SQL over the examples table's columns)
+_ATOMS = {
+    "refinement": (lambda f, c: f["outcome"] == REFINED, lambda c: ("outcome = 'refined'", [])),
+    "all_successes": (lambda f, c: f["outcome"] in (FIRST_TRY, REFINED),
+                      lambda c: ("outcome IN ('first_try', 'refined')", [])),
+    "first_try": (lambda f, c: f["outcome"] == FIRST_TRY, lambda c: ("outcome = 'first_try'", [])),
+    "exhausted": (lambda f, c: f["outcome"] == EXHAUSTED, lambda c: ("outcome = 'exhausted'", [])),
+    "generator_only": (lambda f, c: bool(f["generated_only"]), lambda c: ("generated_only = 1", [])),
+    "human_only": (lambda f, c: f["origin"] == "human", lambda c: ("origin = 'human'", [])),
+    "high_value": (lambda f, c: f["retries"] >= c.min_retries, lambda c: ("retries >= ?", [c.min_retries])),
+    "recent": (lambda f, c: f["created_ts"] >= c.since, lambda c: ("created_ts >= ?", [c.since])),
+    "all": (lambda f, c: True, lambda c: ("1", [])),
+}
+POLICY_NAMES = tuple(_ATOMS) + ("action_pair:<id>",)
+
+_TOKEN = re.compile(r"\s*(?:(\()|(\))|([^\s()]+))")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed filter policy: atoms combined with and / or / not and parentheses.
+
+    Atoms: refinement (accepted after at least one rejected attempt; the default),
+    all_successes (first-attempt successes too), first_try, exhausted (never accepted),
+    generator_only (every attempt came from the generator), human_only (the accepted answer
+    was written by a human), high_value (at least ``min_retries`` retries), recent (created at
+    or after ``since``), all, and ``action_pair:<id>``.
+    """
+
+    text: str
+    tree: tuple
+
+    def matches(self, fact: dict, ctx: PolicyContext = PolicyContext()) -> bool:
+        if ctx.action_pairs and fact["action_pair_id"] not in ctx.action_pairs:
+            return False
+        return _eval(self.tree, fact, ctx)
+
+    def where(self, ctx: PolicyContext = PolicyContext()) -> tuple[str, list]:
+        """The policy as an SQL condition over the examples table, with its parameters."""
+        sql, params = _sql(self.tree, ctx)
+        if ctx.action_pairs:
+            marks = ", ".join("?" for _ in ctx.action_pairs)
+            sql, params = f"({sql}) AND action_pair_id IN ({marks})", params + list(ctx.action_pairs)
+        return sql, params
+
+    @property
+    def atoms(self) -> set[str]:
+        out: set[str] = set()
+
+        def walk(node):
+            if node[0] == "atom":
+                out.add(node[1] if node[1] != "action_pair" else f"action_pair:{node[2]}")
+            else:
+                for child in node[1:]:
+                    walk(child)
+
+        walk(self.tree)
+        return out
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_policy(text: str) -> Policy:
+    """Parse a policy expression such as ``"refinement and (generator_only or high_value)"``.
+
+    Raises:
+        PolicyError: naming the token that does not fit and where it is.
+    """
+    tokens: list[tuple[str, int]] = []
+    pos = 0
+    text = text or ""
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:  # only trailing whitespace is left
+            break
+        tokens.append((m.group(m.lastindex), m.start(m.lastindex)))
+        pos = m.end()
+    if not tokens:
+        raise PolicyError("empty policy; expected one of " + ", ".join(POLICY_NAMES))
+    i = 0
+
+    def peek() -> str | None:
+        return tokens[i][0].lower() if i < len(tokens) else None
+
+    def fail(expected: str):
+        if i >= len(tokens):
+            raise PolicyError(f"policy {text!r} ends too early: expected {expected}")
+        tok, at = tokens[i]
+        raise PolicyError(f"unexpected {tok!r} at position {at} in policy {text!r}: expected {expected}")
+
+    def parse_or():
+        nonlocal i
+        node = parse_and()
+        while peek() == "or":
+            i += 1
+            node = ("or", node, parse_and())
+        return node
+
+    def parse_and():
+        nonlocal i
+        node = parse_not()
+        while peek() == "and":
+            i += 1
+            node = ("and", node, parse_not())
+        return node
+
+    def parse_not():
+        nonlocal i
+        tok = peek()
+        if tok == "not":
+            i += 1
+            return ("not", parse_not())
+        if tok == "(":
+            i += 1
+            node = parse_or()
+            if peek() != ")":
+                fail("')'")
+            i += 1
+            return node
+        if tok is None or tok in ("and", "or", ")"):
+            fail("a policy name or '('")
+        word, at = tokens[i]
+        if tok.startswith("action_pair:"):
+            ident = word.split(":", 1)[1]
+            if not ident:
+                raise PolicyError(f"'action_pair:' at position {at} needs an id, as in action_pair:g_coder")
+            i += 1
+            return ("atom", "action_pair", ident)
+        if tok not in _ATOMS:
+            raise PolicyError(f"unknown policy {word!r} at position {at} in {text!r}; expected one of "
+                              + ", ".join(POLICY_NAMES))
+        i += 1
+        return ("atom", tok, None)
+
+    tree = parse_or()
+    if i < len(tokens):
+        fail("'and', 'or' or the end")
+    return Policy(text.strip(), tree)
+
+
+def _eval(node: tuple, fact: dict, ctx: PolicyContext) -> bool:
+    op = node[0]
+    if op == "and":
+        return _eval(node[1], fact, ctx) and _eval(node[2], fact, ctx)
+    if op == "or":
+        return _eval(node[1], fact, ctx) or _eval(node[2], fact, ctx)
+    if op == "not":
+        return not _eval(node[1], fact, ctx)
+    if node[1] == "action_pair":
+        return fact["action_pair_id"] == node[2]
+    return bool(_ATOMS[node[1]][0](fact, ctx))
+
+
+def _sql(node: tuple, ctx: PolicyContext) -> tuple[str, list]:
+    op = node[0]
+    if op in ("and", "or"):
+        left, lp = _sql(node[1], ctx)
+        right, rp = _sql(node[2], ctx)
+        return f"({left} {op.upper()} {right})", lp + rp
+    if op == "not":
+        inner, params = _sql(node[1], ctx)
+        return f"(NOT {inner})", params
+    if node[1] == "action_pair":
+        return "action_pair_id = ?", [node[2]]
+    sql, params = _ATOMS[node[1]][1](ctx)
+    return f"({sql})", params
+
+
+def select(chains: Iterable[Chain], policy: Policy, ctx: PolicyContext = PolicyContext()) -> list[Chain]:
+    """The chains a policy selects (pure)."""
+    return [c for c in chains if policy.matches(facts(c), ctx)]
