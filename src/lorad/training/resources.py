@@ -1,0 +1,293 @@
+"""The device a run will use, what the run needs, and whether it fits.
+
+The checks here run before any training step ("before any GPU time"): a learning rate
+outside the sane range is an error, never a silent clamp; a run whose memory estimate
+exceeds what the device has is refused with a suggested batch size and sequence length that
+would fit.
+
+The estimate (bytes) for a LoRA run is the sum of:
+
+- base weights: parameters x bytes per parameter (fp32 4, bf16 2, 4-bit about 0.56 with the
+  quantization constants);
+- LoRA parameters, their gradients and AdamW's two moments: 4 x 4 bytes each (kept in fp32);
+- activations kept for the backward pass: per token and layer about 18 x hidden values
+  (attention inputs, q/k/v, MLP intermediates), or 2 x hidden with gradient checkpointing,
+  plus the logits (3 x vocab floats per token: logits, fp32 softmax, their gradient);
+- a fixed allowance for the framework (CUDA context, allocator slack).
+
+Run as ``python -m lorad.training.resources [--model DIR] ...`` it prints the environment as
+JSON; ``lorad doctor`` calls it that way so the CLI never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+
+LR_MIN, LR_MAX = 1e-7, 1e-2
+
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "4bit": 0.5625}
+ACTIVATION_FACTOR = 18  # values per token, layer and hidden unit kept for backward
+CHECKPOINTED_FACTOR = 2
+FRAMEWORK_BYTES = 512 * 2**20
+
+
+class ResourceError(Exception):
+    "The run cannot start on this device as configured; the message says what to change."
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    total_bytes: int
+    free_bytes: int
+    bf16: bool
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int
+    hidden_size: int
+    layers: int
+    vocab_size: int
+    lora_parameters: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    lora: int
+    activations: int
+    framework: int
+    dtype: str
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.lora + self.activations + self.framework
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"total": self.total}
+
+
+def check_learning_rate(lr: float) -> None:
+    """Raises ResourceError when ``lr`` lies outside [1e-7, 1e-2] (no silent clamp)."""
+    if not (LR_MIN <= lr <= LR_MAX):
+        raise ResourceError(f"learning_rate {lr!r} is outside the sane range for LoRA training "
+                            f"[{LR_MIN:g}, {LR_MAX:g}]; set training.learning_rate inside it (e.g. 2e-4)")
+
+
+def detect_device() -> Device:
+    """The first CUDA device when there is one, else the CPU (its available RAM)."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        return Device("cuda", torch.cuda.get_device_name(0), total, free,
+                      torch.cuda.is_bf16_supported(), torch.cuda.device_count())
+    total, available = _ram()
+    return Device("cpu", _cpu_name(), total, available, False, 1)
+
+
+def _ram() -> tuple[int, int]:
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"], info.get("MemAvailable", info["MemFree"])
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def model_shape(model_dir: str, lora_r: int, target_modules, *, local_files_only: bool = True) -> ModelShape:
+    """Parameter counts from the model's config alone (built on the meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if str(model_dir).endswith(".gguf"):  # not converted yet: the GGUF header has the config
+        config = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(model_dir)),
+                                            gguf_file=os.path.basename(model_dir))
+    else:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=local_files_only)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    lora = 0
+    targets = set(target_modules)
+    output = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        if "all-linear" in targets or name.rsplit(".", 1)[-1] in targets:
+            lora += lora_r * (module.in_features + module.out_features)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(parameters, text.hidden_size, text.num_hidden_layers, text.vocab_size, lora)
+
+
+def estimate(shape: ModelShape, *, batch_size: int, seq_length: int, dtype: str,
+             gradient_checkpointing: bool) -> Estimate:
+    """Bytes a LoRA run needs (see the module docstring for the terms)."""
+    weights = int(shape.parameters * BYTES_PER_PARAM[dtype])
+    lora = shape.lora_parameters * 4 * 4
+    act_bytes = 4 if dtype == "float32" else 2
+    factor = CHECKPOINTED_FACTOR if gradient_checkpointing else ACTIVATION_FACTOR
+    tokens = batch_size * seq_length
+    activations = tokens * shape.hidden_size * shape.layers * factor * act_bytes
+    activations += tokens * shape.vocab_size * 4 * 3
+    return Estimate(weights, lora, activations, FRAMEWORK_BYTES, dtype)
+
+
+def check_fits(shape: ModelShape, device: Device, *, batch_size: int, seq_length: int, dtype: str,
+               gradient_checkpointing: bool, headroom: float) -> Estimate:
+    """The estimate, when it fits in ``headroom`` x the device's free memory.
+
+    Raises:
+        ResourceError: it does not fit; the message gives both figures and the largest
+            batch size (then sequence length) that would.
+    """
+    est = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
+                   gradient_checkpointing=gradient_checkpointing)
+    budget = int(device.free_bytes * headroom)
+    if est.total <= budget:
+        return est
+    hint = suggest(shape, budget, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
+                   gradient_checkpointing=gradient_checkpointing)
+    hint_text = (f"try training.batch_size = {hint[0]} and training.max_seq_length = {hint[1]}"
+                 if hint else "even batch_size 1 with max_seq_length 64 does not fit: use a smaller "
+                              "base model, quantization = \"4bit\" on CUDA, or a larger device")
+    raise ResourceError(
+        f"the run needs about {_gib(est.total)} (weights {_gib(est.weights)}, LoRA + optimizer "
+        f"{_gib(est.lora)}, activations {_gib(est.activations)} for batch {batch_size} x seq "
+        f"{seq_length}) but {device.kind} has {_gib(device.free_bytes)} free "
+        f"({headroom:.0%} usable = {_gib(budget)}); {hint_text}")
+
+
+def suggest(shape: ModelShape, budget: int, *, batch_size: int, seq_length: int, dtype: str,
+            gradient_checkpointing: bool) -> tuple[int, int] | None:
+    """The largest (batch, seq) that fits ``budget``: halve the batch first, then the sequence."""
+    b, s = batch_size, seq_length
+    while True:
+        est = estimate(shape, batch_size=b, seq_length=s, dtype=dtype,
+                       gradient_checkpointing=gradient_checkpointing)
+        if est.total <= budget:
+            return b, s
+        if b > 1:
+            b //= 2
+        elif s > 64:
+            s //= 2
+        else:
+            return None
+
+
+def training_dtype(device: Device, quantization: str) -> str:
+    """fp32 on the CPU; on CUDA bf16 where supported (fp16 otherwise), 4-bit when asked and possible."""
+    if device.kind != "cuda":
+        return "float32"
+    if quantization in ("4bit", "auto") and bitsandbytes_available():
+        return "4bit"
+    return "bfloat16" if device.bf16 else "float16"
+
+
+def bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def environment(model_dir: str | None = None, *, state_dir: str | None = None, lora_r: int = 4,
+                target_modules=("all-linear",), batch_size: int = 4, seq_length: int = 512,
+                quantization: str = "auto", gradient_checkpointing: bool = True,
+                headroom: float = 0.9) -> dict:
+    """A report of the environment for ``lorad doctor`` (and the estimate for a model)."""
+    import torch
+
+    device = detect_device()
+    report: dict = {
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(), "cuda_version": torch.version.cuda,
+        "device": asdict(device), "bitsandbytes": bitsandbytes_available(),
+    }
+    if device.kind == "cuda":
+        report["devices"] = [{"index": i, "name": torch.cuda.get_device_name(i),
+                              "total_bytes": torch.cuda.get_device_properties(i).total_memory}
+                             for i in range(torch.cuda.device_count())]
+    if state_dir:
+        probe = state_dir
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe.rstrip("/")) or "/"
+        report["state_dir"] = {"path": state_dir, "disk_free_bytes": shutil.disk_usage(probe).free}
+    if model_dir:
+        try:
+            shape = model_shape(model_dir, lora_r, target_modules)
+            dtype = training_dtype(device, quantization)
+            checkpointing = gradient_checkpointing and device.kind == "cuda"
+            est = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
+                           gradient_checkpointing=checkpointing)
+            budget = int(device.free_bytes * headroom)
+            report["estimate"] = est.as_dict() | {
+                "model": model_dir, "parameters": shape.parameters,
+                "lora_parameters": shape.lora_parameters, "batch_size": batch_size,
+                "seq_length": seq_length, "budget_bytes": budget, "fits": est.total <= budget}
+            if est.total > budget:
+                report["estimate"]["suggestion"] = suggest(
+                    shape, budget, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
+                    gradient_checkpointing=checkpointing)
+        except Exception as e:  # the doctor reports; it does not stop at the first problem
+            report["estimate"] = {"model": model_dir, "error": f"{type(e).__name__}: {e}"}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lorad.training.resources")
+    p.add_argument("--model", help="base model: HF id, local directory or .gguf file")
+    p.add_argument("--state-dir")
+    p.add_argument("--lora-r", type=int, default=4)
+    p.add_argument("--target-modules", nargs="*", default=["all-linear"])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--quantization", default="auto")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--headroom", type=float, default=0.9)
+    args = p.parse_args(argv)
+    model_dir = None
+    if args.model:
+        from lorad.training.base_model import BaseModelError, resolve
+
+        try:
+            model_dir = str(resolve(args.model, args.state_dir or "", convert=False))
+        except BaseModelError as e:
+            model_dir = None
+            model_error = str(e)
+    report = environment(model_dir, state_dir=args.state_dir, lora_r=args.lora_r,
+                         target_modules=args.target_modules, batch_size=args.batch_size,
+                         seq_length=args.seq_length, quantization=args.quantization,
+                         gradient_checkpointing=not args.no_gradient_checkpointing,
+                         headroom=args.headroom)
+    if args.model and model_dir is None:
+        report["estimate"] = {"model": args.model, "error": model_error}
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
