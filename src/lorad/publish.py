@@ -1,0 +1,210 @@
+"""Publish hooks: tell the serving side whenever ``current`` moves (promotion or rollback).
+
+Two kinds, configured as ``[[publish]]`` tables and run in order:
+
+- ``command``: an argv with ``{version}``, ``{path}`` and ``{previous}`` placeholders (the new
+  version, its directory, the version it replaces or ""), run with a timeout; exit 0 = done.
+  ``$LORAD_ACTION`` says promoted, rolled_back or reverted.
+- ``vllm``: POST ``/v1/load_lora_adapter`` with the new versioned name (``<prefix>-<version>``)
+  and path, then ``/v1/unload_lora_adapter`` for the name it replaces; each request retried
+  with exponential backoff. Versions are immutable, so a name always means the same weights.
+
+A failed hook is recorded (audit event ``publish_failed``) and reported; it leaves the
+pointer where it is unless the hook is ``required``, in which case the registry is reverted
+to what it was before (and the hooks run once more so the server follows it back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lorad import log
+from lorad.registry import Change, Registry
+
+OUTPUT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """How one hook went."""
+
+    hook: str
+    ok: bool
+    required: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"hook": self.hook, "ok": self.ok, "required": self.required, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class CommandHook:
+    """Run an argv; placeholders {version}, {path}, {previous}."""
+
+    argv: tuple[str, ...]
+    timeout: float = 30.0
+    required: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"command {Path(self.argv[0]).name if self.argv else '?'}"
+
+    def run(self, change: Change, root: Path) -> HookResult:
+        values = {"version": change.version or "", "previous": change.replaced or "",
+                  "path": str((root / change.version).resolve()) if change.version else ""}
+        try:
+            argv = [part.format(**values) for part in self.argv]
+        except (KeyError, IndexError, ValueError) as e:
+            return HookResult(self.name, False, self.required, f"bad placeholder in argv: {e}")
+        env = dict(os.environ, LORAD_ACTION=change.action)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return HookResult(self.name, False, self.required, f"timed out after {self.timeout:g}s")
+        except OSError as e:
+            return HookResult(self.name, False, self.required, f"could not run: {e}")
+        output = (proc.stdout.strip() + "\n" + proc.stderr.strip()).strip()[:OUTPUT_CHARS]
+        if proc.returncode != 0:
+            return HookResult(self.name, False, self.required, f"exit {proc.returncode}: {output}")
+        return HookResult(self.name, True, self.required, output)
+
+
+@dataclass(frozen=True)
+class VllmHook:
+    """Load the new adapter into a vLLM server by a versioned name, then unload the old one."""
+
+    url: str
+    name_prefix: str = "lorad"
+    api_key_env: str = ""
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+    required: bool = False
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return f"vllm {self.url}"
+
+    def adapter_name(self, version: str) -> str:
+        return f"{self.name_prefix}-{version}"
+
+    def run(self, change: Change, root: Path) -> HookResult:
+        notes = []
+        if change.version:
+            ok, text = self._post("/v1/load_lora_adapter", {
+                "lora_name": self.adapter_name(change.version),
+                "lora_path": str((root / change.version).resolve())}, tolerate="already been loaded")
+            if not ok:
+                return HookResult(self.name, False, self.required, f"load failed: {text}")
+            notes.append(f"loaded {self.adapter_name(change.version)}")
+        if change.replaced and change.replaced != change.version:
+            ok, text = self._post("/v1/unload_lora_adapter",
+                                  {"lora_name": self.adapter_name(change.replaced)},
+                                  tolerate="cannot be found")
+            # The new adapter is serving; an old one left loaded costs memory, not correctness.
+            notes.append(f"unloaded {self.adapter_name(change.replaced)}" if ok
+                         else f"unload of {self.adapter_name(change.replaced)} failed: {text}")
+        return HookResult(self.name, True, self.required, "; ".join(notes))
+
+    def _post(self, path: str, body: dict, tolerate: str) -> tuple[bool, str]:
+        """POST with retries on connection errors and 5xx; a 4xx is final unless it says ``tolerate``."""
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url.rstrip("/") + path, method="POST",
+                                             data=json.dumps(body).encode(), headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    return True, resp.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
+            except urllib.error.HTTPError as e:
+                text = e.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
+                if tolerate in text:
+                    return True, text
+                last = f"HTTP {e.code}: {text}"
+                if e.code < 500:
+                    return False, last
+            except (urllib.error.URLError, OSError) as e:
+                last = f"{getattr(e, 'reason', e)}"
+        return False, f"{last} (after {self.retries + 1} attempts)"
+
+
+Hook = CommandHook | VllmHook
+
+
+def hooks_from_settings(tables) -> list[Hook]:
+    """Hooks from the ``[[publish]]`` tables (PublishSettings), in order."""
+    hooks: list[Hook] = []
+    for t in tables:
+        if t.kind == "command":
+            hooks.append(CommandHook(tuple(t.argv), t.timeout, t.required))
+        else:
+            hooks.append(VllmHook(t.url, t.name_prefix, t.api_key_env, t.timeout, t.retries,
+                                  t.backoff, t.required))
+    return hooks
+
+
+@dataclass
+class PublishReport:
+    """What the hooks did for one change, and whether the change was undone."""
+
+    results: list[HookResult] = field(default_factory=list)
+    reverted: Change | None = None
+    revert_results: list[HookResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "results": [r.as_dict() for r in self.results],
+                "reverted": self.reverted.as_dict() if self.reverted else None,
+                "revert_results": [r.as_dict() for r in self.revert_results]}
+
+
+def run_hooks(hooks: list[Hook], change: Change, root: Path) -> list[HookResult]:
+    return [hook.run(change, Path(root)) for hook in hooks]
+
+
+def publish(registry: Registry, change: Change, hooks: list[Hook],
+            audit: Callable[..., None] | None = None) -> PublishReport:
+    """Run every hook for ``change``; revert the registry when a required one failed.
+
+    Args:
+        registry: where the change was made (reverted through it if needed).
+        change: the promotion or rollback just made.
+        hooks: from :func:`hooks_from_settings`.
+        audit: ``audit(event, version=..., **detail)`` for failed hooks (``Buffer.record_event``).
+    """
+    logger = log.get("lorad.publish")
+    report = PublishReport(run_hooks(hooks, change, registry.root))
+    for r in report.results:
+        if r.ok:
+            logger.info("adapter_published", version=change.version, hook=r.hook, action=change.action)
+            continue
+        logger.warning("publish_failed", version=change.version, hook=r.hook, detail=r.detail,
+                       required=r.required)
+        if audit is not None:
+            audit("publish_failed", version=change.version, hook=r.hook, detail=r.detail,
+                  required=r.required, action=change.action)
+    failed_required = [r for r in report.results if not r.ok and r.required]
+    if failed_required:
+        reason = "required publish hook failed: " + "; ".join(f"{r.hook}: {r.detail}" for r in failed_required)
+        report.reverted = registry.revert(change, reason=reason)
+        logger.warning("adapter_change_reverted", version=report.reverted.version, reason=reason)
+        # Let the serving side follow the pointer back (best effort; never reverted again).
+        report.revert_results = run_hooks(hooks, report.reverted, registry.root)
+    return report
