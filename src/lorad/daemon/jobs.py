@@ -188,3 +188,148 @@ class JobStore:
     def set_state(self, key: str, value) -> None:
         self._write("INSERT INTO daemon_state (key, value) VALUES (?, ?) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+
+
+class JobRunner(threading.Thread):
+    """Runs one job in a thread: prepare, worker subprocess, conclude (gate, registry, publish).
+
+    The daemon's main loop reads :meth:`info` (memory only) and asks for :meth:`pause` or
+    :meth:`cancel`; both stop the worker at its next step (it checkpoints first). The job
+    thread has its own buffer connection, so its writes never hold up the daemon.
+
+    Args:
+        settings: the configuration the job runs with (fixed for the job's run).
+        job: the job's row (queued, or paused to resume).
+        window_end: Unix time at which the worker should checkpoint and pause (None = no limit).
+    """
+
+    def __init__(self, settings, job: dict, window_end: float | None = None):
+        super().__init__(name=f"lorad-job-{job['job_id']}", daemon=True)
+        self.settings = settings
+        self.job = job
+        self.job_id = job["job_id"]
+        self.window_end = window_end
+        self.state = "preparing" if not job.get("job_dir") else "training"
+        self.progress: dict | None = job.get("progress")
+        self.final_state: str | None = None
+        self.reason: str | None = None
+        self.version: str | None = None
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._mode = "pause"
+        self._stop_reason = ""
+        self._lock = threading.Lock()
+
+    # -- from the main loop ---------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def info(self) -> dict:
+        with self._lock:
+            return {"job_id": self.job_id, "state": self.state, "trigger": self.job["trigger"],
+                    "progress": dict(self.progress) if self.progress else None,
+                    "started_at": self.started, "stopping": self._mode if self._stop.is_set() else None,
+                    "window_end": self.window_end}
+
+    def pause(self, reason: str) -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    def cancel(self, reason: str) -> None:
+        self._mode = "cancel"
+        self._stop_reason = reason
+        self._stop.set()
+
+    def kill(self) -> None:
+        """Last resort at shutdown: the worker did not stop in time."""
+        from lorad import cycle
+
+        kill = getattr(cycle, "kill_worker", None)
+        if kill is not None:
+            kill(self._job_dir())
+        self._mode = "cancel"
+
+    # -- the job thread -------------------------------------------------------------------------
+
+    def _job_dir(self) -> Path | None:
+        return Path(self.job["job_dir"]) if self.job.get("job_dir") else None
+
+    def _set(self, store: "JobStore", state: str, reason: str | None = None, **fields) -> None:
+        with self._lock:
+            self.state = state
+        store.transition(self.job_id, state, reason, **fields)
+        log.info("job_state_changed", job_id=self.job_id, state=state, reason=reason)
+
+    def _on_progress(self, record: dict) -> None:
+        with self._lock:
+            self.progress = record
+            stage = record.get("stage")
+        if stage in ("evaluate", "evaluating", "evaluation") and self.state == "training":
+            with self._lock:
+                self.state = "evaluating"
+
+    def run(self) -> None:
+        from lorad import cycle
+        from lorad.buffer.store import Buffer
+        from lorad.training.job import EXIT_CANCELLED, EXIT_OK, EXIT_PAUSED, read_result
+
+        s = self.settings
+        buffer = Buffer(s.buffer_path, s.buffer.synchronous)
+        store = JobStore(buffer.conn)
+        from lorad.daemon.views import registry
+
+        reg = registry(s)
+        try:
+            job_dir = self._job_dir()
+            if job_dir is None or not job_dir.is_dir():
+                self._set(store, "preparing", None, started_at=time.time())
+                job_dir = Path(cycle.prepare(s, buffer, reg, self.job_id, window_end=self.window_end))
+                self.job["job_dir"] = str(job_dir)
+            elif self.window_end is not None:
+                set_window_end = getattr(cycle, "set_window_end", None)
+                if set_window_end:
+                    set_window_end(job_dir, self.window_end)
+            if self._stop.is_set():
+                return self._finish(store, self._stopped_state(), self._stop_reason)
+            self._set(store, "training", None, job_dir=str(job_dir), runs=self.job.get("runs", 0) + 1)
+            code = cycle.run_worker(job_dir, on_progress=self._on_progress, stop_event=self._stop,
+                                    cancel=lambda: self._mode == "cancel")
+            result = read_result(job_dir) or {}
+            if code == EXIT_OK:
+                self._set(store, "evaluating", None, progress=self.progress)
+                outcome = cycle.conclude(s, buffer, reg, job_dir)
+                promoted = _outcome(outcome, "promoted")
+                self.version = _outcome(outcome, "version")
+                reason = _outcome(outcome, "reason") or ""
+                return self._finish(store, "promoted" if promoted else "rejected", reason, version=self.version)
+            if code == EXIT_PAUSED:
+                return self._finish(store, self._stopped_state(), self._stop_reason or result.get("reason", "paused"))
+            if code == EXIT_CANCELLED:
+                return self._finish(store, "cancelled", self._stop_reason or result.get("reason", "cancelled"))
+            return self._finish(store, "failed", result.get("reason") or f"worker exited with code {code}")
+        except Exception as e:
+            log.exception("job_crashed", job_id=self.job_id)
+            return self._finish(store, "failed", f"{type(e).__name__}: {e}")
+        finally:
+            buffer.close()
+
+    def _stopped_state(self) -> str:
+        return "cancelled" if self._mode == "cancel" else "paused"
+
+    def _finish(self, store: "JobStore", state: str, reason: str, **fields) -> None:
+        self.final_state, self.reason = state, reason
+        try:
+            self._set(store, state, reason, progress=self.progress, **fields)
+        except Exception:
+            log.exception("job_state_not_saved", job_id=self.job_id, state=state)
+        event = {"promoted": "job_promoted", "rejected": "job_rejected", "failed": "job_failed",
+                 "cancelled": "job_cancelled", "paused": "job_paused"}[state]
+        log.info(event, job_id=self.job_id, reason=reason, version=fields.get("version"))
+
+
+def _outcome(outcome, key: str):
+    if isinstance(outcome, dict):
+        return outcome.get(key)
+    return getattr(outcome, key, None)

@@ -1,0 +1,240 @@
+"""Thin clients of the daemon: each sends one request over the control socket and prints the answer.
+
+`lorad status`, `jobs`, `train-now`, `cancel`, `pause`, `resume`, `reload`, `feedback`. With no
+daemon listening they say so and exit 69 (EX_UNAVAILABLE); an error from the daemon exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+
+from lorad.commands import emit
+
+EX_UNAVAILABLE = 69
+BAR_WIDTH = 30
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("status", parents=[common], help="the daemon's state, buffer counts, current job and next window")
+    p.set_defaults(func=status)
+
+    p = sub.add_parser("jobs", parents=[common], help="recent training jobs (or one job's details)")
+    p.add_argument("job_id", nargs="?", metavar="JOB", help="show this job with its state changes")
+    p.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    p.set_defaults(func=jobs)
+
+    p = sub.add_parser("train-now", parents=[common], help="queue a training job now, ignoring the window")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 if promoted or rejected")
+    p.set_defaults(func=train_now)
+
+    p = sub.add_parser("cancel", parents=[common], help="stop a job cleanly (a running worker stops at its next step)")
+    p.add_argument("job_id", metavar="JOB")
+    p.set_defaults(func=cancel)
+
+    p = sub.add_parser("pause", parents=[common], help="pause scheduled training (a running window job checkpoints)")
+    p.set_defaults(func=lambda a, s: simple(a, s, "pause"))
+    p = sub.add_parser("resume", parents=[common], help="resume scheduled training")
+    p.set_defaults(func=lambda a, s: simple(a, s, "resume"))
+    p = sub.add_parser("reload", parents=[common],
+                       help="re-read the config (as SIGHUP does); an invalid one is refused and the old one kept")
+    p.set_defaults(func=lambda a, s: simple(a, s, "reload"))
+
+    p = sub.add_parser("feedback", parents=[common],
+                       help="push one attempt and its verdict into the buffer (for systems without a store)")
+    p.add_argument("record", nargs="?", metavar="JSON",
+                   help="the record as a JSON object, or - to read it from stdin; the options below override its fields")
+    p.add_argument("--id")
+    p.add_argument("--prompt")
+    p.add_argument("--completion")
+    p.add_argument("--status", choices=("accepted", "rejected"))
+    p.add_argument("--score", type=float)
+    p.add_argument("--feedback", dest="feedback_text", metavar="TEXT", help="the guard's feedback")
+    p.add_argument("--parent-id")
+    p.add_argument("--source", dest="origin", choices=("generated", "human", "imported"))
+    p.add_argument("--created-at")
+    p.set_defaults(func=feedback)
+
+
+def call(settings, command: str, **arguments) -> dict:
+    """One request; daemon errors and absence become CommandError."""
+    from lorad.cli import CommandError
+    from lorad.daemon.protocol import DaemonUnavailable, ProtocolError, request
+
+    try:
+        response = request(settings.daemon.socket_path, command, **arguments)
+    except DaemonUnavailable as e:
+        raise CommandError(str(e), EX_UNAVAILABLE) from None
+    except ProtocolError as e:
+        raise CommandError(str(e)) from None
+    if not response.get("ok"):
+        raise CommandError(response.get("error") or "the daemon refused the request")
+    return response
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(max(0, seconds))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    if d:
+        return f"{d}d {h}h"
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def progress_line(job: dict) -> str:
+    p = job.get("progress") or {}
+    line = f"job {job['job_id']}: {job['state']}"
+    if job.get("stopping"):
+        line += f" ({'cancelling' if job['stopping'] == 'cancel' else 'pausing'})"
+    step, total = p.get("step"), p.get("total_steps")
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        done = min(1.0, step / total)
+        filled = int(done * BAR_WIDTH)
+        line += f"  [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:4.0%} step {step}/{total}"
+    if isinstance(p.get("loss"), (int, float)):
+        line += f"  loss {p['loss']:.4f}"
+    if p.get("eta_s") is not None:
+        line += f"  ETA {_duration(p['eta_s'])}"
+    return line
+
+
+def _when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+def status_text(r: dict) -> str:
+    lines = [f"lorad: {r['state']} (pid {r['pid']}, up {_duration(r.get('uptime_s'))})"]
+    lines.append(f"active version: {r.get('active_version') or 'none (base model)'}")
+    b = r.get("buffer") or {}
+    lines.append(f"buffer: {b.get('artifacts', 0)} artifacts in {b.get('chains', 0)} chains, "
+                 f"{b.get('examples', 0)} examples, {b.get('new_examples', 0)} new since the active version, "
+                 f"{b.get('quarantined', 0)} quarantined")
+    if r.get("job"):
+        lines.append(progress_line(r["job"]))
+    else:
+        lines.append("job: none running")
+    w = r.get("next_window")
+    if w:
+        start, end = _when(w["start"]), _when(w["end"])
+        now = datetime.now(timezone.utc)
+        if w.get("open") or start <= now:
+            lines.append(f"window: open until {end:%Y-%m-%d %H:%M %Z} ({_duration((end - now).total_seconds())} left)")
+        else:
+            lines.append(f"next window: {start:%Y-%m-%d %H:%M}-{end:%H:%M %Z} "
+                         f"(opens in {_duration((start - now).total_seconds())})")
+    else:
+        lines.append("next window: none configured")
+    sched = r.get("schedule") or {}
+    if r.get("scheduling_paused"):
+        lines.append("scheduled training: paused (lorad resume)")
+    if sched.get("decision"):
+        lines.append(f"scheduler: {sched['decision']}")
+    return "\n".join(lines)
+
+
+def _job_row(j: dict) -> str:
+    created = datetime.fromtimestamp(j["created_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    extra = j.get("version") or ""
+    reason = (j.get("reason") or "").replace("\n", " ")
+    return f"{j['job_id']}  {j['state']:<10} {j['trigger']:<7} {created}  {extra}  {reason[:80]}".rstrip()
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+def status(args, settings) -> int:
+    r = call(settings, "status")
+    emit(args, r, status_text(r))
+    return 0
+
+
+def jobs(args, settings) -> int:
+    if args.job_id:
+        r = call(settings, "job", job_id=args.job_id)
+        j = r["job"]
+        lines = [_job_row(j)]
+        if j.get("state") in ("preparing", "training", "evaluating"):
+            lines.append(progress_line(j))
+        for e in j.get("events", []):
+            ts = datetime.fromtimestamp(e["ts"], timezone.utc).strftime("%H:%M:%S")
+            lines.append(f"  {ts} {e['state']}" + (f": {e['reason']}" if e.get("reason") else ""))
+        emit(args, r, "\n".join(lines))
+        return 0
+    r = call(settings, "jobs", limit=args.limit)
+    emit(args, r, "\n".join(_job_row(j) for j in r["jobs"]) or "no jobs yet")
+    return 0
+
+
+def train_now(args, settings) -> int:
+    r = call(settings, "train_now")
+    job_id = r["job"]["job_id"]
+    if not args.wait:
+        emit(args, r, f"queued {job_id}")
+        return 0
+    if not args.json:
+        print(f"queued {job_id}", flush=True)
+    tty = sys.stdout.isatty() and not args.json
+    last = ""
+    while True:
+        job = call(settings, "job", job_id=job_id)["job"]
+        if job["state"] in ("promoted", "rejected", "failed", "cancelled", "paused"):
+            break
+        if not args.json:
+            line = progress_line(job)
+            if tty:
+                print("\r" + line[:150].ljust(150), end="", flush=True)
+            elif line.split("  ")[0] != last:
+                print(line, flush=True)
+            last = line.split("  ")[0]
+        time.sleep(0.5)
+    if tty:
+        print()
+    text = f"job {job_id}: {job['state']}" + (f" {job['version']}" if job.get("version") else "") + \
+        (f" ({job['reason']})" if job.get("reason") else "")
+    emit(args, {"ok": True, "job": job}, text)
+    return 0 if job["state"] in ("promoted", "rejected") else 1
+
+
+def cancel(args, settings) -> int:
+    r = call(settings, "cancel", job_id=args.job_id)
+    emit(args, r, f"job {r['job_id']}: {r['state']}")
+    return 0
+
+
+def simple(args, settings, command: str) -> int:
+    r = call(settings, command)
+    texts = {"pause": "scheduled training paused", "resume": "scheduled training resumed",
+             "reload": f"config reloaded from {r.get('reloaded')}" + (
+                 f"; restart needed for {', '.join(r['restart_needed'])}" if r.get("restart_needed") else "")}
+    emit(args, r, texts[command])
+    return 0
+
+
+def feedback(args, settings) -> int:
+    from lorad.cli import CommandError
+
+    record: dict = {}
+    if args.record:
+        text = sys.stdin.read() if args.record == "-" else args.record
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CommandError(f"feedback: the record is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise CommandError("feedback: the record must be a JSON object")
+    for key, value in (("id", args.id), ("prompt", args.prompt), ("completion", args.completion),
+                       ("status", args.status), ("score", args.score), ("feedback", args.feedback_text),
+                       ("parent_id", args.parent_id), ("source", args.origin), ("created_at", args.created_at)):
+        if value is not None:
+            record[key] = value
+    r = call(settings, "feedback", record=record)
+    emit(args, r, f"recorded {r['id']} ({r['status']}, {r['result']})")
+    return 0

@@ -1,0 +1,450 @@
+"""`lorad serve`: the long-running service that ties the parts together.
+
+Threads: the main loop (this module: signals, scheduling, systemd, the status snapshot), the
+ingest loop (the buffer's writer: watcher batches, reconciliation, feedback), the control
+server (one short thread per connection) and, while a job runs, the job thread (which runs
+the worker subprocess). Signal handlers only set flags; the main loop acts on them. Control
+requests that change state are handed to the main loop and answered when it has acted;
+``status`` is answered from an in-memory snapshot the main loop refreshes, so it never waits
+on SQLite writes or the worker. The daemon never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+
+from lorad import config as config_mod
+from lorad.buffer.store import Buffer
+from lorad.config import ConfigError, Settings
+from lorad.daemon import protocol
+from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
+from lorad.daemon.jobs import FINAL, JobNotFound, JobRunner, JobStore
+from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
+from lorad.daemon.systemd import Notifier
+from lorad.daemon.watcher import IngestLoop, Watcher
+
+log = structlog.get_logger()
+
+TICK = 0.1  # seconds between main-loop passes
+SNAPSHOT_EVERY = 0.5  # seconds between status-count refreshes
+DECIDE_EVERY = 1.0  # seconds between scheduler decisions (sooner when asked)
+STOP_TIMEOUT = 60.0  # seconds a running job gets to checkpoint at shutdown
+
+
+class Service:
+    """The daemon. ``run()`` returns the process exit code.
+
+    Args:
+        settings: the validated configuration (re-read from ``settings.source_path`` on reload).
+        environ: where systemd's NOTIFY_SOCKET / WATCHDOG_USEC are read (os.environ).
+    """
+
+    def __init__(self, settings: Settings, environ=None):
+        self.settings = settings
+        self.notifier = Notifier(environ, watchdog=settings.daemon.watchdog)
+        self.schedule = _schedule(settings)
+        self._signals: set[int] = set()
+        self._actions: queue.SimpleQueue = queue.SimpleQueue()
+        self._decide_now = True
+        self._snapshot: dict = {"state": "starting"}
+        self._snap_lock = threading.Lock()
+        self.started = time.time()
+        self.runner: JobRunner | None = None
+        self.scheduling_paused = False
+        self.failures = 0
+        self.backoff_until = 0.0
+        self.last_decision = ""
+        self._last_status_line = ""
+        self.reloads = 0
+
+    # -- start and stop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+        except SocketInUse as e:
+            log.error("daemon_start_failed", error=str(e))
+            return 1
+        try:
+            self._loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signals.add(signum)  # the main loop acts on it
+
+    def start(self) -> None:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Buffer(s.buffer_path, s.buffer.synchronous)  # migrations run here
+        self.jobs = JobStore(self.db.conn)
+        for job_id in self.jobs.recover():
+            log.warning("job_paused", job_id=job_id, reason="daemon restarted while the job was running")
+        self.scheduling_paused = bool(self.jobs.get_state("scheduling_paused", False))
+        self.failures = int(self.jobs.get_state("failures", 0))
+        self.backoff_until = float(self.jobs.get_state("backoff_until", 0.0))
+        self.reader = Buffer(s.buffer_path, readonly=True)  # status counts: never waits on writers
+        self._start_ingest()
+        self.control = ControlServer(s.daemon.socket_path, self._handle,
+                                     Access(s.daemon.allowed_uids, s.daemon.allowed_group))
+        self.control.start()
+        self._refresh_snapshot()
+        self.notifier.ready(self._status_line())
+        log.info("daemon_started", pid=os.getpid(), socket=str(s.daemon.socket_path),
+                 state_dir=str(s.state_dir), sources=[src.key for src in s.store.sources])
+
+    def _start_ingest(self) -> None:
+        from lorad.sources import open_sources
+
+        s = self.settings
+        readers = open_sources(s.store)
+        roots = [p for r in readers for p in r.watch_paths()]
+        self.watcher = Watcher(roots)
+        self.watcher.start()  # before the first scan: nothing written meanwhile is missed
+        self.ingest = IngestLoop(
+            Buffer(s.buffer_path, s.buffer.synchronous), readers, self.watcher, s.buffer.batch_size,
+            s.schedule.debounce_seconds, s.schedule.reconcile_interval, s.store.settle_seconds,
+            on_ingest=self._after_ingest)
+        report = self.ingest.reconcile()  # catch up before reporting ready
+        log.info("store_reconciled", new=report.new, updated=report.updated, unchanged=report.unchanged,
+                 quarantined=report.quarantined, errors=report.errors)
+        self.ingest.start()
+
+    def _stop_ingest(self) -> None:
+        self.ingest.stop()
+        self.watcher.stop()
+        self.ingest.buffer.close()
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        if self.runner is not None and self.runner.is_alive():
+            log.info("job_pausing", job_id=self.runner.job_id, reason="daemon stopping")
+            self.runner.pause("daemon stopping")
+            self.runner.join(STOP_TIMEOUT)
+            if self.runner.is_alive():
+                self.runner.kill()
+                self.runner.join(10)
+        self.control.stop()
+        self._stop_ingest()
+        self.reader.close()
+        self.db.close()
+        log.info("daemon_stopped")
+
+    # -- the main loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_snapshot = last_decide = 0.0
+        while True:
+            if self._signals & {signal.SIGTERM, signal.SIGINT}:
+                log.info("daemon_stopping", signal=sorted(signal.Signals(s).name for s in self._signals))
+                return
+            if signal.SIGHUP in self._signals:
+                self._signals.discard(signal.SIGHUP)
+                self.reload()
+            self._run_actions()
+            self._reap_job()
+            now = time.monotonic()
+            if self._decide_now or now - last_decide >= DECIDE_EVERY:
+                self._decide_now = False
+                last_decide = now
+                try:
+                    self._schedule_step()
+                except Exception:
+                    log.exception("schedule_step_failed")
+            if now - last_snapshot >= SNAPSHOT_EVERY:
+                last_snapshot = now
+                try:
+                    self._refresh_snapshot()
+                except Exception:
+                    log.exception("status_refresh_failed")
+            self.notifier.ping()
+            time.sleep(TICK)
+
+    def _run_actions(self) -> None:
+        while True:
+            try:
+                fn, future = self._actions.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+
+    def _call(self, fn, timeout: float = 30.0):
+        """Run ``fn`` in the main loop (from a control thread) and return its result."""
+        future: Future = Future()
+        self._actions.put((fn, future))
+        return future.result(timeout)
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def _schedule_step(self) -> None:
+        s = self.settings.schedule
+        now = datetime.now(timezone.utc)
+        window = self.schedule.open_window(now)
+        queued, paused = self.jobs.waiting()
+        running = self.runner.info() if self.runner is not None and self.runner.is_alive() else None
+        new = self._snapshot.get("buffer", {}).get("new_examples", 0)
+        busy = gpu_busy(s.gpu_busy_percent) if running is None and (queued or paused or window) else None
+        d = decide(window_open=window is not None, running=running, queued=queued, paused=paused,
+                   scheduling_paused=self.scheduling_paused, new_examples=new,
+                   min_new_examples=s.min_new_examples, gpu_busy=busy, now_ts=time.time(),
+                   backoff_until=self.backoff_until)
+        if d.reason != self.last_decision and d.action == "wait":
+            log.debug("schedule_waited", reason=d.reason)
+        self.last_decision = d.reason
+        if d.action == "pause":
+            if not self.runner.stopping:
+                log.info("job_pausing", job_id=d.job_id, reason=d.reason)
+                self.runner.pause(d.reason)
+        elif d.action in ("start", "resume"):
+            job = self.jobs.get(d.job_id) if d.job_id else self.jobs.create("window")
+            window_end = window[1].timestamp() if window and job["trigger"] == "window" else None
+            self._start_job(job, window_end, d.reason)
+
+    def _start_job(self, job: dict, window_end: float | None, reason: str) -> None:
+        log.info("job_started" if job["state"] == "queued" else "job_resumed", job_id=job["job_id"],
+                 trigger=job["trigger"], reason=reason)
+        self.runner = JobRunner(self.settings, job, window_end=window_end)
+        self.runner.start()
+        self._refresh_snapshot()
+
+    def _reap_job(self) -> None:
+        if self.runner is None or self.runner.is_alive():
+            return
+        runner, self.runner = self.runner, None
+        state = runner.final_state
+        if state == "failed":
+            self.failures += 1
+            delay = backoff_delay(self.failures, self.settings.schedule.backoff_initial,
+                                  self.settings.schedule.backoff_max)
+            self.backoff_until = time.time() + delay
+            log.warning("job_failed", job_id=runner.job_id, reason=runner.reason, backoff_s=delay)
+        elif state in ("promoted", "rejected"):
+            self.failures, self.backoff_until = 0, 0.0
+        self.jobs.set_state("failures", self.failures)
+        self.jobs.set_state("backoff_until", self.backoff_until)
+        self._decide_now = True
+        self._refresh_snapshot()
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def reload(self) -> dict:
+        """Re-read the config file; an invalid one is refused and the old one kept."""
+        self.notifier.reloading()
+        try:
+            new = config_mod.load(self.settings.source_path) if self.settings.source_path else self.settings
+        except ConfigError as e:
+            log.error("config_reload_refused", error=str(e))
+            self.notifier.status(f"config reload refused: {e}"[:200])
+            self.notifier.notify("READY=1")
+            return protocol.error(f"config reload refused, old config kept: {e}")
+        old = self.settings
+        restart_needed = [k for k, a, b in (
+            ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
+            ("daemon.socket", old.daemon.socket_path, new.daemon.socket_path),
+            ("buffer.path", old.buffer_path, new.buffer_path)) if a != b]
+        if restart_needed:
+            log.warning("config_reload_partial", restart_needed=restart_needed)
+            new = _keep_location(new, old)
+        self.settings = new
+        self.schedule = _schedule(new)
+        self.control.access = Access(new.daemon.allowed_uids, new.daemon.allowed_group)
+        if new.store != old.store or new.buffer != old.buffer or new.schedule.reconcile_interval != old.schedule.reconcile_interval \
+                or new.schedule.debounce_seconds != old.schedule.debounce_seconds:
+            self._stop_ingest()
+            self._start_ingest()
+        if new.logging != old.logging:
+            from lorad import log as log_mod
+
+            log_mod.configure(new.logging.level, new.logging.format)
+        self.reloads += 1
+        self._decide_now = True
+        log.info("config_reloaded", path=str(new.source_path), restart_needed=restart_needed)
+        self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        return {"ok": True, "reloaded": str(new.source_path), "restart_needed": restart_needed}
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def _after_ingest(self, report) -> None:
+        """In the ingest thread, after a batch changed the buffer: keep the examples current."""
+        try:
+            from lorad.buffer import examples
+        except ImportError:
+            return
+        examples.refresh(self.ingest.buffer, self.settings.selection)
+
+    def _refresh_snapshot(self) -> None:
+        from lorad.daemon import views
+
+        counts = views.buffer_counts(self.reader, self.settings.state_dir)
+        now = datetime.now(timezone.utc)
+        nxt = self.schedule.next_window(now)
+        running = self.runner.info() if self.runner is not None else None
+        if running is None:
+            state = "idle" if not self.scheduling_paused else "paused"
+        else:
+            state = running["state"]
+        snapshot = {
+            "state": state,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "active_version": views.active_version(self.settings.state_dir),
+            "buffer": counts,
+            "job": running,
+            "scheduling_paused": self.scheduling_paused,
+            "next_window": {"start": nxt[0].isoformat(), "end": nxt[1].isoformat(),
+                            "open": nxt[0] <= now} if nxt else None,
+            "schedule": {"windows": list(self.settings.schedule.windows),
+                         "min_new_examples": self.settings.schedule.min_new_examples,
+                         "decision": self.last_decision,
+                         "backoff_until": self.backoff_until or None, "failures": self.failures},
+            "ingest": {"last": self.ingest.last_ingest or None, "watch_events": self.watcher.events,
+                       "last_reconcile_age_s": round(time.monotonic() - self.ingest.last_reconcile, 1)},
+            "config": str(self.settings.source_path) if self.settings.source_path else None,
+            "reloads": self.reloads,
+            "torch_loaded": "torch" in sys.modules,
+        }
+        with self._snap_lock:
+            self._snapshot = snapshot
+        line = self._status_line()
+        if line != self._last_status_line:
+            self._last_status_line = line
+            self.notifier.status(line)
+
+    def _status_line(self) -> str:
+        snap = self._snapshot
+        job = snap.get("job")
+        if job:
+            p = job.get("progress") or {}
+            step = f" step {p.get('step')}/{p.get('total_steps')}" if p.get("total_steps") else ""
+            return f"job {job['job_id']} {job['state']}{step}"
+        b = snap.get("buffer", {})
+        return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('new_examples', 0)} new examples"
+
+    def status(self) -> dict:
+        with self._snap_lock:
+            snap = dict(self._snapshot)
+        if self.runner is not None:
+            snap["job"] = self.runner.info()  # live progress, from memory
+        return {"ok": True, **snap}
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _handle(self, request: dict, peer: Peer) -> dict:
+        command = request["command"]
+        if command == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if command == "status":
+            return self.status()
+        if command in ("jobs", "job", "history"):
+            from lorad.daemon import views
+
+            with Buffer(self.settings.buffer_path, readonly=True) as ro:
+                if command == "jobs":
+                    return {"ok": True, "jobs": JobStore(ro.conn).list(int(request.get("limit", 20)))}
+                if command == "history":
+                    return {"ok": True, **views.history(self.settings, ro)}
+                try:
+                    job = JobStore(ro.conn).get(str(request.get("job_id")))
+                except JobNotFound as e:
+                    return protocol.error(str(e))
+                if self.runner is not None and self.runner.job_id == job["job_id"]:
+                    job.update(self.runner.info())
+                job["events"] = JobStore(ro.conn).events(job["job_id"])
+                return {"ok": True, "job": job}
+        if command == "feedback":
+            return self._feedback(request)
+        log.info("control_command_received", command=command, uid=peer.uid)
+        return self._call(lambda: self._act(command, request))
+
+    def _act(self, command: str, request: dict) -> dict:
+        """State-changing commands, in the main loop."""
+        if command == "train_now":
+            job = self.jobs.create("manual")
+            self._decide_now = True
+            log.info("job_queued", job_id=job["job_id"], trigger="manual")
+            return {"ok": True, "job": job}
+        if command == "cancel":
+            job_id = str(request.get("job_id"))
+            try:
+                job = self.jobs.get(job_id)
+            except JobNotFound as e:
+                return protocol.error(str(e))
+            if self.runner is not None and self.runner.job_id == job_id and self.runner.is_alive():
+                self.runner.cancel("cancelled by request")
+                return {"ok": True, "job_id": job_id, "state": "cancelling"}
+            if job["state"] in FINAL:
+                return protocol.error(f"job {job_id} already ended ({job['state']})")
+            self.jobs.transition(job_id, "cancelled", "cancelled by request")
+            log.info("job_cancelled", job_id=job_id)
+            return {"ok": True, "job_id": job_id, "state": "cancelled"}
+        if command in ("pause", "resume"):
+            self.scheduling_paused = command == "pause"
+            self.jobs.set_state("scheduling_paused", self.scheduling_paused)
+            self._decide_now = True
+            log.info("scheduling_paused" if self.scheduling_paused else "scheduling_resumed")
+            self._refresh_snapshot()
+            return {"ok": True, "scheduling_paused": self.scheduling_paused}
+        if command == "reload":
+            return self.reload()
+        if command in ("promote", "rollback"):
+            from lorad.daemon import views
+
+            if self.runner is not None and self.runner.is_alive() and self.runner.state == "evaluating":
+                return protocol.error("a job is concluding; try again in a moment")
+            result = views.change_version(self.settings, command, request.get("version"))
+            self._refresh_snapshot()
+            return result
+        return protocol.error(f"unknown command {command!r}")  # pragma: no cover - protocol checks
+
+    def _feedback(self, request: dict) -> dict:
+        from lorad.daemon import views
+
+        record = request.get("record")
+        if not isinstance(record, dict):
+            return protocol.error('feedback needs a "record" object')
+        def task(buffer):
+            response = views.write_feedback(buffer, record)
+            self._after_ingest(None)
+            return response
+
+        future = self.ingest.submit(task)
+        try:
+            return future.result(30)  # acknowledged only after the commit
+        except views.FeedbackRejected as e:
+            return protocol.error(str(e))
+
+
+def _schedule(settings: Settings) -> Schedule:
+    s = settings.schedule
+    return Schedule(s.windows, s.timezone, s.weekdays)
+
+
+def _keep_location(new: Settings, old: Settings) -> Settings:
+    import dataclasses
+
+    daemon = dataclasses.replace(new.daemon, state_dir=old.daemon.state_dir, socket=str(old.daemon.socket_path))
+    buffer = dataclasses.replace(new.buffer, path=str(old.buffer_path))
+    return dataclasses.replace(new, daemon=daemon, buffer=buffer)
+
+
+def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM; the exit code for the process."""
+    return Service(settings).run()
