@@ -1,0 +1,128 @@
+"""Model and adapter setup, and the trl trainers (SFT, DPO, KTO). Imported by the worker only.
+
+One code path for every device: on the CPU fp32 and nothing else; on CUDA bf16 where the
+device supports it (fp16 otherwise), gradient checkpointing, and 4-bit QLoRA when asked
+(``quantization = "4bit"``, or "auto") and bitsandbytes is importable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Columns each method's trainer reads; everything else in a row (metadata, ids) is dropped.
+COLUMNS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected"),
+           "kto": ("prompt", "completion", "label")}
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: str  # "float32", "bfloat16", "float16" or "4bit"
+    bf16: bool
+    fp16: bool
+    gradient_checkpointing: bool
+    use_cpu: bool
+
+
+def precision(device_kind: str, dtype: str, gradient_checkpointing: bool) -> Precision:
+    cuda = device_kind == "cuda"
+    return Precision(dtype, bf16=cuda and dtype in ("bfloat16", "4bit"), fp16=cuda and dtype == "float16",
+                     gradient_checkpointing=cuda and gradient_checkpointing, use_cpu=not cuda)
+
+
+def load_model(model_dir: str, prec: Precision, *, local_files_only: bool = True):
+    """The base model and its tokenizer (which must carry a chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=local_files_only)
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer of {model_dir} has no chat template; lorad formats every "
+                         f"example with the model's own template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict = {"local_files_only": local_files_only}
+    if prec.dtype == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        kwargs["dtype"] = getattr(torch, prec.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if prec.dtype == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=prec.gradient_checkpointing)
+    return model, tokenizer
+
+
+def attach_adapter(model, *, r: int, alpha: int, dropout: float, target_modules,
+                   parent_adapter: str | None = None):
+    """A PeftModel: warm-started from ``parent_adapter`` (trainable), or a fresh LoRA.
+
+    A fresh adapter's B matrices are zero, so before any step it changes nothing.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if parent_adapter:
+        return PeftModel.from_pretrained(model, parent_adapter, is_trainable=True)
+    targets = list(target_modules)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM", bias="none",
+        target_modules="all-linear" if targets == ["all-linear"] else targets)
+    return get_peft_model(model, config)
+
+
+def dataset(rows: list[dict], method: str):
+    """A datasets.Dataset with only the columns the method's trainer reads."""
+    from datasets import Dataset
+
+    columns = COLUMNS[method]
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"training rows lack {missing} needed by method {method!r} "
+                         f"(the rows have {sorted(rows[0])})")
+    return Dataset.from_list([{c: r[c] for c in columns} for r in rows])
+
+
+def training_arguments(method: str, *, output_dir: str, prec: Precision, learning_rate: float,
+                       max_steps: int, epochs: float, batch_size: int, grad_accum: int,
+                       max_seq_length: int, save_steps: int, seed: int, packing: bool = False,
+                       padding_free: bool = False):
+    """The trl config for ``method``; checkpoints go to ``output_dir`` every ``save_steps``.
+
+    Logging every step (NaN filter off) is what lets the worker see a NaN loss at the step it
+    happens and stream progress.
+    """
+    from trl import DPOConfig, KTOConfig, SFTConfig
+
+    common = dict(
+        output_dir=output_dir, learning_rate=learning_rate, max_steps=max_steps or -1,
+        num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, save_strategy="steps", save_steps=save_steps,
+        save_total_limit=None, logging_steps=1, logging_nan_inf_filter=False, report_to=[],
+        seed=seed, data_seed=seed, disable_tqdm=True, bf16=prec.bf16, fp16=prec.fp16,
+        use_cpu=prec.use_cpu, gradient_checkpointing=prec.gradient_checkpointing,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        max_length=max_seq_length, dataset_num_proc=None, remove_unused_columns=True,
+        ddp_find_unused_parameters=False)
+    if method == "sft":
+        return SFTConfig(**common, packing=packing, padding_free=padding_free or packing,
+                         completion_only_loss=True)
+    if method == "dpo":
+        return DPOConfig(**common)
+    if method == "kto":
+        return KTOConfig(**common)
+    raise ValueError(f"unknown training method {method!r} (expected sft, dpo or kto)")
+
+
+def trainer(method: str, model, tokenizer, train_dataset, args, callbacks):
+    """The trl trainer for ``method``; for DPO and KTO the reference is the model with its
+    adapter disabled (peft), so no second copy of the base is loaded."""
+    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+    cls = {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[method]
+    return cls(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+               callbacks=callbacks)

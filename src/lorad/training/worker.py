@@ -1,0 +1,435 @@
+"""The training worker: ``python -m lorad.training.worker JOB_DIR``.
+
+Reads the job directory the parent wrote (see :mod:`lorad.training.job`), then, top to bottom:
+
+1. setup: resolve the base model (converting a GGUF once), check the learning rate and the
+   memory estimate before any step, load the model, attach a fresh or warm-started LoRA;
+2. train: a trl trainer with a callback that streams progress.jsonl, stops with the reason on
+   a NaN/Inf loss, and on SIGTERM or the end of the window finishes the step, checkpoints and
+   stops (exit 75); SIGINT cancels (exit 76). A new worker on the same directory resumes from
+   the last complete checkpoint (optimizer, scheduler and RNG state included);
+3. save: health check (finite logits on a held-out batch), the adapter with a sha256 manifest;
+4. evaluate: held-out metrics of the candidate beside the active adapter (or the bare base);
+5. result.json, and the exit code.
+
+Signal handlers only set flags; the training callback acts on them at the next step end.
+Under ``accelerate launch`` every rank trains; rank 0 alone writes progress, checkpoints'
+markers, the adapter, the metrics and the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from lorad.training import job as jobfile
+from lorad.training.job import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, STATUS_BY_EXIT
+
+STAGING = ".staging"
+CHECKPOINT_MARKER = "lorad-checkpoint.json"
+KEEP_CHECKPOINTS = 2
+
+
+class JobFailed(Exception):
+    "The job cannot succeed; the message is the reason written to result.json."
+
+
+class Flags:
+    """Set by signal handlers, read by the training callback at step ends."""
+
+    def __init__(self):
+        self.stop: str | None = None  # "pause" or "cancel"
+        self.reason = ""
+
+    def on_sigterm(self, signum, frame):
+        self.stop, self.reason = "pause", "paused on SIGTERM"
+
+    def on_sigint(self, signum, frame):
+        self.stop, self.reason = "cancel", "cancelled on SIGINT"
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def complete_checkpoints(job_dir) -> list[Path]:
+    """Checkpoints a resume may trust, oldest first: ``checkpoints/step-N`` with the marker.
+
+    A directory is only ever renamed to step-N after every file in it was fsynced and the
+    marker written, so a worker killed at any moment leaves either a complete checkpoint or
+    a staging directory that is never looked at.
+    """
+    root = Path(job_dir) / jobfile.CHECKPOINTS_DIR
+    found = []
+    for d in root.glob("step-*") if root.is_dir() else ():
+        try:
+            step = int(d.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if (d / CHECKPOINT_MARKER).is_file():
+            found.append((step, d))
+    return [d for _, d in sorted(found)]
+
+
+def _fsync_tree(root) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        jobfile.fsync_dir(dirpath)
+
+
+def publish_checkpoint(staged: Path, job_dir: Path, step: int) -> Path:
+    """Make a checkpoint the Trainer wrote in staging complete: fsync, marker, rename."""
+    (staged / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "ts": time.time()}) + "\n")
+    _fsync_tree(staged)
+    final = job_dir / jobfile.CHECKPOINTS_DIR / f"step-{step}"
+    if final.exists():  # a stale one from before a resume at an earlier step
+        shutil.rmtree(final)
+    os.rename(staged, final)
+    jobfile.fsync_dir(final.parent)
+    for old in complete_checkpoints(job_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# -- progress and result -----------------------------------------------------------------------
+
+
+class Progress:
+    """Appends one JSON line per record to progress.jsonl (flushed; rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, **record) -> None:
+        if self.file is None:
+            return
+        record.setdefault("ts", time.time())
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _peak_memory_bytes() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated())
+    except Exception:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_manifest(adapter_dir: Path, extra: dict) -> dict:
+    files = {}
+    for p in sorted(adapter_dir.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            files[str(p.relative_to(adapter_dir))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    manifest = {"files": files} | extra
+    (adapter_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def save_adapter(model, tokenizer, job_dir: Path, extra: dict) -> Path:
+    """adapter/ with adapter_config.json, adapter_model.safetensors and manifest.json (sha256),
+    appearing whole or not at all."""
+    final = job_dir / jobfile.ADAPTER_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=job_dir))
+    os.chmod(tmp, 0o755)
+    model.save_pretrained(tmp, safe_serialization=True)
+    write_manifest(tmp, extra)
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    jobfile.fsync_dir(job_dir)
+    return final
+
+
+# -- the training callback ---------------------------------------------------------------------
+
+
+def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: float | None,
+                  is_main: bool):
+    from transformers import TrainerCallback
+
+    class Control(TrainerCallback):
+        """Progress lines, NaN/Inf detection, pause/cancel at step ends, checkpoint publishing."""
+
+        def __init__(self):
+            self.failure: str | None = None
+            self.stopped: str | None = None  # "pause" or "cancel"
+            self.reason = ""
+            self.final_loss: float | None = None
+            self.t0 = time.monotonic()
+            self.step0: int | None = None
+            self.tokens0 = 0
+            self.losses: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.monotonic()
+            self.step0 = state.global_step
+            self.tokens0 = state.num_input_tokens_seen
+            progress.write(stage="training", step=state.global_step, total_steps=state.max_steps,
+                           loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
+                           resumed=state.global_step > 0)
+
+        def on_step_end(self, args, state, control, **kw):
+            if flags.stop is None and window_end is not None and time.time() >= window_end:
+                flags.stop, flags.reason = "pause", "paused at the end of the training window"
+            if flags.stop is not None and self.stopped is None:
+                self.stopped, self.reason = flags.stop, flags.reason
+                control.should_training_stop = True
+                # Why save on cancel too: it costs one checkpoint and lets an operator resume.
+                control.should_save = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs:
+                return control
+            loss = float(logs["loss"])
+            grad = logs.get("grad_norm")
+            if not math.isfinite(loss) or (grad is not None and not math.isfinite(float(grad))):
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                value = loss if what == "loss" else float(grad)
+                self.failure = f"{what} became {value} at step {state.global_step}"
+                control.should_training_stop = True
+                control.should_save = False  # never checkpoint a diverged state
+                return control
+            self.final_loss = loss
+            self.losses.append(loss)
+            elapsed = max(time.monotonic() - self.t0, 1e-9)
+            done = state.global_step - (self.step0 or 0)
+            tokens = state.num_input_tokens_seen - self.tokens0
+            eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+            progress.write(stage="training", step=state.global_step, total_steps=state.max_steps,
+                           loss=loss, learning_rate=logs.get("learning_rate"),
+                           tokens_per_s=tokens / elapsed, eta_s=eta,
+                           tokens=state.num_input_tokens_seen)
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            _barrier()  # every rank has written its RNG state into the staged directory
+            if is_main and staged.is_dir():
+                publish_checkpoint(staged, job_dir, state.global_step)
+                progress.write(stage="checkpointed", step=state.global_step,
+                               total_steps=state.max_steps)
+            _barrier()
+            return control
+
+    return Control()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def run(job_dir) -> int:
+    """Run the job in ``job_dir`` to an outcome; returns the exit code (result.json says why)."""
+    job_dir = Path(job_dir)
+    spec = jobfile.read_job(job_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    is_main = rank == 0
+    flags = Flags()
+    signal.signal(signal.SIGTERM, flags.on_sigterm)
+    signal.signal(signal.SIGINT, flags.on_sigint)
+    progress = Progress(job_dir / jobfile.PROGRESS_FILE, is_main)
+    started = time.time()
+    result: dict = {"job_id": spec.job_id, "method": spec.method, "adapter": None, "final_loss": None,
+                    "steps": 0, "total_steps": None, "tokens": 0, "metrics": None, "error": None}
+    try:
+        code = _run(spec, job_dir, flags, progress, result, is_main)
+    except JobFailed as e:
+        code, result["error"] = EXIT_FAILED, str(e)
+    except Exception as e:  # the worker always reports; the parent decides what next
+        code = EXIT_FAILED
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc(limit=20)
+    result["status"] = STATUS_BY_EXIT[code]
+    result["reason"] = result.get("reason") or result["error"] or result["status"]
+    result["wall_seconds"] = time.time() - started
+    result["peak_memory_bytes"] = _peak_memory_bytes()
+    if is_main:
+        progress.write(stage=result["status"], step=result["steps"], total_steps=result["total_steps"],
+                       reason=result["reason"])
+        jobfile.write_result(job_dir, result)
+    progress.close()
+    return code
+
+
+def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is_main: bool) -> int:
+    import torch
+
+    from lorad.evaluation.health import check_finite_logits
+    from lorad.training import lora, resources
+    from lorad.training.base_model import BaseModelError, resolve
+
+    # -- setup: everything that can refuse the run comes before the first step
+    progress.write(stage="preparing", step=0, total_steps=None)
+    try:
+        resources.check_learning_rate(spec.learning_rate)
+    except resources.ResourceError as e:
+        raise JobFailed(str(e)) from None
+    if spec.method not in lora.COLUMNS:
+        raise JobFailed(f"unknown training method {spec.method!r} (expected sft, dpo or kto)")
+    try:
+        model_dir = resolve(spec.base_model, spec.state_dir, offline=spec.offline) if is_main else None
+    except BaseModelError as e:
+        raise JobFailed(str(e)) from None
+    model_dir = _broadcast(model_dir)  # rank 0 converts a GGUF; the others wait and reuse it
+    device = resources.detect_device()
+    dtype = resources.training_dtype(device, spec.quantization)
+    if spec.quantization == "4bit" and dtype != "4bit":
+        raise JobFailed("quantization = \"4bit\" needs CUDA and bitsandbytes; use \"auto\" or \"none\"")
+    prec = lora.precision(device.kind, dtype, spec.gradient_checkpointing)
+    shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules,
+                                  local_files_only=spec.offline)
+    try:
+        estimate = resources.check_fits(
+            shape, device, batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
+            gradient_checkpointing=prec.gradient_checkpointing, headroom=spec.memory_headroom)
+    except resources.ResourceError as e:
+        raise JobFailed(str(e)) from None
+    result["memory_estimate"] = estimate.as_dict()
+    result["device"] = device.kind
+    result["base_model"] = model_dir
+
+    train_rows = jobfile.read_jsonl(job_dir / jobfile.TRAIN_FILE)
+    heldout_rows = jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE)
+    if not train_rows:
+        raise JobFailed("the training set is empty")
+    torch.manual_seed(spec.seed)
+    model, tokenizer = lora.load_model(model_dir, prec, local_files_only=spec.offline)
+    model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                                target_modules=spec.target_modules, parent_adapter=spec.parent_adapter)
+    train_dataset = lora.dataset(train_rows, spec.method)
+
+    # -- train (resuming from the last complete checkpoint when there is one)
+    staging = job_dir / jobfile.CHECKPOINTS_DIR / STAGING
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)  # a killed save leaves only this behind
+        staging.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    args = lora.training_arguments(
+        spec.method, output_dir=str(staging), prec=prec, learning_rate=spec.learning_rate,
+        max_steps=spec.max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
+        grad_accum=spec.grad_accum, max_seq_length=spec.max_seq_length, save_steps=spec.save_steps,
+        seed=spec.seed, packing=spec.packing)
+    callback = make_callback(flags, progress, job_dir, spec.window_end, is_main)
+    trainer = lora.trainer(spec.method, model, tokenizer, train_dataset, args, [callback])
+    checkpoints = complete_checkpoints(job_dir)
+    resume = str(checkpoints[-1]) if checkpoints else None
+    result["resumed_from"] = resume
+    t0 = time.monotonic()
+    trainer.train(resume_from_checkpoint=resume)
+    result["train_seconds"] = time.monotonic() - t0
+    state = trainer.state
+    result.update(steps=state.global_step, total_steps=state.max_steps, tokens=state.num_input_tokens_seen,
+                  final_loss=callback.final_loss,
+                  tokens_per_s=(state.num_input_tokens_seen - callback.tokens0) / max(result["train_seconds"], 1e-9))
+    if callback.failure:
+        raise JobFailed(callback.failure)
+    if callback.stopped == "pause":
+        result["reason"] = callback.reason
+        return EXIT_PAUSED
+    if callback.stopped == "cancel":
+        result["reason"] = callback.reason
+        return EXIT_CANCELLED
+    if not is_main:
+        return EXIT_OK
+
+    # -- save: only a healthy adapter is written
+    model = trainer.model
+    health = check_finite_logits(model, tokenizer, heldout_rows or train_rows,
+                                 batch_size=spec.eval_batch_size, max_seq_length=spec.max_seq_length)
+    result["health"] = {"ok": health.ok, "reason": health.reason}
+    if not health.ok:
+        raise JobFailed(f"health check failed: {health.reason}")
+    progress.write(stage="saving", step=state.global_step, total_steps=state.max_steps)
+    adapter_dir = save_adapter(model, tokenizer, job_dir, {
+        "base_model": spec.base_model, "base_model_path": model_dir, "method": spec.method,
+        "steps": state.global_step, "final_loss": callback.final_loss, "job_id": spec.job_id,
+        "parent_adapter": spec.parent_adapter})
+    result["adapter"] = str(adapter_dir)
+
+    # -- evaluate the candidate beside what serves now, on the same held-out rows
+    if spec.evaluate and heldout_rows:
+        progress.write(stage="evaluating", step=state.global_step, total_steps=state.max_steps)
+        result["metrics"] = evaluate(model, tokenizer, heldout_rows, spec)
+    return EXIT_OK
+
+
+def evaluate(model, tokenizer, heldout_rows: list[dict], spec) -> dict:
+    """Metrics by label: "candidate", "active" (the reference adapter, or the bare base when
+    there is none) and, when set, "previous"."""
+    from lorad.evaluation.metrics import evaluate as score
+
+    adapters: dict[str, str | None] = {"candidate": model.active_adapter}
+    for label, path in (("active", spec.reference_adapter), ("previous", spec.previous_adapter)):
+        if label == "previous" and not path:
+            continue
+        if path:
+            model.load_adapter(path, adapter_name=label)
+        adapters[label] = label if path else None
+    return score(model, tokenizer, heldout_rows, adapters=adapters, batch_size=spec.eval_batch_size,
+                 max_seq_length=spec.max_seq_length, guard_command=list(spec.guard_command),
+                 generation_samples=spec.generation_samples, guard_timeout=spec.guard_timeout,
+                 max_new_tokens=spec.max_new_tokens)
+
+
+def _broadcast(value):
+    """Rank 0's value on every rank (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+            from accelerate import PartialState
+
+            PartialState()  # initialises the process group from the launcher's environment
+        else:
+            return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m lorad.training.worker JOB_DIR", file=sys.stderr)
+        return 2
+    try:
+        return run(argv[0])
+    except jobfile.JobError as e:
+        print(f"lorad worker: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
