@@ -225,6 +225,8 @@ class Buffer:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: index inserts stay in memory
+            conn.execute("PRAGMA temp_store = MEMORY")
             self.conn = conn
             self.db = sqlite_utils.Database(conn)
             if not readonly:
@@ -314,10 +316,12 @@ class Buffer:
                     f"WHERE artifacts.content_hash != excluded.content_hash",
                     [tuple(row[c] for c in ARTIFACT_COLUMNS) + (now, now) for row in batch.artifacts],
                 )
-                conn.executemany(
-                    "DELETE FROM quarantine WHERE source = ? AND locator = ?",
-                    [(row["source"], row["locator"]) for row in batch.artifacts],
-                )
+                if conn.execute("SELECT 1 FROM quarantine WHERE source = ? LIMIT 1", (batch.source,)).fetchone():
+                    # A file that parses now leaves quarantine.
+                    conn.executemany(
+                        "DELETE FROM quarantine WHERE source = ? AND locator = ?",
+                        [(row["source"], row["locator"]) for row in batch.artifacts],
+                    )
             if batch.quarantined:
                 conn.executemany(
                     "INSERT INTO quarantine (source, locator, reason, content_hash, size, first_seen, last_seen) "
@@ -426,3 +430,4 @@ class Batch:
 
     def __len__(self):
         return len(self.artifacts) + len(self.quarantined) + len(self.signatures)
+

@@ -127,40 +127,52 @@ def _chain(ordered: list[dict]) -> Chain:
 
 
 _LINK_COLUMNS = ("id", "source", "locator", "artifact_id", "workflow_id", "action_pair_id",
-                 "previous_attempt_id", "attempt_number", "status", "created_ts", "specification")
+                 "previous_attempt_id", "attempt_number", "status", "created_ts", "specification", "chain_id")
 
 
 def relink(conn, groups: Iterable[tuple[str, str, str]], now: float) -> None:
-    """Recompute the chains of the given groups and store them (inside the caller's transaction)."""
+    """Recompute the chains of the given groups and store them (inside the caller's transaction).
+
+    One read of every affected group and three batched writes, whatever the number of groups:
+    this runs inside every ingest batch.
+    """
+    groups = set(groups)
+    workflows: dict[str, set[str]] = defaultdict(set)
+    for source, workflow_id, _ in groups:
+        workflows[source].add(workflow_id)
+    members: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     cols = ", ".join(_LINK_COLUMNS)
-    for source, workflow_id, action_pair_id in groups:
-        rows = [
-            dict(zip(_LINK_COLUMNS, r))
-            for r in conn.execute(
-                f"SELECT {cols} FROM artifacts WHERE source = ? AND workflow_id = ? AND action_pair_id = ?",
-                (source, workflow_id, action_pair_id),
+    for source, ids in workflows.items():
+        ids = sorted(ids)
+        for i in range(0, len(ids), 900):
+            chunk = ids[i:i + 900]
+            cur = conn.execute(
+                f"SELECT {cols} FROM artifacts WHERE source = ? AND workflow_id IN ({', '.join('?' * len(chunk))})",
+                (source, *chunk),
             )
-        ]
-        conn.execute(
-            "DELETE FROM chains WHERE source = ? AND workflow_id = ? AND action_pair_id = ?",
-            (source, workflow_id, action_pair_id),
-        )
+            for values in cur:
+                row = dict(zip(_LINK_COLUMNS, values))
+                key = (source, row["workflow_id"], row["action_pair_id"])
+                if key in groups:
+                    members[key].append(row)
+    moved, chains = [], []
+    for (source, workflow_id, action_pair_id), rows in members.items():
         for chain in link(rows):
-            conn.executemany(
-                "UPDATE artifacts SET chain_id = ? WHERE id = ?",
-                [(chain.chain_id, r["id"]) for r in chain.rows],
-            )
-            conn.execute(
-                "INSERT INTO chains (chain_id, source, workflow_id, action_pair_id, attempts, rejected, "
-                "accepted_id, outcome, specification, first_ts, last_ts, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    chain.chain_id, source, workflow_id, action_pair_id, len(chain.rows), chain.retries,
-                    chain.accepted["id"] if chain.accepted else None, chain.outcome, chain.specification,
-                    min((r["created_ts"] or 0.0) for r in chain.rows),
-                    max((r["created_ts"] or 0.0) for r in chain.rows), now,
-                ),
-            )
+            moved.extend((chain.chain_id, r["id"]) for r in chain.rows if r["chain_id"] != chain.chain_id)
+            stamps = [r["created_ts"] or 0.0 for r in chain.rows]
+            chains.append((
+                chain.chain_id, source, workflow_id, action_pair_id, len(chain.rows), chain.retries,
+                chain.accepted["id"] if chain.accepted else None, chain.outcome, chain.specification,
+                min(stamps), max(stamps), now,
+            ))
+    conn.executemany("DELETE FROM chains WHERE source = ? AND workflow_id = ? AND action_pair_id = ?", groups)
+    conn.executemany("UPDATE artifacts SET chain_id = ? WHERE id = ?", moved)
+    conn.executemany(
+        "INSERT INTO chains (chain_id, source, workflow_id, action_pair_id, attempts, rejected, "
+        "accepted_id, outcome, specification, first_ts, last_ts, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        chains,
+    )
 
 
 # -- what an example is made of ------------------------------------------------------------------

@@ -92,8 +92,15 @@ def text(obj: dict, key: str, *, required: bool = False, default: str | None = N
     return value
 
 
+_EMPTY = {list: "[]", dict: "{}"}
+
+
 def json_text(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if value is None:
+        return None
+    if not value and type(value) in _EMPTY:
+        return _EMPTY[type(value)]
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _kind(value: Any) -> str:
