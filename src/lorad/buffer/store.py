@@ -431,3 +431,6 @@ class Batch:
     def __len__(self):
         return len(self.artifacts) + len(self.quarantined) + len(self.signatures)
 
+
+
+from lorad.buffer import examples as _examples  # noqa: E402,F401  (registers 0002_examples)

@@ -1,0 +1,147 @@
+"""Duplicate examples: exact (normalised hash) and near (MinHash with LSH banding).
+
+An example's text is its specification and the answer it teaches. Two examples whose
+normalised texts are equal are exact duplicates; two whose MinHash signatures estimate a
+Jaccard similarity (over word 3-grams) at or above the threshold are near-duplicates. Of a
+group, the most recent is kept.
+
+LSH banding finds the candidates: a signature of ``num_perm`` values is cut into ``bands``
+bands of ``rows`` values; examples that agree on a whole band become candidates, and only
+those are compared. The band keys are plain integers, so the buffer keeps them in an indexed
+table and a new example is checked against millions without loading them.
+
+:func:`dedup` is the pure batch form (used by tests and as the reference); the incremental
+form over the buffer lives in :mod:`lorad.buffer.examples`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+NUM_PERM = 64
+SHINGLE = 3
+_WORD = re.compile(r"\w+|[^\w\s]")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """Whitespace runs collapsed to one space, ends stripped."""
+    return _SPACE.sub(" ", text).strip()
+
+
+def text_of(specification: str, answer: str) -> str:
+    return f"{specification}\n\n{answer}"
+
+
+def exact_key(text: str, kind: str = "") -> str:
+    """Hash of the normalised text; ``kind`` keeps different sorts of example apart."""
+    return hashlib.blake2b(f"{kind}\0{normalise(text)}".encode("utf-8", "surrogatepass"),
+                           digest_size=16).hexdigest()
+
+
+def shingles(text: str, k: int = SHINGLE) -> set[bytes]:
+    words = _WORD.findall(text.lower())
+    if len(words) < k:
+        return {" ".join(words).encode("utf-8", "surrogatepass")}
+    return {" ".join(words[i:i + k]).encode("utf-8", "surrogatepass") for i in range(len(words) - k + 1)}
+
+
+def signature(text: str, num_perm: int = NUM_PERM) -> bytes:
+    """The MinHash signature of a text, as bytes (num_perm little-endian uint32 values)."""
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=1)
+    m.update_batch(list(shingles(text)))
+    return struct.pack(f"<{num_perm}I", *(int(v) & 0xFFFFFFFF for v in m.hashvalues))
+
+
+def similarity(a: bytes, b: bytes) -> float:
+    """Estimated Jaccard similarity of two signatures (share of equal values)."""
+    n = len(a) // 4
+    va, vb = struct.unpack(f"<{n}I", a), struct.unpack(f"<{n}I", b)
+    return sum(x == y for x, y in zip(va, vb)) / n
+
+
+@lru_cache(maxsize=32)
+def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows) that best separate similarities above and below ``threshold``."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def band_keys(sig: bytes, bands: int, rows: int) -> list[int]:
+    """One signed 64-bit key per band (SQLite INTEGER)."""
+    out = []
+    for b in range(bands):
+        chunk = sig[b * rows * 4:(b + 1) * rows * 4]
+        digest = hashlib.blake2b(chunk, digest_size=8, person=b"lorad-lsh").digest()
+        out.append(int.from_bytes(digest, "little", signed=True))
+    return out
+
+
+@dataclass(frozen=True)
+class Item:
+    """One example as dedup sees it; ``order`` says which is more recent (larger = newer)."""
+
+    key: object
+    text: str
+    order: tuple
+    kind: str = ""
+
+
+@dataclass
+class DedupResult:
+    kept: list  # keys
+    dropped: dict  # key -> (key kept instead, "exact" | "near")
+
+    @property
+    def exact(self) -> int:
+        return sum(1 for _, how in self.dropped.values() if how == "exact")
+
+    @property
+    def near(self) -> int:
+        return sum(1 for _, how in self.dropped.values() if how == "near")
+
+
+def dedup(items: Sequence[Item], threshold: float) -> DedupResult:
+    """Drop exact and near duplicates, keeping the most recent of each group (pure).
+
+    Items are taken newest first; each is kept unless an already kept item is an exact copy
+    (same normalised text and kind) or has an estimated similarity of at least ``threshold``.
+    """
+    bands, rows = lsh_params(threshold)
+    kept: list = []
+    dropped: dict = {}
+    by_hash: dict[str, object] = {}
+    buckets: dict[tuple, list] = {}
+    sigs: dict = {}
+    for item in sorted(items, key=lambda it: it.order, reverse=True):
+        h = exact_key(item.text, item.kind)
+        if h in by_hash:
+            dropped[item.key] = (by_hash[h], "exact")
+            continue
+        sig = signature(item.text)
+        keys = band_keys(sig, bands, rows)
+        twin = None
+        for b, k in enumerate(keys):
+            for other in buckets.get((item.kind, b, k), ()):
+                if similarity(sig, sigs[other]) >= threshold:
+                    twin = other
+                    break
+            if twin is not None:
+                break
+        if twin is not None:
+            dropped[item.key] = (twin, "near")
+            continue
+        kept.append(item.key)
+        by_hash[h] = item.key
+        sigs[item.key] = sig
+        for b, k in enumerate(keys):
+            buckets.setdefault((item.kind, b, k), []).append(item.key)
+    return DedupResult(kept, dropped)

@@ -1,0 +1,508 @@
+"""The examples table: training data materialised from the chains, and dataset snapshots.
+
+:func:`refresh` turns every usable chain into one row of ``examples`` (idempotent; the daemon
+calls it after each ingest). A row carries what filter policies test (outcome, retries,
+origin, action pair, time), a sequence number that only grows (a chain that changes gets a
+new one, so "new since version X" is ``seq > X``), its frozen held-out side and whether it is
+a duplicate of a newer example. Policies are applied when reading, so changing the policy
+needs no rebuild.
+
+:func:`build_snapshot` draws one training set (new examples plus a replayed sample) and the
+held-out set, formatted for the training method; :func:`count_new` tells the scheduler how
+many new training examples arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorad.buffer import dedup, formatting, sampling, split, traces
+from lorad.buffer.store import Buffer, migration
+
+SUCCESSES = ("first_try", "refined")
+# Chains that do not become examples, and why.
+SKIP_OPEN = "open"  # still pending, or nothing decided yet
+SKIP_EMPTY_SPEC = "empty_specification"
+DAY = 86400.0
+
+
+@migration("0002_examples")
+def _examples(db) -> None:
+    db.execute(
+        """
+        CREATE TABLE examples (
+            id INTEGER PRIMARY KEY,
+            seq INTEGER NOT NULL UNIQUE,
+            chain_id TEXT NOT NULL UNIQUE,
+            source TEXT NOT NULL,
+            workflow_id TEXT NOT NULL,
+            action_pair_id TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('first_try','refined','exhausted')),
+            retries INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            origin TEXT NOT NULL,
+            generated_only INTEGER NOT NULL,
+            created_ts REAL NOT NULL,
+            task_key TEXT NOT NULL,
+            answer_key TEXT NOT NULL,
+            text_key TEXT NOT NULL,
+            chain_key TEXT NOT NULL,
+            split TEXT NOT NULL CHECK (split IN ('train','heldout')),
+            duplicate_of INTEGER,
+            duplicate TEXT CHECK (duplicate IN ('exact','near')),
+            minhash BLOB NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX examples_split_seq ON examples (split, seq)")
+    db.execute("CREATE INDEX examples_group ON examples (source, workflow_id, action_pair_id)")
+    db.execute("CREATE INDEX examples_task ON examples (task_key)")
+    db.execute("CREATE INDEX examples_answer ON examples (answer_key)")
+    db.execute("CREATE INDEX examples_text ON examples (text_key)")
+    db.execute("CREATE INDEX examples_duplicate_of ON examples (duplicate_of)")
+    db.execute(
+        "CREATE TABLE example_bands (band INTEGER NOT NULL, key INTEGER NOT NULL, example_id INTEGER NOT NULL, "
+        "PRIMARY KEY (band, key, example_id)) WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX example_bands_example ON example_bands (example_id)")
+    db.execute("CREATE TABLE splits (task_key TEXT PRIMARY KEY, split TEXT NOT NULL) WITHOUT ROWID")
+    db.execute("CREATE TABLE examples_state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+
+
+# -- selection values --------------------------------------------------------------------------
+
+
+def _get(selection: Any, name: str, default: Any) -> Any:
+    if selection is None:
+        return default
+    if isinstance(selection, dict):
+        return selection.get(name, default)
+    return getattr(selection, name, default)
+
+
+def policy_and_context(selection: Any, now: float | None = None, *, policy: str | None = None,
+                       min_retries: int | None = None, since: float | None = None
+                       ) -> tuple[traces.Policy, traces.PolicyContext]:
+    """The parsed policy and its context from [selection] values (explicit arguments win)."""
+    now = time.time() if now is None else now
+    parsed = traces.parse_policy(policy or _get(selection, "policy", "refinement"))
+    if since is None:
+        since = now - _get(selection, "recent_days", 30) * DAY
+    ctx = traces.PolicyContext(
+        min_retries=min_retries if min_retries is not None else _get(selection, "min_retries", 2),
+        since=since, action_pairs=tuple(_get(selection, "action_pairs", ())))
+    return parsed, ctx
+
+
+# -- refresh -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefreshReport:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    duplicates: dict = field(default_factory=lambda: {"exact": 0, "near": 0})  # dropped by this refresh
+    skipped: dict = field(default_factory=dict)  # reason -> chains, over the whole buffer
+    totals: dict = field(default_factory=dict)  # examples, train, heldout, duplicates
+
+    def as_dict(self) -> dict:
+        return {"added": self.added, "updated": self.updated, "removed": self.removed,
+                "unchanged": self.unchanged, "duplicates": self.duplicates, "skipped": self.skipped,
+                "totals": self.totals}
+
+
+def _state(conn, key: str, default: str | None = None) -> str | None:
+    row = conn.execute("SELECT value FROM examples_state WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else default
+
+
+def _set_state(conn, key: str, value: str) -> None:
+    conn.execute("INSERT INTO examples_state (key, value) VALUES (?, ?) "
+                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+
+def chains_of(conn, chain_ids: Iterable[str]) -> dict[str, traces.Chain]:
+    """The chains with these ids, rebuilt from their artifact rows."""
+    ids = list(chain_ids)
+    by_chain: dict[str, list[dict]] = defaultdict(list)
+    for i in range(0, len(ids), 5000):
+        cur = conn.execute("SELECT * FROM artifacts WHERE chain_id IN (SELECT value FROM json_each(?))",
+                           (json.dumps(ids[i:i + 5000]),))
+        names = [d[0] for d in cur.description]
+        for r in cur:
+            row = dict(zip(names, r))
+            by_chain[row["chain_id"]].append(row)
+    out = {}
+    for chain_id, rows in by_chain.items():
+        linked = traces.link(rows)
+        out[chain_id] = next((c for c in linked if c.chain_id == chain_id), linked[0])
+    return out
+
+
+def _chain_key(chain: traces.Chain) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for r in chain.rows:
+        h.update(f"{r['artifact_id']}\0{r['status']}\0{r['content_hash']}\0{r.get('specification')}\n".encode(
+            "utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _why_skipped(chain: traces.Chain) -> str | None:
+    if chain.outcome == traces.OPEN:
+        return SKIP_OPEN
+    if not chain.specification.strip():
+        return SKIP_EMPTY_SPEC
+    return None
+
+
+def skipped_counts(conn) -> dict[str, int]:
+    """Chains that are not examples, by reason, over the whole buffer."""
+    rows = conn.execute(
+        f"SELECT CASE WHEN outcome = 'open' THEN '{SKIP_OPEN}' ELSE '{SKIP_EMPTY_SPEC}' END, count(*) "
+        "FROM chains WHERE outcome = 'open' OR trim(specification) = '' GROUP BY 1").fetchall()
+    return dict(rows)
+
+
+def counts(buffer: Buffer) -> dict[str, int]:
+    """Headline counts for status displays: examples, train, heldout, duplicates."""
+    return totals(buffer.conn)
+
+
+def totals(conn) -> dict[str, int]:
+    out = {"examples": 0, "train": 0, "heldout": 0, "duplicates": 0}
+    for split_name, dup, n in conn.execute(
+            "SELECT split, duplicate_of IS NOT NULL, count(*) FROM examples GROUP BY 1, 2"):
+        out["examples"] += n
+        if dup:
+            out["duplicates"] += n
+        else:
+            out[split_name] += n
+    return out
+
+
+def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> RefreshReport:
+    """Bring the examples table up to date with the chains (idempotent, one transaction).
+
+    Args:
+        selection: [selection] values (the dataclass, a dict or any object with the
+            attributes): heldout_fraction, seed and dedup_similarity are used here; the
+            policy values are remembered for :func:`count_new`.
+        now: the time recorded on changed rows (a parameter for tests).
+    """
+    now = time.time() if now is None else now
+    fraction = _get(selection, "heldout_fraction", 0.15)
+    seed = _get(selection, "seed", 0)
+    threshold = _get(selection, "dedup_similarity", 0.9)
+    bands, rows_per_band = dedup.lsh_params(threshold)
+    report = RefreshReport()
+    with buffer.transaction() as conn:
+        lsh = f"{threshold}:{bands}x{rows_per_band}"
+        rebuild = _state(conn, "lsh") != lsh
+        if rebuild:
+            _set_state(conn, "lsh", lsh)
+        _set_state(conn, "selection", json.dumps({
+            k: _get(selection, k, d) for k, d in (("policy", "refinement"), ("min_retries", 2),
+                                                  ("recent_days", 30), ("action_pairs", ()))}))
+        seen = float(_state(conn, "chains_seen", "-1"))
+        changed = conn.execute(
+            "SELECT chain_id, source, workflow_id, action_pair_id, updated_at FROM chains WHERE updated_at >= ?",
+            (seen,)).fetchall()
+        groups = {(s, w, a) for _, s, w, a, _ in changed}
+        # Chains that relinking replaced: their examples go.
+        for s, w, a in groups:
+            report.removed += conn.execute(
+                "DELETE FROM examples WHERE source = ? AND workflow_id = ? AND action_pair_id = ? "
+                "AND chain_id NOT IN (SELECT chain_id FROM chains WHERE source = ? AND workflow_id = ? "
+                "AND action_pair_id = ?)", (s, w, a, s, w, a)).rowcount
+        touched: list[int] = []
+        if report.removed:
+            conn.execute("DELETE FROM example_bands WHERE example_id NOT IN (SELECT id FROM examples)")
+            orphans = "duplicate_of IS NOT NULL AND duplicate_of NOT IN (SELECT id FROM examples)"
+            touched.extend(r[0] for r in conn.execute(f"SELECT id FROM examples WHERE {orphans}"))
+            conn.execute(f"UPDATE examples SET duplicate_of = NULL, duplicate = NULL WHERE {orphans}")
+
+        existing = {}
+        ids = [c[0] for c in changed]
+        for i in range(0, len(ids), 5000):
+            existing.update((r[0], (r[1], r[2])) for r in conn.execute(
+                "SELECT chain_id, id, chain_key FROM examples WHERE chain_id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids[i:i + 5000]),)))
+        chains = chains_of(conn, ids)
+        next_seq = int(_state(conn, "next_seq", "1"))
+        fresh: list[tuple[traces.Chain, dict]] = []
+        for chain_id in ids:
+            chain = chains.get(chain_id)
+            old = existing.get(chain_id)
+            if chain is None or _why_skipped(chain):
+                if old:
+                    touched.extend(_release(conn, old[0]))
+                    conn.execute("DELETE FROM example_bands WHERE example_id = ?", (old[0],))
+                    conn.execute("DELETE FROM examples WHERE id = ?", (old[0],))
+                    report.removed += 1
+                continue
+            key = _chain_key(chain)
+            if old and old[1] == key:
+                report.unchanged += 1
+                continue
+            fresh.append((chain, {"old": old, "chain_key": key}))
+        sides = split.assign(conn, {split.task_key(c.specification) for c, _ in fresh}, fraction, seed)
+        for chain, extra in fresh:
+            row = _example_row(chain, extra["chain_key"], sides, now)
+            old = extra["old"]
+            if old:
+                touched.extend(_release(conn, old[0]))
+                conn.execute("DELETE FROM example_bands WHERE example_id = ?", (old[0],))
+                cols = ", ".join(f"{k} = ?" for k in row)
+                conn.execute(f"UPDATE examples SET {cols}, seq = ?, duplicate_of = NULL, duplicate = NULL "
+                             "WHERE id = ?", (*row.values(), next_seq, old[0]))
+                example_id = old[0]
+                report.updated += 1
+            else:
+                cols = ", ".join(row)
+                example_id = conn.execute(
+                    f"INSERT INTO examples ({cols}, seq) VALUES ({', '.join('?' for _ in row)}, ?)",
+                    (*row.values(), next_seq)).lastrowid
+                report.added += 1
+            next_seq += 1
+            conn.executemany("INSERT OR IGNORE INTO example_bands (band, key, example_id) VALUES (?, ?, ?)",
+                             [(b, k, example_id) for b, k in
+                              enumerate(dedup.band_keys(row["minhash"], bands, rows_per_band))])
+            touched.append(example_id)
+        _set_state(conn, "next_seq", str(next_seq))
+        if rebuild:
+            touched = _rebuild_bands(conn, bands, rows_per_band)
+        _deduplicate(conn, touched, threshold, report)
+        if changed:
+            _set_state(conn, "chains_seen", repr(max(c[4] for c in changed)))
+        report.skipped = skipped_counts(conn)
+        report.totals = totals(conn)
+    return report
+
+
+def _example_row(chain: traces.Chain, chain_key: str, sides: dict, now: float) -> dict:
+    fact = traces.facts(chain)
+    answer = traces.target(chain)["content"]
+    kind = fact["outcome"]
+    text = dedup.text_of(chain.specification, answer)
+    task = split.task_key(chain.specification)
+    return {
+        "chain_id": chain.chain_id, "source": chain.source, "workflow_id": chain.workflow_id,
+        "action_pair_id": chain.action_pair_id, "outcome": fact["outcome"], "retries": fact["retries"],
+        "attempts": len(chain.rows), "origin": fact["origin"], "generated_only": fact["generated_only"],
+        "created_ts": fact["created_ts"], "task_key": task,
+        "answer_key": dedup.exact_key(answer, "answer"), "text_key": dedup.exact_key(text, kind),
+        "chain_key": chain_key, "split": sides[task], "minhash": dedup.signature(text), "updated_at": now,
+    }
+
+
+def _release(conn, example_id: int) -> list[int]:
+    """Un-drop the examples that were duplicates of this one (it is changing or going)."""
+    ids = [r[0] for r in conn.execute("SELECT id FROM examples WHERE duplicate_of = ?", (example_id,))]
+    conn.execute("UPDATE examples SET duplicate_of = NULL, duplicate = NULL WHERE duplicate_of = ?", (example_id,))
+    return ids
+
+
+def _rebuild_bands(conn, bands: int, rows_per_band: int) -> list[int]:
+    """New LSH parameters (another dedup_similarity): re-band and re-check every example."""
+    conn.execute("DELETE FROM example_bands")
+    conn.execute("UPDATE examples SET duplicate_of = NULL, duplicate = NULL")
+    ids = []
+    for example_id, sig in conn.execute("SELECT id, minhash FROM examples").fetchall():
+        conn.executemany("INSERT OR IGNORE INTO example_bands (band, key, example_id) VALUES (?, ?, ?)",
+                         [(b, k, example_id) for b, k in enumerate(dedup.band_keys(sig, bands, rows_per_band))])
+        ids.append(example_id)
+    return ids
+
+
+def _deduplicate(conn, touched: list[int], threshold: float, report: RefreshReport) -> None:
+    """Check the touched examples, newest first, against the kept ones (see dedup.dedup)."""
+    if not touched:
+        return
+    info = {}
+    for i in range(0, len(touched), 5000):
+        for r in conn.execute(
+                "SELECT id, created_ts, seq, text_key, outcome, minhash FROM examples "
+                "WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(touched[i:i + 5000]),)):
+            info[r[0]] = r
+    for x in sorted(info.values(), key=lambda r: (r[1], r[2]), reverse=True):
+        x_id, x_ts, x_seq, x_text, x_outcome, x_sig = x
+        if conn.execute("SELECT duplicate_of FROM examples WHERE id = ?", (x_id,)).fetchone()[0] is not None:
+            continue  # a newer example already dropped it in this pass
+        similar: dict[int, tuple] = {}  # id -> (order, how)
+        for y_id, y_ts, y_seq in conn.execute(
+                "SELECT id, created_ts, seq FROM examples WHERE text_key = ? AND id != ? AND duplicate_of IS NULL",
+                (x_text, x_id)):
+            similar[y_id] = ((y_ts, y_seq), "exact")
+        for y_id, y_ts, y_seq, y_sig in conn.execute(
+                "SELECT e.id, e.created_ts, e.seq, e.minhash FROM examples e WHERE e.id IN ("
+                "  SELECT b2.example_id FROM example_bands b1 JOIN example_bands b2 "
+                "  ON b2.band = b1.band AND b2.key = b1.key WHERE b1.example_id = ?) "
+                "AND e.id != ? AND e.duplicate_of IS NULL AND e.outcome = ?", (x_id, x_id, x_outcome)):
+            if y_id not in similar and dedup.similarity(x_sig, y_sig) >= threshold:
+                similar[y_id] = ((y_ts, y_seq), "near")
+        if not similar:
+            continue
+        newer = [(order, y, how) for y, (order, how) in similar.items() if order > (x_ts, x_seq)]
+        if newer:
+            _, keeper, how = max(newer)
+            _drop(conn, x_id, keeper, how, report)
+        else:
+            for y, (_, how) in similar.items():
+                _drop(conn, y, x_id, how, report)
+
+
+def _drop(conn, example_id: int, keeper: int, how: str, report: RefreshReport) -> None:
+    conn.execute("UPDATE examples SET duplicate_of = ?, duplicate = ? WHERE id = ?", (keeper, how, example_id))
+    conn.execute("UPDATE examples SET duplicate_of = ? WHERE duplicate_of = ?", (keeper, example_id))
+    report.duplicates[how] += 1
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+_METHOD_OUTCOMES = {"sft": SUCCESSES, "dpo": ("refined",), "kto": ("first_try", "refined", "exhausted")}
+
+
+def _pool_where(policy: traces.Policy, ctx: traces.PolicyContext, split_name: str,
+                outcomes: tuple[str, ...]) -> tuple[str, list]:
+    sql, params = policy.where(ctx)
+    marks = ", ".join("?" for _ in outcomes)
+    return (f"split = ? AND duplicate_of IS NULL AND outcome IN ({marks}) AND ({sql})",
+            [split_name, *outcomes, *params])
+
+
+def count_new(buffer: Buffer, since_seq: int, selection: Any = None, now: float | None = None) -> int:
+    """Training examples (train split, not duplicates, selected by the policy) with seq > since_seq.
+
+    Args:
+        selection: [selection] values; by default those the last :func:`refresh` was given.
+    """
+    if selection is None:
+        stored = _state(buffer.conn, "selection")
+        selection = json.loads(stored) if stored else None
+    policy, ctx = policy_and_context(selection, now)
+    where, params = _pool_where(policy, ctx, split.TRAIN, SUCCESSES + ("exhausted",))
+    return buffer.conn.execute(f"SELECT count(*) FROM examples WHERE seq > ? AND {where}",
+                               (since_seq, *params)).fetchone()[0]
+
+
+@dataclass
+class Snapshot:
+    train: list[dict]
+    heldout: list[dict]
+    example_seqs: list[int]
+    max_seq: int
+    stats: dict
+
+
+def _metadata(chain: traces.Chain, seq: int, split_name: str, row: dict | None = None) -> dict:
+    return {
+        "chain_id": chain.chain_id, "seq": seq, "split": split_name, "source": chain.source,
+        "workflow_id": chain.workflow_id, "action_pair_id": chain.action_pair_id, "outcome": chain.outcome,
+        "retries": chain.retries, "artifact_ids": [r["artifact_id"] for r in chain.rows],
+        "accepted_id": chain.accepted["artifact_id"] if chain.accepted else None,
+        "artifact_id": (row or chain.accepted or {}).get("artifact_id"),
+    }
+
+
+def method_rows(chain: traces.Chain, method: str, seq: int, split_name: str, *, max_history: int,
+                max_artifact_chars: int, role: str) -> list[dict]:
+    """One chain as training rows in the method's conversational format (see docs/architecture.md)."""
+    if method == "sft":
+        if chain.accepted is None:
+            return []
+        return [{"prompt": formatting.prompt(chain, history=True, max_history=max_history,
+                                             max_artifact_chars=max_artifact_chars, role=role),
+                 "completion": formatting.answer(chain.accepted),
+                 "metadata": _metadata(chain, seq, split_name)}]
+    if method == "dpo":
+        return [{"prompt": p, "chosen": c, "rejected": r, "metadata": _metadata(chain, seq, split_name, row)}
+                for p, c, r, row in formatting.dpo_pairs(chain, role=role)]
+    if method == "kto":
+        return [{"prompt": p, "completion": c, "label": label, "metadata": _metadata(chain, seq, split_name, row)}
+                for p, c, label, row in formatting.kto_rows(chain, role=role)]
+    raise ValueError(f"unknown method {method!r}; expected sft, dpo or kto")
+
+
+def heldout_row(chain: traces.Chain, seq: int, role: str = "") -> dict:
+    """A held-out example: the first-attempt prompt and the accepted answer."""
+    return {"prompt": formatting.prompt(chain, history=False, role=role),
+            "completion": formatting.answer(chain.accepted), "specification": chain.specification,
+            "chain_id": chain.chain_id, "metadata": _metadata(chain, seq, split.HELDOUT)}
+
+
+def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: int = 2000,
+                   replay_ratio: float = 0.5, since_seq: int = 0, seed: int = 0,
+                   weighting: str = "uniform", chat_template_system: str | None = None,
+                   max_heldout: int | None = None, now: float | None = None) -> Snapshot:
+    """One training set and the held-out set, from the examples table as it is now.
+
+    Args:
+        selection: [selection] values (policy, min_retries, recent_days, action_pairs,
+            max_history, max_artifact_chars, prompt_template).
+        method: "sft" (prompt with history -> accepted), "dpo" (pairs) or "kto" (unpaired).
+        n: examples (chains) to draw: new ones first, plus the replayed share.
+        replay_ratio: share of the set drawn from examples with seq <= since_seq.
+        since_seq: the max_seq of the snapshot the serving version was trained on (0: none).
+        weighting: "uniform" or "retries" (replay favours chains that needed more retries).
+        chat_template_system: role text for the system message when no prompt template is set.
+        max_heldout: at most this many held-out examples (the oldest, so the set stays put).
+
+    Raises:
+        formatting.TemplateError: the configured prompt template cannot be used.
+    """
+    if method not in _METHOD_OUTCOMES:
+        raise ValueError(f"unknown method {method!r}; expected sft, dpo or kto")
+    policy, ctx = policy_and_context(selection, now)
+    role = formatting.load_role(_get(selection, "prompt_template", "")) or chat_template_system or ""
+    max_history = _get(selection, "max_history", 3)
+    max_chars = _get(selection, "max_artifact_chars", 4000)
+    conn = buffer.conn
+    where, params = _pool_where(policy, ctx, split.TRAIN, _METHOD_OUTCOMES[method])
+    max_seq = conn.execute("SELECT max(seq) FROM examples WHERE split = 'train'").fetchone()[0] or 0
+
+    def probe(seqs: list[int]) -> dict[int, int]:
+        return dict(conn.execute(f"SELECT seq, retries FROM examples WHERE seq IN "
+                                 f"(SELECT value FROM json_each(?)) AND {where}", (json.dumps(seqs), *params)))
+
+    def scan(lo: int, hi: int) -> list[tuple[int, int]]:
+        return conn.execute(f"SELECT seq, retries FROM examples WHERE seq > ? AND seq <= ? AND {where}",
+                            (lo, hi, *params)).fetchall()
+
+    rng = random.Random(seed)
+    since = min(since_seq, max_seq)
+    n_new_target = n if since <= 0 else sampling.split_sizes(n, replay_ratio, n)[0]
+    new = sampling.draw(n_new_target, since, max_seq, probe, scan, rng)
+    _, n_replay = sampling.split_sizes(n, replay_ratio, len(new))
+    old = sampling.draw(n_replay, 0, since, probe, scan, rng, weighting) if since > 0 else []
+    seqs = new + old
+    by_seq = dict(conn.execute("SELECT seq, chain_id FROM examples WHERE seq IN (SELECT value FROM json_each(?))",
+                               (json.dumps(seqs),)).fetchall())
+    chains = chains_of(conn, by_seq.values())
+    train = []
+    for s in seqs:
+        train.extend(method_rows(chains[by_seq[s]], method, s, split.TRAIN, max_history=max_history,
+                                 max_artifact_chars=max_chars, role=role))
+    rng.shuffle(train)
+
+    h_where, h_params = _pool_where(policy, ctx, split.HELDOUT, SUCCESSES)
+    limit = "" if max_heldout is None else f" LIMIT {int(max_heldout)}"
+    held = conn.execute(f"SELECT seq, chain_id FROM examples WHERE {h_where} ORDER BY seq{limit}",
+                        h_params).fetchall()
+    held_chains = chains_of(conn, [c for _, c in held])
+    heldout = [heldout_row(held_chains[c], s, role) for s, c in held]
+
+    stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),
+             "skipped": skipped_counts(conn), "duplicates": dict(conn.execute(
+                 "SELECT duplicate, count(*) FROM examples WHERE duplicate IS NOT NULL GROUP BY 1").fetchall()),
+             "policy": policy.text, "method": method}
+    return Snapshot(train=train, heldout=heldout, example_seqs=sorted(seqs), max_seq=max_seq, stats=stats)
