@@ -130,17 +130,27 @@ _LINK_COLUMNS = ("id", "source", "locator", "artifact_id", "workflow_id", "actio
                  "previous_attempt_id", "attempt_number", "status", "created_ts", "specification", "chain_id")
 
 
-def relink(conn, groups: Iterable[tuple[str, str, str]], now: float) -> None:
-    """Recompute the chains of the given groups and store them (inside the caller's transaction).
+@dataclass
+class LinkPlan:
+    """What linking a batch changes: computed before the batch's rows are written."""
 
-    One read of every affected group and three batched writes, whatever the number of groups:
-    this runs inside every ingest batch.
+    groups: set[tuple[str, str, str]]
+    moved: list[tuple[str, int]]  # (chain_id, artifact id) of stored rows that changed chain
+    chains: list[tuple]  # chains rows; accepted_id is resolved from (source, locator) on write
+
+
+def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
+    """Link the groups a batch touches, stored rows and the batch's new rows together.
+
+    Sets ``chain_id`` on each batch row (so it is written once, with its chain) and returns
+    what else must change. One read for all the groups, whatever their number: this runs
+    inside every ingest transaction.
     """
-    groups = set(groups)
+    groups = {(r["source"], r["workflow_id"], r["action_pair_id"]) for r in batch_rows}
     workflows: dict[str, set[str]] = defaultdict(set)
     for source, workflow_id, _ in groups:
         workflows[source].add(workflow_id)
-    members: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    members: dict[tuple[str, str, str], dict[str, dict]] = defaultdict(dict)
     cols = ", ".join(_LINK_COLUMNS)
     for source, ids in workflows.items():
         ids = sorted(ids)
@@ -154,24 +164,35 @@ def relink(conn, groups: Iterable[tuple[str, str, str]], now: float) -> None:
                 row = dict(zip(_LINK_COLUMNS, values))
                 key = (source, row["workflow_id"], row["action_pair_id"])
                 if key in groups:
-                    members[key].append(row)
+                    members[key][row["locator"]] = row
+    for row in batch_rows:  # the batch's version of a row wins over the stored one
+        members[(row["source"], row["workflow_id"], row["action_pair_id"])][row["locator"]] = row
     moved, chains = [], []
-    for (source, workflow_id, action_pair_id), rows in members.items():
-        for chain in link(rows):
-            moved.extend((chain.chain_id, r["id"]) for r in chain.rows if r["chain_id"] != chain.chain_id)
+    for (source, workflow_id, action_pair_id), by_locator in members.items():
+        for chain in link(list(by_locator.values())):
+            for r in chain.rows:
+                if "id" not in r:
+                    r["chain_id"] = chain.chain_id  # a batch row: written with its chain
+                elif r["chain_id"] != chain.chain_id:
+                    moved.append((chain.chain_id, r["id"]))
             stamps = [r["created_ts"] or 0.0 for r in chain.rows]
             chains.append((
                 chain.chain_id, source, workflow_id, action_pair_id, len(chain.rows), chain.retries,
-                chain.accepted["id"] if chain.accepted else None, chain.outcome, chain.specification,
-                min(stamps), max(stamps), now,
+                source, chain.accepted["locator"] if chain.accepted else None, chain.outcome,
+                chain.specification, min(stamps), max(stamps),
             ))
-    conn.executemany("DELETE FROM chains WHERE source = ? AND workflow_id = ? AND action_pair_id = ?", groups)
-    conn.executemany("UPDATE artifacts SET chain_id = ? WHERE id = ?", moved)
+    return LinkPlan(groups, moved, chains)
+
+
+def apply_links(conn, plan: LinkPlan, now: float) -> None:
+    """Write a plan's chains (after the batch's rows, whose ids the chains refer to)."""
+    conn.executemany("DELETE FROM chains WHERE source = ? AND workflow_id = ? AND action_pair_id = ?", plan.groups)
+    conn.executemany("UPDATE artifacts SET chain_id = ? WHERE id = ?", plan.moved)
     conn.executemany(
         "INSERT INTO chains (chain_id, source, workflow_id, action_pair_id, attempts, rejected, "
         "accepted_id, outcome, specification, first_ts, last_ts, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        chains,
+        "VALUES (?, ?, ?, ?, ?, ?, (SELECT id FROM artifacts WHERE source = ? AND locator = ?), ?, ?, ?, ?, ?)",
+        [c + (now,) for c in plan.chains],
     )
 
 
@@ -232,7 +253,8 @@ _ATOMS = {
     "first_try": (lambda f, c: f["outcome"] == FIRST_TRY, lambda c: ("outcome = 'first_try'", [])),
     "exhausted": (lambda f, c: f["outcome"] == EXHAUSTED, lambda c: ("outcome = 'exhausted'", [])),
     "generator_only": (lambda f, c: bool(f["generated_only"]), lambda c: ("generated_only = 1", [])),
-    "human_only": (lambda f, c: f["origin"] == "human", lambda c: ("origin = 'human'", [])),
+    "human_only": (lambda f, c: f["origin"] == "human" and f["outcome"] in (FIRST_TRY, REFINED),
+                   lambda c: ("origin = 'human' AND outcome IN ('first_try', 'refined')", [])),
     "high_value": (lambda f, c: f["retries"] >= c.min_retries, lambda c: ("retries >= ?", [c.min_retries])),
     "recent": (lambda f, c: f["created_ts"] >= c.since, lambda c: ("created_ts >= ?", [c.since])),
     "all": (lambda f, c: True, lambda c: ("1", [])),
