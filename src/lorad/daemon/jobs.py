@@ -215,7 +215,7 @@ class JobRunner(threading.Thread):
         self.reason: str | None = None
         self.version: str | None = None
         self.started = time.time()
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
         self._mode = "pause"
         self._stop_reason = ""
         self._lock = threading.Lock()
@@ -224,23 +224,23 @@ class JobRunner(threading.Thread):
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stop_event.is_set()
 
     def info(self) -> dict:
         with self._lock:
             return {"job_id": self.job_id, "state": self.state, "trigger": self.job["trigger"],
                     "progress": dict(self.progress) if self.progress else None,
-                    "started_at": self.started, "stopping": self._mode if self._stop.is_set() else None,
+                    "started_at": self.started, "stopping": self._mode if self._stop_event.is_set() else None,
                     "window_end": self.window_end}
 
     def pause(self, reason: str) -> None:
         self._stop_reason = reason
-        self._stop.set()
+        self._stop_event.set()
 
     def cancel(self, reason: str) -> None:
         self._mode = "cancel"
         self._stop_reason = reason
-        self._stop.set()
+        self._stop_event.set()
 
     def kill(self) -> None:
         """Last resort at shutdown: the worker did not stop in time."""
@@ -291,10 +291,10 @@ class JobRunner(threading.Thread):
                 set_window_end = getattr(cycle, "set_window_end", None)
                 if set_window_end:
                     set_window_end(job_dir, self.window_end)
-            if self._stop.is_set():
+            if self._stop_event.is_set():
                 return self._finish(store, self._stopped_state(), self._stop_reason)
             self._set(store, "training", None, job_dir=str(job_dir), runs=self.job.get("runs", 0) + 1)
-            code = cycle.run_worker(job_dir, on_progress=self._on_progress, stop_event=self._stop,
+            code = cycle.run_worker(job_dir, on_progress=self._on_progress, stop_event=self._stop_event,
                                     cancel=lambda: self._mode == "cancel")
             result = read_result(job_dir) or {}
             if code == EXIT_OK:

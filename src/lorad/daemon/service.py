@@ -66,6 +66,7 @@ class Service:
         self.last_decision = ""
         self._last_status_line = ""
         self.reloads = 0
+        self._ready = False
 
     # -- start and stop -------------------------------------------------------------------------
 
@@ -98,11 +99,13 @@ class Service:
         self.backoff_until = float(self.jobs.get_state("backoff_until", 0.0))
         self.reader = Buffer(s.buffer_path, readonly=True)  # status counts: never waits on writers
         self._start_ingest()
+        self._refresh_snapshot()  # the first status answer is already a real one
         self.control = ControlServer(s.daemon.socket_path, self._handle,
                                      Access(s.daemon.allowed_uids, s.daemon.allowed_group))
         self.control.start()
-        self._refresh_snapshot()
-        self.notifier.ready(self._status_line())
+        self._ready = True
+        self._last_status_line = self._status_line()
+        self.notifier.ready(self._last_status_line)
         log.info("daemon_started", pid=os.getpid(), socket=str(s.daemon.socket_path),
                  state_dir=str(s.state_dir), sources=[src.key for src in s.store.sources])
 
@@ -182,7 +185,9 @@ class Service:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn())
+                result = fn()
+                self._refresh_snapshot()  # a status asked right after sees the change
+                future.set_result(result)
             except BaseException as e:
                 future.set_exception(e)
 
@@ -324,7 +329,7 @@ class Service:
         with self._snap_lock:
             self._snapshot = snapshot
         line = self._status_line()
-        if line != self._last_status_line:
+        if self._ready and line != self._last_status_line:
             self._last_status_line = line
             self.notifier.status(line)
 
