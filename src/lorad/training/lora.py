@@ -69,10 +69,29 @@ def attach_adapter(model, *, r: int, alpha: int, dropout: float, target_modules,
     if parent_adapter:
         return PeftModel.from_pretrained(model, parent_adapter, is_trainable=True)
     targets = list(target_modules)
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM", bias="none",
-        target_modules="all-linear" if targets == ["all-linear"] else targets)
+    if "all-linear" in targets:
+        targets = linear_module_names(model)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                        bias="none", target_modules=targets)
     return get_peft_model(model, config)
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of every linear layer but the output head ("all-linear").
+
+    Why spelled out: peft would record "all-linear" as full module paths, and inference
+    servers (vLLM's --lora-modules) expect the short names (q_proj, ...) in the config.
+    """
+    import torch
+
+    output = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output:
+            names.add(name.rsplit(".", 1)[-1])
+        elif type(module).__name__ in ("Linear4bit", "Linear8bitLt") and module is not output:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
 
 
 def dataset(rows: list[dict], method: str):

@@ -155,6 +155,7 @@ def save_adapter(model, tokenizer, job_dir: Path, extra: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=job_dir))
     os.chmod(tmp, 0o755)
     model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
     write_manifest(tmp, extra)
     _fsync_tree(tmp)
     if final.exists():
