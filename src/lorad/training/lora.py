@@ -123,7 +123,7 @@ def training_arguments(method: str, *, output_dir: str, prec: Precision, learnin
         gradient_accumulation_steps=grad_accum, save_strategy="steps", save_steps=save_steps,
         save_total_limit=None, logging_steps=1, logging_nan_inf_filter=False, report_to=[],
         seed=seed, data_seed=seed, disable_tqdm=True, bf16=prec.bf16, fp16=prec.fp16,
-        use_cpu=prec.use_cpu, gradient_checkpointing=prec.gradient_checkpointing,
+        use_cpu=prec.use_cpu, activation_checkpointing=prec.gradient_checkpointing,
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
         max_length=max_seq_length, dataset_num_proc=None, remove_unused_columns=True,
         ddp_find_unused_parameters=False)
