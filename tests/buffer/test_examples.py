@@ -1,0 +1,262 @@
+"""The examples table: refresh, frozen split by task, incremental dedup, count_new, snapshots."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from lorad import synthetic
+from lorad.buffer import examples, split
+from lorad.buffer.store import Buffer
+from lorad.config import SelectionSettings
+from lorad.ingest import ingest
+from lorad.sources.atomicguard import AtomicGuardSource
+
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+SEL = SelectionSettings(heldout_fraction=0.3, dedup_similarity=0.9)
+
+
+def add_task(store, i: int, *, spec: str | None = None, answer: str | None = None, retries: int = 1,
+             accepted: bool = True, day: int = 0, workflow: str | None = None) -> None:
+    spec = spec or f"Write a Python function `f{i}(x)` that returns x times {i} plus {i * 7 % 11}."
+    answer = answer or f"def f{i}(x: int) -> int:\n    \"\"\"Task {i}.\"\"\"\n    return x * {i} + {i * 7 % 11}\n"
+    attempts = [(f"def f{i}(x):\n    return x * {i} + {r}  # try {r}\n", "rejected", f"f{i}(1) wrong, try {r}")
+                for r in range(retries)]
+    if accepted:
+        attempts.append((answer, "accepted", "All tests passed"))
+    for obj in synthetic.chain(workflow_id=workflow or f"wf-{i}-{day}", specification=spec, attempts=attempts,
+                               start=T0 + timedelta(days=day, minutes=i)):
+        synthetic.write(store, obj)
+
+
+def sync(buffer, store, selection=SEL):
+    ingest(buffer, [AtomicGuardSource("s", store, settle_seconds=0)])
+    return examples.refresh(buffer, selection)
+
+
+def rows(buffer) -> dict[str, dict]:
+    cur = buffer.conn.execute("SELECT chain_id, seq, split, duplicate_of, duplicate, task_key, outcome, retries "
+                              "FROM examples")
+    names = [d[0] for d in cur.description]
+    return {r[0]: dict(zip(names, r)) for r in cur}
+
+
+def test_migration_builds_the_examples_tables_on_a_fresh_in_memory_database():
+    with Buffer(":memory:") as b:
+        tables = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"examples", "example_bands", "splits", "examples_state"} <= tables
+        assert b.conn.execute("SELECT 1 FROM _migrations WHERE name = '0002_examples'").fetchone()
+
+
+def test_refresh_on_the_fixture_store_makes_one_example_per_decided_chain_and_is_idempotent(buffer, fixture_store):
+    report = sync(buffer, fixture_store)
+    assert report.added == 40 and report.skipped == {}
+    outcomes = [r["outcome"] for r in rows(buffer).values()]
+    assert (outcomes.count("first_try"), outcomes.count("refined"), outcomes.count("exhausted")) == (10, 25, 5)
+    before = rows(buffer)
+    again = examples.refresh(buffer, SEL)
+    assert (again.added, again.updated, again.removed) == (0, 0, 0)
+    assert rows(buffer) == before
+
+
+def test_chain_with_empty_specification_is_skipped_with_that_reason(buffer, tmp_path):
+    store = tmp_path / "store"
+    add_task(store, 1)
+    add_task(store, 2, spec=" ")
+    report = sync(buffer, store)
+    assert report.added == 1 and report.skipped == {"empty_specification": 1}
+
+
+def test_pending_chain_waits_and_becomes_an_example_with_a_new_seq_when_decided(buffer, tmp_path):
+    store = tmp_path / "store"
+    add_task(store, 1)
+    objs = synthetic.chain(workflow_id="wf-p", specification="Write p(x) returning x.",
+                           attempts=[("def p(x): return 0", "rejected", "p(1) returned 0"), ("def p(x): return x", "pending", "")],
+                           start=T0)
+    for o in objs:
+        synthetic.write(store, o)
+    report = sync(buffer, store)
+    assert report.skipped == {"open": 1} and report.added == 1
+    first_max = max(r["seq"] for r in rows(buffer).values())
+    accepted = synthetic.artifact(workflow_id="wf-p", content="def p(x): return x", status="accepted",
+                                  attempt_number=2, previous_attempt_id=objs[0]["artifact_id"],
+                                  specification="Write p(x) returning x.", artifact_id=objs[1]["artifact_id"],
+                                  created_at=T0 + timedelta(seconds=1))
+    synthetic.write(store, accepted)
+    report = sync(buffer, store)
+    assert report.added == 1 and report.skipped == {}
+    new = [r for r in rows(buffer).values() if r["seq"] > first_max]
+    assert len(new) == 1 and new[0]["outcome"] == "refined"
+
+
+def test_seq_only_grows_and_count_new_counts_train_examples_after_it(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(20):
+        add_task(store, i)
+    sync(buffer, store)
+    first = rows(buffer)
+    mark = max(r["seq"] for r in first.values())
+    assert examples.count_new(buffer, mark) == 0
+    for i in range(20, 50):
+        add_task(store, i, day=1)
+    sync(buffer, store)
+    later = rows(buffer)
+    assert all(later[c]["seq"] == r["seq"] for c, r in first.items())
+    fresh = [r for c, r in later.items() if c not in first]
+    assert all(r["seq"] > mark for r in fresh)
+    expected = sum(1 for r in fresh if r["split"] == "train" and r["duplicate_of"] is None)
+    assert examples.count_new(buffer, mark) == expected > 0
+    assert examples.count_new(buffer, 0) == sum(1 for r in later.values() if r["split"] == "train")
+
+
+def test_one_task_never_sits_on_both_sides_and_contamination_check_is_clean(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(30):
+        add_task(store, i)
+        add_task(store, i, workflow=f"again-{i}", day=2, answer=f"def f{i}(x):\n    return {i} * x + {i * 7 % 11}\n")
+    sync(buffer, store)
+    sides: dict[str, set] = {}
+    for r in rows(buffer).values():
+        sides.setdefault(r["task_key"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in sides.values())
+    assert {"train", "heldout"} == set().union(*sides.values())
+    assert split.contamination(buffer.conn) == []
+
+
+def test_contamination_check_reports_a_heldout_task_also_in_training(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(12):
+        add_task(store, i)
+    sync(buffer, store)
+    held = buffer.conn.execute("SELECT chain_id, task_key FROM examples WHERE split = 'heldout' LIMIT 1").fetchone()
+    assert held is not None
+    with buffer.transaction() as conn:  # simulate a leak: the same task also in training
+        conn.execute("UPDATE examples SET task_key = ? WHERE chain_id = "
+                     "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)", (held[1],))
+    leaks = split.contamination(buffer.conn)
+    assert [(x["chain_id"], x["leak"]) for x in leaks] == [(held[0], "specification")]
+
+
+def test_split_is_frozen_when_the_fraction_changes_and_the_buffer_grows(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(40):
+        add_task(store, i)
+    sync(buffer, store)
+    first = {c: r["split"] for c, r in rows(buffer).items()}
+    for i in range(40, 60):
+        add_task(store, i, day=1)
+    add_task(store, 3, workflow="repeat-3", day=1)  # an old task, again
+    sync(buffer, store, SelectionSettings(heldout_fraction=0.9))
+    later = rows(buffer)
+    assert all(later[c]["split"] == side for c, side in first.items())
+    repeat = next(r for r in later.values() if r["task_key"] == split.task_key(
+        "Write a Python function `f3(x)` that returns x times 3 plus 10.") and r["chain_id"] not in first)
+    original = next(r for c, r in later.items() if c in first and r["task_key"] == repeat["task_key"])
+    assert repeat["split"] == original["split"]
+
+
+def test_a_newer_duplicate_replaces_the_older_and_the_outcome_matches_a_fresh_build(tmp_path):
+    store = tmp_path / "store"
+    for i in range(25):
+        add_task(store, i)
+    with Buffer(tmp_path / "grown.sqlite3") as grown:
+        sync(grown, store)
+        assert examples.totals(grown.conn)["duplicates"] == 0
+        add_task(store, 5, workflow="dup-exact", day=3)  # same task, same answer: exact duplicate
+        add_task(store, 7, workflow="dup-near", day=3,  # same task, answer with a comment: near duplicate
+                 answer="def f7(x: int) -> int:\n    \"\"\"Task 7.\"\"\"\n    return x * 7 + 5  # ok\n")
+        for i in range(25, 35):
+            add_task(store, i, day=3)
+        report = sync(grown, store)
+        assert report.duplicates == {"exact": 1, "near": 1}
+        grown_rows = rows(grown)
+        assert examples.refresh(grown, SEL).duplicates == {"exact": 0, "near": 0}  # re-run: stable
+        assert rows(grown) == grown_rows
+    with Buffer(tmp_path / "fresh.sqlite3") as fresh:
+        sync(fresh, store)
+        fresh_rows = rows(fresh)
+    dropped = {c for c, r in grown_rows.items() if r["duplicate_of"] is not None}
+    assert dropped == {c for c, r in fresh_rows.items() if r["duplicate_of"] is not None}
+    assert len(dropped) == 2
+    kinds = sorted(r["duplicate"] for r in grown_rows.values() if r["duplicate"])
+    assert kinds == ["exact", "near"]
+    assert {c: r["split"] for c, r in grown_rows.items()} == {c: r["split"] for c, r in fresh_rows.items()}
+    with Buffer(tmp_path / "grown.sqlite3") as grown:  # the older copy points at the newer one
+        kept = grown.conn.execute(
+            "SELECT d.workflow_id, k.workflow_id FROM examples d JOIN examples k ON k.id = d.duplicate_of").fetchall()
+    assert sorted(kept) == [("wf-5-0", "dup-exact"), ("wf-7-0", "dup-near")]
+
+
+def test_snapshot_rows_have_the_documented_shapes(buffer, fixture_store):
+    sync(buffer, fixture_store)
+    snap = examples.build_snapshot(buffer, SEL, method="sft", n=100, since_seq=0, seed=1)
+    assert snap.stats["new"] == len(snap.example_seqs) == len(snap.train) > 0
+    for row in snap.train:
+        assert [m["role"] for m in row["prompt"]][-1] == "user"
+        assert row["completion"][0]["role"] == "assistant"
+        assert row["metadata"]["outcome"] == "refined" and row["metadata"]["split"] == "train"
+    assert snap.heldout
+    train_chains = {r["metadata"]["chain_id"] for r in snap.train}
+    for row in snap.heldout:
+        assert set(row) >= {"prompt", "completion", "specification", "chain_id"}
+        assert "Previous attempts" not in row["prompt"][-1]["content"]
+        assert row["prompt"][-1]["content"] == row["specification"]
+        assert row["chain_id"] not in train_chains
+    assert snap.max_seq == buffer.conn.execute("SELECT max(seq) FROM examples WHERE split = 'train'").fetchone()[0]
+    dpo = examples.build_snapshot(buffer, SEL, method="dpo", n=100, seed=1)
+    assert dpo.train and all(set(r) == {"prompt", "chosen", "rejected", "metadata"} for r in dpo.train)
+    kto = examples.build_snapshot(buffer, {"policy": "refinement or exhausted"}, method="kto", n=100, seed=1)
+    labels = [r["label"] for r in kto.train]
+    assert True in labels and False in labels
+    assert any(r["metadata"]["outcome"] == "exhausted" for r in kto.train)
+
+
+def test_snapshot_mixes_new_and_replayed_examples_reproducibly(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(60):
+        add_task(store, i, retries=1 + i % 4)
+    sync(buffer, store)
+    mark = buffer.conn.execute("SELECT max(seq) FROM examples").fetchone()[0]
+    for i in range(60, 80):
+        add_task(store, i, day=1)
+    sync(buffer, store)
+    new_total = examples.count_new(buffer, mark)
+    snap = examples.build_snapshot(buffer, SEL, n=40, replay_ratio=0.5, since_seq=mark, seed=7, weighting="retries")
+    assert snap.stats["new"] == min(new_total, 20) and snap.stats["replayed"] == snap.stats["new"]
+    new = [s for s in snap.example_seqs if s > mark]
+    assert len(new) == snap.stats["new"] and len(set(snap.example_seqs)) == len(snap.example_seqs)
+    same = examples.build_snapshot(buffer, SEL, n=40, replay_ratio=0.5, since_seq=mark, seed=7, weighting="retries")
+    assert same.example_seqs == snap.example_seqs and same.train == snap.train
+    other = examples.build_snapshot(buffer, SEL, n=40, replay_ratio=0.5, since_seq=mark, seed=8, weighting="retries")
+    assert other.example_seqs != snap.example_seqs
+    heldout = {r["seq"] for r in rows(buffer).values() if r["split"] == "heldout"}
+    assert not heldout & set(snap.example_seqs)
+
+
+def test_snapshot_draws_from_a_large_pool_without_reading_it_whole(buffer):
+    """Past SMALL_RANGE the draw probes random seqs; the result is still exact and in the pool."""
+    n = 30_000
+    with buffer.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO examples (seq, chain_id, source, workflow_id, action_pair_id, outcome, retries, attempts, "
+            "origin, generated_only, created_ts, task_key, answer_key, text_key, chain_key, split, minhash, "
+            "updated_at) VALUES (?, ?, 's', 'w', 'g', ?, ?, 2, 'generated', 1, 0, 't', 'a', 'x', 'c', ?, x'', 0)",
+            [(s, f"c{s}", "refined" if s % 3 else "first_try", s % 5, "heldout" if s % 7 == 0 else "train")
+             for s in range(1, n + 1)])
+    policy, ctx = examples.policy_and_context(SEL)
+    where, params = examples._pool_where(policy, ctx, "train", ("first_try", "refined"))
+    probe_calls = []
+
+    from lorad.buffer import sampling
+
+    def probe(seqs):
+        probe_calls.append(len(seqs))
+        return dict(buffer.conn.execute(f"SELECT seq, retries FROM examples WHERE seq IN "
+                                        f"(SELECT value FROM json_each(?)) AND {where}", (str(seqs), *params)))
+
+    import random
+    got = sampling.draw(500, 0, n, probe, lambda lo, hi: pytest.fail("scanned"), random.Random(0), "retries")
+    assert len(got) == len(set(got)) == 500
+    assert all(s % 3 and s % 7 for s in got)  # refined and train only
+    assert probe_calls and sum(probe_calls) < n / 4
