@@ -1,0 +1,82 @@
+"""The torch-free job directory API the daemon and the cycle use."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from lorad import config
+from lorad.training import job as jobfile
+from lorad.training.job import JobError, JobSpec
+
+
+def test_job_spec_round_trips_through_job_json(tmp_path):
+    spec = JobSpec(job_id="j1", base_model="/m", state_dir="/s", method="dpo",
+                   target_modules=("q_proj", "v_proj"), guard_command=("python", "guard.py"),
+                   parent_adapter="/a/v0001", reference_adapter="/a/v0001", window_end=123.5)
+    job_dir = jobfile.write_job(tmp_path / "j1", spec, [{"prompt": []}], [{"prompt": [], "x": 1}])
+    assert jobfile.read_job(job_dir) == spec
+    assert jobfile.read_jsonl(job_dir / "train.jsonl") == [{"prompt": []}]
+    assert jobfile.read_jsonl(job_dir / "heldout.jsonl") == [{"prompt": [], "x": 1}]
+
+
+def test_read_job_names_the_file_when_missing_or_unknown_keys(tmp_path):
+    with pytest.raises(JobError, match="no such job file"):
+        jobfile.read_job(tmp_path)
+    (tmp_path / "job.json").write_text(json.dumps({"job_id": "x", "base_model": "m", "state_dir": "s",
+                                                   "bogus": 1}))
+    with pytest.raises(JobError, match=r"unknown keys \['bogus'\]"):
+        jobfile.read_job(tmp_path)
+
+
+def test_iter_progress_leaves_a_partial_last_line_for_the_next_read(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step"')
+    records = list(jobfile.iter_progress(tmp_path))
+    assert [r["step"] for r, _ in records] == [1, 2]
+    offset = records[-1][1]
+    with open(path, "a") as f:
+        f.write(': 3}\n')
+    assert [r["step"] for r, _ in jobfile.iter_progress(tmp_path, offset)] == [3]
+    assert jobfile.last_progress(tmp_path) == {"step": 3}
+    assert jobfile.read_result(tmp_path) is None
+
+
+def test_worker_command_is_a_plain_module_run_for_one_process(tmp_path):
+    spec = JobSpec(job_id="j", base_model="m", state_dir="s")
+    assert jobfile.worker_command(tmp_path, spec) == [sys.executable, "-m", "lorad.training.worker",
+                                                      str(tmp_path)]
+
+
+def test_worker_command_goes_through_accelerate_launch_for_several_processes(tmp_path):
+    spec = JobSpec(job_id="j", base_model="m", state_dir="s", processes=2)
+    argv = jobfile.worker_command(tmp_path, spec)
+    assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert argv[argv.index("--num_processes") + 1] == "2"
+    assert argv[-3:] == ["-m", "lorad.training.worker", str(tmp_path)]
+    with_config = jobfile.worker_command(tmp_path, JobSpec(job_id="j", base_model="m", state_dir="s",
+                                                           processes=4, accelerate_config="/etc/fsdp.yaml"))
+    assert with_config[with_config.index("--config_file") + 1] == "/etc/fsdp.yaml"
+    assert "--multi_gpu" not in with_config
+
+
+def test_spec_from_settings_takes_training_and_evaluation_keys():
+    settings = config.loads('[training]\nlora_r = 8\nwarm_start = false\nmethod = "kto"\n'
+                            '[evaluation]\nguard_command = "python guard.py"\nmax_new_tokens = 64\n')
+    spec = jobfile.spec_from_settings(settings, "j9", parent_adapter="/a/current",
+                                      reference_adapter="/a/current")
+    assert (spec.lora_r, spec.method, spec.max_new_tokens) == (8, "kto", 64)
+    assert spec.guard_command == ("python", "guard.py")
+    assert spec.parent_adapter is None  # warm_start = false: a fresh adapter on the base
+    assert spec.reference_adapter == "/a/current"
+    assert spec.state_dir == str(settings.state_dir)
+
+
+def test_training_modules_the_daemon_imports_do_not_import_torch():
+    import subprocess
+
+    code = ("import sys, lorad.training.job, lorad.commands.doctor; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
