@@ -68,3 +68,14 @@ def daemon_factory(short_root, store):
     for d in started:
         if d.proc is not None:
             d.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny Llama + tokenizer, built once for the daemon's job tests."""
+    import torch
+
+    from lorad.training.tiny import build_tiny_model
+
+    torch.set_num_threads(1)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")

@@ -137,3 +137,32 @@ def config_text(root: Path, store: Path | None, **sections) -> str:
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
     return "\n".join(lines) + "\n"
+
+
+def training_sections(model_dir: Path, max_steps: int = 6, save_steps: int = 2, **schedule) -> dict:
+    """Config sections for a tiny-model job on the fixture store that promotes in a few steps."""
+    return {
+        "schedule": {"timezone": "UTC", **schedule},
+        "selection": {"policy": "all_successes", "heldout_fraction": 0.3},
+        "training": {"base_model": str(model_dir), "max_steps": max_steps, "save_steps": save_steps,
+                     "batch_size": 2, "max_seq_length": 256, "quantization": "none",
+                     "gradient_checkpointing": False, "learning_rate": 0.01, "train_examples": 40},
+        "evaluation": {"generation_samples": 0, "min_improvement": 0.0, "min_heldout_examples": 2,
+                       "eval_batch_size": 4},
+    }
+
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def worker_processes(job_dir) -> list:
+    """Live processes whose command line names the job directory (the worker and its children)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and str(job_dir) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

@@ -246,10 +246,9 @@ class JobRunner(threading.Thread):
         """Last resort at shutdown: the worker did not stop in time."""
         from lorad import cycle
 
-        kill = getattr(cycle, "kill_worker", None)
-        if kill is not None:
-            kill(self._job_dir())
-        self._mode = "cancel"
+        job_dir = self._job_dir()
+        if job_dir is not None:
+            cycle.kill_worker(job_dir)
 
     # -- the job thread -------------------------------------------------------------------------
 
@@ -278,37 +277,38 @@ class JobRunner(threading.Thread):
         s = self.settings
         buffer = Buffer(s.buffer_path, s.buffer.synchronous)
         store = JobStore(buffer.conn)
-        from lorad.daemon.views import registry
-
-        reg = registry(s)
+        registry = cycle.open_registry(s, buffer)
         try:
             job_dir = self._job_dir()
             if job_dir is None or not job_dir.is_dir():
                 self._set(store, "preparing", None, started_at=time.time())
-                job_dir = Path(cycle.prepare(s, buffer, reg, self.job_id, window_end=self.window_end))
+                live = cycle.check_live(s, buffer, registry)
+                if live and live.get("rolled_back"):
+                    log.warning("adapter_rolled_back", job_id=self.job_id, reasons=live.get("reasons"))
+                job_dir = Path(cycle.prepare(s, buffer, registry, self.job_id, window_end=self.window_end))
                 self.job["job_dir"] = str(job_dir)
-            elif self.window_end is not None:
-                set_window_end = getattr(cycle, "set_window_end", None)
-                if set_window_end:
-                    set_window_end(job_dir, self.window_end)
+            else:
+                cycle.set_window_end(job_dir, self.window_end)
             if self._stop_event.is_set():
-                return self._finish(store, self._stopped_state(), self._stop_reason)
+                return self._finish(store, self._stopped_state(), self._stop_reason, job_dir=str(job_dir))
             self._set(store, "training", None, job_dir=str(job_dir), runs=self.job.get("runs", 0) + 1)
             code = cycle.run_worker(job_dir, on_progress=self._on_progress, stop_event=self._stop_event,
                                     cancel=lambda: self._mode == "cancel")
             result = read_result(job_dir) or {}
             if code == EXIT_OK:
                 self._set(store, "evaluating", None, progress=self.progress)
-                outcome = cycle.conclude(s, buffer, reg, job_dir)
-                promoted = _outcome(outcome, "promoted")
-                self.version = _outcome(outcome, "version")
-                reason = _outcome(outcome, "reason") or ""
-                return self._finish(store, "promoted" if promoted else "rejected", reason, version=self.version)
+                outcome = cycle.conclude(s, buffer, registry, job_dir)
+                self.version = outcome.version
+                state = outcome.status if outcome.status in ("promoted", "rejected") else "failed"
+                return self._finish(store, state, outcome.reason, version=outcome.version)
             if code == EXIT_PAUSED:
-                return self._finish(store, self._stopped_state(), self._stop_reason or result.get("reason", "paused"))
+                return self._finish(store, self._stopped_state(),
+                                    self._stop_reason or result.get("reason") or "paused")
             if code == EXIT_CANCELLED:
-                return self._finish(store, "cancelled", self._stop_reason or result.get("reason", "cancelled"))
+                return self._finish(store, "cancelled", self._stop_reason or result.get("reason") or "cancelled")
             return self._finish(store, "failed", result.get("reason") or f"worker exited with code {code}")
+        except cycle.CycleError as e:
+            return self._finish(store, "failed", str(e))
         except Exception as e:
             log.exception("job_crashed", job_id=self.job_id)
             return self._finish(store, "failed", f"{type(e).__name__}: {e}")
@@ -328,8 +328,3 @@ class JobRunner(threading.Thread):
                  "cancelled": "job_cancelled", "paused": "job_paused"}[state]
         log.info(event, job_id=self.job_id, reason=reason, version=fields.get("version"))
 
-
-def _outcome(outcome, key: str):
-    if isinstance(outcome, dict):
-        return outcome.get(key)
-    return getattr(outcome, key, None)

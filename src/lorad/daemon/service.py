@@ -19,7 +19,6 @@ import threading
 import time
 from concurrent.futures import Future
 from datetime import datetime, timezone
-from pathlib import Path
 
 import structlog
 
@@ -301,7 +300,7 @@ class Service:
         counts = views.buffer_counts(self.reader, self.settings.state_dir)
         now = datetime.now(timezone.utc)
         nxt = self.schedule.next_window(now)
-        running = self.runner.info() if self.runner is not None else None
+        running = self.runner.info() if self.runner is not None and self.runner.is_alive() else None
         if running is None:
             state = "idle" if not self.scheduling_paused else "paused"
         else:
@@ -346,8 +345,11 @@ class Service:
     def status(self) -> dict:
         with self._snap_lock:
             snap = dict(self._snapshot)
-        if self.runner is not None:
-            snap["job"] = self.runner.info()  # live progress, from memory
+        runner = self.runner
+        if runner is not None and runner.is_alive():
+            snap["job"] = runner.info()  # live progress, from memory
+        else:
+            snap["job"] = None
         return {"ok": True, **snap}
 
     # -- requests -------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ class Service:
                 if command == "jobs":
                     return {"ok": True, "jobs": JobStore(ro.conn).list(int(request.get("limit", 20)))}
                 if command == "history":
-                    return {"ok": True, **views.history(self.settings, ro)}
+                    return {"ok": True, **views.history(self.settings)}
                 try:
                     job = JobStore(ro.conn).get(str(request.get("job_id")))
                 except JobNotFound as e:
@@ -414,9 +416,7 @@ class Service:
 
             if self.runner is not None and self.runner.is_alive() and self.runner.state == "evaluating":
                 return protocol.error("a job is concluding; try again in a moment")
-            result = views.change_version(self.settings, command, request.get("version"))
-            self._refresh_snapshot()
-            return result
+            return views.change_version(self.settings, self.db, command, request.get("version"))
         return protocol.error(f"unknown command {command!r}")  # pragma: no cover - protocol checks
 
     def _feedback(self, request: dict) -> dict:

@@ -22,36 +22,11 @@ class FeedbackRejected(Exception):
     "A pushed feedback record is not valid; the message says why."
 
 
-def registry(settings):
-    from lorad.registry import Registry
-
-    return Registry(settings.state_dir / "adapters", settings.registry.keep, settings.registry.keep_best)
-
-
 def active_version(state_dir: Path) -> str | None:
     """The name ``adapters/current`` points at (a readlink; no lock, no file reads)."""
     from lorad.registry import Registry
 
     return Registry(Path(state_dir) / "adapters").current()
-
-
-def since_seq(state_dir: Path) -> int:
-    """The examples sequence number the active version was trained up to (0 with none)."""
-    from lorad.registry import Registry, RegistryError
-
-    reg = Registry(Path(state_dir) / "adapters")
-    name = reg.current()
-    if name is None:
-        return 0
-    try:
-        record = reg.get(name).record
-    except RegistryError:
-        return 0
-    examples = record.get("examples") or {}
-    for key in ("max_seq", "since_seq", "seq"):
-        if isinstance(examples.get(key), int):
-            return examples[key]
-    return 0
 
 
 def buffer_counts(reader: Buffer, state_dir: Path | None = None) -> dict:
@@ -71,59 +46,44 @@ def buffer_counts(reader: Buffer, state_dir: Path | None = None) -> dict:
         log.debug("example_counts_failed", error=str(e))
     if state_dir is not None:
         try:
-            counts["new_examples"] = examples.count_new(reader, since_seq(state_dir))
+            from lorad.cycle import since_seq
+            from lorad.registry import Registry
+
+            counts["new_examples"] = examples.count_new(reader, since_seq(Registry(Path(state_dir) / "adapters")))
         except Exception as e:
             log.debug("example_counts_failed", error=str(e))
     return counts
 
 
-def history(settings, reader: Buffer) -> dict:
+def history(settings) -> dict:
     """Versions (newest first) with their verdicts and metrics, and the pointers."""
-    reg = registry(settings)
+    from lorad.cycle import open_registry
+
+    reg = open_registry(settings)
     versions = []
     for v in reversed(reg.versions()):
         r = v.record
-        versions.append({
-            "version": v.name, "created_at": r.get("created_at"), "job_id": r.get("job_id"),
-            "parent": r.get("parent"), "verdict": v.verdict, "metrics": r.get("metrics"),
-            "nll": v.nll,
-        })
-    return {"current": reg.current(), "previous": reg.previous(), "versions": versions,
-            "pointer_log": reg.pointer_log()[-50:]}
+        versions.append({"version": v.name, "created_at": r.get("created_at"), "job_id": r.get("job_id"),
+                         "parent": r.get("parent"), "verdict": v.verdict, "metrics": r.get("metrics")})
+    return {"current": reg.current(), "previous": reg.previous(), "versions": versions}
 
 
-def change_version(settings, action: str, version: str | None) -> dict:
-    """Promote or roll back by hand, with the publish hooks, as the offline command does."""
+def change_version(settings, buffer: Buffer, action: str, version: str | None) -> dict:
+    """Promote or roll back by hand (sha256 checked, audited, publish hooks), as `lorad promote` does."""
+    from lorad import cycle
     from lorad.registry import RegistryError
 
-    reg = registry(settings)
+    registry = cycle.open_registry(settings, buffer)
     try:
         if action == "promote":
             if not version:
                 return {"ok": False, "error": "promote needs a VERSION"}
-            change = reg.promote(version, reason="promoted by hand")
+            done = cycle.promote(settings, buffer, registry, version)
         else:
-            change = reg.rollback(version or None, reason="rolled back by hand")
+            done = cycle.rollback(settings, buffer, registry, version or None)
     except RegistryError as e:
         return {"ok": False, "error": str(e)}
-    published = _publish(settings, reg, change)
-    return {"ok": True, "change": change.as_dict(), "published": published}
-
-
-def _publish(settings, reg, change) -> list:
-    try:
-        from lorad import publish
-    except ImportError:
-        return []
-    run = getattr(publish, "run_hooks", None) or getattr(publish, "publish", None)
-    if run is None:
-        return []
-    try:
-        result = run(settings, reg, change)
-    except Exception as e:  # a failed optional hook must not undo a manual change silently
-        log.error("publish_failed", error=str(e), version=change.version)
-        return [{"ok": False, "error": str(e)}]
-    return result if isinstance(result, list) else [result]
+    return {"ok": True, **done}
 
 
 def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5) -> dict:

@@ -1,0 +1,108 @@
+"""Training jobs driven by the daemon subprocess on a tiny model: promotion, cancel, pause/resume, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from daemon_helpers import WORKER_ENV, training_sections, worker_processes
+
+
+def job(d, job_id: str) -> dict:
+    return d.request("job", job_id=job_id)["job"]
+
+
+def at_step(d, job_id: str, step: int):
+    def check():
+        j = job(d, job_id)
+        p = j.get("progress") or {}
+        return j if j["state"] == "training" and (p.get("step") or 0) >= step else None
+    return check
+
+
+def closed_window_now() -> str:
+    """A one-minute window twelve hours away: closed now."""
+    start = datetime.now(timezone.utc) + timedelta(hours=12)
+    end = start + timedelta(minutes=1)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+def test_train_now_runs_a_tiny_job_to_promotion_and_current_moves(daemon_factory, tiny_model):
+    d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model))
+    assert d.request("status")["active_version"] is None
+    r = d.cli("train-now", "--wait", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr + d.log_text()[-3000:]
+    done = json.loads(r.stdout)["job"]
+    assert done["state"] == "promoted", done
+    assert [e["state"] for e in done["events"]] == ["queued", "preparing", "training", "evaluating", "promoted"]
+    current = d.root / "state" / "adapters" / "current"
+    assert os.readlink(current) == done["version"]
+    status = d.request("status")
+    assert status["active_version"] == done["version"]
+    assert status["buffer"]["new_examples"] == 0  # everything new went into that version
+    assert status["torch_loaded"] is False  # the worker trained; the daemon never imported torch
+    listed = json.loads(d.cli("jobs", "--json").stdout)["jobs"]
+    assert listed[0]["job_id"] == done["job_id"] and listed[0]["state"] == "promoted"
+    assert not worker_processes(done["job_dir"])
+
+
+def test_cancel_stops_a_running_job_cleanly(daemon_factory, tiny_model):
+    d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=5000, save_steps=1000))
+    job_id = d.request("train_now")["job"]["job_id"]
+    running = d.wait_for(at_step(d, job_id, 2), timeout=120, what="training to start")
+    r = d.cli("cancel", job_id)
+    assert r.returncode == 0, r.stderr
+    ended = d.wait_for(lambda: (j := job(d, job_id))["state"] == "cancelled" and j, timeout=60, what="cancelled")
+    assert ended["reason"] == "cancelled by request"
+    assert not worker_processes(running["job_dir"])
+    assert d.request("status")["active_version"] is None
+    assert d.cli("cancel", job_id).returncode == 1  # already ended
+
+
+def test_job_pauses_at_window_end_and_resumes_in_the_next_window(daemon_factory, tiny_model):
+    sections = training_sections(tiny_model, max_steps=120, save_steps=1000, min_new_examples=1)
+    d = daemon_factory(env=WORKER_ENV, **sections)
+    first = d.wait_for(lambda: d.request("jobs")["jobs"], timeout=10, what="a scheduled job")[0]
+    assert first["trigger"] == "window"
+    job_id = first["job_id"]
+    d.wait_for(at_step(d, job_id, 3), timeout=120, what="training to start")
+    open_config = d.config.read_text()
+    d.config.write_text(open_config.replace('"00:00-24:00"', json.dumps(closed_window_now())))
+    assert d.cli("reload").returncode == 0
+    paused = d.wait_for(lambda: (j := job(d, job_id))["state"] == "paused" and j, timeout=60, what="pause")
+    assert paused["reason"] == "training window closed"
+    checkpoints = sorted(Path(paused["job_dir"], "checkpoints").iterdir())
+    assert checkpoints, "a paused job keeps a checkpoint"
+    paused_step = paused["progress"]["step"]
+    assert not worker_processes(paused["job_dir"])
+    assert d.request("status")["job"] is None
+
+    d.config.write_text(open_config)  # the next window opens
+    assert d.cli("reload").returncode == 0
+    ended = d.wait_for(lambda: (j := job(d, job_id))["state"] in ("promoted", "rejected", "failed") and j,
+                       timeout=240, what="the resumed job to finish")
+    assert ended["state"] == "promoted", ended
+    assert ended["runs"] == 2
+    progress = [json.loads(line) for line in Path(paused["job_dir"], "progress.jsonl").read_text().splitlines()]
+    resumed = [p for p in progress if p.get("resumed")]
+    assert resumed and resumed[0]["step"] >= paused_step - 1  # continued from its checkpoint, not from 0
+    states = [e["state"] for e in ended["events"]]
+    assert states == ["queued", "preparing", "training", "paused", "training", "evaluating", "promoted"]
+
+
+def test_sigterm_pauses_the_running_job_and_leaves_no_orphan_worker(daemon_factory, tiny_model):
+    d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=5000, save_steps=1000))
+    job_id = d.request("train_now")["job"]["job_id"]
+    running = d.wait_for(at_step(d, job_id, 2), timeout=120, what="training to start")
+    workers = worker_processes(running["job_dir"])
+    assert workers
+    assert d.stop() == 0
+    assert not worker_processes(running["job_dir"])
+    d.start()  # a manual job paused by shutdown resumes at once
+    resumed = d.wait_for(lambda: (j := job(d, job_id))["state"] == "training" and j["runs"] == 2 and j,
+                         timeout=60, what="resume after restart")
+    assert [e["state"] for e in resumed["events"]][-2:] == ["paused", "training"]
+    assert d.cli("cancel", job_id).returncode == 0
+    d.wait_for(lambda: job(d, job_id)["state"] == "cancelled", timeout=60, what="cancelled")
