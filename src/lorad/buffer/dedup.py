@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,20 +51,38 @@ def shingles(text: str, k: int = SHINGLE) -> set[bytes]:
     return {" ".join(words[i:i + k]).encode("utf-8", "surrogatepass") for i in range(len(words) - k + 1)}
 
 
+@lru_cache(maxsize=4)
+def _permutations(num_perm: int):
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=1, scheme="affine32").permutations  # made once, not per example
+
+
 def signature(text: str, num_perm: int = NUM_PERM) -> bytes:
     """The MinHash signature of a text, as bytes (num_perm little-endian uint32 values)."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=num_perm, seed=1)
+    m = MinHash(num_perm=num_perm, seed=1, permutations=_permutations(num_perm), scheme="affine32")
     m.update_batch(list(shingles(text)))
-    return struct.pack(f"<{num_perm}I", *(int(v) & 0xFFFFFFFF for v in m.hashvalues))
+    return m.hashvalues.astype("<u4").tobytes()
 
 
 def similarity(a: bytes, b: bytes) -> float:
     """Estimated Jaccard similarity of two signatures (share of equal values)."""
-    n = len(a) // 4
-    va, vb = struct.unpack(f"<{n}I", a), struct.unpack(f"<{n}I", b)
-    return sum(x == y for x, y in zip(va, vb)) / n
+    import numpy as np
+
+    return float(np.mean(np.frombuffer(a, "<u4") == np.frombuffer(b, "<u4")))
+
+
+def similarities(sig: bytes, others: list[bytes]):
+    """:func:`similarity` of one signature against many at once (a numpy array)."""
+    import numpy as np
+
+    if not others:
+        return np.zeros(0)
+    mine = np.frombuffer(sig, "<u4")
+    matrix = np.frombuffer(b"".join(others), "<u4").reshape(len(others), mine.size)
+    return (matrix == mine).mean(axis=1)
 
 
 @lru_cache(maxsize=32)

@@ -14,6 +14,7 @@ many new training examples arrived.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -145,7 +146,9 @@ def chains_of(conn, chain_ids: Iterable[str]) -> dict[str, traces.Chain]:
     out = {}
     for chain_id, rows in by_chain.items():
         linked = traces.link(rows)
-        out[chain_id] = next((c for c in linked if c.chain_id == chain_id), linked[0])
+        chain = next((c for c in linked if c.chain_id == chain_id), None)
+        # Rows stored under one chain id are one chain, whatever linking them alone would call it.
+        out[chain_id] = chain or dataclasses.replace(linked[0], chain_id=chain_id)
     return out
 
 
@@ -207,8 +210,9 @@ def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> 
     report = RefreshReport()
     with buffer.transaction() as conn:
         lsh = f"{threshold}:{bands}x{rows_per_band}"
-        rebuild = _state(conn, "lsh") != lsh
-        if rebuild:
+        previous = _state(conn, "lsh")
+        rebuild = previous is not None and previous != lsh  # dedup_similarity changed
+        if previous != lsh:
             _set_state(conn, "lsh", lsh)
         _set_state(conn, "selection", json.dumps({
             k: _get(selection, k, d) for k, d in (("policy", "refinement"), ("min_retries", 2),
@@ -343,12 +347,14 @@ def _deduplicate(conn, touched: list[int], threshold: float, report: RefreshRepo
                 "SELECT id, created_ts, seq FROM examples WHERE text_key = ? AND id != ? AND duplicate_of IS NULL",
                 (x_text, x_id)):
             similar[y_id] = ((y_ts, y_seq), "exact")
-        for y_id, y_ts, y_seq, y_sig in conn.execute(
-                "SELECT e.id, e.created_ts, e.seq, e.minhash FROM examples e WHERE e.id IN ("
-                "  SELECT b2.example_id FROM example_bands b1 JOIN example_bands b2 "
-                "  ON b2.band = b1.band AND b2.key = b1.key WHERE b1.example_id = ?) "
-                "AND e.id != ? AND e.duplicate_of IS NULL AND e.outcome = ?", (x_id, x_id, x_outcome)):
-            if y_id not in similar and dedup.similarity(x_sig, y_sig) >= threshold:
+        candidates = conn.execute(
+            "SELECT e.id, e.created_ts, e.seq, e.minhash FROM examples e WHERE e.id IN ("
+            "  SELECT b2.example_id FROM example_bands b1 JOIN example_bands b2 "
+            "  ON b2.band = b1.band AND b2.key = b1.key WHERE b1.example_id = ?) "
+            "AND e.id != ? AND e.duplicate_of IS NULL AND e.outcome = ?", (x_id, x_id, x_outcome)).fetchall()
+        scores = dedup.similarities(x_sig, [c[3] for c in candidates])
+        for (y_id, y_ts, y_seq, _), score in zip(candidates, scores):
+            if y_id not in similar and score >= threshold:
                 similar[y_id] = ((y_ts, y_seq), "near")
         if not similar:
             continue
