@@ -175,8 +175,17 @@ class PublishReport:
                 "revert_results": [r.as_dict() for r in self.revert_results]}
 
 
-def run_hooks(hooks: list[Hook], change: Change, root: Path) -> list[HookResult]:
+def run_all(hooks: list[Hook], change: Change, root: Path) -> list[HookResult]:
     return [hook.run(change, Path(root)) for hook in hooks]
+
+
+def run_hooks(settings, registry: Registry, change: Change,
+              audit: Callable[..., None] | None = None) -> list[dict]:
+    """The configured ``[[publish]]`` hooks for a change already made (see :func:`publish`)."""
+    report = publish(registry, change, hooks_from_settings(settings.publish), audit)
+    return [r.as_dict() for r in report.results] + (
+        [{"hook": "revert", "ok": True, "required": True, "detail": report.reverted.reason}]
+        if report.reverted else [])
 
 
 def publish(registry: Registry, change: Change, hooks: list[Hook],
@@ -190,7 +199,7 @@ def publish(registry: Registry, change: Change, hooks: list[Hook],
         audit: ``audit(event, version=..., **detail)`` for failed hooks (``Buffer.record_event``).
     """
     logger = log.get("lorad.publish")
-    report = PublishReport(run_hooks(hooks, change, registry.root))
+    report = PublishReport(run_all(hooks, change, registry.root))
     for r in report.results:
         if r.ok:
             logger.info("adapter_published", version=change.version, hook=r.hook, action=change.action)
@@ -206,5 +215,5 @@ def publish(registry: Registry, change: Change, hooks: list[Hook],
         report.reverted = registry.revert(change, reason=reason)
         logger.warning("adapter_change_reverted", version=report.reverted.version, reason=reason)
         # Let the serving side follow the pointer back (best effort; never reverted again).
-        report.revert_results = run_hooks(hooks, report.reverted, registry.root)
+        report.revert_results = run_all(hooks, report.reverted, registry.root)
     return report

@@ -1,0 +1,163 @@
+"""Offline adapter versions: `lorad history`, `lorad promote VERSION`, `lorad rollback [VERSION]`.
+
+They read and change ``state_dir/adapters`` directly (the registry takes a file lock, so a
+daemon running at the same time sees a consistent registry); promotion and rollback verify
+the version's sha256 first, run the ``[[publish]]`` hooks and write the buffer's audit table.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from lorad.commands import emit
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("history", parents=[common],
+                       help="adapter versions with their metrics and verdicts (offline, from the state directory)")
+    p.add_argument("version", nargs="?", metavar="VERSION", help="show one version's lorad.json in full")
+    p.add_argument("--limit", type=int, default=20, help="how many versions, newest first (default 20)")
+    p.set_defaults(func=history)
+
+    p = sub.add_parser("promote", parents=[common],
+                       help="make VERSION the serving adapter (refused if its files fail their sha256)")
+    p.add_argument("version", metavar="VERSION", help="a version name, or its number (v0007 or 7)")
+    p.add_argument("--reason", default="promoted by hand")
+    p.set_defaults(func=promote)
+
+    p = sub.add_parser("rollback", parents=[common],
+                       help="serve the previous blessed version again (or VERSION)")
+    p.add_argument("version", nargs="?", metavar="VERSION", help="default: the previous blessed version")
+    p.add_argument("--reason", default="rolled back by hand")
+    p.set_defaults(func=rollback)
+
+
+def _open(settings):
+    from lorad.buffer.store import Buffer
+    from lorad.cycle import open_registry
+
+    buffer = Buffer(settings.buffer_path, settings.buffer.synchronous)
+    return buffer, open_registry(settings, buffer)
+
+
+def history(args, settings) -> int:
+    from lorad.cli import CommandError
+    from lorad.cycle import open_registry, render_metrics
+    from lorad.registry import RegistryError
+
+    reg = open_registry(settings)
+    if args.version:
+        try:
+            v = reg.get(args.version)
+        except RegistryError as e:
+            raise CommandError(str(e)) from None
+        problems = reg.verify(v.name)
+        payload = v.record | {"sha256_ok": not problems, "sha256_problems": problems}
+        r = v.record
+        verdict = r.get("verdict") or {}
+        cmp = r.get("compared_with") or {}
+        lines = [f"{v.name}  {'PROMOTED' if verdict.get('promote') else 'REJECTED'} by the gate"
+                 f"{'  (current)' if reg.current() == v.name else ''}"
+                 f"{'  (previous)' if reg.previous() == v.name else ''}",
+                 f"created {r.get('created_at')}  job {r.get('job_id')}  parent {r.get('parent') or '-'}",
+                 f"base {r.get('base_model')}  method {r.get('method')}  "
+                 + "  ".join(f"{k}={val}" for k, val in (r.get("hyperparameters") or {}).items()),
+                 f"examples {(r.get('examples') or {}).get('count')} (max seq {(r.get('examples') or {}).get('max_seq')}), "
+                 f"held-out {(r.get('heldout') or {}).get('count')}"]
+        if r.get("metrics"):
+            lines.append(render_metrics(r["metrics"], cmp.get("label", "active"), cmp.get("version")))
+        lines += [f"  - {reason}" for reason in verdict.get("reasons", [])]
+        lines.append("files: sha256 ok" if not problems else "files: " + "; ".join(problems))
+        emit(args, payload, "\n".join(lines))
+        return 0 if not problems else 1
+
+    cur, prev = reg.current(), reg.previous()
+    rows = []
+    for v in list(reversed(reg.versions()))[:args.limit]:
+        r = v.record
+        metrics = r.get("metrics") or {}
+        label = (r.get("compared_with") or {}).get("label", "active")
+        cand, base = metrics.get("candidate") or {}, metrics.get(label) or {}
+        rows.append({"version": v.name, "current": v.name == cur, "previous": v.name == prev,
+                     "created_at": r.get("created_at"), "job_id": r.get("job_id"), "parent": r.get("parent"),
+                     "verdict": v.verdict, "nll": cand.get("nll"), "baseline_nll": base.get("nll"),
+                     "epsilon": cand.get("epsilon"), "baseline_epsilon": base.get("epsilon"),
+                     "examples": (r.get("examples") or {}).get("count")})
+    events = _events(settings)
+    lines = [f"current {cur or '- (base model)'}   previous {prev or '-'}"]
+    if not rows:
+        lines.append("no adapter versions yet")
+    else:
+        lines.append(f"{'':2}{'VERSION':<24} {'VERDICT':<9} {'NLL':>8} {'BASE NLL':>9} {'ε':>7} {'BASE ε':>7}  REASON")
+    for row in rows:
+        mark = "*" if row["current"] else "p" if row["previous"] else " "
+        verdict = "promote" if row["verdict"].get("promote") else "reject"
+        reason = (row["verdict"].get("reasons") or [""])[0]
+        lines.append(f"{mark} {row['version']:<24} {verdict:<9} {_f(row['nll']):>8} {_f(row['baseline_nll']):>9} "
+                     f"{_pct(row['epsilon']):>7} {_pct(row['baseline_epsilon']):>7}  {reason}")
+    if events:
+        lines.append("recent events:")
+        for e in events[:10]:
+            when = datetime.fromtimestamp(e["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+            why = e["detail"].get("reason") or "; ".join(e["detail"].get("reasons") or [])
+            lines.append(f"  {when} {e['event']:<24} {e['version'] or '-'}  {why}")
+    emit(args, {"current": cur, "previous": prev, "versions": rows, "events": events}, "\n".join(lines))
+    return 0
+
+
+def _events(settings) -> list[dict]:
+    """Registry events from the audit table, read-only (an absent buffer gives none)."""
+    from lorad.buffer.store import Buffer, BufferError
+
+    if not settings.buffer_path.exists():
+        return []
+    try:
+        with Buffer(settings.buffer_path, readonly=True) as reader:
+            out = []
+            for name in ("adapter_promoted", "adapter_rolled_back", "candidate_rejected",
+                         "adapter_change_reverted", "publish_failed"):
+                out += reader.events(name, limit=20)
+    except BufferError:
+        return []
+    return sorted(out, key=lambda e: e["id"], reverse=True)
+
+
+def _f(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
+
+
+def _pct(x) -> str:
+    return f"{x:.1%}" if isinstance(x, (int, float)) else "-"
+
+
+def _change(args, settings, action: str) -> int:
+    from lorad import cycle
+    from lorad.cli import CommandError
+    from lorad.registry import RegistryError
+
+    buffer, reg = _open(settings)
+    try:
+        fn = cycle.promote if action == "promote" else cycle.rollback
+        done = fn(settings, buffer, reg, args.version, reason=args.reason)
+    except RegistryError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        buffer.close()
+    change, report = done["change"], done["publish"]
+    verb = "promoted" if action == "promote" else "rolled back to"
+    lines = [f"{verb} {change['version']} (was {change['replaced'] or 'base model'}); "
+             f"previous is now {change['previous'] or '-'}"]
+    for r in report["results"]:
+        lines.append(f"publish {r['hook']}: {'ok' if r['ok'] else 'FAILED'} {r['detail']}".rstrip())
+    if report["reverted"]:
+        lines.append(f"REVERTED: {report['reverted']['reason']}")
+    emit(args, done, "\n".join(lines))
+    return 1 if report["reverted"] or not report["ok"] else 0
+
+
+def promote(args, settings) -> int:
+    return _change(args, settings, "promote")
+
+
+def rollback(args, settings) -> int:
+    return _change(args, settings, "rollback")

@@ -1,0 +1,279 @@
+"""One training cycle end to end on a tiny model: select → train → evaluate → gate → registry.
+
+The module trains three times (a few seconds each with one thread): a candidate on the
+fixture store's real examples, one on poisoned data (each completion's characters
+shuffled), and, after the poisoned one is promoted by hand, a third cycle whose re-scoring
+rolls it back. A slow test does the whole thing with SmolLM2-135M-Instruct from its GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lorad import cli, config, cycle
+from lorad.buffer.store import Buffer
+from lorad.training.job import EXIT_PAUSED, TRAIN_FILE, read_jsonl, read_result, write_jsonl
+
+FIXTURES = Path(__file__).parent / "fixtures"
+STORE = FIXTURES / "atomicguard-store"
+GUARD = FIXTURES / "task_guard.py"
+
+
+def settings_for(root: Path, base_model: str, *, steps: int = 40, extra: str = "", guard: bool = True,
+                 max_seq: int = 256, evaluation: str = "") -> config.Settings:
+    guard_line = f'guard_command = ["{sys.executable}", "{GUARD}"]' if guard else ""
+    text = f"""
+[daemon]
+state_dir = "{root / 'state'}"
+[[store.sources]]
+kind = "atomicguard"
+path = "{STORE}"
+[selection]
+policy = "all_successes"
+heldout_fraction = 0.3
+max_history = 1
+max_artifact_chars = 300
+[training]
+base_model = "{base_model}"
+max_steps = {steps}
+batch_size = 4
+learning_rate = 0.01
+max_seq_length = {max_seq}
+quantization = "none"
+gradient_checkpointing = false
+save_steps = 1000
+lora_r = 8
+lora_alpha = 64
+lora_dropout = 0.0
+warm_start = false
+{extra}
+[evaluation]
+{guard_line}
+generation_samples = 4
+max_new_tokens = 24
+min_heldout_examples = 3
+rollback_threshold = 0.01
+{evaluation}
+"""
+    return config.loads(text)
+
+
+def poison(job_dir: Path, seed: int = 1) -> None:
+    """Shuffle the characters of every training completion (and which prompt each one answers)."""
+    rows = read_jsonl(job_dir / TRAIN_FILE)
+    rng = random.Random(seed)
+    answers = [r["completion"][0]["content"] for r in rows]
+    rng.shuffle(answers)
+    for row, text in zip(rows, answers):
+        chars = list(text)
+        rng.shuffle(chars)
+        row["completion"] = [{"role": "assistant", "content": "".join(chars)}]
+    write_jsonl(job_dir / TRAIN_FILE, rows)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """cli.main configures structlog onto the captured stderr; don't leave it pointing there."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    mp = pytest.MonkeyPatch()
+    # The worker is a subprocess; these keep its torch to one core on the shared CPU.
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        mp.setenv(k, "1")
+    mp.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, one_thread):
+    from lorad.training.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def two_cycles(tmp_path_factory, tiny_dir):
+    """A good cycle (run_once), then a poisoned one driven step by step as the daemon does."""
+    root = tmp_path_factory.mktemp("cycle")
+    s = settings_for(root, str(tiny_dir))
+    good = cycle.run_once(s, progress=False)
+    current_after_good = cycle.open_registry(s).current()
+    with Buffer(s.buffer_path) as buffer:
+        reg = cycle.open_registry(s, buffer)
+        job_dir = cycle.prepare(s, buffer, reg, "poisoned", since=0)
+        poison(job_dir)
+        records = []
+        code = cycle.run_worker(job_dir, on_progress=records.append)
+        bad = cycle.conclude(s, buffer, reg, job_dir)
+    return {"settings": s, "good": good, "bad": bad, "code": code, "progress": records,
+            "current_after_good": current_after_good, "current_after_bad": cycle.open_registry(s).current()}
+
+
+def test_candidate_trained_on_good_data_is_promoted_over_the_base_model(two_cycles):
+    good, s = two_cycles["good"], two_cycles["settings"]
+    assert good.status == "promoted", good.render()
+    assert good.baseline == "active" and good.baseline_version is None  # the bare base model
+    assert good.metrics["candidate"]["nll"] < good.metrics["active"]["nll"] * 0.99
+    assert two_cycles["current_after_good"] == good.version
+    record = cycle.open_registry(s).get(good.version).record
+    assert record["verdict"]["promote"] is True
+    assert record["base_model"] == s.training.base_model and record["method"] == "sft"
+    assert record["hyperparameters"]["lora_r"] == 8 and record["parent"] is None
+    assert record["examples"]["count"] > 0 and record["examples"]["max_seq"] > 0
+    assert len(record["examples"]["sha256"]) == 64
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(record["files"])
+    with Buffer(s.buffer_path) as b:
+        (event,) = b.events("adapter_promoted")
+        assert event["version"] == good.version and event["detail"]["metrics"]["candidate"]
+    # the next cycle counts new examples from what this version was trained up to
+    assert cycle.since_seq(cycle.open_registry(s)) == record["examples"]["max_seq"]
+
+
+def test_candidate_trained_on_poisoned_data_is_rejected_and_current_does_not_move(two_cycles):
+    bad, good, s = two_cycles["bad"], two_cycles["good"], two_cycles["settings"]
+    assert two_cycles["code"] == 0
+    assert bad.status == "rejected", bad.render()
+    assert bad.baseline_version == good.version
+    assert any("held-out loss" in r and "a drop of at least 1.00% is required" in r
+               for r in bad.verdict["reasons"])
+    assert two_cycles["current_after_bad"] == good.version
+    # a rejected candidate is still a version, with its verdict, so it can be promoted by hand
+    record = cycle.open_registry(s).get(bad.version).record
+    assert record["verdict"]["promote"] is False
+    with Buffer(s.buffer_path) as b:
+        (event,) = b.events("candidate_rejected")
+        assert event["version"] == bad.version and event["detail"]["reasons"] == bad.verdict["reasons"]
+
+
+def test_first_attempt_acceptance_is_measured_with_a_real_guard(two_cycles):
+    good = two_cycles["good"]
+    for label in ("candidate", "active"):
+        m = good.metrics[label]
+        assert m["generated"] == 4 and 0 <= m["accepted"] <= 4
+        assert m["epsilon"] == m["accepted"] / 4
+        # the guard ran the task's tests on what the tiny model wrote and said why it failed
+        assert all(g["feedback"] for g in m["guard"])
+    assert "first-attempt ε" in good.render() and "Δε" in good.render()
+
+
+def test_worker_progress_reaches_the_caller(two_cycles):
+    stages = {r.get("stage") for r in two_cycles["progress"]}
+    assert "evaluating" in stages
+    assert max(r.get("step") or 0 for r in two_cycles["progress"]) == 40
+
+
+def test_train_once_prints_verdict_reasons_and_metrics_side_by_side(two_cycles, capsys):
+    """`lorad train --once` with nothing new: the cycle is skipped with the reason."""
+    s = two_cycles["settings"]
+    cfg = Path(s.state_dir).parent / "config.toml"
+    cfg.write_text(_toml_of(s))
+    code = cli.main(["--config", str(cfg), "train", "--once", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "SKIPPED" in out and "no training examples" in out
+
+
+def test_history_lists_versions_with_metrics_and_verdicts(two_cycles, capsys):
+    s = two_cycles["settings"]
+    cfg = Path(s.state_dir).parent / "config.toml"
+    cfg.write_text(_toml_of(s))
+    assert cli.main(["--config", str(cfg), "history"]) == 0
+    out = capsys.readouterr().out
+    good, bad = two_cycles["good"].version, two_cycles["bad"].version
+    assert f"* {good}" in out and "promote" in out
+    assert bad in out and "reject" in out
+    assert f"{two_cycles['good'].metrics['candidate']['nll']:.4f}" in out
+    assert cli.main(["--config", str(cfg), "--json", "history", bad]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == bad and shown["sha256_ok"] is True
+
+
+def test_rescoring_rolls_back_an_active_adapter_that_became_worse(two_cycles, tmp_path, capsys):
+    """Promote the poisoned version by hand; the next cycle re-scores it against the previous
+    blessed one on the current held-out set and rolls it back."""
+    s = two_cycles["settings"]
+    good, bad = two_cycles["good"].version, two_cycles["bad"].version
+    cfg = Path(s.state_dir).parent / "config.toml"
+    cfg.write_text(_toml_of(s))
+    assert cli.main(["--config", str(cfg), "promote", bad]) == 0
+    capsys.readouterr()
+    reg = cycle.open_registry(s)
+    assert (reg.current(), reg.previous()) == (bad, good)
+    with Buffer(s.buffer_path) as buffer:
+        job_dir = cycle.prepare(s, buffer, reg, "rescore", since=0)
+        assert cycle.run_worker(job_dir) == 0
+        outcome = cycle.conclude(s, buffer, reg, job_dir)
+        rolled = buffer.events("adapter_rolled_back")
+    assert outcome.rollback["rolled_back"] is True, outcome.render()
+    assert outcome.rollback["reasons"][0].startswith("active held-out loss")
+    assert outcome.baseline == "previous" and outcome.baseline_version == good
+    assert rolled[0]["version"] == good and rolled[0]["detail"]["reason"].startswith("re-scored:")
+    assert reg.current() in (good, outcome.version)
+    assert "rolled back:" in outcome.render()
+
+
+def test_run_worker_pauses_the_worker_on_stop_event(tiny_dir, tmp_path):
+    s = settings_for(tmp_path, str(tiny_dir), steps=400, guard=False)
+    stop = threading.Event()
+    with Buffer(s.buffer_path) as buffer:
+        from lorad.ingest import ingest
+        from lorad.sources import open_sources
+
+        ingest(buffer, open_sources(s.store), 500)
+        job_dir = cycle.prepare(s, buffer, cycle.open_registry(s), "pausing")
+
+        def on_progress(record):
+            if (record.get("step") or 0) >= 2:
+                stop.set()
+
+        code = cycle.run_worker(job_dir, on_progress=on_progress, stop_event=stop, poll=0.1)
+    assert code == EXIT_PAUSED
+    assert read_result(job_dir)["status"] == "paused"
+    assert not (job_dir / cycle.WORKER_PID).exists()
+
+
+def test_task_guard_accepts_the_fixture_answers_and_rejects_a_wrong_one():
+    from lorad.evaluation.metrics import run_guard
+
+    spec = "Write a Python function `clamp_41(x)` that limits x to the range 0 to 410, inclusive."
+    right = "def clamp_41(x):\n    return max(0, min(410, x))\n"
+    wrong = "def clamp_41(x):\n    return max(0, min(409, x))\n"
+    assert run_guard([sys.executable, str(GUARD)], right, spec, 20) == (True, "All tests passed")
+    ok, feedback = run_guard([sys.executable, str(GUARD)], wrong, spec, 20)
+    assert not ok and "expected 410" in feedback
+
+
+def _toml_of(s: config.Settings) -> str:
+    """Write Settings back as TOML (enough for these tests' keys)."""
+    lines = []
+    for section in ("daemon", "selection", "training", "evaluation"):
+        lines.append(f"[{section}]")
+        obj = getattr(s, section)
+        for k, v in vars(obj).items():
+            lines.append(f"{k} = {_toml_value(v)}")
+    for src in s.store.sources:
+        lines.append("[[store.sources]]")
+        lines.append(f'kind = "{src.kind}"\npath = "{src.path}"')
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
