@@ -89,11 +89,18 @@ def _get(selection: Any, name: str, default: Any) -> Any:
     return getattr(selection, name, default)
 
 
+def _epoch(now: Any) -> float:
+    """``now`` as epoch seconds: None (the clock), a number, or a datetime."""
+    if now is None:
+        return time.time()
+    return now.timestamp() if hasattr(now, "timestamp") else float(now)
+
+
 def policy_and_context(selection: Any, now: float | None = None, *, policy: str | None = None,
                        min_retries: int | None = None, since: float | None = None
                        ) -> tuple[traces.Policy, traces.PolicyContext]:
     """The parsed policy and its context from [selection] values (explicit arguments win)."""
-    now = time.time() if now is None else now
+    now = _epoch(now)
     parsed = traces.parse_policy(policy or _get(selection, "policy", "refinement"))
     if since is None:
         since = now - _get(selection, "recent_days", 30) * DAY
@@ -202,7 +209,7 @@ def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> 
             policy values are remembered for :func:`count_new`.
         now: the time recorded on changed rows (a parameter for tests).
     """
-    now = time.time() if now is None else now
+    now = _epoch(now)
     fraction = _get(selection, "heldout_fraction", 0.15)
     seed = _get(selection, "seed", 0)
     threshold = _get(selection, "dedup_similarity", 0.9)
