@@ -319,6 +319,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
         raise JobFailed(str(e)) from None
     result["memory_estimate"] = estimate.as_dict()
     result["device"] = device.kind
+    result["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
     result["base_model"] = model_dir
 
     train_rows = jobfile.read_jsonl(job_dir / jobfile.TRAIN_FILE)

@@ -1,0 +1,40 @@
+"""training.processes = 2: the worker under `accelerate launch` (DDP, gloo on the CPU)."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from lorad.training import job as jobfile
+from training_helpers import run_worker, sft_row
+
+torch.set_num_threads(1)
+
+
+def test_two_process_run_saves_an_adapter_of_the_same_shape_that_loads_the_same_way(make_job, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    single = make_job(max_steps=2)
+    code, one, out = run_worker(single)
+    assert code == jobfile.EXIT_OK, out
+
+    job_dir = make_job(max_steps=2, processes=2)
+    assert "accelerate.commands.launch" in jobfile.worker_command(job_dir, jobfile.read_job(job_dir))
+    code, two, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out
+    assert two["processes"] == 2 and one["processes"] == 1
+    # Each of the two ranks consumed its own batches: twice the tokens per step.
+    assert two["tokens"] > 1.5 * one["tokens"]
+    # Only rank 0 wrote the progress stream (one record per step, not two).
+    steps = [r["step"] for r, _ in jobfile.iter_progress(job_dir) if r.get("loss") is not None]
+    assert steps == [1, 2]
+
+    a = load_file(single / "adapter" / "adapter_model.safetensors")
+    b = load_file(job_dir / "adapter" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, job_dir / "adapter").eval()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
