@@ -28,6 +28,8 @@ from typing import Any
 
 import sqlite_utils
 
+from lorad.buffer import traces
+
 # Columns of ``artifacts`` that a source fills in, in insert order.
 ARTIFACT_COLUMNS = (
     "source", "locator", "artifact_id", "workflow_id", "action_pair_id", "parent_action_pair_id",
@@ -35,6 +37,14 @@ ARTIFACT_COLUMNS = (
     "passed", "fatal", "feedback", "sub_results", "specification", "constraints",
     "feedback_history", "dependency_artifacts", "origin", "metadata", "messages", "score",
     "content_hash",
+)
+
+_UPSERT = (
+    f"INSERT INTO artifacts ({', '.join(ARTIFACT_COLUMNS)}, chain_id, ingested_at, updated_at) "
+    f"VALUES ({', '.join('?' for _ in ARTIFACT_COLUMNS)}, ?, ?, ?) "
+    f"ON CONFLICT (source, locator) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ARTIFACT_COLUMNS if c not in ("source", "locator"))
+    + ", chain_id = excluded.chain_id, updated_at = excluded.updated_at"
 )
 
 
@@ -296,6 +306,7 @@ class Buffer:
                     existing.update(conn.execute(
                         f"SELECT locator, content_hash FROM artifacts WHERE source = ? AND locator IN "
                         f"({', '.join('?' for _ in chunk)})", (batch.source, *chunk)).fetchall())
+                changed: dict[str, dict] = {}
                 for row in batch.artifacts:
                     old = existing.get(row["locator"])
                     if old is None:
@@ -304,24 +315,20 @@ class Buffer:
                         updated += 1
                     else:
                         unchanged += 1
+                        continue
                     existing[row["locator"]] = row["content_hash"]  # a repeat within the batch
-                placeholders = ", ".join("?" for _ in ARTIFACT_COLUMNS)
-                updates = ", ".join(
-                    f"{c} = excluded.{c}" for c in ARTIFACT_COLUMNS if c not in ("source", "locator")
-                )
-                conn.executemany(
-                    f"INSERT INTO artifacts ({', '.join(ARTIFACT_COLUMNS)}, ingested_at, updated_at) "
-                    f"VALUES ({placeholders}, ?, ?) "
-                    f"ON CONFLICT (source, locator) DO UPDATE SET {updates}, updated_at = excluded.updated_at "
-                    f"WHERE artifacts.content_hash != excluded.content_hash",
-                    [tuple(row[c] for c in ARTIFACT_COLUMNS) + (now, now) for row in batch.artifacts],
-                )
-                if conn.execute("SELECT 1 FROM quarantine WHERE source = ? LIMIT 1", (batch.source,)).fetchone():
-                    # A file that parses now leaves quarantine.
-                    conn.executemany(
-                        "DELETE FROM quarantine WHERE source = ? AND locator = ?",
-                        [(row["source"], row["locator"]) for row in batch.artifacts],
-                    )
+                    changed[row["locator"]] = row
+                if changed:
+                    plan = traces.plan_links(conn, list(changed.values()))
+                    conn.executemany(_UPSERT, [
+                        tuple(row[c] for c in ARTIFACT_COLUMNS) + (row["chain_id"], now, now)
+                        for row in changed.values()
+                    ])
+                    traces.apply_links(conn, plan, now)
+                    if conn.execute("SELECT 1 FROM quarantine WHERE source = ? LIMIT 1", (batch.source,)).fetchone():
+                        # A file that parses now leaves quarantine.
+                        conn.executemany("DELETE FROM quarantine WHERE source = ? AND locator = ?",
+                                         [(batch.source, loc) for loc in changed])
             if batch.quarantined:
                 conn.executemany(
                     "INSERT INTO quarantine (source, locator, reason, content_hash, size, first_seen, last_seen) "
@@ -345,11 +352,6 @@ class Buffer:
                     "ON CONFLICT (source) DO UPDATE SET state = excluded.state, last_scan = excluded.last_scan",
                     (batch.source, json.dumps(batch.state), now),
                 )
-            if batch.artifacts:
-                from lorad.buffer.traces import relink
-
-                groups = {(r["source"], r["workflow_id"], r["action_pair_id"]) for r in batch.artifacts}
-                relink(conn, groups, now)
         return new, updated, unchanged
 
     # -- reading --------------------------------------------------------------------------------
@@ -430,7 +432,6 @@ class Batch:
 
     def __len__(self):
         return len(self.artifacts) + len(self.quarantined) + len(self.signatures)
-
 
 
 from lorad.buffer import examples as _examples  # noqa: E402,F401  (registers 0002_examples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -226,12 +227,11 @@ class AtomicGuardSource:
         now = time.time()
         for locator, path in self._walk(paths):
             try:
+                st = os.stat(path, follow_symlinks=False)
                 if _undecodable(locator):
-                    st = os.stat(path, follow_symlinks=False)
                     self._quarantine_once(batch, known, safe_name(locator), st, "file name is not valid UTF-8")
                     continue
-                st = os.stat(path, follow_symlinks=False)
-                if os.path.islink(path):
+                if stat.S_ISLNK(st.st_mode):
                     target = os.path.realpath(path)
                     if os.path.commonpath([target, self.real_root]) != self.real_root:
                         self._quarantine_once(batch, known, locator, st, f"symlink leads outside the store (to {target})")
@@ -251,8 +251,7 @@ class AtomicGuardSource:
                                       f"file is {st.st_size} bytes, over the {self.max_file_bytes}-byte limit")
                 continue
             try:
-                with open(path, "rb") as f:
-                    data = f.read(self.max_file_bytes + 1)
+                data = _read(path, st.st_size, self.max_file_bytes)
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -291,6 +290,21 @@ class AtomicGuardSource:
             return
         batch.quarantined.append(Quarantined(self.key, locator, reason, None, st.st_size))
         batch.signatures.append((self.key, locator, st.st_size, st.st_mtime_ns, "-"))
+
+
+def _read(path: str, size: int, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, min(size, limit) + 1)
+        if len(data) > size:  # grew since stat: take the rest, up to the limit
+            while len(data) <= limit:
+                more = os.read(fd, limit + 1 - len(data))
+                if not more:
+                    break
+                data += more
+        return data
+    finally:
+        os.close(fd)
 
 
 def _undecodable(name: str) -> bool:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+import orjson
+
 from lorad.buffer.store import Batch, Buffer
 
 STATUSES = ("pending", "rejected", "accepted", "superseded")
@@ -31,6 +33,9 @@ class Reader(Protocol):
 
     def scan(self, buffer: Buffer, batch_size: int, paths: Iterable[str] | None = None) -> Iterator[Batch]:
         """Yield batches of what changed since the buffer last saw this source.
+
+        The buffer may be read only before the first batch is yielded: ingest commits the
+        batches from another thread while the reader goes on.
 
         Args:
             buffer: read for what is already known (file signatures, offsets); never written.
@@ -50,6 +55,15 @@ def safe_name(name: str) -> str:
 
 
 def decode_json(data: bytes) -> Any:
+    """Parse a JSON document, raising ParseError with a readable reason.
+
+    orjson parses ~3x faster than the standard library; on its error (which reports no
+    position we can use) the standard parser runs once more, only to word the reason.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -64,6 +78,7 @@ def decode_json(data: bytes) -> Any:
         raise ParseError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise ParseError("malformed JSON: nested too deeply") from None
+    raise ParseError("not valid JSON (surrogates or numbers out of range)")
 
 
 def timestamp(value: Any, key: str = "created_at") -> tuple[str | None, float | None]:
@@ -100,7 +115,7 @@ def json_text(value: Any) -> str | None:
         return None
     if not value and type(value) in _EMPTY:
         return _EMPTY[type(value)]
-    return json.dumps(value, ensure_ascii=False)
+    return orjson.dumps(value).decode()
 
 
 def _kind(value: Any) -> str:
