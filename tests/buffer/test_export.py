@@ -157,3 +157,11 @@ def test_trl_kto_trainer_prepares_the_kto_export(config, tmp_path, tiny):
     assert {"prompt_ids", "completion_ids"} <= set(trainer.train_dataset.column_names)
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_output_dash_writes_the_data_to_stdout_and_the_counts_to_stderr(config, capsys):
+    assert main(["--config", str(config), "--json", "export", "--format", "kto", "--output", "-"]) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines and all(set(r) == FORMAT_KEYS["kto"] for r in lines)
+    assert json.loads(err.strip().splitlines()[-1])["lines"] == len(lines)

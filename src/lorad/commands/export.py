@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from lorad.commands import emit
@@ -79,7 +80,7 @@ def run(args, settings) -> int:
                 f"duplicates dropped: {sum(dups.values())} (exact {dups.get('exact', 0)}, near {dups.get('near', 0)})\n"
                 f"not in split {args.split}: {report.other_split}")
     if to_stdout:
-        print(text_out if not args.json else payload, file=sys.stderr)
+        print(json.dumps(payload) if args.json else text_out, file=sys.stderr)  # stdout holds the data
     else:
         emit(args, payload, text_out)
     return 0
