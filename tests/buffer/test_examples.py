@@ -260,3 +260,12 @@ def test_snapshot_draws_from_a_large_pool_without_reading_it_whole(buffer):
     assert len(got) == len(set(got)) == 500
     assert all(s % 3 and s % 7 for s in got)  # refined and train only
     assert probe_calls and sum(probe_calls) < n / 4
+
+
+def test_count_new_uses_the_policy_the_last_refresh_was_given(buffer, fixture_store):
+    sync(buffer, fixture_store, SelectionSettings(policy="all_successes"))
+    train = [r for r in rows(buffer).values() if r["split"] == "train"]
+    assert examples.count_new(buffer, 0) == sum(1 for r in train if r["outcome"] != "exhausted")
+    examples.refresh(buffer, SelectionSettings(policy="refinement"))
+    assert examples.count_new(buffer, 0) == sum(1 for r in train if r["outcome"] == "refined")
+    assert examples.count_new(buffer, 0, {"policy": "exhausted"}) == sum(1 for r in train if r["outcome"] == "exhausted")
