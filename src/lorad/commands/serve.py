@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def register(sub, common) -> None:
     p = sub.add_parser("serve", parents=[common],
@@ -10,6 +12,16 @@ def register(sub, common) -> None:
 
 
 def run(args, settings) -> int:
+    from lorad.cli import CommandError
+
+    if "sqlite_utils" not in sys.modules:
+        # sqlite-utils imports pandas (and with it pyarrow) whenever it is installed, only to
+        # recognise pandas values; the daemon never passes any. Hiding it keeps ~100 MB out of
+        # a process that stays resident (the training worker, a separate process, is unaffected).
+        sys.modules.setdefault("pandas", None)
     from lorad.daemon.service import serve
 
-    return serve(settings)
+    try:
+        return serve(settings)
+    except PermissionError as e:
+        raise CommandError(f"cannot start the daemon: {e}") from None
