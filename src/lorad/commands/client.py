@@ -7,9 +7,11 @@ daemon listening they say so and exit 69 (EX_UNAVAILABLE); an error from the dae
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from lorad.commands import emit
 
@@ -58,13 +60,28 @@ def register(sub, common) -> None:
     p.set_defaults(func=feedback)
 
 
+SYSTEMD_SOCKET = Path("/run/lorad/lorad.sock")
+
+
+def socket_path(settings) -> Path:
+    """Where the daemon listens, seen from a client.
+
+    ``daemon.socket`` when set. Otherwise the daemon used $RUNTIME_DIRECTORY, which clients do
+    not have: the systemd unit's /run/lorad/lorad.sock when it exists, else <state_dir>/lorad.sock.
+    """
+    path = settings.daemon.socket_path
+    if settings.daemon.socket or os.environ.get("RUNTIME_DIRECTORY") or path.exists():
+        return path
+    return SYSTEMD_SOCKET if SYSTEMD_SOCKET.exists() else path
+
+
 def call(settings, command: str, **arguments) -> dict:
     """One request; daemon errors and absence become CommandError."""
     from lorad.cli import CommandError
     from lorad.daemon.protocol import DaemonUnavailable, ProtocolError, request
 
     try:
-        response = request(settings.daemon.socket_path, command, **arguments)
+        response = request(socket_path(settings), command, **arguments)
     except DaemonUnavailable as e:
         raise CommandError(str(e), EX_UNAVAILABLE) from None
     except ProtocolError as e:
