@@ -131,10 +131,11 @@ def main() -> int:
                 return conn.execute(f"SELECT seq, retries FROM examples WHERE seq > ? AND seq <= ? AND {where}",
                                     (lo, hi, *params)).fetchall()
 
-            def mix():
+            def mix():  # as build_snapshot draws
                 rng = random.Random(1)
                 new = sampling.draw(1000, since, max_seq, probe, scan, rng)
-                old = sampling.draw(1000, 0, since, probe, scan, rng, "retries")
+                top = conn.execute("SELECT max(retries) FROM examples").fetchone()[0]
+                old = sampling.draw(1000, 0, since, probe, scan, rng, "retries", top)
                 return new + old
 
             def order_by_random():

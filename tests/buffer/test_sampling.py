@@ -83,3 +83,14 @@ def test_exact_weighted_sample_has_no_repeats_and_prefers_heavy_items():
 def test_unknown_weighting_is_an_error():
     with pytest.raises(ValueError, match="weighting"):
         weight(1, "loud")
+
+
+def test_a_tighter_retry_bound_keeps_the_weighting_and_needs_fewer_probes():
+    members = {s: (0 if s % 2 else 3) for s in range(1, 400_001)}
+    probe, scan, probes = pool_of(members)
+    got = draw(4000, 0, 400_000, probe, scan, random.Random(0), "retries", max_retries=3)
+    heavy = sum(1 for s in got if members[s] == 3) / len(got)
+    assert 0.75 < heavy < 0.85  # weights 4 : 1
+    loose_probe, loose_scan, loose = pool_of(members)
+    draw(4000, 0, 400_000, loose_probe, loose_scan, random.Random(0), "retries")
+    assert sum(probes) < sum(loose)

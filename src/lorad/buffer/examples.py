@@ -28,6 +28,7 @@ from lorad.buffer import dedup, formatting, sampling, split, traces
 from lorad.buffer.store import Buffer, migration
 
 SUCCESSES = ("first_try", "refined")
+_UNUSABLE = "outcome = 'open' OR trim(specification) = ''"
 # Chains that do not become examples, and why.
 SKIP_OPEN = "open"  # still pending, or nothing decided yet
 SKIP_EMPTY_SPEC = "empty_specification"
@@ -69,6 +70,7 @@ def _examples(db) -> None:
     db.execute("CREATE INDEX examples_answer ON examples (answer_key)")
     db.execute("CREATE INDEX examples_text ON examples (text_key)")
     db.execute("CREATE INDEX examples_duplicate_of ON examples (duplicate_of)")
+    db.execute("CREATE INDEX examples_retries ON examples (retries)")  # max(retries) for weighted draws
     db.execute(
         "CREATE TABLE example_bands (band INTEGER NOT NULL, key INTEGER NOT NULL, example_id INTEGER NOT NULL, "
         "PRIMARY KEY (band, key, example_id)) WITHOUT ROWID"
@@ -76,6 +78,8 @@ def _examples(db) -> None:
     db.execute("CREATE INDEX example_bands_example ON example_bands (example_id)")
     db.execute("CREATE TABLE splits (task_key TEXT PRIMARY KEY, split TEXT NOT NULL) WITHOUT ROWID")
     db.execute("CREATE TABLE examples_state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+    # Chains that are not examples, counted without reading the whole table.
+    db.execute(f"CREATE INDEX chains_unusable ON chains (outcome) WHERE {_UNUSABLE}")
 
 
 # -- selection values --------------------------------------------------------------------------
@@ -179,7 +183,7 @@ def skipped_counts(conn) -> dict[str, int]:
     """Chains that are not examples, by reason, over the whole buffer."""
     rows = conn.execute(
         f"SELECT CASE WHEN outcome = 'open' THEN '{SKIP_OPEN}' ELSE '{SKIP_EMPTY_SPEC}' END, count(*) "
-        "FROM chains WHERE outcome = 'open' OR trim(specification) = '' GROUP BY 1").fetchall()
+        f"FROM chains WHERE {_UNUSABLE} GROUP BY 1").fetchall()
     return dict(rows)
 
 
@@ -496,7 +500,8 @@ def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: in
     n_new_target = n if since <= 0 else sampling.split_sizes(n, replay_ratio, n)[0]
     new = sampling.draw(n_new_target, since, max_seq, probe, scan, rng)
     _, n_replay = sampling.split_sizes(n, replay_ratio, len(new))
-    old = sampling.draw(n_replay, 0, since, probe, scan, rng, weighting) if since > 0 else []
+    top = conn.execute("SELECT max(retries) FROM examples").fetchone()[0] or 0
+    old = sampling.draw(n_replay, 0, since, probe, scan, rng, weighting, top) if since > 0 else []
     seqs = new + old
     by_seq = dict(conn.execute("SELECT seq, chain_id FROM examples WHERE seq IN (SELECT value FROM json_each(?))",
                                (json.dumps(seqs),)).fetchall())
@@ -516,6 +521,6 @@ def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: in
 
     stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),
              "skipped": skipped_counts(conn), "duplicates": dict(conn.execute(
-                 "SELECT duplicate, count(*) FROM examples WHERE duplicate IS NOT NULL GROUP BY 1").fetchall()),
+                 "SELECT duplicate, count(*) FROM examples WHERE duplicate_of > 0 GROUP BY 1").fetchall()),
              "policy": policy.text, "method": method}
     return Snapshot(train=train, heldout=heldout, example_seqs=sorted(seqs), max_seq=max_seq, stats=stats)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 # Weighting "retries": an example weighs 1 + its retries, counted up to this many.
 MAX_RETRY_WEIGHT = 7
-SMALL_RANGE = 20_000  # ranges up to this many sequence numbers are read whole
+SMALL_RANGE = 5_000  # ranges up to this many sequence numbers are read whole
 PROBE_BATCH = 2048
 
 Probe = Callable[[list[int]], dict[int, int]]  # seqs -> {seq: retries} of those in the pool
@@ -65,25 +65,30 @@ def sample_exact(pool: Sequence[tuple[int, int]], k: int, rng: random.Random,
 
 
 def draw(k: int, lo: int, hi: int, probe: Probe, scan: Scan, rng: random.Random,
-         weighting: str = "uniform") -> list[int]:
+         weighting: str = "uniform", max_retries: int = MAX_RETRY_WEIGHT) -> list[int]:
     """``k`` distinct sequence numbers from the pool within (lo, hi], fewer if the pool is smaller.
 
     Args:
         probe: which of the given sequence numbers are in the pool, with their retries.
         scan: the whole pool within (lo, hi], for small or sparse ones.
+        max_retries: an upper bound of the pool's retries (a tighter bound accepts more
+            proposals of a weighted draw; a wrong one skews it).
     """
     if k <= 0 or hi <= lo:
         return []
     span = hi - lo
     if span <= max(SMALL_RANGE, 4 * k):
         return sample_exact(scan(lo, hi), k, rng, weighting)
-    top = weight(MAX_RETRY_WEIGHT, weighting)
+    top = weight(min(max_retries, MAX_RETRY_WEIGHT), weighting)
     chosen: list[int] = []
     taken: set[int] = set()
     outside: set[int] = set()
     proposed = members = 0
     while len(chosen) < k:
-        batch = [rng.randint(lo + 1, hi) for _ in range(PROBE_BATCH)]
+        # Propose about as many as the hit rate so far says are still needed, plus a margin.
+        rate = len(chosen) / proposed if chosen else 0.5
+        size = min(PROBE_BATCH, max(64, int((k - len(chosen)) / max(rate, 0.05) * 1.25)))
+        batch = [rng.randint(lo + 1, hi) for _ in range(size)]
         found = probe(sorted(set(batch) - taken - outside))
         proposed += len(batch)
         members += sum(1 for s in batch if s in found)
