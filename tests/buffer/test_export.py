@@ -61,7 +61,7 @@ def test_every_format_writes_the_documented_keys_for_every_split(config, tmp_pat
 def test_counts_name_the_skipped_chains_and_the_split(config, tmp_path, capsys):
     rows, _ = export(config, tmp_path, "chat")  # default policy: refinement, train split
     counts = _counts(capsys)
-    assert counts["policy"] == "refinement"
+    assert counts["policy"] == "refinement" and counts["contamination"] == []
     assert counts["skipped"]["not_selected"] + counts["skipped"].get("no_accepted_answer", 0) + \
         counts["examples"] + counts["other_split"] == 40
     assert all(r["metadata"]["outcome"] == "refined" and r["metadata"]["split"] == "train" for r in rows)

@@ -43,6 +43,7 @@ def run(args, settings) -> int:
     from lorad.buffer import examples
     from lorad.buffer.export import export, export_file
     from lorad.buffer.formatting import TemplateError, load_role
+    from lorad.buffer.split import contamination
     from lorad.buffer.store import Buffer
     from lorad.buffer.traces import PolicyError
     from lorad.commands import CommandError
@@ -71,14 +72,18 @@ def run(args, settings) -> int:
                   max_artifact_chars=sel.max_artifact_chars, role=role,
                   progress=sys.stderr.isatty() and not args.json)
         report = export(buffer, sys.stdout, **kw) if to_stdout else export_file(buffer, args.output, **kw)
+        leaks = contamination(buffer.conn)
     payload = {"output": args.output, "format": args.fmt, "policy": policy.text, "split": args.split,
-               **report.as_dict(), "buffer": refreshed.totals}
+               **report.as_dict(), "buffer": refreshed.totals, "contamination": leaks}
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(report.skipped.items()) if n) or "none"
     dups = report.duplicates
     text_out = (f"wrote {report.lines} {args.fmt} lines from {report.examples} examples to {args.output}\n"
                 f"skipped: {skipped}\n"
                 f"duplicates dropped: {sum(dups.values())} (exact {dups.get('exact', 0)}, near {dups.get('near', 0)})\n"
-                f"not in split {args.split}: {report.other_split}")
+                f"not in split {args.split}: {report.other_split}\n"
+                f"contamination: {len(leaks)} held-out examples whose task or answer is also in training")
+    for leak in leaks[:20]:
+        text_out += f"\n  {leak['chain_id']} ({leak['leak']}): {leak['specification']}"
     if to_stdout:
         print(json.dumps(payload) if args.json else text_out, file=sys.stderr)  # stdout holds the data
     else:
