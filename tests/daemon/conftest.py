@@ -17,6 +17,15 @@ FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
+def _fresh_logging():
+    """Commands run in-process configure structlog onto pytest's captured streams; undo that."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
 def _no_leaks():
     """Fail a test that leaves threads or child processes behind."""
     threads_before = set(threading.enumerate())

@@ -30,9 +30,9 @@ def test_watched_file_is_in_the_buffer_within_a_second(tmp_path, store):
     with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
         loop = IngestLoop(buffer, [reader], watcher, debounce=0.05, reconcile_interval=3600)
         watcher.start()
-        loop.reconcile()
-        loop.start()
         try:
+            loop.reconcile()
+            loop.start()
             assert count(ro) == 102
             t0 = time.monotonic()
             write_artifact(store)
@@ -50,9 +50,9 @@ def test_reconciliation_scan_catches_files_whose_events_were_lost(tmp_path, stor
     with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
         loop = IngestLoop(buffer, [reader], blind, reconcile_interval=0.3)
         blind.start()
-        loop.reconcile()
-        loop.start()
         try:
+            loop.reconcile()
+            loop.start()
             write_artifact(store)
             assert wait(lambda: count(ro) == 103, timeout=3.0)
             assert blind.events == 0
@@ -66,9 +66,9 @@ def test_submitted_task_runs_in_the_writer_thread_and_returns_its_result(tmp_pat
     with Buffer(tmp_path / "b.sqlite3") as buffer:
         loop = IngestLoop(buffer, [], watcher, reconcile_interval=3600)
         watcher.start()
-        loop.reconcile()
-        loop.start()
         try:
+            loop.reconcile()
+            loop.start()
             assert loop.submit(lambda b: b is buffer).result(5) is True
         finally:
             loop.stop()
@@ -83,14 +83,41 @@ def test_a_burst_of_events_is_ingested_in_few_batches(tmp_path, store):
         loop = IngestLoop(buffer, [reader], watcher, debounce=0.2, reconcile_interval=3600,
                           on_ingest=lambda report: batches.append(report.new))
         watcher.start()
-        loop.reconcile()
-        batches.clear()
-        loop.start()
         try:
+            loop.reconcile()
+            batches.clear()
+            loop.start()
             for _ in range(20):
                 write_artifact(store)
             assert wait(lambda: count(ro) == 122, timeout=3.0)
             assert sum(batches) == 20 and len(batches) <= 3, batches
+        finally:
+            loop.stop()
+            watcher.stop()
+
+
+def test_appended_jsonl_line_is_ingested_from_a_non_recursive_watch(tmp_path):
+    from lorad.sources import JsonlSource
+
+    logdir = tmp_path / "logs"
+    (logdir / "deep").mkdir(parents=True)
+    log = logdir / "feedback.jsonl"
+    log.write_text("")
+    reader = JsonlSource("fb", log)
+    watcher = Watcher([(logdir, False)])
+    with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
+        loop = IngestLoop(buffer, [reader], watcher, debounce=0.05, reconcile_interval=3600)
+        watcher.start()
+        try:
+            loop.reconcile()
+            loop.start()
+            with open(log, "a") as f:
+                f.write('{"id": "a1", "prompt": "p", "completion": "c", "status": "accepted"}\n')
+            assert wait(lambda: count(ro) == 1, timeout=2.0)
+            events = watcher.events
+            (logdir / "deep" / "other.txt").write_text("not watched")
+            time.sleep(0.3)
+            assert watcher.events == events  # subfolders are not watched
         finally:
             loop.stop()
             watcher.stop()

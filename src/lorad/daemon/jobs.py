@@ -256,9 +256,9 @@ class JobRunner(threading.Thread):
         return Path(self.job["job_dir"]) if self.job.get("job_dir") else None
 
     def _set(self, store: "JobStore", state: str, reason: str | None = None, **fields) -> None:
+        store.transition(self.job_id, state, reason, **fields)  # the record first, then memory
         with self._lock:
             self.state = state
-        store.transition(self.job_id, state, reason, **fields)
         log.info("job_state_changed", job_id=self.job_id, state=state, reason=reason)
 
     def _on_progress(self, record: dict) -> None:

@@ -94,7 +94,10 @@ def request(path: str | Path, command: str, timeout: float | None = 30.0, **argu
         except PermissionError:
             raise DaemonUnavailable(f"permission denied on {path}: ask for membership of the daemon's "
                                     "allowed_group, or run as its user") from None
-        sock.sendall(encode({"command": command, **arguments}))
+        try:
+            sock.sendall(encode({"command": command, **arguments}))
+        except BrokenPipeError:
+            pass  # refused mid-send (too large, not allowed): the reason is waiting to be read
         try:
             line = read_line(sock, MAX_RESPONSE)
         except socket.timeout:

@@ -109,11 +109,12 @@ class Service:
                  state_dir=str(s.state_dir), sources=[src.key for src in s.store.sources])
 
     def _start_ingest(self) -> None:
-        from lorad.sources import open_sources
+        from lorad.sources import AtomicGuardSource, open_sources
 
         s = self.settings
         readers = open_sources(s.store)
-        roots = [p for r in readers for p in r.watch_paths()]
+        # A store's objects/ tree is watched recursively; a JSONL log's folder only at its top.
+        roots = [(p, isinstance(r, AtomicGuardSource)) for r in readers for p in r.watch_paths()]
         self.watcher = Watcher(roots)
         self.watcher.start()  # before the first scan: nothing written meanwhile is missed
         self.ingest = IngestLoop(

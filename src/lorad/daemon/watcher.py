@@ -32,12 +32,13 @@ class Watcher(FileSystemEventHandler):
     """Collects the paths watchdog reports under ``roots``.
 
     Args:
-        roots: directories to watch recursively; one that does not exist yet is retried by
-            :meth:`rewatch` (the reconciliation scan covers it meanwhile).
+        roots: directories to watch, each a path (watched recursively) or a (path, recursive)
+            pair; one that does not exist yet is retried by :meth:`rewatch` (the
+            reconciliation scan covers it meanwhile).
     """
 
-    def __init__(self, roots: Iterable[Path]):
-        self.roots = [Path(r) for r in roots]
+    def __init__(self, roots: Iterable[Path | tuple[Path, bool]]):
+        self.roots = [(Path(r[0]), bool(r[1])) if isinstance(r, tuple) else (Path(r), True) for r in roots]
         self._observer = None
         self._watched: set[Path] = set()
         self._paths: set[str] = set()
@@ -52,14 +53,14 @@ class Watcher(FileSystemEventHandler):
 
     def rewatch(self) -> None:
         """Start watching roots that appeared since the last try."""
-        for root in self.roots:
+        for root, recursive in self.roots:
             if root in self._watched:
                 continue
             if not root.is_dir():
                 log.warning("source_not_watched", path=str(root), reason="directory does not exist (yet)")
                 continue
             try:
-                self._observer.schedule(self, str(root), recursive=True)
+                self._observer.schedule(self, str(root), recursive=recursive)
             except OSError as e:  # e.g. the inotify watch limit
                 log.warning("source_not_watched", path=str(root), reason=str(e))
                 continue
