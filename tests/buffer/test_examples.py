@@ -269,3 +269,23 @@ def test_count_new_uses_the_policy_the_last_refresh_was_given(buffer, fixture_st
     examples.refresh(buffer, SelectionSettings(policy="refinement"))
     assert examples.count_new(buffer, 0) == sum(1 for r in train if r["outcome"] == "refined")
     assert examples.count_new(buffer, 0, {"policy": "exhausted"}) == sum(1 for r in train if r["outcome"] == "exhausted")
+
+
+def test_when_the_kept_copy_stops_being_an_example_the_older_duplicate_comes_back(buffer, tmp_path):
+    store = tmp_path / "store"
+    add_task(store, 1)
+    add_task(store, 2)
+    add_task(store, 1, workflow="dup", day=1)
+    sync(buffer, store)
+    dropped = [c for c, r in rows(buffer).items() if r["duplicate_of"] is not None]
+    assert len(dropped) == 1
+    for path in (store / "objects").rglob("*.json"):  # the newer copy loses its specification
+        obj = synthetic.json.loads(path.read_text())
+        if obj["workflow_id"] == "dup":
+            obj["context"]["specification"] = ""
+            synthetic.write(store, obj)
+    report = sync(buffer, store)
+    assert report.removed == 1 and report.skipped == {"empty_specification": 1}
+    after = rows(buffer)
+    assert len(after) == 2 and dropped[0] in after
+    assert after[dropped[0]]["duplicate_of"] is None

@@ -234,17 +234,15 @@ def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> 
             (seen,)).fetchall()
         groups = {(s, w, a) for _, s, w, a, _ in changed}
         # Chains that relinking replaced: their examples go.
-        for s, w, a in groups:
-            report.removed += conn.execute(
-                "DELETE FROM examples WHERE source = ? AND workflow_id = ? AND action_pair_id = ? "
-                "AND chain_id NOT IN (SELECT chain_id FROM chains WHERE source = ? AND workflow_id = ? "
-                "AND action_pair_id = ?)", (s, w, a, s, w, a)).rowcount
         touched: list[int] = []
-        if report.removed:
-            conn.execute("DELETE FROM example_bands WHERE example_id NOT IN (SELECT id FROM examples)")
-            orphans = "duplicate_of IS NOT NULL AND duplicate_of NOT IN (SELECT id FROM examples)"
-            touched.extend(r[0] for r in conn.execute(f"SELECT id FROM examples WHERE {orphans}"))
-            conn.execute(f"UPDATE examples SET duplicate_of = NULL, duplicate = NULL WHERE {orphans}")
+        for s, w, a in groups:
+            gone = [r[0] for r in conn.execute(
+                "SELECT id FROM examples WHERE source = ? AND workflow_id = ? AND action_pair_id = ? "
+                "AND chain_id NOT IN (SELECT chain_id FROM chains WHERE source = ? AND workflow_id = ? "
+                "AND action_pair_id = ?)", (s, w, a, s, w, a))]
+            for example_id in gone:
+                touched.extend(_forget(conn, example_id))
+            report.removed += len(gone)
 
         existing = {}
         ids = [c[0] for c in changed]
@@ -260,9 +258,7 @@ def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> 
             old = existing.get(chain_id)
             if chain is None or _why_skipped(chain):
                 if old:
-                    touched.extend(_release(conn, old[0]))
-                    conn.execute("DELETE FROM example_bands WHERE example_id = ?", (old[0],))
-                    conn.execute("DELETE FROM examples WHERE id = ?", (old[0],))
+                    touched.extend(_forget(conn, old[0]))
                     report.removed += 1
                 continue
             key = _chain_key(chain)
@@ -325,6 +321,14 @@ def _release(conn, example_id: int) -> list[int]:
     ids = [r[0] for r in conn.execute("SELECT id FROM examples WHERE duplicate_of = ?", (example_id,))]
     conn.execute("UPDATE examples SET duplicate_of = NULL, duplicate = NULL WHERE duplicate_of = ?", (example_id,))
     return ids
+
+
+def _forget(conn, example_id: int) -> list[int]:
+    """Delete one example; returns the examples that were its duplicates (now to re-check)."""
+    released = _release(conn, example_id)
+    conn.execute("DELETE FROM example_bands WHERE example_id = ?", (example_id,))
+    conn.execute("DELETE FROM examples WHERE id = ?", (example_id,))
+    return released
 
 
 def _rebuild_bands(conn, bands: int, rows_per_band: int) -> list[int]:
