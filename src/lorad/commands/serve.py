@@ -19,9 +19,10 @@ def run(args, settings) -> int:
         # recognise pandas values; the daemon never passes any. Hiding it keeps ~100 MB out of
         # a process that stays resident (the training worker, a separate process, is unaffected).
         sys.modules.setdefault("pandas", None)
+    from lorad.buffer.store import BufferError
     from lorad.daemon.service import serve
 
     try:
         return serve(settings)
-    except PermissionError as e:
+    except (PermissionError, BufferError) as e:
         raise CommandError(f"cannot start the daemon: {e}") from None

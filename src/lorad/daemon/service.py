@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 
 import structlog
@@ -66,6 +67,7 @@ class Service:
         self._last_status_line = ""
         self.reloads = 0
         self._ready = False
+        self._stopping = False
 
     # -- start and stop -------------------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class Service:
         self.ingest.buffer.close()
 
     def shutdown(self) -> None:
+        self._stopping = True  # requests waiting for the main loop are answered "stopping"
         self.notifier.stopping()
         if self.runner is not None and self.runner.is_alive():
             log.info("job_pausing", job_id=self.runner.job_id, reason="daemon stopping")
@@ -186,16 +189,28 @@ class Service:
                 continue
             try:
                 result = fn()
-                self._refresh_snapshot()  # a status asked right after sees the change
-                future.set_result(result)
-            except BaseException as e:
+            except Exception as e:
                 future.set_exception(e)
+                continue
+            try:
+                self._refresh_snapshot()  # a status asked right after sees the change
+            except Exception:
+                log.exception("status_refresh_failed")
+            future.set_result(result)
 
     def _call(self, fn, timeout: float = 30.0):
         """Run ``fn`` in the main loop (from a control thread) and return its result."""
         future: Future = Future()
         self._actions.put((fn, future))
-        return future.result(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(0.25)
+            except FutureTimeout:
+                if self._stopping and future.cancel():
+                    return protocol.error("the daemon is stopping")
+                if time.monotonic() > deadline and future.cancel():
+                    return protocol.error(f"the daemon did not get to the request within {timeout:g} s")
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -289,11 +304,12 @@ class Service:
 
     def _after_ingest(self, report) -> None:
         """In the ingest thread, after a batch changed the buffer: keep the examples current."""
+        from lorad.buffer import examples
+
         try:
-            from lorad.buffer import examples
-        except ImportError:
-            return
-        examples.refresh(self.ingest.buffer, self.settings.selection)
+            examples.refresh(self.ingest.buffer, self.settings.selection)
+        except Exception:  # the artifacts are committed; the examples catch up on the next refresh
+            log.exception("examples_refresh_failed")
 
     def _refresh_snapshot(self) -> None:
         from lorad.daemon import views
@@ -366,7 +382,10 @@ class Service:
 
             with Buffer(self.settings.buffer_path, readonly=True) as ro:
                 if command == "jobs":
-                    return {"ok": True, "jobs": JobStore(ro.conn).list(int(request.get("limit", 20)))}
+                    limit = request.get("limit", 20)
+                    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                        return protocol.error(f"jobs: limit must be a positive integer, got {limit!r}"[:200])
+                    return {"ok": True, "jobs": JobStore(ro.conn).list(limit)}
                 if command == "history":
                     return {"ok": True, **views.history(self.settings)}
                 try:
