@@ -1,0 +1,37 @@
+"""The client commands' text output."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from lorad.commands.client import progress_line, status_text
+
+
+def test_progress_line_shows_bar_step_loss_and_eta():
+    line = progress_line({"job_id": "job-1", "state": "training",
+                          "progress": {"step": 30, "total_steps": 120, "loss": 1.23456, "eta_s": 95}})
+    assert "job job-1: training" in line
+    assert "[#######-----------------------]" in line and "25%" in line and "step 30/120" in line
+    assert "loss 1.2346" in line and "ETA 1m 35s" in line
+
+
+def test_progress_line_says_when_a_job_is_being_cancelled():
+    line = progress_line({"job_id": "j", "state": "training", "stopping": "cancel", "progress": None})
+    assert line == "job j: training (cancelling)"
+
+
+def test_status_text_has_version_counts_job_and_next_window():
+    now = datetime.now(timezone.utc)
+    text = status_text({
+        "state": "idle", "pid": 7, "uptime_s": 3700, "active_version": "v0002-20261121T000000Z",
+        "buffer": {"artifacts": 102, "chains": 40, "examples": 35, "new_examples": 4, "quarantined": 1},
+        "job": None, "scheduling_paused": True,
+        "next_window": {"start": (now + timedelta(hours=2)).isoformat(),
+                        "end": (now + timedelta(hours=6)).isoformat(), "open": False},
+        "schedule": {"decision": "scheduled training paused"}})
+    assert "up 1h 01m" in text
+    assert "active version: v0002-20261121T000000Z" in text
+    assert "102 artifacts in 40 chains, 35 examples, 4 new since the active version, 1 quarantined" in text
+    assert "job: none running" in text
+    assert "next window:" in text and "opens in 1h 59m" in text
+    assert "scheduled training: paused" in text
