@@ -267,6 +267,7 @@ def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> 
                 continue
             fresh.append((chain, {"old": old, "chain_key": key}))
         sides = split.assign(conn, {split.task_key(c.specification) for c, _ in fresh}, fraction, seed)
+        band_rows: list[tuple[int, int, int]] = []
         for chain, extra in fresh:
             row = _example_row(chain, extra["chain_key"], sides, now)
             old = extra["old"]
@@ -285,10 +286,10 @@ def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> 
                     (*row.values(), next_seq)).lastrowid
                 report.added += 1
             next_seq += 1
-            conn.executemany("INSERT OR IGNORE INTO example_bands (band, key, example_id) VALUES (?, ?, ?)",
-                             [(b, k, example_id) for b, k in
-                              enumerate(dedup.band_keys(row["minhash"], bands, rows_per_band))])
+            band_rows.extend((b, k, example_id) for b, k in
+                             enumerate(dedup.band_keys(row["minhash"], bands, rows_per_band)))
             touched.append(example_id)
+        conn.executemany("INSERT OR IGNORE INTO example_bands (band, key, example_id) VALUES (?, ?, ?)", band_rows)
         _set_state(conn, "next_seq", str(next_seq))
         if rebuild:
             touched = _rebuild_bands(conn, bands, rows_per_band)
@@ -353,9 +354,10 @@ def _deduplicate(conn, touched: list[int], threshold: float, report: RefreshRepo
                 "SELECT id, created_ts, seq, text_key, outcome, minhash FROM examples "
                 "WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(touched[i:i + 5000]),)):
             info[r[0]] = r
+    dropped: set[int] = set()
     for x in sorted(info.values(), key=lambda r: (r[1], r[2]), reverse=True):
         x_id, x_ts, x_seq, x_text, x_outcome, x_sig = x
-        if conn.execute("SELECT duplicate_of FROM examples WHERE id = ?", (x_id,)).fetchone()[0] is not None:
+        if x_id in dropped:
             continue  # a newer example already dropped it in this pass
         similar: dict[int, tuple] = {}  # id -> (order, how)
         for y_id, y_ts, y_seq in conn.execute(
@@ -377,9 +379,11 @@ def _deduplicate(conn, touched: list[int], threshold: float, report: RefreshRepo
         if newer:
             _, keeper, how = max(newer)
             _drop(conn, x_id, keeper, how, report)
+            dropped.add(x_id)
         else:
             for y, (_, how) in similar.items():
                 _drop(conn, y, x_id, how, report)
+                dropped.add(y)
 
 
 def _drop(conn, example_id: int, keeper: int, how: str, report: RefreshReport) -> None:
