@@ -31,8 +31,10 @@ def make_state(root):
     adapter = root / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"x")
-    for nll, ref in ((2.2, 2.5), (1.8, 2.2)):
-        v = reg.create(adapter, {"metrics": {"candidate": {"nll": nll}, "active": {"nll": ref}},
+    for nll, ref, eps in ((2.2, 2.5, 0.4), (1.8, 2.2, 0.5)):
+        v = reg.create(adapter, {"metrics": {"candidate": {"nll": nll, "epsilon": eps},
+                                             "active": {"nll": ref, "epsilon": 0.4}},
+                                 "compared_with": {"label": "active"},
                                  "verdict": {"promote": True, "reasons": ["held-out loss improved"]}})
         reg.promote(v.name)
     config = root / "config.toml"
@@ -56,8 +58,10 @@ def test_report_draws_loss_curves_and_version_metrics_in_one_self_contained_file
     loss_chart = svgs[0]
     polylines = re.findall(r'<polyline points="([^"]+)"', loss_chart)
     assert [len(p.split()) for p in polylines] == [4, 3]  # one curve per job, NaN dropped
-    nll_chart = svgs[1]
+    nll_chart, improvement_chart, epsilon_chart = svgs[1:4]
     assert len(re.findall(r"<polyline", nll_chart)) == 2  # candidate and reference
+    assert "0.12" in improvement_chart  # (2.5 - 2.2) / 2.5
+    assert len(re.findall(r"<polyline", epsilon_chart)) == 2
     assert "v0002" in page and "(current)" in page
 
 

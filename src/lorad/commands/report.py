@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,12 +71,17 @@ def collect(settings, limit: int = 10) -> dict:
         except RegistryError:
             continue
         m = v.record.get("metrics") or {}
+        label = (v.record.get("compared_with") or {}).get("label") or "active"
+        cand, ref = m.get("candidate") or {}, m.get(label) or m.get("active") or {}
+        cand_nll, ref_nll = _num(cand.get("nll")), _num(ref.get("nll"))
         versions.append({
             "version": name, "number": v.number, "verdict": v.verdict,
-            "candidate_nll": _num((m.get("candidate") or {}).get("nll")),
-            "reference_nll": _num((m.get("reference") or m.get("active") or {}).get("nll")),
-            "pass_rate": _num((m.get("candidate") or {}).get("pass_rate")),
-            "improvement": _num(v.verdict.get("improvement") if isinstance(v.verdict, dict) else None),
+            "promoted": bool(v.verdict.get("promote")) if isinstance(v.verdict, dict) else None,
+            "candidate_nll": cand_nll, "reference_nll": ref_nll,
+            # relative held-out improvement over what served when the candidate was trained
+            "improvement": (ref_nll - cand_nll) / ref_nll if cand_nll is not None and ref_nll else None,
+            # ε: first-attempt acceptance by the guard (only when evaluation.guard_command is set)
+            "candidate_epsilon": _num(cand.get("epsilon")), "reference_epsilon": _num(ref.get("epsilon")),
         })
     return {"jobs": jobs, "versions": versions, "current": reg.current(),
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -92,10 +98,10 @@ def _num(x):
 # -- drawing ------------------------------------------------------------------------------------
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
     if hi <= lo:
         return [lo]
-    raw = (hi - lo) / n
+    raw = max((hi - lo) / n, 1.0) if integer else (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = min((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), default=raw)
     start = math.ceil(lo / step) * step
@@ -107,8 +113,11 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def line_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, xlabel: str, ylabel: str,
-               width: int = 720, height: int = 300) -> str:
-    """An SVG line chart: one polyline (with points) per series, axes with ticks, a legend."""
+               width: int = 720, height: int = 300, integer_x: bool = False) -> str:
+    """An SVG line chart: one polyline (with points) per series, axes with ticks, a legend.
+
+    Styles are attributes, not CSS classes, so the SVG looks the same cut out of the page.
+    """
     points = [p for _, pts in series for p in pts]
     if not points:
         return f'<p class="empty">{html.escape(title)}: no data yet.</p>'
@@ -131,18 +140,18 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, 
     e = html.escape
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="{e(title)}">',
-           f'<text x="{left}" y="18" class="title">{e(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="plot"/>']
+           f'<text x="{left}" y="18" {TITLE}>{e(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#999"/>']
     for t in _ticks(y0, y1):
         y = sy(t)
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                   f'<text x="{left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{t:g}</text>')
-    for t in _ticks(x0, x1, 6):
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>'
+                   f'<text x="{left - 6}" y="{y + 4:.1f}" {TICK} text-anchor="end">{t:g}</text>')
+    for t in _ticks(x0, x1, 6, integer_x):
         x = sx(t)
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" class="axis"/>'
-                   f'<text x="{x:.1f}" y="{top + ph + 16}" class="tick" text-anchor="middle">{t:g}</text>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" class="label" text-anchor="middle">{e(xlabel)}</text>')
-    out.append(f'<text x="14" y="{top + ph / 2}" class="label" text-anchor="middle" '
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#999"/>'
+                   f'<text x="{x:.1f}" y="{top + ph + 16}" {TICK} text-anchor="middle">{t:g}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" {LABEL} text-anchor="middle">{e(xlabel)}</text>')
+    out.append(f'<text x="14" y="{top + ph / 2}" {LABEL} text-anchor="middle" '
                f'transform="rotate(-90 14 {top + ph / 2})">{e(ylabel)}</text>')
     for i, (name, pts) in enumerate(series):
         color = COLORS[i % len(COLORS)]
@@ -155,29 +164,37 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, 
                        f'<title>{e(name)}: {x:g}, {y:.4g}</title></circle>' for x, y in pts)
         ly = top + 12 + i * 16
         out.append(f'<rect x="{left + pw + 12}" y="{ly - 8}" width="12" height="3" fill="{color}"/>'
-                   f'<text x="{left + pw + 30}" y="{ly - 3}" class="legend">{e(name[:22])}</text>')
+                   f'<text x="{left + pw + 30}" y="{ly - 3}" {LEGEND}>{e(name[:22])}</text>')
     out.append("</svg>")
     return "".join(out)
 
+
+FONT = 'font-family="system-ui, sans-serif"'
+TITLE = f'{FONT} font-size="13" font-weight="600" fill="#222"'
+TICK = f'{FONT} font-size="11" fill="#555"'
+LABEL = f'{FONT} font-size="12" fill="#333"'
+LEGEND = f'{FONT} font-size="11" fill="#222"'
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em}
 table{border-collapse:collapse;margin:.5em 0}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
-svg .title{font-weight:600;font-size:13px}svg .tick{font-size:11px;fill:#555}svg .label{font-size:12px;fill:#333}
-svg .legend{font-size:11px}svg .plot{fill:#fafafa;stroke:#999}svg .grid{stroke:#e4e4e4}svg .axis{stroke:#999}
 .empty{color:#777;font-style:italic}.promoted{color:#2a7a2a}.rejected{color:#a33}.failed{color:#a33}
 """
 
 
 def render(data: dict) -> str:
     e = html.escape
-    curves = [(j["job_id"].removeprefix("job-"), j["curve"]) for j in data["jobs"] if j["curve"]]
+    curves = [(_job_label(j["job_id"]), j["curve"]) for j in data["jobs"] if j["curve"]]
     versions = data["versions"]
     nll = [("candidate", [(v["number"], v["candidate_nll"]) for v in versions if v["candidate_nll"] is not None]),
            ("reference", [(v["number"], v["reference_nll"]) for v in versions if v["reference_nll"] is not None])]
-    improvement = [("improvement", [(v["number"], v["improvement"]) for v in versions if v["improvement"] is not None])]
-    passes = [("pass rate", [(v["number"], v["pass_rate"]) for v in versions if v["pass_rate"] is not None])]
+    improvement = [("improvement", [(v["number"], v["improvement"]) for v in versions
+                                     if v["improvement"] is not None])]
+    epsilon = [("candidate", [(v["number"], v["candidate_epsilon"]) for v in versions
+                              if v["candidate_epsilon"] is not None]),
+               ("reference", [(v["number"], v["reference_epsilon"]) for v in versions
+                              if v["reference_epsilon"] is not None])]
     rows = "".join(
         f'<tr><td>{e(j["job_id"])}</td><td class="{e(j["state"])}">{e(j["state"])}</td><td>{e(j["trigger"])}</td>'
         f'<td>{datetime.fromtimestamp(j["created_at"], timezone.utc):%Y-%m-%d %H:%M}</td>'
@@ -186,7 +203,7 @@ def render(data: dict) -> str:
     vrows = "".join(
         f'<tr><td>{e(v["version"])}{" (current)" if v["version"] == data["current"] else ""}</td>'
         f'<td>{_fmt(v["candidate_nll"])}</td><td>{_fmt(v["reference_nll"])}</td><td>{_fmt(v["improvement"])}</td>'
-        f'<td>{_fmt(v["pass_rate"])}</td><td>{e(str((v["verdict"] or {}).get("reason", ""))[:120])}</td></tr>'
+        f'<td>{_fmt(v["candidate_epsilon"])}</td><td>{"promote" if v["promoted"] else "reject"}: {e("; ".join((v["verdict"] or {}).get("reasons", []))[:200])}</td></tr>'
         for v in reversed(versions))
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>lorad report</title>",
@@ -197,17 +214,19 @@ def render(data: dict) -> str:
         line_chart(curves, "training loss per step", "step", "loss"),
         "<h2>Held-out loss across versions</h2>",
         line_chart([s for s in nll if s[1]], "held-out NLL (candidate vs the adapter serving when it was trained)",
-                   "version", "NLL"),
-        line_chart(improvement, "relative held-out improvement (ε) of each candidate", "version", "ε"),
+                   "version", "NLL", integer_x=True),
+        line_chart(improvement, "relative held-out NLL improvement of each candidate", "version", "improvement", integer_x=True),
+        "<h2>First-attempt acceptance ε across versions</h2>",
+        line_chart([s for s in epsilon if s[1]], "ε: share of generated first attempts the guard accepted",
+                   "version", "ε", integer_x=True) if epsilon[0][1] else
+        '<p class="empty">ε not measured (set evaluation.guard_command to guard generated first attempts).</p>',
     ]
-    if passes[0][1]:
-        parts.append(line_chart(passes, "guard pass rate on first attempts", "version", "pass rate"))
     parts += [
         "<h2>Jobs</h2>",
         f"<table><tr><th>job</th><th>state</th><th>trigger</th><th>created (UTC)</th><th>version</th><th>reason</th></tr>{rows}</table>"
         if rows else '<p class="empty">No jobs yet.</p>',
         "<h2>Versions</h2>",
-        f"<table><tr><th>version</th><th>NLL</th><th>reference NLL</th><th>ε</th><th>pass rate</th><th>verdict</th></tr>{vrows}</table>"
+        f"<table><tr><th>version</th><th>NLL</th><th>reference NLL</th><th>improvement</th><th>ε</th><th>verdict</th></tr>{vrows}</table>"
         if vrows else '<p class="empty">No versions yet.</p>',
         "<script type=application/json id=data>" + json.dumps(
             {"jobs": [{"job_id": j["job_id"], "curve": j["curve"]} for j in data["jobs"]], "versions": versions},
@@ -215,6 +234,12 @@ def render(data: dict) -> str:
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _job_label(job_id: str) -> str:
+    """job-20261121T232046Z-b870 -> 11-21 23:20 b870 (fits the legend)."""
+    m = re.match(r"job-\d{4}(\d\d)(\d\d)T(\d\d)(\d\d)\d\dZ-(\w+)$", job_id)
+    return f"{m[1]}-{m[2]} {m[3]}:{m[4]} {m[5]}" if m else job_id
 
 
 def _fmt(x) -> str:
