@@ -89,8 +89,8 @@ def decide(active: dict, candidate: dict, thresholds: Thresholds) -> Verdict:
             failed.append(f"first-attempt acceptance could not be measured ({ea} vs {ec})")
         else:
             fall = ea - ec
-            sentence = (f"first-attempt acceptance {ea:.1%} -> {ec:.1%} ({ec - ea:+.1%}); "
-                        f"a fall of at most {thresholds.max_regression:.1%} is allowed")
+            sentence = (f"first-attempt acceptance {ea:.1%} -> {ec:.1%} ({(ec - ea) * 100:+.1f} points); "
+                        f"a fall of at most {thresholds.max_regression * 100:.1f} points is allowed")
             (passed if fall <= thresholds.max_regression + 1e-12 else failed).append(sentence)
 
     return Verdict(not failed, failed or passed)
