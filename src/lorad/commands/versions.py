@@ -92,7 +92,7 @@ def history(args, settings) -> int:
     for row in rows:
         mark = "*" if row["current"] else "p" if row["previous"] else " "
         verdict = "promote" if row["verdict"].get("promote") else "reject"
-        reason = (row["verdict"].get("reasons") or [""])[0]
+        reason = _headline(row["verdict"])
         lines.append(f"{mark} {row['version']:<24} {verdict:<9} {_f(row['nll']):>8} {_f(row['baseline_nll']):>9} "
                      f"{_pct(row['epsilon']):>7} {_pct(row['baseline_epsilon']):>7}  {reason}")
     if events:
@@ -100,6 +100,7 @@ def history(args, settings) -> int:
         for e in events[:10]:
             when = datetime.fromtimestamp(e["ts"]).strftime("%Y-%m-%d %H:%M:%S")
             why = e["detail"].get("reason") or "; ".join(e["detail"].get("reasons") or [])
+            why = why if len(why) <= 110 else why[:107] + "..."
             lines.append(f"  {when} {e['event']:<24} {e['version'] or '-'}  {why}")
     emit(args, {"current": cur, "previous": prev, "versions": rows, "events": events}, "\n".join(lines))
     return 0
@@ -122,6 +123,14 @@ def _events(settings) -> list[dict]:
     return sorted(out, key=lambda e: e["id"], reverse=True)
 
 
+def _headline(verdict: dict) -> str:
+    """The reason worth a column: the first failed check, or the loss change of a promotion."""
+    reasons = verdict.get("reasons") or [""]
+    if verdict.get("promote"):
+        return next((r for r in reasons if r.startswith("held-out loss")), reasons[0])
+    return reasons[0]
+
+
 def _f(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
 
@@ -135,14 +144,16 @@ def _change(args, settings, action: str) -> int:
     from lorad.cli import CommandError
     from lorad.registry import RegistryError
 
-    buffer, reg = _open(settings)
-    try:
-        fn = cycle.promote if action == "promote" else cycle.rollback
-        done = fn(settings, buffer, reg, args.version, reason=args.reason)
-    except RegistryError as e:
-        raise CommandError(str(e)) from None
-    finally:
-        buffer.close()
+    done = _through_daemon(settings, action, args.version, args.reason)
+    if done is None:  # no daemon running: change the registry here
+        buffer, reg = _open(settings)
+        try:
+            fn = cycle.promote if action == "promote" else cycle.rollback
+            done = fn(settings, buffer, reg, args.version, reason=args.reason)
+        except RegistryError as e:
+            raise CommandError(str(e)) from None
+        finally:
+            buffer.close()
     change, report = done["change"], done["publish"]
     verb = "promoted" if action == "promote" else "rolled back to"
     lines = [f"{verb} {change['version']} (was {change['replaced'] or 'base model'}); "
@@ -153,6 +164,21 @@ def _change(args, settings, action: str) -> int:
         lines.append(f"REVERTED: {report['reverted']['reason']}")
     emit(args, done, "\n".join(lines))
     return 1 if report["reverted"] or not report["ok"] else 0
+
+
+def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
+    """With a daemon running, it makes the change (so it never races its own job's conclusion)."""
+    from lorad.cli import CommandError
+    from lorad.commands.client import socket_path
+    from lorad.daemon.protocol import DaemonUnavailable, ProtocolError, request
+
+    try:
+        r = request(socket_path(settings), action, version=version, reason=reason)
+    except (DaemonUnavailable, ProtocolError):
+        return None
+    if not r.get("ok"):
+        raise CommandError(r.get("error") or f"the daemon refused the {action}")
+    return {"change": r["change"], "publish": r["publish"]}
 
 
 def promote(args, settings) -> int:
