@@ -16,6 +16,15 @@ FORMAT_KEYS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _structlog_back_to_defaults():
+    """main() points structlog at this test's captured stderr; later tests must not write there."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def config(tmp_path, fixture_store):
     path = tmp_path / "config.toml"

@@ -14,7 +14,6 @@ many new training examples arrived.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import random
@@ -143,24 +142,23 @@ def _set_state(conn, key: str, value: str) -> None:
                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
 
+# What formatting and the examples table read of an artifact row.
+CHAIN_COLUMNS = ("id", "source", "locator", "artifact_id", "workflow_id", "action_pair_id", "previous_attempt_id",
+                 "attempt_number", "status", "created_ts", "content", "feedback", "specification", "constraints",
+                 "feedback_history", "origin", "content_hash", "chain_id")
+
+
 def chains_of(conn, chain_ids: Iterable[str]) -> dict[str, traces.Chain]:
-    """The chains with these ids, rebuilt from their artifact rows."""
+    """The chains with these ids, from their artifact rows as linking stored them."""
     ids = list(chain_ids)
     by_chain: dict[str, list[dict]] = defaultdict(list)
+    cols = ", ".join(CHAIN_COLUMNS)
     for i in range(0, len(ids), 5000):
-        cur = conn.execute("SELECT * FROM artifacts WHERE chain_id IN (SELECT value FROM json_each(?))",
-                           (json.dumps(ids[i:i + 5000]),))
-        names = [d[0] for d in cur.description]
-        for r in cur:
-            row = dict(zip(names, r))
+        for values in conn.execute(f"SELECT {cols} FROM artifacts WHERE chain_id IN (SELECT value FROM json_each(?))",
+                                   (json.dumps(ids[i:i + 5000]),)):
+            row = dict(zip(CHAIN_COLUMNS, values))
             by_chain[row["chain_id"]].append(row)
-    out = {}
-    for chain_id, rows in by_chain.items():
-        linked = traces.link(rows)
-        chain = next((c for c in linked if c.chain_id == chain_id), None)
-        # Rows stored under one chain id are one chain, whatever linking them alone would call it.
-        out[chain_id] = chain or dataclasses.replace(linked[0], chain_id=chain_id)
-    return out
+    return {chain_id: traces.stored_chain(rows, chain_id) for chain_id, rows in by_chain.items()}
 
 
 def _chain_key(chain: traces.Chain) -> str:

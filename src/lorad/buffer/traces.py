@@ -109,10 +109,16 @@ def link(rows: Sequence[dict]) -> list[Chain]:
     return chains
 
 
-def _chain(ordered: list[dict]) -> Chain:
+def stored_chain(rows: Sequence[dict], chain_id: str) -> Chain:
+    """The chain of rows that linking already put under ``chain_id`` (ordered, not re-linked)."""
+    return _chain(sorted(rows, key=_order_key), chain_id)
+
+
+def _chain(ordered: list[dict], chain_id: str | None = None) -> Chain:
     first = ordered[0]
-    root = f"{first['source']}\0{first['workflow_id']}\0{first['action_pair_id']}\0{first['locator']}"
-    chain_id = hashlib.blake2b(root.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+    if chain_id is None:
+        root = f"{first['source']}\0{first['workflow_id']}\0{first['action_pair_id']}\0{first['locator']}"
+        chain_id = hashlib.blake2b(root.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
     accepted = next((r for r in ordered if r["status"] == "accepted"), None)
     if accepted is not None:
         outcome = FIRST_TRY if not any(r["status"] == "rejected" for r in ordered[: ordered.index(accepted)]) else REFINED
