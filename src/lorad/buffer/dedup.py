@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,7 +63,9 @@ def signature(text: str, num_perm: int = NUM_PERM) -> bytes:
     """The MinHash signature of a text, as bytes (num_perm little-endian uint32 values)."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=num_perm, seed=1, permutations=_permutations(num_perm), scheme="affine32")
+    # crc32 maps a shingle to 32 bits in C; the random permutations do the mixing.
+    m = MinHash(num_perm=num_perm, seed=1, permutations=_permutations(num_perm), scheme="affine32",
+                hashfunc=zlib.crc32)
     m.update_batch(list(shingles(text)))
     return m.hashvalues.astype("<u4").tobytes()
 

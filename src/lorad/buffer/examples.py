@@ -357,19 +357,18 @@ def _deduplicate(conn, touched: list[int], threshold: float, report: RefreshRepo
         x_id, x_ts, x_seq, x_text, x_outcome, x_sig = x
         if x_id in dropped:
             continue  # a newer example already dropped it in this pass
-        similar: dict[int, tuple] = {}  # id -> (order, how)
-        for y_id, y_ts, y_seq in conn.execute(
-                "SELECT id, created_ts, seq FROM examples WHERE text_key = ? AND id != ? AND duplicate_of IS NULL",
-                (x_text, x_id)):
-            similar[y_id] = ((y_ts, y_seq), "exact")
+        # Identical texts have identical signatures, so every exact duplicate is a candidate too.
         candidates = conn.execute(
-            "SELECT e.id, e.created_ts, e.seq, e.minhash FROM examples e WHERE e.id IN ("
+            "SELECT e.id, e.created_ts, e.seq, e.minhash, e.text_key FROM examples e WHERE e.id IN ("
             "  SELECT b2.example_id FROM example_bands b1 JOIN example_bands b2 "
             "  ON b2.band = b1.band AND b2.key = b1.key WHERE b1.example_id = ?) "
             "AND e.id != ? AND e.duplicate_of IS NULL AND e.outcome = ?", (x_id, x_id, x_outcome)).fetchall()
         scores = dedup.similarities(x_sig, [c[3] for c in candidates])
-        for (y_id, y_ts, y_seq, _), score in zip(candidates, scores):
-            if y_id not in similar and score >= threshold:
+        similar: dict[int, tuple] = {}  # id -> (order, how)
+        for (y_id, y_ts, y_seq, _, y_text), score in zip(candidates, scores):
+            if y_text == x_text:
+                similar[y_id] = ((y_ts, y_seq), "exact")
+            elif score >= threshold:
                 similar[y_id] = ((y_ts, y_seq), "near")
         if not similar:
             continue
