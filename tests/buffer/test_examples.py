@@ -289,3 +289,27 @@ def test_when_the_kept_copy_stops_being_an_example_the_older_duplicate_comes_bac
     after = rows(buffer)
     assert len(after) == 2 and dropped[0] in after
     assert after[dropped[0]]["duplicate_of"] is None
+
+
+def test_a_new_dedup_similarity_rechecks_every_example(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(6):
+        add_task(store, i)
+    add_task(store, 2, workflow="near", day=1,
+             answer="def f2(x: int) -> int:\n    \"\"\"Task 2.\"\"\"\n    return x * 2 + 3  # ok\n")
+    sync(buffer, store, SelectionSettings(dedup_similarity=0.99))
+    assert examples.totals(buffer.conn)["duplicates"] == 0
+    report = examples.refresh(buffer, SelectionSettings(dedup_similarity=0.8))
+    assert report.duplicates == {"exact": 0, "near": 1}
+    assert examples.refresh(buffer, SelectionSettings(dedup_similarity=0.99)).duplicates == {"exact": 0, "near": 0}
+    assert examples.totals(buffer.conn)["duplicates"] == 0
+
+
+def test_snapshot_system_message_takes_the_configured_template_role(buffer, fixture_store, tmp_path):
+    sync(buffer, fixture_store)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"g_coder": {"role": "You fix code."}}')
+    snap = examples.build_snapshot(buffer, SelectionSettings(prompt_template=f"{prompts}:g_coder"), n=5)
+    assert all(r["prompt"][0]["content"].startswith("You fix code.\n\n") for r in snap.train + snap.heldout)
+    fallback = examples.build_snapshot(buffer, SEL, n=5, chat_template_system="Default role.")
+    assert all(r["prompt"][0]["content"].startswith("Default role.\n\n") for r in fallback.train)
