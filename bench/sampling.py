@@ -18,7 +18,6 @@ into the artifacts/chains tables, then materialised by `examples.refresh` for th
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
