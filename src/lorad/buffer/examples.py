@@ -513,8 +513,10 @@ def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: in
     chains = chains_of(conn, by_seq.values())
     train = []
     for s in seqs:
-        train.extend(method_rows(chains[by_seq[s]], method, s, split.TRAIN, max_history=max_history,
-                                 max_artifact_chars=max_chars, role=role))
+        chain = chains.get(by_seq.get(s))
+        if chain is not None:  # None only if its artifacts vanished under us
+            train.extend(method_rows(chain, method, s, split.TRAIN, max_history=max_history,
+                                     max_artifact_chars=max_chars, role=role))
     rng.shuffle(train)
 
     h_where, h_params = _pool_where(policy, ctx, split.HELDOUT, SUCCESSES)
@@ -522,7 +524,7 @@ def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: in
     held = conn.execute(f"SELECT seq, chain_id FROM examples WHERE {h_where} ORDER BY seq{limit}",
                         h_params).fetchall()
     held_chains = chains_of(conn, [c for _, c in held])
-    heldout = [heldout_row(held_chains[c], s, role) for s, c in held]
+    heldout = [heldout_row(held_chains[c], s, role) for s, c in held if c in held_chains]
 
     stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),
              "skipped": skipped_counts(conn), "duplicates": dict(conn.execute(
