@@ -111,7 +111,8 @@ def test_sigterm_pauses_the_running_job_and_leaves_no_orphan_worker(daemon_facto
 
 def test_failed_job_is_recorded_and_backs_off_window_jobs(daemon_factory, short_root):
     sections = training_sections(short_root / "no-such-model", min_new_examples=1)
-    sections["schedule"].update(windows=[closed_window_now()], backoff_initial=600.0)
+    closed = closed_window_now()
+    sections["schedule"].update(windows=[closed], backoff_initial=600.0)
     d = daemon_factory(env=WORKER_ENV, **sections)
     r = d.cli("train-now", "--wait", timeout=300)
     assert r.returncode == 1
@@ -119,7 +120,7 @@ def test_failed_job_is_recorded_and_backs_off_window_jobs(daemon_factory, short_
     assert failed["state"] == "failed" and "no-such-model" in failed["reason"]
     sched = d.wait_for(lambda: (s := d.request("status")["schedule"])["failures"] == 1 and s, what="backoff")
     assert sched["backoff_until"] > time.time() + 500
-    d.config.write_text(d.config.read_text().replace(json.dumps(closed_window_now()), '"00:00-24:00"'))
+    d.config.write_text(d.config.read_text().replace(json.dumps(closed), '"00:00-24:00"'))
     assert d.cli("reload").returncode == 0
     d.wait_for(lambda: "backing off" in d.request("status")["schedule"]["decision"], what="back-off decision")
     assert len(d.request("jobs")["jobs"]) == 1  # the open window started nothing

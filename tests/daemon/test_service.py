@@ -215,3 +215,29 @@ def test_second_daemon_on_the_same_socket_refuses_to_start(daemon_factory, short
     other._log.close()
     other.proc = None
     assert d.request("status")["ok"]
+
+
+def test_promote_and_rollback_go_through_the_running_daemon(daemon_factory, short_root):
+    from lorad.registry import Registry
+
+    d = daemon_factory()
+    adapter = short_root / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    reg = Registry(d.root / "state" / "adapters")
+    v1 = reg.create(adapter, {"verdict": {"promote": True, "reasons": []}}).name
+    v2 = reg.create(adapter, {"verdict": {"promote": False, "reasons": ["worse"]}}).name
+    r = d.cli("promote", v1)
+    assert r.returncode == 0, r.stderr
+    r = d.cli("promote", "2", "--reason", "by hand after review")
+    assert r.returncode == 0, r.stderr
+    assert d.request("status")["active_version"] == v2
+    handled = [e for e in d.events() if e.get("event") == "control_command_received"]
+    assert [e["command"] for e in handled] == ["promote", "promote"]
+    r = d.cli("rollback")
+    assert r.returncode == 0, r.stderr
+    assert d.request("status")["active_version"] == v1
+    bad = d.cli("promote", "v0099")
+    assert bad.returncode == 1 and "v0099" in bad.stderr
+    history = d.request("history")
+    assert history["current"] == v1 and [v["version"] for v in history["versions"]] == [v2, v1]

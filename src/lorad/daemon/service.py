@@ -436,7 +436,9 @@ class Service:
 
             if self.runner is not None and self.runner.is_alive() and self.runner.state == "evaluating":
                 return protocol.error("a job is concluding; try again in a moment")
-            return views.change_version(self.settings, self.db, command, request.get("version"))
+            reason = request.get("reason")
+            return views.change_version(self.settings, self.db, command, request.get("version"),
+                                        reason if isinstance(reason, str) else None)
         return protocol.error(f"unknown command {command!r}")  # pragma: no cover - protocol checks
 
     def _feedback(self, request: dict) -> dict:

@@ -68,7 +68,7 @@ def history(settings) -> dict:
     return {"current": reg.current(), "previous": reg.previous(), "versions": versions}
 
 
-def change_version(settings, buffer: Buffer, action: str, version: str | None) -> dict:
+def change_version(settings, buffer: Buffer, action: str, version: str | None, reason: str | None = None) -> dict:
     """Promote or roll back by hand (sha256 checked, audited, publish hooks), as `lorad promote` does."""
     from lorad import cycle
     from lorad.registry import RegistryError
@@ -78,9 +78,10 @@ def change_version(settings, buffer: Buffer, action: str, version: str | None) -
         if action == "promote":
             if not version:
                 return {"ok": False, "error": "promote needs a VERSION"}
-            done = cycle.promote(settings, buffer, registry, version)
+            done = cycle.promote(settings, buffer, registry, version, reason=reason or "promoted by hand")
         else:
-            done = cycle.rollback(settings, buffer, registry, version or None)
+            done = cycle.rollback(settings, buffer, registry, version or None,
+                                  reason=reason or "rolled back by hand")
     except RegistryError as e:
         return {"ok": False, "error": str(e)}
     return {"ok": True, **done}
