@@ -341,8 +341,8 @@ def loads(text: str, path: Path | None = None) -> Settings:
     """Validate TOML text into Settings (relative paths resolve against the file's folder)."""
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"not valid TOML: {e}"], path) from None
+    except ValueError as e:  # TOMLDecodeError, or an integer past int()'s digit limit
+        raise ConfigError([f"not valid TOML: {str(e)[:200]}"], path) from None
     problems: list[str] = []
     base = path.parent.resolve() if path else Path.cwd()
     settings = _build(Settings, raw, "", problems, base)

@@ -41,7 +41,7 @@ def decode_request(line: bytes) -> dict:
         raise ProtocolError(f"request over {MAX_REQUEST} bytes")
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, or a 4300+ digit int
         raise ProtocolError(f"malformed JSON: {e}"[:200]) from None
     if not isinstance(message, dict):
         raise ProtocolError("request must be a JSON object")

@@ -78,6 +78,8 @@ def decode_json(data: bytes) -> Any:
         raise ParseError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise ParseError("malformed JSON: nested too deeply") from None
+    except ValueError as e:  # int() past sys.get_int_max_str_digits(): the fuzz suite found it
+        raise ParseError(f"not valid JSON: {str(e)[:120]}") from None
     raise ParseError("not valid JSON (surrogates or numbers out of range)")
 
 
@@ -115,7 +117,10 @@ def json_text(value: Any) -> str | None:
         return None
     if not value and type(value) in _EMPTY:
         return _EMPTY[type(value)]
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as e:  # nesting past orjson's 255 levels: the fuzz suite found it
+        raise ParseError(f"cannot be stored as JSON: {e}") from None
 
 
 def _kind(value: Any) -> str:
