@@ -20,7 +20,7 @@ def test_two_process_run_saves_an_adapter_of_the_same_shape_that_loads_the_same_
     assert code == jobfile.EXIT_OK, out
 
     job_dir = make_job(max_steps=2, processes=2)
-    assert "accelerate.commands.launch" in jobfile.worker_command(job_dir, jobfile.read_job(job_dir))
+    assert "--launch" in jobfile.worker_command(job_dir, jobfile.read_job(job_dir))
     code, two, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out
     assert two["processes"] == 2 and one["processes"] == 1
@@ -38,3 +38,31 @@ def test_two_process_run_saves_an_adapter_of_the_same_shape_that_loads_the_same_
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_two_process_run_pauses_on_sigterm_with_the_paused_exit_code(make_job):
+    """All ranks stop at the same step (no rank left waiting in an all-reduce)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from training_helpers import output, worker_env
+
+    job_dir = make_job(max_steps=300, save_steps=1000, processes=2)
+    with open(job_dir / "worker.log", "a") as log:
+        proc = subprocess.Popen(jobfile.worker_command(job_dir, jobfile.read_job(job_dir)), env=worker_env(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while ((jobfile.last_progress(job_dir) or {}).get("step") or 0) < 3:
+        assert proc.poll() is None, output(job_dir)
+        assert time.monotonic() < deadline, output(job_dir)
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # the way the daemon signals a job: its whole group
+    proc.wait(timeout=180)
+    assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
+    result = jobfile.read_result(job_dir)
+    assert result["status"] == "paused" and result["processes"] == 2
+    from lorad.training.worker import complete_checkpoints
+
+    assert [p.name for p in complete_checkpoints(job_dir)] == [f"step-{result['steps']}"]

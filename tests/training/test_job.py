@@ -52,11 +52,13 @@ def test_worker_command_is_a_plain_module_run_for_one_process(tmp_path):
 
 def test_worker_command_goes_through_accelerate_launch_for_several_processes(tmp_path):
     spec = JobSpec(job_id="j", base_model="m", state_dir="s", processes=2)
-    argv = jobfile.worker_command(tmp_path, spec)
+    assert jobfile.worker_command(tmp_path, spec) == [sys.executable, "-m", "lorad.training.worker",
+                                                      "--launch", str(tmp_path)]
+    argv = jobfile.launch_command(tmp_path, spec)
     assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert argv[argv.index("--num_processes") + 1] == "2"
     assert argv[-3:] == ["-m", "lorad.training.worker", str(tmp_path)]
-    with_config = jobfile.worker_command(tmp_path, JobSpec(job_id="j", base_model="m", state_dir="s",
+    with_config = jobfile.launch_command(tmp_path, JobSpec(job_id="j", base_model="m", state_dir="s",
                                                            processes=4, accelerate_config="/etc/fsdp.yaml"))
     assert with_config[with_config.index("--config_file") + 1] == "/etc/fsdp.yaml"
     assert "--multi_gpu" not in with_config

@@ -256,12 +256,21 @@ def worker_command(job_dir, spec: JobSpec) -> list[str]:
     """The argv that runs the worker on ``job_dir``.
 
     One process: ``python -m lorad.training.worker JOB_DIR``. With ``spec.processes > 1``:
-    ``accelerate launch`` with that many processes (DDP over torch.distributed; on a machine
-    without CUDA, CPU processes with the gloo backend), or with ``spec.accelerate_config``.
+    ``python -m lorad.training.worker --launch JOB_DIR``, which runs :func:`launch_command`
+    (``accelerate launch``), forwards SIGTERM/SIGINT to it, and exits with the EXIT_* code of
+    the outcome in result.json (the launcher's own exit code cannot tell paused from failed).
     """
     job_dir = str(job_dir)
     if spec.processes <= 1:
         return [sys.executable, "-m", "lorad.training.worker", job_dir]
+    return [sys.executable, "-m", "lorad.training.worker", "--launch", job_dir]
+
+
+def launch_command(job_dir, spec: JobSpec) -> list[str]:
+    """``accelerate launch`` with ``spec.processes`` worker processes (DDP over
+    torch.distributed; on a machine without CUDA, CPU processes with the gloo backend), or
+    with ``spec.accelerate_config`` (FSDP and the like)."""
+    job_dir = str(job_dir)
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(spec.processes)]
     if spec.accelerate_config:
         argv += ["--config_file", spec.accelerate_config]

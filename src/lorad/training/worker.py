@@ -37,6 +37,7 @@ from lorad.training.job import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED
 
 STAGING = ".staging"
 CHECKPOINT_MARKER = "lorad-checkpoint.json"
+DISCARDED = ".discarded-"  # prefix of directories being deleted (see discard())
 KEEP_CHECKPOINTS = 2
 
 
@@ -97,12 +98,41 @@ def publish_checkpoint(staged: Path, job_dir: Path, step: int) -> Path:
     _fsync_tree(staged)
     final = job_dir / jobfile.CHECKPOINTS_DIR / f"step-{step}"
     if final.exists():  # a stale one from before a resume at an earlier step
-        shutil.rmtree(final)
+        discard(final)
     os.rename(staged, final)
     jobfile.fsync_dir(final.parent)
     for old in complete_checkpoints(job_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return final
+
+
+def discard(path: Path) -> None:
+    """Remove a directory so that a kill at any moment leaves it whole or gone from view.
+
+    Why rename first: rmtree deletes file by file, and a kill half way would leave a
+    checkpoint with its marker but without its weights (the fault suite caught exactly that).
+    """
+    doomed = path.with_name(DISCARDED + path.name)
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    jobfile.fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _finished(checkpoint: Path) -> bool:
+    """The checkpoint is the run's last step (training itself is done)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def _load_finished_checkpoint(trainer, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
 # -- progress and result -----------------------------------------------------------------------
@@ -159,7 +189,7 @@ def save_adapter(model, tokenizer, job_dir: Path, extra: dict) -> Path:
     write_manifest(tmp, extra)
     _fsync_tree(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        discard(final)
     os.rename(tmp, final)
     jobfile.fsync_dir(job_dir)
     return final
@@ -196,6 +226,7 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
         def on_step_end(self, args, state, control, **kw):
             if flags.stop is None and window_end is not None and time.time() >= window_end:
                 flags.stop, flags.reason = "pause", "paused at the end of the training window"
+            _agree_on_stop(flags, args.device)
             if flags.stop is not None and self.stopped is None:
                 self.stopped, self.reason = flags.stop, flags.reason
                 control.should_training_stop = True
@@ -239,6 +270,28 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
             return control
 
     return Control()
+
+
+_STOP_CODES = {None: 0, "pause": 1, "cancel": 2}
+
+
+def _agree_on_stop(flags: Flags, device) -> None:
+    """Every rank stops at the same step: the strongest request of any rank wins.
+
+    Why: ranks get a signal at slightly different moments; a rank that stopped a step
+    earlier than the others would leave them waiting forever in the gradient all-reduce.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    code = torch.tensor([_STOP_CODES[flags.stop]], device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    agreed = {v: k for k, v in _STOP_CODES.items()}[int(code.item())]
+    if agreed != flags.stop and agreed is not None:
+        flags.stop = agreed
+        flags.reason = "paused on SIGTERM" if agreed == "pause" else "cancelled on SIGINT"
 
 
 def _barrier() -> None:
@@ -336,6 +389,9 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
     staging = job_dir / jobfile.CHECKPOINTS_DIR / STAGING
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)  # a killed save leaves only this behind
+        for doomed in (*staging.parent.glob(DISCARDED + "*"), *job_dir.glob(DISCARDED + "*"),
+                       *job_dir.glob(".adapter.*")):
+            shutil.rmtree(doomed, ignore_errors=True)  # and a killed discard() or adapter save this
         staging.mkdir(parents=True, exist_ok=True)
     _barrier()
     args = lora.training_arguments(
@@ -349,7 +405,15 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
     resume = str(checkpoints[-1]) if checkpoints else None
     result["resumed_from"] = resume
     t0 = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume)
+    if resume and _finished(Path(resume)):
+        # Why not trainer.train(): resumed at its last step, the Trainer still runs one more step
+        # (past max_steps, on the next epoch's first batch). A worker killed during the adapter
+        # save or the evaluation lands here: take the trained weights as they were.
+        _load_finished_checkpoint(trainer, Path(resume))
+        callback.on_train_begin(args, trainer.state, trainer.control)
+        callback.final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     result["train_seconds"] = time.monotonic() - t0
     state = trainer.state
     result.update(steps=state.global_step, total_steps=state.max_steps, tokens=state.num_input_tokens_seen,
@@ -421,13 +485,52 @@ def _broadcast(value):
     return box[0]
 
 
+def launch(job_dir) -> int:
+    """Run the job's processes through ``accelerate launch`` and exit as a single worker would.
+
+    The launcher is in this process group, so a signal to the group reaches every rank
+    directly; a signal to this process alone is forwarded to the launcher (which passes it on
+    to the ranks). The exit code is the outcome result.json records (the launcher's own is
+    1 for anything but success, paused included).
+    """
+    import subprocess
+
+    job_dir = Path(job_dir)
+    spec = jobfile.read_job(job_dir)
+    result_path = job_dir / jobfile.RESULT_FILE
+    before = result_path.stat().st_mtime_ns if result_path.exists() else None
+    proc = subprocess.Popen(jobfile.launch_command(job_dir, spec))
+
+    def forward(signum, frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = proc.wait()
+    result = jobfile.read_result(job_dir)
+    fresh = result is not None and result_path.stat().st_mtime_ns != before
+    if not fresh:
+        if rc != 0:  # no rank got as far as writing a result: say so where the parent looks
+            jobfile.write_result(job_dir, {"job_id": spec.job_id, "status": "failed", "adapter": None,
+                                           "error": f"accelerate launch exited with {rc} before a "
+                                                    f"result was written", "reason": "launcher failed"})
+            return EXIT_FAILED
+        return EXIT_OK
+    codes = {status: code for code, status in STATUS_BY_EXIT.items()}
+    return codes.get(result.get("status"), EXIT_FAILED)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    launcher = argv[:1] == ["--launch"]
+    if launcher:
+        argv = argv[1:]
     if len(argv) != 1:
-        print("usage: python -m lorad.training.worker JOB_DIR", file=sys.stderr)
+        print("usage: python -m lorad.training.worker [--launch] JOB_DIR", file=sys.stderr)
         return 2
     try:
-        return run(argv[0])
+        return launch(argv[0]) if launcher else run(argv[0])
     except jobfile.JobError as e:
         print(f"lorad worker: {e}", file=sys.stderr)
         return EXIT_FAILED
