@@ -313,3 +313,17 @@ def test_snapshot_system_message_takes_the_configured_template_role(buffer, fixt
     assert all(r["prompt"][0]["content"].startswith("You fix code.\n\n") for r in snap.train + snap.heldout)
     fallback = examples.build_snapshot(buffer, SEL, n=5, chat_template_system="Default role.")
     assert all(r["prompt"][0]["content"].startswith("Default role.\n\n") for r in fallback.train)
+
+
+def test_snapshot_counts_contaminated_heldout_rows(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(12):
+        add_task(store, i)
+    sync(buffer, store)
+    assert examples.build_snapshot(buffer, SEL, n=50).stats["contaminated"] == 0
+    held = buffer.conn.execute("SELECT task_key FROM examples WHERE split = 'heldout' AND outcome = 'refined' "
+                               "LIMIT 1").fetchone()
+    with buffer.transaction() as conn:
+        conn.execute("UPDATE examples SET task_key = ? WHERE chain_id = "
+                     "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)", held)
+    assert examples.build_snapshot(buffer, SEL, n=50).stats["contaminated"] == 1

@@ -529,5 +529,6 @@ def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: in
     stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),
              "skipped": skipped_counts(conn), "duplicates": dict(conn.execute(
                  "SELECT duplicate, count(*) FROM examples WHERE duplicate_of > 0 GROUP BY 1").fetchall()),
-             "contaminated": len(split.contamination(conn)), "policy": policy.text, "method": method}
+             "contaminated": len(split.contamination(conn, [r["chain_id"] for r in heldout])),
+             "policy": policy.text, "method": method}
     return Snapshot(train=train, heldout=heldout, example_seqs=sorted(seqs), max_seq=max_seq, stats=stats)

@@ -10,6 +10,7 @@ buffer never moves an example across.
 from __future__ import annotations
 
 import hashlib
+import json
 
 from lorad.buffer.dedup import normalise
 
@@ -47,20 +48,26 @@ def assign(conn, keys: set[str], fraction: float, seed: int = 0) -> dict[str, st
     return out
 
 
-def contamination(conn) -> list[dict]:
+def contamination(conn, chain_ids: list[str] | None = None) -> list[dict]:
     """Held-out examples whose task or exact answer also appears in the training split.
+
+    Args:
+        chain_ids: check only these held-out examples (default: all of them).
 
     Returns one entry per contaminated held-out example: its chain id, a cut of its
     specification and what leaked ("specification" or "answer").
     """
+    only, params = "", []
+    if chain_ids is not None:
+        only, params = " AND h.chain_id IN (SELECT value FROM json_each(?))", [json.dumps(list(chain_ids))]
     spec = "(SELECT substr(c.specification, 1, 80) FROM chains c WHERE c.chain_id = h.chain_id)"
     rows = conn.execute(
         f"SELECT h.chain_id, {spec}, 'specification' FROM examples h "
-        "WHERE h.split = 'heldout' AND EXISTS (SELECT 1 FROM examples t WHERE t.task_key = h.task_key "
+        f"WHERE h.split = 'heldout'{only} AND EXISTS (SELECT 1 FROM examples t WHERE t.task_key = h.task_key "
         "AND t.split = 'train') "
         "UNION ALL "
         f"SELECT h.chain_id, {spec}, 'answer' FROM examples h "
-        "WHERE h.split = 'heldout' AND h.outcome != 'exhausted' AND EXISTS (SELECT 1 FROM examples t "
-        "WHERE t.answer_key = h.answer_key AND t.split = 'train' AND t.outcome != 'exhausted')"
-    ).fetchall()
+        f"WHERE h.split = 'heldout'{only} AND h.outcome != 'exhausted' AND EXISTS (SELECT 1 FROM examples t "
+        "WHERE t.answer_key = h.answer_key AND t.split = 'train' AND t.outcome != 'exhausted')",
+        params * 2).fetchall()
     return [{"chain_id": c, "specification": s, "leak": what} for c, s, what in rows]
