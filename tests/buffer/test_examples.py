@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lorad import synthetic
 from lorad.buffer import examples, split
@@ -327,3 +329,34 @@ def test_snapshot_counts_contaminated_heldout_rows(buffer, tmp_path):
         conn.execute("UPDATE examples SET task_key = ? WHERE chain_id = "
                      "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)", held)
     assert examples.build_snapshot(buffer, SEL, n=50).stats["contaminated"] == 1
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2)), min_size=2, max_size=12),
+       cut=st.integers(0, 12))
+def test_incremental_dedup_and_split_equal_a_batch_build_of_the_same_chains(tmp_path_factory, picks, cut):
+    """Tasks 0-5, each answered in one of 3 ways (two near-identical): grown in two steps or at once."""
+    root = tmp_path_factory.mktemp("grow")
+    store = root / "store"
+    answers = ["return x * {i} + 1\n", "return x * {i} + 1  # ok\n", "return {i} - x\n"]
+
+    def write(k, task, variant):
+        add_task(store, task, workflow=f"w{k}", day=k,
+                 answer=f"def f{task}(x: int) -> int:\n    \"\"\"Task {task}.\"\"\"\n    " + answers[variant].format(i=task))
+
+    with Buffer(root / "grown.sqlite3") as grown:
+        for k, (task, variant) in enumerate(picks):
+            write(k, task, variant)
+            if k + 1 == cut:
+                sync(grown, store)
+        sync(grown, store)
+        grown_rows = rows(grown)
+    with Buffer(root / "batch.sqlite3") as batch:
+        sync(batch, store)
+        batch_rows = rows(batch)
+    kept = lambda rs: {c for c, r in rs.items() if r["duplicate_of"] is None}  # noqa: E731
+    assert kept(grown_rows) == kept(batch_rows)
+    assert {c: r["split"] for c, r in grown_rows.items()} == {c: r["split"] for c, r in batch_rows.items()}
+    # One kept example per (task, answer family): variants 0 and 1 are near-duplicates.
+    families = {(t, v == 2) for t, v in picks}
+    assert len(kept(batch_rows)) == len(families)
