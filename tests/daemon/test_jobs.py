@@ -124,3 +124,16 @@ def test_failed_job_is_recorded_and_backs_off_window_jobs(daemon_factory, short_
     assert d.cli("reload").returncode == 0
     d.wait_for(lambda: "backing off" in d.request("status")["schedule"]["decision"], what="back-off decision")
     assert len(d.request("jobs")["jobs"]) == 1  # the open window started nothing
+
+
+def test_sigterm_right_after_train_now_leaves_the_job_paused_not_failed(daemon_factory, tiny_model):
+    """Whatever the job was doing (preparing, or a worker still importing torch), it is paused."""
+    d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=5000, save_steps=1000))
+    job_id = d.request("train_now")["job"]["job_id"]
+    d.wait_for(lambda: job(d, job_id)["state"] in ("preparing", "training"), what="the job to start")
+    assert d.stop() == 0
+    import sqlite3
+
+    with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:
+        state, = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    assert state == "paused"

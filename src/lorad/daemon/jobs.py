@@ -301,7 +301,9 @@ class JobRunner(threading.Thread):
                 self.version = outcome.version
                 state = outcome.status if outcome.status in ("promoted", "rejected") else "failed"
                 return self._finish(store, state, outcome.reason, version=outcome.version)
-            if code == EXIT_PAUSED:
+            if code == EXIT_PAUSED or (code < 0 and self._stop_event.is_set()):
+                # (a worker signalled before its handlers were installed dies of the signal:
+                # asked to stop, it stopped; a paused job without a checkpoint restarts from 0)
                 return self._finish(store, self._stopped_state(),
                                     self._stop_reason or result.get("reason") or "paused")
             if code == EXIT_CANCELLED:
