@@ -436,8 +436,10 @@ class Service:
 
             if self.runner is not None and self.runner.is_alive() and self.runner.state == "evaluating":
                 return protocol.error("a job is concluding; try again in a moment")
-            reason = request.get("reason")
-            return views.change_version(self.settings, self.db, command, request.get("version"),
+            reason, version = request.get("reason"), request.get("version")
+            if version is not None and not isinstance(version, str):  # the protocol fuzz found this
+                return protocol.error(f"{command}: version must be a version name string, got {version!r}"[:200])
+            return views.change_version(self.settings, self.db, command, version,
                                         reason if isinstance(reason, str) else None)
         return protocol.error(f"unknown command {command!r}")  # pragma: no cover - protocol checks
 
