@@ -64,6 +64,9 @@ def _examples(db) -> None:
         """
     )
     db.execute("CREATE INDEX examples_split_seq ON examples (split, seq)")
+    # Covers the replay draw's lookups by seq with every column a policy tests: no table reads.
+    db.execute("CREATE INDEX examples_probe ON examples (seq, split, duplicate_of, outcome, retries, "
+               "generated_only, origin, created_ts, action_pair_id)")
     db.execute("CREATE INDEX examples_group ON examples (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX examples_task ON examples (task_key)")
     db.execute("CREATE INDEX examples_answer ON examples (answer_key)")
