@@ -29,6 +29,7 @@ import structlog
 
 from lorad import log, synthetic
 from lorad.buffer.store import Buffer
+from lorad.config import BufferSettings
 from lorad.ingest import ingest
 from lorad.sources import AtomicGuardSource
 
@@ -64,7 +65,7 @@ def ceiling(paths: list[Path]) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", type=int, default=20_000)
-    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=BufferSettings().batch_size)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     log.configure("warning")

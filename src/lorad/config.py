@@ -163,7 +163,7 @@ class StoreSettings:
 class BufferSettings:
     # "" = <state_dir>/buffer.sqlite3
     path: str = ""
-    batch_size: int = _c(positive, default=500)
+    batch_size: int = _c(positive, default=2000)
     # "full" survives power loss; "normal" survives any process crash and is faster.
     synchronous: Literal["full", "normal"] = "full"
 

@@ -110,7 +110,7 @@ def _initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX artifacts_group ON artifacts (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX artifacts_artifact_id ON artifacts (source, artifact_id)")
     db.execute("CREATE INDEX artifacts_chain ON artifacts (chain_id)")
-    db.execute("CREATE INDEX artifacts_created ON artifacts (created_ts)")
+    db.execute("CREATE INDEX artifacts_created ON artifacts (created_ts)")  # dropped again in 0005
     db.execute(
         """
         CREATE TABLE chains (
@@ -181,6 +181,13 @@ def _initial(db: sqlite_utils.Database) -> None:
         """
     )
     db.execute("CREATE INDEX audit_event ON audit (event, ts)")
+
+
+@migration("0005_ingest_indexes")
+def _ingest_indexes(db: sqlite_utils.Database) -> None:
+    # Nothing queries artifacts by created_ts (the recent policy reads examples), and every
+    # index is written on each insert: ingest is faster without it.
+    db.execute("DROP INDEX IF EXISTS artifacts_created")
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:

@@ -65,8 +65,8 @@ def link(rows: Sequence[dict]) -> list[Chain]:
         rows: artifact rows with at least source, workflow_id, action_pair_id, artifact_id,
             previous_attempt_id, attempt_number, status, created_ts and locator.
     """
-    if not rows:
-        return []
+    if len(rows) <= 1:
+        return [_chain(list(rows))] if rows else []
     n = len(rows)
     parent = list(range(n))
 
@@ -140,7 +140,7 @@ _LINK_COLUMNS = ("id", "source", "locator", "artifact_id", "workflow_id", "actio
 class LinkPlan:
     """What linking a batch changes: computed before the batch's rows are written."""
 
-    groups: set[tuple[str, str, str]]
+    groups: set[tuple[str, str, str]]  # groups whose old chains are replaced
     moved: list[tuple[str, int]]  # (chain_id, artifact id) of stored rows that changed chain
     chains: list[tuple]  # chains rows; accepted_id is resolved from (source, locator) on write
 
@@ -171,6 +171,7 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
                 key = (source, row["workflow_id"], row["action_pair_id"])
                 if key in groups:
                     members[key][row["locator"]] = row
+    stored = set(members)  # groups with rows already in the buffer (and maybe chains)
     for row in batch_rows:  # the batch's version of a row wins over the stored one
         members[(row["source"], row["workflow_id"], row["action_pair_id"])][row["locator"]] = row
     moved, chains = [], []
@@ -187,7 +188,7 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
                 source, chain.accepted["locator"] if chain.accepted else None, chain.outcome,
                 chain.specification, min(stamps), max(stamps),
             ))
-    return LinkPlan(groups, moved, chains)
+    return LinkPlan(stored, moved, chains)
 
 
 def apply_links(conn, plan: LinkPlan, now: float) -> None:
