@@ -341,3 +341,23 @@ def test_manual_promote_and_rollback_commands_refuse_tampered_versions(tmp_path,
     assert done["change"]["version"] == names[0] and reg.current() == names[0]
     with Buffer(s.buffer_path) as b:
         assert [e["event"] for e in b.events()][:3] == ["adapter_rolled_back", "adapter_promoted", "adapter_promoted"]
+
+
+def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
+    s = settings_for(tmp_path, "unused", guard=False)
+    a = tmp_path / "adapter"
+    a.mkdir()
+    (a / "adapter_model.safetensors").write_bytes(b"weights")
+    with Buffer(s.buffer_path) as buffer:
+        from lorad.ingest import ingest
+        from lorad.sources import open_sources
+
+        ingest(buffer, open_sources(s.store), 500)
+        reg = cycle.open_registry(s, buffer)
+        name = reg.create(a, {"verdict": {"promote": True, "reasons": []}}).name
+        reg.promote(name)
+        (reg.root / name / "adapter_model.safetensors").chmod(0o644)
+        (reg.root / name / "adapter_model.safetensors").write_bytes(b"changed")
+        with pytest.raises(cycle.CycleError, match="fails its sha256 check"):
+            cycle.prepare(s, buffer, reg, "j1")
+    assert not (s.state_dir / "jobs" / "j1").exists()

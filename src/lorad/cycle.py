@@ -41,6 +41,10 @@ class CycleError(Exception):
     "A cycle cannot start or finish; the message says why."
 
 
+class NothingToTrain(CycleError):
+    "The snapshot has no training examples (nothing new, or the policy selects none)."
+
+
 @dataclass
 class CycleOutcome:
     """What one cycle did, for the CLI, the daemon and the audit trail."""
@@ -258,7 +262,9 @@ def prepare(settings, buffer, registry: Registry, job_id: str, *, window_end: fl
             0 retrains on everything).
 
     Raises:
-        CycleError: there is nothing to train on.
+        NothingToTrain: the snapshot has no training examples.
+        CycleError: the active or previous version's files
+            fail their sha256.
     """
     from lorad.buffer import examples
     from lorad.training.job import spec_from_settings, write_job
@@ -270,8 +276,14 @@ def prepare(settings, buffer, registry: Registry, job_id: str, *, window_end: fl
         buffer, sel, method=t.method, n=t.train_examples, replay_ratio=t.replay_ratio,
         since_seq=since, seed=sel.seed, weighting=sel.replay_weighting, now=now)
     if not snap.train:
-        raise CycleError(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
+        raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
     cur, prev = registry.current(), registry.previous()
+    # Never warm-start from, or compare against, files that are not what was blessed.
+    for name in filter(None, (cur, prev)):
+        problems = registry.verify(name)
+        if problems:
+            raise CycleError(f"adapter version {name} fails its sha256 check ({'; '.join(problems)}); "
+                             f"roll back or promote a sound version first")
     rescore = settings.evaluation.rescore_active and cur is not None and prev is not None
     spec = spec_from_settings(
         settings, job_id, parent_adapter=str(registry.path_of(cur)) if cur else None,
@@ -486,8 +498,10 @@ def run_once(settings, progress: bool = True, *, ingest_first: bool = True,
         live = check_live(settings, buffer, registry)
         try:
             job_dir = prepare(settings, buffer, registry, job_id)
-        except CycleError as e:
+        except NothingToTrain as e:
             return CycleOutcome(job_id=job_id, status="skipped", reason=str(e), live=live)
+        except CycleError as e:
+            return CycleOutcome(job_id=job_id, status="failed", reason=str(e), live=live)
         bar = _ProgressBar(enabled=progress, stream=stream)
         try:
             code = run_worker(job_dir, on_progress=bar.update)
