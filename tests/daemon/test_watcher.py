@@ -80,8 +80,10 @@ def test_a_burst_of_events_is_ingested_in_few_batches(tmp_path, store):
     watcher = Watcher([store])
     batches = []
     with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
+        quiet = []
         loop = IngestLoop(buffer, [reader], watcher, debounce=0.2, reconcile_interval=3600,
-                          on_ingest=lambda report: batches.append(report.new))
+                          on_ingest=lambda report: batches.append(report.new),
+                          on_quiet=lambda b: quiet.append(count(b)), quiet=0.5)
         watcher.start()
         try:
             loop.reconcile()
@@ -91,6 +93,9 @@ def test_a_burst_of_events_is_ingested_in_few_batches(tmp_path, store):
                 write_artifact(store)
             assert wait(lambda: count(ro) == 122, timeout=3.0)
             assert sum(batches) == 20 and len(batches) <= 3, batches
+            assert wait(lambda: quiet, timeout=3.0)
+            time.sleep(0.7)
+            assert quiet[-1] == 122 and len(quiet) <= 2, quiet  # once after the burst (and maybe the first scan)
         finally:
             loop.stop()
             watcher.stop()

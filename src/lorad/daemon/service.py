@@ -122,8 +122,9 @@ class Service:
         self.ingest = IngestLoop(
             Buffer(s.buffer_path, s.buffer.synchronous), readers, self.watcher, s.buffer.batch_size,
             s.schedule.debounce_seconds, s.schedule.reconcile_interval, s.store.settle_seconds,
-            on_ingest=self._after_ingest)
+            on_quiet=self._refresh_examples)
         report = self.ingest.reconcile()  # catch up before reporting ready
+        self._refresh_examples(self.ingest.buffer)  # the first status counts are current
         log.info("store_reconciled", new=report.new, updated=report.updated, unchanged=report.unchanged,
                  quarantined=report.quarantined, errors=report.errors)
         self.ingest.start()
@@ -302,12 +303,12 @@ class Service:
 
     # -- status ---------------------------------------------------------------------------------
 
-    def _after_ingest(self, report) -> None:
-        """In the ingest thread, after a batch changed the buffer: keep the examples current."""
+    def _refresh_examples(self, buffer) -> None:
+        """In the ingest thread, once a burst of changes is over: keep the examples current."""
         from lorad.buffer import examples
 
         try:
-            examples.refresh(self.ingest.buffer, self.settings.selection)
+            examples.refresh(buffer, self.settings.selection)
         except Exception:  # the artifacts are committed; the examples catch up on the next refresh
             log.exception("examples_refresh_failed")
 
@@ -451,7 +452,7 @@ class Service:
             return protocol.error('feedback needs a "record" object')
         def task(buffer):
             response = views.write_feedback(buffer, record)
-            self._after_ingest(None)
+            self.ingest.mark_changed()
             return response
 
         future = self.ingest.submit(task)

@@ -120,11 +120,15 @@ class IngestLoop:
         settle: paths are looked at once more this long after an event, for files that were
             still being written (the sources skip, not quarantine, a fresh unparsable file).
         on_ingest: called with each IngestReport that changed something (in this thread).
+        on_quiet: called with the buffer, in this thread, once the buffer changed and then
+            ``quiet`` seconds passed without another change (at the latest ``quiet * 10`` after
+            the first change): derived tables are refreshed once per burst, not per file.
     """
 
     def __init__(self, buffer, readers: list, watcher: Watcher, batch_size: int = 500,
                  debounce: float = 0.1, reconcile_interval: float = 300.0, settle: float = 2.0,
-                 on_ingest: Callable[[IngestReport], None] | None = None):
+                 on_ingest: Callable[[IngestReport], None] | None = None,
+                 on_quiet: Callable | None = None, quiet: float = 1.0):
         self.buffer = buffer
         self.readers = readers
         self.watcher = watcher
@@ -133,6 +137,10 @@ class IngestLoop:
         self.reconcile_interval = reconcile_interval
         self.settle = settle
         self.on_ingest = on_ingest
+        self.on_quiet = on_quiet
+        self.quiet = quiet
+        self._changed_first: float | None = None
+        self._changed_last = 0.0
         self.last_reconcile = 0.0
         self.last_ingest = 0.0
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
@@ -179,6 +187,8 @@ class IngestLoop:
             deadline = self.last_reconcile + self.reconcile_interval
             if self._retry:
                 deadline = min(deadline, self._retry[0][0])
+            if self._changed_first is not None:
+                deadline = min(deadline, self._changed_last + self.quiet)
             changed = self.watcher.wait(max(0.0, min(deadline - now, 1.0)))
             if self._stop.is_set():
                 break
@@ -199,6 +209,7 @@ class IngestLoop:
                 if self._retry and self._retry[0][0] <= time.monotonic():
                     _, paths = self._retry.pop(0)
                     self._ingest(paths, "settle")
+                self._maybe_quiet()
             except Exception:  # a bad moment (disk full, locked database) must not end the loop
                 log.exception("ingest_loop_failed")
                 time.sleep(1.0)
@@ -221,7 +232,24 @@ class IngestLoop:
         report = ingest(self.buffer, self.readers, self.batch_size, paths=sorted(paths))
         self._done(report, why)
 
+    def mark_changed(self) -> None:
+        """The buffer changed (in this thread): schedule ``on_quiet``."""
+        now = time.monotonic()
+        if self._changed_first is None:
+            self._changed_first = now
+        self._changed_last = now
+
+    def _maybe_quiet(self) -> None:
+        if self._changed_first is None or self.on_quiet is None:
+            return
+        now = time.monotonic()
+        if now - self._changed_last >= self.quiet or now - self._changed_first >= self.quiet * 10:
+            self._changed_first = None
+            self.on_quiet(self.buffer)
+
     def _done(self, report: IngestReport, why: str) -> None:
         self.last_ingest = time.time()
+        if report.new or report.updated or report.quarantined:
+            self.mark_changed()
         if self.on_ingest and (report.new or report.updated or report.quarantined or report.errors):
             self.on_ingest(report)
