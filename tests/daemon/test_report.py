@@ -70,3 +70,16 @@ def test_report_without_any_state_says_so(tmp_path, capsys):
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "nothing"}"\n')
     assert main(["--config", str(config), "report", "--output", str(tmp_path / "r.html")]) == 1
     assert "nothing to report" in capsys.readouterr().err
+
+
+def test_report_on_a_buffer_the_daemon_never_used_has_no_jobs(tmp_path, capsys):
+    state = tmp_path / "state"
+    import sqlite3
+
+    state.mkdir()
+    sqlite3.connect(state / "buffer.sqlite3").execute("CREATE TABLE artifacts (id INTEGER)").connection.close()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n')
+    out = tmp_path / "r.html"
+    assert main(["--config", str(config), "report", "--output", str(out)]) == 0
+    assert "No jobs yet." in out.read_text()

@@ -50,10 +50,17 @@ def collect(settings, limit: int = 10) -> dict:
     jobs = []
     path = settings.buffer_path
     if path.exists():
-        from lorad.buffer.store import Buffer
+        import sqlite3
 
-        with Buffer(path) as buffer:  # read-write open: applies the jobs migration if missing
-            rows = JobStore(buffer.conn).list(limit)
+        from lorad.buffer.store import Buffer, BufferError
+
+        try:
+            with Buffer(path, readonly=True) as buffer:  # a member of the daemon's group can read
+                rows = JobStore(buffer.conn).list(limit)
+        except BufferError as e:
+            raise CommandError(str(e)) from None
+        except sqlite3.OperationalError:  # no jobs table: the daemon never ran on this buffer
+            rows = []
         for job in reversed(rows):
             curve = []
             if job.get("job_dir") and Path(job["job_dir"]).is_dir():
