@@ -106,8 +106,13 @@ def run_baseline(job_dir: Path, packing: bool = False) -> dict:
 def run_lorad(job_dir: Path) -> dict:
     from lorad.training.job import read_job, read_result, worker_command
 
+    import shutil
+
+    # Each run starts the job afresh (a checkpoint left behind would be resumed instead).
     for leftover in ("result.json", "progress.jsonl"):
         (job_dir / leftover).unlink(missing_ok=True)
+    for leftover in ("checkpoints", "adapter"):
+        shutil.rmtree(job_dir / leftover, ignore_errors=True)
     proc = subprocess.run(worker_command(job_dir, read_job(job_dir)), capture_output=True, text=True,
                           env=_env())
     result = read_result(job_dir)

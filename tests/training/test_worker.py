@@ -139,6 +139,10 @@ def test_sigterm_pauses_and_resume_continues_the_same_loss_curve(make_job):
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-2000:]
     assert result["steps"] == 16 and result["resumed_from"].endswith(f"step-{stopped_at}")
+    starts = [(r["step"], r["resumed"]) for r, _ in jobfile.iter_progress(job_dir)
+              if r["stage"] == "training" and r.get("loss") is None]
+    assert starts == [(0, False), (stopped_at, True)]
+    assert result["tokens"] == jobfile.read_result(reference)["tokens"]
     got = _losses(job_dir)
     assert sorted(got) == list(range(1, 17))
     for step in range(1, 17):

@@ -215,13 +215,17 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
             self.tokens0 = 0
             self.losses: list[float] = []
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.monotonic()
-            self.step0 = state.global_step
-            self.tokens0 = state.num_input_tokens_seen
-            progress.write(stage="training", step=state.global_step, total_steps=state.max_steps,
-                           loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
-                           resumed=state.global_step > 0)
+        def on_step_begin(self, args, state, control, **kw):
+            # Why here and not in on_train_begin: on a resume the Trainer restores its state
+            # (step, tokens seen) only after on_train_begin has run.
+            if self.step0 is None:
+                self.t0 = time.monotonic()
+                self.step0 = state.global_step
+                self.tokens0 = state.num_input_tokens_seen
+                progress.write(stage="training", step=state.global_step, total_steps=state.max_steps,
+                               loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
+                               resumed=state.global_step > 0)
+            return control
 
         def on_step_end(self, args, state, control, **kw):
             if flags.stop is None and window_end is not None and time.time() >= window_end:
