@@ -82,3 +82,19 @@ def test_warm_start_continues_from_the_parent_adapter(tiny_model_dir, tmp_path):
         name = key.replace(".weight", ".default.weight")
         assert torch.equal(params[name].detach(), value), key
         assert params[name].requires_grad
+
+
+def test_sft_loss_counts_only_the_assistant_answer(tiny_model_dir, tmp_path):
+    """Prompt tokens (system, user turn with its feedback history) carry label -100."""
+    prec = lora.precision("cpu", "float32", gradient_checkpointing=False)
+    model, tokenizer = lora.load_model(str(tiny_model_dir), prec)
+    model = lora.attach_adapter(model, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
+    args = lora.training_arguments("sft", output_dir=str(tmp_path / "out"), prec=prec, learning_rate=1e-3,
+                                   max_steps=1, epochs=1, batch_size=2, grad_accum=1, max_seq_length=64,
+                                   save_steps=10, seed=0)
+    rows = [sft_row(0), sft_row(2)]
+    trainer = lora.trainer("sft", model, tokenizer, lora.dataset(rows, "sft"), args, [])
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    for labels, row in zip(batch["labels"], rows):
+        counted = tokenizer.decode([i for i in labels.tolist() if i != -100])
+        assert counted == row["completion"][0]["content"] + "<|im_end|>\n"
