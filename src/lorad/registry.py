@@ -246,7 +246,7 @@ class Registry:
             for p in tmp.rglob("*"):
                 if p.is_file():
                     _fsync(p)
-                    p.chmod(0o444)
+                    p.chmod(0o440)  # read-only; the group (lorad) may read, others not
             _fsync(tmp)
             os.rename(tmp, self.root / name)
             _fsync(self.root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -21,6 +22,11 @@ def run(args, settings) -> int:
         sys.modules.setdefault("pandas", None)
     from lorad.buffer.store import BufferError
     from lorad.daemon.service import serve
+
+    # The unit file's UMask=0027, for every way of starting the daemon: the buffer, job data and
+    # adapters hold users' code and prompts. Group members (the lorad group) keep read access;
+    # the training worker inherits this umask. (tests/daemon/test_socket_security.py checks it.)
+    os.umask(0o027)
 
     try:
         return serve(settings)

@@ -123,7 +123,7 @@ class ControlServer:
                 os.chown(self.path, -1, self.access.group_gid)
             except PermissionError:
                 log.warning("socket_group_not_set", group=self.access.group, path=str(self.path))
-        sock.listen(64)
+        sock.listen(socket.SOMAXCONN)  # bursts of clients queue instead of failing to connect
         sock.settimeout(0.2)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="lorad-control", daemon=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,23 @@ def read_line(sock: socket.socket, limit: int) -> bytes | None:
     return None if len(line) + 1 > limit else line
 
 
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """connect(), retried while the daemon's accept queue is full.
+
+    Why: with a timeout set, a Unix socket's connect() fails at once with EAGAIN when the
+    listen backlog is full instead of waiting (100 concurrent clients showed it).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DaemonUnavailable(f"the daemon's queue stayed full for {timeout:g} s") from None
+            time.sleep(0.005)
+
+
 def request(path: str | Path, command: str, timeout: float | None = 30.0, **arguments: Any) -> dict:
     """Send one request to the daemon and return its response.
 
@@ -88,7 +106,7 @@ def request(path: str | Path, command: str, timeout: float | None = 30.0, **argu
     sock.settimeout(timeout)
     try:
         try:
-            sock.connect(str(path))
+            _connect(sock, str(path), timeout)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise DaemonUnavailable(f"no lorad daemon is running (nothing listens on {path}: {e.strerror})") from None
         except PermissionError:

@@ -107,7 +107,7 @@ def convert_gguf(gguf_path, target) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o750)  # no state is world-readable (test_socket_security.py)
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -183,7 +183,7 @@ def save_adapter(model, tokenizer, job_dir: Path, extra: dict) -> Path:
     appearing whole or not at all."""
     final = job_dir / jobfile.ADAPTER_DIR
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=job_dir))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o750)  # mkdtemp's 0700, opened to the group (a vLLM server in the lorad group)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
     write_manifest(tmp, extra)
