@@ -10,6 +10,15 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    """`lorad.cli.main()` run in-process points structlog at pytest's captured streams; undo it."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def fixture_store(tmp_path) -> Path:
     """A private copy of the real AtomicGuard store (40 tasks, 102 artifacts)."""

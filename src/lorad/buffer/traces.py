@@ -203,18 +203,6 @@ def apply_links(conn, plan: LinkPlan, now: float) -> None:
     )
 
 
-def relink(conn, groups: Iterable[tuple[str, str, str]], now: float) -> None:
-    """Recompute and store the chains of the given groups from their stored rows."""
-    cols = ", ".join(_LINK_COLUMNS)
-    rows = []
-    for source, workflow_id, action_pair_id in set(groups):
-        cur = conn.execute(f"SELECT {cols} FROM artifacts WHERE source = ? AND workflow_id = ? AND action_pair_id = ?",
-                           (source, workflow_id, action_pair_id))
-        rows.extend(dict(zip(_LINK_COLUMNS, values)) for values in cur)
-    if rows:
-        apply_links(conn, plan_links(conn, rows), now)
-
-
 # -- what an example is made of ------------------------------------------------------------------
 # The columns a filter policy looks at. ``facts`` computes them from a chain; the examples table
 # stores the same values, so a policy gives the same answer in Python and in SQL.
