@@ -93,3 +93,31 @@ def test_notifier_sends_to_an_abstract_socket_and_paces_watchdog():
 def test_watchdog_is_off_for_another_pid_or_when_disabled():
     assert Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
     assert Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000"}, watchdog=False).watchdog_interval is None
+
+
+def test_clients_beyond_the_thread_limit_wait_instead_of_being_refused(tmp_path):
+    import threading
+
+    gate = threading.Event()
+
+    def handler(request, peer):
+        gate.wait(5)
+        return {"ok": True}
+
+    path = tmp_path / "s.sock"
+    server = ControlServer(path, handler, Access(), max_clients=2)
+    server.start()
+    answers = []
+    try:
+        threads = [threading.Thread(target=lambda: answers.append(protocol.request(path, "status", timeout=10)))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        assert answers == []  # two being served, four queued
+        gate.set()
+        for t in threads:
+            t.join(10)
+    finally:
+        server.stop()
+    assert answers == [{"ok": True}] * 6

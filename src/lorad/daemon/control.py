@@ -81,7 +81,7 @@ class ControlServer:
         path: the socket file; a stale one is replaced, a live one raises SocketInUse.
         handler: request dict and peer -> response dict (called in a connection thread).
         access: who is served.
-        max_clients: connections served at once; more are told the daemon is busy.
+        max_clients: connections served at once; more wait in the listen backlog.
         client_timeout: seconds a client may take to send its request.
     """
 
@@ -147,17 +147,14 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
+            # A free slot first: while every slot is busy, new clients wait in the listen
+            # backlog (their connect() retries) instead of being turned away.
+            if not self._slots.acquire(timeout=0.2):
+                continue
             try:
                 conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    break
-                continue
-            if not self._slots.acquire(blocking=False):
-                self._reply(conn, protocol.error("daemon busy: too many clients at once; retry"))
-                conn.close()
+            except (TimeoutError, OSError):
+                self._slots.release()
                 continue
             t = threading.Thread(target=self._serve, args=(conn,), name="lorad-client", daemon=True)
             with self._lock:
