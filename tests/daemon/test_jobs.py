@@ -137,3 +137,27 @@ def test_sigterm_right_after_train_now_leaves_the_job_paused_not_failed(daemon_f
     with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:
         state, = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     assert state == "paused"
+
+
+def test_worker_that_outlived_a_killed_daemon_is_stopped_before_the_job_resumes(daemon_factory, tiny_model):
+    import signal
+
+    d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=5000, save_steps=1000))
+    job_id = d.request("train_now")["job"]["job_id"]
+    running = d.wait_for(at_step(d, job_id, 2), timeout=120, what="training to start")
+    orphans = worker_processes(running["job_dir"])
+    assert orphans
+    d.proc.send_signal(signal.SIGKILL)  # no chance to pause anything
+    d.proc.wait(10)
+    d._log.close()
+    d.proc = None
+    assert all(p.is_running() for p in orphans)  # the worker lives on in its own session
+    d.start()
+    d.wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in orphans), timeout=60,
+               what="the orphan worker to stop")
+    assert any(e.get("event") == "orphan_worker_stopped" for e in d.events())
+    resumed = d.wait_for(lambda: (j := job(d, job_id))["state"] == "training" and j["runs"] == 2 and j,
+                         timeout=60, what="the job to resume with one new worker")
+    assert len(worker_processes(resumed["job_dir"])) >= 1
+    assert d.cli("cancel", job_id).returncode == 0
+    d.wait_for(lambda: job(d, job_id)["state"] == "cancelled", timeout=60, what="cancelled")

@@ -76,6 +76,43 @@ def _jobs(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE daemon_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+def stop_orphan_worker(job_dir: Path, timeout: float = 30.0) -> bool:
+    """Stop a worker still running on ``job_dir`` (its pid in worker.pid); True if there was one.
+
+    SIGTERM first (it checkpoints and exits paused), SIGKILL after ``timeout``. The pid is only
+    signalled while its command line still names the job directory (pids are reused).
+    """
+    import os
+    import signal
+
+    try:
+        pid = int((job_dir / "worker.pid").read_text())
+    except (OSError, ValueError):
+        return False
+
+    def alive() -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return False
+        return str(job_dir).encode() in cmdline
+
+    if not alive():
+        return False
+    log.warning("orphan_worker_stopped", pid=pid, job_dir=str(job_dir))
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return True
+        deadline = time.monotonic() + wait
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive():
+            return True
+    return True
+
+
 def new_job_id(now: float | None = None) -> str:
     stamp = datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"job-{stamp}-{secrets.token_hex(2)}"
@@ -175,11 +212,17 @@ class JobStore:
         return [j for j in rows if j["state"] == "queued"], [j for j in rows if j["state"] == "paused"]
 
     def recover(self) -> list[str]:
-        """At start-up: jobs left active by a daemon that died become paused (resumable)."""
-        stale = [j["job_id"] for j in self.list(limit=1000, states=ACTIVE)]
-        for job_id in stale:
-            self.transition(job_id, "paused", "daemon restarted while the job was running")
-        return stale
+        """At start-up: jobs left active by a daemon that died become paused (resumable).
+
+        A worker that outlived its daemon (started by hand, killed with SIGKILL) is stopped
+        first, so a resumed job never has two workers writing one job directory.
+        """
+        stale = self.list(limit=1000, states=ACTIVE)
+        for job in stale:
+            if job["job_dir"]:
+                stop_orphan_worker(Path(job["job_dir"]))
+            self.transition(job["job_id"], "paused", "daemon restarted while the job was running")
+        return [j["job_id"] for j in stale]
 
     def get_state(self, key: str, default=None):
         row = self.conn.execute("SELECT value FROM daemon_state WHERE key = ?", (key,)).fetchone()
