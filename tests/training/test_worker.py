@@ -67,8 +67,9 @@ def test_worker_trains_saves_adapter_with_manifest_and_reports(make_job):
     for r in steps:
         assert r["total_steps"] == 6 and r["tokens_per_s"] > 0 and r["eta_s"] >= 0
         assert r["learning_rate"] > 0
-    # save_steps=2: only the newest two complete checkpoints are kept.
-    assert [p.name for p in complete_checkpoints(job_dir)] == ["step-4", "step-6"]
+    # save_steps=2: only the newest two complete checkpoints are kept, and none is written at
+    # the last step (the adapter is).
+    assert [p.name for p in complete_checkpoints(job_dir)] == ["step-2", "step-4"]
 
 
 def test_rejects_learning_rate_outside_sane_range_before_loading_anything(make_job):

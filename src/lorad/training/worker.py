@@ -231,6 +231,10 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
             if flags.stop is None and window_end is not None and time.time() >= window_end:
                 flags.stop, flags.reason = "pause", "paused at the end of the training window"
             _agree_on_stop(flags, args.device)
+            if state.global_step >= state.max_steps and flags.stop is None:
+                # Why no checkpoint at the last step: the adapter is saved right after, and a
+                # checkpoint there would only cost time (optimizer state, fsync).
+                control.should_save = False
             if flags.stop is not None and self.stopped is None:
                 self.stopped, self.reason = flags.stop, flags.reason
                 control.should_training_stop = True
