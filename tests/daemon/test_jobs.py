@@ -47,6 +47,8 @@ def test_train_now_runs_a_tiny_job_to_promotion_and_current_moves(daemon_factory
     listed = json.loads(d.cli("jobs", "--json").stdout)["jobs"]
     assert listed[0]["job_id"] == done["job_id"] and listed[0]["state"] == "promoted"
     assert not worker_processes(done["job_dir"])
+    assert not Path(done["job_dir"], "checkpoints").exists()  # only a resume needed them
+    assert Path(done["job_dir"], "progress.jsonl").is_file()
 
 
 def test_cancel_stops_a_running_job_cleanly(daemon_factory, tiny_model):

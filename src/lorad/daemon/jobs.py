@@ -365,6 +365,13 @@ class JobRunner(threading.Thread):
 
     def _finish(self, store: "JobStore", state: str, reason: str, **fields) -> None:
         self.final_state, self.reason = state, reason
+        job_dir = self._job_dir()
+        if state in ("promoted", "rejected", "cancelled") and job_dir is not None:
+            # Checkpoints only serve a resume; the adapter is in the registry by now. A failed
+            # job keeps them for a look at what went wrong.
+            import shutil
+
+            shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
         try:
             self._set(store, state, reason, progress=self.progress, **fields)
         except Exception:
