@@ -52,22 +52,34 @@ def shingles(text: str, k: int = SHINGLE) -> set[bytes]:
     return {" ".join(words[i:i + k]).encode("utf-8", "surrogatepass") for i in range(len(words) - k + 1)}
 
 
+_PRIME = (1 << 61) - 1  # a Mersenne prime: the universal-hash modulus
+_MASK = 0xFFFFFFFF
+
+
 @lru_cache(maxsize=4)
 def _permutations(num_perm: int):
-    from datasketch import MinHash
+    """(a, b) of the ``num_perm`` hash functions h -> (a*h + b) mod p, truncated to 32 bits.
 
-    return MinHash(num_perm=num_perm, seed=1, scheme="affine32").permutations  # made once, not per example
+    Fixed by a seed, so a signature computed today matches one computed next year. Both
+    below 2**32, so a*h + b never overflows 64 bits for a 32-bit h.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(1, 1 << 32, size=(num_perm, 1), dtype=np.uint64)
+    b = rng.integers(0, 1 << 32, size=(num_perm, 1), dtype=np.uint64)
+    return a, b
 
 
 def signature(text: str, num_perm: int = NUM_PERM) -> bytes:
     """The MinHash signature of a text, as bytes (num_perm little-endian uint32 values)."""
-    from datasketch import MinHash
+    import numpy as np
 
-    # crc32 maps a shingle to 32 bits in C; the random permutations do the mixing.
-    m = MinHash(num_perm=num_perm, seed=1, permutations=_permutations(num_perm), scheme="affine32",
-                hashfunc=zlib.crc32)
-    m.update_batch(list(shingles(text)))
-    return m.hashvalues.astype("<u4").tobytes()
+    # crc32 maps a shingle to 32 bits in C; the random affine maps do the mixing.
+    hashes = np.fromiter((zlib.crc32(sh) for sh in shingles(text)), dtype=np.uint64)
+    a, b = _permutations(num_perm)
+    values = ((a * hashes + b) % np.uint64(_PRIME)) & np.uint64(_MASK)
+    return values.min(axis=1).astype("<u4").tobytes()
 
 
 def similarity(a: bytes, b: bytes) -> float:
@@ -96,9 +108,22 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     comparison. With 64 permutations and 0.9 this gives 6 bands of 10: a pair at 0.95
     becomes a candidate 99.6 % of the time, at 0.9 92 %.
     """
-    from datasketch.lsh import _optimal_param
+    import numpy as np
 
-    return _optimal_param(threshold, num_perm, 0.05, 0.95)
+    def area(fn, lo: float, hi: float) -> float:
+        xs = np.linspace(lo, hi, 257)
+        return float(np.trapezoid(fn(xs), xs))
+
+    best, best_error = (1, num_perm), float("inf")
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            # Probability that a pair at similarity s shares at least one band: 1-(1-s^r)^b.
+            false_positive = area(lambda s: 1 - (1 - s ** rows) ** bands, 0.0, threshold)
+            false_negative = area(lambda s: (1 - s ** rows) ** bands, threshold, 1.0)
+            error = 0.05 * false_positive + 0.95 * false_negative
+            if error < best_error:
+                best, best_error = (bands, rows), error
+    return best
 
 
 def band_keys(sig: bytes, bands: int, rows: int) -> list[int]:
