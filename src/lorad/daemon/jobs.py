@@ -351,7 +351,7 @@ class JobRunner(threading.Thread):
                                     self._stop_reason or result.get("reason") or "paused")
             if code == EXIT_CANCELLED:
                 return self._finish(store, "cancelled", self._stop_reason or result.get("reason") or "cancelled")
-            return self._finish(store, "failed", result.get("reason") or f"worker exited with code {code}")
+            return self._finish(store, "failed", result.get("reason") or _no_result(job_dir, code))
         except cycle.CycleError as e:
             return self._finish(store, "failed", str(e))
         except Exception as e:
@@ -380,3 +380,16 @@ class JobRunner(threading.Thread):
                  "cancelled": "job_cancelled", "paused": "job_paused"}[state]
         log.info(event, job_id=self.job_id, reason=reason, version=fields.get("version"))
 
+
+def _no_result(job_dir: Path, code: int) -> str:
+    """Why a worker that wrote no result.json failed, as far as the daemon can tell."""
+    import shutil
+
+    reason = f"worker exited with code {code}"
+    try:
+        free = shutil.disk_usage(job_dir).free
+    except OSError:
+        return reason
+    if free < 1 << 20:  # the worker could not even write why (the disk-full fault test)
+        reason += f" without writing its result: the disk holding {job_dir} is full ({free} bytes free)"
+    return reason

@@ -162,7 +162,10 @@ class Service:
                 self._signals.discard(signal.SIGHUP)
                 self.reload()
             self._run_actions()
-            self._reap_job()
+            try:
+                self._reap_job()
+            except Exception:  # e.g. SQLite "disk is full" saving the failure count: keep serving
+                log.exception("job_reap_failed")
             now = time.monotonic()
             if self._decide_now or now - last_decide >= DECIDE_EVERY:
                 self._decide_now = False
