@@ -175,6 +175,17 @@ def since_seq(registry: Registry) -> int:
         return 0
 
 
+def trained_seq(registry: Registry) -> int:
+    """The examples seq the newest snapshot of any version reached, promoted or rejected."""
+    seqs = [0]
+    for name in registry.names():
+        try:
+            seqs.append(int((registry.get(name).record.get("examples") or {}).get("max_seq") or 0))
+        except (RegistryError, TypeError, ValueError):
+            continue
+    return max(seqs)
+
+
 def _change_and_publish(settings, buffer, registry: Registry, change: Change) -> dict:
     from lorad.publish import publish
 

@@ -124,7 +124,8 @@ def decide(*, window_open: bool, running: dict | None, queued: list[dict], pause
         queued: jobs waiting to start, oldest first; a "manual" one ignores the window.
         paused: jobs paused at a window end or shutdown, oldest first.
         scheduling_paused: ``lorad pause`` is in effect (manual jobs still run).
-        new_examples: training examples that arrived since the last promoted version.
+        new_examples: training examples no version has been trained on yet (since the newest
+            version's snapshot, promoted or not: a rejected candidate is not simply retried).
         gpu_busy: the GPU is busy serving (None = not checked or not measurable).
         now_ts, backoff_until: epoch seconds; no window job starts before backoff_until.
     """

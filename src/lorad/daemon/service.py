@@ -224,7 +224,7 @@ class Service:
         window = self.schedule.open_window(now)
         queued, paused = self.jobs.waiting()
         running = self.runner.info() if self.runner is not None and self.runner.is_alive() else None
-        new = self._snapshot.get("buffer", {}).get("new_examples", 0)
+        new = self._snapshot.get("buffer", {}).get("untrained_examples", 0)
         busy = gpu_busy(s.gpu_busy_percent) if running is None and (queued or paused or window) else None
         d = decide(window_open=window is not None, running=running, queued=queued, paused=paused,
                    scheduling_paused=self.scheduling_paused, new_examples=new,

@@ -7,6 +7,7 @@ the service reads as a loop. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import structlog
@@ -30,28 +31,27 @@ def active_version(state_dir: Path) -> str | None:
 
 
 def buffer_counts(reader: Buffer, state_dir: Path | None = None) -> dict:
-    """Headline counts for ``lorad status``, from a read-only connection."""
-    counts = reader.counts()
-    counts.setdefault("examples", 0)
-    counts.setdefault("new_examples", 0)
+    """Headline counts for ``lorad status``, from a read-only connection.
+
+    ``new_examples`` counts training examples since the active version's snapshot (what
+    status shows); ``untrained_examples`` those since the newest version of any verdict,
+    which is what the scheduler waits for: a rejected candidate is not retrained on the
+    same data at the next tick.
+    """
+    from lorad.buffer import examples
+
+    counts = {"examples": 0, "new_examples": 0, "untrained_examples": 0}
     try:
-        from lorad.buffer import examples
-    except ImportError:  # the examples table is not built by this version
-        return counts
-    try:
-        counts.update(examples.counts(reader))
-    except AttributeError:
-        pass
-    except Exception as e:  # a table not migrated yet: report zeros, not an error
-        log.debug("example_counts_failed", error=str(e))
-    if state_dir is not None:
-        try:
-            from lorad.cycle import since_seq
+        counts |= reader.counts() | examples.counts(reader)
+        if state_dir is not None:
+            from lorad.cycle import since_seq, trained_seq
             from lorad.registry import Registry
 
-            counts["new_examples"] = examples.count_new(reader, since_seq(Registry(Path(state_dir) / "adapters")))
-        except Exception as e:
-            log.debug("example_counts_failed", error=str(e))
+            registry = Registry(Path(state_dir) / "adapters")
+            counts["new_examples"] = examples.count_new(reader, since_seq(registry))
+            counts["untrained_examples"] = examples.count_new(reader, trained_seq(registry))
+    except sqlite3.Error as e:  # e.g. a table not migrated yet by the writer: report zeros
+        log.debug("example_counts_failed", error=str(e))
     return counts
 
 
