@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all install demo demo-tiny test test-fast bench clean
+.PHONY: all install demo demo-tiny test test-fast bench fuzz clean
 
 all: test
 
@@ -41,6 +41,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+fuzz: $(STAMP)  # the long fuzz run (atheris when installed, hypothesis at high counts); prints inputs tried
+	$(PY) bench/fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
