@@ -150,3 +150,65 @@ def test_publish_target_down_retries_with_backoff_records_the_failure_and_daemon
     assert d.request("status")["active_version"] == candidate
     assert Registry(state / "adapters", keep=5, keep_best=True).verify(candidate) == []
     assert d.proc.poll() is None
+
+
+class Hanging(BaseHTTPRequestHandler):
+    """A server that accepts a request and never answers (a hung vLLM)."""
+
+    def do_POST(self):  # noqa: N802
+        self.server.seen.append((time.monotonic(), self.path))
+        self.server.release.wait(30)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(300)
+def test_main_loop_keeps_pinging_the_watchdog_while_a_hung_publish_target_times_out(
+        daemon_factory, short_root, store, tiny_model):
+    """systemd kills a daemon whose watchdog pings stop for WatchdogSec; a promote whose hook
+    waits on a hung server (timeout x attempts) must not stop them."""
+    import socket
+
+    from daemon_helpers import config_text
+
+    state = short_root / "state"
+    _, candidate = make_versions(state, tiny_model)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
+    server.seen, server.release = [], threading.Event()
+    thread = threading.Thread(target=server.serve_forever, name="http-hung", daemon=True)
+    thread.start()
+    path = short_root / "notify.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(str(path))
+            sock.settimeout(0.1)
+            hook = (f'[[publish]]\nkind = "vllm"\nurl = "http://127.0.0.1:{server.server_address[1]}"\n'
+                    "retries = 1\nbackoff = 0.2\ntimeout = 1.5\n")
+            d = daemon_factory(config=config_text(short_root, store) + hook, start=False,
+                               env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+            d.start()
+            pings: list[float] = []
+            done: list[dict] = []
+            promote = threading.Thread(target=lambda: done.append(d.request("promote", version=candidate, timeout=60)),
+                                       name="promote")
+            promote.start()
+            try:
+                while promote.is_alive():
+                    try:
+                        if b"WATCHDOG=1" in sock.recv(4096):
+                            pings.append(time.monotonic())
+                    except TimeoutError:
+                        pass
+            finally:
+                promote.join(60)
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert done and done[0]["ok"] and done[0]["publish"]["results"][0]["ok"] is False, done
+    assert len(server.seen) == 2  # both attempts reached the hung server and timed out
+    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    assert pings and max(gaps) < 1.0, f"watchdog silent for {max(gaps):.1f} s (WatchdogSec=1 s)"

@@ -58,6 +58,7 @@ class Service:
         self._decide_now = True
         self._snapshot: dict = {"state": "starting"}
         self._snap_lock = threading.Lock()
+        self._version_lock = threading.Lock()  # one promote/rollback at a time (off the main loop)
         self.started = time.time()
         self.runner: JobRunner | None = None
         self.scheduling_paused = False
@@ -403,7 +404,31 @@ class Service:
         if command == "feedback":
             return self._feedback(request)
         log.info("control_command_received", command=command, uid=peer.uid)
+        if command in ("promote", "rollback"):
+            return self._change_version(command, request)
         return self._call(lambda: self._act(command, request))
+
+    def _change_version(self, command: str, request: dict) -> dict:
+        """promote/rollback in the connection's thread, not the main loop.
+
+        Why: the publish hooks may wait minutes on a hung server (timeout x attempts); the main
+        loop must keep pinging systemd's watchdog meanwhile (WatchdogSec=60 would kill the
+        daemon). The registry's own lock serialises pointer changes with a concluding job.
+        """
+        from lorad.daemon import views
+
+        reason, version = request.get("reason"), request.get("version")
+        if version is not None and not isinstance(version, str):  # the protocol fuzz found this
+            return protocol.error(f"{command}: version must be a version name string, got {version!r}"[:200])
+        concluding = self._call(lambda: self.runner is not None and self.runner.is_alive()
+                                and self.runner.state == "evaluating")
+        if concluding:
+            return protocol.error("a job is concluding; try again in a moment")
+        with self._version_lock, Buffer(self.settings.buffer_path, self.settings.buffer.synchronous) as buffer:
+            response = views.change_version(self.settings, buffer, command, version,
+                                            reason if isinstance(reason, str) else None)
+        self._call(lambda: None)  # the main loop refreshes the status snapshot after an action
+        return response
 
     def _act(self, command: str, request: dict) -> dict:
         """State-changing commands, in the main loop."""
@@ -435,16 +460,6 @@ class Service:
             return {"ok": True, "scheduling_paused": self.scheduling_paused}
         if command == "reload":
             return self.reload()
-        if command in ("promote", "rollback"):
-            from lorad.daemon import views
-
-            if self.runner is not None and self.runner.is_alive() and self.runner.state == "evaluating":
-                return protocol.error("a job is concluding; try again in a moment")
-            reason, version = request.get("reason"), request.get("version")
-            if version is not None and not isinstance(version, str):  # the protocol fuzz found this
-                return protocol.error(f"{command}: version must be a version name string, got {version!r}"[:200])
-            return views.change_version(self.settings, self.db, command, version,
-                                        reason if isinstance(reason, str) else None)
         return protocol.error(f"unknown command {command!r}")  # pragma: no cover - protocol checks
 
     def _feedback(self, request: dict) -> dict:
