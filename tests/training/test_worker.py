@@ -218,3 +218,18 @@ def test_kto_run_trains_an_adapter_from_labelled_rows(make_job):
     assert code == jobfile.EXIT_OK, out[-3000:]
     assert result["method"] == "kto" and math.isfinite(result["final_loss"])
     assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_job_paused_at_its_last_step_resumes_to_the_adapter_without_training_more(make_job):
+    job_dir = make_job(max_steps=1, window_end=time.time() - 1)
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_PAUSED, out
+    assert [p.name for p in complete_checkpoints(job_dir)] == ["step-1"]
+    spec = jobfile.read_job(job_dir)
+    jobfile.atomic_write(job_dir / "job.json", json.dumps(spec.as_dict() | {"window_end": None}))
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out
+    assert result["steps"] == 1 and result["resumed_from"].endswith("step-1")
+    assert math.isfinite(result["final_loss"]) and result["tokens_per_s"] == 0
+    assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(_losses(job_dir)) == [1]

@@ -418,7 +418,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
         # (past max_steps, on the next epoch's first batch). A worker killed during the adapter
         # save or the evaluation lands here: take the trained weights as they were.
         _load_finished_checkpoint(trainer, Path(resume))
-        callback.on_train_begin(args, trainer.state, trainer.control)
+        callback.on_step_begin(args, trainer.state, trainer.control)  # records where this run starts
         callback.final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
     else:
         trainer.train(resume_from_checkpoint=resume)
