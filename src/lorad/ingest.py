@@ -129,6 +129,11 @@ def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = 500,
     paths = list(paths) if paths is not None else None
     for reader in readers:
         ingest_source(buffer, reader, batch_size, paths, report)
+    if report.new or report.updated:
+        try:
+            buffer.checkpoint()
+        except sqlite3.Error as e:  # a busy or full disk: the WAL keeps everything meanwhile
+            log.warning("checkpoint_failed", error=str(e))
     if report.new or report.updated or report.quarantined:
         log.info("ingest_completed", new=report.new, updated=report.updated,
                  unchanged=report.unchanged, quarantined=report.quarantined)

@@ -67,6 +67,10 @@ def link(rows: Sequence[dict]) -> list[Chain]:
     """
     if len(rows) <= 1:
         return [_chain(list(rows))] if rows else []
+    ordered = sorted(rows, key=_order_key)
+    if all(b.get("previous_attempt_id") == a["artifact_id"] and b["artifact_id"] != a["artifact_id"]
+           for a, b in zip(ordered, ordered[1:])) and not ordered[0].get("previous_attempt_id"):
+        return [_chain(ordered)]  # the usual case: one chain, each attempt naming the one before
     n = len(rows)
     parent = list(range(n))
 
