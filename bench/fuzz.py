@@ -156,14 +156,16 @@ def fuzz_with_hypothesis(examples: int) -> list[dict]:
         elif name and (m := re.search(r"(\d+) passing, (\d+) failing, and (\d+) invalid", line)):
             counts[name] = counts.get(name, 0) + sum(int(x) for x in m.groups())
     ok = proc.returncode == 0
+    failed = set(re.findall(r"^FAILED (tests/fuzz/\S+::[^\s\[]+)", proc.stdout, re.M))
     total = sum(counts.values())
     for name, n in sorted(counts.items()):
         print(f"hypothesis {name.split('::')[1]:<75} {n:>7,} inputs")
     print(f"hypothesis total: {total:,} inputs over {len(counts)} property tests in {seconds:.0f} s  "
           f"{'ok' if ok else 'FAILED'}", flush=True)
-    if not ok:
-        print(proc.stdout[-4000:], file=sys.stderr)
-    return [{"engine": "hypothesis", "target": name, "inputs": n, "seconds": seconds, "ok": ok}
+    if not ok:  # the failures with their assertion lines, not the statistics
+        print("\n".join(line for line in proc.stdout.splitlines() if line.startswith(("E ", "FAILED", "ERROR"))),
+              file=sys.stderr)
+    return [{"engine": "hypothesis", "target": name, "inputs": n, "seconds": seconds, "ok": name not in failed}
             for name, n in sorted(counts.items())] or [{"engine": "hypothesis", "target": "tests/fuzz",
                                                        "inputs": 0, "seconds": seconds, "ok": ok}]
 
