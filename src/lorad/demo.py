@@ -271,7 +271,7 @@ class Demo:
                         bar = tqdm(total=total, desc="training", unit="step", file=self.out, dynamic_ncols=True)
                     bar.update(step - bar.n)
                     bar.set_postfix_str(loss)
-                elif step >= last_step + 5 or step == total:
+                elif step >= last_step + 5 or (step == total and step != last_step):
                     eta = f"  eta {p['eta_s']:.0f}s" if isinstance(p.get("eta_s"), (int, float)) else ""
                     self.say(f"  training step {step}/{total}  {loss}{eta}")
                     last_step = step
