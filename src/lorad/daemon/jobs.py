@@ -14,8 +14,10 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 import structlog
@@ -246,8 +248,12 @@ class JobRunner(threading.Thread):
         window_end: Unix time at which the worker should checkpoint and pause (None = no limit).
     """
 
-    def __init__(self, settings, job: dict, window_end: float | None = None):
+    def __init__(self, settings, job: dict, window_end: float | None = None,
+                 on_concluded: Callable[[Any], None] | None = None):
         super().__init__(name=f"lorad-job-{job['job_id']}", daemon=True)
+        # Called with the job thread's buffer once a version was promoted or rejected, before
+        # the job's final state is recorded: whoever sees that state sees its effects in status.
+        self.on_concluded = on_concluded
         self.settings = settings
         self.job = job
         self.job_id = job["job_id"]
@@ -342,6 +348,11 @@ class JobRunner(threading.Thread):
                 self._set(store, "evaluating", None, progress=self.progress)
                 outcome = cycle.conclude(s, buffer, registry, job_dir)
                 self.version = outcome.version
+                if self.on_concluded is not None:
+                    try:
+                        self.on_concluded(buffer)
+                    except Exception:
+                        log.exception("status_refresh_failed", job_id=self.job_id)
                 state = outcome.status if outcome.status in ("promoted", "rejected") else "failed"
                 return self._finish(store, state, outcome.reason, version=outcome.version)
             if code == EXIT_PAUSED or (code < 0 and self._stop_event.is_set()):

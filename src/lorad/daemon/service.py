@@ -57,6 +57,7 @@ class Service:
         self._actions: queue.SimpleQueue = queue.SimpleQueue()
         self._decide_now = True
         self._snapshot: dict = {"state": "starting"}
+        self._snapshot_begun = 0.0  # when the snapshot now shown started reading
         self._snap_lock = threading.Lock()
         self._version_lock = threading.Lock()  # one promote/rollback at a time (off the main loop)
         self.started = time.time()
@@ -246,7 +247,7 @@ class Service:
     def _start_job(self, job: dict, window_end: float | None, reason: str) -> None:
         log.info("job_started" if job["state"] == "queued" else "job_resumed", job_id=job["job_id"],
                  trigger=job["trigger"], reason=reason)
-        self.runner = JobRunner(self.settings, job, window_end=window_end)
+        self.runner = JobRunner(self.settings, job, window_end=window_end, on_concluded=self._refresh_snapshot)
         self.runner.start()
         self._refresh_snapshot()
 
@@ -316,10 +317,12 @@ class Service:
         except Exception:  # the artifacts are committed; the examples catch up on the next refresh
             log.exception("examples_refresh_failed")
 
-    def _refresh_snapshot(self) -> None:
+    def _refresh_snapshot(self, reader: Buffer | None = None) -> None:
+        """Recompute what status answers; ``reader`` lets the job thread use its own connection."""
         from lorad.daemon import views
 
-        counts = views.buffer_counts(self.reader, self.settings.state_dir)
+        begun = time.monotonic()
+        counts = views.buffer_counts(reader or self.reader, self.settings.state_dir)
         now = datetime.now(timezone.utc)
         nxt = self.schedule.next_window(now)
         running = self.runner.info() if self.runner is not None and self.runner.is_alive() else None
@@ -348,7 +351,9 @@ class Service:
             "torch_loaded": "torch" in sys.modules,
         }
         with self._snap_lock:
-            self._snapshot = snapshot
+            if begun < self._snapshot_begun:
+                return  # the job thread published a newer one while this one was reading
+            self._snapshot, self._snapshot_begun = snapshot, begun
         line = self._status_line()
         if self._ready and line != self._last_status_line:
             self._last_status_line = line
