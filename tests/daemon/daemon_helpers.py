@@ -166,3 +166,27 @@ def worker_processes(job_dir) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def as_uid(uid: int, gid: int, fn) -> dict:
+    """Run ``fn()`` in a forked child that dropped to uid/gid; its JSON-able result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            answer = fn()
+        except BaseException as e:
+            answer = {"client_error": f"{type(e).__name__}: {e}"}
+        os.write(w, json.dumps(answer).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)

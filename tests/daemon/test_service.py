@@ -12,7 +12,7 @@ import pytest
 
 from lorad.daemon import protocol
 
-from daemon_helpers import Daemon, write_artifact
+from daemon_helpers import Daemon, as_uid, write_artifact
 
 
 def artifacts(d) -> int:
@@ -163,26 +163,7 @@ def test_peer_without_permission_is_refused_and_logged(daemon_factory, short_roo
     os.chmod(d.socket, 0o666)  # let the file permission pass so the peer-credential check decides
 
     def as_nobody() -> dict:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: become nobody, ask for status
-            os.close(r)
-            try:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                answer = protocol.request(d.socket, "status", timeout=5)
-            except BaseException as e:
-                answer = {"client_error": repr(e)}
-            os.write(w, json.dumps(answer).encode())
-            os._exit(0)
-        os.close(w)
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        os.close(r)
-        os.waitpid(pid, 0)
-        return json.loads(data)
+        return as_uid(65534, 65534, lambda: protocol.request(d.socket, "status", timeout=5))
 
     refused = as_nobody()
     assert refused.get("ok") is False and "not allowed" in refused["error"], refused
