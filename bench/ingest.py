@@ -25,13 +25,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import structlog
-
 from lorad import log, synthetic
-from lorad.buffer.store import Buffer
 from lorad.config import BufferSettings
-from lorad.ingest import ingest
-from lorad.sources import AtomicGuardSource
 
 
 def build_store(root: Path, n: int, seed: int = 0) -> list[Path]:
@@ -68,6 +63,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=BufferSettings().batch_size)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
+    # Imported here, not at the top: ingest's parse workers import this script again as it
+    # starts them (multiprocessing's rule for a __main__ module), and the buffer's imports
+    # (sqlite-utils, which imports pandas) would make each of them start half a second late.
+    from lorad.buffer.store import Buffer
+    from lorad.ingest import ingest
+    from lorad.sources import AtomicGuardSource
+
     log.configure("warning")
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"

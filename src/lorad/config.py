@@ -157,6 +157,9 @@ class StoreSettings:
     # A file that fails to parse and was modified less than this many seconds ago is
     # treated as still being written and retried on the next scan instead of quarantined.
     settle_seconds: float = _c(non_negative, default=2.0)
+    # Processes that read and parse when a scan meets thousands of new files (a first scan of
+    # a big store); 0 = one per CPU but one, so none on a single CPU.
+    parse_workers: int = _c(non_negative, default=0)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,8 @@ and a file rewritten with new content updates its row.
 
 from __future__ import annotations
 
-import queue
 import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -50,16 +48,16 @@ def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = 500,
                   paths: Iterable[str] | None = None, report: IngestReport | None = None) -> IngestReport:
     """Scan one source and commit what changed, batch by batch.
 
-    Reading and parsing run in a second thread while this one commits the previous batch
-    (SQLite releases the GIL while it writes), so the two overlap on a multi-core machine.
-    Batches are still committed one at a time and in order, each with the resume state
-    that covers it. A source that cannot be read at all (a missing directory, a permission
-    error, a full disk) is reported in ``report.errors``; the batches committed before it
-    stay committed.
+    Batches are committed one at a time and in order, each with the resume state that
+    covers it. (Reading runs in this thread: a second Python thread parsing while this one
+    commits made ingest slower, not faster, as the two take turns holding the interpreter.
+    A reader with many files to parse hands them to worker processes instead.) A source that
+    cannot be read at all (a missing directory, a permission error, a full disk) is reported
+    in ``report.errors``; the batches committed before it stay committed.
     """
     report = report or IngestReport()
     try:
-        for batch in _prefetched(reader.scan(buffer, batch_size, paths)):
+        for batch in reader.scan(buffer, batch_size, paths):
             new, updated, unchanged = buffer.write_batch(batch)
             for q in batch.quarantined:
                 log.warning("artifact_quarantined", source=reader.key, locator=q.locator, reason=q.reason)
@@ -71,55 +69,6 @@ def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = 500,
         report.errors.append(message)
         log.error("ingest_failed", source=reader.key, error=message)
     return report
-
-
-_DONE = object()
-
-
-def _prefetched(batches: Iterator, depth: int = 2) -> Iterator:
-    """Run a generator in a background thread, ``depth`` items ahead of its consumer.
-
-    The generator reads the buffer only before its first item (Reader's contract), so it
-    never touches the connection while the consumer writes.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            for item in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # handed to the consumer, raised there
-            failure.append(e)
-        finally:
-            q.put(_DONE)
-
-    thread = threading.Thread(target=produce, name="lorad-ingest-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                break
-            yield item
-        if failure:
-            raise failure[0]
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(0.05)
 
 
 def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = 500,

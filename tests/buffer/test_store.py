@@ -52,9 +52,9 @@ def _row(locator: str, **kw) -> dict:
 
 def test_a_batch_that_fails_midway_writes_nothing(buffer):
     batch = Batch("s")
-    batch.artifacts = [_row("a"), _row("b", status="bogus")]  # CHECK constraint fails on the second
-    batch.signatures = [("s", "a", 1, 1, "h-a")]
-    batch.quarantined = [Quarantined("s", "c", "bad")]
+    batch.artifacts = [_row("a", file_size=1, file_mtime_ns=1),
+                       _row("b", status="bogus")]  # CHECK constraint fails on the second
+    batch.quarantined = [Quarantined("s", "c", "bad", size=3, mtime_ns=1)]
     with pytest.raises(sqlite3.IntegrityError):
         buffer.write_batch(batch)
     assert buffer.counts()["artifacts"] == 0

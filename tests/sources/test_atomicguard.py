@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from structlog.testing import capture_logs
+
 from lorad import synthetic
 from lorad.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource, parse_artifact
@@ -224,11 +226,10 @@ def test_reads_the_legacy_forms_atomicguard_still_reads():
                     "dependency_artifacts": [["g_plan", "plan-1"]]},
         "unknown_future_field": {"ignored": True},
     }
-    row = parse_artifact(json.dumps(legacy).encode(), source="s", locator="l",
-                         index_entry={"workflow_id": "wf-from-index"})
+    row = parse_artifact(json.dumps(legacy).encode(), source="s", locator="l")
     assert row["passed"] == 0
     assert row["feedback"] == "AssertionError: f() != 2"
-    assert row["workflow_id"] == "wf-from-index"
+    assert row["workflow_id"] == ""  # older versions kept it only in index.json: the scan fills it in
     assert json.loads(row["feedback_history"]) == [{"artifact_id": "old-1", "feedback": "SyntaxError"}]
     assert json.loads(row["dependency_artifacts"]) == {"g_plan": "plan-1"}
 
@@ -269,3 +270,70 @@ def test_repeated_unknown_ids_across_workflows_stay_apart(buffer, tmp_path):
         p.write_text(json.dumps(obj))
     assert scan(buffer, store).new == 2
     assert buffer.counts()["chains"] == 2
+
+
+def _store_of_chains(root: Path, chains: int) -> list[dict]:
+    everything = []
+    for t in range(chains):
+        attempts = [(f"def f{t}(): return {k}", "rejected", f"f{t}() returned {k}") for k in range(t % 4)]
+        attempts.append((f"def f{t}(): return 42", "accepted", ""))
+        for a in synthetic.chain(specification=f"Write f{t}() returning 42.", attempts=attempts):
+            synthetic.write(root, a)
+            everything.append(a)
+    synthetic.write_index(root, everything)
+    return everything
+
+
+def _stored(buffer) -> tuple[list, list]:
+    skip = {"id", "ingested_at", "updated_at"}
+    artifacts = sorted(tuple((k, v) for k, v in r.items() if k not in skip) for r in buffer.artifacts())
+    chains = sorted(buffer.conn.execute(
+        "SELECT chain_id, source, workflow_id, action_pair_id, attempts, rejected, outcome, specification, "
+        "first_ts, last_ts, (SELECT locator FROM artifacts WHERE id = c.accepted_id) FROM chains c").fetchall())
+    return artifacts, chains
+
+
+def test_worker_processes_store_exactly_what_one_process_stores(tmp_path, monkeypatch):
+    from lorad.buffer.store import Buffer
+    from lorad.sources import atomicguard, pool
+
+    store = tmp_path / "store"
+    _store_of_chains(store, 30)
+    (store / "objects" / "zz").mkdir()
+    (store / "objects" / "zz" / "broken.json").write_text('{"artifact_id": "broken", ')
+    monkeypatch.setattr(atomicguard, "CHUNK_FILES", 7)
+    monkeypatch.setattr(pool, "MIN_PARALLEL_FILES", 10**9)
+    with Buffer(tmp_path / "one.sqlite3") as one:
+        alone = scan(one, store, settle_seconds=0, parse_workers=2)
+        expected = _stored(one)
+    monkeypatch.setattr(pool, "MIN_PARALLEL_FILES", 1)
+    with Buffer(tmp_path / "many.sqlite3") as many, capture_logs() as logs:
+        helped = scan(many, store, settle_seconds=0, parse_workers=2)
+        assert _stored(many) == expected
+        assert scan(many, store, settle_seconds=0, parse_workers=2).unchanged == helped.new + 1
+    assert (helped.new, helped.quarantined) == (alone.new, alone.quarantined) == (len(expected[0]), 1)
+    assert not [e for e in logs if e["event"].startswith("parse_workers")]  # the workers did it
+
+
+def test_new_files_are_read_chain_by_chain_in_index_order(tmp_path, buffer):
+    store = tmp_path / "store"
+    written = _store_of_chains(store, 12)
+    batches = list(AtomicGuardSource(KEY, store, settle_seconds=0).scan(buffer, batch_size=5))
+    order = [row["artifact_id"] for batch in batches for row in batch.artifacts]
+    by_id = {a["artifact_id"]: a for a in written}
+    assert order == sorted(order, key=lambda i: (by_id[i]["workflow_id"], by_id[i]["created_at"]))
+
+
+def test_the_workflow_id_older_stores_keep_only_in_the_index_is_filled_in(tmp_path, buffer):
+    store = tmp_path / "store"
+    legacy = synthetic.chain(workflow_id="wf-in-index", specification="Write f",
+                             attempts=[("x", "rejected", "no"), ("y", "accepted", "")])
+    store.mkdir()
+    synthetic.write_index(store, legacy)
+    for a in legacy:
+        del a["workflow_id"], a["context"]["workflow_id"]
+        synthetic.write(store, a)
+    report = scan(buffer, store)
+    assert report.new == 2
+    assert {r["workflow_id"] for r in buffer.artifacts()} == {"wf-in-index"}
+    assert buffer.counts()["chains_refined"] == 1

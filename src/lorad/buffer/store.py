@@ -19,6 +19,7 @@ Tables created here (later migrations add theirs, named ``NNNN_<what>``):
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,9 @@ from typing import Any
 import sqlite_utils
 
 from lorad.buffer import traces
+from lorad.buffer.batch import Batch, Quarantined
+
+__all__ = ["ARTIFACT_COLUMNS", "Batch", "Buffer", "BufferError", "Quarantined", "migration"]
 
 # Columns of ``artifacts`` that a source fills in, in insert order.
 ARTIFACT_COLUMNS = (
@@ -39,6 +43,7 @@ ARTIFACT_COLUMNS = (
     "content_hash",
 )
 
+_ROW = operator.itemgetter(*ARTIFACT_COLUMNS)
 _UPSERT = (
     f"INSERT INTO artifacts ({', '.join(ARTIFACT_COLUMNS)}, chain_id, ingested_at, updated_at) "
     f"VALUES ({', '.join('?' for _ in ARTIFACT_COLUMNS)}, ?, ?, ?) "
@@ -193,6 +198,13 @@ def _ingest_indexes(db: sqlite_utils.Database) -> None:
     db.execute("DROP INDEX IF EXISTS artifacts_created")
 
 
+@migration("0006_no_artifact_id_index")
+def _no_artifact_id_index(db: sqlite_utils.Database) -> None:
+    # Feedback sent over the socket finds its parent by locator, which for a JSONL or feedback
+    # record is its id: nothing else looked artifacts up by artifact_id.
+    db.execute("DROP INDEX IF EXISTS artifacts_artifact_id")
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction. Returns their names."""
     conn = db.conn
@@ -296,18 +308,11 @@ class Buffer:
         )
         return {loc: (size, mtime, h) for loc, size, mtime, h in rows}
 
-    def artifact_hashes(self, source: str) -> dict[str, str]:
-        """locator -> content_hash of every stored artifact of a source."""
-        rows = self.conn.execute(
-            "SELECT locator, content_hash FROM artifacts WHERE source = ?", (source,)
-        )
-        return dict(rows.fetchall())
-
     def source_state(self, source: str) -> dict[str, Any]:
         row = self.conn.execute("SELECT state FROM ingest_state WHERE source = ?", (source,)).fetchone()
         return json.loads(row[0]) if row else {}
 
-    def write_batch(self, batch: "Batch") -> tuple[int, int, int]:
+    def write_batch(self, batch: Batch) -> tuple[int, int, int]:
         """Commit one batch atomically: rows, quarantine, file signatures, source state, chains.
 
         Returns:
@@ -338,10 +343,7 @@ class Buffer:
                     changed[row["locator"]] = row
                 if changed:
                     plan = traces.plan_links(conn, list(changed.values()))
-                    conn.executemany(_UPSERT, [
-                        tuple(row[c] for c in ARTIFACT_COLUMNS) + (row["chain_id"], now, now)
-                        for row in changed.values()
-                    ])
+                    conn.executemany(_UPSERT, [_ROW(row) + (row["chain_id"], now, now) for row in changed.values()])
                     traces.apply_links(conn, plan, now)
                     if conn.execute("SELECT 1 FROM quarantine WHERE source = ? LIMIT 1", (batch.source,)).fetchone():
                         # A file that parses now leaves quarantine.
@@ -356,14 +358,13 @@ class Buffer:
                     "last_seen = excluded.last_seen, seen = quarantine.seen + 1",
                     [(q.source, q.locator, q.reason, q.content_hash, q.size, now, now) for q in batch.quarantined],
                 )
-            if batch.signatures:
+            signatures = batch.signatures()
+            if signatures:
                 conn.executemany(
                     "INSERT OR REPLACE INTO files (source, locator, size, mtime_ns, content_hash) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    batch.signatures,
+                    signatures,
                 )
-            if batch.forget:
-                conn.executemany("DELETE FROM files WHERE source = ? AND locator = ?", batch.forget)
             if batch.state is not None:
                 conn.execute(
                     "INSERT INTO ingest_state (source, state, last_scan) VALUES (?, ?, ?) "
@@ -420,36 +421,6 @@ class Buffer:
             {"id": i, "ts": ts, "event": ev, "version": v, "job_id": j, "detail": json.loads(d)}
             for i, ts, ev, v, j, d in rows
         ]
-
-
-class Quarantined:
-    """One input that could not be read, and why."""
-
-    __slots__ = ("source", "locator", "reason", "content_hash", "size")
-
-    def __init__(self, source: str, locator: str, reason: str, content_hash: str | None = None,
-                 size: int | None = None):
-        self.source, self.locator, self.reason = source, locator, reason
-        self.content_hash, self.size = content_hash, size
-
-    def __repr__(self):
-        return f"Quarantined({self.locator!r}: {self.reason})"
-
-
-class Batch:
-    """What one ingest step writes in a single transaction."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.artifacts: list[dict] = []
-        self.quarantined: list[Quarantined] = []
-        self.signatures: list[tuple] = []  # (source, locator, size, mtime_ns, hash)
-        self.forget: list[tuple] = []  # (source, locator) signatures to drop
-        self.state: dict | None = None
-        self.unchanged = 0  # inputs seen and skipped because nothing changed
-
-    def __len__(self):
-        return len(self.artifacts) + len(self.quarantined) + len(self.signatures)
 
 
 from lorad.buffer import examples as _examples  # noqa: E402,F401  (registers 0002_examples)

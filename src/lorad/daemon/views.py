@@ -104,7 +104,7 @@ def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5) -
     pid = record.get("parent_id")
     if isinstance(pid, (str, int)) and not isinstance(pid, bool):
         row = buffer.conn.execute(
-            "SELECT workflow_id, attempt_number FROM artifacts WHERE source = ? AND artifact_id = ?",
+            "SELECT workflow_id, attempt_number FROM artifacts WHERE source = ? AND locator = ?",
             (FEEDBACK_SOURCE, str(pid))).fetchone()
         if row:
             parents[str(pid)] = (row[0], row[1])

@@ -8,27 +8,32 @@ file. A file whose content changed (pending -> accepted) is read again and its r
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lorad.buffer.store import Batch, Buffer, Quarantined
+import orjson
+
+from lorad.buffer.batch import Batch, Quarantined
+from lorad.sources import pool
 from lorad.sources.base import (
     ORIGINS, STATUSES, ParseError, content_hash, decode_json, json_text, kind, safe_name, text, timestamp,
 )
 
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
 
-def parse_artifact(data: bytes, *, source: str, locator: str, index_entry: dict | None = None,
-                   digest: str | None = None) -> dict:
+
+def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None = None) -> dict:
     """One artifact file -> a normalised ``artifacts`` row.
 
     Accepts the current schema and the legacy forms atomicguard itself still reads
     (guard_result as a bare bool with the feedback beside it, feedback_history entries as
-    [id, feedback] pairs, dependency_artifacts as pairs, workflow_id only in the index).
+    [id, feedback] pairs, dependency_artifacts as pairs). An artifact with no workflow_id
+    gets "" here; the scan fills it in from index.json, where older library versions kept it.
 
     Raises:
         ParseError: with the reason, for anything that is not a readable artifact.
@@ -61,11 +66,8 @@ def parse_artifact(data: bytes, *, source: str, locator: str, index_entry: dict 
     workflow_id = (
         text(obj, "workflow_id")
         or text(context, "workflow_id", where="context.")
-        or (index_entry or {}).get("workflow_id")
         or ""
     )
-    if not isinstance(workflow_id, str):
-        workflow_id = ""
     created_at, created_ts = timestamp(obj.get("created_at"))
 
     passed, fatal, feedback, sub_results = _guard_result(obj)
@@ -165,6 +167,9 @@ def _dependencies(value: Any) -> dict | None:
     return value
 
 
+CHUNK_FILES = 250  # files per task handed to a parse worker
+
+
 class AtomicGuardSource:
     """Reads one FilesystemArtifactDAG directory.
 
@@ -174,14 +179,19 @@ class AtomicGuardSource:
         max_file_bytes: larger files are quarantined unread.
         settle_seconds: a file that does not parse and changed this recently is still being
             written: it is retried on a later scan, not quarantined.
+        parse_workers: worker processes that read and parse when a scan meets thousands of
+            new files; 0 means one per CPU but one (left to the thread writing the buffer),
+            1 or more that many. Fewer new files are read in the scanning process.
     """
 
-    def __init__(self, key: str, root: Path, max_file_bytes: int = 8 << 20, settle_seconds: float = 2.0):
+    def __init__(self, key: str, root: Path, max_file_bytes: int = 8 << 20, settle_seconds: float = 2.0,
+                 parse_workers: int = 0):
         self.key = key
         self.root = Path(root)
         self.real_root = os.path.realpath(self.root)
         self.max_file_bytes = max_file_bytes
         self.settle_seconds = settle_seconds
+        self.parse_workers = parse_workers
 
     def watch_paths(self) -> list[Path]:
         return [self.root]
@@ -189,7 +199,7 @@ class AtomicGuardSource:
     def _index(self) -> dict[str, dict]:
         try:
             with open(self.root / "index.json", "rb") as f:
-                index = json.loads(f.read())
+                index = orjson.loads(f.read())
             artifacts = index.get("artifacts", {}) if isinstance(index, dict) else {}
             return artifacts if isinstance(artifacts, dict) else {}
         except (OSError, ValueError):
@@ -221,75 +231,133 @@ class AtomicGuardSource:
                     yield f"objects/{prefix.name}/{entry.name}", entry.path
 
     def scan(self, buffer: Buffer, batch_size: int = 500, paths: Iterable[str] | None = None) -> Iterator[Batch]:
+        """Files seen before are statted and read only if they changed (a rescan is mostly
+        that); files never seen are read in chain order, as index.json knows it, so that the
+        attempts of a chain land in one batch and are linked once, not once per batch."""
         known = buffer.file_signatures(self.key)
-        index = None  # loaded on first need
-        batch = Batch(self.key)
-        now = time.time()
+        seen, unseen = [], []
         for locator, path in self._walk(paths):
-            try:
-                st = os.stat(path, follow_symlinks=False)
-                if _undecodable(locator):
-                    self._quarantine_once(batch, known, safe_name(locator), st, "file name is not valid UTF-8")
-                    continue
-                if stat.S_ISLNK(st.st_mode):
-                    target = os.path.realpath(path)
-                    if os.path.commonpath([target, self.real_root]) != self.real_root:
-                        self._quarantine_once(batch, known, locator, st, f"symlink leads outside the store (to {target})")
-                        continue
-                    st = os.stat(path)
-            except FileNotFoundError:
-                continue  # removed since listed
-            except OSError as e:
-                batch.quarantined.append(Quarantined(self.key, locator, f"cannot stat: {e.strerror}"))
-                continue
-            sig = known.get(locator)
-            if sig and sig[0] == st.st_size and sig[1] == st.st_mtime_ns:
-                batch.unchanged += 1  # unchanged since last seen
-                continue
-            if st.st_size > self.max_file_bytes:
-                self._quarantine_once(batch, known, locator, st,
-                                      f"file is {st.st_size} bytes, over the {self.max_file_bytes}-byte limit")
-                continue
-            try:
-                data = _read(path, st.st_size, self.max_file_bytes)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                batch.quarantined.append(Quarantined(self.key, locator, f"cannot read: {e.strerror}"))
-                continue
-            digest = content_hash(data)
-            signature = (self.key, locator, st.st_size, st.st_mtime_ns, digest)
-            if sig and sig[2] == digest:
-                batch.signatures.append(signature)  # touched, same content
-                batch.unchanged += 1
-                continue
-            if index is None:
-                index = self._index()
-            stem = os.path.basename(locator)[:-5]
-            try:
-                row = parse_artifact(data, source=self.key, locator=locator,
-                                     index_entry=index.get(stem), digest=digest)
-            except ParseError as e:
-                if now - st.st_mtime_ns / 1e9 < self.settle_seconds:
-                    continue  # probably still being written: look again on the next scan
-                batch.quarantined.append(Quarantined(self.key, locator, str(e), digest, len(data)))
-                batch.signatures.append(signature)
-            else:
-                batch.artifacts.append(row)
-                batch.signatures.append(signature)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = Batch(self.key)
-        if len(batch) or batch.unchanged:
-            yield batch
+            last = known.get(locator)
+            if last is None and _undecodable(locator):
+                last = known.get(safe_name(locator))  # quarantined under its printable name
+            (seen if last else unseen).append((locator, path, last))
+        index = None
+        if len(unseen) > batch_size:
+            index = self._index()
+            unseen.sort(key=lambda item: _chain_order(index, item[0]))
+        out = _Batches(self.key, batch_size)
+        yield from self._read(seen, 0, out, index)
+        workers = pool.worker_count(self.parse_workers) if len(unseen) >= pool.MIN_PARALLEL_FILES else 0
+        yield from self._read(unseen, workers, out, index)
+        if len(out.batch) or out.batch.unchanged:
+            yield out.take()
 
-    def _quarantine_once(self, batch: Batch, known: dict, locator: str, st: os.stat_result, reason: str) -> None:
-        sig = known.get(locator)
-        if sig and sig[0] == st.st_size and sig[1] == st.st_mtime_ns:
-            batch.unchanged += 1
-            return
-        batch.quarantined.append(Quarantined(self.key, locator, reason, None, st.st_size))
-        batch.signatures.append((self.key, locator, st.st_size, st.st_mtime_ns, "-"))
+    def _read(self, files: list[_File], workers: int, out: _Batches, index: dict | None) -> Iterator[Batch]:
+        """Look at files in order (in ``workers`` processes, or here with 0) into batches."""
+        limits = (self.key, self.real_root, self.max_file_bytes, self.settle_seconds, time.time())
+        tasks = [(limits, chunk) for chunk in pool.chunked(files, CHUNK_FILES)]
+        for outcomes, unchanged in pool.ordered_map(read_files, tasks, workers, preload=__name__):
+            batch = out.batch
+            batch.unchanged += unchanged
+            for outcome in outcomes:
+                if type(outcome) is dict:
+                    if not outcome["workflow_id"]:  # older library versions kept it only in the index
+                        index = self._index() if index is None else index
+                        outcome["workflow_id"] = _indexed_workflow(index, outcome["locator"]) or ""
+                    batch.artifacts.append(outcome)
+                elif type(outcome) is Quarantined:
+                    batch.quarantined.append(outcome)
+                else:  # touched, same content
+                    batch.touched.append(outcome)
+                    batch.unchanged += 1
+                if len(batch) >= out.batch_size:
+                    yield out.take()
+                    batch = out.batch
+
+
+# A file to look at: (locator, path, (size, mtime_ns, hash) when last handled, or None).
+_File = tuple[str, str, "tuple[int, int, str] | None"]
+# What looking at a file gave: its row (with the file's signature), why it is quarantined, or
+# (locator, size, mtime_ns, hash) for a file touched without changing. A file unchanged since
+# last time, gone, or still being written gives nothing.
+_Outcome = "dict | Quarantined | tuple[str, int, int, str]"
+
+
+def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int]:
+    """Stat, read, hash and parse a chunk of files. Pure, so a parse worker can run it.
+
+    Returns:
+        The outcomes in order, and how many files were unchanged since last handled.
+    """
+    (key, real_root, max_file_bytes, settle_seconds, now), files = task
+    outcomes: list[_Outcome] = []
+    unchanged = 0
+    for locator, path, last in files:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            refused = None
+            if _undecodable(locator):
+                locator, refused = safe_name(locator), "file name is not valid UTF-8"
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(path)
+                if os.path.commonpath([target, real_root]) != real_root:
+                    refused = f"symlink leads outside the store (to {target})"
+                else:
+                    st = os.stat(path)
+            if last and last[0] == st.st_size and last[1] == st.st_mtime_ns:
+                unchanged += 1
+                continue
+            if refused is None and st.st_size > max_file_bytes:
+                refused = f"file is {st.st_size} bytes, over the {max_file_bytes}-byte limit"
+            if refused is not None:  # quarantined unread, until the file changes
+                outcomes.append(Quarantined(key, locator, refused, None, st.st_size, st.st_mtime_ns))
+                continue
+            data = _read(path, st.st_size, max_file_bytes)
+        except FileNotFoundError:
+            continue  # removed since listed
+        except OSError as e:  # tried again on the next scan
+            outcomes.append(Quarantined(key, locator, f"cannot read: {e.strerror}"))
+            continue
+        digest = content_hash(data)
+        if last and digest == last[2]:
+            outcomes.append((locator, st.st_size, st.st_mtime_ns, digest))
+            continue
+        try:
+            row = parse_artifact(data, source=key, locator=locator, digest=digest)
+        except ParseError as e:
+            if now - st.st_mtime_ns / 1e9 < settle_seconds:
+                continue  # probably still being written: look again on the next scan
+            outcomes.append(Quarantined(key, locator, str(e), digest, len(data), st.st_mtime_ns))
+        else:
+            row["file_size"], row["file_mtime_ns"] = st.st_size, st.st_mtime_ns
+            outcomes.append(row)
+    return outcomes, unchanged
+
+
+class _Batches:
+    """The batch being filled, and a fresh one each time it is taken."""
+
+    def __init__(self, key: str, batch_size: int):
+        self.key, self.batch_size = key, batch_size
+        self.batch = Batch(key)
+
+    def take(self) -> Batch:
+        batch, self.batch = self.batch, Batch(self.key)
+        return batch
+
+
+def _indexed_workflow(index: dict[str, dict], locator: str) -> str | None:
+    entry = index.get(os.path.basename(locator)[:-5])
+    workflow_id = entry.get("workflow_id") if isinstance(entry, dict) else None
+    return workflow_id if isinstance(workflow_id, str) else None
+
+
+def _chain_order(index: dict[str, dict], locator: str) -> tuple:
+    """Sorts files by workflow, action pair and time, as index.json has them; unknown files last."""
+    entry = index.get(os.path.basename(locator)[:-5])
+    if not isinstance(entry, dict):
+        return (1, "", "", "", locator)
+    return (0, str(entry.get("workflow_id")), str(entry.get("action_pair_id")), str(entry.get("created_at")), locator)
 
 
 def _read(path: str, size: int, limit: int) -> bytes:

@@ -12,11 +12,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from lorad.buffer.store import Batch, Buffer
+from lorad.buffer.batch import Batch
+
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
 
 STATUSES = ("pending", "rejected", "accepted", "superseded")
 ORIGINS = ("generated", "human", "imported")
@@ -34,8 +37,8 @@ class Reader(Protocol):
     def scan(self, buffer: Buffer, batch_size: int, paths: Iterable[str] | None = None) -> Iterator[Batch]:
         """Yield batches of what changed since the buffer last saw this source.
 
-        The buffer may be read only before the first batch is yielded: ingest commits the
-        batches from another thread while the reader goes on.
+        The buffer may be read only before the first batch is yielded: ingest commits each
+        batch before asking for the next, and what the reader read must not change under it.
 
         Args:
             buffer: read for what is already known (file signatures, offsets); never written.

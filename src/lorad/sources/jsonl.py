@@ -24,13 +24,17 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lorad.buffer.store import Batch, Buffer, Quarantined
+from lorad.buffer.batch import Batch, Quarantined
 from lorad.sources.base import (
     ORIGINS, ParseError, content_hash, decode_json, json_text, kind, text, timestamp,
 )
 
 HEAD_BYTES = 256  # bytes fingerprinted to tell an overwritten file from the one we read
+
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
 
 
 def parse_record(line: bytes, *, source: str, score_threshold: float = 0.5,

@@ -1,0 +1,92 @@
+"""Parsing in worker processes, for scans with many files to read.
+
+Reading, hashing and validating a file is pure Python work, and the thread that commits to
+SQLite holds the same interpreter lock: in one process the two take turns. A scan with
+thousands of new files hands them to worker processes in chunks instead, and takes the
+results back in order, so batches (and what they commit) are the same as in one process.
+
+Workers come from a ``forkserver``: the daemon runs threads (watcher, scheduler, control
+socket), and forking a threaded process can copy a lock some other thread holds. The server
+imports only the reader module, so a worker starts in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, TypeVar
+
+import structlog
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Below this many files a scan parses in its own process: starting workers costs more.
+MIN_PARALLEL_FILES = 2000
+
+
+def worker_count(configured: int) -> int:
+    """Worker processes to use: ``configured``, or with 0 one per CPU this process may run
+    on but one, which the thread writing the buffer keeps busy (so none on a single CPU)."""
+    if configured > 0:
+        return configured
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus - 1
+
+
+def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload: str) -> Iterator[R]:
+    """``fn`` over ``chunks``, results in order; in ``workers`` processes when that helps.
+
+    At most two chunks per worker are in flight, so results wait in memory only as far as
+    the consumer lags behind. If the pool cannot start or a worker dies, the chunks not yet
+    returned are done in this process: a scan never fails because of its helpers.
+
+    Args:
+        fn: a module-level function (workers import it by name).
+        preload: the module the fork server imports once, so workers start warm.
+    """
+    if workers < 1 or len(chunks) <= 1:
+        yield from map(fn, chunks)
+        return
+    try:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([preload])
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+    except (ImportError, OSError, ValueError) as e:  # no working semaphores in a sandbox, say
+        log.warning("parse_workers_unavailable", error=str(e))
+        yield from map(fn, chunks)
+        return
+    done = 0
+    pending: deque[Future] = deque()
+    try:
+        for chunk in chunks:
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+                done += 1
+            pending.append(pool.submit(fn, chunk))
+        while pending:
+            yield pending.popleft().result()
+            done += 1
+    except Exception as e:  # noqa: BLE001 - a worker died (OOM killer, a signal) or could not start
+        # An error of fn itself happens again below, in this process, and propagates from there.
+        log.warning("parse_workers_failed", error=str(e) or type(e).__name__, remaining=len(chunks) - done)
+        for future in pending:
+            future.cancel()
+        pending.clear()
+        yield from map(fn, chunks[done:])
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
