@@ -2,8 +2,8 @@
 
 A chain links attempts through ``previous_attempt_id``; where that is missing, attempts of
 the same workflow and action pair follow each other by ``attempt_number``. The functions
-here are pure over rows, except :func:`relink`, the thin wrapper that writes a group's
-chains back to the buffer inside the ingest transaction.
+here are pure over rows, except :func:`plan_links` and :func:`apply_links`, which read the
+groups a batch touches and write their chains back inside the ingest transaction.
 """
 
 from __future__ import annotations

@@ -235,18 +235,24 @@ class AtomicGuardSource:
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""
         known = buffer.file_signatures(self.key)
+        out = _Batches(self.key, batch_size)
         seen, unseen = [], []
         for locator, path in self._walk(paths):
             last = known.get(locator)
             if last is None and _undecodable(locator):
                 last = known.get(safe_name(locator))  # quarantined under its printable name
-            (seen if last else unseen).append((locator, path, last))
+            if last is None:
+                unseen.append((locator, path, None))
+                continue
+            seen.append((locator, path, last))
+            if len(seen) >= CHUNK_FILES:  # looked at as the walk goes: a rescan holds little
+                yield from self._read(seen, 0, out, None)
+                seen = []
+        yield from self._read(seen, 0, out, None)
         index = None
         if len(unseen) > batch_size:
             index = self._index()
             unseen.sort(key=lambda item: _chain_order(index, item[0]))
-        out = _Batches(self.key, batch_size)
-        yield from self._read(seen, 0, out, index)
         workers = pool.worker_count(self.parse_workers) if len(unseen) >= pool.MIN_PARALLEL_FILES else 0
         yield from self._read(unseen, workers, out, index)
         if len(out.batch) or out.batch.unchanged:

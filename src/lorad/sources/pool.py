@@ -64,6 +64,7 @@ def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload
         log.warning("parse_workers_unavailable", error=str(e))
         yield from map(fn, chunks)
         return
+    log.debug("parse_workers_started", workers=workers, tasks=len(chunks))
     done = 0
     pending: deque[Future] = deque()
     try:
