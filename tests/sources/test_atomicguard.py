@@ -312,7 +312,8 @@ def test_worker_processes_store_exactly_what_one_process_stores(tmp_path, monkey
         assert _stored(many) == expected
         assert scan(many, store, settle_seconds=0, parse_workers=2).unchanged == helped.new + 1
     assert (helped.new, helped.quarantined) == (alone.new, alone.quarantined) == (len(expected[0]), 1)
-    assert not [e for e in logs if e["event"].startswith("parse_workers")]  # the workers did it
+    # the workers did it, with no failure
+    assert [e["event"] for e in logs if e["event"].startswith("parse_workers")] == ["parse_workers_started"]
 
 
 def test_new_files_are_read_chain_by_chain_in_index_order(tmp_path, buffer):

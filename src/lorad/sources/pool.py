@@ -42,11 +42,13 @@ def worker_count(configured: int) -> int:
     return cpus - 1
 
 
-def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload: str) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload: str,
+                ahead: int = 0) -> Iterator[R]:
     """``fn`` over ``chunks``, results in order; in ``workers`` processes when that helps.
 
-    At most two chunks per worker are in flight, so results wait in memory only as far as
-    the consumer lags behind. If the pool cannot start or a worker dies, the chunks not yet
+    Up to ``ahead`` chunks (at least two per worker) are in flight: enough that the workers
+    keep going while the consumer is busy with what it took (a reader's consumer commits a
+    whole batch at a time), and no more, since results wait in memory until taken. If the pool cannot start or a worker dies, the chunks not yet
     returned are done in this process: a scan never fails because of its helpers.
 
     Args:
@@ -64,12 +66,13 @@ def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload
         log.warning("parse_workers_unavailable", error=str(e))
         yield from map(fn, chunks)
         return
-    log.debug("parse_workers_started", workers=workers, tasks=len(chunks))
+    ahead = max(ahead, 2 * workers)
+    log.debug("parse_workers_started", workers=workers, tasks=len(chunks), ahead=ahead)
     done = 0
     pending: deque[Future] = deque()
     try:
         for chunk in chunks:
-            if len(pending) >= 2 * workers:
+            if len(pending) >= ahead:
                 yield pending.popleft().result()
                 done += 1
             pending.append(pool.submit(fn, chunk))
