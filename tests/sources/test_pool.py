@@ -42,7 +42,7 @@ def test_a_worker_that_dies_leaves_the_rest_to_this_process():
     with capture_logs() as logs:
         results = list(pool.ordered_map(_die_in_a_worker, chunks, 2, preload=__name__))
     assert results == [2 * x for x in chunks]
-    assert [e["event"] for e in logs] == ["parse_workers_failed"]
+    assert [e["event"] for e in logs] == ["parse_workers_started", "parse_workers_failed"]
 
 
 def test_a_pool_that_cannot_start_leaves_everything_to_this_process(monkeypatch):
