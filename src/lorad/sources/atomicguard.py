@@ -361,12 +361,15 @@ def _indexed_workflow(index: dict[str, dict], locator: str) -> str | None:
     return workflow_id if isinstance(workflow_id, str) else None
 
 
-def _chain_order(index: dict[str, dict], locator: str) -> tuple:
-    """Sorts files by workflow, action pair and time, as index.json has them; unknown files last."""
-    entry = index.get(os.path.basename(locator)[:-5])
-    if not isinstance(entry, dict):
-        return (1, "", "", "", locator)
-    return (0, str(entry.get("workflow_id")), str(entry.get("action_pair_id")), str(entry.get("created_at")), locator)
+def _chain_order(index: dict[str, dict], locator: str) -> str:
+    """Sorts files by workflow and action pair, as index.json has them; unknown files last.
+
+    (A stable sort keeps the walk's order inside a group; linking does not need time order.)
+    """
+    entry = index.get(locator.rpartition("/")[2][:-5])
+    if type(entry) is not dict:
+        return "\U0010ffff"
+    return f"{entry.get('workflow_id')}\0{entry.get('action_pair_id')}"
 
 
 def _read(path: str, size: int, limit: int) -> bytes:
