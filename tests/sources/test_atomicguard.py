@@ -301,16 +301,20 @@ def test_worker_processes_store_exactly_what_one_process_stores(tmp_path, monkey
     _store_of_chains(store, 30)
     (store / "objects" / "zz").mkdir()
     (store / "objects" / "zz" / "broken.json").write_text('{"artifact_id": "broken", ')
-    monkeypatch.setattr(atomicguard, "CHUNK_FILES", 7)
+    monkeypatch.setattr(atomicguard, "CHUNK_FILES", 7)  # the first chunk here, ten in workers
+
+    def run(buffer):
+        return ingest(buffer, [AtomicGuardSource(KEY, store, settle_seconds=0, parse_workers=2)], batch_size=10)
+
     monkeypatch.setattr(pool, "MIN_PARALLEL_FILES", 10**9)
     with Buffer(tmp_path / "one.sqlite3") as one:
-        alone = scan(one, store, settle_seconds=0, parse_workers=2)
+        alone = run(one)
         expected = _stored(one)
     monkeypatch.setattr(pool, "MIN_PARALLEL_FILES", 1)
     with Buffer(tmp_path / "many.sqlite3") as many, capture_logs() as logs:
-        helped = scan(many, store, settle_seconds=0, parse_workers=2)
+        helped = run(many)
         assert _stored(many) == expected
-        assert scan(many, store, settle_seconds=0, parse_workers=2).unchanged == helped.new + 1
+        assert run(many).unchanged == helped.new + 1
     assert (helped.new, helped.quarantined) == (alone.new, alone.quarantined) == (len(expected[0]), 1)
     # the workers did it, with no failure
     assert [e["event"] for e in logs if e["event"].startswith("parse_workers")] == ["parse_workers_started"]

@@ -37,6 +37,14 @@ def test_workers_return_every_result_in_order():
     assert os.getpid() not in {pid for pid, _ in results}  # really done elsewhere
 
 
+def test_the_head_is_done_here_while_the_workers_start():
+    chunks = list(range(20))
+    results = list(pool.ordered_map(_pid_and_double, chunks, 2, preload=__name__, head=5))
+    assert [r for _, r in results] == [2 * x for x in chunks]
+    assert {pid for pid, _ in results[:5]} == {os.getpid()}
+    assert os.getpid() not in {pid for pid, _ in results[5:]}
+
+
 def test_a_worker_that_dies_leaves_the_rest_to_this_process():
     chunks = list(range(12))
     with capture_logs() as logs:
@@ -62,8 +70,10 @@ def test_an_error_of_the_function_itself_still_reaches_the_caller():
 
 
 def test_worker_count_leaves_one_cpu_to_the_writer(monkeypatch):
-    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert pool.worker_count(0) == 3
-    assert pool.worker_count(2) == 2
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert pool.worker_count(0) == 2  # the writer is the limit: more would only wait
+    assert pool.worker_count(5) == 5
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert pool.worker_count(0) == 1
     monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0})
     assert pool.worker_count(0) == 0  # a single CPU: parse where the scan runs

@@ -32,32 +32,50 @@ MIN_PARALLEL_FILES = 2000
 
 def worker_count(configured: int) -> int:
     """Worker processes to use: ``configured``, or with 0 one per CPU this process may run
-    on but one, which the thread writing the buffer keeps busy (so none on a single CPU)."""
+    on but one (kept by the thread writing the buffer), and at most two: the writer, not
+    parsing, limits a scan, and one worker already parses faster than it commits."""
     if configured > 0:
         return configured
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return cpus - 1
+    return min(cpus - 1, 2)
 
 
 def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload: str,
-                ahead: int = 0) -> Iterator[R]:
+                ahead: int = 0, head: int = 0) -> Iterator[R]:
     """``fn`` over ``chunks``, results in order; in ``workers`` processes when that helps.
 
-    Up to ``ahead`` chunks (at least two per worker) are in flight: enough that the workers
-    keep going while the consumer is busy with what it took (a reader's consumer commits a
-    whole batch at a time), and no more, since results wait in memory until taken. If the pool cannot start or a worker dies, the chunks not yet
-    returned are done in this process: a scan never fails because of its helpers.
+    The first ``head`` chunks are done in this process while the workers start (a tenth of
+    a second or more), so the consumer has work at once. Up to ``ahead`` chunks (at least two
+    per worker) are in flight: enough that the workers keep going while the consumer is busy
+    with what it took (a reader's consumer commits a whole batch at a time), and no more,
+    since results wait in memory until taken.
+
+    If the pool cannot start or a worker dies, the chunks not yet returned are done in this
+    process: a scan never fails because of its helpers. Workers are started the way
+    ``multiprocessing`` starts them, so a script that calls this (through ``ingest``) keeps
+    its entry point under ``if __name__ == "__main__":``; heavy imports at the top of such a
+    script slow every worker's start.
 
     Args:
         fn: a module-level function (workers import it by name).
         preload: the module the fork server imports once, so workers start warm.
     """
-    if workers < 1 or len(chunks) <= 1:
+    if workers < 1 or len(chunks) <= head + 1:
         yield from map(fn, chunks)
         return
+    ahead = max(ahead, 2 * workers)
+    queue: deque[Future] = deque()
+    handed = head  # chunks given to the pool so far, after the head
+
+    def hand_out() -> None:
+        nonlocal handed
+        while handed < len(chunks) and len(queue) < ahead:
+            queue.append(pool.submit(fn, chunks[handed]))
+            handed += 1
+
     try:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([preload])
@@ -66,28 +84,34 @@ def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload
         log.warning("parse_workers_unavailable", error=str(e))
         yield from map(fn, chunks)
         return
-    ahead = max(ahead, 2 * workers)
-    log.debug("parse_workers_started", workers=workers, tasks=len(chunks), ahead=ahead)
-    done = 0
-    pending: deque[Future] = deque()
+    log.debug("parse_workers_started", workers=workers, tasks=len(chunks), ahead=ahead, head=head)
     try:
-        for chunk in chunks:
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
+        done = 0
+        try:
+            hand_out()
+        except Exception as e:  # noqa: BLE001 - the pool could not start a worker
+            log.warning("parse_workers_failed", error=str(e) or type(e).__name__, remaining=len(chunks))
+            queue.clear()
+            yield from map(fn, chunks)
+            return
+        for chunk in chunks[:head]:  # an error of fn here is its own: it propagates
+            yield fn(chunk)
+        done = head
+        try:
+            while queue:
+                result = queue.popleft().result()
+                hand_out()
+                yield result
                 done += 1
-            pending.append(pool.submit(fn, chunk))
-        while pending:
-            yield pending.popleft().result()
-            done += 1
-    except Exception as e:  # noqa: BLE001 - a worker died (OOM killer, a signal) or could not start
-        # An error of fn itself happens again below, in this process, and propagates from there.
-        log.warning("parse_workers_failed", error=str(e) or type(e).__name__, remaining=len(chunks) - done)
-        for future in pending:
-            future.cancel()
-        pending.clear()
-        yield from map(fn, chunks[done:])
+        except Exception as e:  # noqa: BLE001 - a worker died (OOM killer, a signal)
+            # An error of fn itself happens again below, in this process, and propagates from there.
+            log.warning("parse_workers_failed", error=str(e) or type(e).__name__, remaining=len(chunks) - done)
+            for future in queue:
+                future.cancel()
+            queue.clear()
+            yield from map(fn, chunks[done:])
     finally:
-        for future in pending:
+        for future in queue:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
