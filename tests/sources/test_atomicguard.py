@@ -173,6 +173,8 @@ def test_symlink_leading_outside_the_store_is_quarantined(buffer, tmp_path):
     assert report.quarantined == 1
     assert "symlink leads outside the store" in buffer.quarantine()[0]["reason"]
     assert report.new == 2  # the symlink inside the store is read
+    again = scan(buffer, store)  # counted once: a rescan skips what it already judged
+    assert (again.new, again.quarantined, again.unchanged) == (0, 0, 3)
 
 
 def test_non_utf8_file_name_is_quarantined(buffer, tmp_path):
@@ -186,6 +188,8 @@ def test_non_utf8_file_name_is_quarantined(buffer, tmp_path):
     q = buffer.quarantine()[0]
     assert q["reason"] == "file name is not valid UTF-8"
     assert "\\xff" in q["locator"]
+    again = scan(buffer, store)
+    assert (again.new, again.quarantined, again.unchanged) == (0, 0, 2)
 
 
 def test_file_caught_mid_write_is_retried_not_quarantined(buffer, tmp_path):
