@@ -361,3 +361,45 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
         with pytest.raises(cycle.CycleError, match="fails its sha256 check"):
             cycle.prepare(s, buffer, reg, "j1")
     assert not (s.state_dir / "jobs" / "j1").exists()
+
+
+def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
+    import os
+
+    s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
+    with cycle.training_lock(s, "the daemon, job job-x"):
+        outcome = cycle.run_once(s, progress=False, ingest_first=False)
+        assert outcome.status == "busy"
+        assert outcome.reason == f"another training cycle is running: the daemon, job job-x, pid {os.getpid()}"
+        cfg = _write_config(tmp_path, s)
+        assert cli.main(["--config", str(cfg), "train", "--once", "--no-progress", "--no-ingest"]) == 75
+        assert "BUSY" in capsys.readouterr().out
+    with cycle.training_lock(s, "the next cycle"):  # released with the block
+        pass
+
+
+def test_the_training_lock_goes_with_a_killed_holder(tmp_path):
+    import subprocess
+
+    s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lorad import config, cycle\n"
+         "with cycle.training_lock(config.load(sys.argv[1]), 'a cycle that gets killed'):\n"
+         "    print('held', flush=True); time.sleep(120)\n", str(_write_config(tmp_path, s))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(cycle.TrainingBusy, match=f"a cycle that gets killed, pid {holder.pid}"):
+            with cycle.training_lock(s, "me"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with cycle.training_lock(s, "me"):  # SIGKILL released it
+        pass
+
+
+def _write_config(root: Path, s: config.Settings) -> Path:
+    path = root / "config.toml"
+    path.write_text(_toml_of(s))
+    return path

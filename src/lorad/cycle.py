@@ -17,6 +17,7 @@ Torch is never imported here: the worker process does all of that.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,12 +47,43 @@ class NothingToTrain(CycleError):
     "The snapshot has no training examples (nothing new, or the policy selects none)."
 
 
+class TrainingBusy(CycleError):
+    "Another training cycle (the daemon's, or a `lorad train --once`) is running on this state directory."
+
+
+@contextmanager
+def training_lock(settings, holder: str):
+    """Hold ``<state_dir>/training.lock`` for one cycle, or raise TrainingBusy at once.
+
+    The daemon's jobs and ``lorad train --once`` both take it, so two cycles never train
+    side by side (on one GPU, the second would run out of memory). The lock is an flock on
+    an open file: it goes with the process that held it, however that process ends.
+
+    Args:
+        holder: who holds it, written into the file for the one that finds it taken.
+    """
+    path = Path(settings.daemon.state_dir) / "training.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "holder unknown"
+            raise TrainingBusy(f"another training cycle is running: {who}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}, pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @dataclass
 class CycleOutcome:
     """What one cycle did, for the CLI, the daemon and the audit trail."""
 
     job_id: str
-    status: str  # promoted | rejected | failed | paused | cancelled | skipped
+    status: str  # promoted | rejected | failed | paused | cancelled | skipped | busy
     reason: str = ""
     version: str | None = None
     verdict: dict | None = None
@@ -496,9 +529,17 @@ def run_once(settings, progress: bool = True, *, ingest_first: bool = True,
         progress: show a tqdm bar (on a terminal) fed from progress.jsonl.
         ingest_first: scan the configured sources before drawing the snapshot.
     """
+    job_id = new_job_id()
+    try:
+        with training_lock(settings, f"lorad train --once, job {job_id}"):
+            return _run_once(settings, job_id, progress, ingest_first, stream)
+    except TrainingBusy as e:
+        return CycleOutcome(job_id=job_id, status="busy", reason=str(e))
+
+
+def _run_once(settings, job_id: str, progress: bool, ingest_first: bool, stream) -> CycleOutcome:
     from lorad.buffer.store import Buffer
 
-    job_id = new_job_id()
     with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
         registry = open_registry(settings, buffer)
         if ingest_first and settings.store.sources:

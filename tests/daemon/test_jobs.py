@@ -128,6 +128,20 @@ def test_failed_job_is_recorded_and_backs_off_window_jobs(daemon_factory, short_
     assert len(d.request("jobs")["jobs"]) == 1  # the open window started nothing
 
 
+def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, short_root):
+    from lorad import config, cycle
+
+    sections = training_sections(short_root / "never-loaded", min_new_examples=1)
+    sections["schedule"].update(windows=[closed_window_now()])  # no job of its own meanwhile
+    d = daemon_factory(env=WORKER_ENV, **sections)
+    with cycle.training_lock(config.load(d.config), "lorad train --once, job job-y"):
+        r = d.cli("train-now", "--wait", timeout=120)
+    assert r.returncode == 1
+    failed = d.request("jobs")["jobs"][0]
+    assert failed["state"] == "failed"
+    assert failed["reason"].startswith("another training cycle is running: lorad train --once, job job-y, pid ")
+
+
 def test_sigterm_right_after_train_now_leaves_the_job_paused_not_failed(daemon_factory, tiny_model):
     """Whatever the job was doing (preparing, or a worker still importing torch), it is paused."""
     d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=5000, save_steps=1000))

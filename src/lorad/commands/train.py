@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lorad.commands import emit
 
-EXIT_BY_STATUS = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "paused": 75, "cancelled": 130}
+# busy: another cycle (the daemon's) is training; 75 = EX_TEMPFAIL, try again later.
+EXIT_BY_STATUS = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "paused": 75, "busy": 75, "cancelled": 130}
 
 
 def register(sub, common) -> None:

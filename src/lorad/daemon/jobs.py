@@ -9,6 +9,7 @@ conclude: gate, registry, publish hooks); this module only keeps the books and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -327,7 +328,10 @@ class JobRunner(threading.Thread):
         buffer = Buffer(s.buffer_path, s.buffer.synchronous)
         store = JobStore(buffer.conn)
         registry = cycle.open_registry(s, buffer)
+        held = contextlib.ExitStack()
         try:
+            # TrainingBusy (a `lorad train --once` is running) fails the job: the daemon backs off
+            held.enter_context(cycle.training_lock(s, f"the daemon, job {self.job_id}"))
             job_dir = self._job_dir()
             if job_dir is None or not job_dir.is_dir():
                 self._set(store, "preparing", None, started_at=time.time())
@@ -369,6 +373,7 @@ class JobRunner(threading.Thread):
             log.exception("job_crashed", job_id=self.job_id)
             return self._finish(store, "failed", f"{type(e).__name__}: {e}")
         finally:
+            held.close()
             buffer.close()
 
     def _stopped_state(self) -> str:
