@@ -357,9 +357,14 @@ class _Batches:
         return batch
 
 
+def _index_entry(index: dict[str, dict], locator: str) -> dict | None:
+    """index.json's entry for an artifact file (keyed by artifact id, the file's stem)."""
+    entry = index.get(locator.rpartition("/")[2][:-5])
+    return entry if type(entry) is dict else None
+
+
 def _indexed_workflow(index: dict[str, dict], locator: str) -> str | None:
-    entry = index.get(os.path.basename(locator)[:-5])
-    workflow_id = entry.get("workflow_id") if isinstance(entry, dict) else None
+    workflow_id = (_index_entry(index, locator) or {}).get("workflow_id")
     return workflow_id if isinstance(workflow_id, str) else None
 
 
@@ -368,8 +373,8 @@ def _chain_order(index: dict[str, dict], locator: str) -> str:
 
     (A stable sort keeps the walk's order inside a group; linking does not need time order.)
     """
-    entry = index.get(locator.rpartition("/")[2][:-5])
-    if type(entry) is not dict:
+    entry = _index_entry(index, locator)
+    if entry is None:
         return "\U0010ffff"
     return f"{entry.get('workflow_id')}\0{entry.get('action_pair_id')}"
 
