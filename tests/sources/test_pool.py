@@ -15,6 +15,10 @@ def _pid_and_double(x: int) -> tuple[int, int]:
     return os.getpid(), 2 * x
 
 
+def _pid_and_niceness(x: int) -> tuple[int, int]:
+    return os.getpid(), os.nice(0)
+
+
 def _halve(x: int) -> float:
     return x / 2
 
@@ -43,6 +47,11 @@ def test_the_head_is_done_here_while_the_workers_start():
     assert [r for _, r in results] == [2 * x for x in chunks]
     assert {pid for pid, _ in results[:5]} == {os.getpid()}
     assert os.getpid() not in {pid for pid, _ in results[5:]}
+
+
+def test_workers_run_below_the_writer_s_priority():
+    results = list(pool.ordered_map(_pid_and_niceness, [1, 2, 3], 1, preload=__name__))
+    assert {nice for _, nice in results} == {min(os.nice(0) + pool.WORKER_NICENESS, 19)}
 
 
 def test_a_worker_that_dies_leaves_the_rest_to_this_process():
