@@ -26,6 +26,22 @@ def test_migrations_run_once_and_reopen_is_a_no_op(tmp_path):
         assert b.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_new_buffer_has_8k_pages_and_an_old_one_keeps_its_own(tmp_path):
+    with Buffer(tmp_path / "new.sqlite3") as b:
+        assert b.conn.execute("PRAGMA page_size").fetchone()[0] == 8192
+        assert b.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (64 << 20) // 8192
+        indexes = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "artifacts_group" in indexes and not {"artifacts_chain", "artifacts_artifact_id"} & indexes
+    old = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(old)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with Buffer(old) as b:
+        assert b.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert b.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (64 << 20) // 4096
+
+
 def test_a_failing_migration_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(db):
         db.execute("CREATE TABLE half_done (x)")

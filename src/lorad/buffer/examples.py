@@ -155,10 +155,13 @@ def chains_of(conn, chain_ids: Iterable[str]) -> dict[str, traces.Chain]:
     """The chains with these ids, from their artifact rows as linking stored them."""
     ids = list(chain_ids)
     by_chain: dict[str, list[dict]] = defaultdict(list)
-    cols = ", ".join(CHAIN_COLUMNS)
+    cols = ", ".join(f"a.{c}" for c in CHAIN_COLUMNS)
     for i in range(0, len(ids), 5000):
-        for values in conn.execute(f"SELECT {cols} FROM artifacts WHERE chain_id IN (SELECT value FROM json_each(?))",
-                                   (json.dumps(ids[i:i + 5000]),)):
+        # Through the chain's group (artifacts_group): ingest keeps no index on chain_id.
+        for values in conn.execute(
+                f"SELECT {cols} FROM chains c JOIN artifacts a ON a.source = c.source "
+                "AND a.workflow_id = c.workflow_id AND a.action_pair_id = c.action_pair_id AND a.chain_id = c.chain_id "
+                "WHERE c.chain_id IN (SELECT value FROM json_each(?))", (json.dumps(ids[i:i + 5000]),)):
             row = dict(zip(CHAIN_COLUMNS, values))
             by_chain[row["chain_id"]].append(row)
     return {chain_id: traces.stored_chain(rows, chain_id) for chain_id, rows in by_chain.items()}

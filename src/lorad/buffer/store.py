@@ -53,7 +53,8 @@ _UPSERT = (
 )
 
 
-WAL_AUTOCHECKPOINT_PAGES = 16384
+WAL_AUTOCHECKPOINT_BYTES = 64 << 20
+PAGE_SIZE = 8192
 
 
 class BufferError(Exception):
@@ -205,6 +206,13 @@ def _no_artifact_id_index(db: sqlite_utils.Database) -> None:
     db.execute("DROP INDEX IF EXISTS artifacts_artifact_id")
 
 
+@migration("0007_no_chain_index")
+def _no_chain_index(db: sqlite_utils.Database) -> None:
+    # A chain's rows are found through its group (chains has it, artifacts_group indexes it);
+    # an index on chain_id alone cost every insert ~7 %.
+    db.execute("DROP INDEX IF EXISTS artifacts_chain")
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction. Returns their names."""
     conn = db.conn
@@ -254,12 +262,16 @@ class Buffer:
                                        timeout=30)
             conn.execute("PRAGMA busy_timeout = 30000")
             if not readonly:
+                # 8 KiB pages for a new buffer (an existing one keeps its own): rows are about a
+                # kilobyte of code and text, and ingest writes ~10 % faster than with 4 KiB.
+                conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
                 # Checkpoint at 64 MiB of WAL rather than SQLite's 4 MiB: with the default, every
                 # ingest batch paid for copying the WAL back into the database and syncing it.
                 # Ingest checkpoints once at the end of each scan instead (Buffer.checkpoint).
-                conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_BYTES // page_size}")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: index inserts stay in memory
             conn.execute("PRAGMA temp_store = MEMORY")
