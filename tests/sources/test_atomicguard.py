@@ -346,3 +346,27 @@ def test_the_workflow_id_older_stores_keep_only_in_the_index_is_filled_in(tmp_pa
     assert report.new == 2
     assert {r["workflow_id"] for r in buffer.artifacts()} == {"wf-in-index"}
     assert buffer.counts()["chains_refined"] == 1
+
+
+def test_index_json_is_read_at_most_once_per_scan(tmp_path, buffer, monkeypatch):
+    from lorad.sources import atomicguard
+
+    store = tmp_path / "store"
+    legacy = synthetic.chain(workflow_id="wf-in-index", specification="Write f",
+                             attempts=[("x", "rejected", "no"), ("y", "rejected", "no"), ("z", "accepted", "")])
+    store.mkdir()
+    synthetic.write_index(store, legacy)
+    for a in legacy:
+        del a["workflow_id"], a["context"]["workflow_id"]
+        synthetic.write(store, a)
+    scan(buffer, store)
+    for a in legacy:  # rewritten: the rescan reads each again, one chunk of known files at a time
+        a["metadata"] = {"rewritten": True}
+        synthetic.write(store, a)
+    monkeypatch.setattr(atomicguard, "CHUNK_FILES", 1)
+    reads = []
+    real_index = AtomicGuardSource._index
+    monkeypatch.setattr(AtomicGuardSource, "_index", lambda self: reads.append(1) or real_index(self))
+    report = scan(buffer, store)
+    assert report.updated == 3 and len(reads) == 1
+    assert {r["workflow_id"] for r in buffer.artifacts()} == {"wf-in-index"}

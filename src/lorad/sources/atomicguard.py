@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,7 +235,7 @@ class AtomicGuardSource:
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""
         known = buffer.file_signatures(self.key)
-        out = _Batches(self.key, batch_size)
+        out = _Scan(self.key, batch_size, self._index)
         seen, unseen = [], []
         for locator, path in self._walk(paths):
             last = known.get(locator)
@@ -246,19 +246,18 @@ class AtomicGuardSource:
                 continue
             seen.append((locator, path, last))
             if len(seen) >= CHUNK_FILES:  # looked at as the walk goes: a rescan holds little
-                yield from self._read(seen, 0, out, None)
+                yield from self._read(seen, 0, out)
                 seen = []
-        yield from self._read(seen, 0, out, None)
-        index = None
+        yield from self._read(seen, 0, out)
         if len(unseen) > batch_size:
-            index = self._index()
+            index = out.index()
             unseen.sort(key=lambda item: _chain_order(index, item[0]))
         workers = pool.worker_count(self.parse_workers) if len(unseen) >= pool.MIN_PARALLEL_FILES else 0
-        yield from self._read(unseen, workers, out, index)
+        yield from self._read(unseen, workers, out)
         if len(out.batch) or out.batch.unchanged:
             yield out.take()
 
-    def _read(self, files: list[_File], workers: int, out: _Batches, index: dict | None) -> Iterator[Batch]:
+    def _read(self, files: list[_File], workers: int, out: _Scan) -> Iterator[Batch]:
         """Look at files in order (in ``workers`` processes, or here with 0) into batches."""
         limits = (self.key, self.real_root, self.max_file_bytes, self.settle_seconds, time.time())
         tasks = [(limits, chunk) for chunk in pool.chunked(files, CHUNK_FILES)]
@@ -273,8 +272,7 @@ class AtomicGuardSource:
             for outcome in outcomes:
                 if type(outcome) is dict:
                     if not outcome["workflow_id"]:  # older library versions kept it only in the index
-                        index = self._index() if index is None else index
-                        outcome["workflow_id"] = _indexed_workflow(index, outcome["locator"]) or ""
+                        outcome["workflow_id"] = _indexed_workflow(out.index(), outcome["locator"]) or ""
                     batch.artifacts.append(outcome)
                 elif type(outcome) is Quarantined:
                     batch.quarantined.append(outcome)
@@ -345,12 +343,20 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
     return outcomes, unchanged
 
 
-class _Batches:
-    """The batch being filled, and a fresh one each time it is taken."""
+class _Scan:
+    """One scan's state: the batch being filled (a fresh one each time it is taken), and
+    index.json, read at most once per scan and only when needed."""
 
-    def __init__(self, key: str, batch_size: int):
+    def __init__(self, key: str, batch_size: int, load_index: Callable[[], dict[str, dict]]):
         self.key, self.batch_size = key, batch_size
         self.batch = Batch(key)
+        self._load_index = load_index
+        self._index: dict[str, dict] | None = None
+
+    def index(self) -> dict[str, dict]:
+        if self._index is None:
+            self._index = self._load_index()
+        return self._index
 
     def take(self) -> Batch:
         batch, self.batch = self.batch, Batch(self.key)
