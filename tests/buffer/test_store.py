@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lorad.buffer import store
 from lorad.buffer.store import Batch, Buffer, Quarantined
@@ -109,3 +111,56 @@ def test_readonly_buffer_reads_without_writing(tmp_path):
         assert ro.counts()["artifacts"] == 0
         with pytest.raises(sqlite3.OperationalError):
             ro.conn.execute("INSERT INTO audit (ts, event) VALUES (1, 'x')")
+
+
+# -- linking across batches ------------------------------------------------------------------------
+
+STATUSES = ("accepted", "rejected", "pending", "superseded")
+
+
+@st.composite
+def attempt_rows(draw):
+    """Attempts of a few groups, some linked by previous_attempt_id and some only numbered."""
+    rows = []
+    for g in range(draw(st.integers(1, 4))):
+        for c in range(draw(st.integers(1, 3))):  # chains sharing the group
+            previous = None
+            for n in range(1, draw(st.integers(1, 4)) + 1):
+                aid = f"g{g}c{c}n{n}"
+                rows.append(_row(f"objects/{aid}.json", artifact_id=aid, workflow_id=f"w{g % 2}",
+                                 action_pair_id=f"a{g}", attempt_number=n, created_ts=float(len(rows)),
+                                 previous_attempt_id=previous if draw(st.booleans()) else None,
+                                 status=draw(st.sampled_from(STATUSES))))
+                previous = aid
+    return rows
+
+
+def _linked(buffer) -> tuple[list, list]:
+    chains = buffer.conn.execute(
+        "SELECT chain_id, workflow_id, action_pair_id, attempts, rejected, outcome, first_ts, last_ts, "
+        "(SELECT locator FROM artifacts WHERE id = c.accepted_id) FROM chains c ORDER BY chain_id").fetchall()
+    members = buffer.conn.execute("SELECT locator, chain_id FROM artifacts ORDER BY locator").fetchall()
+    return chains, members
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=attempt_rows(), data=st.data())
+def test_chains_do_not_depend_on_how_rows_are_split_into_batches(rows, data):
+    with Buffer(":memory:") as whole, Buffer(":memory:") as pieces:
+        batch = Batch("s")
+        batch.artifacts = [dict(r) for r in rows]
+        whole.write_batch(batch)
+        order = data.draw(st.permutations(rows))
+        cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(rows) - 1)), max_size=4)))
+        for a, b in zip([0, *cuts], [*cuts, len(order)]):
+            part = Batch("s")
+            part.artifacts = [dict(r) for r in order[a:b]]
+            pieces.write_batch(part)
+        assert _linked(pieces) == _linked(whole)
+        # A rewrite (a pending attempt decided later) relinks the same way in either buffer.
+        rewritten = [dict(r, status="accepted", content_hash="decided") for r in rows if r["status"] == "pending"]
+        for buffer in (whole, pieces):
+            again = Batch("s")
+            again.artifacts = [dict(r) for r in rewritten]
+            buffer.write_batch(again)
+        assert _linked(pieces) == _linked(whole)

@@ -48,10 +48,7 @@ class Chain:
 
     @property
     def specification(self) -> str:
-        for row in (self.accepted, *self.rows):
-            if row and row.get("specification"):
-                return row["specification"]
-        return ""
+        return _specification(self.rows, self.accepted)
 
 
 def _order_key(row: dict):
@@ -65,12 +62,23 @@ def link(rows: Sequence[dict]) -> list[Chain]:
         rows: artifact rows with at least source, workflow_id, action_pair_id, artifact_id,
             previous_attempt_id, attempt_number, status, created_ts and locator.
     """
+    return [_chain(ordered) for ordered in _split(rows)]
+
+
+def stored_chain(rows: Sequence[dict], chain_id: str) -> Chain:
+    """The chain of rows that linking already put under ``chain_id`` (ordered, not re-linked)."""
+    return _chain(sorted(rows, key=_order_key), chain_id)
+
+
+def _split(rows: Sequence[dict]) -> list[list[dict]]:
+    """The chains of one group, each as its attempts in order, ordered by their first."""
     if len(rows) <= 1:
-        return [_chain(list(rows))] if rows else []
+        return [list(rows)] if rows else []
     ordered = sorted(rows, key=_order_key)
-    if all(b.get("previous_attempt_id") == a["artifact_id"] and b["artifact_id"] != a["artifact_id"]
-           for a, b in zip(ordered, ordered[1:])) and not ordered[0].get("previous_attempt_id"):
-        return [_chain(ordered)]  # the usual case: one chain, each attempt naming the one before
+    if not ordered[0].get("previous_attempt_id") and all(
+            b.get("previous_attempt_id") == a["artifact_id"] and b["artifact_id"] != a["artifact_id"]
+            for a, b in zip(ordered, ordered[1:])):
+        return [ordered]  # the usual case: one chain, each attempt naming the one before
     n = len(rows)
     parent = list(range(n))
 
@@ -108,31 +116,46 @@ def link(rows: Sequence[dict]) -> list[Chain]:
     groups: dict[int, list[dict]] = defaultdict(list)
     for i, row in enumerate(rows):
         groups[find(i)].append(row)
-    chains = [_chain(sorted(members, key=_order_key)) for members in groups.values()]
-    chains.sort(key=lambda c: _order_key(c.rows[0]))
+    chains = [sorted(members, key=_order_key) for members in groups.values()]
+    chains.sort(key=lambda c: _order_key(c[0]))
     return chains
 
 
-def stored_chain(rows: Sequence[dict], chain_id: str) -> Chain:
-    """The chain of rows that linking already put under ``chain_id`` (ordered, not re-linked)."""
-    return _chain(sorted(rows, key=_order_key), chain_id)
+def _chain_id(first: dict) -> str:
+    """A chain is named after its group and its first attempt's locator."""
+    root = f"{first['source']}\0{first['workflow_id']}\0{first['action_pair_id']}\0{first['locator']}"
+    return hashlib.blake2b(root.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def _outcome(ordered: Sequence[dict]) -> tuple[str, dict | None, int]:
+    """(outcome, the first accepted attempt or None, rejected attempts before it)."""
+    rejected = 0
+    for row in ordered:
+        status = row["status"]
+        if status == "accepted":
+            return (REFINED if rejected else FIRST_TRY), row, rejected
+        if status == "rejected":
+            rejected += 1
+    # Never accepted: exhausted once something was rejected and nothing is still pending.
+    if rejected and not any(row["status"] == "pending" for row in ordered):
+        return EXHAUSTED, None, rejected
+    return OPEN, None, rejected
+
+
+def _specification(ordered: Sequence[dict], accepted: dict | None) -> str:
+    """The task's text: the accepted attempt's, else the first attempt's that has one."""
+    if accepted is not None and accepted.get("specification"):
+        return accepted["specification"]
+    for row in ordered:
+        if row.get("specification"):
+            return row["specification"]
+    return ""
 
 
 def _chain(ordered: list[dict], chain_id: str | None = None) -> Chain:
     first = ordered[0]
-    if chain_id is None:
-        root = f"{first['source']}\0{first['workflow_id']}\0{first['action_pair_id']}\0{first['locator']}"
-        chain_id = hashlib.blake2b(root.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
-    accepted = next((r for r in ordered if r["status"] == "accepted"), None)
-    if accepted is not None:
-        outcome = FIRST_TRY if not any(r["status"] == "rejected" for r in ordered[: ordered.index(accepted)]) else REFINED
-    elif ordered and all(r["status"] in ("rejected", "superseded") for r in ordered) and any(
-        r["status"] == "rejected" for r in ordered
-    ):
-        outcome = EXHAUSTED
-    else:
-        outcome = OPEN
-    return Chain(chain_id, first["source"], first["workflow_id"], first["action_pair_id"],
+    outcome, accepted, _ = _outcome(ordered)
+    return Chain(chain_id or _chain_id(first), first["source"], first["workflow_id"], first["action_pair_id"],
                  tuple(ordered), outcome, accepted)
 
 
@@ -154,13 +177,19 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
 
     Sets ``chain_id`` on each batch row (so it is written once, with its chain) and returns
     what else must change. One read for all the groups, whatever their number: this runs
-    inside every ingest transaction.
+    inside every ingest transaction, so it works on rows and tuples, not :class:`Chain`.
     """
-    groups = {(r["source"], r["workflow_id"], r["action_pair_id"]) for r in batch_rows}
+    members: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for row in batch_rows:
+        key = (row["source"], row["workflow_id"], row["action_pair_id"])
+        group = members.get(key)
+        if group is None:
+            members[key] = group = {}
+        group[row["locator"]] = row
     workflows: dict[str, set[str]] = defaultdict(set)
-    for source, workflow_id, _ in groups:
+    for source, workflow_id, _ in members:
         workflows[source].add(workflow_id)
-    members: dict[tuple[str, str, str], dict[str, dict]] = defaultdict(dict)
+    stored = set()  # groups with rows already in the buffer (and maybe chains)
     cols = ", ".join(_LINK_COLUMNS)
     for source, ids in workflows.items():
         ids = sorted(ids)
@@ -171,26 +200,27 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
                 (source, *chunk),
             )
             for values in cur:
-                row = dict(zip(_LINK_COLUMNS, values))
-                key = (source, row["workflow_id"], row["action_pair_id"])
-                if key in groups:
-                    members[key][row["locator"]] = row
-    stored = set(members)  # groups with rows already in the buffer (and maybe chains)
-    for row in batch_rows:  # the batch's version of a row wins over the stored one
-        members[(row["source"], row["workflow_id"], row["action_pair_id"])][row["locator"]] = row
+                key = (source, values[4], values[5])
+                group = members.get(key)
+                if group is not None:
+                    stored.add(key)
+                    if values[2] not in group:  # the batch's version of a row wins over the stored one
+                        group[values[2]] = dict(zip(_LINK_COLUMNS, values))
     moved, chains = [], []
     for (source, workflow_id, action_pair_id), by_locator in members.items():
-        for chain in link(list(by_locator.values())):
-            for r in chain.rows:
+        for ordered in _split(list(by_locator.values())):
+            chain_id = _chain_id(ordered[0])
+            for r in ordered:
                 if "id" not in r:
-                    r["chain_id"] = chain.chain_id  # a batch row: written with its chain
-                elif r["chain_id"] != chain.chain_id:
-                    moved.append((chain.chain_id, r["id"]))
-            stamps = [r["created_ts"] or 0.0 for r in chain.rows]
+                    r["chain_id"] = chain_id  # a batch row: written with its chain
+                elif r["chain_id"] != chain_id:
+                    moved.append((chain_id, r["id"]))
+            outcome, accepted, retries = _outcome(ordered)
+            stamps = [r["created_ts"] or 0.0 for r in ordered]
             chains.append((
-                chain.chain_id, source, workflow_id, action_pair_id, len(chain.rows), chain.retries,
-                source, chain.accepted["locator"] if chain.accepted else None, chain.outcome,
-                chain.specification, min(stamps), max(stamps),
+                chain_id, source, workflow_id, action_pair_id, len(ordered), retries,
+                source, accepted["locator"] if accepted else None, outcome,
+                _specification(ordered, accepted), min(stamps), max(stamps),
             ))
     return LinkPlan(stored, moved, chains)
 
