@@ -15,7 +15,8 @@ from lorad.buffer.store import Batch, Buffer, Quarantined
 def test_migrations_build_the_schema_on_a_fresh_in_memory_database():
     with Buffer(":memory:") as b:
         tables = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"artifacts", "chains", "quarantine", "files", "ingest_state", "audit", "_migrations"} <= tables
+        assert {"artifacts", "chains", "quarantine", "ingest_state", "audit", "_migrations"} <= tables
+        assert "files" not in tables  # signatures live on the rows since 0008
         applied = [r[0] for r in b.conn.execute("SELECT name FROM _migrations ORDER BY name")]
         assert applied == [name for name, _ in store.MIGRATIONS]
 
@@ -26,6 +27,29 @@ def test_migrations_run_once_and_reopen_is_a_no_op(tmp_path):
     with Buffer(path) as b:
         assert store.migrate(b.db) == []
         assert b.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_0008_moves_file_signatures_onto_the_rows_they_belong_to(tmp_path, monkeypatch):
+    path = tmp_path / "b.sqlite3"
+    before = [m for m in store.MIGRATIONS if m[0] < "0008"]
+    monkeypatch.setattr(store, "MIGRATIONS", before)
+    with Buffer(path) as b:  # a buffer as lorad left it before 0008
+        b.conn.executemany(
+            "INSERT INTO artifacts (source, locator, artifact_id, workflow_id, action_pair_id, status, content, "
+            "content_hash, ingested_at, updated_at) VALUES ('s', ?, ?, 'w', 'a', 'accepted', 'x', ?, 0, 0)",
+            [("ok.json", "a1", "h1"), ("broken-now.json", "a2", "h2"), ("unsigned.json", "a3", "h3")])
+        b.conn.executemany(
+            "INSERT INTO quarantine (source, locator, reason, content_hash, size, first_seen, last_seen) "
+            "VALUES ('s', ?, 'bad', ?, ?, 0, 0)",
+            [("broken-now.json", "h9", 9), ("huge.json", None, 99), ("unreadable.json", None, None)])
+        b.conn.executemany("INSERT INTO files VALUES ('s', ?, ?, ?, ?)",
+                           [("ok.json", 1, 10, "h1"), ("broken-now.json", 9, 90, "h9"), ("huge.json", 99, 990, "-")])
+    monkeypatch.undo()
+    with Buffer(path) as b:
+        assert b.file_signatures("s") == {"ok.json": (1, 10, "h1"), "broken-now.json": (9, 90, "h9"),
+                                          "huge.json": (99, 990, "-")}
+        tables = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "files" not in tables
 
 
 def test_a_new_buffer_has_8k_pages_and_an_old_one_keeps_its_own(tmp_path):

@@ -220,6 +220,26 @@ def test_quarantined_file_rewritten_with_valid_content_gets_a_new_chance(buffer,
     assert buffer.quarantine() == []
 
 
+def test_a_file_broken_and_then_restored_leaves_quarantine_and_is_not_read_again(buffer, tmp_path, monkeypatch):
+    store = tmp_path / "s"
+    path = synthetic.write(store, _valid("ac-back"))
+    good = path.read_bytes()
+    assert scan(buffer, store).new == 1
+    path.write_text('{"artifact_id": "ac-back", "content": ')
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    assert scan(buffer, store).quarantined == 1
+    path.write_bytes(good)  # the same content the buffer holds
+    report = scan(buffer, store)
+    assert (report.new, report.updated, report.unchanged, report.quarantined) == (0, 0, 1, 0)
+    assert buffer.quarantine() == []
+    st = path.stat()
+    assert buffer.file_signatures(KEY)["objects/" + path.parent.name + "/" + path.name][:2] == (st.st_size, st.st_mtime_ns)
+    from lorad.sources import atomicguard
+    read = []
+    monkeypatch.setattr(atomicguard, "_read", lambda *a: read.append(a) or good)
+    assert scan(buffer, store).unchanged == 1 and read == []  # skipped on its signature
+
+
 def test_reads_the_legacy_forms_atomicguard_still_reads():
     legacy = {
         "artifact_id": "legacy-1", "content": "def f(): return 1", "previous_attempt_id": None,

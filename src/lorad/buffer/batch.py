@@ -32,7 +32,9 @@ class Batch:
     """What one ingest step writes in a single transaction.
 
     A row read from a file carries the file's signature in ``file_size`` and ``file_mtime_ns``
-    (beside the artifact columns), so a rescan skips the file while it stays the same.
+    (None for rows that are not a file of their own, such as JSONL lines), and a quarantined
+    file in its ``size`` and ``mtime_ns``: stored with them, they let a rescan skip the file
+    while it stays the same.
     """
 
     def __init__(self, source: str):
@@ -46,12 +48,3 @@ class Batch:
     def __len__(self):
         """Inputs in the batch (what ``batch_size`` limits)."""
         return len(self.artifacts) + len(self.quarantined) + len(self.touched)
-
-    def signatures(self) -> list[tuple[str, str, int, int, str]]:
-        """(source, locator, size, mtime_ns, hash) of every file this batch has handled."""
-        out = [(self.source, row["locator"], row["file_size"], row["file_mtime_ns"], row["content_hash"])
-               for row in self.artifacts if row.get("file_mtime_ns") is not None]
-        out += [(self.source, q.locator, q.size, q.mtime_ns, q.content_hash or "-")
-                for q in self.quarantined if q.mtime_ns is not None]
-        out += [(self.source, *t) for t in self.touched]
-        return out

@@ -10,8 +10,10 @@ Tables created here (later migrations add theirs, named ``NNNN_<what>``):
   (source, locator), where the locator is the file path in the store or the JSONL record id.
 - ``chains``: retry chains linked from the artifacts (see :mod:`lorad.buffer.traces`).
 - ``quarantine``: inputs that could not be read, with a human-readable reason.
-- ``files``: the signature (size, mtime, content hash) of every file already handled, so a
-  rescan skips unchanged files without reading them.
+
+A file already handled keeps its signature (size, mtime, content hash) on its row: the
+artifact's (``file_size``, ``file_mtime_ns``) or the quarantine entry's, so a rescan skips
+unchanged files without reading them. (Until migration 0008 a ``files`` table held them.)
 - ``ingest_state``: per-source resume state (JSONL byte offset, inode).
 - ``audit``: an append-only log of events (promotions, rollbacks, ingest errors).
 """
@@ -40,7 +42,7 @@ ARTIFACT_COLUMNS = (
     "previous_attempt_id", "attempt_number", "status", "created_at", "created_ts", "content",
     "passed", "fatal", "feedback", "sub_results", "specification", "constraints",
     "feedback_history", "dependency_artifacts", "origin", "metadata", "messages", "score",
-    "content_hash",
+    "content_hash", "file_size", "file_mtime_ns",
 )
 
 _ROW = operator.itemgetter(*ARTIFACT_COLUMNS)
@@ -213,6 +215,28 @@ def _no_chain_index(db: sqlite_utils.Database) -> None:
     db.execute("DROP INDEX IF EXISTS artifacts_chain")
 
 
+@migration("0008_signatures_on_rows")
+def _signatures_on_rows(db: sqlite_utils.Database) -> None:
+    # A file's signature moves onto the row it became (artifact or quarantine entry): the
+    # files table repeated the (source, locator) key both already have, and writing it was a
+    # sixth of a first scan's database time.
+    db.execute("ALTER TABLE artifacts ADD COLUMN file_size INTEGER")
+    db.execute("ALTER TABLE artifacts ADD COLUMN file_mtime_ns INTEGER")
+    db.execute("ALTER TABLE quarantine ADD COLUMN mtime_ns INTEGER")
+    db.execute(
+        "UPDATE artifacts SET (file_size, file_mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "
+        "WHERE f.source = artifacts.source AND f.locator = artifacts.locator AND f.content_hash = artifacts.content_hash)"
+    )
+    db.execute(
+        "UPDATE quarantine SET (size, mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "
+        "WHERE f.source = quarantine.source AND f.locator = quarantine.locator "
+        "AND f.content_hash = coalesce(quarantine.content_hash, '-')) "
+        "WHERE EXISTS (SELECT 1 FROM files f WHERE f.source = quarantine.source AND f.locator = quarantine.locator "
+        "AND f.content_hash = coalesce(quarantine.content_hash, '-'))"
+    )
+    db.execute("DROP TABLE files")
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction. Returns their names."""
     conn = db.conn
@@ -314,25 +338,36 @@ class Buffer:
     # -- ingest bookkeeping ---------------------------------------------------------------------
 
     def file_signatures(self, source: str) -> dict[str, tuple[int, int, str]]:
-        """locator -> (size, mtime_ns, content_hash) of every file already handled."""
-        rows = self.conn.execute(
-            "SELECT locator, size, mtime_ns, content_hash FROM files WHERE source = ?", (source,)
-        )
-        return {loc: (size, mtime, h) for loc, size, mtime, h in rows}
+        """locator -> (size, mtime_ns, content_hash) of every file already handled.
+
+        A file quarantined since it last parsed has the quarantine entry's signature (its hash
+        "-" when it was refused unread).
+        """
+        signatures = {loc: (size, mtime, h) for loc, size, mtime, h in self.conn.execute(
+            "SELECT locator, file_size, file_mtime_ns, content_hash FROM artifacts "
+            "WHERE source = ? AND file_mtime_ns IS NOT NULL", (source,))}
+        signatures.update((loc, (size, mtime, h)) for loc, size, mtime, h in self.conn.execute(
+            "SELECT locator, size, mtime_ns, coalesce(content_hash, '-') FROM quarantine "
+            "WHERE source = ? AND mtime_ns IS NOT NULL", (source,)))
+        return signatures
 
     def source_state(self, source: str) -> dict[str, Any]:
         row = self.conn.execute("SELECT state FROM ingest_state WHERE source = ?", (source,)).fetchone()
         return json.loads(row[0]) if row else {}
 
     def write_batch(self, batch: Batch) -> tuple[int, int, int]:
-        """Commit one batch atomically: rows, quarantine, file signatures, source state, chains.
+        """Commit one batch atomically: rows with their file signatures, quarantine, source
+        state, chains.
 
         Returns:
             (new, updated, unchanged) artifact counts.
         """
         now = time.time()
         new = updated = unchanged = 0
+        source = batch.source
         with self.transaction() as conn:
+            # (size, mtime_ns, source, locator, hash) of files read again with the content stored
+            signed = [(size, mtime, source, locator, digest) for locator, size, mtime, digest in batch.touched]
             if batch.artifacts:
                 existing = {}
                 locators = [row["locator"] for row in batch.artifacts]
@@ -340,7 +375,7 @@ class Buffer:
                     chunk = locators[i:i + 900]
                     existing.update(conn.execute(
                         f"SELECT locator, content_hash FROM artifacts WHERE source = ? AND locator IN "
-                        f"({', '.join('?' for _ in chunk)})", (batch.source, *chunk)).fetchall())
+                        f"({', '.join('?' for _ in chunk)})", (source, *chunk)).fetchall())
                 changed: dict[str, dict] = {}
                 for row in batch.artifacts:
                     old = existing.get(row["locator"])
@@ -350,6 +385,8 @@ class Buffer:
                         updated += 1
                     else:
                         unchanged += 1
+                        if row["file_mtime_ns"] is not None:
+                            signed.append((row["file_size"], row["file_mtime_ns"], source, row["locator"], old))
                         continue
                     existing[row["locator"]] = row["content_hash"]  # a repeat within the batch
                     changed[row["locator"]] = row
@@ -357,31 +394,30 @@ class Buffer:
                     plan = traces.plan_links(conn, list(changed.values()))
                     conn.executemany(_UPSERT, [_ROW(row) + (row["chain_id"], now, now) for row in changed.values()])
                     traces.apply_links(conn, plan, now)
-                    if conn.execute("SELECT 1 FROM quarantine WHERE source = ? LIMIT 1", (batch.source,)).fetchone():
-                        # A file that parses now leaves quarantine.
-                        conn.executemany("DELETE FROM quarantine WHERE source = ? AND locator = ?",
-                                         [(batch.source, loc) for loc in changed])
+                if conn.execute("SELECT 1 FROM quarantine WHERE source = ? LIMIT 1", (source,)).fetchone():
+                    # A file that parses now leaves quarantine.
+                    conn.executemany("DELETE FROM quarantine WHERE source = ? AND locator = ?",
+                                     [(source, loc) for loc in locators])
+            if signed:
+                conn.executemany("UPDATE artifacts SET file_size = ?, file_mtime_ns = ? "
+                                 "WHERE source = ? AND locator = ? AND content_hash = ?", signed)
+                conn.executemany("UPDATE quarantine SET size = ?, mtime_ns = ? "
+                                 "WHERE source = ? AND locator = ? AND coalesce(content_hash, '-') = ?", signed)
             if batch.quarantined:
                 conn.executemany(
-                    "INSERT INTO quarantine (source, locator, reason, content_hash, size, first_seen, last_seen) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "INSERT INTO quarantine (source, locator, reason, content_hash, size, mtime_ns, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (source, locator) DO UPDATE SET reason = excluded.reason, "
-                    "content_hash = excluded.content_hash, size = excluded.size, "
+                    "content_hash = excluded.content_hash, size = excluded.size, mtime_ns = excluded.mtime_ns, "
                     "last_seen = excluded.last_seen, seen = quarantine.seen + 1",
-                    [(q.source, q.locator, q.reason, q.content_hash, q.size, now, now) for q in batch.quarantined],
-                )
-            signatures = batch.signatures()
-            if signatures:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO files (source, locator, size, mtime_ns, content_hash) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    signatures,
+                    [(q.source, q.locator, q.reason, q.content_hash, q.size, q.mtime_ns, now, now)
+                     for q in batch.quarantined],
                 )
             if batch.state is not None:
                 conn.execute(
                     "INSERT INTO ingest_state (source, state, last_scan) VALUES (?, ?, ?) "
                     "ON CONFLICT (source) DO UPDATE SET state = excluded.state, last_scan = excluded.last_scan",
-                    (batch.source, json.dumps(batch.state), now),
+                    (source, json.dumps(batch.state), now),
                 )
         return new, updated, unchanged
 

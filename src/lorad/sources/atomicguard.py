@@ -106,6 +106,8 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
         "messages": None,
         "score": None,
         "content_hash": digest or content_hash(data),
+        "file_size": None,  # the file's signature, filled in by whoever read the file
+        "file_mtime_ns": None,
     }
 
 

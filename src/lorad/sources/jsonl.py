@@ -136,6 +136,8 @@ def parse_record(line: bytes, *, source: str, score_threshold: float = 0.5,
         "messages": json_text(messages),
         "score": float(score) if score is not None else None,
         "content_hash": content_hash(line),
+        "file_size": None,  # a line, not a file of its own: the source's offset says what was read
+        "file_mtime_ns": None,
     }
 
 
