@@ -66,9 +66,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=BufferSettings().batch_size)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
-    # Imported here, not at the top: ingest's parse workers import this script again as it
-    # starts them (multiprocessing's rule for a __main__ module), and the buffer's imports
-    # (sqlite-utils, which imports pandas) would make each of them start half a second late.
+    # Imported here, not at the top: the fork server of ingest's parse workers imports this
+    # script again (multiprocessing's rule for a __main__ module), and the buffer's imports
+    # (sqlite-utils, which imports pandas) would make it start half a second late.
     from lorad.buffer.store import Buffer
     from lorad.ingest import ingest
     from lorad.sources import AtomicGuardSource

@@ -76,13 +76,11 @@ def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = 500,
     """Scan every source once (or only ``paths``, from watcher events)."""
     report = IngestReport()
     paths = list(paths) if paths is not None else None
-    for reader in readers:
-        ingest_source(buffer, reader, batch_size, paths, report)
-    if report.new or report.updated:
-        try:
-            buffer.checkpoint()
-        except sqlite3.Error as e:  # a busy or full disk: the WAL keeps everything meanwhile
-            log.warning("checkpoint_failed", error=str(e))
+    # Batches commit without waiting for the disk; the scan is made durable once, at its end
+    # (a batch lost to a power cut before then is read again from the store).
+    with buffer.deferred_sync():
+        for reader in readers:
+            ingest_source(buffer, reader, batch_size, paths, report)
     if report.new or report.updated or report.quarantined:
         log.info("ingest_completed", new=report.new, updated=report.updated,
                  unchanged=report.unchanged, quarantined=report.quarantined)

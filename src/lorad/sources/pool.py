@@ -7,7 +7,9 @@ results back in order, so batches (and what they commit) are the same as in one 
 
 Workers come from a ``forkserver``: the daemon runs threads (watcher, scheduler, control
 socket), and forking a threaded process can copy a lock some other thread holds. The server
-imports only the reader module, so a worker starts in tens of milliseconds.
+imports the reader module and the main script once (a worker would otherwise import the
+script again itself), so a worker starts in a few milliseconds once the server runs (~150 ms
+for the first, which starts the server).
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload
     process: a scan never fails because of its helpers. Workers are started the way
     ``multiprocessing`` starts them, so a script that calls this (through ``ingest``) keeps
     its entry point under ``if __name__ == "__main__":``; heavy imports at the top of such a
-    script slow every worker's start.
+    script slow the fork server's start.
 
     Args:
         fn: a module-level function (workers import it by name).
-        preload: the module the fork server imports once, so workers start warm.
+        preload: the module the fork server imports once (with ``__main__``), so workers
+            start warm.
     """
     if workers < 1 or len(chunks) <= head + 1:
         yield from map(fn, chunks)
@@ -79,7 +82,7 @@ def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload
 
     try:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([preload])
+        context.set_forkserver_preload(["__main__", preload])
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_yield_to_the_writer)
     except (ImportError, OSError, ValueError) as e:  # no working semaphores in a sandbox, say
         log.warning("parse_workers_unavailable", error=str(e))
