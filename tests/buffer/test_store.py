@@ -53,6 +53,30 @@ def test_0008_moves_file_signatures_onto_the_rows_they_belong_to(tmp_path, monke
         assert "files" not in tables
 
 
+def test_0009_rewrites_in_list_checks_and_they_still_hold(tmp_path, monkeypatch):
+    path = tmp_path / "b.sqlite3"
+    monkeypatch.setattr(store, "MIGRATIONS", [m for m in store.MIGRATIONS if m[0] < "0009"])
+    with Buffer(path) as b:
+        batch = Batch("s")
+        batch.artifacts = [_row("a"), _row("b", status="rejected")]
+        b.write_batch(batch)
+        before = list(b.artifacts())
+        assert "status IN (" in b.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'artifacts'").fetchone()[0]
+    monkeypatch.undo()
+    with Buffer(path) as b:
+        schema = "\n".join(r[0] for r in b.conn.execute("SELECT sql FROM sqlite_master WHERE sql LIKE '%CHECK%'"))
+        assert " IN (" not in schema and "status = 'superseded'" in schema
+        assert list(b.artifacts()) == before
+        assert b.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            b.conn.execute("UPDATE artifacts SET status = 'bogus' WHERE locator = 'a'")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            b.conn.execute("UPDATE chains SET outcome = 'bogus'")
+    with Buffer(tmp_path / "new.sqlite3") as b:  # a new buffer gets the same
+        schema = "\n".join(r[0] for r in b.conn.execute("SELECT sql FROM sqlite_master WHERE sql LIKE '%CHECK%'"))
+        assert " IN (" not in schema
+
+
 def test_a_new_buffer_has_8k_pages_and_an_old_one_keeps_its_own(tmp_path):
     with Buffer(tmp_path / "new.sqlite3") as b:
         assert b.conn.execute("PRAGMA page_size").fetchone()[0] == 8192
