@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -174,6 +175,28 @@ def test_symlink_leading_outside_the_store_is_quarantined(buffer, tmp_path):
     assert "symlink leads outside the store" in buffer.quarantine()[0]["reason"]
     assert report.new == 2  # the symlink inside the store is read
     again = scan(buffer, store)  # counted once: a rescan skips what it already judged
+    assert (again.new, again.quarantined, again.unchanged) == (0, 0, 3)
+
+
+def test_a_fifo_or_a_folder_named_like_an_artifact_is_quarantined_not_waited_on(buffer, tmp_path):
+    store = tmp_path / "s"
+    synthetic.write(store, _valid("gg-good"))
+    os.mkfifo(store / "objects" / "gg" / "gg-fifo.json")  # opening it to read would wait for a writer
+    (store / "objects" / "gg" / "gg-folder.json").mkdir()
+
+    def stuck(signum, frame):
+        raise TimeoutError("the scan waited on the FIFO")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(20)
+    try:
+        report = scan(buffer, store)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert (report.new, report.quarantined) == (1, 2)
+    assert {q["reason"] for q in buffer.quarantine()} == {"not a regular file"}
+    again = scan(buffer, store)  # judged once, until they change
     assert (again.new, again.quarantined, again.unchanged) == (0, 0, 3)
 
 

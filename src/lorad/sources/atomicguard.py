@@ -8,6 +8,7 @@ file. A file whose content changed (pending -> accepted) is read again and its r
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -304,31 +305,46 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
     outcomes: list[_Outcome] = []
     unchanged = 0
     for locator, path, last in files:
+        fd = None
         try:
-            st = os.stat(path, follow_symlinks=False)
             refused = None
-            if _undecodable(locator):
-                locator, refused = safe_name(locator), "file name is not valid UTF-8"
-            elif stat.S_ISLNK(st.st_mode):
-                target = os.path.realpath(path)
-                if os.path.commonpath([target, real_root]) != real_root:
-                    refused = f"symlink leads outside the store (to {target})"
-                else:
-                    st = os.stat(path)
-            if last and last[0] == st.st_size and last[1] == st.st_mtime_ns:
-                unchanged += 1
-                continue
+            if last is None and not _undecodable(locator):
+                # Never seen: opened first, which saves a lookup of the path; a symlink
+                # refuses to open this way and is looked at below.
+                fd = _open(path, os.O_NOFOLLOW)
+            if fd is not None:
+                st = os.fstat(fd)
+            else:
+                st = os.stat(path, follow_symlinks=False)
+                if _undecodable(locator):
+                    locator, refused = safe_name(locator), "file name is not valid UTF-8"
+                elif stat.S_ISLNK(st.st_mode):
+                    target = os.path.realpath(path)
+                    if os.path.commonpath([target, real_root]) != real_root:
+                        refused = f"symlink leads outside the store (to {target})"
+                    else:
+                        st = os.stat(path)
+                if last and last[0] == st.st_size and last[1] == st.st_mtime_ns:
+                    unchanged += 1
+                    continue
+            if refused is None and not stat.S_ISREG(st.st_mode):
+                refused = "not a regular file"
             if refused is None and st.st_size > max_file_bytes:
                 refused = f"file is {st.st_size} bytes, over the {max_file_bytes}-byte limit"
             if refused is not None:  # quarantined unread, until the file changes
                 outcomes.append(Quarantined(key, locator, refused, None, st.st_size, st.st_mtime_ns))
                 continue
-            data = _read(path, st.st_size, max_file_bytes)
+            if fd is None:
+                fd = _open(path, 0)
+            data = _read(fd, st.st_size, max_file_bytes)
         except FileNotFoundError:
             continue  # removed since listed
         except OSError as e:  # tried again on the next scan
             outcomes.append(Quarantined(key, locator, f"cannot read: {e.strerror}"))
             continue
+        finally:
+            if fd is not None:
+                os.close(fd)
         digest = content_hash(data)
         if last and digest == last[2]:
             outcomes.append((locator, st.st_size, st.st_mtime_ns, digest))
@@ -387,19 +403,26 @@ def _chain_order(index: dict[str, dict], locator: str) -> str:
     return f"{entry.get('workflow_id')}\0{entry.get('action_pair_id')}"
 
 
-def _read(path: str, size: int, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _open(path: str, flags: int) -> int | None:
+    """A file descriptor to read ``path`` (never blocking on a FIFO); None if ``flags`` hold
+    O_NOFOLLOW and the path is a symlink."""
     try:
-        data = os.read(fd, min(size, limit) + 1)
-        if len(data) > size:  # grew since stat: take the rest, up to the limit
-            while len(data) <= limit:
-                more = os.read(fd, limit + 1 - len(data))
-                if not more:
-                    break
-                data += more
-        return data
-    finally:
-        os.close(fd)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP and flags & os.O_NOFOLLOW:
+            return None
+        raise
+
+
+def _read(fd: int, size: int, limit: int) -> bytes:
+    data = os.read(fd, min(size, limit) + 1)
+    if len(data) > size:  # grew since stat: take the rest, up to the limit
+        while len(data) <= limit:
+            more = os.read(fd, limit + 1 - len(data))
+            if not more:
+                break
+            data += more
+    return data
 
 
 def _undecodable(name: str) -> bool:
