@@ -158,7 +158,7 @@ class StoreSettings:
     # treated as still being written and retried on the next scan instead of quarantined.
     settle_seconds: float = _c(non_negative, default=2.0)
     # Processes that read and parse when a scan meets thousands of new files (a first scan of
-    # a big store); 0 = one per CPU but one, at most two (none on a single CPU).
+    # a big store); 0 = two (none on a single CPU).
     parse_workers: int = _c(non_negative, default=0)
 
 

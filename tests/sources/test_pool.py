@@ -78,11 +78,11 @@ def test_an_error_of_the_function_itself_still_reaches_the_caller():
         list(pool.ordered_map(_halve, [1, "x", 3], 2, preload=__name__))
 
 
-def test_worker_count_leaves_one_cpu_to_the_writer(monkeypatch):
+def test_worker_count_is_two_unless_there_is_a_single_cpu(monkeypatch):
     monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert pool.worker_count(0) == 2  # the writer is the limit: more would only wait
     assert pool.worker_count(5) == 5
     monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert pool.worker_count(0) == 1
+    assert pool.worker_count(0) == 2  # niced: they take what the writer leaves
     monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0})
     assert pool.worker_count(0) == 0  # a single CPU: parse where the scan runs

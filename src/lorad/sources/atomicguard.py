@@ -183,8 +183,7 @@ class AtomicGuardSource:
         settle_seconds: a file that does not parse and changed this recently is still being
             written: it is retried on a later scan, not quarantined.
         parse_workers: worker processes that read and parse when a scan meets thousands of
-            new files; 0 means one per CPU but one (left to the thread writing the buffer),
-            1 or more that many. Fewer new files are read in the scanning process.
+            new files; 0 means two (none on a single CPU), 1 or more that many. Fewer new files are read in the scanning process.
     """
 
     def __init__(self, key: str, root: Path, max_file_bytes: int = 8 << 20, settle_seconds: float = 2.0,

@@ -34,16 +34,20 @@ WORKER_NICENESS = 10  # added to the scanning process's niceness in each worker
 
 
 def worker_count(configured: int) -> int:
-    """Worker processes to use: ``configured``, or with 0 one per CPU this process may run
-    on but one (kept by the thread writing the buffer), and at most two: the writer, not
-    parsing, limits a scan, and one worker already parses faster than it commits."""
+    """Worker processes to use: ``configured``, or with 0 two, and none on a single CPU.
+
+    Two even on two CPUs: the workers run below the writer's priority, so it keeps its
+    core, and a second worker takes the time the writer spends waiting (for the disk, for
+    the interpreter). Measured on 2 CPUs, 20k new files: one worker parsed a chunk in 5-12 ms
+    beside the writer, 4.5 ms alone, and the writer waited for it; two gave a first scan
+    ~14 % faster (median of 15 runs). More than two only wait for the writer."""
     if configured > 0:
         return configured
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return min(cpus - 1, 2)
+    return 0 if cpus < 2 else 2
 
 
 def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload: str,
