@@ -54,3 +54,43 @@ def test_missing_store_directory_is_an_error_not_a_crash(tmp_path):
     out = run_cli("--config", str(cfg), "ingest")
     assert out.returncode == 0  # nothing there yet is not an error: the store may appear later
     assert "new 0" in out.stdout
+
+
+class _Recording:
+    """A reader that records whether the cycle collector runs while it is read."""
+
+    key = "recording"
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.collector_on = fail, []
+
+    def scan(self, buffer, batch_size=500, paths=None):
+        import gc
+
+        from lorad.buffer.batch import Batch
+
+        self.collector_on.append(gc.isenabled())
+        if self.fail:
+            raise OSError(5, "Input/output error")
+        yield Batch(self.key)
+
+    def watch_paths(self):
+        return []
+
+
+def test_the_cycle_collector_is_paused_during_a_scan_and_back_on_after(buffer):
+    import gc
+
+    from lorad.ingest import ingest
+
+    assert gc.isenabled()
+    reader, failing = _Recording(), _Recording(fail=True)
+    report = ingest(buffer, [reader, failing])
+    assert reader.collector_on == [False] and failing.collector_on == [False]
+    assert report.errors and gc.isenabled()
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        ingest(buffer, [_Recording()])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
