@@ -77,10 +77,10 @@ def test_0009_rewrites_in_list_checks_and_they_still_hold(tmp_path, monkeypatch)
         assert " IN (" not in schema
 
 
-def test_a_new_buffer_has_8k_pages_and_an_old_one_keeps_its_own(tmp_path):
+def test_a_new_buffer_has_16k_pages_and_an_old_one_keeps_its_own(tmp_path):
     with Buffer(tmp_path / "new.sqlite3") as b:
-        assert b.conn.execute("PRAGMA page_size").fetchone()[0] == 8192
-        assert b.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (64 << 20) // 8192
+        assert b.conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+        assert b.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (64 << 20) // 16384
         indexes = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "artifacts_group" in indexes and not {"artifacts_chain", "artifacts_artifact_id"} & indexes
     old = tmp_path / "old.sqlite3"

@@ -61,7 +61,7 @@ _UPSERT = (
 log = structlog.get_logger()
 
 WAL_AUTOCHECKPOINT_BYTES = 64 << 20
-PAGE_SIZE = 8192
+PAGE_SIZE = 16384
 
 
 class BufferError(Exception):
@@ -324,8 +324,10 @@ class Buffer:
                                        timeout=30)
             conn.execute("PRAGMA busy_timeout = 30000")
             if not readonly:
-                # 8 KiB pages for a new buffer (an existing one keeps its own): rows are about a
-                # kilobyte of code and text, and ingest writes ~10 % faster than with 4 KiB.
+                # 16 KiB pages for a new buffer (an existing one keeps its own): rows are about a
+                # kilobyte of code and text, and every page a commit changes is one WAL frame
+                # (two writes). Measured on 20k artifacts: 8 KiB wrote ~10 % faster than 4 KiB,
+                # 16 KiB ~8 % faster than 8 KiB; 32 KiB no faster, with a bigger WAL.
                 conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
