@@ -170,7 +170,11 @@ def _dependencies(value: Any) -> dict | None:
     return value
 
 
-CHUNK_FILES = 250  # files per task handed to a parse worker
+# Files per task handed to a parse worker. Each task's result crosses a pipe and is unpickled
+# by a thread of the writing process, taking the interpreter from the writer for a moment:
+# fewer, bigger tasks disturb it less (measured on 2 CPUs, 20k files: 500 gave a first scan
+# ~10 % faster than 250; 1000 no faster than 500, within noise).
+CHUNK_FILES = 500
 
 
 class AtomicGuardSource:
