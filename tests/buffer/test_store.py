@@ -282,3 +282,39 @@ def test_with_synchronous_normal_leaving_only_checkpoints(tmp_path, monkeypatch)
         assert b.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
         reader.close()
     assert synced == []  # "normal" promises no durability across power loss
+
+
+def _checkpointers() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "lorad-checkpoint"]
+
+
+def test_a_scan_of_several_batches_is_copied_into_the_database_as_it_goes(tmp_path):
+    import time
+
+    path = tmp_path / "b.sqlite3"
+    with Buffer(path) as b:
+        b.checkpoint()
+        empty = path.stat().st_size
+        with b.deferred_sync():
+            for n in range(3):
+                batch = Batch("s")
+                batch.artifacts = [_row(f"{n}-{i}", content="x" * 2000) for i in range(200)]
+                b.write_batch(batch)
+            assert len(_checkpointers()) == 1
+            deadline = time.monotonic() + 10
+            while path.stat().st_size <= empty and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert path.stat().st_size > empty  # copied while the scope is still open
+        assert _checkpointers() == []
+        assert b.counts()["artifacts"] == 600
+        assert b.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_one_batch_scope_starts_no_checkpointer(tmp_path):
+    with Buffer(tmp_path / "b.sqlite3") as b, b.deferred_sync():
+        batch = Batch("s")
+        batch.artifacts = [_row("a")]
+        b.write_batch(batch)
+        assert _checkpointers() == []

@@ -25,6 +25,7 @@ import operator
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -299,6 +300,51 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
     return applied
 
 
+class _Checkpointer:
+    """A thread copying the WAL into the database after each commit of a scan.
+
+    It has its own connection, with synchronous=NORMAL (each checkpoint syncs the WAL, then
+    the database), and runs PASSIVE checkpoints, which never wait for the writer or readers.
+    A checkpoint that fails is left to the scan's final one.
+    """
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lorad-checkpoint", daemon=True)
+        self._thread.start()
+        self._wanted.set()  # started by a commit
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        """Stop after the checkpoint under way, if any."""
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            log.debug("checkpointer_unavailable", error=str(e))
+            return
+        try:
+            conn.execute("PRAGMA synchronous = NORMAL")
+            while True:
+                self._wanted.wait()
+                self._wanted.clear()
+                if self._stopping:
+                    return
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:  # the scan's final checkpoint copies what is left
+            log.debug("checkpointer_stopped", error=str(e))
+        finally:
+            conn.close()
+
+
 class Buffer:
     """The SQLite replay buffer.
 
@@ -313,6 +359,8 @@ class Buffer:
         self.synchronous = synchronous
         self._deferring = False  # inside deferred_sync: commits do not wait for the disk
         self._unsynced = False  # something was committed since deferring began
+        self._commits = 0  # commits since deferring began
+        self._checkpointer: _Checkpointer | None = None
         try:
             if self.path and not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,7 +418,13 @@ class Buffer:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
-        self._unsynced = self._deferring
+        if self._deferring:
+            self._unsynced = True
+            self._commits += 1
+            if self._checkpointer is not None:
+                self._checkpointer.wake()
+            elif self._commits == 2:  # a scan of more than one batch
+                self._checkpointer = _Checkpointer(self.path)
 
     def checkpoint(self) -> bool:
         """Copy the WAL back into the database where no reader needs it (never blocks).
@@ -392,10 +446,13 @@ class Buffer:
         faster this way; everything else (pushed feedback, jobs, the registry's events) still
         waits for the disk at each commit.
 
-        Leaving (if anything was committed) checkpoints the WAL into the database, and with
-        "full" syncs the WAL itself if a reader kept the checkpoint from copying all of it.
-        Errors there are logged, not raised: what was committed stays committed, and the next
-        scan's end syncs again.
+        From the second commit on, a thread with a connection of its own copies the WAL into
+        the database after each commit (SQLite lets a checkpoint run beside a writer), so the
+        copying and its syncs overlap the next batches instead of waiting for the end.
+        Leaving (if anything was committed) checkpoints what is left, and with "full" syncs
+        the WAL itself if a reader kept the checkpoint from copying all of it. Errors there
+        are logged, not raised: what was committed stays committed, and the next scan's end
+        syncs again.
         """
         if self.path is None or self._deferring:
             yield self
@@ -403,11 +460,14 @@ class Buffer:
         full = self.synchronous == "full"
         if full:
             self.conn.execute("PRAGMA synchronous = NORMAL")
-        self._deferring, self._unsynced = True, False
+        self._deferring, self._unsynced, self._commits = True, False, 0
         try:
             yield self
         finally:
             self._deferring = False
+            if self._checkpointer is not None:
+                self._checkpointer.stop()
+                self._checkpointer = None
             if full:
                 self.conn.execute("PRAGMA synchronous = FULL")
             if self._unsynced:
