@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from lorad import durable
+
 RECORD = "lorad.json"
 POINTER_LOG = "pointers.jsonl"
 VERSION_RE = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$")
@@ -245,11 +247,11 @@ class Registry:
             (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8")
             for p in tmp.rglob("*"):
                 if p.is_file():
-                    _fsync(p)
+                    durable.fsync(p)
                     p.chmod(0o440)  # read-only; the group (lorad) may read, others not
-            _fsync(tmp)
+            durable.fsync(tmp)
             os.rename(tmp, self.root / name)
-            _fsync(self.root)
+            durable.fsync(self.root)
         return self.get(name)
 
     def _next_number(self) -> int:
@@ -337,7 +339,7 @@ class Registry:
         # previous first: a crash in between leaves current as it was, never dangling.
         self._swap("previous", previous)
         self._swap("current", current)
-        _fsync(self.root)
+        durable.fsync(self.root)
 
     def _swap(self, which: str, target: str | None) -> None:
         link = self.root / which
@@ -405,9 +407,3 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -220,9 +220,11 @@ def test_chains_do_not_depend_on_how_rows_are_split_into_batches(rows, data):
 
 def _synced(monkeypatch) -> list[str]:
     """Paths the buffer fsyncs itself (when a checkpoint could not copy the whole WAL)."""
+    from lorad import durable
+
     calls = []
-    real = store.os.fsync
-    monkeypatch.setattr(store.os, "fsync", lambda fd: calls.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    real = durable.os.fsync
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: calls.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
     return calls
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import operator
-import os
 import re
 import sqlite3
 import threading
@@ -35,6 +34,7 @@ from typing import Any
 import sqlite_utils
 import structlog
 
+from lorad import durable
 from lorad.buffer import traces
 from lorad.buffer.batch import Batch, Quarantined
 
@@ -471,22 +471,18 @@ class Buffer:
             if full:
                 self.conn.execute("PRAGMA synchronous = FULL")
             if self._unsynced:
-                self._sync(durable=full)
+                self._sync(power_safe=full)
 
-    def _sync(self, durable: bool) -> None:
+    def _sync(self, power_safe: bool) -> None:
         try:
-            if self.checkpoint() or not durable:
+            if self.checkpoint() or not power_safe:
                 return
         except sqlite3.Error as e:  # busy, or a full disk: the WAL keeps everything meanwhile
             log.warning("checkpoint_failed", error=str(e))
-            if not durable:
+            if not power_safe:
                 return
         try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            durable.fsync(f"{self.path}-wal")
         except OSError as e:
             log.error("buffer_sync_failed", error=str(e), path=f"{self.path}-wal")
 

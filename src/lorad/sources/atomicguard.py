@@ -187,7 +187,8 @@ class AtomicGuardSource:
         settle_seconds: a file that does not parse and changed this recently is still being
             written: it is retried on a later scan, not quarantined.
         parse_workers: worker processes that read and parse when a scan meets thousands of
-            new files; 0 means two (none on a single CPU), 1 or more that many. Fewer new files are read in the scanning process.
+            new files; 0 means two (none on a single CPU), 1 or more that many. Fewer new
+            files are read in the scanning process.
     """
 
     def __init__(self, key: str, root: Path, max_file_bytes: int = 8 << 20, settle_seconds: float = 2.0,
@@ -384,9 +385,14 @@ class _Scan:
         return batch
 
 
+def _artifact_id(locator: str) -> str:
+    """The artifact id an object file is named after (its stem): index.json's key for it."""
+    return locator[locator.rfind("/") + 1:-5]
+
+
 def _index_entry(index: dict[str, dict], locator: str) -> dict | None:
-    """index.json's entry for an artifact file (keyed by artifact id, the file's stem)."""
-    entry = index.get(locator.rpartition("/")[2][:-5])
+    """index.json's entry for an artifact file."""
+    entry = index.get(_artifact_id(locator))
     return entry if type(entry) is dict else None
 
 
@@ -407,8 +413,7 @@ def _chain_order(index: dict[str, dict]) -> Callable[[_File], str]:
     unknown = "\U0010ffff"
 
     def key(item: _File) -> str:
-        locator = item[0]
-        return groups.get(locator[locator.rfind("/") + 1:-5], unknown)
+        return groups.get(_artifact_id(item[0]), unknown)
 
     return key
 

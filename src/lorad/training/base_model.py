@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lorad import durable
+
 COMPLETE_MARKER = "lorad-converted.json"
 
 
@@ -112,7 +114,7 @@ def convert_gguf(gguf_path, target) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
-        _fsync_tree(tmp)
+        durable.fsync_tree(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -120,7 +122,7 @@ def convert_gguf(gguf_path, target) -> Path:
             if not (target / COMPLETE_MARKER).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync(target.parent)
+        durable.fsync(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -130,21 +132,6 @@ def convert_gguf(gguf_path, target) -> Path:
 def _gguf_field(reader, key: str):
     f = reader.fields.get(key)
     return f.contents() if f is not None else None
-
-
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(os.path.join(dirpath, name))
-        _fsync(dirpath)
 
 
 def smollm2_gguf() -> Path | None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from lorad import durable
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PAUSED = 75  # SIGTERM or the end of the training window; resumable from the checkpoint
@@ -152,15 +154,9 @@ def atomic_write(path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    durable.fsync(path.parent)
 
 
-def fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_jsonl(path, rows) -> int:

@@ -32,6 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
+from lorad import durable
 from lorad.training import job as jobfile
 from lorad.training.job import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, STATUS_BY_EXIT
 
@@ -81,26 +82,15 @@ def complete_checkpoints(job_dir) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def _fsync_tree(root) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        jobfile.fsync_dir(dirpath)
-
-
 def publish_checkpoint(staged: Path, job_dir: Path, step: int) -> Path:
     """Make a checkpoint the Trainer wrote in staging complete: fsync, marker, rename."""
     (staged / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "ts": time.time()}) + "\n")
-    _fsync_tree(staged)
+    durable.fsync_tree(staged)
     final = job_dir / jobfile.CHECKPOINTS_DIR / f"step-{step}"
     if final.exists():  # a stale one from before a resume at an earlier step
         discard(final)
     os.rename(staged, final)
-    jobfile.fsync_dir(final.parent)
+    durable.fsync(final.parent)
     for old in complete_checkpoints(job_dir)[:-KEEP_CHECKPOINTS]:
         discard(old)
     return final
@@ -116,7 +106,7 @@ def discard(path: Path) -> None:
     if doomed.exists():
         shutil.rmtree(doomed, ignore_errors=True)
     os.rename(path, doomed)
-    jobfile.fsync_dir(path.parent)
+    durable.fsync(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -187,11 +177,11 @@ def save_adapter(model, tokenizer, job_dir: Path, extra: dict) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
     write_manifest(tmp, extra)
-    _fsync_tree(tmp)
+    durable.fsync_tree(tmp)
     if final.exists():
         discard(final)
     os.rename(tmp, final)
-    jobfile.fsync_dir(job_dir)
+    durable.fsync(job_dir)
     return final
 
 
