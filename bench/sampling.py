@@ -17,7 +17,9 @@ into the artifacts/chains tables, then materialised by `examples.refresh` for th
 
 from __future__ import annotations
 
+
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -29,9 +31,10 @@ from pathlib import Path
 from lorad.buffer import examples, sampling
 from lorad.buffer.export import export
 from lorad.buffer.store import Buffer
+from lorad.config import SelectionSettings
 
 VOCAB = [f"w{i:03d}" for i in range(500)]
-SEL = {"policy": "refinement", "heldout_fraction": 0.15, "dedup_similarity": 0.9, "seed": 0}
+SEL = SelectionSettings(policy="refinement", heldout_fraction=0.15, dedup_similarity=0.9, seed=0)
 
 
 def fill(buffer: Buffer, n_chains: int, start: int = 0) -> None:
@@ -150,8 +153,8 @@ def main() -> int:
             print(f"replay mix of 2,000 from {total:,} examples: {mix_s * 1e3:.1f} ms "
                   f"(target < 100 ms); ORDER BY RANDOM(): {base_s * 1e3:.1f} ms; ratio {base_s / mix_s:.1f}x faster")
             snap_s, snap = best(lambda: examples.build_snapshot(
-                buffer, SEL, method="sft", n=2000, replay_ratio=0.5, since_seq=since, seed=1,
-                weighting="retries", max_heldout=0), 3)
+                buffer, dataclasses.replace(SEL, seed=1, replay_weighting="retries"), method="sft", n=2000,
+                replay_ratio=0.5, since_seq=since, max_heldout=0), 3)
             print(f"build_snapshot, 2,000 SFT rows (draw + load + format): {snap_s * 1e3:.0f} ms "
                   f"(new {snap.stats['new']}, replayed {snap.stats['replayed']})")
 

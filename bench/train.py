@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+MODEL_DIR_FILE = "bench-model-dir.txt"  # the converted model the plain-trl baseline loads
 
 
 def rows(n: int, seed: int = 0) -> list[dict]:
@@ -59,7 +60,7 @@ def baseline(job_dir: str, packing: bool) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     spec = json.loads(Path(job_dir, "job.json").read_text())
-    model_dir = spec["extra"]["model_dir"]
+    model_dir = (Path(job_dir) / MODEL_DIR_FILE).read_text()
     data = [json.loads(line) for line in open(Path(job_dir, "train.jsonl"))]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -91,12 +92,15 @@ def baseline(job_dir: str, packing: bool) -> dict:
 
 def make_job(root: Path, name: str, model_dir: str, base_model: str, state_dir: str, *, steps: int,
              batch: int, seq: int, n_rows: int) -> Path:
-    from lorad.training.job import JobSpec, write_job
+    from lorad.config import EvaluationSettings, TrainingSettings
+    from lorad.training.job import build_spec, write_job
 
-    spec = JobSpec(job_id=name, base_model=base_model, state_dir=state_dir, max_steps=steps,
-                   batch_size=batch, max_seq_length=seq, learning_rate=2e-4, lora_dropout=0.05,
-                   save_steps=steps * 10, evaluate=False, extra={"model_dir": model_dir})
-    return write_job(root / name, spec, rows(n_rows), rows(4, seed=1))
+    training = TrainingSettings(base_model=base_model, max_steps=steps, batch_size=batch, max_seq_length=seq,
+                                learning_rate=2e-4, lora_dropout=0.05, save_steps=steps * 10)
+    spec = build_spec(name, state_dir, training, EvaluationSettings(), evaluate=False)
+    job_dir = write_job(root / name, spec, rows(n_rows), rows(4, seed=1))
+    (job_dir / MODEL_DIR_FILE).write_text(model_dir)  # for the baseline, which loads it directly
+    return job_dir
 
 
 def run_baseline(job_dir: Path, packing: bool = False) -> dict:
@@ -121,9 +125,8 @@ def run_lorad(job_dir: Path) -> dict:
                           env=_env())
     result = read_result(job_dir)
     if proc.returncode != 0 or not result:
-        raise SystemExit(f"lorad worker failed:\n{(result or {}).get('error')}\n{proc.stdout[-3000:]}")
-    return {"tokens": result["tokens"], "seconds": result["train_seconds"],
-            "tokens_per_s": result["tokens_per_s"]}
+        raise SystemExit(f"lorad worker failed:\n{result.error if result else ''}\n{proc.stdout[-3000:]}")
+    return {"tokens": result.tokens, "seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s}
 
 
 THREADS = "1"

@@ -111,3 +111,17 @@ def test_cli_exits_78_when_the_config_file_is_missing(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 78
     assert "cannot read config file" in proc.stderr
+
+
+def test_sharded_accelerate_configs_are_refused_at_load_with_the_reason(tmp_path):
+    """FSDP and DeepSpeed shard the model; lorad saves and scores the adapter on rank 0 alone."""
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n")
+    with pytest.raises(ConfigError, match=r"training.accelerate_config: .*distributed_type: FSDP.*only "
+                                          r"data-parallel configs"):
+        config.loads(f'[training]\nprocesses = 2\naccelerate_config = "{fsdp}"\n')
+    with pytest.raises(ConfigError, match=r"training.accelerate_config: cannot read"):
+        config.loads(f'[training]\naccelerate_config = "{tmp_path / "missing.yaml"}"\n')
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
+    assert config.loads(f'[training]\naccelerate_config = "{ddp}"\n').training.accelerate_config == str(ddp)

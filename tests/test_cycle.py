@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from lorad import cli, config, cycle
+from lorad import cli, config, pipeline, release
+from lorad.buffer.jobs import JobStore
+from lorad.commands import render
+from lorad.training import supervisor
 from lorad.buffer.store import Buffer
 from lorad.training.job import EXIT_PAUSED, TRAIN_FILE, read_jsonl, read_result, write_jsonl
 
@@ -108,26 +111,25 @@ def two_cycles(tmp_path_factory, tiny_dir):
     """A good cycle (run_once), then a poisoned one driven step by step as the daemon does."""
     root = tmp_path_factory.mktemp("cycle")
     s = settings_for(root, str(tiny_dir))
-    good = cycle.run_once(s, progress=False)
-    current_after_good = cycle.open_registry(s).current()
+    good = pipeline.run_now(s)
+    current_after_good = release.open_registry(s).current()
     with Buffer(s.buffer_path) as buffer:
-        reg = cycle.open_registry(s, buffer)
-        job_dir = cycle.prepare(s, buffer, reg, "poisoned", since=0)
+        job_dir = pipeline.prepare(s, buffer, "poisoned", since=0)
         poison(job_dir)
         records = []
-        code = cycle.run_worker(job_dir, on_progress=records.append)
-        bad = cycle.conclude(s, buffer, reg, job_dir)
+        code = supervisor.supervise(job_dir, on_progress=records.append)
+        bad = pipeline.conclude(s, buffer, job_dir)
     return {"settings": s, "good": good, "bad": bad, "code": code, "progress": records,
-            "current_after_good": current_after_good, "current_after_bad": cycle.open_registry(s).current()}
+            "current_after_good": current_after_good, "current_after_bad": release.open_registry(s).current()}
 
 
 def test_candidate_trained_on_good_data_is_promoted_over_the_base_model(two_cycles):
     good, s = two_cycles["good"], two_cycles["settings"]
-    assert good.status == "promoted", good.render()
+    assert good.status == "promoted", render.outcome(good)
     assert good.baseline == "active" and good.baseline_version is None  # the bare base model
     assert good.metrics["candidate"]["nll"] < good.metrics["active"]["nll"] * 0.99
     assert two_cycles["current_after_good"] == good.version
-    record = cycle.open_registry(s).get(good.version).record
+    record = release.open_registry(s).get(good.version).record
     assert record["verdict"]["promote"] is True
     assert record["base_model"] == s.training.base_model and record["method"] == "sft"
     assert record["hyperparameters"]["lora_r"] == 8 and record["parent"] is None
@@ -138,19 +140,35 @@ def test_candidate_trained_on_good_data_is_promoted_over_the_base_model(two_cycl
         (event,) = b.events("adapter_promoted")
         assert event["version"] == good.version and event["detail"]["metrics"]["candidate"]
     # the next cycle counts new examples from what this version was trained up to
-    assert cycle.since_seq(cycle.open_registry(s)) == record["examples"]["max_seq"]
+    assert release.since_seq(release.open_registry(s)) == record["examples"]["max_seq"]
+
+
+def test_a_lorad_train_cycle_is_a_job_that_lorad_jobs_shows_with_its_states(two_cycles, capsys):
+    s, good = two_cycles["settings"], two_cycles["good"]
+    with Buffer(s.buffer_path, readonly=True) as b:
+        store = JobStore(b.conn)
+        job = store.get(good.job_id)
+        states = [e["state"] for e in store.events(good.job_id)]
+    assert (job["trigger"], job["state"], job["version"], job["runs"]) == ("cli", "promoted", good.version, 1)
+    assert states == ["queued", "preparing", "training", "evaluating", "promoted"]
+    assert not (Path(job["job_dir"]) / "checkpoints").exists()  # cleaned as the daemon cleans its own
+    cfg = _write_config(Path(s.state_dir).parent, s)
+    assert cli.main(["--config", str(cfg), "jobs"]) == 0  # no daemon running: read from the buffer
+    assert good.job_id in capsys.readouterr().out
+    assert cli.main(["--config", str(cfg), "--json", "jobs", good.job_id]) == 0
+    assert [e["state"] for e in json.loads(capsys.readouterr().out)["job"]["events"]] == states
 
 
 def test_candidate_trained_on_poisoned_data_is_rejected_and_current_does_not_move(two_cycles):
     bad, good, s = two_cycles["bad"], two_cycles["good"], two_cycles["settings"]
     assert two_cycles["code"] == 0
-    assert bad.status == "rejected", bad.render()
+    assert bad.status == "rejected", render.outcome(bad)
     assert bad.baseline_version == good.version
     assert any("held-out loss" in r and "a drop of at least 1.00% is required" in r
                for r in bad.verdict["reasons"])
     assert two_cycles["current_after_bad"] == good.version
     # a rejected candidate is still a version, with its verdict, so it can be promoted by hand
-    record = cycle.open_registry(s).get(bad.version).record
+    record = release.open_registry(s).get(bad.version).record
     assert record["verdict"]["promote"] is False
     with Buffer(s.buffer_path) as b:
         (event,) = b.events("candidate_rejected")
@@ -165,7 +183,7 @@ def test_first_attempt_acceptance_is_measured_with_a_real_guard(two_cycles):
         assert m["epsilon"] == m["accepted"] / 4
         # the guard ran the task's tests on what the tiny model wrote and said why it failed
         assert all(g["feedback"] for g in m["guard"])
-    assert "first-attempt ε" in good.render() and "Δε" in good.render()
+    assert "first-attempt ε" in render.outcome(good) and "Δε" in render.outcome(good)
 
 
 def test_worker_progress_reaches_the_caller(two_cycles):
@@ -208,22 +226,22 @@ def test_rescoring_rolls_back_an_active_adapter_that_became_worse(two_cycles, tm
     cfg.write_text(_toml_of(s))
     assert cli.main(["--config", str(cfg), "promote", bad]) == 0
     capsys.readouterr()
-    reg = cycle.open_registry(s)
+    reg = release.open_registry(s)
     assert (reg.current(), reg.previous()) == (bad, good)
     with Buffer(s.buffer_path) as buffer:
-        job_dir = cycle.prepare(s, buffer, reg, "rescore", since=0)
-        assert cycle.run_worker(job_dir) == 0
-        outcome = cycle.conclude(s, buffer, reg, job_dir)
+        job_dir = pipeline.prepare(s, buffer, "rescore", since=0)
+        assert supervisor.supervise(job_dir) == 0
+        outcome = pipeline.conclude(s, buffer, job_dir)
         rolled = buffer.events("adapter_rolled_back")
-    assert outcome.rollback["rolled_back"] is True, outcome.render()
+    assert outcome.rollback["rolled_back"] is True, render.outcome(outcome)
     assert outcome.rollback["reasons"][0].startswith("active held-out loss")
     assert outcome.baseline == "previous" and outcome.baseline_version == good
     assert rolled[0]["version"] == good and rolled[0]["detail"]["reason"].startswith("re-scored:")
     assert reg.current() in (good, outcome.version)
-    assert "rolled back:" in outcome.render()
+    assert "rolled back:" in render.outcome(outcome)
 
 
-def test_run_worker_pauses_the_worker_on_stop_event(tiny_dir, tmp_path):
+def test_supervise_pauses_the_worker_on_stop_event(tiny_dir, tmp_path):
     s = settings_for(tmp_path, str(tiny_dir), steps=400, guard=False)
     stop = threading.Event()
     with Buffer(s.buffer_path) as buffer:
@@ -231,16 +249,16 @@ def test_run_worker_pauses_the_worker_on_stop_event(tiny_dir, tmp_path):
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(s.store), 500)
-        job_dir = cycle.prepare(s, buffer, cycle.open_registry(s), "pausing")
+        job_dir = pipeline.prepare(s, buffer, "pausing")
 
         def on_progress(record):
             if (record.get("step") or 0) >= 2:
                 stop.set()
 
-        code = cycle.run_worker(job_dir, on_progress=on_progress, stop_event=stop, poll=0.1)
+        code = supervisor.supervise(job_dir, stop, on_progress=on_progress, poll=0.1)
     assert code == EXIT_PAUSED
-    assert read_result(job_dir)["status"] == "paused"
-    assert not (job_dir / cycle.WORKER_PID).exists()
+    assert read_result(job_dir).status == "paused"
+    assert not (job_dir / supervisor.WORKER_PID).exists()
 
 
 def test_task_guard_accepts_the_fixture_answers_and_rejects_a_wrong_one():
@@ -298,7 +316,7 @@ def test_train_once_with_smollm2_saves_a_loadable_adapter_and_prints_the_verdict
     assert code == 0, out
     assert "verdict: " in out and "held-out NLL" in out and "first-attempt ε" in out
     assert "candidate" in out and "active (base model)" in out
-    reg = cycle.open_registry(s)
+    reg = release.open_registry(s)
     (name,) = reg.names()
     assert name in out and reg.verify(name) == []
     record = reg.get(name).record
@@ -318,7 +336,7 @@ def test_manual_promote_and_rollback_commands_refuse_tampered_versions(tmp_path,
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
     s = config.load(cfg)
-    reg = cycle.open_registry(s)
+    reg = release.open_registry(s)
     names = []
     for i in (1, 2, 3):
         a = tmp_path / f"a{i}"
@@ -353,13 +371,13 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(s.store), 500)
-        reg = cycle.open_registry(s, buffer)
+        reg = release.open_registry(s, buffer)
         name = reg.create(a, {"verdict": {"promote": True, "reasons": []}}).name
         reg.promote(name)
         (reg.root / name / "adapter_model.safetensors").chmod(0o644)
         (reg.root / name / "adapter_model.safetensors").write_bytes(b"changed")
-        with pytest.raises(cycle.CycleError, match="fails its sha256 check"):
-            cycle.prepare(s, buffer, reg, "j1")
+        with pytest.raises(pipeline.CycleError, match="fails its sha256 check"):
+            pipeline.prepare(s, buffer, "j1")
     assert not (s.state_dir / "jobs" / "j1").exists()
 
 
@@ -367,14 +385,14 @@ def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
     import os
 
     s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
-    with cycle.training_lock(s, "the daemon, job job-x"):
-        outcome = cycle.run_once(s, progress=False, ingest_first=False)
+    with pipeline.training_lock(s.state_dir, "the daemon, job job-x"):
+        outcome = pipeline.run_now(s, ingest_first=False)
         assert outcome.status == "busy"
         assert outcome.reason == f"another training cycle is running: the daemon, job job-x, pid {os.getpid()}"
         cfg = _write_config(tmp_path, s)
         assert cli.main(["--config", str(cfg), "train", "--once", "--no-progress", "--no-ingest"]) == 75
         assert "BUSY" in capsys.readouterr().out
-    with cycle.training_lock(s, "the next cycle"):  # released with the block
+    with pipeline.training_lock(s.state_dir, "the next cycle"):  # released with the block
         pass
 
 
@@ -383,19 +401,19 @@ def test_the_training_lock_goes_with_a_killed_holder(tmp_path):
 
     s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lorad import config, cycle\n"
-         "with cycle.training_lock(config.load(sys.argv[1]), 'a cycle that gets killed'):\n"
+        [sys.executable, "-c", "import sys, time\nfrom lorad import config, pipeline\n"
+         "with pipeline.training_lock(config.load(sys.argv[1]).state_dir, 'a cycle that gets killed'):\n"
          "    print('held', flush=True); time.sleep(120)\n", str(_write_config(tmp_path, s))],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(cycle.TrainingBusy, match=f"a cycle that gets killed, pid {holder.pid}"):
-            with cycle.training_lock(s, "me"):
+        with pytest.raises(pipeline.TrainingBusy, match=f"a cycle that gets killed, pid {holder.pid}"):
+            with pipeline.training_lock(s.state_dir, "me"):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    with cycle.training_lock(s, "me"):  # SIGKILL released it
+    with pipeline.training_lock(s.state_dir, "me"):  # SIGKILL released it
         pass
 
 

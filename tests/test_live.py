@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorad import config, cycle
+from lorad import config, release
 from lorad.buffer.store import Buffer
 from lorad.ingest import ingest
 from lorad.live import Rate, decide_live, live_counts, two_proportion_test
@@ -35,18 +35,18 @@ def test_no_variance_cannot_reject():
 @given(a=st.integers(0, 60), b=st.integers(0, 60))
 def test_higher_active_rate_never_rolls_back(a, b):
     active, previous = Rate(max(a, b), 60), Rate(min(a, b), 60)
-    assert not decide_live(active, previous, 0.95, 30).promote
+    assert not decide_live(active, previous, 0.95, 30).roll_back
 
 
 def test_waits_for_the_minimum_number_of_attempts():
     v = decide_live(Rate(0, 29), Rate(29, 29), 0.95, 30)
-    assert not v.promote and "not enough live first attempts" in v.reasons[0]
+    assert not v.roll_back and "not enough live first attempts" in v.reasons[0]
 
 
 def test_rolls_back_only_when_significantly_worse():
-    assert decide_live(Rate(15, 40), Rate(30, 40), 0.95, 30).promote
+    assert decide_live(Rate(15, 40), Rate(30, 40), 0.95, 30).roll_back
     v = decide_live(Rate(26, 40), Rate(30, 40), 0.95, 30)  # z = -1.0: chance
-    assert not v.promote and "not significantly worse" in v.reasons[0]
+    assert not v.roll_back and "not significantly worse" in v.reasons[0]
 
 
 # -- on a synthetic AtomicGuard store whose artifacts name the adapter that produced them ----------
@@ -85,7 +85,7 @@ path = "{store}"
 live_min_attempts = 30
 live_confidence = 0.95
 """)
-    reg = cycle.open_registry(s)
+    reg = release.open_registry(s)
     names = []
     for i in (1, 2):
         a = tmp_path / f"a{i}"
@@ -120,8 +120,8 @@ def test_live_rollback_when_active_version_is_significantly_worse(world):
     fill(store, v2, 15, 40)
     with Buffer(s.buffer_path) as buffer:
         ingest(buffer, open_sources(s.store), 500)
-        reg = cycle.open_registry(s, buffer)
-        out = cycle.check_live(s, buffer, reg)
+        reg = release.open_registry(s, buffer)
+        out = release.check_live(s, buffer)
         events = buffer.events("adapter_rolled_back")
     assert out["rolled_back"] and out["to"] == v1
     assert reg.current() == v1
@@ -135,7 +135,7 @@ def test_no_live_rollback_when_the_difference_is_chance(world):
     fill(store, v2, 26, 40)
     with Buffer(s.buffer_path) as buffer:
         ingest(buffer, open_sources(s.store), 500)
-        reg = cycle.open_registry(s, buffer)
-        out = cycle.check_live(s, buffer, reg)
+        reg = release.open_registry(s, buffer)
+        out = release.check_live(s, buffer)
     assert not out["rolled_back"] and reg.current() == v2
     assert math.isclose(out["counts"][v2]["attempts"], 40)

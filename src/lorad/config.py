@@ -110,6 +110,32 @@ def filter_policy(v):
     return None
 
 
+# Sharding launchers keep parts of the model on each rank, and lorad's worker saves, checks and
+# scores the adapter on rank 0 alone: under them it would save a shard. Only data parallelism
+# (every rank holds the whole model) is supported.
+_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def accelerate_config_file(v):
+    if not v:
+        return None
+    try:
+        import yaml
+
+        with open(v, encoding="utf-8") as f:
+            data = yaml.safe_load(f)  # accelerate's config files are YAML (or JSON, which YAML reads)
+    except OSError as e:
+        return f"cannot read {v!r}: {e.strerror}"
+    except yaml.YAMLError as e:
+        return f"{v!r} is not a valid accelerate config file: {str(e)[:120]}"
+    kind = str((data or {}).get("distributed_type", "")).upper() if isinstance(data, dict) else ""
+    if kind in _SHARDED:
+        return (f"{v!r} sets distributed_type: {kind}, which shards the model across ranks; lorad saves and "
+                f"evaluates the adapter on rank 0 alone, so only data-parallel configs (MULTI_GPU, MULTI_CPU) "
+                f"are supported")
+    return None
+
+
 def _c(check, **kw):
     return field(metadata={"check": check}, **kw)
 
@@ -222,7 +248,8 @@ class TrainingSettings:
     replay_ratio: float = _c(fraction, default=0.5)
     train_examples: int = _c(positive, default=2000)
     processes: int = _c(positive, default=1)
-    accelerate_config: str = ""
+    # An accelerate config file for processes > 1 (data parallel only; FSDP/DeepSpeed refused).
+    accelerate_config: str = _c(accelerate_config_file, default="")
     save_steps: int = _c(positive, default=50)
     gradient_checkpointing: bool = True
     packing: bool = False

@@ -17,7 +17,7 @@ import math
 import sqlite3
 from dataclasses import dataclass
 
-from lorad.evaluation.gate import Verdict
+from lorad.evaluation.gate import RollbackDecision
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,10 @@ def two_proportion_test(worse: Rate, better: Rate) -> tuple[float, float]:
     return z, p
 
 
-def decide_live(active: Rate, previous: Rate, confidence: float, min_attempts: int) -> Verdict:
-    """Whether the live numbers call for rolling the active version back (promote = roll back)."""
+def decide_live(active: Rate, previous: Rate, confidence: float, min_attempts: int) -> RollbackDecision:
+    """Whether the live numbers call for rolling the active version back."""
     if active.attempts < min_attempts or previous.attempts < min_attempts:
-        return Verdict(False, [
+        return RollbackDecision(False, [
             f"not enough live first attempts yet (active {active.attempts}, previous "
             f"{previous.attempts}; {min_attempts} each are needed)"])
     z, p = two_proportion_test(active, previous)
@@ -63,8 +63,8 @@ def decide_live(active: Rate, previous: Rate, confidence: float, min_attempts: i
                 f"z = {z:.2f}, one-sided p = {p:.4f}")
     alpha = 1 - confidence
     if p < alpha:
-        return Verdict(True, [sentence + f" < {alpha:.4g}: significantly worse"])
-    return Verdict(False, [sentence + f" >= {alpha:.4g}: not significantly worse"])
+        return RollbackDecision(True, [sentence + f" < {alpha:.4g}: significantly worse"])
+    return RollbackDecision(False, [sentence + f" >= {alpha:.4g}: not significantly worse"])
 
 
 def live_counts(conn: sqlite3.Connection, metadata_key: str, versions: list[str]) -> dict[str, Rate]:

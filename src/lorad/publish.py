@@ -179,15 +179,6 @@ def run_all(hooks: list[Hook], change: Change, root: Path) -> list[HookResult]:
     return [hook.run(change, Path(root)) for hook in hooks]
 
 
-def run_hooks(settings, registry: Registry, change: Change,
-              audit: Callable[..., None] | None = None) -> list[dict]:
-    """The configured ``[[publish]]`` hooks for a change already made (see :func:`publish`)."""
-    report = publish(registry, change, hooks_from_settings(settings.publish), audit)
-    return [r.as_dict() for r in report.results] + (
-        [{"hook": "revert", "ok": True, "required": True, "detail": report.reverted.reason}]
-        if report.reverted else [])
-
-
 def publish(registry: Registry, change: Change, hooks: list[Hook],
             audit: Callable[..., None] | None = None) -> PublishReport:
     """Run every hook for ``change``; revert the registry when a required one failed.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -17,6 +19,10 @@ from lorad.sources.atomicguard import AtomicGuardSource
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 SEL = SelectionSettings(heldout_fraction=0.3, dedup_similarity=0.9)
+
+
+def snapshot(buffer, selection=SEL, *, method="sft", n=100, replay_ratio=0.5, **kw):
+    return examples.build_snapshot(buffer, selection, method=method, n=n, replay_ratio=replay_ratio, **kw)
 
 
 def add_task(store, i: int, *, spec: str | None = None, answer: str | None = None, retries: int = 1,
@@ -192,7 +198,7 @@ def test_a_newer_duplicate_replaces_the_older_and_the_outcome_matches_a_fresh_bu
 
 def test_snapshot_rows_have_the_documented_shapes(buffer, fixture_store):
     sync(buffer, fixture_store)
-    snap = examples.build_snapshot(buffer, SEL, method="sft", n=100, since_seq=0, seed=1)
+    snap = snapshot(buffer, dataclasses.replace(SEL, seed=1), since_seq=0)
     assert snap.stats["new"] == len(snap.example_seqs) == len(snap.train) > 0
     for row in snap.train:
         assert [m["role"] for m in row["prompt"]][-1] == "user"
@@ -206,9 +212,9 @@ def test_snapshot_rows_have_the_documented_shapes(buffer, fixture_store):
         assert row["prompt"][-1]["content"] == row["specification"]
         assert row["chain_id"] not in train_chains
     assert snap.max_seq == buffer.conn.execute("SELECT max(seq) FROM examples WHERE split = 'train'").fetchone()[0]
-    dpo = examples.build_snapshot(buffer, SEL, method="dpo", n=100, seed=1)
+    dpo = snapshot(buffer, dataclasses.replace(SEL, seed=1), method="dpo")
     assert dpo.train and all(set(r) == {"prompt", "chosen", "rejected", "metadata"} for r in dpo.train)
-    kto = examples.build_snapshot(buffer, {"policy": "refinement or exhausted"}, method="kto", n=100, seed=1)
+    kto = snapshot(buffer, SelectionSettings(policy="refinement or exhausted", seed=1), method="kto")
     labels = [r["label"] for r in kto.train]
     assert True in labels and False in labels
     assert any(r["metadata"]["outcome"] == "exhausted" for r in kto.train)
@@ -224,13 +230,13 @@ def test_snapshot_mixes_new_and_replayed_examples_reproducibly(buffer, tmp_path)
         add_task(store, i, day=1)
     sync(buffer, store)
     new_total = examples.count_new(buffer, mark)
-    snap = examples.build_snapshot(buffer, SEL, n=40, replay_ratio=0.5, since_seq=mark, seed=7, weighting="retries")
+    snap = snapshot(buffer, dataclasses.replace(SEL, seed=7, replay_weighting="retries"), n=40, since_seq=mark)
     assert snap.stats["new"] == min(new_total, 20) and snap.stats["replayed"] == snap.stats["new"]
     new = [s for s in snap.example_seqs if s > mark]
     assert len(new) == snap.stats["new"] and len(set(snap.example_seqs)) == len(snap.example_seqs)
-    same = examples.build_snapshot(buffer, SEL, n=40, replay_ratio=0.5, since_seq=mark, seed=7, weighting="retries")
+    same = snapshot(buffer, dataclasses.replace(SEL, seed=7, replay_weighting="retries"), n=40, since_seq=mark)
     assert same.example_seqs == snap.example_seqs and same.train == snap.train
-    other = examples.build_snapshot(buffer, SEL, n=40, replay_ratio=0.5, since_seq=mark, seed=8, weighting="retries")
+    other = snapshot(buffer, dataclasses.replace(SEL, seed=8, replay_weighting="retries"), n=40, since_seq=mark)
     assert other.example_seqs != snap.example_seqs
     heldout = {r["seq"] for r in rows(buffer).values() if r["split"] == "heldout"}
     assert not heldout & set(snap.example_seqs)
@@ -270,7 +276,7 @@ def test_count_new_uses_the_policy_the_last_refresh_was_given(buffer, fixture_st
     assert examples.count_new(buffer, 0) == sum(1 for r in train if r["outcome"] != "exhausted")
     examples.refresh(buffer, SelectionSettings(policy="refinement"))
     assert examples.count_new(buffer, 0) == sum(1 for r in train if r["outcome"] == "refined")
-    assert examples.count_new(buffer, 0, {"policy": "exhausted"}) == sum(1 for r in train if r["outcome"] == "exhausted")
+    assert examples.count_new(buffer, 0, SelectionSettings(policy="exhausted")) == sum(1 for r in train if r["outcome"] == "exhausted")
 
 
 def test_when_the_kept_copy_stops_being_an_example_the_older_duplicate_comes_back(buffer, tmp_path):
@@ -311,10 +317,8 @@ def test_snapshot_system_message_takes_the_configured_template_role(buffer, fixt
     sync(buffer, fixture_store)
     prompts = tmp_path / "prompts.json"
     prompts.write_text('{"g_coder": {"role": "You fix code."}}')
-    snap = examples.build_snapshot(buffer, SelectionSettings(prompt_template=f"{prompts}:g_coder"), n=5)
+    snap = snapshot(buffer, SelectionSettings(prompt_template=f"{prompts}:g_coder"), n=5)
     assert all(r["prompt"][0]["content"].startswith("You fix code.\n\n") for r in snap.train + snap.heldout)
-    fallback = examples.build_snapshot(buffer, SEL, n=5, chat_template_system="Default role.")
-    assert all(r["prompt"][0]["content"].startswith("Default role.\n\n") for r in fallback.train)
 
 
 def test_snapshot_counts_contaminated_heldout_rows(buffer, tmp_path):
@@ -322,13 +326,13 @@ def test_snapshot_counts_contaminated_heldout_rows(buffer, tmp_path):
     for i in range(12):
         add_task(store, i)
     sync(buffer, store)
-    assert examples.build_snapshot(buffer, SEL, n=50).stats["contaminated"] == 0
+    assert snapshot(buffer, n=50).stats["contaminated"] == 0
     held = buffer.conn.execute("SELECT task_key FROM examples WHERE split = 'heldout' AND outcome = 'refined' "
                                "LIMIT 1").fetchone()
     with buffer.transaction() as conn:
         conn.execute("UPDATE examples SET task_key = ? WHERE chain_id = "
                      "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)", held)
-    assert examples.build_snapshot(buffer, SEL, n=50).stats["contaminated"] == 1
+    assert snapshot(buffer, n=50).stats["contaminated"] == 1
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

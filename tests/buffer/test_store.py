@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorad.buffer import store
+from lorad.buffer import schema, store
 from lorad.buffer.store import Batch, Buffer, Quarantined
 
 
@@ -19,21 +20,21 @@ def test_migrations_build_the_schema_on_a_fresh_in_memory_database():
         assert {"artifacts", "chains", "quarantine", "ingest_state", "audit", "_migrations"} <= tables
         assert "files" not in tables  # signatures live on the rows since 0008
         applied = [r[0] for r in b.conn.execute("SELECT name FROM _migrations ORDER BY name")]
-        assert applied == [name for name, _ in store.MIGRATIONS]
+        assert applied == [name for name, _ in schema.MIGRATIONS]
 
 
 def test_migrations_run_once_and_reopen_is_a_no_op(tmp_path):
     path = tmp_path / "b.sqlite3"
     Buffer(path).close()
     with Buffer(path) as b:
-        assert store.migrate(b.db) == []
+        assert schema.migrate(b.db) == []
         assert b.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_0008_moves_file_signatures_onto_the_rows_they_belong_to(tmp_path, monkeypatch):
     path = tmp_path / "b.sqlite3"
-    before = [m for m in store.MIGRATIONS if m[0] < "0008"]
-    monkeypatch.setattr(store, "MIGRATIONS", before)
+    before = [m for m in schema.MIGRATIONS if m[0] < "0008"]
+    monkeypatch.setattr(schema, "MIGRATIONS", before)
     with Buffer(path) as b:  # a buffer as lorad left it before 0008
         b.conn.executemany(
             "INSERT INTO artifacts (source, locator, artifact_id, workflow_id, action_pair_id, status, content, "
@@ -53,28 +54,116 @@ def test_0008_moves_file_signatures_onto_the_rows_they_belong_to(tmp_path, monke
         assert "files" not in tables
 
 
-def test_0009_rewrites_in_list_checks_and_they_still_hold(tmp_path, monkeypatch):
+_OR_CHECK = re.compile(r"CHECK \((\w+) = ('[^']*')((?: OR \1 = '[^']*')*)\)")
+
+
+def _in_lists(sql: str) -> str:
+    """A CHECK as lorad wrote it before 0009: ``x IN ('a','b')``."""
+    def one(m):
+        values = [m.group(2)] + re.findall(r"= ('[^']*')", m.group(3))
+        return f"CHECK ({m.group(1)} IN ({','.join(values)}))"
+    return _OR_CHECK.sub(one, sql)
+
+
+def _schema(conn) -> set[tuple]:
+    return set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name != '_migrations'"))
+
+
+def _make_old(path, tables: list[str], forget: list[str], jobs_sql: str | None = None) -> None:
+    """Turn a buffer into one an older lorad left: ``tables`` with IN-list CHECKs, and the
+    ``forget`` migrations not yet applied."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    old = {t: _in_lists(schema._table_sql(conn, t)) for t in tables}
+    if jobs_sql is not None:
+        old["jobs"], old["job_events"] = jobs_sql, schema.JOB_EVENTS_DDL
+    schema._rebuild(conn, {t: old[t] for t in schema._ORDER if t in old})
+    conn.executemany("DELETE FROM _migrations WHERE name = ?", [(n,) for n in forget])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def test_0009_rebuilds_tables_with_in_list_checks_and_keeps_their_rows(tmp_path):
     path = tmp_path / "b.sqlite3"
-    monkeypatch.setattr(store, "MIGRATIONS", [m for m in store.MIGRATIONS if m[0] < "0009"])
     with Buffer(path) as b:
         batch = Batch("s")
         batch.artifacts = [_row("a"), _row("b", status="rejected")]
         b.write_batch(batch)
+        b.conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) "
+                       "VALUES ('j', 'queued', 'window', 0, 0)")
+        b.conn.execute("INSERT INTO job_events (job_id, ts, state) VALUES ('j', 0, 'queued')")
         before = list(b.artifacts())
-        assert "status IN (" in b.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'artifacts'").fetchone()[0]
-    monkeypatch.undo()
+    _make_old(path, ["artifacts", "chains", "examples"], ["0009_checks_without_in_lists"])
+    conn = sqlite3.connect(path)
+    assert "status IN ('pending'," in schema._table_sql(conn, "artifacts")
+    conn.close()
     with Buffer(path) as b:
-        schema = "\n".join(r[0] for r in b.conn.execute("SELECT sql FROM sqlite_master WHERE sql LIKE '%CHECK%'"))
-        assert " IN (" not in schema and "status = 'superseded'" in schema
+        sql = "\n".join(r[0] for r in b.conn.execute("SELECT sql FROM sqlite_master WHERE sql LIKE '%CHECK%'"))
+        assert " IN (" not in sql and "status = 'superseded'" in sql
         assert list(b.artifacts()) == before
+        assert b.conn.execute("SELECT job_id FROM job_events").fetchall() == [("j",)]
         assert b.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert b.conn.execute("PRAGMA foreign_key_check").fetchall() == []
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             b.conn.execute("UPDATE artifacts SET status = 'bogus' WHERE locator = 'a'")
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             b.conn.execute("UPDATE chains SET outcome = 'bogus'")
-    with Buffer(tmp_path / "new.sqlite3") as b:  # a new buffer gets the same
-        schema = "\n".join(r[0] for r in b.conn.execute("SELECT sql FROM sqlite_master WHERE sql LIKE '%CHECK%'"))
-        assert " IN (" not in schema
+        migrated = _schema(b.conn)
+    with Buffer(tmp_path / "new.sqlite3") as b:  # the same tables as a new buffer's, to the byte
+        assert _schema(b.conn) == migrated
+
+
+# The jobs table as lorad made it before 0010: with IN lists when `lorad ingest` opened the
+# buffer first (0004 ran after 0009), rewritten to OR chains when the daemon did; neither
+# admitted the "cli" trigger.
+_OLD_JOBS = """CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'preparing', 'training', 'evaluating', 'promoted', 'rejected', 'failed', 'cancelled', 'paused')),
+            trigger TEXT NOT NULL CHECK (trigger IN ('window', 'manual')),
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            runs INTEGER NOT NULL DEFAULT 0,
+            job_dir TEXT,
+            version TEXT,
+            reason TEXT,
+            progress TEXT
+        )"""
+
+
+@pytest.mark.parametrize("first", ["lorad ingest", "lorad serve"])
+def test_0010_brings_a_jobs_table_of_either_opening_order_to_one_schema(tmp_path, first):
+    path = tmp_path / "b.sqlite3"
+    Buffer(path).close()
+    old = _OLD_JOBS if first == "lorad ingest" else schema._or_checks(_OLD_JOBS)
+    _make_old(path, [], ["0010_one_jobs_table"], jobs_sql=old)
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('j', 'paused', 'window', 1, 2)")
+    conn.execute("INSERT INTO job_events (job_id, ts, state, reason) VALUES ('j', 1, 'paused', 'why')")
+    conn.commit()
+    conn.close()
+    with Buffer(path) as b:
+        assert b.conn.execute("SELECT job_id, state, trigger FROM jobs").fetchall() == [("j", "paused", "window")]
+        assert b.conn.execute("SELECT reason FROM job_events").fetchall() == [("why",)]
+        assert b.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        b.conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('c', 'queued', 'cli', 1, 1)")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            b.conn.execute("UPDATE jobs SET trigger = 'bogus'")
+        migrated = _schema(b.conn)
+    with Buffer(tmp_path / "new.sqlite3") as b:
+        assert _schema(b.conn) == migrated
+
+
+def test_a_reader_refuses_a_buffer_an_older_lorad_left_with_what_to_do(tmp_path):
+    path = tmp_path / "b.sqlite3"
+    Buffer(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DELETE FROM _migrations WHERE name = '0010_one_jobs_table'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(store.BufferError, match="0010_one_jobs_table not applied.*lorad ingest"):
+        Buffer(path, readonly=True)
 
 
 def test_a_new_buffer_has_16k_pages_and_an_old_one_keeps_its_own(tmp_path):
@@ -98,7 +187,7 @@ def test_a_failing_migration_leaves_nothing_behind(tmp_path, monkeypatch):
         db.execute("CREATE TABLE half_done (x)")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [("9999_broken", broken)])
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + [("9999_broken", broken)])
     with pytest.raises(RuntimeError):
         Buffer(tmp_path / "b.sqlite3")
     conn = sqlite3.connect(tmp_path / "b.sqlite3")

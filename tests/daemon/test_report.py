@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 from lorad.buffer.store import Buffer
 from lorad.cli import main
-from lorad.daemon.jobs import JobStore
+from lorad.buffer.jobs import JobStore
 from lorad.registry import Registry
 
 
@@ -72,14 +72,26 @@ def test_report_without_any_state_says_so(tmp_path, capsys):
     assert "nothing to report" in capsys.readouterr().err
 
 
-def test_report_on_a_buffer_the_daemon_never_used_has_no_jobs(tmp_path, capsys):
-    state = tmp_path / "state"
-    import sqlite3
+def test_report_on_a_buffer_only_lorad_ingest_opened_has_no_jobs(tmp_path, capsys):
+    """Every command that writes a buffer makes the same schema, the jobs table included."""
+    from lorad.buffer.store import Buffer
 
-    state.mkdir()
-    sqlite3.connect(state / "buffer.sqlite3").execute("CREATE TABLE artifacts (id INTEGER)").connection.close()
+    state = tmp_path / "state"
+    Buffer(state / "buffer.sqlite3").close()  # what `lorad ingest` leaves
     config = tmp_path / "config.toml"
     config.write_text(f'[daemon]\nstate_dir = "{state}"\n')
     out = tmp_path / "r.html"
     assert main(["--config", str(config), "report", "--output", str(out)]) == 0
     assert "No jobs yet." in out.read_text()
+
+
+def test_report_on_a_database_lorad_did_not_make_says_so(tmp_path, capsys):
+    import sqlite3
+
+    state = tmp_path / "state"
+    state.mkdir()
+    sqlite3.connect(state / "buffer.sqlite3").execute("CREATE TABLE artifacts (id INTEGER)").connection.close()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n')
+    assert main(["--config", str(config), "report", "--output", str(tmp_path / "r.html")]) == 1
+    assert "cannot open buffer" in capsys.readouterr().err

@@ -82,6 +82,6 @@ def test_promotion_follows_the_relative_loss_drop_exactly(a, c):
 
 
 def test_rolls_back_active_that_is_worse_than_previous_beyond_threshold():
-    assert decide_rollback(m(2.1), m(2.0), 0.02).promote  # +5 %
-    assert not decide_rollback(m(2.01), m(2.0), 0.02).promote  # +0.5 %
-    assert not decide_rollback(m(1.5), m(2.0), 0.02).promote
+    assert decide_rollback(m(2.1), m(2.0), 0.02).roll_back  # +5 %
+    assert not decide_rollback(m(2.01), m(2.0), 0.02).roll_back  # +0.5 %
+    assert not decide_rollback(m(1.5), m(2.0), 0.02).roll_back

@@ -126,7 +126,7 @@ def test_worker_exception_nan_and_oom_fail_the_job_with_reason_back_off_and_leav
         seen.append(job)
 
     assert d.cli("pause").returncode == 0  # no more window jobs
-    ev = [e for e in d.events() if e.get("event") == "job_failed" and "backoff_s" in e]
+    ev = [e for e in d.events() if e.get("event") == "backoff_started" and "backoff_s" in e]
     assert [e["backoff_s"] for e in ev[:3]] == [BACKOFF, 2 * BACKOFF, 4 * BACKOFF]
     assert d.request("status")["schedule"]["backoff_until"] > time.time() - 60
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorad.training import job as jobfile
-from training_helpers import sft_row
+from training_helpers import make_spec, sft_row
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,6 @@ def make_job(tmp_path, tiny_model_dir):
         values.update(overrides)
         rows = [sft_row(i) for i in range(16)] if rows is None else rows
         heldout = [sft_row(i + 100) for i in range(4)] if heldout is None else heldout
-        return jobfile.write_job(job_dir, jobfile.JobSpec(**values), rows, heldout)
+        return jobfile.write_job(job_dir, make_spec(**values), rows, heldout)
 
     return make

@@ -75,7 +75,7 @@ def test_worker_trains_on_a_gguf_base_model(make_job, tiny_model_dir, tmp_path):
     job_dir = make_job(base_model=str(gguf_path), max_steps=2)
     code, result, out = run_worker(job_dir)
     assert code == 0, out
-    assert Path(result["base_model"]).parent == tmp_path / "state" / "base"
+    assert Path(result.base_model).parent == tmp_path / "state" / "base"
     assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 

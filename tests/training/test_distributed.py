@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorad.training import job as jobfile
-from training_helpers import run_worker, sft_row
+from training_helpers import run_worker
 
 torch.set_num_threads(1)
 
@@ -23,9 +23,9 @@ def test_two_process_run_saves_an_adapter_of_the_same_shape_that_loads_the_same_
     assert "--launch" in jobfile.worker_command(job_dir, jobfile.read_job(job_dir))
     code, two, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert two.processes == 2 and one.processes == 1
     # Each of the two ranks consumed its own batches: twice the tokens per step.
-    assert two["tokens"] > 1.5 * one["tokens"]
+    assert two.tokens > 1.5 * one.tokens
     # Only rank 0 wrote the progress stream (one record per step, not two).
     steps = [r["step"] for r, _ in jobfile.iter_progress(job_dir) if r.get("loss") is not None]
     assert steps == [1, 2]
@@ -62,7 +62,7 @@ def test_two_process_run_pauses_on_sigterm_with_the_paused_exit_code(make_job):
     proc.wait(timeout=180)
     assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
     result = jobfile.read_result(job_dir)
-    assert result["status"] == "paused" and result["processes"] == 2
+    assert result.status == "paused" and result.processes == 2
     from lorad.training.worker import complete_checkpoints
 
-    assert [p.name for p in complete_checkpoints(job_dir)] == [f"step-{result['steps']}"]
+    assert [p.name for p in complete_checkpoints(job_dir)] == [f"step-{result.steps}"]

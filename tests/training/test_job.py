@@ -9,13 +9,14 @@ import pytest
 
 from lorad import config
 from lorad.training import job as jobfile
-from lorad.training.job import JobError, JobSpec
+from lorad.training.job import JobError, Result
+from training_helpers import make_spec
 
 
 def test_job_spec_round_trips_through_job_json(tmp_path):
-    spec = JobSpec(job_id="j1", base_model="/m", state_dir="/s", method="dpo",
-                   target_modules=("q_proj", "v_proj"), guard_command=("python", "guard.py"),
-                   parent_adapter="/a/v0001", reference_adapter="/a/v0001", window_end=123.5)
+    spec = make_spec(job_id="j1", base_model="/m", state_dir="/s", method="dpo",
+                     target_modules=("q_proj", "v_proj"), guard_command=("python", "guard.py"),
+                     parent_adapter="/a/v0001", reference_adapter="/a/v0001", window_end=123.5)
     job_dir = jobfile.write_job(tmp_path / "j1", spec, [{"prompt": []}], [{"prompt": [], "x": 1}])
     assert jobfile.read_job(job_dir) == spec
     assert jobfile.read_jsonl(job_dir / "train.jsonl") == [{"prompt": []}]
@@ -25,10 +26,33 @@ def test_job_spec_round_trips_through_job_json(tmp_path):
 def test_read_job_names_the_file_when_missing_or_unknown_keys(tmp_path):
     with pytest.raises(JobError, match="no such job file"):
         jobfile.read_job(tmp_path)
-    (tmp_path / "job.json").write_text(json.dumps({"job_id": "x", "base_model": "m", "state_dir": "s",
-                                                   "bogus": 1}))
-    with pytest.raises(JobError, match=r"unknown keys \['bogus'\]"):
+    spec = make_spec().as_dict()
+    (tmp_path / "job.json").write_text(json.dumps(spec | {"bogus": 1}))
+    with pytest.raises(JobError, match=r"job.json: unknown keys \['bogus'\]"):
         jobfile.read_job(tmp_path)
+    del spec["lora_r"]
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    with pytest.raises(JobError, match=r"missing keys \['lora_r'\]"):
+        jobfile.read_job(tmp_path)
+
+
+def test_job_and_result_files_of_another_schema_version_are_refused_with_the_reason(tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps(make_spec().as_dict() | {"schema_version": 2}))
+    with pytest.raises(JobError, match="job.json: schema version 2, this lorad reads version 1"):
+        jobfile.read_job(tmp_path)
+    (tmp_path / "result.json").write_text(json.dumps({"job_id": "j", "status": "succeeded"}))
+    with pytest.raises(JobError, match="result.json: schema version None"):
+        jobfile.read_result(tmp_path)
+    (tmp_path / "result.json").write_text("{not json")
+    with pytest.raises(JobError, match="not valid JSON"):
+        jobfile.read_result(tmp_path)
+
+
+def test_result_round_trips_through_result_json(tmp_path):
+    result = Result(job_id="j", status="succeeded", steps=3, metrics={"candidate": {"nll": 0.5}},
+                    health={"ok": True, "reason": ""})
+    jobfile.write_result(tmp_path, result)
+    assert jobfile.read_result(tmp_path) == result and result.succeeded
 
 
 def test_iter_progress_leaves_a_partial_last_line_for_the_next_read(tmp_path):
@@ -45,30 +69,30 @@ def test_iter_progress_leaves_a_partial_last_line_for_the_next_read(tmp_path):
 
 
 def test_worker_command_is_a_plain_module_run_for_one_process(tmp_path):
-    spec = JobSpec(job_id="j", base_model="m", state_dir="s")
+    spec = make_spec()
     assert jobfile.worker_command(tmp_path, spec) == [sys.executable, "-m", "lorad.training.worker",
                                                       str(tmp_path)]
 
 
 def test_worker_command_goes_through_accelerate_launch_for_several_processes(tmp_path):
-    spec = JobSpec(job_id="j", base_model="m", state_dir="s", processes=2)
+    spec = make_spec(processes=2)
     assert jobfile.worker_command(tmp_path, spec) == [sys.executable, "-m", "lorad.training.worker",
                                                       "--launch", str(tmp_path)]
     argv = jobfile.launch_command(tmp_path, spec)
     assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert argv[argv.index("--num_processes") + 1] == "2"
     assert argv[-3:] == ["-m", "lorad.training.worker", str(tmp_path)]
-    with_config = jobfile.launch_command(tmp_path, JobSpec(job_id="j", base_model="m", state_dir="s",
-                                                           processes=4, accelerate_config="/etc/fsdp.yaml"))
-    assert with_config[with_config.index("--config_file") + 1] == "/etc/fsdp.yaml"
+    with_config = jobfile.launch_command(tmp_path, make_spec(processes=4,
+                                                                     accelerate_config="/etc/ddp.yaml"))
+    assert with_config[with_config.index("--config_file") + 1] == "/etc/ddp.yaml"
     assert "--multi_gpu" not in with_config
 
 
-def test_spec_from_settings_takes_training_and_evaluation_keys():
+def test_build_spec_takes_training_and_evaluation_keys():
     settings = config.loads('[training]\nlora_r = 8\nwarm_start = false\nmethod = "kto"\n'
                             '[evaluation]\nguard_command = "python guard.py"\nmax_new_tokens = 64\n')
-    spec = jobfile.spec_from_settings(settings, "j9", parent_adapter="/a/current",
-                                      reference_adapter="/a/current")
+    spec = jobfile.build_spec("j9", settings.state_dir, settings.training, settings.evaluation,
+                              parent_adapter="/a/current", reference_adapter="/a/current")
     assert (spec.lora_r, spec.method, spec.max_new_tokens) == (8, "kto", 64)
     assert spec.guard_command == ("python", "guard.py")
     assert spec.parent_adapter is None  # warm_start = false: a fresh adapter on the base

@@ -53,7 +53,7 @@ def test_saved_adapter_reloads_and_gives_the_same_logits(tiny_model_dir, tmp_pat
         expected = model(**ids).logits
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    adapter = save_adapter(model, tokenizer, job_dir, {"method": "sft"})
+    adapter = save_adapter(model, job_dir)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_warm_start_continues_from_the_parent_adapter(tiny_model_dir, tmp_path):
     model, tokenizer, _ = _train(tiny_model_dir, tmp_path)
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    parent = save_adapter(model, tokenizer, job_dir, {})
+    parent = save_adapter(model, job_dir)
     prec = lora.precision("cpu", "float32", gradient_checkpointing=False)
     base, _ = lora.load_model(str(tiny_model_dir), prec)
     warm = lora.attach_adapter(base, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"],

@@ -26,16 +26,16 @@ def test_worker_trains_smollm2_from_gguf_and_saves_a_loadable_adapter(make_job):
                        heldout=[sft_row(i + 100) for i in range(2)])
     code, result, out = run_worker(job_dir, timeout=900)
     assert code == jobfile.EXIT_OK, out
-    assert result["steps"] == 2 and result["health"]["ok"]
+    assert result.steps == 2 and result.health["ok"]
     # The estimate is meant as an upper bound of what the run takes.
-    assert result["peak_memory_bytes"] < result["memory_estimate"]["total"]
-    metrics = result["metrics"]
+    assert result.peak_memory_bytes < result.memory_estimate["total"]
+    metrics = result.metrics
     assert metrics["candidate"]["tokens"] == metrics["active"]["tokens"] > 0
     config = json.loads((job_dir / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and "q_proj" in config["target_modules"]
 
-    base = AutoModelForCausalLM.from_pretrained(result["base_model"])
-    tokenizer = AutoTokenizer.from_pretrained(result["base_model"])
+    base = AutoModelForCausalLM.from_pretrained(result.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(result.base_model)
     model = PeftModel.from_pretrained(base, job_dir / "adapter").eval()
     ids = tokenizer.apply_chat_template(sft_row(1)["prompt"], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)

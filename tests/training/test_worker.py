@@ -39,27 +39,23 @@ def _wait_for_step(job_dir, proc, step: int, since: int = 0, timeout: float = 12
     raise AssertionError(f"worker did not reach step {step}")
 
 
-def test_worker_trains_saves_adapter_with_manifest_and_reports(make_job):
+def test_worker_trains_saves_the_adapter_and_reports(make_job):
     job_dir = make_job(evaluate=True)
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-3000:]
-    assert result["status"] == "succeeded" and result["error"] is None
-    assert result["steps"] == 6 and result["total_steps"] == 6 and result["tokens"] > 0
-    assert math.isfinite(result["final_loss"]) and result["health"]["ok"]
+    assert result.status == "succeeded" and result.error is None
+    assert result.steps == 6 and result.total_steps == 6 and result.tokens > 0
+    assert math.isfinite(result.final_loss) and result.health["ok"]
     adapter = job_dir / "adapter"
-    manifest = json.loads((adapter / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
-    import hashlib
-    for name, digest in manifest["files"].items():
-        assert hashlib.sha256((adapter / name).read_bytes()).hexdigest() == digest
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((adapter / "adapter_config.json").read_text())
     # vLLM's --lora-modules needs the concrete module names, not the "all-linear" shorthand.
     assert config["r"] == 4 and config["lora_alpha"] == 8
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                              "up_proj", "down_proj"}
     # Candidate and the bare base model scored on the same held-out rows.
-    assert set(result["metrics"]) == {"candidate", "active"}
-    assert result["metrics"]["candidate"]["tokens"] == result["metrics"]["active"]["tokens"] > 0
+    assert set(result.metrics) == {"candidate", "active"}
+    assert result.metrics["candidate"]["tokens"] == result.metrics["active"]["tokens"] > 0
     records = [r for r, _ in jobfile.iter_progress(job_dir)]
     assert records[-1]["stage"] == "succeeded"
     steps = [r for r in records if r["stage"] == "training" and r.get("loss") is not None]
@@ -76,17 +72,17 @@ def test_rejects_learning_rate_outside_sane_range_before_loading_anything(make_j
     job_dir = make_job(learning_rate=0.5)
     code, result, _ = run_worker(job_dir)
     assert code == jobfile.EXIT_FAILED
-    assert result["status"] == "failed"
-    assert "learning_rate 0.5 is outside the sane range" in result["error"]
-    assert result["steps"] == 0 and not (job_dir / "adapter").exists()
+    assert result.status == "failed"
+    assert "learning_rate 0.5 is outside the sane range" in result.error
+    assert result.steps == 0 and not (job_dir / "adapter").exists()
 
 
 def test_refuses_run_that_does_not_fit_in_memory_and_suggests_smaller_batch(make_job):
     job_dir = make_job(batch_size=4096, max_seq_length=65536)
     code, result, _ = run_worker(job_dir)
     assert code == jobfile.EXIT_FAILED
-    assert "the run needs about" in result["error"]
-    assert "try training.batch_size = " in result["error"]
+    assert "the run needs about" in result.error
+    assert "try training.batch_size = " in result.error
     assert not (job_dir / "checkpoints").exists()
 
 
@@ -104,7 +100,7 @@ def test_nan_loss_fails_job_with_reason_and_saves_nothing(make_job, tmp_path, ti
     job_dir = make_job(base_model=str(broken), save_steps=1)
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_FAILED, out[-2000:]
-    assert result["error"] == "loss became nan at step 1"
+    assert result.error == "loss became nan at step 1"
     assert complete_checkpoints(job_dir) == []
     assert not (job_dir / "adapter").exists()
 
@@ -113,7 +109,7 @@ def test_missing_base_model_path_fails_naming_the_path(make_job, tmp_path):
     missing = tmp_path / "no-such-model"
     code, result, _ = run_worker(make_job(base_model=str(missing)))
     assert code == jobfile.EXIT_FAILED
-    assert result["error"] == f"base model path not found: {missing}"
+    assert result.error == f"base model path not found: {missing}"
 
 
 def test_sigterm_pauses_and_resume_continues_the_same_loss_curve(make_job):
@@ -131,19 +127,19 @@ def test_sigterm_pauses_and_resume_continues_the_same_loss_curve(make_job):
     proc.wait(timeout=120)
     assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
     paused = jobfile.read_result(job_dir)
-    assert paused["status"] == "paused" and paused["reason"] == "paused on SIGTERM"
-    stopped_at = paused["steps"]
+    assert paused.status == "paused" and paused.reason == "paused on SIGTERM"
+    stopped_at = paused.steps
     assert 3 <= stopped_at < 16
     # The pause saved a checkpoint at the step it stopped, although save_steps is 100.
     assert [p.name for p in complete_checkpoints(job_dir)] == [f"step-{stopped_at}"]
 
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-2000:]
-    assert result["steps"] == 16 and result["resumed_from"].endswith(f"step-{stopped_at}")
+    assert result.steps == 16 and result.resumed_from.endswith(f"step-{stopped_at}")
     starts = [(r["step"], r["resumed"]) for r, _ in jobfile.iter_progress(job_dir)
               if r["stage"] == "training" and r.get("loss") is None]
     assert starts == [(0, False), (stopped_at, True)]
-    assert result["tokens"] == jobfile.read_result(reference)["tokens"]
+    assert result.tokens == jobfile.read_result(reference).tokens
     got = _losses(job_dir)
     assert sorted(got) == list(range(1, 17))
     for step in range(1, 17):
@@ -154,8 +150,8 @@ def test_window_end_pauses_the_job(make_job):
     job_dir = make_job(max_steps=6, window_end=time.time() - 1)
     code, result, _ = run_worker(job_dir)
     assert code == jobfile.EXIT_PAUSED
-    assert result["reason"] == "paused at the end of the training window"
-    assert result["steps"] == 1 and [p.name for p in complete_checkpoints(job_dir)] == ["step-1"]
+    assert result.reason == "paused at the end of the training window"
+    assert result.steps == 1 and [p.name for p in complete_checkpoints(job_dir)] == ["step-1"]
 
 
 def test_sigint_cancels_the_job(make_job):
@@ -166,7 +162,7 @@ def test_sigint_cancels_the_job(make_job):
     proc.wait(timeout=120)
     assert proc.returncode == jobfile.EXIT_CANCELLED, output(job_dir)
     result = jobfile.read_result(job_dir)
-    assert result["status"] == "cancelled" and result["reason"] == "cancelled on SIGINT"
+    assert result.status == "cancelled" and result.reason == "cancelled on SIGINT"
     assert not (job_dir / "adapter").exists()
 
 
@@ -201,14 +197,14 @@ def test_sigkill_during_checkpoint_saves_never_leaves_a_checkpoint_that_loads_wr
     jobfile.atomic_write(job_dir / "job.json", json.dumps(spec.as_dict() | {"max_steps": step + 2}))
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-2000:]
-    assert result["resumed_from"] == str(last) and result["steps"] == step + 2
+    assert result.resumed_from == str(last) and result.steps == step + 2
 
 
 def test_dpo_run_trains_an_adapter_from_preference_rows(make_job):
     job_dir = make_job(method="dpo", rows=[dpo_row(i) for i in range(8)], max_steps=3)
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-3000:]
-    assert result["method"] == "dpo" and math.isfinite(result["final_loss"])
+    assert result.method == "dpo" and math.isfinite(result.final_loss)
     assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -216,7 +212,7 @@ def test_kto_run_trains_an_adapter_from_labelled_rows(make_job):
     job_dir = make_job(method="kto", rows=[kto_row(i) for i in range(16)], max_steps=3, batch_size=4)
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-3000:]
-    assert result["method"] == "kto" and math.isfinite(result["final_loss"])
+    assert result.method == "kto" and math.isfinite(result.final_loss)
     assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -229,7 +225,7 @@ def test_job_paused_at_its_last_step_resumes_to_the_adapter_without_training_mor
     jobfile.atomic_write(job_dir / "job.json", json.dumps(spec.as_dict() | {"window_end": None}))
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out
-    assert result["steps"] == 1 and result["resumed_from"].endswith("step-1")
-    assert math.isfinite(result["final_loss"]) and result["tokens_per_s"] == 0
+    assert result.steps == 1 and result.resumed_from.endswith("step-1")
+    assert math.isfinite(result.final_loss) and result.tokens_per_s == 0
     assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(_losses(job_dir)) == [1]

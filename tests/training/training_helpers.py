@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from lorad.training import job as jobfile
@@ -58,11 +57,22 @@ def start_worker(job_dir: Path) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
+def make_spec(job_id: str = "j", base_model: str = "m", state_dir: str = "s", **overrides) -> jobfile.JobSpec:
+    """A JobSpec with the config defaults (as a config.toml without [training] would give),
+    then ``overrides``."""
+    import dataclasses
+
+    from lorad.config import EvaluationSettings, TrainingSettings
+
+    spec = jobfile.build_spec(job_id, state_dir, TrainingSettings(base_model=base_model), EvaluationSettings())
+    return dataclasses.replace(spec, **overrides)
+
+
 def output(job_dir: Path) -> str:
     return (Path(job_dir) / "worker.log").read_text(errors="replace")[-4000:]
 
 
-def run_worker(job_dir: Path, timeout: float = 300) -> tuple[int, dict | None, str]:
+def run_worker(job_dir: Path, timeout: float = 300) -> tuple[int, jobfile.Result | None, str]:
     """Run the worker to its end: (exit code, result.json, the end of its output)."""
     proc = start_worker(job_dir)
     proc.wait(timeout=timeout)

@@ -24,75 +24,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorad.buffer import dedup, formatting, sampling, split, traces
-from lorad.buffer.store import Buffer, migration
+from lorad.buffer.schema import UNUSABLE_CHAINS
+from lorad.buffer.store import Buffer
+from lorad.config import SelectionSettings
 
 SUCCESSES = ("first_try", "refined")
-_UNUSABLE = "outcome = 'open' OR trim(specification) = ''"
 # Chains that do not become examples, and why.
 SKIP_OPEN = "open"  # still pending, or nothing decided yet
 SKIP_EMPTY_SPEC = "empty_specification"
 DAY = 86400.0
-
-
-@migration("0002_examples")
-def _examples(db) -> None:
-    db.execute(
-        """
-        CREATE TABLE examples (
-            id INTEGER PRIMARY KEY,
-            seq INTEGER NOT NULL UNIQUE,
-            chain_id TEXT NOT NULL UNIQUE,
-            source TEXT NOT NULL,
-            workflow_id TEXT NOT NULL,
-            action_pair_id TEXT NOT NULL,
-            outcome TEXT NOT NULL CHECK (outcome IN ('first_try','refined','exhausted')),
-            retries INTEGER NOT NULL,
-            attempts INTEGER NOT NULL,
-            origin TEXT NOT NULL,
-            generated_only INTEGER NOT NULL,
-            created_ts REAL NOT NULL,
-            task_key TEXT NOT NULL,
-            answer_key TEXT NOT NULL,
-            text_key TEXT NOT NULL,
-            chain_key TEXT NOT NULL,
-            split TEXT NOT NULL CHECK (split IN ('train','heldout')),
-            duplicate_of INTEGER,
-            duplicate TEXT CHECK (duplicate IN ('exact','near')),
-            minhash BLOB NOT NULL,
-            updated_at REAL NOT NULL
-        )
-        """
-    )
-    db.execute("CREATE INDEX examples_split_seq ON examples (split, seq)")
-    # Covers the replay draw's lookups by seq with every column a policy tests: no table reads.
-    db.execute("CREATE INDEX examples_probe ON examples (seq, split, duplicate_of, outcome, retries, "
-               "generated_only, origin, created_ts, action_pair_id)")
-    db.execute("CREATE INDEX examples_group ON examples (source, workflow_id, action_pair_id)")
-    db.execute("CREATE INDEX examples_task ON examples (task_key)")
-    db.execute("CREATE INDEX examples_answer ON examples (answer_key)")
-    db.execute("CREATE INDEX examples_text ON examples (text_key)")
-    db.execute("CREATE INDEX examples_duplicate_of ON examples (duplicate_of)")
-    db.execute("CREATE INDEX examples_retries ON examples (retries)")  # max(retries) for weighted draws
-    db.execute(
-        "CREATE TABLE example_bands (band INTEGER NOT NULL, key INTEGER NOT NULL, example_id INTEGER NOT NULL, "
-        "PRIMARY KEY (band, key, example_id)) WITHOUT ROWID"
-    )
-    db.execute("CREATE INDEX example_bands_example ON example_bands (example_id)")
-    db.execute("CREATE TABLE splits (task_key TEXT PRIMARY KEY, split TEXT NOT NULL) WITHOUT ROWID")
-    db.execute("CREATE TABLE examples_state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
-    # Chains that are not examples, counted without reading the whole table.
-    db.execute(f"CREATE INDEX chains_unusable ON chains (outcome) WHERE {_UNUSABLE}")
+# The [selection] keys a policy is evaluated with; refresh remembers them for count_new.
+_POLICY_KEYS = ("policy", "min_retries", "recent_days", "action_pairs")
 
 
 # -- selection values --------------------------------------------------------------------------
 
 
-def _get(selection: Any, name: str, default: Any) -> Any:
-    if selection is None:
-        return default
-    if isinstance(selection, dict):
-        return selection.get(name, default)
-    return getattr(selection, name, default)
 
 
 def _epoch(now: Any) -> float:
@@ -102,17 +49,17 @@ def _epoch(now: Any) -> float:
     return now.timestamp() if hasattr(now, "timestamp") else float(now)
 
 
-def policy_and_context(selection: Any, now: float | None = None, *, policy: str | None = None,
+def policy_and_context(selection: SelectionSettings, now: float | None = None, *, policy: str | None = None,
                        min_retries: int | None = None, since: float | None = None
                        ) -> tuple[traces.Policy, traces.PolicyContext]:
-    """The parsed policy and its context from [selection] values (explicit arguments win)."""
+    """The parsed policy and its context from the [selection] section (explicit arguments win)."""
     now = _epoch(now)
-    parsed = traces.parse_policy(policy or _get(selection, "policy", "refinement"))
+    parsed = traces.parse_policy(policy or selection.policy)
     if since is None:
-        since = now - _get(selection, "recent_days", 30) * DAY
+        since = now - selection.recent_days * DAY
     ctx = traces.PolicyContext(
-        min_retries=min_retries if min_retries is not None else _get(selection, "min_retries", 2),
-        since=since, action_pairs=tuple(_get(selection, "action_pairs", ())))
+        min_retries=min_retries if min_retries is not None else selection.min_retries,
+        since=since, action_pairs=tuple(selection.action_pairs))
     return parsed, ctx
 
 
@@ -187,7 +134,7 @@ def skipped_counts(conn) -> dict[str, int]:
     """Chains that are not examples, by reason, over the whole buffer."""
     rows = conn.execute(
         f"SELECT CASE WHEN outcome = 'open' THEN '{SKIP_OPEN}' ELSE '{SKIP_EMPTY_SPEC}' END, count(*) "
-        f"FROM chains WHERE {_UNUSABLE} GROUP BY 1").fetchall()
+        f"FROM chains WHERE {UNUSABLE_CHAINS} GROUP BY 1").fetchall()
     return dict(rows)
 
 
@@ -208,19 +155,16 @@ def totals(conn) -> dict[str, int]:
     return out
 
 
-def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> RefreshReport:
+def refresh(buffer: Buffer, selection: SelectionSettings, now: float | None = None) -> RefreshReport:
     """Bring the examples table up to date with the chains (idempotent, one transaction).
 
     Args:
-        selection: [selection] values (the dataclass, a dict or any object with the
-            attributes): heldout_fraction, seed and dedup_similarity are used here; the
-            policy values are remembered for :func:`count_new`.
+        selection: the [selection] section: heldout_fraction, seed and dedup_similarity are
+            used here; the policy values are remembered for :func:`count_new`.
         now: the time recorded on changed rows (a parameter for tests).
     """
     now = _epoch(now)
-    fraction = _get(selection, "heldout_fraction", 0.15)
-    seed = _get(selection, "seed", 0)
-    threshold = _get(selection, "dedup_similarity", 0.9)
+    fraction, seed, threshold = selection.heldout_fraction, selection.seed, selection.dedup_similarity
     bands, rows_per_band = dedup.lsh_params(threshold)
     report = RefreshReport()
     with buffer.transaction() as conn:
@@ -229,9 +173,7 @@ def refresh(buffer: Buffer, selection: Any = None, now: float | None = None) -> 
         rebuild = previous is not None and previous != lsh  # dedup_similarity changed
         if previous != lsh:
             _set_state(conn, "lsh", lsh)
-        _set_state(conn, "selection", json.dumps({
-            k: _get(selection, k, d) for k, d in (("policy", "refinement"), ("min_retries", 2),
-                                                  ("recent_days", 30), ("action_pairs", ()))}))
+        _set_state(conn, "selection", json.dumps({k: getattr(selection, k) for k in _POLICY_KEYS}))
         seen = float(_state(conn, "chains_seen", "-1"))
         changed = conn.execute(
             "SELECT chain_id, source, workflow_id, action_pair_id, updated_at FROM chains WHERE updated_at >= ?",
@@ -408,15 +350,17 @@ def _pool_where(policy: traces.Policy, ctx: traces.PolicyContext, split_name: st
             [split_name, *outcomes, *params])
 
 
-def count_new(buffer: Buffer, since_seq: int, selection: Any = None, now: float | None = None) -> int:
+def count_new(buffer: Buffer, since_seq: int, selection: SelectionSettings | None = None,
+              now: float | None = None) -> int:
     """Training examples (train split, not duplicates, selected by the policy) with seq > since_seq.
 
     Args:
-        selection: [selection] values; by default those the last :func:`refresh` was given.
+        selection: the [selection] section; by default the policy values the last
+            :func:`refresh` was given (the built-in ones before any refresh).
     """
     if selection is None:
         stored = _state(buffer.conn, "selection")
-        selection = json.loads(stored) if stored else None
+        selection = SelectionSettings(**json.loads(stored)) if stored else SelectionSettings()
     policy, ctx = policy_and_context(selection, now)
     where, params = _pool_where(policy, ctx, split.TRAIN, SUCCESSES + ("exhausted",))
     return buffer.conn.execute(f"SELECT count(*) FROM examples WHERE seq > ? AND {where}",
@@ -468,21 +412,18 @@ def heldout_row(chain: traces.Chain, seq: int, role: str = "") -> dict:
             "chain_id": chain.chain_id, "metadata": _metadata(chain, seq, split.HELDOUT)}
 
 
-def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: int = 2000,
-                   replay_ratio: float = 0.5, since_seq: int = 0, seed: int = 0,
-                   weighting: str = "uniform", chat_template_system: str | None = None,
-                   max_heldout: int | None = None, now: float | None = None) -> Snapshot:
+def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str, n: int,
+                   replay_ratio: float, since_seq: int = 0, max_heldout: int | None = None,
+                   now: float | None = None) -> Snapshot:
     """One training set and the held-out set, from the examples table as it is now.
 
     Args:
-        selection: [selection] values (policy, min_retries, recent_days, action_pairs,
-            max_history, max_artifact_chars, prompt_template).
+        selection: the [selection] section (policy, min_retries, recent_days, action_pairs,
+            max_history, max_artifact_chars, prompt_template, seed, replay_weighting).
         method: "sft" (prompt with history -> accepted), "dpo" (pairs) or "kto" (unpaired).
         n: examples (chains) to draw: new ones first, plus the replayed share.
         replay_ratio: share of the set drawn from examples with seq <= since_seq.
         since_seq: the max_seq of the snapshot the serving version was trained on (0: none).
-        weighting: "uniform" or "retries" (replay favours chains that needed more retries).
-        chat_template_system: role text for the system message when no prompt template is set.
         max_heldout: at most this many held-out examples (the oldest, so the set stays put).
 
     Raises:
@@ -491,9 +432,8 @@ def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: in
     if method not in _METHOD_OUTCOMES:
         raise ValueError(f"unknown method {method!r}; expected sft, dpo or kto")
     policy, ctx = policy_and_context(selection, now)
-    role = formatting.load_role(_get(selection, "prompt_template", "")) or chat_template_system or ""
-    max_history = _get(selection, "max_history", 3)
-    max_chars = _get(selection, "max_artifact_chars", 4000)
+    role = formatting.load_role(selection.prompt_template) or ""
+    max_history, max_chars = selection.max_history, selection.max_artifact_chars
     conn = buffer.conn
     where, params = _pool_where(policy, ctx, split.TRAIN, _METHOD_OUTCOMES[method])
     max_seq = conn.execute("SELECT max(seq) FROM examples WHERE split = 'train'").fetchone()[0] or 0
@@ -506,13 +446,13 @@ def build_snapshot(buffer: Buffer, selection: Any, *, method: str = "sft", n: in
         return conn.execute(f"SELECT seq, retries FROM examples WHERE seq > ? AND seq <= ? AND {where}",
                             (lo, hi, *params)).fetchall()
 
-    rng = random.Random(seed)
+    rng = random.Random(selection.seed)
     since = min(since_seq, max_seq)
     n_new_target = n if since <= 0 else sampling.split_sizes(n, replay_ratio, n)[0]
     new = sampling.draw(n_new_target, since, max_seq, probe, scan, rng)
     _, n_replay = sampling.split_sizes(n, replay_ratio, len(new))
     top = conn.execute("SELECT max(retries) FROM examples").fetchone()[0] or 0
-    old = sampling.draw(n_replay, 0, since, probe, scan, rng, weighting, top) if since > 0 else []
+    old = sampling.draw(n_replay, 0, since, probe, scan, rng, selection.replay_weighting, top) if since > 0 else []
     seqs = new + old
     by_seq = dict(conn.execute("SELECT seq, chain_id FROM examples WHERE seq IN (SELECT value FROM json_each(?))",
                                (json.dumps(seqs),)).fetchall())

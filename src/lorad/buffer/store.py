@@ -4,7 +4,7 @@ WAL mode, numbered transactional migrations, and every write batched in one tran
 together with the bookkeeping that says it happened (file signatures, JSONL offsets), so a
 crash at any instant either keeps a whole batch or none of it.
 
-Tables created here (later migrations add theirs, named ``NNNN_<what>``):
+Its tables (the schema and every migration are in :mod:`lorad.buffer.schema`):
 
 - ``artifacts``: one row per attempt, normalised from any source; unique on
   (source, locator), where the locator is the file path in the store or the JSONL record id.
@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import operator
-import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,9 @@ import structlog
 from lorad import durable
 from lorad.buffer import traces
 from lorad.buffer.batch import Batch, Quarantined
+from lorad.buffer.schema import MIGRATIONS, migrate
 
-__all__ = ["ARTIFACT_COLUMNS", "Batch", "Buffer", "BufferError", "Quarantined", "migration"]
+__all__ = ["ARTIFACT_COLUMNS", "Batch", "Buffer", "BufferError", "Quarantined"]
 
 # Columns of ``artifacts`` that a source fills in, in insert order.
 ARTIFACT_COLUMNS = (
@@ -67,237 +67,6 @@ PAGE_SIZE = 16384
 
 class BufferError(Exception):
     "The buffer database cannot be opened or written."
-
-
-Migration = Callable[[sqlite_utils.Database], None]
-MIGRATIONS: list[tuple[str, Migration]] = []
-
-
-def migration(name: str):
-    """Register a numbered migration; each runs once, inside its own transaction."""
-
-    def register(fn: Migration) -> Migration:
-        if any(n == name for n, _ in MIGRATIONS):
-            raise ValueError(f"duplicate migration {name}")
-        MIGRATIONS.append((name, fn))
-        MIGRATIONS.sort(key=lambda m: m[0])
-        return fn
-
-    return register
-
-
-@migration("0001_initial")
-def _initial(db: sqlite_utils.Database) -> None:
-    db.execute(
-        """
-        CREATE TABLE artifacts (
-            id INTEGER PRIMARY KEY,
-            source TEXT NOT NULL,
-            locator TEXT NOT NULL,
-            artifact_id TEXT NOT NULL,
-            workflow_id TEXT NOT NULL,
-            action_pair_id TEXT NOT NULL,
-            parent_action_pair_id TEXT,
-            previous_attempt_id TEXT,
-            attempt_number INTEGER,
-            status TEXT NOT NULL CHECK (status IN ('pending','rejected','accepted','superseded')),
-            created_at TEXT,
-            created_ts REAL,
-            content TEXT NOT NULL,
-            passed INTEGER,
-            fatal INTEGER NOT NULL DEFAULT 0,
-            feedback TEXT,
-            sub_results TEXT,
-            specification TEXT NOT NULL DEFAULT '',
-            constraints TEXT NOT NULL DEFAULT '',
-            feedback_history TEXT,
-            dependency_artifacts TEXT,
-            origin TEXT NOT NULL DEFAULT 'generated',
-            metadata TEXT,
-            messages TEXT,
-            score REAL,
-            content_hash TEXT NOT NULL,
-            chain_id TEXT,
-            ingested_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            UNIQUE (source, locator)
-        )
-        """
-    )
-    db.execute("CREATE INDEX artifacts_group ON artifacts (source, workflow_id, action_pair_id)")
-    db.execute("CREATE INDEX artifacts_artifact_id ON artifacts (source, artifact_id)")
-    db.execute("CREATE INDEX artifacts_chain ON artifacts (chain_id)")
-    db.execute("CREATE INDEX artifacts_created ON artifacts (created_ts)")  # dropped again in 0005
-    db.execute(
-        """
-        CREATE TABLE chains (
-            chain_id TEXT PRIMARY KEY,
-            source TEXT NOT NULL,
-            workflow_id TEXT NOT NULL,
-            action_pair_id TEXT NOT NULL,
-            attempts INTEGER NOT NULL,
-            rejected INTEGER NOT NULL,
-            accepted_id INTEGER,
-            outcome TEXT NOT NULL CHECK (outcome IN ('first_try','refined','exhausted','open')),
-            specification TEXT NOT NULL DEFAULT '',
-            first_ts REAL,
-            last_ts REAL,
-            updated_at REAL NOT NULL
-        )
-        """
-    )
-    db.execute("CREATE INDEX chains_group ON chains (source, workflow_id, action_pair_id)")
-    db.execute("CREATE INDEX chains_outcome ON chains (outcome)")
-    db.execute(
-        """
-        CREATE TABLE quarantine (
-            id INTEGER PRIMARY KEY,
-            source TEXT NOT NULL,
-            locator TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            content_hash TEXT,
-            size INTEGER,
-            first_seen REAL NOT NULL,
-            last_seen REAL NOT NULL,
-            seen INTEGER NOT NULL DEFAULT 1,
-            UNIQUE (source, locator)
-        )
-        """
-    )
-    db.execute(
-        """
-        CREATE TABLE files (
-            source TEXT NOT NULL,
-            locator TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            content_hash TEXT NOT NULL,
-            PRIMARY KEY (source, locator)
-        ) WITHOUT ROWID
-        """
-    )
-    db.execute(
-        """
-        CREATE TABLE ingest_state (
-            source TEXT PRIMARY KEY,
-            state TEXT NOT NULL DEFAULT '{}',
-            last_scan REAL
-        )
-        """
-    )
-    db.execute(
-        """
-        CREATE TABLE audit (
-            id INTEGER PRIMARY KEY,
-            ts REAL NOT NULL,
-            event TEXT NOT NULL,
-            version TEXT,
-            job_id TEXT,
-            detail TEXT NOT NULL DEFAULT '{}'
-        )
-        """
-    )
-    db.execute("CREATE INDEX audit_event ON audit (event, ts)")
-
-
-@migration("0005_ingest_indexes")
-def _ingest_indexes(db: sqlite_utils.Database) -> None:
-    # Nothing queries artifacts by created_ts (the recent policy reads examples), and every
-    # index is written on each insert: ingest is faster without it.
-    db.execute("DROP INDEX IF EXISTS artifacts_created")
-
-
-@migration("0006_no_artifact_id_index")
-def _no_artifact_id_index(db: sqlite_utils.Database) -> None:
-    # Feedback sent over the socket finds its parent by locator, which for a JSONL or feedback
-    # record is its id: nothing else looked artifacts up by artifact_id.
-    db.execute("DROP INDEX IF EXISTS artifacts_artifact_id")
-
-
-@migration("0007_no_chain_index")
-def _no_chain_index(db: sqlite_utils.Database) -> None:
-    # A chain's rows are found through its group (chains has it, artifacts_group indexes it);
-    # an index on chain_id alone cost every insert ~7 %.
-    db.execute("DROP INDEX IF EXISTS artifacts_chain")
-
-
-@migration("0008_signatures_on_rows")
-def _signatures_on_rows(db: sqlite_utils.Database) -> None:
-    # A file's signature moves onto the row it became (artifact or quarantine entry): the
-    # files table repeated the (source, locator) key both already have, and writing it was a
-    # sixth of a first scan's database time.
-    db.execute("ALTER TABLE artifacts ADD COLUMN file_size INTEGER")
-    db.execute("ALTER TABLE artifacts ADD COLUMN file_mtime_ns INTEGER")
-    db.execute("ALTER TABLE quarantine ADD COLUMN mtime_ns INTEGER")
-    db.execute(
-        "UPDATE artifacts SET (file_size, file_mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "
-        "WHERE f.source = artifacts.source AND f.locator = artifacts.locator AND f.content_hash = artifacts.content_hash)"
-    )
-    db.execute(
-        "UPDATE quarantine SET (size, mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "
-        "WHERE f.source = quarantine.source AND f.locator = quarantine.locator "
-        "AND f.content_hash = coalesce(quarantine.content_hash, '-')) "
-        "WHERE EXISTS (SELECT 1 FROM files f WHERE f.source = quarantine.source AND f.locator = quarantine.locator "
-        "AND f.content_hash = coalesce(quarantine.content_hash, '-'))"
-    )
-    db.execute("DROP TABLE files")
-
-
-_IN_LIST_CHECK = re.compile(r"CHECK \((\w+) IN \(([^()]*)\)\)")
-
-
-def _or_check(match: re.Match) -> str:
-    column, values = match.group(1), [v.strip() for v in match.group(2).split(",")]
-    return "CHECK (" + " OR ".join(f"{column} = {v}" for v in values) + ")"
-
-
-@migration("0009_checks_without_in_lists")
-def _checks_without_in_lists(db: sqlite_utils.Database) -> None:
-    # SQLite evaluates "x IN ('a','b',...)" in a CHECK by building a small temporary table,
-    # once per statement run: for every row an ingest inserts (measured: 2 us a row, a fifth
-    # of the cost of inserting an artifact). "x = 'a' OR x = 'b' ..." means the same (NULL
-    # included) and costs nothing. The constraint text is changed in place, the way SQLite
-    # documents for changing a CHECK constraint (the stored rows are untouched and already
-    # satisfy it); tables created later by other migrations keep their form.
-    conn = db.conn
-    tables = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql LIKE '%CHECK%'").fetchall()
-    changed = [(new, name) for name, sql in tables if (new := _IN_LIST_CHECK.sub(_or_check, sql)) != sql]
-    if not changed:
-        return
-    version = conn.execute("PRAGMA schema_version").fetchone()[0]
-    conn.execute("PRAGMA writable_schema = ON")
-    try:
-        conn.executemany("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?", changed)
-        conn.execute(f"PRAGMA schema_version = {version + 1}")
-    finally:
-        conn.execute("PRAGMA writable_schema = OFF")
-
-
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply every migration not yet applied, each in its own transaction. Returns their names."""
-    conn = db.conn
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
-    done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
-    applied = []
-    for name, fn in MIGRATIONS:
-        if name in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Another process may have applied it while we waited for the write lock.
-            if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone():
-                conn.execute("ROLLBACK")
-                continue
-            fn(db)
-            conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        applied.append(name)
-    return applied
 
 
 class _Checkpointer:
@@ -343,6 +112,15 @@ class _Checkpointer:
             log.debug("checkpointer_stopped", error=str(e))
         finally:
             conn.close()
+
+
+def _check_schema(conn: sqlite3.Connection, path) -> None:
+    """A reader needs every migration applied: it never applies them itself."""
+    applied = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    missing = [name for name, _ in MIGRATIONS if name not in applied]
+    if missing:
+        raise BufferError(f"buffer {path} was last opened by an older lorad (migrations {', '.join(missing)} "
+                          f"not applied); `lorad ingest` or the daemon brings it up to date")
 
 
 class Buffer:
@@ -391,6 +169,8 @@ class Buffer:
             self.db = sqlite_utils.Database(conn)
             if not readonly:
                 migrate(self.db)
+            else:
+                _check_schema(conn, path)
         except sqlite3.DatabaseError as e:
             raise BufferError(f"cannot open buffer {path}: {e}") from None
         if self.path and not readonly:
@@ -621,5 +401,3 @@ class Buffer:
             for i, ts, ev, v, j, d in rows
         ]
 
-
-from lorad.buffer import examples as _examples  # noqa: E402,F401  (registers 0002_examples)

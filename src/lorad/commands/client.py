@@ -173,9 +173,33 @@ def status(args, settings) -> int:
     return 0
 
 
+def _jobs_call(settings, command: str, **arguments) -> dict:
+    """The daemon's answer, or with no daemon running the same read from the buffer itself
+    (`lorad train` records its jobs there too)."""
+    from lorad.cli import CommandError
+
+    try:
+        return call(settings, command, **arguments)
+    except CommandError as e:
+        if e.code != EX_UNAVAILABLE or not settings.buffer_path.exists():
+            raise
+    from lorad.buffer.jobs import JobNotFound, JobStore
+    from lorad.buffer.store import Buffer, BufferError
+
+    try:
+        with Buffer(settings.buffer_path, readonly=True) as buffer:
+            store = JobStore(buffer.conn)
+            if command == "jobs":
+                return {"ok": True, "jobs": store.list(arguments["limit"])}
+            job = store.get(arguments["job_id"])
+            return {"ok": True, "job": job | {"events": store.events(job["job_id"])}}
+    except (BufferError, JobNotFound) as e:
+        raise CommandError(str(e)) from None
+
+
 def jobs(args, settings) -> int:
     if args.job_id:
-        r = call(settings, "job", job_id=args.job_id)
+        r = _jobs_call(settings, "job", job_id=args.job_id)
         j = r["job"]
         lines = [_job_row(j)]
         if j.get("state") in ("preparing", "training", "evaluating"):
@@ -185,7 +209,7 @@ def jobs(args, settings) -> int:
             lines.append(f"  {ts} {e['state']}" + (f": {e['reason']}" if e.get("reason") else ""))
         emit(args, r, "\n".join(lines))
         return 0
-    r = call(settings, "jobs", limit=args.limit)
+    r = _jobs_call(settings, "jobs", limit=args.limit)
     emit(args, r, "\n".join(_job_row(j) for j in r["jobs"]) or "no jobs yet")
     return 0
 

@@ -43,15 +43,13 @@ def run(args, settings) -> int:
 def collect(settings, limit: int = 10) -> dict:
     """Jobs with their loss curves, and versions with their metrics, from the state directory."""
     from lorad.cli import CommandError
-    from lorad.daemon.jobs import JobStore
+    from lorad.buffer.jobs import JobStore
     from lorad.registry import Registry, RegistryError
     from lorad.training.job import iter_progress
 
     jobs = []
     path = settings.buffer_path
     if path.exists():
-        import sqlite3
-
         from lorad.buffer.store import Buffer, BufferError
 
         try:
@@ -59,8 +57,6 @@ def collect(settings, limit: int = 10) -> dict:
                 rows = JobStore(buffer.conn).list(limit)
         except BufferError as e:
             raise CommandError(str(e)) from None
-        except sqlite3.OperationalError:  # no jobs table: the daemon never ran on this buffer
-            rows = []
         for job in reversed(rows):
             curve = []
             if job.get("job_dir") and Path(job["job_dir"]).is_dir():

@@ -1,4 +1,8 @@
-"""`lorad train --once`: one whole training cycle in the foreground, without the daemon."""
+"""`lorad train`: one whole training cycle in the foreground, without the daemon.
+
+The cycle is the daemon's (:mod:`lorad.pipeline`), recorded as a job of trigger ``cli``:
+`lorad jobs` and `lorad report` show it beside the daemon's.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,21 @@ def register(sub, common) -> None:
     p = sub.add_parser(
         "train", parents=[common],
         help="run one training cycle now in the foreground (ingest, select, train, evaluate, decide)")
-    p.add_argument("--once", action="store_true", required=True,
-                   help="run a single cycle and exit (required; the daemon schedules the others)")
+    p.add_argument("--once", action="store_true",
+                   help="accepted for scripts written for older versions; `lorad train` always runs one cycle")
     p.add_argument("--no-ingest", action="store_true", help="do not scan the sources first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args, settings) -> int:
-    from lorad import cycle
+    from lorad import pipeline
+    from lorad.commands import render
 
-    outcome = cycle.run_once(settings, progress=not (args.no_progress or args.json),
-                             ingest_first=not args.no_ingest)
-    emit(args, outcome.as_dict(), outcome.render())
+    bar = render.ProgressBar(enabled=not (args.no_progress or args.json))
+    try:
+        outcome = pipeline.run_now(settings, ingest_first=not args.no_ingest, on_progress=bar.update)
+    finally:
+        bar.close()
+    emit(args, outcome.as_dict(), render.outcome(outcome))
     return EXIT_BY_STATUS.get(outcome.status, 1)

@@ -32,17 +32,10 @@ def register(sub, common) -> None:
     p.set_defaults(func=rollback)
 
 
-def _open(settings):
-    from lorad.buffer.store import Buffer
-    from lorad.cycle import open_registry
-
-    buffer = Buffer(settings.buffer_path, settings.buffer.synchronous)
-    return buffer, open_registry(settings, buffer)
-
-
 def history(args, settings) -> int:
     from lorad.cli import CommandError
-    from lorad.cycle import open_registry, render_metrics
+    from lorad.commands.render import metrics_table
+    from lorad.release import open_registry
     from lorad.registry import RegistryError
 
     reg = open_registry(settings)
@@ -65,7 +58,7 @@ def history(args, settings) -> int:
                  f"examples {(r.get('examples') or {}).get('count')} (max seq {(r.get('examples') or {}).get('max_seq')}), "
                  f"held-out {(r.get('heldout') or {}).get('count')}"]
         if r.get("metrics"):
-            lines.append(render_metrics(r["metrics"], cmp.get("label", "active"), cmp.get("version")))
+            lines.append(metrics_table(r["metrics"], cmp.get("label", "active"), cmp.get("version")))
         lines += [f"  - {reason}" for reason in verdict.get("reasons", [])]
         lines.append("files: sha256 ok" if not problems else "files: " + "; ".join(problems))
         emit(args, payload, "\n".join(lines))
@@ -140,20 +133,19 @@ def _pct(x) -> str:
 
 
 def _change(args, settings, action: str) -> int:
-    from lorad import cycle
+    from lorad import release
+    from lorad.buffer.store import Buffer
     from lorad.cli import CommandError
     from lorad.registry import RegistryError
 
     done = _through_daemon(settings, action, args.version, args.reason)
     if done is None:  # no daemon running: change the registry here
-        buffer, reg = _open(settings)
+        fn = release.promote if action == "promote" else release.rollback
         try:
-            fn = cycle.promote if action == "promote" else cycle.rollback
-            done = fn(settings, buffer, reg, args.version, reason=args.reason)
+            with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
+                done = fn(settings, buffer, args.version, reason=args.reason)
         except RegistryError as e:
             raise CommandError(str(e)) from None
-        finally:
-            buffer.close()
     change, report = done["change"], done["publish"]
     verb = "promoted" if action == "promote" else "rolled back to"
     lines = [f"{verb} {change['version']} (was {change['replaced'] or 'base model'}); "

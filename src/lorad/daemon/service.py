@@ -28,7 +28,9 @@ from lorad.buffer.store import Buffer
 from lorad.config import ConfigError, Settings
 from lorad.daemon import protocol
 from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
-from lorad.daemon.jobs import FINAL, JobNotFound, JobRunner, JobStore
+from lorad import events
+from lorad.buffer.jobs import FINAL, JobNotFound, JobStore
+from lorad.daemon.jobs import JobRunner
 from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
 from lorad.daemon.systemd import Notifier
 from lorad.daemon.watcher import IngestLoop, Watcher
@@ -95,8 +97,9 @@ class Service:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = Buffer(s.buffer_path, s.buffer.synchronous)  # migrations run here
         self.jobs = JobStore(self.db.conn)
-        for job_id in self.jobs.recover():
-            log.warning("job_paused", job_id=job_id, reason="daemon restarted while the job was running")
+        from lorad.pipeline import recover
+
+        recover(s, self.jobs)  # jobs a dead daemon left running become paused
         self.scheduling_paused = bool(self.jobs.get_state("scheduling_paused", False))
         self.failures = int(self.jobs.get_state("failures", 0))
         self.backoff_until = float(self.jobs.get_state("backoff_until", 0.0))
@@ -140,7 +143,7 @@ class Service:
         self._stopping = True  # requests waiting for the main loop are answered "stopping"
         self.notifier.stopping()
         if self.runner is not None and self.runner.is_alive():
-            log.info("job_pausing", job_id=self.runner.job_id, reason="daemon stopping")
+            log.info(events.JOB_PAUSING, job_id=self.runner.job_id, reason="daemon stopping")
             self.runner.pause("daemon stopping")
             self.runner.join(STOP_TIMEOUT)
             if self.runner.is_alive():
@@ -237,7 +240,7 @@ class Service:
         self.last_decision = d.reason
         if d.action == "pause":
             if not self.runner.stopping:
-                log.info("job_pausing", job_id=d.job_id, reason=d.reason)
+                log.info(events.JOB_PAUSING, job_id=d.job_id, reason=d.reason)
                 self.runner.pause(d.reason)
         elif d.action in ("start", "resume"):
             job = self.jobs.get(d.job_id) if d.job_id else self.jobs.create("window")
@@ -245,7 +248,7 @@ class Service:
             self._start_job(job, window_end, d.reason)
 
     def _start_job(self, job: dict, window_end: float | None, reason: str) -> None:
-        log.info("job_started" if job["state"] == "queued" else "job_resumed", job_id=job["job_id"],
+        log.info(events.JOB_STARTED if job["state"] == "queued" else events.JOB_RESUMED, job_id=job["job_id"],
                  trigger=job["trigger"], reason=reason)
         self.runner = JobRunner(self.settings, job, window_end=window_end, on_concluded=self._refresh_snapshot)
         self.runner.start()
@@ -261,7 +264,13 @@ class Service:
             delay = backoff_delay(self.failures, self.settings.schedule.backoff_initial,
                                   self.settings.schedule.backoff_max)
             self.backoff_until = time.time() + delay
-            log.warning("job_failed", job_id=runner.job_id, reason=runner.reason, backoff_s=delay)
+            log.warning(events.BACKOFF_STARTED, job_id=runner.job_id, reason=runner.reason, backoff_s=delay)
+        elif state == "skipped":
+            # Nothing to train on although the count said there was: no failure, but no retry
+            # at the next tick either.
+            delay = self.settings.schedule.backoff_initial
+            self.backoff_until = time.time() + delay
+            log.info(events.BACKOFF_STARTED, job_id=runner.job_id, reason=runner.reason, backoff_s=delay)
         elif state in ("promoted", "rejected"):
             self.failures, self.backoff_until = 0, 0.0
         self.jobs.set_state("failures", self.failures)
@@ -420,18 +429,29 @@ class Service:
         loop must keep pinging systemd's watchdog meanwhile (WatchdogSec=60 would kill the
         daemon). The registry's own lock serialises pointer changes with a concluding job.
         """
-        from lorad.daemon import views
+        from lorad import release
+        from lorad.registry import RegistryError
 
         reason, version = request.get("reason"), request.get("version")
         if version is not None and not isinstance(version, str):  # the protocol fuzz found this
             return protocol.error(f"{command}: version must be a version name string, got {version!r}"[:200])
+        reason = reason if isinstance(reason, str) and reason else None
+        if command == "promote" and not version:
+            return protocol.error("promote needs a VERSION")
         concluding = self._call(lambda: self.runner is not None and self.runner.is_alive()
                                 and self.runner.state == "evaluating")
         if concluding:
             return protocol.error("a job is concluding; try again in a moment")
         with self._version_lock, Buffer(self.settings.buffer_path, self.settings.buffer.synchronous) as buffer:
-            response = views.change_version(self.settings, buffer, command, version,
-                                            reason if isinstance(reason, str) else None)
+            try:
+                if command == "promote":
+                    done = release.promote(self.settings, buffer, version, reason=reason or "promoted by hand")
+                else:
+                    done = release.rollback(self.settings, buffer, version or None,
+                                            reason=reason or "rolled back by hand")
+            except RegistryError as e:
+                return protocol.error(str(e))
+        response = {"ok": True, **done}
         self._call(lambda: None)  # the main loop refreshes the status snapshot after an action
         return response
 
@@ -440,7 +460,7 @@ class Service:
         if command == "train_now":
             job = self.jobs.create("manual")
             self._decide_now = True
-            log.info("job_queued", job_id=job["job_id"], trigger="manual")
+            log.info(events.JOB_QUEUED, job_id=job["job_id"], trigger="manual")
             return {"ok": True, "job": job}
         if command == "cancel":
             job_id = str(request.get("job_id"))
@@ -454,7 +474,7 @@ class Service:
             if job["state"] in FINAL:
                 return protocol.error(f"job {job_id} already ended ({job['state']})")
             self.jobs.transition(job_id, "cancelled", "cancelled by request")
-            log.info("job_cancelled", job_id=job_id)
+            log.info(events.JOB_CANCELLED, job_id=job_id, reason="cancelled by request")
             return {"ok": True, "job_id": job_id, "state": "cancelled"}
         if command in ("pause", "resume"):
             self.scheduling_paused = command == "pause"
@@ -468,20 +488,20 @@ class Service:
         return protocol.error(f"unknown command {command!r}")  # pragma: no cover - protocol checks
 
     def _feedback(self, request: dict) -> dict:
-        from lorad.daemon import views
+        from lorad.daemon import feedback
 
         record = request.get("record")
         if not isinstance(record, dict):
             return protocol.error('feedback needs a "record" object')
         def task(buffer):
-            response = views.write_feedback(buffer, record)
+            response = feedback.write_feedback(buffer, record)
             self.ingest.mark_changed()
             return response
 
         future = self.ingest.submit(task)
         try:
             return future.result(30)  # acknowledged only after the commit
-        except views.FeedbackRejected as e:
+        except feedback.FeedbackRejected as e:
             return protocol.error(str(e))
 
 

@@ -145,7 +145,6 @@ class IngestLoop:
         self.last_ingest = 0.0
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._retry: list[tuple[float, set[str]]] = []
-        self._reconcile_requested = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -156,11 +155,6 @@ class IngestLoop:
         self.last_reconcile = time.monotonic()
         self._done(report, "reconcile")
         return report
-
-    def request_reconcile(self) -> None:
-        self._reconcile_requested.set()
-        with self.watcher._cond:
-            self.watcher._cond.notify_all()
 
     def submit(self, fn: Callable) -> Future:
         """Run ``fn(buffer)`` in the writer thread; the future holds its result or exception."""
@@ -194,8 +188,7 @@ class IngestLoop:
                 break
             self._run_tasks()
             try:
-                if self._reconcile_requested.is_set() or time.monotonic() >= self.last_reconcile + self.reconcile_interval:
-                    self._reconcile_requested.clear()
+                if time.monotonic() >= self.last_reconcile + self.reconcile_interval:
                     self.watcher.take()  # the full scan covers them
                     self._retry.clear()
                     self.reconcile()

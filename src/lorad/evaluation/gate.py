@@ -3,7 +3,7 @@
 ``decide(active, candidate, thresholds)`` says whether a candidate adapter may replace the
 one serving now (or the bare base model), and why; ``decide_rollback(active, previous,
 threshold)`` says whether the adapter serving now has become worse than the previous blessed
-one on the current held-out set. Both take the metric dicts that
+one on the current held-out set (a :class:`RollbackDecision`). Both take the metric dicts that
 :func:`lorad.evaluation.metrics.evaluate` returns (``nll``, ``examples``, optionally
 ``epsilon``) and, for the candidate, the worker's health check under ``"health"``
 (``{"ok": bool, "reason": str}``). Every reason is a sentence a person can read with its
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 class Thresholds:
     """What a candidate must achieve (the [evaluation] keys of the same names)."""
 
-    min_improvement: float = 0.01
-    max_regression: float = 0.0
-    min_heldout_examples: int = 5
+    min_improvement: float
+    max_regression: float
+    min_heldout_examples: int
 
 
 @dataclass(frozen=True)
@@ -96,19 +96,27 @@ def decide(active: dict, candidate: dict, thresholds: Thresholds) -> Verdict:
     return Verdict(not failed, failed or passed)
 
 
-def decide_rollback(active: dict, previous: dict, threshold: float) -> Verdict:
-    """Whether the active adapter is now worse than the previous blessed one (promote = roll back).
+@dataclass(frozen=True)
+class RollbackDecision:
+    """Whether to roll the active adapter back to the previous one, with the reasons."""
+
+    roll_back: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def decide_rollback(active: dict, previous: dict, threshold: float) -> RollbackDecision:
+    """Whether the active adapter is now worse than the previous blessed one.
 
     Roll back when the active adapter's held-out loss exceeds the previous one's by more
     than ``threshold`` (relative), scored on the same current held-out examples.
     """
     a, p = active.get("nll", math.nan), previous.get("nll", math.nan)
     if not (_finite(a) and _finite(p)) or p <= 0:
-        return Verdict(False, [f"cannot compare held-out losses (active {a}, previous {p})"])
+        return RollbackDecision(False, [f"cannot compare held-out losses (active {a}, previous {p})"])
     rise = (a - p) / p
     sentence = (f"active held-out loss {a:.4f} vs previous {p:.4f} ({rise:+.2%}); "
                 f"rollback above +{threshold:.2%}")
-    return Verdict(rise > threshold, [sentence])
+    return RollbackDecision(rise > threshold, [sentence])
 
 
 def _finite(x) -> bool:

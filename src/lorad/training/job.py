@@ -7,9 +7,10 @@ Torch-free: the daemon and the CLI import this module. Layout of ``state_dir/job
     heldout.jsonl     held-out rows
     progress.jsonl    one JSON object a line from the worker: stage, step, total_steps, loss,
                       learning_rate, tokens_per_s, eta_s, ts
-    result.json       the worker's outcome (status, reason, adapter, losses, metrics, ...)
+    result.json       the worker's outcome: a Result (status, reason, adapter, metrics, ...)
     checkpoints/step-N/   complete checkpoints only (written under a temp name, fsynced, renamed)
-    adapter/          adapter_config.json, adapter_model.safetensors, manifest.json (sha256)
+    adapter/          adapter_config.json, adapter_model.safetensors
+    plan.json         the parent's own record of what it compared (see lorad.pipeline)
 
 The worker runs as ``python -m lorad.training.worker JOB_DIR`` (see :func:`worker_command`)
 and exits with one of the EXIT_* codes; result.json always says which, with the reason.
@@ -22,7 +23,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -45,95 +46,173 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 
 
+SCHEMA_VERSION = 1  # of job.json and result.json; a reader refuses any other
+
+# Progress stages the worker writes (progress.jsonl "stage"), in the order they come; a
+# record whose stage is a status (succeeded, failed, paused, cancelled) is the last one.
+STAGE_PREPARING = "preparing"
+STAGE_TRAINING = "training"
+STAGE_CHECKPOINTED = "checkpointed"
+STAGE_SAVING = "saving"
+STAGE_EVALUATING = "evaluating"
+
+
 class JobError(Exception):
-    "A job directory is missing or holds an unreadable job.json."
+    "A job directory is missing, or holds a job.json or result.json this version cannot read."
+
+
+# JobSpec fields filled from the [training] and [evaluation] sections by name.
+_TRAINING_KEYS = ("base_model", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+                  "learning_rate", "max_steps", "epochs", "batch_size", "grad_accum", "max_seq_length",
+                  "quantization", "processes", "accelerate_config", "save_steps",
+                  "gradient_checkpointing", "packing", "seed", "memory_headroom")
+_EVALUATION_KEYS = ("eval_batch_size", "guard_command", "generation_samples", "guard_timeout",
+                    "max_new_tokens")
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything one worker run needs, as plain values (stored as job.json).
+    """Everything one worker run needs, as plain values: job.json, written by the parent
+    (:func:`write_job`) and read by the worker (:func:`read_job`).
 
-    Paths are strings so the spec round-trips through JSON unchanged. ``parent_adapter`` is
-    the adapter to warm-start from (None = fresh LoRA on the base). ``reference_adapter`` is
-    the adapter serving now, scored beside the candidate (None = the bare base model);
-    ``previous_adapter``, when set, is scored too (for re-scoring the active one).
-    ``window_end`` is a Unix time: at the first step end past it the worker checkpoints and
-    exits paused. ``evaluate`` = False skips the held-out metrics (health check only).
+    Built by :func:`build_spec` from the config sections; the defaults live in
+    :mod:`lorad.config` alone, so no field has one here. Paths are strings so the spec
+    round-trips through JSON unchanged. ``parent_adapter`` is the adapter to warm-start
+    from (None = a fresh LoRA on the base). ``reference_adapter`` is the adapter serving now,
+    scored beside the candidate (None = the bare base model); ``previous_adapter``, when
+    set, is scored too (re-scoring the active one). ``window_end`` is a Unix time: at the
+    first step end past it the worker checkpoints and exits paused. ``evaluate`` = False
+    skips the held-out metrics (health check only). The field meanings are the config keys'
+    of the same names (README, config.toml).
     """
 
     job_id: str
-    base_model: str
     state_dir: str
-    method: str = "sft"
-    lora_r: int = 4
-    lora_alpha: int = 8
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("all-linear",)
-    learning_rate: float = 2e-4
-    max_steps: int = 0
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_seq_length: int = 512
-    quantization: str = "auto"
-    processes: int = 1
-    accelerate_config: str = ""
-    save_steps: int = 50
-    gradient_checkpointing: bool = True
-    packing: bool = False
-    seed: int = 0
-    memory_headroom: float = 0.9
-    parent_adapter: str | None = None
-    reference_adapter: str | None = None
-    previous_adapter: str | None = None
-    window_end: float | None = None
-    offline: bool = True
-    evaluate: bool = True
-    eval_batch_size: int = 8
-    guard_command: tuple[str, ...] = ()
-    generation_samples: int = 32
-    guard_timeout: float = 30.0
-    max_new_tokens: int = 256
-    extra: dict = field(default_factory=dict)
+    base_model: str
+    method: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    learning_rate: float
+    max_steps: int
+    epochs: float
+    batch_size: int
+    grad_accum: int
+    max_seq_length: int
+    quantization: str
+    processes: int
+    accelerate_config: str
+    save_steps: int
+    gradient_checkpointing: bool
+    packing: bool
+    seed: int
+    memory_headroom: float
+    eval_batch_size: int
+    guard_command: tuple[str, ...]
+    generation_samples: int
+    guard_timeout: float
+    max_new_tokens: int
+    parent_adapter: str | None
+    reference_adapter: str | None
+    previous_adapter: str | None
+    window_end: float | None
+    evaluate: bool
+    schema_version: int = SCHEMA_VERSION
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise JobError(f"job.json: unknown keys {unknown}")
+        """Raises JobError on another schema version, an unknown key or a missing one."""
+        _check_version(data, "job.json")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"schema_version"})
+        if unknown or missing:
+            raise JobError(f"job.json: unknown keys {unknown}, missing keys {missing}")
         values = dict(data)
         for key in ("target_modules", "guard_command"):
-            if key in values:
-                values[key] = tuple(values[key])
+            values[key] = tuple(values[key])
         return cls(**values)
 
 
-def spec_from_settings(settings, job_id: str, *, parent_adapter: str | None = None,
-                       reference_adapter: str | None = None, previous_adapter: str | None = None,
-                       window_end: float | None = None, evaluate: bool = True) -> JobSpec:
-    """A JobSpec from the [training] and [evaluation] sections of loaded Settings.
+def build_spec(job_id: str, state_dir, training, evaluation, *, parent_adapter: str | None = None,
+               reference_adapter: str | None = None, previous_adapter: str | None = None,
+               window_end: float | None = None, evaluate: bool = True) -> JobSpec:
+    """The JobSpec for a run of ``training`` and ``evaluation`` (the config sections).
 
-    ``parent_adapter`` is only used when ``training.warm_start`` is true.
+    ``parent_adapter`` is used only when ``training.warm_start`` is true.
     """
-    t, e = settings.training, settings.evaluation
-    return JobSpec(
-        job_id=job_id, base_model=t.base_model, state_dir=str(settings.state_dir), method=t.method,
-        lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-        target_modules=tuple(t.target_modules), learning_rate=t.learning_rate, max_steps=t.max_steps,
-        epochs=t.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        max_seq_length=t.max_seq_length, quantization=t.quantization, processes=t.processes,
-        accelerate_config=t.accelerate_config, save_steps=t.save_steps,
-        gradient_checkpointing=t.gradient_checkpointing, packing=t.packing, seed=t.seed,
-        memory_headroom=t.memory_headroom,
-        parent_adapter=parent_adapter if t.warm_start else None,
-        reference_adapter=reference_adapter, previous_adapter=previous_adapter,
-        window_end=window_end, evaluate=evaluate, eval_batch_size=e.eval_batch_size,
-        guard_command=tuple(e.guard_command), generation_samples=e.generation_samples,
-        guard_timeout=e.guard_timeout, max_new_tokens=e.max_new_tokens)
+    values = {k: getattr(training, k) for k in _TRAINING_KEYS}
+    values |= {k: getattr(evaluation, k) for k in _EVALUATION_KEYS}
+    values["target_modules"] = tuple(values["target_modules"])
+    values["guard_command"] = tuple(values["guard_command"])
+    return JobSpec(job_id=job_id, state_dir=str(state_dir),
+                   parent_adapter=parent_adapter if training.warm_start else None,
+                   reference_adapter=reference_adapter, previous_adapter=previous_adapter,
+                   window_end=window_end, evaluate=evaluate, **values)
+
+
+@dataclass
+class Result:
+    """The worker's outcome: result.json, written by the worker (:func:`write_result`) and read
+    by the parent (:func:`read_result`). Every run ends with one, whatever its status.
+
+    ``metrics`` maps a label ("candidate", "active": the reference adapter or the bare base,
+    and "previous" when re-scoring) to :func:`lorad.evaluation.metrics.evaluate`'s metrics.
+    ``health`` is the finite-logits check: ``{"ok": bool, "reason": str}``.
+    """
+
+    job_id: str
+    status: str = "failed"  # succeeded | failed | paused | cancelled (STATUS_BY_EXIT)
+    reason: str = ""
+    error: str | None = None
+    traceback: str | None = None
+    method: str | None = None
+    adapter: str | None = None
+    final_loss: float | None = None
+    steps: int = 0
+    total_steps: int | None = None
+    tokens: int = 0
+    tokens_per_s: float | None = None
+    train_seconds: float | None = None
+    wall_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    memory_estimate: dict | None = None
+    device: str | None = None
+    processes: int | None = None
+    base_model: str | None = None  # the resolved local path
+    resumed_from: str | None = None
+    health: dict | None = None
+    metrics: dict | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == STATUS_BY_EXIT[EXIT_OK]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Result":
+        """Raises JobError on another schema version or an unknown key."""
+        _check_version(data, "result.json")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown or "job_id" not in data:
+            raise JobError(f"result.json: unknown keys {unknown}" if unknown else "result.json: no job_id")
+        return cls(**data)
+
+
+def _check_version(data, what: str) -> None:
+    if not isinstance(data, dict):
+        raise JobError(f"{what}: not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise JobError(f"{what}: schema version {version!r}, this lorad reads version {SCHEMA_VERSION} "
+                       f"(written by another lorad version?)")
 
 
 # -- writing and reading ------------------------------------------------------------------------
@@ -200,21 +279,30 @@ def read_job(job_dir) -> JobSpec:
         raise JobError(f"{path}: not valid JSON: {e}") from None
     try:
         return JobSpec.from_dict(data)
+    except JobError as e:
+        raise JobError(f"{path}: {e}") from None
     except TypeError as e:
         raise JobError(f"{path}: {e}") from None
 
 
-def write_result(job_dir, result: dict) -> None:
-    atomic_write(Path(job_dir) / RESULT_FILE, json.dumps(result, indent=2, default=str) + "\n")
+def write_result(job_dir, result: Result) -> None:
+    atomic_write(Path(job_dir) / RESULT_FILE, json.dumps(result.as_dict(), indent=2, default=str) + "\n")
 
 
-def read_result(job_dir) -> dict | None:
-    """The worker's result.json, or None when it has not written one (yet)."""
+def read_result(job_dir) -> Result | None:
+    """The worker's result.json, or None when it has not written one (yet).
+
+    Raises:
+        JobError: it is not valid JSON or not a result this version can read.
+    """
     path = Path(job_dir) / RESULT_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except json.JSONDecodeError as e:
+        raise JobError(f"{path}: not valid JSON: {e}") from None
+    return Result.from_dict(data)
 
 
 def iter_progress(job_dir, offset: int = 0) -> Iterator[tuple[dict, int]]:

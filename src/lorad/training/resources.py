@@ -214,10 +214,8 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def environment(model_dir: str | None = None, *, state_dir: str | None = None, lora_r: int = 4,
-                target_modules=("all-linear",), batch_size: int = 4, seq_length: int = 512,
-                quantization: str = "auto", gradient_checkpointing: bool = True,
-                headroom: float = 0.9) -> dict:
+def environment(model_dir: str | None, *, state_dir: str | None, lora_r: int, target_modules, batch_size: int,
+                seq_length: int, quantization: str, gradient_checkpointing: bool, headroom: float) -> dict:
     """A report of the environment for ``lorad doctor`` (and the estimate for a model)."""
     import torch
 
@@ -260,16 +258,19 @@ def environment(model_dir: str | None = None, *, state_dir: str | None = None, l
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from lorad.config import TrainingSettings
+
+    d = TrainingSettings()  # the defaults of the [training] keys these flags stand for
     p = argparse.ArgumentParser(prog="python -m lorad.training.resources")
     p.add_argument("--model", help="base model: HF id, local directory or .gguf file")
     p.add_argument("--state-dir")
-    p.add_argument("--lora-r", type=int, default=4)
-    p.add_argument("--target-modules", nargs="*", default=["all-linear"])
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--quantization", default="auto")
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--target-modules", nargs="*", default=list(d.target_modules))
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-length", type=int, default=d.max_seq_length)
+    p.add_argument("--quantization", default=d.quantization)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--headroom", type=float, default=0.9)
+    p.add_argument("--headroom", type=float, default=d.memory_headroom)
     args = p.parse_args(argv)
     model_dir = None
     if args.model:

@@ -8,7 +8,7 @@ Reads the job directory the parent wrote (see :mod:`lorad.training.job`), then, 
    a NaN/Inf loss, and on SIGTERM or the end of the window finishes the step, checkpoints and
    stops (exit 75); SIGINT cancels (exit 76). A new worker on the same directory resumes from
    the last complete checkpoint (optimizer, scheduler and RNG state included);
-3. save: health check (finite logits on a held-out batch), the adapter with a sha256 manifest;
+3. save: health check (finite logits on a held-out batch), then the adapter (whole or not at all);
 4. evaluate: held-out metrics of the candidate beside the active adapter (or the bare base);
 5. result.json, and the exit code.
 
@@ -19,7 +19,6 @@ markers, the adapter, the metrics and the result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -158,25 +157,14 @@ def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_manifest(adapter_dir: Path, extra: dict) -> dict:
-    files = {}
-    for p in sorted(adapter_dir.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            files[str(p.relative_to(adapter_dir))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    manifest = {"files": files} | extra
-    (adapter_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def save_adapter(model, tokenizer, job_dir: Path, extra: dict) -> Path:
-    """adapter/ with adapter_config.json, adapter_model.safetensors and manifest.json (sha256),
-    appearing whole or not at all."""
+def save_adapter(model, job_dir: Path) -> Path:
+    """adapter/ with adapter_config.json and adapter_model.safetensors, appearing whole or not
+    at all. (The registry hashes the files when the adapter becomes a version.)"""
     final = job_dir / jobfile.ADAPTER_DIR
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=job_dir))
     os.chmod(tmp, 0o750)  # mkdtemp's 0700, opened to the group (a vLLM server in the lorad group)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
-    write_manifest(tmp, extra)
     durable.fsync_tree(tmp)
     if final.exists():
         discard(final)
@@ -203,7 +191,6 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
             self.t0 = time.monotonic()
             self.step0: int | None = None
             self.tokens0 = 0
-            self.losses: list[float] = []
 
         def on_step_begin(self, args, state, control, **kw):
             # Why here and not in on_train_begin: on a resume the Trainer restores its state
@@ -212,7 +199,7 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
                 self.t0 = time.monotonic()
                 self.step0 = state.global_step
                 self.tokens0 = state.num_input_tokens_seen
-                progress.write(stage="training", step=state.global_step, total_steps=state.max_steps,
+                progress.write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
                                loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
                                resumed=state.global_step > 0)
             return control
@@ -246,12 +233,11 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
                 control.should_save = False  # never checkpoint a diverged state
                 return control
             self.final_loss = loss
-            self.losses.append(loss)
             elapsed = max(time.monotonic() - self.t0, 1e-9)
             done = state.global_step - (self.step0 or 0)
             tokens = state.num_input_tokens_seen - self.tokens0
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
-            progress.write(stage="training", step=state.global_step, total_steps=state.max_steps,
+            progress.write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
                            loss=loss, learning_rate=logs.get("learning_rate"),
                            tokens_per_s=tokens / elapsed, eta_s=eta,
                            tokens=state.num_input_tokens_seen)
@@ -262,7 +248,7 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
             _barrier()  # every rank has written its RNG state into the staged directory
             if is_main and staged.is_dir():
                 publish_checkpoint(staged, job_dir, state.global_step)
-                progress.write(stage="checkpointed", step=state.global_step,
+                progress.write(stage=jobfile.STAGE_CHECKPOINTED, step=state.global_step,
                                total_steps=state.max_steps)
             _barrier()
             return control
@@ -313,29 +299,28 @@ def run(job_dir) -> int:
     signal.signal(signal.SIGINT, flags.on_sigint)
     progress = Progress(job_dir / jobfile.PROGRESS_FILE, is_main)
     started = time.time()
-    result: dict = {"job_id": spec.job_id, "method": spec.method, "adapter": None, "final_loss": None,
-                    "steps": 0, "total_steps": None, "tokens": 0, "metrics": None, "error": None}
+    result = jobfile.Result(job_id=spec.job_id, method=spec.method)
     try:
         code = _run(spec, job_dir, flags, progress, result, is_main)
     except JobFailed as e:
-        code, result["error"] = EXIT_FAILED, str(e)
+        code, result.error = EXIT_FAILED, str(e)
     except Exception as e:  # the worker always reports; the parent decides what next
         code = EXIT_FAILED
-        result["error"] = f"{type(e).__name__}: {e}"
-        result["traceback"] = traceback.format_exc(limit=20)
-    result["status"] = STATUS_BY_EXIT[code]
-    result["reason"] = result.get("reason") or result["error"] or result["status"]
-    result["wall_seconds"] = time.time() - started
-    result["peak_memory_bytes"] = _peak_memory_bytes()
+        result.error = f"{type(e).__name__}: {e}"
+        result.traceback = traceback.format_exc(limit=20)
+    result.status = STATUS_BY_EXIT[code]
+    result.reason = result.reason or result.error or result.status
+    result.wall_seconds = time.time() - started
+    result.peak_memory_bytes = _peak_memory_bytes()
     if is_main:
-        progress.write(stage=result["status"], step=result["steps"], total_steps=result["total_steps"],
-                       reason=result["reason"])
+        progress.write(stage=result.status, step=result.steps, total_steps=result.total_steps,
+                       reason=result.reason)
         jobfile.write_result(job_dir, result)
     progress.close()
     return code
 
 
-def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is_main: bool) -> int:
+def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.Result, is_main: bool) -> int:
     import torch
 
     from lorad.evaluation.health import check_finite_logits
@@ -343,7 +328,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
     from lorad.training.base_model import BaseModelError, resolve
 
     # -- setup: everything that can refuse the run comes before the first step
-    progress.write(stage="preparing", step=0, total_steps=None)
+    progress.write(stage=jobfile.STAGE_PREPARING, step=0, total_steps=None)
     try:
         resources.check_learning_rate(spec.learning_rate)
     except resources.ResourceError as e:
@@ -351,7 +336,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
     if spec.method not in lora.COLUMNS:
         raise JobFailed(f"unknown training method {spec.method!r} (expected sft, dpo or kto)")
     try:
-        model_dir = resolve(spec.base_model, spec.state_dir, offline=spec.offline) if is_main else None
+        model_dir = resolve(spec.base_model, spec.state_dir, offline=True) if is_main else None
     except BaseModelError as e:
         raise JobFailed(str(e)) from None
     model_dir = _broadcast(model_dir)  # rank 0 converts a GGUF; the others wait and reuse it
@@ -361,24 +346,24 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
         raise JobFailed("quantization = \"4bit\" needs CUDA and bitsandbytes; use \"auto\" or \"none\"")
     prec = lora.precision(device.kind, dtype, spec.gradient_checkpointing)
     shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules,
-                                  local_files_only=spec.offline)
+                                  local_files_only=True)
     try:
         estimate = resources.check_fits(
             shape, device, batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
             gradient_checkpointing=prec.gradient_checkpointing, headroom=spec.memory_headroom)
     except resources.ResourceError as e:
         raise JobFailed(str(e)) from None
-    result["memory_estimate"] = estimate.as_dict()
-    result["device"] = device.kind
-    result["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
-    result["base_model"] = model_dir
+    result.memory_estimate = estimate.as_dict()
+    result.device = device.kind
+    result.processes = int(os.environ.get("WORLD_SIZE", "1"))
+    result.base_model = model_dir
 
     train_rows = jobfile.read_jsonl(job_dir / jobfile.TRAIN_FILE)
     heldout_rows = jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE)
     if not train_rows:
         raise JobFailed("the training set is empty")
     torch.manual_seed(spec.seed)
-    model, tokenizer = lora.load_model(model_dir, prec, local_files_only=spec.offline)
+    model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
     model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
                                 target_modules=spec.target_modules, parent_adapter=spec.parent_adapter)
     train_dataset = lora.dataset(train_rows, spec.method)
@@ -401,7 +386,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
     trainer = lora.trainer(spec.method, model, tokenizer, train_dataset, args, [callback])
     checkpoints = complete_checkpoints(job_dir)
     resume = str(checkpoints[-1]) if checkpoints else None
-    result["resumed_from"] = resume
+    result.resumed_from = resume
     t0 = time.monotonic()
     if resume and _finished(Path(resume)):
         # Why not trainer.train(): resumed at its last step, the Trainer still runs one more step
@@ -412,18 +397,18 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
         callback.final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
     else:
         trainer.train(resume_from_checkpoint=resume)
-    result["train_seconds"] = time.monotonic() - t0
+    result.train_seconds = time.monotonic() - t0
     state = trainer.state
-    result.update(steps=state.global_step, total_steps=state.max_steps, tokens=state.num_input_tokens_seen,
-                  final_loss=callback.final_loss,
-                  tokens_per_s=(state.num_input_tokens_seen - callback.tokens0) / max(result["train_seconds"], 1e-9))
+    result.steps, result.total_steps = state.global_step, state.max_steps
+    result.tokens, result.final_loss = state.num_input_tokens_seen, callback.final_loss
+    result.tokens_per_s = (state.num_input_tokens_seen - callback.tokens0) / max(result.train_seconds, 1e-9)
     if callback.failure:
         raise JobFailed(callback.failure)
     if callback.stopped == "pause":
-        result["reason"] = callback.reason
+        result.reason = callback.reason
         return EXIT_PAUSED
     if callback.stopped == "cancel":
-        result["reason"] = callback.reason
+        result.reason = callback.reason
         return EXIT_CANCELLED
     if not is_main:
         return EXIT_OK
@@ -432,20 +417,16 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: dict, is
     model = trainer.model
     health = check_finite_logits(model, tokenizer, heldout_rows or train_rows,
                                  batch_size=spec.eval_batch_size, max_seq_length=spec.max_seq_length)
-    result["health"] = {"ok": health.ok, "reason": health.reason}
+    result.health = {"ok": health.ok, "reason": health.reason}
     if not health.ok:
         raise JobFailed(f"health check failed: {health.reason}")
-    progress.write(stage="saving", step=state.global_step, total_steps=state.max_steps)
-    adapter_dir = save_adapter(model, tokenizer, job_dir, {
-        "base_model": spec.base_model, "base_model_path": model_dir, "method": spec.method,
-        "steps": state.global_step, "final_loss": callback.final_loss, "job_id": spec.job_id,
-        "parent_adapter": spec.parent_adapter})
-    result["adapter"] = str(adapter_dir)
+    progress.write(stage=jobfile.STAGE_SAVING, step=state.global_step, total_steps=state.max_steps)
+    result.adapter = str(save_adapter(model, job_dir))
 
     # -- evaluate the candidate beside what serves now, on the same held-out rows
     if spec.evaluate and heldout_rows:
-        progress.write(stage="evaluating", step=state.global_step, total_steps=state.max_steps)
-        result["metrics"] = evaluate(model, tokenizer, heldout_rows, spec)
+        progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
+        result.metrics = evaluate(model, tokenizer, heldout_rows, spec)
     return EXIT_OK
 
 
@@ -510,13 +491,13 @@ def launch(job_dir) -> int:
     fresh = result is not None and result_path.stat().st_mtime_ns != before
     if not fresh:
         if rc != 0:  # no rank got as far as writing a result: say so where the parent looks
-            jobfile.write_result(job_dir, {"job_id": spec.job_id, "status": "failed", "adapter": None,
-                                           "error": f"accelerate launch exited with {rc} before a "
-                                                    f"result was written", "reason": "launcher failed"})
+            jobfile.write_result(job_dir, jobfile.Result(
+                job_id=spec.job_id, status=STATUS_BY_EXIT[EXIT_FAILED], reason="launcher failed",
+                error=f"accelerate launch exited with {rc} before a result was written"))
             return EXIT_FAILED
         return EXIT_OK
     codes = {status: code for code, status in STATUS_BY_EXIT.items()}
-    return codes.get(result.get("status"), EXIT_FAILED)
+    return codes.get(result.status, EXIT_FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,103 @@
+"""How the CLI shows a training cycle: its outcome, the metrics side by side, a progress bar."""
+
+from __future__ import annotations
+
+
+def outcome(o) -> str:
+    """A cycle's :class:`lorad.pipeline.Outcome`: the verdict with its reasons, the metrics side by side."""
+    head = f"job {o.job_id}: {o.status.upper()}"
+    if o.version:
+        head += f" {o.version}"
+    lines = [head]
+    if o.training:
+        t = o.training
+        lines.append(f"trained {t.get('steps')} steps on {t.get('train_rows')} rows "
+                     f"({t.get('new')} new, {t.get('replayed')} replayed) in "
+                     f"{_secs(t.get('train_seconds'))}; final loss {_num(t.get('final_loss'))}")
+    for r in (o.live, o.rollback):
+        if r and r.get("reasons"):
+            lines.append(("rolled back: " if r.get("rolled_back") else "checked: ") + "; ".join(r["reasons"]))
+    if o.metrics and "candidate" in o.metrics:
+        lines.append(metrics_table(o.metrics, o.baseline, o.baseline_version))
+    if o.verdict:
+        lines.append("verdict: " + ("promote" if o.verdict.get("promote") else "reject"))
+        lines += [f"  - {r}" for r in o.verdict.get("reasons", [])]
+    elif o.reason:
+        lines.append(f"reason: {o.reason}")
+    for p in o.publish:
+        lines.append(f"publish {p['hook']}: {'ok' if p['ok'] else 'FAILED'} {p.get('detail', '')}".rstrip())
+    if o.pruned:
+        lines.append("pruned: " + ", ".join(o.pruned))
+    return "\n".join(lines)
+
+
+def metrics_table(metrics: dict, baseline: str = "active", baseline_version: str | None = None) -> str:
+    """A small table: baseline and candidate (and previous, when scored) side by side."""
+    label = f"{baseline} ({baseline_version or 'base model'})"
+    cols = [(label, metrics.get(baseline) or {}), ("candidate", metrics.get("candidate") or {})]
+    if baseline != "previous" and metrics.get("previous"):
+        cols.insert(0, ("previous", metrics["previous"]))
+    width = max(14, *(len(c[0]) + 2 for c in cols))
+    rows = [("", [c[0] for c in cols])]
+    rows.append(("held-out NLL", [_num(c[1].get("nll")) for c in cols]))
+    rows.append(("perplexity", [_num(c[1].get("perplexity"), 2) for c in cols]))
+    rows.append(("tokens/examples", [f"{c[1].get('tokens', '-')}/{c[1].get('examples', '-')}" for c in cols]))
+    if any("epsilon" in c[1] for c in cols):
+        rows.append(("first-attempt ε", [
+            f"{c[1]['epsilon']:.1%} ({c[1]['accepted']}/{c[1]['generated']})" if "epsilon" in c[1] else "-"
+            for c in cols]))
+    out = []
+    for name, values in rows:
+        out.append(f"  {name:<16}" + "".join(f"{v:>{width}}" for v in values))
+    base, cand = cols[-2][1], cols[-1][1]
+    if isinstance(base.get("nll"), float) and isinstance(cand.get("nll"), float) and base["nll"]:
+        delta = f"  Δ NLL {(cand['nll'] - base['nll']) / base['nll']:+.2%}"
+        if "epsilon" in base and "epsilon" in cand:
+            delta += f", Δε {(cand['epsilon'] - base['epsilon']) * 100:+.1f} points"
+        out.append(delta)
+    return "\n".join(out)
+
+
+def _num(x, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
+
+
+def _secs(x) -> str:
+    return f"{x:.1f}s" if isinstance(x, (int, float)) else "-"
+
+
+class ProgressBar:
+    """A tqdm bar over the worker's progress records (only on a terminal)."""
+
+    def __init__(self, enabled: bool, stream=None):
+        import sys
+
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
+        self.bar = None
+
+    def update(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        total, step = record.get("total_steps"), record.get("step") or 0
+        if self.bar is None and total:
+            self.bar = tqdm(total=total, desc="training", unit="step", file=self.stream)
+        if self.bar is None:
+            return
+        self.bar.set_description(record.get("stage") or "training")
+        if total and self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = step
+        post = {}
+        if record.get("loss") is not None:
+            post["loss"] = f"{record['loss']:.4f}"
+        if record.get("tokens_per_s"):
+            post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,520 @@
+"""One training cycle, whichever front end starts it: the daemon's job thread or ``lorad train``.
+
+A cycle is a job (a row in the buffer's ``jobs`` table, see :mod:`lorad.buffer.jobs`) driven
+through the same steps by :func:`run`:
+
+1. the training lock (one cycle per state directory, see :func:`training_lock`);
+2. the live check (:func:`lorad.release.check_live`): roll the active adapter back if its
+   live first-attempt acceptance fell significantly below the previous one's;
+3. :func:`prepare`: refresh the examples, draw a snapshot (new since the active version plus
+   replay) and the held-out set, write the job directory (job.json, the rows, plan.json);
+   a paused job skips this and resumes on its directory;
+4. the worker subprocess (:func:`lorad.training.supervisor.supervise`), which trains,
+   checkpoints, saves the adapter and scores it (result.json);
+5. :func:`conclude`: automatic rollback when the active adapter now scores worse than the
+   previous one, the gate's verdict, a new registry version (rejected ones too), promotion
+   and publishing or the ``candidate_rejected`` event, pruning;
+6. the job's final state, and its checkpoints removed once they can serve no resume.
+
+Front ends add rendering and threads, never steps. Torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+
+from lorad import events, release
+from lorad.buffer.jobs import ACTIVE, JobStore
+from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback
+from lorad.training import supervisor
+from lorad.training.job import (ADAPTER_DIR, CHECKPOINTS_DIR, EXIT_CANCELLED, EXIT_OK, EXIT_PAUSED, JOB_FILE,
+                                JobError, atomic_write, build_spec, read_job, read_result, write_job)
+
+log = structlog.get_logger()
+
+PLAN_FILE = "plan.json"
+STALE_REASON = "daemon restarted while the job was running"
+LOCK_FILE = "training.lock"
+
+
+class CycleError(Exception):
+    "A cycle cannot start or finish; the message says why."
+
+
+class NothingToTrain(CycleError):
+    "The snapshot has no training examples (nothing new, or the policy selects none)."
+
+
+class TrainingBusy(CycleError):
+    "Another training cycle (the daemon's, or a `lorad train`) is running on this state directory."
+
+
+# -- one cycle at a time --------------------------------------------------------------------------
+
+
+@contextmanager
+def training_lock(state_dir, holder: str):
+    """Hold ``<state_dir>/training.lock`` for one cycle, or raise TrainingBusy at once.
+
+    The daemon's jobs and ``lorad train`` both take it, so two cycles never train side by side
+    (on one GPU, the second would run out of memory). The lock is an flock on an open file: it
+    goes with the process that held it, however that process ends.
+
+    Args:
+        holder: who holds it, written into the file for the one that finds it taken.
+    """
+    path = Path(state_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "holder unknown"
+            raise TrainingBusy(f"another training cycle is running: {who}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}, pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# -- what prepare decided, for conclude -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """plan.json: what the candidate is compared with and what it was trained on.
+
+    Written by :func:`prepare`, read by :func:`conclude` (the worker never reads it).
+    ``examples``: max_seq, count, sha256 and seqs of the snapshot's examples, and its stats;
+    ``heldout``: count and sha256 of the held-out chain ids.
+    """
+
+    active: str | None
+    previous: str | None  # scored too, for the rollback check (None: not re-scoring)
+    since_seq: int
+    examples: dict
+    heldout: dict
+
+    def write(self, job_dir) -> None:
+        atomic_write(Path(job_dir) / PLAN_FILE, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, job_dir) -> "Plan":
+        path = Path(job_dir) / PLAN_FILE
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as e:
+            raise CycleError(f"{path}: cannot read the job's plan: {e}") from None
+
+
+# -- what a cycle did -----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one cycle did, for the CLI, the daemon and the audit trail.
+
+    ``status`` is the job's final state (promoted | rejected | failed | paused | cancelled |
+    skipped), or ``busy`` when ``lorad train`` found another cycle running and made no job.
+    """
+
+    job_id: str
+    status: str
+    reason: str = ""
+    version: str | None = None
+    verdict: dict | None = None
+    metrics: dict | None = None
+    baseline: str = "active"  # which metrics the candidate was compared with
+    baseline_version: str | None = None
+    rollback: dict | None = None  # automatic rollback by re-scoring, when checked
+    live: dict | None = None  # the live check, when it ran
+    publish: list = field(default_factory=list)
+    pruned: list = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> bool:
+        return self.status == "promoted"
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"promoted": self.promoted}
+
+
+class StopRequest:
+    """Asked from another thread: stop the job at its next step, to pause it or to cancel it."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.mode = "pause"
+        self.reason = ""
+
+    def pause(self, reason: str) -> None:
+        self.reason = reason
+        self.event.set()
+
+    def cancel(self, reason: str) -> None:
+        self.mode, self.reason = "cancel", reason
+        self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    @property
+    def state(self) -> str:
+        return "cancelled" if self.mode == "cancel" else "paused"
+
+
+# -- the steps ------------------------------------------------------------------------------------
+
+
+def job_dir_of(settings, job_id: str) -> Path:
+    return Path(settings.state_dir) / "jobs" / job_id
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()
+
+
+def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, since: int | None = None,
+            now: float | None = None) -> Path:
+    """Draw the dataset snapshot and write the job directory ``state_dir/jobs/<job_id>``.
+
+    The candidate warm-starts from the active adapter (when ``training.warm_start``) and is
+    scored beside it; with ``evaluation.rescore_active`` the previous blessed version is
+    scored too, for the automatic rollback check.
+
+    Args:
+        since: draw new examples after this seq (default: the active version's max_seq;
+            0 retrains on everything).
+
+    Raises:
+        NothingToTrain: the snapshot has no training examples.
+        CycleError: the active or previous version's files fail their sha256.
+    """
+    from lorad.buffer import examples
+
+    t, sel = settings.training, settings.selection
+    registry = release.open_registry(settings)
+    examples.refresh(buffer, sel, now=now)
+    since = release.since_seq(registry) if since is None else since
+    snap = examples.build_snapshot(
+        buffer, sel, method=t.method, n=t.train_examples, replay_ratio=t.replay_ratio,
+        since_seq=since, now=now)
+    if not snap.train:
+        raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
+    cur, prev = registry.current(), registry.previous()
+    # Never warm-start from, or compare against, files that are not what was blessed.
+    for name in filter(None, (cur, prev)):
+        problems = registry.verify(name)
+        if problems:
+            raise CycleError(f"adapter version {name} fails its sha256 check ({'; '.join(problems)}); "
+                             f"roll back or promote a sound version first")
+    rescore = settings.evaluation.rescore_active and cur is not None and prev is not None
+    current_path = str(registry.path_of(cur)) if cur else None
+    spec = build_spec(job_id, settings.state_dir, t, settings.evaluation, parent_adapter=current_path,
+                      reference_adapter=current_path,
+                      previous_adapter=str(registry.path_of(prev)) if rescore else None, window_end=window_end)
+    job_dir = job_dir_of(settings, job_id)
+    write_job(job_dir, spec, snap.train, snap.heldout)
+    Plan(active=cur, previous=prev if rescore else None, since_seq=since,
+         examples={"max_seq": snap.max_seq, "count": len(snap.example_seqs),
+                   "sha256": _digest(snap.example_seqs), "seqs": snap.example_seqs, "stats": snap.stats},
+         heldout={"count": len(snap.heldout), "sha256": _digest(r.get("chain_id") for r in snap.heldout)},
+         ).write(job_dir)
+    log.info(events.JOB_PREPARED, job_id=job_id, train_rows=len(snap.train), heldout=len(snap.heldout),
+             active=cur, rescore_previous=rescore)
+    return job_dir
+
+
+def set_window_end(job_dir, window_end: float | None) -> None:
+    """Give a paused job a new window end before it resumes."""
+    spec = replace(read_job(job_dir), window_end=window_end)
+    atomic_write(Path(job_dir) / JOB_FILE, json.dumps(spec.as_dict(), indent=2) + "\n")
+
+
+def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outcome:
+    """Decide on a finished job: rollback check, gate, new version, promote or reject, publish, prune."""
+    job_dir = Path(job_dir)
+    spec, plan = read_job(job_dir), Plan.read(job_dir)
+    try:
+        result = read_result(job_dir)
+    except JobError as e:
+        return Outcome(spec.job_id, "failed", str(e))
+    if result is None:
+        return Outcome(spec.job_id, "failed", "the worker wrote no result")
+    stats = plan.examples.get("stats") or {}
+    outcome = Outcome(spec.job_id, "failed" if result.status == "succeeded" else result.status, result.reason)
+    outcome.training = {"steps": result.steps, "final_loss": result.final_loss,
+                        "train_seconds": result.train_seconds, "tokens": result.tokens,
+                        "train_rows": stats.get("rows"), "new": stats.get("new"), "replayed": stats.get("replayed")}
+    if not result.succeeded:
+        return outcome
+    registry = release.open_registry(settings, buffer)
+    metrics = outcome.metrics = result.metrics
+
+    # 1. Is the adapter serving now worse than the previous blessed one on today's held-out set?
+    baseline, baseline_version = "active", plan.active
+    cur = registry.current()
+    if metrics and "previous" in metrics and cur and cur == plan.active:
+        check = decide_rollback(metrics["active"], metrics["previous"], settings.evaluation.rollback_threshold)
+        outcome.rollback = {"kind": "rescore", "active": cur, "previous": plan.previous,
+                            "rolled_back": False, "reasons": check.reasons}
+        if check.roll_back and registry.previous() == plan.previous:
+            done = release.rollback(settings, buffer, None, reason="re-scored: " + check.reasons[0],
+                                    job_id=spec.job_id,
+                                    metrics={"active": metrics["active"], "previous": metrics["previous"]})
+            outcome.rollback |= {"rolled_back": True, "to": done["change"]["version"], "publish": done["publish"]}
+            baseline, baseline_version = "previous", done["change"]["version"]
+            cur = registry.current()
+
+    # 2. The gate.
+    e = settings.evaluation
+    if not metrics or "candidate" not in metrics:
+        verdict = Verdict(False, ["no held-out metrics (empty held-out set or evaluation off); "
+                                  f"at least {e.min_heldout_examples} held-out examples are needed to promote"])
+    else:
+        candidate = dict(metrics["candidate"])
+        if result.health is not None:
+            candidate["health"] = result.health
+        verdict = decide(metrics[baseline], candidate,
+                         Thresholds(e.min_improvement, e.max_regression, e.min_heldout_examples))
+        if cur != baseline_version:
+            verdict = Verdict(False, [f"the active adapter changed during the job ({baseline_version or 'base model'}"
+                                      f" -> {cur or 'base model'}); the comparison is stale"] + verdict.reasons)
+    outcome.verdict = verdict.as_dict()
+    outcome.baseline, outcome.baseline_version = baseline, baseline_version
+
+    # 3. Every finished candidate becomes a version, with its verdict.
+    record = {
+        "job_id": spec.job_id, "base_model": spec.base_model, "base_model_path": result.base_model,
+        "method": spec.method,
+        "hyperparameters": {k: getattr(spec, k) for k in (
+            "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "max_steps",
+            "epochs", "batch_size", "grad_accum", "max_seq_length", "seed", "packing")},
+        "parent": Path(spec.parent_adapter).name if spec.parent_adapter else None,
+        "training": outcome.training,
+        "examples": {k: plan.examples.get(k) for k in ("max_seq", "count", "sha256", "seqs")} | {"stats": stats},
+        "heldout": plan.heldout,
+        "compared_with": {"label": baseline, "version": baseline_version},
+        "metrics": metrics, "health": result.health, "verdict": verdict.as_dict(),
+    }
+    version = registry.create(job_dir / ADAPTER_DIR, record, now=now)
+    outcome.version = version.name
+    reasons = "; ".join(verdict.reasons)
+
+    # 4. Promote, or record the rejection.
+    if verdict.promote:
+        done = release.promote(settings, buffer, version.name, reason=reasons, job_id=spec.job_id,
+                               reasons=verdict.reasons, metrics=metrics)
+        outcome.publish = done["publish"]["results"]
+        if done["publish"]["reverted"]:
+            outcome.status, outcome.reason = "rejected", done["publish"]["reverted"]["reason"]
+        else:
+            outcome.status, outcome.reason = "promoted", reasons
+    else:
+        buffer.record_event(events.CANDIDATE_REJECTED, version=version.name, job_id=spec.job_id,
+                            reasons=verdict.reasons, metrics=metrics)
+        log.info(events.CANDIDATE_REJECTED, version=version.name, job_id=spec.job_id, reasons=verdict.reasons)
+        outcome.status, outcome.reason = "rejected", reasons
+
+    # 5. Retention.
+    outcome.pruned = registry.prune()
+    if outcome.pruned:
+        log.info(events.VERSIONS_PRUNED, versions=outcome.pruned)
+    return outcome
+
+
+# -- the whole cycle ------------------------------------------------------------------------------
+
+
+_FINAL_EVENTS = {"promoted": events.JOB_PROMOTED, "rejected": events.JOB_REJECTED, "failed": events.JOB_FAILED,
+                 "cancelled": events.JOB_CANCELLED, "paused": events.JOB_PAUSED, "skipped": events.JOB_SKIPPED}
+
+
+class _Job:
+    """A job's record as the cycle moves it: the row first, then whoever watches (on_state)."""
+
+    def __init__(self, store: JobStore, row: dict, on_state: Callable[[str], None] | None):
+        self.store, self.row, self.on_state = store, row, on_state
+        self.job_id = row["job_id"]
+        self.progress: dict | None = row.get("progress")
+
+    @property
+    def job_dir(self) -> Path | None:
+        return Path(self.row["job_dir"]) if self.row.get("job_dir") else None
+
+    def move(self, state: str, **fields) -> None:
+        self.store.transition(self.job_id, state, None, **fields)
+        self.row |= fields
+        log.info(events.JOB_STATE_CHANGED, job_id=self.job_id, state=state)
+        if self.on_state is not None:
+            self.on_state(state)
+
+    def finish(self, outcome: Outcome, **fields) -> Outcome:
+        state = outcome.status
+        job_dir = self.job_dir
+        if state in ("promoted", "rejected", "cancelled") and job_dir is not None:
+            # Checkpoints only serve a resume; the adapter is in the registry by now. A failed
+            # job keeps them for a look at what went wrong, a paused one to resume from.
+            shutil.rmtree(job_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        try:
+            self.store.transition(self.job_id, state, outcome.reason, progress=self.progress,
+                                  version=outcome.version, **fields)
+        except Exception:
+            log.exception(events.JOB_STATE_NOT_SAVED, job_id=self.job_id, state=state)
+        log.info(_FINAL_EVENTS[state], job_id=self.job_id, reason=outcome.reason, version=outcome.version)
+        if self.on_state is not None:
+            self.on_state(state)
+        return outcome
+
+
+def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
+        stop: StopRequest | None = None, on_progress: Callable[[dict], None] | None = None,
+        on_state: Callable[[str], None] | None = None,
+        on_concluded: Callable[[object], None] | None = None) -> Outcome:
+    """Drive the job ``job_id`` (queued, or paused to resume) to its final state.
+
+    Args:
+        holder: who runs it, for the training lock ("the daemon, job ...").
+        window_end: Unix time at which the worker checkpoints and pauses (None = no limit).
+        stop: pause or cancel from another thread; without it, Ctrl-C cancels.
+        on_progress: every progress record of the worker, as it appears.
+        on_state: every state the job enters, after it is recorded.
+        on_concluded: called with this cycle's buffer once a version was promoted or rejected,
+            before the job's final state is recorded (whoever sees that state sees its effects).
+    """
+    from lorad.buffer.store import Buffer
+
+    with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
+        job = _Job(JobStore(buffer.conn), JobStore(buffer.conn).get(job_id), on_state)
+
+        def progress(record: dict) -> None:
+            job.progress = record
+            if on_progress is not None:
+                on_progress(record)
+
+        live = None
+        try:
+            with training_lock(settings.state_dir, holder):
+                job_dir = job.job_dir
+                if job_dir is None or not job_dir.is_dir():
+                    job.move("preparing", started_at=time.time())
+                    live = release.check_live(settings, buffer)
+                    job_dir = prepare(settings, buffer, job_id, window_end=window_end)
+                else:
+                    set_window_end(job_dir, window_end)
+                if stop is not None and stop.requested:
+                    job.row["job_dir"] = str(job_dir)
+                    return job.finish(Outcome(job_id, stop.state, stop.reason, live=live), job_dir=str(job_dir))
+                job.move("training", job_dir=str(job_dir), runs=job.row.get("runs", 0) + 1)
+                code = supervisor.supervise(job_dir, stop.event if stop else None,
+                                            (lambda: stop.mode == "cancel") if stop else None,
+                                            on_progress=progress)
+                if code == EXIT_OK:
+                    job.move("evaluating", progress=job.progress)
+                    outcome = conclude(settings, buffer, job_dir)
+                    outcome.live = live
+                    if on_concluded is not None and outcome.version:
+                        try:
+                            on_concluded(buffer)
+                        except Exception:
+                            log.exception(events.STATUS_REFRESH_FAILED, job_id=job_id)
+                    return job.finish(outcome)
+                return job.finish(_stopped_or_failed(job_id, job_dir, code, stop, live))
+        except NothingToTrain as e:
+            return job.finish(Outcome(job_id, "skipped", str(e), live=live))
+        except CycleError as e:  # the lock is taken, a version is tampered with
+            return job.finish(Outcome(job_id, "failed", str(e), live=live))
+        except Exception as e:
+            log.exception(events.JOB_CRASHED, job_id=job_id)
+            return job.finish(Outcome(job_id, "failed", f"{type(e).__name__}: {e}", live=live))
+
+
+def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest | None, live) -> Outcome:
+    try:
+        result = read_result(job_dir)
+    except JobError as e:
+        result, unreadable = None, str(e)
+    else:
+        unreadable = ""
+    said = result.reason if result is not None else ""
+    asked = stop is not None and stop.requested
+    if code == EXIT_PAUSED or (code < 0 and asked):
+        # (a worker signalled before its handlers were installed dies of the signal: asked to
+        # stop, it stopped; a paused job without a checkpoint restarts from step 0)
+        return Outcome(job_id, stop.state if asked else "paused", (stop.reason if asked else "") or said or "paused",
+                       live=live)
+    if code == EXIT_CANCELLED:
+        return Outcome(job_id, "cancelled", (stop.reason if asked else "") or said or "cancelled", live=live)
+    return Outcome(job_id, "failed", said or unreadable or _no_result(job_dir, code), live=live)
+
+
+def _no_result(job_dir: Path, code: int) -> str:
+    """Why a worker that wrote no result.json failed, as far as the parent can tell."""
+    reason = f"worker exited with code {code}"
+    try:
+        free = shutil.disk_usage(job_dir).free
+    except OSError:
+        return reason
+    if free < 1 << 20:  # the worker could not even write why (the disk-full fault test)
+        reason += f" without writing its result: the disk holding {job_dir} is full ({free} bytes free)"
+    return reason
+
+
+def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict], None] | None = None) -> Outcome:
+    """``lorad train``: ingest, then one whole cycle in this process, recorded as a ``cli`` job.
+
+    Returns an Outcome of status ``busy`` (and records no job) when another cycle holds the lock.
+    """
+    from lorad.buffer.store import Buffer
+
+    with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
+        if ingest_first and settings.store.sources:
+            from lorad.ingest import ingest
+            from lorad.sources import open_sources
+
+            ingest(buffer, open_sources(settings.store), settings.buffer.batch_size)
+        try:
+            with training_lock(settings.state_dir, "probe"):
+                pass
+        except TrainingBusy as e:
+            return Outcome("", "busy", str(e))
+        job_id = JobStore(buffer.conn).create("cli")["job_id"]
+    return run(settings, job_id, holder=f"lorad train, job {job_id}", on_progress=on_progress)
+
+
+def recover(settings, store: JobStore) -> list[str]:
+    """At daemon start: jobs left active by a process that died become paused (resumable).
+
+    A worker that outlived its parent (killed with SIGKILL) is stopped first, so a resumed job
+    never has two workers writing one job directory. Nothing is touched while another cycle
+    (a running ``lorad train``) holds the training lock: the active job is its own.
+    """
+    try:
+        with training_lock(settings.state_dir, "the daemon, recovering jobs"):
+            stale = store.list(limit=1000, states=ACTIVE)
+            for job in stale:
+                if job["job_dir"]:
+                    supervisor.stop_orphan(Path(job["job_dir"]))
+                store.transition(job["job_id"], "paused", STALE_REASON)
+                log.warning(events.JOB_PAUSED, job_id=job["job_id"], reason=STALE_REASON)
+    except TrainingBusy as e:
+        log.warning(events.JOB_RECOVERY_SKIPPED, reason=str(e))
+        return []
+    return [j["job_id"] for j in stale]

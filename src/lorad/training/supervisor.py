@@ -1,0 +1,129 @@
+"""The training worker as a subprocess: start it, tail its progress, stop it, find its orphans.
+
+The worker runs in its own process group (accelerate's ranks too), so a signal reaches every
+process of the run at once; its pid is in ``<job_dir>/worker.pid`` while it runs, its output
+in ``<job_dir>/worker.log``. SIGTERM asks it to checkpoint and pause (exit 75), SIGINT to
+cancel (exit 76). Torch-free: the daemon and the CLI use this module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from lorad import events
+from lorad.training.job import iter_progress, read_job, worker_command
+
+WORKER_LOG = "worker.log"
+WORKER_PID = "worker.pid"
+
+log = structlog.get_logger()
+
+
+def supervise(job_dir, stop: threading.Event | None = None, cancel: Callable[[], bool] | None = None, *,
+              on_progress: Callable[[dict], None] | None = None, poll: float = 0.5) -> int:
+    """Run the worker on ``job_dir`` to its end; returns its exit code.
+
+    Args:
+        stop: when set, the worker is asked to stop: SIGTERM (checkpoint and pause), or SIGINT
+            (cancel) when ``cancel()`` returns true.
+        on_progress: called with every progress record as it appears.
+        poll: seconds between looks at progress.jsonl.
+
+    Ctrl-C in the foreground cancels the worker the same way (SIGINT) and waits for it.
+    """
+    job_dir = Path(job_dir)
+    argv = worker_command(job_dir, read_job(job_dir))
+    offset = 0
+    signalled = False
+    with open(job_dir / WORKER_LOG, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    (job_dir / WORKER_PID).write_text(f"{proc.pid}\n")
+
+    def tail():
+        nonlocal offset
+        for record, offset in iter_progress(job_dir, offset):
+            if on_progress is not None:
+                on_progress(record)
+
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=poll)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:
+                if not signalled:
+                    _signal_group(proc.pid, signal.SIGINT)
+                    signalled = True
+                continue
+            tail()
+            if stop is not None and stop.is_set() and not signalled:
+                _signal_group(proc.pid, signal.SIGINT if cancel is not None and cancel() else signal.SIGTERM)
+                signalled = True
+        tail()
+    finally:
+        (job_dir / WORKER_PID).unlink(missing_ok=True)
+    return code
+
+
+def kill(job_dir) -> bool:
+    """SIGKILL the worker of ``job_dir`` (shutdown's last resort); True if there was one."""
+    pid = _pid(Path(job_dir))
+    return pid is not None and _signal_group(pid, signal.SIGKILL)
+
+
+def stop_orphan(job_dir, timeout: float = 30.0) -> bool:
+    """Stop a worker still running on ``job_dir`` without its parent; True if there was one.
+
+    SIGTERM first (it checkpoints and exits paused), SIGKILL after ``timeout``. The pid is only
+    signalled while its command line still names the job directory (pids are reused).
+    """
+    job_dir = Path(job_dir)
+    pid = _pid(job_dir)
+    if pid is None:
+        return False
+
+    def alive() -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return False
+        return str(job_dir).encode() in cmdline
+
+    if not alive():
+        return False
+    log.warning(events.ORPHAN_WORKER_STOPPED, pid=pid, job_dir=str(job_dir))
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not _signal_group(pid, sig):
+            return True
+        deadline = time.monotonic() + wait
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive():
+            return True
+    return True
+
+
+def _pid(job_dir: Path) -> int | None:
+    try:
+        return int((job_dir / WORKER_PID).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _signal_group(pid: int, sig: int) -> bool:
+    try:
+        os.killpg(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
