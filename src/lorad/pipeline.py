@@ -39,6 +39,7 @@ import structlog
 from lorad import events, release
 from lorad.buffer.jobs import ACTIVE, JobStore
 from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback
+from lorad.registry import Change, Registry
 from lorad.training import supervisor
 from lorad.training.job import (ADAPTER_DIR, CHECKPOINTS_DIR, EXIT_CANCELLED, EXIT_OK, EXIT_PAUSED, JOB_FILE,
                                 JobError, atomic_write, build_spec, read_job, read_result, write_job)
@@ -46,6 +47,7 @@ from lorad.training.job import (ADAPTER_DIR, CHECKPOINTS_DIR, EXIT_CANCELLED, EX
 log = structlog.get_logger()
 
 PLAN_FILE = "plan.json"
+JOURNAL_FILE = "conclusion.json"
 STALE_REASON = "daemon restarted while the job was running"
 LOCK_FILE = "training.lock"
 
@@ -248,8 +250,86 @@ def set_window_end(job_dir, window_end: float | None) -> None:
     atomic_write(Path(job_dir) / JOB_FILE, json.dumps(spec.as_dict(), indent=2) + "\n")
 
 
+class Journal:
+    """conclusion.json: the steps of :func:`conclude`, each recorded as it completes, and the
+    intent of each pointer move recorded before it moves.
+
+    conclude run again on the same job (after a crash, a kill -9, a restart) reads it and
+    finishes what was recorded: one version, at most one promotion or rollback, the publish
+    hooks run for each once they were recorded as run (a hook in flight at the crash runs
+    again, with the same change). Written and read by this module alone.
+    """
+
+    def __init__(self, job_dir):
+        self.path = Path(job_dir) / JOURNAL_FILE
+        try:
+            self.entries: dict = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            self.entries = {}
+        except ValueError as e:
+            raise CycleError(f"{self.path}: unreadable conclusion journal: {e}") from None
+
+    def get(self, key: str, default=None):
+        return self.entries.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def record(self, key: str, value) -> None:
+        self.entries[key] = value
+        atomic_write(self.path, json.dumps(self.entries, indent=2, default=str) + "\n")
+
+
+def _change(d: dict) -> Change:
+    return Change(d["action"], d["version"], d["replaced"], d["previous"], tuple(d["before"]), d.get("reason", ""))
+
+
+def _move_once(journal: Journal, registry: Registry, key: str, intent: dict, move: Callable[[], Change]) -> Change:
+    """Make a pointer move that ``intent`` ({"action", "to", "from", "previous", "reason"}) describes,
+    once: recorded first as an intent, then as the change made."""
+    if f"{key}_change" in journal:
+        return _change(journal.get(f"{key}_change"))
+    if f"{key}_intent" not in journal:
+        journal.record(f"{key}_intent", intent)
+    elif registry.current() == intent["to"]:
+        # It moved (and was audited) before the crash; only the journal did not hear of it.
+        change = Change(intent["action"], intent["to"], intent["from"], registry.previous(),
+                        (intent["from"], intent["previous"]), intent["reason"])
+        journal.record(f"{key}_change", change.as_dict())
+        return change
+    change = move()
+    journal.record(f"{key}_change", change.as_dict())
+    emit = log.info if change.action == "promoted" else log.warning
+    emit(_EVENT[change.action], version=change.version, replaced=change.replaced, reason=change.reason)
+    return change
+
+
+_EVENT = {"promoted": events.ADAPTER_PROMOTED, "rolled_back": events.ADAPTER_ROLLED_BACK}
+
+
+def _publish_once(journal: Journal, settings, buffer, key: str, change: Change) -> dict:
+    report = journal.get(f"{key}_published")
+    if report is None:
+        report = release.publish(settings, buffer, change)
+        journal.record(f"{key}_published", report)
+    return report
+
+
+def _version_of(registry: Registry, journal: Journal, job_id: str):
+    """The version this job already made, if a crash came after it was made."""
+    name = journal.get("version")
+    for v in registry.versions():
+        if v.name == name or (name is None and v.record.get("job_id") == job_id):
+            return v
+    return None
+
+
 def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outcome:
-    """Decide on a finished job: rollback check, gate, new version, promote or reject, publish, prune."""
+    """Decide on a finished job: rollback check, gate, new version, promote or reject, publish, prune.
+
+    Idempotent: run again on the same job (after a crash at any point) it finishes the
+    conclusion its journal recorded (see :class:`Journal`) and returns the same outcome.
+    """
     job_dir = Path(job_dir)
     spec, plan = read_job(job_dir), Plan.read(job_dir)
     try:
@@ -266,71 +346,88 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
     if not result.succeeded:
         return outcome
     registry = release.open_registry(settings, buffer)
+    journal = Journal(job_dir)
     metrics = outcome.metrics = result.metrics
+    e = settings.evaluation
 
     # 1. Is the adapter serving now worse than the previous blessed one on today's held-out set?
-    baseline, baseline_version = "active", plan.active
-    cur = registry.current()
-    if metrics and "previous" in metrics and cur and cur == plan.active:
-        check = decide_rollback(metrics["active"], metrics["previous"], settings.evaluation.rollback_threshold)
-        outcome.rollback = {"kind": "rescore", "active": cur, "previous": plan.previous,
-                            "rolled_back": False, "reasons": check.reasons}
-        if check.roll_back and registry.previous() == plan.previous:
-            done = release.rollback(settings, buffer, None, reason="re-scored: " + check.reasons[0],
-                                    job_id=spec.job_id,
-                                    metrics={"active": metrics["active"], "previous": metrics["previous"]})
-            outcome.rollback |= {"rolled_back": True, "to": done["change"]["version"], "publish": done["publish"]}
-            baseline, baseline_version = "previous", done["change"]["version"]
-            cur = registry.current()
+    if "checked" not in journal:
+        check_out, baseline, baseline_version = None, "active", plan.active
+        cur = registry.current()
+        intent = journal.get("rollback_intent")
+        if intent is None and metrics and "previous" in metrics and cur and cur == plan.active:
+            check = decide_rollback(metrics["active"], metrics["previous"], e.rollback_threshold)
+            check_out = {"kind": "rescore", "active": cur, "previous": plan.previous, "rolled_back": False,
+                         "reasons": check.reasons}
+            if check.roll_back and registry.previous() == plan.previous:
+                intent = {"action": "rolled_back", "to": plan.previous, "from": cur, "previous": plan.previous,
+                          "reason": "re-scored: " + check.reasons[0], "check": check_out}
+        if intent is not None:
+            change = _move_once(journal, registry, "rollback", intent, lambda: registry.rollback(
+                None, reason=intent["reason"], job_id=spec.job_id,
+                metrics={"active": metrics["active"], "previous": metrics["previous"]}))
+            report = _publish_once(journal, settings, buffer, "rollback", change)
+            check_out = intent["check"] | {"rolled_back": True, "to": change.version, "publish": report}
+            baseline, baseline_version = "previous", change.version
+        journal.record("checked", {"rollback": check_out, "baseline": baseline, "baseline_version": baseline_version})
+    checked = journal.get("checked")
+    outcome.rollback = checked["rollback"]
+    outcome.baseline, outcome.baseline_version = baseline, baseline_version = checked["baseline"], checked["baseline_version"]
 
-    # 2. The gate.
-    e = settings.evaluation
-    if not metrics or "candidate" not in metrics:
-        verdict = Verdict(False, ["no held-out metrics (empty held-out set or evaluation off); "
-                                  f"at least {e.min_heldout_examples} held-out examples are needed to promote"])
-    else:
-        candidate = dict(metrics["candidate"])
-        if result.health is not None:
-            candidate["health"] = result.health
-        verdict = decide(metrics[baseline], candidate,
-                         Thresholds(e.min_improvement, e.max_regression, e.min_heldout_examples))
-        if cur != baseline_version:
-            verdict = Verdict(False, [f"the active adapter changed during the job ({baseline_version or 'base model'}"
-                                      f" -> {cur or 'base model'}); the comparison is stale"] + verdict.reasons)
-    outcome.verdict = verdict.as_dict()
-    outcome.baseline, outcome.baseline_version = baseline, baseline_version
-
-    # 3. Every finished candidate becomes a version, with its verdict.
-    record = {
-        "job_id": spec.job_id, "base_model": spec.base_model, "base_model_path": result.base_model,
-        "method": spec.method,
-        "hyperparameters": {k: getattr(spec, k) for k in (
-            "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "max_steps",
-            "epochs", "batch_size", "grad_accum", "max_seq_length", "seed", "packing")},
-        "parent": Path(spec.parent_adapter).name if spec.parent_adapter else None,
-        "training": outcome.training,
-        "examples": {k: plan.examples.get(k) for k in ("max_seq", "count", "sha256", "seqs")} | {"stats": stats},
-        "heldout": plan.heldout,
-        "compared_with": {"label": baseline, "version": baseline_version},
-        "metrics": metrics, "health": result.health, "verdict": verdict.as_dict(),
-    }
-    version = registry.create(job_dir / ADAPTER_DIR, record, now=now)
-    outcome.version = version.name
+    # 2. The gate, and 3. every finished candidate becomes a version, with its verdict.
+    version = _version_of(registry, journal, spec.job_id)
+    if version is None:
+        cur = registry.current()
+        if not metrics or "candidate" not in metrics:
+            verdict = Verdict(False, ["no held-out metrics (empty held-out set or evaluation off); "
+                                      f"at least {e.min_heldout_examples} held-out examples are needed to promote"])
+        else:
+            candidate = dict(metrics["candidate"])
+            if result.health is not None:
+                candidate["health"] = result.health
+            verdict = decide(metrics[baseline], candidate,
+                             Thresholds(e.min_improvement, e.max_regression, e.min_heldout_examples))
+            if cur != baseline_version:
+                verdict = Verdict(False, [f"the active adapter changed during the job ({baseline_version or 'base model'}"
+                                          f" -> {cur or 'base model'}); the comparison is stale"] + verdict.reasons)
+        record = {
+            "job_id": spec.job_id, "base_model": spec.base_model, "base_model_path": result.base_model,
+            "method": spec.method,
+            "hyperparameters": {k: getattr(spec, k) for k in (
+                "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "max_steps",
+                "epochs", "batch_size", "grad_accum", "max_seq_length", "seed", "packing")},
+            "parent": Path(spec.parent_adapter).name if spec.parent_adapter else None,
+            "training": outcome.training,
+            "examples": {k: plan.examples.get(k) for k in ("max_seq", "count", "sha256", "seqs")} | {"stats": stats},
+            "heldout": plan.heldout,
+            "compared_with": {"label": baseline, "version": baseline_version},
+            "metrics": metrics, "health": result.health, "verdict": verdict.as_dict(),
+        }
+        version = registry.create(job_dir / ADAPTER_DIR, record, now=now)
+    if "version" not in journal:
+        journal.record("version", version.name)
+    verdict = Verdict.from_dict(version.verdict)
+    outcome.verdict, outcome.version = verdict.as_dict(), version.name
     reasons = "; ".join(verdict.reasons)
 
     # 4. Promote, or record the rejection.
     if verdict.promote:
-        done = release.promote(settings, buffer, version.name, reason=reasons, job_id=spec.job_id,
-                               reasons=verdict.reasons, metrics=metrics)
-        outcome.publish = done["publish"]["results"]
-        if done["publish"]["reverted"]:
-            outcome.status, outcome.reason = "rejected", done["publish"]["reverted"]["reason"]
+        intent = {"action": "promoted", "to": version.name, "from": registry.current(),
+                  "previous": registry.previous(), "reason": reasons}
+        change = _move_once(journal, registry, "promotion", intent, lambda: registry.promote(
+            version.name, reason=reasons, job_id=spec.job_id, reasons=verdict.reasons, metrics=metrics))
+        report = _publish_once(journal, settings, buffer, "promotion", change)
+        outcome.publish = report["results"]
+        if report["reverted"]:
+            outcome.status, outcome.reason = "rejected", report["reverted"]["reason"]
         else:
             outcome.status, outcome.reason = "promoted", reasons
     else:
-        buffer.record_event(events.CANDIDATE_REJECTED, version=version.name, job_id=spec.job_id,
-                            reasons=verdict.reasons, metrics=metrics)
-        log.info(events.CANDIDATE_REJECTED, version=version.name, job_id=spec.job_id, reasons=verdict.reasons)
+        if "rejection_recorded" not in journal:
+            buffer.record_event(events.CANDIDATE_REJECTED, version=version.name, job_id=spec.job_id,
+                                reasons=verdict.reasons, metrics=metrics)
+            log.info(events.CANDIDATE_REJECTED, version=version.name, job_id=spec.job_id, reasons=verdict.reasons)
+            journal.record("rejection_recorded", True)
         outcome.status, outcome.reason = "rejected", reasons
 
     # 5. Retention.
@@ -413,30 +510,33 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
         try:
             with training_lock(settings.state_dir, holder):
                 job_dir = job.job_dir
-                if job_dir is None or not job_dir.is_dir():
-                    job.move("preparing", started_at=time.time())
-                    live = release.check_live(settings, buffer)
-                    job_dir = prepare(settings, buffer, job_id, window_end=window_end)
-                else:
-                    set_window_end(job_dir, window_end)
-                if stop is not None and stop.requested:
-                    job.row["job_dir"] = str(job_dir)
-                    return job.finish(Outcome(job_id, stop.state, stop.reason, live=live), job_dir=str(job_dir))
-                job.move("training", job_dir=str(job_dir), runs=job.row.get("runs", 0) + 1)
-                code = supervisor.supervise(job_dir, stop.event if stop else None,
-                                            (lambda: stop.mode == "cancel") if stop else None,
-                                            on_progress=progress)
-                if code == EXIT_OK:
-                    job.move("evaluating", progress=job.progress)
-                    outcome = conclude(settings, buffer, job_dir)
-                    outcome.live = live
-                    if on_concluded is not None and outcome.version:
-                        try:
-                            on_concluded(buffer)
-                        except Exception:
-                            log.exception(events.STATUS_REFRESH_FAILED, job_id=job_id)
-                    return job.finish(outcome)
-                return job.finish(_stopped_or_failed(job_id, job_dir, code, stop, live))
+                if not (job_dir is not None and job_dir.is_dir() and _trained(job_dir)):
+                    if job_dir is None or not job_dir.is_dir():
+                        job.move("preparing", started_at=time.time())
+                        live = release.check_live(settings, buffer)
+                        job_dir = prepare(settings, buffer, job_id, window_end=window_end)
+                    else:
+                        set_window_end(job_dir, window_end)
+                    if stop is not None and stop.requested:
+                        job.row["job_dir"] = str(job_dir)
+                        return job.finish(Outcome(job_id, stop.state, stop.reason, live=live), job_dir=str(job_dir))
+                    job.move("training", job_dir=str(job_dir), runs=job.row.get("runs", 0) + 1)
+                    code = supervisor.supervise(job_dir, stop.event if stop else None,
+                                                (lambda: stop.mode == "cancel") if stop else None,
+                                                on_progress=progress)
+                    if code != EXIT_OK:
+                        return job.finish(_stopped_or_failed(job_id, job_dir, code, stop, live))
+                # A worker that succeeded is concluded from its result, never run again (a
+                # restart during the conclusion lands here and finishes what conclusion.json says).
+                job.move("evaluating", progress=job.progress)
+                outcome = conclude(settings, buffer, job_dir)
+                outcome.live = live
+                if on_concluded is not None and outcome.version:
+                    try:
+                        on_concluded(buffer)
+                    except Exception:
+                        log.exception(events.STATUS_REFRESH_FAILED, job_id=job_id)
+                return job.finish(outcome)
         except NothingToTrain as e:
             return job.finish(Outcome(job_id, "skipped", str(e), live=live))
         except CycleError as e:  # the lock is taken, a version is tampered with
@@ -444,6 +544,15 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
         except Exception as e:
             log.exception(events.JOB_CRASHED, job_id=job_id)
             return job.finish(Outcome(job_id, "failed", f"{type(e).__name__}: {e}", live=live))
+
+
+def _trained(job_dir: Path) -> bool:
+    """The job's worker already succeeded (result.json says so and the adapter is there)."""
+    try:
+        result = read_result(job_dir)
+    except JobError:
+        return False
+    return result is not None and result.succeeded and (job_dir / ADAPTER_DIR).is_dir()
 
 
 def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest | None, live) -> Outcome:
@@ -499,22 +608,32 @@ def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict]
     return run(settings, job_id, holder=f"lorad train, job {job_id}", on_progress=on_progress)
 
 
-def recover(settings, store: JobStore) -> list[str]:
-    """At daemon start: jobs left active by a process that died become paused (resumable).
+def recover(settings, store: JobStore) -> list[dict]:
+    """At daemon start: jobs left active by a process that died.
 
-    A worker that outlived its parent (killed with SIGKILL) is stopped first, so a resumed job
-    never has two workers writing one job directory. Nothing is touched while another cycle
-    (a running ``lorad train``) holds the training lock: the active job is its own.
+    A worker that outlived its parent (killed with SIGKILL) is stopped first, so a job never
+    has two workers writing one job directory. A job whose worker had succeeded stays
+    ``evaluating`` and is returned: the daemon concludes it at once (from its result and its
+    conclusion journal), window or not. The others become paused (resumable in a window).
+    Nothing is touched while another cycle (a running ``lorad train``) holds the training lock:
+    the active job is its own.
+
+    Returns:
+        The jobs to conclude now, oldest first.
     """
+    conclude_now = []
     try:
         with training_lock(settings.state_dir, "the daemon, recovering jobs"):
-            stale = store.list(limit=1000, states=ACTIVE)
-            for job in stale:
-                if job["job_dir"]:
-                    supervisor.stop_orphan(Path(job["job_dir"]))
+            for job in reversed(store.list(limit=1000, states=ACTIVE)):
+                job_dir = Path(job["job_dir"]) if job["job_dir"] else None
+                if job_dir is not None:
+                    supervisor.stop_orphan(job_dir)
+                if job_dir is not None and _trained(job_dir):
+                    conclude_now.append(store.get(job["job_id"]))
+                    continue
                 store.transition(job["job_id"], "paused", STALE_REASON)
                 log.warning(events.JOB_PAUSED, job_id=job["job_id"], reason=STALE_REASON)
     except TrainingBusy as e:
         log.warning(events.JOB_RECOVERY_SKIPPED, reason=str(e))
         return []
-    return [j["job_id"] for j in stale]
+    return conclude_now

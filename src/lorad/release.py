@@ -38,7 +38,7 @@ def promote(settings, buffer, version: str, reason: str = "promoted by hand", **
     registry = open_registry(settings, buffer)
     change = registry.promote(version, reason=reason, **detail)
     log.info(events.ADAPTER_PROMOTED, version=change.version, replaced=change.replaced, reason=reason)
-    return _publish(settings, buffer, registry, change)
+    return {"change": change.as_dict(), "publish": publish(settings, buffer, change)}
 
 
 def rollback(settings, buffer, version: str | None = None, reason: str = "rolled back by hand",
@@ -51,15 +51,20 @@ def rollback(settings, buffer, version: str | None = None, reason: str = "rolled
     registry = open_registry(settings, buffer)
     change = registry.rollback(version, reason=reason, **detail)
     log.warning(events.ADAPTER_ROLLED_BACK, version=change.version, replaced=change.replaced, reason=reason)
-    return _publish(settings, buffer, registry, change)
+    return {"change": change.as_dict(), "publish": publish(settings, buffer, change)}
 
 
-def _publish(settings, buffer, registry: Registry, change: Change) -> dict:
-    from lorad.publish import hooks_from_settings, publish
+def publish(settings, buffer, change: Change) -> dict:
+    """Run the ``[[publish]]`` hooks for a change already made; a failed required hook reverts it.
 
-    report = publish(registry, change, hooks_from_settings(settings.publish),
-                     audit=buffer.record_event if buffer is not None else None)
-    return {"change": change.as_dict(), "publish": report.as_dict()}
+    Returns:
+        ``PublishReport.as_dict()``.
+    """
+    from lorad import publish as hooks
+
+    report = hooks.publish(open_registry(settings, buffer), change, hooks.hooks_from_settings(settings.publish),
+                           audit=buffer.record_event if buffer is not None else None)
+    return report.as_dict()
 
 
 def check_live(settings, buffer) -> dict | None:

@@ -99,7 +99,9 @@ class Service:
         self.jobs = JobStore(self.db.conn)
         from lorad.pipeline import recover
 
-        recover(s, self.jobs)  # jobs a dead daemon left running become paused
+        # Jobs a dead daemon left running become paused; one whose worker had finished is
+        # concluded as soon as the daemon is up.
+        conclude_now = recover(s, self.jobs)
         self.scheduling_paused = bool(self.jobs.get_state("scheduling_paused", False))
         self.failures = int(self.jobs.get_state("failures", 0))
         self.backoff_until = float(self.jobs.get_state("backoff_until", 0.0))
@@ -109,6 +111,8 @@ class Service:
         self.control = ControlServer(s.daemon.socket_path, self._handle,
                                      Access(s.daemon.allowed_uids, s.daemon.allowed_group))
         self.control.start()
+        if conclude_now:
+            self._start_job(conclude_now[0], None, "finishing a conclusion that a restart interrupted")
         self._ready = True
         self._last_status_line = self._status_line()
         self.notifier.ready(self._last_status_line)
