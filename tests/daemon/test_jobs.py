@@ -142,6 +142,28 @@ def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, s
     assert failed["reason"].startswith("another training cycle is running: lorad train, job job-y, pid ")
 
 
+def test_a_daemon_starting_beside_a_running_lorad_train_leaves_its_job_alone(daemon_factory, short_root):
+    from lorad import config, pipeline
+    from lorad.buffer.jobs import JobStore
+    from lorad.buffer.store import Buffer
+
+    sections = training_sections(short_root / "never-loaded")
+    sections["schedule"].update(windows=[closed_window_now()])  # a paused job stays paused
+    d = daemon_factory(start=False, **sections)
+    s = config.load(d.config)
+    with Buffer(s.buffer_path) as buffer:  # a `lorad train` job, training
+        store = JobStore(buffer.conn)
+        job_id = store.create("cli")["job_id"]
+        store.transition(job_id, "training", None)
+    with pipeline.training_lock(s.state_dir, f"lorad train, job {job_id}"):
+        d.start()
+        assert job(d, job_id)["state"] == "training"  # not taken for a dead daemon's job
+        assert any(e.get("event") == "job_recovery_skipped" for e in d.events())
+    d.stop()
+    d.start()  # the lock is free now: the job is a dead process's, and becomes paused
+    assert job(d, job_id)["state"] == "paused"
+
+
 def test_sigterm_right_after_train_now_leaves_the_job_paused_not_failed(daemon_factory, tiny_model):
     """Whatever the job was doing (preparing, or a worker still importing torch), it is paused."""
     d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=5000, save_steps=1000))
