@@ -125,6 +125,8 @@ class DaemonSettings:
     allowed_uids: tuple[int, ...] = ()
     allowed_group: str = ""
     watchdog: bool = True
+    # Control connections one peer uid may hold open at once; one more closes its oldest idle one.
+    max_connections_per_uid: int = _c(positive, default=64)
 
     @property
     def socket_path(self) -> Path:

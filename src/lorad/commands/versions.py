@@ -169,13 +169,15 @@ def _change(args, settings, action: str) -> int:
 def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
     """With a daemon running, it makes the change (so it never races its own job's conclusion)."""
     from lorad.cli import CommandError
-    from lorad.commands.client import socket_path
-    from lorad.daemon.protocol import DaemonUnavailable, ProtocolError, request
+    from lorad.commands.client import EX_TEMPFAIL, socket_path
+    from lorad.daemon.protocol import DaemonTimeout, DaemonUnavailable, ProtocolError, SocketPathTooLong, request
 
     try:
         r = request(socket_path(settings), action, version=version, reason=reason)
-    except (DaemonUnavailable, ProtocolError):
+    except (DaemonUnavailable, ProtocolError, SocketPathTooLong):
         return None
+    except DaemonTimeout as e:  # never fall back to a second change of our own: it may be applied
+        raise CommandError(f"{action}: {e}", EX_TEMPFAIL) from None
     if not r.get("ok"):
         raise CommandError(r.get("error") or f"the daemon refused the {action}")
     return {"change": r["change"], "publish": r["publish"]}

@@ -2,7 +2,7 @@
 
 Threads: the main loop (this module: signals, scheduling, systemd, the status snapshot), the
 ingest loop (the buffer's writer: watcher batches, reconciliation, feedback), the control
-server (one short thread per connection) and, while a job runs, the job thread (which runs
+server (a selector thread and its workers) and, while a job runs, the job thread (which runs
 the worker subprocess). Signal handlers only set flags; the main loop acts on them. Control
 requests that change state are handed to the main loop and answered when it has acted;
 ``status`` is answered from an in-memory snapshot the main loop refreshes, so it never waits
@@ -104,7 +104,8 @@ class Service:
         self._start_ingest()
         self._refresh_snapshot()  # the first status answer is already a real one
         self.control = ControlServer(s.daemon.socket_path, self._handle,
-                                     Access(s.daemon.allowed_uids, s.daemon.allowed_group))
+                                     Access(s.daemon.allowed_uids, s.daemon.allowed_group),
+                                     max_per_uid=s.daemon.max_connections_per_uid)
         self.control.start()
         self._ready = True
         self._last_status_line = self._status_line()
@@ -292,6 +293,7 @@ class Service:
         self.settings = new
         self.schedule = _schedule(new)
         self.control.access = Access(new.daemon.allowed_uids, new.daemon.allowed_group)
+        self.control.max_per_uid = new.daemon.max_connections_per_uid
         if new.store != old.store or new.buffer != old.buffer or new.schedule.reconcile_interval != old.schedule.reconcile_interval \
                 or new.schedule.debounce_seconds != old.schedule.debounce_seconds:
             self._stop_ingest()
