@@ -82,9 +82,10 @@ def history(args, settings) -> int:
                      "created_at": r.get("created_at"), "job_id": r.get("job_id"), "parent": r.get("parent"),
                      "verdict": v.verdict, "nll": cand.get("nll"), "baseline_nll": base.get("nll"),
                      "epsilon": cand.get("epsilon"), "baseline_epsilon": base.get("epsilon"),
-                     "examples": (r.get("examples") or {}).get("count")})
+                     "examples": (r.get("examples") or {}).get("count"), "record_ok": reg.record_ok(v.name)})
     events = _events(settings)
     lines = [f"current {cur or '- (base model)'}   previous {prev or '-'}"]
+    lines += [f"WARNING {p} (refused; lorad promote VERSION repairs it)" for p in reg.pointer_problems()]
     if not rows:
         lines.append("no adapter versions yet")
     else:
@@ -92,7 +93,7 @@ def history(args, settings) -> int:
     for row in rows:
         mark = "*" if row["current"] else "p" if row["previous"] else " "
         verdict = "promote" if row["verdict"].get("promote") else "reject"
-        reason = _headline(row["verdict"])
+        reason = _headline(row["verdict"]) if row["record_ok"] else "lorad.json EDITED since it was made: not to be trusted"
         lines.append(f"{mark} {row['version']:<24} {verdict:<9} {_f(row['nll']):>8} {_f(row['baseline_nll']):>9} "
                      f"{_pct(row['epsilon']):>7} {_pct(row['baseline_epsilon']):>7}  {reason}")
     if events:
@@ -102,7 +103,8 @@ def history(args, settings) -> int:
             why = e["detail"].get("reason") or "; ".join(e["detail"].get("reasons") or [])
             why = why if len(why) <= 110 else why[:107] + "..."
             lines.append(f"  {when} {e['event']:<24} {e['version'] or '-'}  {why}")
-    emit(args, {"current": cur, "previous": prev, "versions": rows, "events": events}, "\n".join(lines))
+    emit(args, {"current": cur, "previous": prev, "problems": reg.pointer_problems(), "versions": rows,
+                "events": events}, "\n".join(lines))
     return 0
 
 
