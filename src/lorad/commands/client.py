@@ -148,10 +148,14 @@ def _when(iso: str) -> datetime:
 def status_text(r: dict) -> str:
     lines = [f"lorad: {r['state']} (pid {r['pid']}, up {_duration(r.get('uptime_s'))})"]
     lines.append(f"active version: {r.get('active_version') or 'none (base model)'}")
+    lines += [f"registry: WARNING {p} (refused; lorad promote VERSION repairs it)"
+              for p in r.get("registry_problems") or []]
     b = r.get("buffer") or {}
     lines.append(f"buffer: {b.get('artifacts', 0)} artifacts in {b.get('chains', 0)} chains, "
-                 f"{b.get('examples', 0)} examples, {b.get('new_examples', 0)} new since the active version, "
-                 f"{b.get('quarantined', 0)} quarantined")
+                 f"{b.get('examples', 0)} examples, {b.get('quarantined', 0)} quarantined")
+    # Two counts that differ after a rejected candidate: the scheduler waits for the second.
+    lines.append(f"examples: {b.get('new_examples', 0)} added since the active version was trained; "
+                 f"{b.get('untrained_examples', 0)} not yet trained on by any version (promoted or rejected)")
     if r.get("job"):
         lines.append(progress_line(r["job"]))
     else:

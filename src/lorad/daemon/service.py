@@ -337,6 +337,7 @@ class Service:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "active_version": views.active_version(self.settings.state_dir),
+            "registry_problems": views.registry_problems(self.settings.state_dir),
             "buffer": counts,
             "job": running,
             "scheduling_paused": self.scheduling_paused,
@@ -369,7 +370,7 @@ class Service:
             step = f" step {p.get('step')}/{p.get('total_steps')}" if p.get("total_steps") else ""
             return f"job {job['job_id']} {job['state']}{step}"
         b = snap.get("buffer", {})
-        return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('new_examples', 0)} new examples"
+        return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('untrained_examples', 0)} examples not yet trained on"
 
     def status(self) -> dict:
         with self._snap_lock:
