@@ -214,13 +214,16 @@ def test_current_repointed_by_hand_to_another_version_is_refused(reg, tmp_path):
                                      "(or lorad was killed while moving it)"]
 
 
-def test_current_whose_files_fail_their_sha256_is_refused(reg, tmp_path):
-    a = make(reg, tmp_path, 1)
+def test_current_whose_files_fail_their_sha256_is_reported_and_can_be_rolled_back_from(reg, tmp_path):
+    """Still named (so prepare refuses to build on it), reported, and rolling back away from it works."""
+    a, b = make(reg, tmp_path, 1), make(reg, tmp_path, 2)
     reg.promote(a)
-    _edit(reg.root / a / "adapter_model.safetensors", "poisoned")
-    assert reg.current() is None
+    reg.promote(b)
+    _edit(reg.root / b / "adapter_model.safetensors", "poisoned")
+    assert reg.current() == b
     assert reg.pointer_problems() == [
-        f"current points at {a}, which fails verification: adapter_model.safetensors: sha256 does not match lorad.json"]
+        f"current points at {b}, which fails verification: adapter_model.safetensors: sha256 does not match lorad.json"]
+    assert reg.rollback().version == a and reg.pointer_problems() == []
 
 
 def test_deleted_current_is_noticed_and_rollback_refuses_instead_of_publishing_previous_empty(reg, tmp_path):

@@ -22,11 +22,13 @@ Promotion and rollback refuse a version whose files no longer match their sha256
 lorad.json no longer matches the digest the pointer log kept when it was made (versions made
 before that digest existed are checked by their files only).
 
-A pointer is believed only when it is a relative link to a version directory here that
-verifies, and is where the pointer log put it. Otherwise ``current()``/``previous()`` return
-None, ``registry_pointer_refused`` is logged once, ``pointer_problems()`` says why, rollback
+A pointer is believed only when it is a relative link to a version directory here that is
+where the pointer log put it. Otherwise ``current()``/``previous()`` return None,
+``registry_pointer_refused`` is logged once, ``pointer_problems()`` says why, rollback
 refuses, and promoting a version by name repairs it (its hooks hear of the version the log
-last made current, not "").
+last made current, not ""). A sound link to a version whose files fail verification is
+named, logged and listed the same way; what would use its files refuses it (prepare,
+promote, rollback to it), and rolling back away from it works.
 """
 
 from __future__ import annotations
@@ -203,7 +205,12 @@ class Registry:
         return [problem for which in POINTERS if (problem := self._read_pointer(which)[1])]
 
     def _read_pointer(self, which: str) -> tuple[str | None, str | None]:
-        """(version name, None) for a sound pointer, (None, why) for a bent one, (None, None) for none."""
+        """(name, None) for a sound pointer, (None, why) for a bent link, (None, None) for none.
+
+        A sound link to a version whose files fail verification gives (name, why): callers
+        that use the files refuse it (prepare, promote, rollback) and rolling back away from
+        it must stay possible.
+        """
         found = self._read_pointer_once(which)
         if found[1] and "pointer log says" in found[1] and not self._holding:
             # A change is logged just before its links move: look again once it is done.
@@ -233,7 +240,7 @@ class Registry:
                           "changed outside lorad (or lorad was killed while moving it)")
         problems = self._verify_cached(target)
         if problems:
-            return None, f"{which} points at {target}, which fails verification: {problems[0]}"
+            return target, f"{which} points at {target}, which fails verification: {problems[0]}"
         return target, None
 
     def _logged(self) -> dict:
@@ -395,11 +402,10 @@ class Registry:
             name = self.resolve(name)
             self._check(name)
             cur, prev = self.current(), self.previous()
-            bent = self._read_pointer("current")[1]
             if cur == name:
                 raise RegistryError(f"{name} is already the current version")
-            # A bent current is replaced; the hooks hear of the version the log last made current.
-            replaced = cur if not bent else self._logged().get("current")
+            # A refused current is replaced; the hooks hear of the version the log last made current.
+            replaced = cur if cur is not None else self._logged().get("current")
             sound = replaced is not None and replaced != name and (self.root / replaced).is_dir()
             new_prev = replaced if sound else prev
             change = Change("promoted", name, replaced, new_prev, (cur, prev), reason)
@@ -420,11 +426,10 @@ class Registry:
         """
         with self._locked():
             for which in POINTERS:
-                problem = self._read_pointer(which)[1]
-                if problem and (which == "current" or not name):
-                    error = TamperedVersion if "fails verification" in problem else RegistryError
-                    raise error(f"refusing to roll back: {problem}; promote a version by name "
-                                "(lorad promote VERSION) to repair the pointers")
+                found, problem = self._read_pointer(which)
+                if problem and found is None and (which == "current" or not name):
+                    raise RegistryError(f"refusing to roll back: {problem}; promote a version by name "
+                                        "(lorad promote VERSION) to repair the pointers")
             cur, prev = self.current(), self.previous()
             target = self.resolve(name) if name else prev
             if target is None:

@@ -116,6 +116,7 @@ class _Conn:
     deadline: float  # the whole request line must have arrived by then
     buf: bytearray = field(default_factory=bytearray)
     drained: int = 0
+    closed: bool = False
 
 
 class ControlServer:
@@ -227,10 +228,15 @@ class ControlServer:
         try:
             while not self._stopping.is_set():
                 for key, _ in self._selector.select(self._wait_time()):
-                    if key.data is None:
-                        self._accept()
-                    else:
-                        self._readable(key.data)
+                    try:
+                        if key.data is None:
+                            self._accept()
+                        else:
+                            self._readable(key.data)
+                    except Exception:  # this thread must outlive any one connection
+                        log.exception("control_connection_failed")
+                        if key.data is not None:
+                            self._close(key.data)
                 self._expire(time.monotonic())
         finally:
             for conn in [*self._waiting.values(), *self._draining.values()]:
@@ -401,6 +407,9 @@ class ControlServer:
             pass
 
     def _release(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
         conn.sock.close()
         with self._lock:
             self._total -= 1
