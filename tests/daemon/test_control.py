@@ -228,3 +228,31 @@ def test_client_tells_a_daemon_that_did_not_answer_from_no_daemon(tmp_path, caps
         server.stop()
     assert code == 75
     assert "did not answer within 0.3 s" in err and "may still have been applied" in err
+
+
+def test_promote_through_a_daemon_that_times_out_does_not_promote_a_second_time(tmp_path, capsys, monkeypatch):
+    """A timeout used to read as "no daemon", and `lorad promote` then changed the registry itself."""
+    from lorad.cli import main
+    from lorad.commands import versions
+    from lorad.registry import Registry
+
+    sock = tmp_path / "s.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{sock}"\n')
+    reg = Registry(tmp_path / "state" / "adapters")
+    weights = tmp_path / "adapter"
+    weights.mkdir()
+    (weights / "adapter_model.safetensors").write_bytes(b"w")
+    a, b = (reg.create(weights, {"verdict": {"promote": True, "reasons": []}}).name for _ in range(2))
+    reg.promote(a)
+    monkeypatch.setattr(versions, "PROMOTE_TIMEOUT", 0.3)
+    gate = threading.Event()
+    server = ControlServer(sock, lambda r, p: gate.wait(10) and {"ok": True}, Access())
+    server.start()
+    try:
+        code = main(["--config", str(config), "promote", b])
+    finally:
+        gate.set()
+        server.stop()
+    assert code == 75 and "may still have been applied" in capsys.readouterr().err
+    assert reg.current() == a

@@ -168,6 +168,9 @@ def _change(args, settings, action: str) -> int:
     return 1 if report["reverted"] or not report["ok"] else 0
 
 
+PROMOTE_TIMEOUT = 600.0  # seconds lorad promote/rollback wait for the daemon's answer
+
+
 def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
     """With a daemon running, it makes the change (so it never races its own job's conclusion)."""
     from lorad.cli import CommandError
@@ -175,7 +178,8 @@ def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
     from lorad.daemon.protocol import DaemonTimeout, DaemonUnavailable, ProtocolError, SocketPathTooLong, request
 
     try:
-        r = request(socket_path(settings), action, version=version, reason=reason)
+        # Generous: the daemon answers after the publish hooks, which may retry a slow server.
+        r = request(socket_path(settings), action, timeout=PROMOTE_TIMEOUT, version=version, reason=reason)
     except (DaemonUnavailable, ProtocolError, SocketPathTooLong):
         return None
     except DaemonTimeout as e:  # never fall back to a second change of our own: it may be applied
