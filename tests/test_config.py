@@ -60,6 +60,18 @@ def test_every_settings_key_is_documented_in_the_example():
     ("[daemon]\nallowed_uids = [1000, 'bob']", "daemon.allowed_uids[1]: must be an integer"),
     ("[evaluation]\nrescore_active = 'yes'", "evaluation.rescore_active: must be true or false"),
     ("[[publish]]\nkind = 'webhook'", "publish[0].kind: must be one of ['command', 'vllm']"),
+    ("[[publish]]\nargv = []", "publish[0].argv: must be a non-empty list of strings"),
+    ("[[publish]]\nargv = ''", "publish[0].argv: must be a non-empty list of strings"),
+    ("[[publish]]\nargv = ['x']\n[[publish]]\nkind = 'command'", "publish[1].argv: must be a non-empty list"),
+    ("[[publish]]\nargv = ['', '{version}']", "publish[0].argv[0]: must name the program to run, got ''"),
+    ("[[publish]]\nargv = ['x', '--v={versoin}']",
+     "publish[0].argv[1]: unknown placeholder {versoin}; expected {version}, {path} or {previous}"),
+    ("[[publish]]\nargv = ['x', '{0}']", "publish[0].argv[1]: unknown placeholder {0}"),
+    ("[[publish]]\nargv = ['x', 'a}b']", "publish[0].argv[1]: not a valid template: Single '}' encountered"),
+    ("[[publish]]\nkind = 'vllm'", "publish[0].url: must be an http:// or https:// URL with a host, got ''"),
+    ("[[publish]]\nkind = 'vllm'\nurl = '127.0.0.1:8000'", "publish[0].url: must be an http:// or https:// URL"),
+    ("[[publish]]\nkind = 'vllm'\nurl = 'http://'", "publish[0].url: must be an http:// or https:// URL"),
+    ("[evaluation]\nguard_command = ['', 'x']", "evaluation.guard_command[0]: must name the program to run"),
     ("daemon = 3", "daemon: must be a table"),
     ("[training\n", "not valid TOML"),
 ])
@@ -104,6 +116,22 @@ def test_cli_exits_78_with_the_key_path(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == EX_CONFIG == 78
     assert "training.lora_r: must be positive, got -4" in proc.stderr
+
+
+def test_a_publish_hook_that_could_not_run_is_refused_at_load_with_exit_78(tmp_path):
+    """`argv = []` used to pass and fail the job at its promotion, after `current` had moved."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[publish]]\nargv = []\n')
+    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "serve"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == EX_CONFIG
+    assert proc.stderr.strip() == f"lorad: config error: {cfg}: publish[0].argv: must be a non-empty list of strings"
+
+
+def test_publish_tables_that_can_run_are_accepted():
+    s = config.loads("[[publish]]\nargv = ['systemctl', 'reload', 'x@{version}', '{path}', '{previous}']\n"
+                     "[[publish]]\nkind = 'vllm'\nurl = 'https://vllm.internal:8000'\n")
+    assert [p.kind for p in s.publish] == ["command", "vllm"]
 
 
 def test_cli_exits_78_when_the_config_file_is_missing(tmp_path):

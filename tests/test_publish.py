@@ -161,3 +161,17 @@ def test_hooks_are_built_from_publish_tables():
                                  PublishSettings(kind="vllm", url="http://h:8000", retries=5)])
     assert isinstance(hooks[0], CommandHook) and hooks[0].required
     assert isinstance(hooks[1], VllmHook) and hooks[1].retries == 5
+
+
+def test_a_hook_that_raises_is_a_failed_hook_not_a_failed_promotion(reg):
+    """Hooks built without the config's checks (an empty argv, a vLLM hook without a URL) raise
+    inside; publish reports them failed like any other hook and never lets the exception out."""
+    a, b = reg.names()
+    buffer = Buffer(":memory:")
+    report = publish(reg, reg.promote(a), [CommandHook(()), VllmHook("")], audit=buffer.record_event)
+    assert reg.current() == a and report.reverted is None  # not required: the promotion stands
+    assert [r.ok for r in report.results] == [False, False]
+    assert "IndexError" in report.results[0].detail and "ValueError" in report.results[1].detail
+    assert len(buffer.events("publish_failed")) == 2
+    required = publish(reg, reg.promote(b), [CommandHook((), required=True)])
+    assert required.reverted is not None and reg.current() == a

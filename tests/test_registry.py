@@ -164,3 +164,110 @@ def test_crash_leftover_temporary_version_is_invisible_and_pruned(reg, tmp_path)
     assert reg.names() == [a]
     reg.prune()
     assert not list(reg.root.glob(".tmp-*"))
+
+
+# -- pointers and records that were bent outside lorad (issue 13, bug 7) ---------------------------
+
+
+def _edit(path, text: str) -> None:
+    path.chmod(0o640)
+    path.write_text(text)
+
+
+def test_an_edited_lorad_json_fails_verification_and_is_not_promoted(reg, tmp_path):
+    """lorad.json is covered by the digest the pointer log kept when the version was made."""
+    a = make(reg, tmp_path, 1, promote=False)
+    record = reg.root / a / "lorad.json"
+    _edit(record, record.read_text().replace('"promote": false', '"promote": true'))
+    assert reg.verify(a) == ["lorad.json: sha256 does not match the digest recorded when the version was made"]
+    with pytest.raises(TamperedVersion, match="lorad.json"):
+        reg.promote(a)
+    assert reg.current() is None
+
+
+def test_current_pointing_outside_the_registry_is_refused_and_shown(reg, tmp_path):
+    from structlog.testing import capture_logs
+
+    a, b = make(reg, tmp_path, 1), make(reg, tmp_path, 2)
+    reg.promote(a)
+    reg.promote(b)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(reg.root / a, outside / a)
+    (reg.root / "current").unlink()
+    (reg.root / "current").symlink_to(outside / a)
+    with capture_logs() as logs:
+        assert reg.current() is None and reg.current() is None
+    assert reg.previous() == a
+    (problem,) = reg.pointer_problems()
+    assert problem.startswith(f"current points at {outside / a}, outside the registry")
+    assert [e["event"] for e in logs] == ["registry_pointer_refused"]  # once, not at every read
+
+
+def test_current_repointed_by_hand_to_another_version_is_refused(reg, tmp_path):
+    a, b = make(reg, tmp_path, 1), make(reg, tmp_path, 2)
+    reg.promote(a)
+    reg.promote(b)
+    os.symlink(a, reg.root / "tmp-link")
+    os.replace(reg.root / "tmp-link", reg.root / "current")
+    assert reg.current() is None
+    assert reg.pointer_problems() == [f"current points at {a}, but the pointer log says {b}: changed outside lorad "
+                                     "(or lorad was killed while moving it)"]
+
+
+def test_current_whose_files_fail_their_sha256_is_reported_and_can_be_rolled_back_from(reg, tmp_path):
+    """Still named (so prepare refuses to build on it), reported, and rolling back away from it works."""
+    a, b = make(reg, tmp_path, 1), make(reg, tmp_path, 2)
+    reg.promote(a)
+    reg.promote(b)
+    _edit(reg.root / b / "adapter_model.safetensors", "poisoned")
+    assert reg.current() == b
+    assert reg.pointer_problems() == [
+        f"current points at {b}, which fails verification: adapter_model.safetensors: sha256 does not match lorad.json"]
+    assert reg.rollback().version == a and reg.pointer_problems() == []
+
+
+def test_deleted_current_is_noticed_and_rollback_refuses_instead_of_publishing_previous_empty(reg, tmp_path):
+    a, b = make(reg, tmp_path, 1), make(reg, tmp_path, 2)
+    reg.promote(a)
+    reg.promote(b)
+    (reg.root / "current").unlink()
+    assert reg.current() is None
+    assert reg.pointer_problems() == [f"current is missing; the pointer log says {b}"]
+    with pytest.raises(RegistryError, match=f"current is missing; the pointer log says {b}.*lorad promote"):
+        reg.rollback()
+    # promoting by name repairs it, and tells the hooks what the server was last given
+    change = reg.promote(a, reason="repair")
+    assert (reg.current(), reg.previous()) == (a, b) and change.replaced == b
+    assert reg.pointer_problems() == []
+
+
+def test_history_and_status_agree_on_a_bent_current(tmp_path):
+    from lorad.config import loads
+    from lorad.daemon import views
+
+    settings = loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    reg = Registry(settings.state_dir / "adapters")
+    a = make(reg, tmp_path, 1)
+    reg.promote(a)
+    (reg.root / "current").unlink()
+    (reg.root / "current").symlink_to(tmp_path / "nowhere" / a)
+    history = views.history(settings)
+    assert history["current"] is None and views.active_version(settings.state_dir) is None
+    assert history["problems"] == views.registry_problems(settings.state_dir) != []
+
+
+def test_lorad_history_warns_of_a_bent_pointer_and_an_edited_record(tmp_path, capsys):
+    from lorad.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    reg = Registry(tmp_path / "state" / "adapters")
+    a, b = make(reg, tmp_path, 1), make(reg, tmp_path, 2, promote=False)
+    reg.promote(a)
+    (reg.root / "current").unlink()
+    record = reg.root / b / "lorad.json"
+    _edit(record, record.read_text().replace('"promote": false', '"promote": true'))
+    assert main(["--config", str(config), "history"]) == 0
+    out = capsys.readouterr().out
+    assert f"WARNING current is missing; the pointer log says {a}" in out
+    assert "lorad.json EDITED since it was made" in out

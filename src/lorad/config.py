@@ -136,6 +136,23 @@ def accelerate_config_file(v):
     return None
 
 
+PLACEHOLDERS = ("version", "path", "previous")  # what a command hook's argv may contain
+
+
+def _template(part: str) -> str | None:
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(part) if f is not None]
+    except ValueError as e:
+        return f"not a valid template: {e} (write {{{{ and }}}} for literal braces)"
+    for f in fields:
+        if f not in PLACEHOLDERS:
+            return (f"unknown placeholder {{{f}}}; expected {{version}}, {{path}} or {{previous}} "
+                    "(write {{ and }} for literal braces)")
+    return None
+
+
 def _c(check, **kw):
     return field(metadata={"check": check}, **kw)
 
@@ -151,6 +168,8 @@ class DaemonSettings:
     allowed_uids: tuple[int, ...] = ()
     allowed_group: str = ""
     watchdog: bool = True
+    # Control connections one peer uid may hold open at once; one more closes its oldest idle one.
+    max_connections_per_uid: int = _c(positive, default=64)
 
     @property
     def socket_path(self) -> Path:
@@ -279,6 +298,12 @@ class EvaluationSettings:
     live_confidence: float = _c(open_fraction, default=0.95)
     live_min_attempts: int = _c(positive, default=30)
 
+    def invalid(self) -> list[tuple[str, str]]:
+        """(key, why) for values that type-check but could not run."""
+        if self.guard_command and not self.guard_command[0]:
+            return [("guard_command[0]", "must name the program to run, got ''")]
+        return []
+
 
 @dataclass(frozen=True)
 class RegistrySettings:
@@ -299,6 +324,23 @@ class PublishSettings:
     retries: int = _c(non_negative, default=3)
     backoff: float = _c(non_negative, default=1.0)
     required: bool = False
+
+    def invalid(self) -> list[tuple[str, str]]:
+        """(key, why) for values that type-check but could not run, judged with ``kind``."""
+        if self.kind == "vllm":
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(self.url)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                ok = False
+            return [] if ok else [("url", f"must be an http:// or https:// URL with a host, got {self.url!r}")]
+        if not self.argv:
+            return [("argv", "must be a non-empty list of strings")]
+        found = [("argv[0]", f"must name the program to run, got {self.argv[0]!r}")] if not self.argv[0] else []
+        found += [(f"argv[{i}]", why) for i, part in enumerate(self.argv) if (why := _template(part))]
+        return found
 
 
 @dataclass(frozen=True)
@@ -409,10 +451,13 @@ def _build(cls, raw: Any, prefix: str, problems: list[str], base: Path):
             continue
         values[name] = value
     try:
-        return cls(**values)
+        built = cls(**values)
     except TypeError as e:  # pragma: no cover - guarded by the checks above
         problems.append(f"{prefix.rstrip('.')}: {e}")
         return cls()
+    if hasattr(built, "invalid") and len(values) == len([n for n in known if n in raw]):
+        problems.extend(f"{prefix}{key}: {message}" for key, message in built.invalid())
+    return built
 
 
 def _convert(tp, value, keypath: str, problems: list[str], base: Path):

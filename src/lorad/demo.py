@@ -220,11 +220,11 @@ class Demo:
         self.say(f"daemon stopped (exit {code})")
 
     def _status(self) -> dict | None:
-        from lorad.daemon.protocol import DaemonUnavailable
+        from lorad.daemon.protocol import DaemonTimeout, DaemonUnavailable
 
         try:
             r = self.request("status")
-        except DaemonUnavailable:
+        except (DaemonUnavailable, DaemonTimeout):
             return None
         return r if r.get("ok") else None
 

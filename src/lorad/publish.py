@@ -9,7 +9,7 @@ Two kinds, configured as ``[[publish]]`` tables and run in order:
   and path, then ``/v1/unload_lora_adapter`` for the name it replaces; each request retried
   with exponential backoff. Versions are immutable, so a name always means the same weights.
 
-A failed hook is recorded (audit event ``publish_failed``) and reported; it leaves the
+A failed hook (one that raises included) is recorded (audit event ``publish_failed``) and reported; it leaves the
 pointer where it is unless the hook is ``required``, in which case the registry is reverted
 to what it was before (and the hooks run once more so the server follows it back).
 """
@@ -176,7 +176,19 @@ class PublishReport:
 
 
 def run_all(hooks: list[Hook], change: Change, root: Path) -> list[HookResult]:
-    return [hook.run(change, Path(root)) for hook in hooks]
+    """Each hook's result, in order; a hook that raises is a failed hook, never an exception here.
+
+    Why: hooks run after ``current`` has moved. An exception escaping here (an empty argv's
+    IndexError, a URL urllib cannot parse) failed the whole job with the pointer moved, the
+    audit saying promoted, and a required hook's revert never done.
+    """
+    results = []
+    for hook in hooks:
+        try:
+            results.append(hook.run(change, Path(root)))
+        except Exception as e:
+            results.append(HookResult(hook.name, False, hook.required, f"raised {type(e).__name__}: {e}"))
+    return results
 
 
 def publish(registry: Registry, change: Change, hooks: list[Hook],

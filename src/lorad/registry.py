@@ -5,7 +5,8 @@ Layout of ``state_dir/adapters/``::
     v0007-20261121T031502Z/     one version: the adapter files + lorad.json, read-only
     current -> v0007-…          the adapter serving now (a relative symlink)
     previous -> v0005-…         the blessed version before it (the default rollback target)
-    pointers.jsonl              every pointer change, appended (promote, rollback, revert)
+    pointers.jsonl              appended: every pointer change (promote, rollback, revert, each
+                                logged before the links move) and each version's lorad.json sha256
     .sequence                   the last version number handed out (names are never reused)
     .lock                       flock held by whoever changes the registry
 
@@ -17,7 +18,17 @@ the sha256 of every other file. Every candidate that finished training becomes a
 rejected ones too, so one can be promoted by hand later — and the verdict says which it was.
 
 Pointers move by writing a new symlink and renaming it over the old one (atomic on POSIX).
-Promotion and rollback refuse a version whose files no longer match their sha256.
+Promotion and rollback refuse a version whose files no longer match their sha256, or whose
+lorad.json no longer matches the digest the pointer log kept when it was made (versions made
+before that digest existed are checked by their files only).
+
+A pointer is believed only when it is a relative link to a version directory here that is
+where the pointer log put it. Otherwise ``current()``/``previous()`` return None,
+``registry_pointer_refused`` is logged once, ``pointer_problems()`` says why, rollback
+refuses, and promoting a version by name repairs it (its hooks hear of the version the log
+last made current, not ""). A sound link to a version whose files fail verification is
+named, logged and listed the same way; what would use its files refuses it (prepare,
+promote, rollback to it), and rolling back away from it works.
 """
 
 from __future__ import annotations
@@ -35,11 +46,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import structlog
+
 from lorad import durable
+
+log = structlog.get_logger()
 
 RECORD = "lorad.json"
 POINTER_LOG = "pointers.jsonl"
 VERSION_RE = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$")
+POINTER_ACTIONS = ("promoted", "rolled_back", "reverted")
+POINTERS = ("current", "previous")
+
+_verified: dict[str, tuple[tuple, list[str]]] = {}  # version dir -> (file signature, problems)
+_warned: set[tuple[str, str]] = set()  # (registry root, problem) already logged
+_logs: dict[str, tuple[tuple, list[dict]]] = {}  # pointers.jsonl -> (stat signature, entries)
 
 Audit = Callable[..., None]
 
@@ -122,6 +143,7 @@ class Registry:
         self.keep = keep
         self.keep_best = keep_best
         self.audit = audit
+        self._holding = False  # this instance holds the registry lock (no shared lock then)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -172,20 +194,104 @@ class Registry:
         return self.root / name if name else None
 
     def _pointer(self, which: str) -> str | None:
+        name, problem = self._read_pointer(which)
+        if problem and (str(self.root), problem) not in _warned:
+            _warned.add((str(self.root), problem))
+            log.warning("registry_pointer_refused", registry=str(self.root), pointer=which, problem=problem)
+        return name
+
+    def pointer_problems(self) -> list[str]:
+        """Why ``current`` or ``previous`` is not believed (empty when both are sound)."""
+        return [problem for which in POINTERS if (problem := self._read_pointer(which)[1])]
+
+    def _read_pointer(self, which: str) -> tuple[str | None, str | None]:
+        """(name, None) for a sound pointer, (None, why) for a bent link, (None, None) for none.
+
+        A sound link to a version whose files fail verification gives (name, why): callers
+        that use the files refuse it (prepare, promote, rollback) and rolling back away from
+        it must stay possible.
+        """
+        found = self._read_pointer_once(which)
+        if found[1] and "pointer log says" in found[1] and not self._holding:
+            # A change is logged just before its links move: look again once it is done.
+            try:
+                with open(self.root / ".lock") as f:
+                    fcntl.flock(f, fcntl.LOCK_SH)
+                    found = self._read_pointer_once(which)
+            except OSError:
+                pass
+        return found
+
+    def _read_pointer_once(self, which: str) -> tuple[str | None, str | None]:
         link = self.root / which
+        logged = self._logged()
+        if not link.is_symlink():
+            if link.exists():
+                return None, f"{which} is not a symlink"
+            expected = logged.get(which)
+            return None, (f"{which} is missing; the pointer log says {expected}" if expected else None)
+        target = os.readlink(link)
+        if "/" in target or not VERSION_RE.match(target):
+            return None, f"{which} points at {target}, outside the registry"
+        if not (self.root / target).is_dir():
+            return None, f"{which} points at {target}, which does not exist"
+        if logged and target != logged[which]:
+            return None, (f"{which} points at {target}, but the pointer log says {logged[which]}: "
+                          "changed outside lorad (or lorad was killed while moving it)")
+        problems = self._verify_cached(target)
+        if problems:
+            return target, f"{which} points at {target}, which fails verification: {problems[0]}"
+        return target, None
+
+    def _logged(self) -> dict:
+        """Where the pointer log's last change put the pointers: {} when it has none."""
+        changes = self.pointer_log()
+        if not changes:
+            return {}
+        return {"current": changes[-1].get("version"), "previous": changes[-1].get("previous")}
+
+    def _verify_cached(self, name: str) -> list[str]:
+        """verify(), skipped while no file of the version changed (status reads pointers twice a second)."""
+        path = self.root / name
         try:
-            target = os.readlink(link)
-        except (FileNotFoundError, OSError):
-            return None
-        return Path(target).name
+            signature = tuple(sorted((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                                     for p in path.rglob("*") if (st := p.stat()) and p.is_file()))
+        except OSError:
+            signature = None
+        signature = (signature, self.record_digest(name))
+        cached = _verified.get(str(path))
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            problems = self.verify(name)
+        except RegistryError as e:
+            problems = [str(e)]
+        _verified[str(path)] = (signature, problems)
+        return problems
+
+    def record_digest(self, name: str) -> str | None:
+        """The sha256 of ``name``'s lorad.json as logged when it was made (None before digests)."""
+        digest = None
+        for e in self.pointer_log(all_entries=True):
+            if e.get("action") == "created" and e.get("version") == name:
+                digest = e.get("record_sha256")
+        return digest
+
+    def record_ok(self, name: str) -> bool:
+        """lorad.json still matches the digest logged when the version was made (True before digests)."""
+        digest = self.record_digest(name)
+        return digest is None or sha256_file(self.root / name / RECORD) == digest
 
     def verify(self, name: str) -> list[str]:
-        """Problems with a version's files (empty when every sha256 matches)."""
+        """Problems with a version's files and lorad.json (empty when every sha256 matches)."""
         version = self.get(name)
         files = version.record.get("files")
         if not isinstance(files, dict) or not files:
             return [f"{RECORD} lists no files with their sha256"]
         problems = []
+        digest = self.record_digest(version.name)
+        if digest is not None and sha256_file(version.path / RECORD) != digest:
+            problems.append(f"{RECORD}: sha256 does not match the digest recorded when the version was made")
         for rel, digest in sorted(files.items()):
             p = version.path / rel
             if not p.is_file():
@@ -197,12 +303,27 @@ class Registry:
             problems.append(f"{extra}: not listed in {RECORD}")
         return problems
 
-    def pointer_log(self) -> list[dict]:
+    def pointer_log(self, all_entries: bool = False) -> list[dict]:
+        """The pointer changes, oldest first (with ``all_entries``, the versions' digests too)."""
+        path = self.root / POINTER_LOG
         try:
-            text = (self.root / POINTER_LOG).read_text(encoding="utf-8")
+            st = path.stat()
+            cached = _logs.get(str(path))
+            if cached is not None and cached[0] == (st.st_size, st.st_mtime_ns, st.st_ino):
+                entries = cached[1]
+            else:
+                entries = []
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:  # a torn last line (a crash while appending)
+                        continue
+                    if isinstance(entry, dict):
+                        entries.append(entry)
+                _logs[str(path)] = ((st.st_size, st.st_mtime_ns, st.st_ino), entries)
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [dict(e) for e in entries if all_entries or e.get("action") in POINTER_ACTIONS]
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -211,9 +332,11 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            self._holding = True
             try:
                 yield
             finally:
+                self._holding = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def create(self, adapter_dir: str | Path, record: dict[str, Any],
@@ -250,6 +373,9 @@ class Registry:
                     durable.fsync(p)
                     p.chmod(0o440)  # read-only; the group (lorad) may read, others not
             durable.fsync(tmp)
+            # lorad.json's own digest, kept outside the version (which holds the other digests)
+            self._append({"ts": time.time(), "action": "created", "version": name,
+                          "record_sha256": sha256_file(tmp / RECORD)})
             os.rename(tmp, self.root / name)
             durable.fsync(self.root)
         return self.get(name)
@@ -278,10 +404,13 @@ class Registry:
             cur, prev = self.current(), self.previous()
             if cur == name:
                 raise RegistryError(f"{name} is already the current version")
-            new_prev = cur if cur is not None else prev
-            self._set_pointers(name, new_prev)
-            change = Change("promoted", name, cur, new_prev, (cur, prev), reason)
+            # A refused current is replaced; the hooks hear of the version the log last made current.
+            replaced = cur if cur is not None else self._logged().get("current")
+            sound = replaced is not None and replaced != name and (self.root / replaced).is_dir()
+            new_prev = replaced if sound else prev
+            change = Change("promoted", name, replaced, new_prev, (cur, prev), reason)
             self._log(change)
+            self._set_pointers(name, new_prev)
         self._audit("adapter_promoted", change, detail)
         return change
 
@@ -296,6 +425,11 @@ class Registry:
             UnknownVersion, TamperedVersion: as for :meth:`promote`.
         """
         with self._locked():
+            for which in POINTERS:
+                found, problem = self._read_pointer(which)
+                if problem and found is None and (which == "current" or not name):
+                    raise RegistryError(f"refusing to roll back: {problem}; promote a version by name "
+                                        "(lorad promote VERSION) to repair the pointers")
             cur, prev = self.current(), self.previous()
             target = self.resolve(name) if name else prev
             if target is None:
@@ -304,9 +438,9 @@ class Registry:
                 raise RegistryError(f"{target} is already the current version")
             self._check(target)
             new_prev = self._blessed_before(target, exclude={cur, target})
-            self._set_pointers(target, new_prev)
             change = Change("rolled_back", target, cur, new_prev, (cur, prev), reason)
             self._log(change)
+            self._set_pointers(target, new_prev)
         self._audit("adapter_rolled_back", change, detail)
         return change
 
@@ -314,9 +448,9 @@ class Registry:
         """Put both pointers back to where they were before ``change`` (a failed required hook)."""
         with self._locked():
             cur, prev = self.current(), self.previous()
-            self._set_pointers(*change.before)
             undo = Change("reverted", change.before[0], cur, change.before[1], (cur, prev), reason)
             self._log(undo)
+            self._set_pointers(*change.before)
         self._audit("adapter_change_reverted", undo, detail | {"undone": change.as_dict()})
         return undo
 
@@ -352,7 +486,9 @@ class Registry:
         os.replace(tmp, link)
 
     def _log(self, change: Change) -> None:
-        entry = {"ts": time.time()} | change.as_dict()
+        self._append({"ts": time.time()} | change.as_dict())
+
+    def _append(self, entry: dict) -> None:
         with open(self.root / POINTER_LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
@@ -370,6 +506,13 @@ class Registry:
         names = self.names()
         keep = set(names[-self.keep:]) if self.keep > 0 else set()
         keep |= {n for n in (self.current(), self.previous()) if n}
+        # and what a bent pointer still names, or the log says: a repair may need them
+        keep |= {n for n in self._logged().values() if n}
+        for which in POINTERS:
+            try:
+                keep.add(os.readlink(self.root / which))
+            except OSError:
+                pass
         if self.keep_best:
             best = self.best()
             if best:

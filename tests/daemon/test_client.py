@@ -31,7 +31,34 @@ def test_status_text_has_version_counts_job_and_next_window():
         "schedule": {"decision": "scheduled training paused"}})
     assert "up 1h 01m" in text
     assert "active version: v0002-20261121T000000Z" in text
-    assert "102 artifacts in 40 chains, 35 examples, 4 new since the active version, 1 quarantined" in text
+    assert "102 artifacts in 40 chains, 35 examples, 1 quarantined" in text
+    assert "examples: 4 added since the active version was trained" in text
     assert "job: none running" in text
     assert "next window:" in text and "opens in 1h 59m" in text
     assert "scheduled training: paused" in text
+
+
+def test_status_text_says_which_count_the_scheduler_waits_for():
+    """"20 new since the active version" beside "scheduler: 0 new examples, waiting for 5" read as a
+    contradiction: the two counts are named for what they count."""
+    from lorad.daemon.schedule import decide
+
+    d = decide(window_open=True, running=None, queued=[], paused=[], scheduling_paused=False,
+               new_examples=0, min_new_examples=5, gpu_busy=None, now_ts=0.0, backoff_until=0.0)
+    text = status_text({
+        "state": "idle", "pid": 7, "uptime_s": 5, "active_version": "v0002-20261121T000000Z",
+        "buffer": {"artifacts": 102, "chains": 40, "examples": 35, "new_examples": 20, "untrained_examples": 0,
+                   "quarantined": 1},
+        "job": None, "next_window": None, "schedule": {"decision": d.reason, "min_new_examples": 5}})
+    assert "102 artifacts in 40 chains, 35 examples, 1 quarantined" in text
+    assert ("examples: 20 added since the active version was trained; 0 not yet trained on by any "
+            "version (promoted or rejected)") in text
+    assert "scheduler: waiting for 5 examples not yet trained on (0 so far)" in text
+    assert "new examples" not in text
+
+
+def test_status_text_warns_of_a_refused_registry_pointer():
+    text = status_text({"state": "idle", "pid": 7, "uptime_s": 5, "active_version": None, "buffer": {},
+                        "registry_problems": ["current is missing; the pointer log says v0002"],
+                        "job": None, "next_window": None, "schedule": {}})
+    assert "registry: WARNING current is missing; the pointer log says v0002" in text

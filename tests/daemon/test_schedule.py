@@ -70,7 +70,7 @@ def base(**kw):
 def test_starts_a_window_job_when_enough_new_examples_arrived():
     assert decide(**base()).action == "start"
     d = decide(**base(new_examples=19))
-    assert d.action == "wait" and "19 new examples" in d.reason
+    assert d.action == "wait" and "not yet trained on (19 so far)" in d.reason
 
 
 def test_never_starts_outside_the_window_but_train_now_ignores_it():

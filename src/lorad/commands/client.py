@@ -1,7 +1,10 @@
 """Thin clients of the daemon: each sends one request over the control socket and prints the answer.
 
 `lorad status`, `jobs`, `train-now`, `cancel`, `pause`, `resume`, `reload`, `feedback`. With no
-daemon listening they say so and exit 69 (EX_UNAVAILABLE); an error from the daemon exits 1.
+daemon listening they say so and exit 69 (EX_UNAVAILABLE); a daemon that does not answer within
+``--timeout`` seconds exits 75 (EX_TEMPFAIL), saying that a request it was sent may still be
+applied; a socket path too long for a Unix socket exits 78 (EX_CONFIG); an error from the
+daemon exits 1.
 """
 
 from __future__ import annotations
@@ -16,35 +19,43 @@ from pathlib import Path
 from lorad.commands import emit
 
 EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+DEFAULT_TIMEOUT = 30.0
 BAR_WIDTH = 30
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("status", parents=[common], help="the daemon's state, buffer counts, current job and next window")
+    import argparse
+
+    timeout = argparse.ArgumentParser(add_help=False)
+    timeout.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                         help=f"how long to wait for the daemon's answer (default {DEFAULT_TIMEOUT:g}); "
+                              "past it the command exits 75")
+    p = sub.add_parser("status", parents=[common, timeout], help="the daemon's state, buffer counts, current job and next window")
     p.set_defaults(func=status)
 
-    p = sub.add_parser("jobs", parents=[common], help="recent training jobs (or one job's details)")
+    p = sub.add_parser("jobs", parents=[common, timeout], help="recent training jobs (or one job's details)")
     p.add_argument("job_id", nargs="?", metavar="JOB", help="show this job with its state changes")
     p.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
     p.set_defaults(func=jobs)
 
-    p = sub.add_parser("train-now", parents=[common], help="queue a training job now, ignoring the window")
+    p = sub.add_parser("train-now", parents=[common, timeout], help="queue a training job now, ignoring the window")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 if promoted or rejected")
     p.set_defaults(func=train_now)
 
-    p = sub.add_parser("cancel", parents=[common], help="stop a job cleanly (a running worker stops at its next step)")
+    p = sub.add_parser("cancel", parents=[common, timeout], help="stop a job cleanly (a running worker stops at its next step)")
     p.add_argument("job_id", metavar="JOB")
     p.set_defaults(func=cancel)
 
-    p = sub.add_parser("pause", parents=[common], help="pause scheduled training (a running window job checkpoints)")
+    p = sub.add_parser("pause", parents=[common, timeout], help="pause scheduled training (a running window job checkpoints)")
     p.set_defaults(func=lambda a, s: simple(a, s, "pause"))
-    p = sub.add_parser("resume", parents=[common], help="resume scheduled training")
+    p = sub.add_parser("resume", parents=[common, timeout], help="resume scheduled training")
     p.set_defaults(func=lambda a, s: simple(a, s, "resume"))
-    p = sub.add_parser("reload", parents=[common],
+    p = sub.add_parser("reload", parents=[common, timeout],
                        help="re-read the config (as SIGHUP does); an invalid one is refused and the old one kept")
     p.set_defaults(func=lambda a, s: simple(a, s, "reload"))
 
-    p = sub.add_parser("feedback", parents=[common],
+    p = sub.add_parser("feedback", parents=[common, timeout],
                        help="push one attempt and its verdict into the buffer (for systems without a store)")
     p.add_argument("record", nargs="?", metavar="JSON",
                    help="the record as a JSON object, or - to read it from stdin; the options below override its fields")
@@ -75,15 +86,22 @@ def socket_path(settings) -> Path:
     return SYSTEMD_SOCKET if SYSTEMD_SOCKET.exists() else path
 
 
-def call(settings, command: str, **arguments) -> dict:
-    """One request; daemon errors and absence become CommandError."""
+def call(settings, command: str, *, timeout: float = DEFAULT_TIMEOUT, **arguments) -> dict:
+    """One request; daemon errors, absence and silence become CommandError (exit 1, 69, 75)."""
     from lorad.cli import CommandError
-    from lorad.daemon.protocol import DaemonUnavailable, ProtocolError, request
+    from lorad.config import EX_CONFIG
+    from lorad.daemon.preflight import socket_key
+    from lorad.daemon.protocol import (DaemonTimeout, DaemonUnavailable, ProtocolError,
+                                       SocketPathTooLong, request)
 
     try:
-        response = request(socket_path(settings), command, **arguments)
+        response = request(socket_path(settings), command, timeout=timeout, **arguments)
     except DaemonUnavailable as e:
         raise CommandError(str(e), EX_UNAVAILABLE) from None
+    except DaemonTimeout as e:
+        raise CommandError(f"{command}: {e}", EX_TEMPFAIL) from None
+    except SocketPathTooLong as e:
+        raise CommandError(f"config error: {socket_key(settings)}: {e}", EX_CONFIG) from None
     except ProtocolError as e:
         raise CommandError(str(e)) from None
     if not response.get("ok"):
@@ -130,10 +148,14 @@ def _when(iso: str) -> datetime:
 def status_text(r: dict) -> str:
     lines = [f"lorad: {r['state']} (pid {r['pid']}, up {_duration(r.get('uptime_s'))})"]
     lines.append(f"active version: {r.get('active_version') or 'none (base model)'}")
+    lines += [f"registry: WARNING {p} (refused; lorad promote VERSION repairs it)"
+              for p in r.get("registry_problems") or []]
     b = r.get("buffer") or {}
     lines.append(f"buffer: {b.get('artifacts', 0)} artifacts in {b.get('chains', 0)} chains, "
-                 f"{b.get('examples', 0)} examples, {b.get('new_examples', 0)} new since the active version, "
-                 f"{b.get('quarantined', 0)} quarantined")
+                 f"{b.get('examples', 0)} examples, {b.get('quarantined', 0)} quarantined")
+    # Two counts that differ after a rejected candidate: the scheduler waits for the second.
+    lines.append(f"examples: {b.get('new_examples', 0)} added since the active version was trained; "
+                 f"{b.get('untrained_examples', 0)} not yet trained on by any version (promoted or rejected)")
     if r.get("job"):
         lines.append(progress_line(r["job"]))
     else:
@@ -168,7 +190,7 @@ def _job_row(j: dict) -> str:
 
 
 def status(args, settings) -> int:
-    r = call(settings, "status")
+    r = call(settings, "status", timeout=args.timeout)
     emit(args, r, status_text(r))
     return 0
 
@@ -199,7 +221,7 @@ def _jobs_call(settings, command: str, **arguments) -> dict:
 
 def jobs(args, settings) -> int:
     if args.job_id:
-        r = _jobs_call(settings, "job", job_id=args.job_id)
+        r = _jobs_call(settings, "job", job_id=args.job_id, timeout=args.timeout)
         j = r["job"]
         lines = [_job_row(j)]
         if j.get("state") in ("preparing", "training", "evaluating"):
@@ -209,13 +231,13 @@ def jobs(args, settings) -> int:
             lines.append(f"  {ts} {e['state']}" + (f": {e['reason']}" if e.get("reason") else ""))
         emit(args, r, "\n".join(lines))
         return 0
-    r = _jobs_call(settings, "jobs", limit=args.limit)
+    r = _jobs_call(settings, "jobs", limit=args.limit, timeout=args.timeout)
     emit(args, r, "\n".join(_job_row(j) for j in r["jobs"]) or "no jobs yet")
     return 0
 
 
 def train_now(args, settings) -> int:
-    r = call(settings, "train_now")
+    r = call(settings, "train_now", timeout=args.timeout)
     job_id = r["job"]["job_id"]
     if not args.wait:
         emit(args, r, f"queued {job_id}")
@@ -225,7 +247,7 @@ def train_now(args, settings) -> int:
     tty = sys.stdout.isatty() and not args.json
     last = ""
     while True:
-        job = call(settings, "job", job_id=job_id)["job"]
+        job = call(settings, "job", job_id=job_id, timeout=args.timeout)["job"]
         if job["state"] in ("promoted", "rejected", "failed", "cancelled", "paused"):
             break
         if not args.json:
@@ -245,13 +267,13 @@ def train_now(args, settings) -> int:
 
 
 def cancel(args, settings) -> int:
-    r = call(settings, "cancel", job_id=args.job_id)
+    r = call(settings, "cancel", job_id=args.job_id, timeout=args.timeout)
     emit(args, r, f"job {r['job_id']}: {r['state']}")
     return 0
 
 
 def simple(args, settings, command: str) -> int:
-    r = call(settings, command)
+    r = call(settings, command, timeout=args.timeout)
     texts = {"pause": "scheduled training paused", "resume": "scheduled training resumed",
              "reload": f"config reloaded from {r.get('reloaded')}" + (
                  f"; restart needed for {', '.join(r['restart_needed'])}" if r.get("restart_needed") else "")}
@@ -276,6 +298,6 @@ def feedback(args, settings) -> int:
                        ("parent_id", args.parent_id), ("source", args.origin), ("created_at", args.created_at)):
         if value is not None:
             record[key] = value
-    r = call(settings, "feedback", record=record)
+    r = call(settings, "feedback", record=record, timeout=args.timeout)
     emit(args, r, f"recorded {r['id']} ({r['status']}, {r['result']})")
     return 0

@@ -21,6 +21,8 @@ def run(args, settings) -> int:
         # a process that stays resident (the training worker, a separate process, is unaffected).
         sys.modules.setdefault("pandas", None)
     from lorad.buffer.store import BufferError
+    from lorad.config import EX_CONFIG
+    from lorad.daemon import preflight
     from lorad.daemon.service import serve
 
     # The unit file's UMask=0027, for every way of starting the daemon: the buffer, job data and
@@ -28,7 +30,29 @@ def run(args, settings) -> int:
     # the training worker inherits this umask. (tests/daemon/test_socket_security.py checks it.)
     os.umask(0o027)
 
+    problems = preflight.problems(settings)  # before the buffer and the start-up scan
+    if problems:
+        raise CommandError("cannot start: " + "; ".join(problems), EX_CONFIG)
+    _raise_fd_limit()
+
     try:
         return serve(settings)
     except (PermissionError, BufferError) as e:
         raise CommandError(f"cannot start the daemon: {e}") from None
+
+
+def _raise_fd_limit(want: int = 8192) -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard one: each control connection holds a descriptor.
+
+    Why: systemd's default soft limit is 1024; the control server accepts up to 1024 idle
+    connections (it reads them with epoll, which has no such limit).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass

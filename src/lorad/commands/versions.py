@@ -75,9 +75,10 @@ def history(args, settings) -> int:
                      "created_at": r.get("created_at"), "job_id": r.get("job_id"), "parent": r.get("parent"),
                      "verdict": v.verdict, "nll": cand.get("nll"), "baseline_nll": base.get("nll"),
                      "epsilon": cand.get("epsilon"), "baseline_epsilon": base.get("epsilon"),
-                     "examples": (r.get("examples") or {}).get("count")})
+                     "examples": (r.get("examples") or {}).get("count"), "record_ok": reg.record_ok(v.name)})
     events = _events(settings)
     lines = [f"current {cur or '- (base model)'}   previous {prev or '-'}"]
+    lines += [f"WARNING {p} (refused; lorad promote VERSION repairs it)" for p in reg.pointer_problems()]
     if not rows:
         lines.append("no adapter versions yet")
     else:
@@ -85,7 +86,7 @@ def history(args, settings) -> int:
     for row in rows:
         mark = "*" if row["current"] else "p" if row["previous"] else " "
         verdict = "promote" if row["verdict"].get("promote") else "reject"
-        reason = _headline(row["verdict"])
+        reason = _headline(row["verdict"]) if row["record_ok"] else "lorad.json EDITED since it was made: not to be trusted"
         lines.append(f"{mark} {row['version']:<24} {verdict:<9} {_f(row['nll']):>8} {_f(row['baseline_nll']):>9} "
                      f"{_pct(row['epsilon']):>7} {_pct(row['baseline_epsilon']):>7}  {reason}")
     if events:
@@ -95,7 +96,8 @@ def history(args, settings) -> int:
             why = e["detail"].get("reason") or "; ".join(e["detail"].get("reasons") or [])
             why = why if len(why) <= 110 else why[:107] + "..."
             lines.append(f"  {when} {e['event']:<24} {e['version'] or '-'}  {why}")
-    emit(args, {"current": cur, "previous": prev, "versions": rows, "events": events}, "\n".join(lines))
+    emit(args, {"current": cur, "previous": prev, "problems": reg.pointer_problems(), "versions": rows,
+                "events": events}, "\n".join(lines))
     return 0
 
 
@@ -158,16 +160,22 @@ def _change(args, settings, action: str) -> int:
     return 1 if report["reverted"] or not report["ok"] else 0
 
 
+PROMOTE_TIMEOUT = 600.0  # seconds lorad promote/rollback wait for the daemon's answer
+
+
 def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
     """With a daemon running, it makes the change (so it never races its own job's conclusion)."""
     from lorad.cli import CommandError
-    from lorad.commands.client import socket_path
-    from lorad.daemon.protocol import DaemonUnavailable, ProtocolError, request
+    from lorad.commands.client import EX_TEMPFAIL, socket_path
+    from lorad.daemon.protocol import DaemonTimeout, DaemonUnavailable, ProtocolError, SocketPathTooLong, request
 
     try:
-        r = request(socket_path(settings), action, version=version, reason=reason)
-    except (DaemonUnavailable, ProtocolError):
+        # Generous: the daemon answers after the publish hooks, which may retry a slow server.
+        r = request(socket_path(settings), action, timeout=PROMOTE_TIMEOUT, version=version, reason=reason)
+    except (DaemonUnavailable, ProtocolError, SocketPathTooLong):
         return None
+    except DaemonTimeout as e:  # never fall back to a second change of our own: it may be applied
+        raise CommandError(f"{action}: {e}", EX_TEMPFAIL) from None
     if not r.get("ok"):
         raise CommandError(r.get("error") or f"the daemon refused the {action}")
     return {"change": r["change"], "publish": r["publish"]}

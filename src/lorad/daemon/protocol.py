@@ -8,6 +8,7 @@ refused without being read further.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -26,6 +27,26 @@ class ProtocolError(Exception):
 
 class DaemonUnavailable(Exception):
     "No daemon is listening on the control socket."
+
+
+class DaemonTimeout(TimeoutError):
+    "A daemon is there but did not answer in time; a request it was sent may still be applied."
+
+
+class SocketPathTooLong(ValueError):
+    "The socket path does not fit in a Unix socket address."
+
+
+MAX_SOCKET_PATH = 107  # bytes: sun_path is 108, and the kernel wants room for the NUL
+
+
+def socket_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a Unix socket address, or None."""
+    size = len(os.fsencode(str(path)))
+    if size > MAX_SOCKET_PATH:
+        return (f"{path} is {size} bytes long; a Unix socket path can be at most "
+                f"{MAX_SOCKET_PATH} bytes (choose a shorter daemon.socket or daemon.state_dir)")
+    return None
 
 
 def encode(message: dict) -> bytes:
@@ -91,7 +112,8 @@ def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
             return
         except BlockingIOError:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DaemonUnavailable(f"the daemon's queue stayed full for {timeout:g} s") from None
+                raise DaemonTimeout(f"the daemon did not take the connection within {timeout:g} s "
+                                    "(its queue stayed full); nothing was sent") from None
             time.sleep(0.005)
 
 
@@ -99,9 +121,15 @@ def request(path: str | Path, command: str, timeout: float | None = 30.0, **argu
     """Send one request to the daemon and return its response.
 
     Raises:
-        DaemonUnavailable: nothing listens at ``path`` (or it does not answer).
+        DaemonUnavailable: nothing listens at ``path``, or it closed the connection unanswered.
+        DaemonTimeout: the daemon did not take the connection, or did not answer, within
+            ``timeout`` seconds (after it was sent, the request may still be applied).
+        SocketPathTooLong: ``path`` cannot be a Unix socket address.
         ProtocolError: the answer is not a JSON object.
     """
+    problem = socket_path_problem(path)
+    if problem:
+        raise SocketPathTooLong(problem)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
@@ -116,10 +144,14 @@ def request(path: str | Path, command: str, timeout: float | None = 30.0, **argu
             sock.sendall(encode({"command": command, **arguments}))
         except BrokenPipeError:
             pass  # refused mid-send (too large, not allowed): the reason is waiting to be read
+        except TimeoutError:  # the line never ended, so the daemon cannot have acted on it
+            raise DaemonTimeout(f"the daemon did not take the request within {timeout:g} s; "
+                                "nothing was applied") from None
         try:
             line = read_line(sock, MAX_RESPONSE)
-        except socket.timeout:
-            raise DaemonUnavailable(f"the daemon did not answer within {timeout:g} s") from None
+        except TimeoutError:
+            raise DaemonTimeout(f"the daemon did not answer within {timeout:g} s; the request was sent "
+                                "and may still have been applied (check before repeating it)") from None
         except ConnectionResetError:
             raise DaemonUnavailable("the daemon closed the connection") from None
     finally:

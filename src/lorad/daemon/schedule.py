@@ -153,8 +153,8 @@ def decide(*, window_open: bool, running: dict | None, queued: list[dict], pause
     if now_ts < backoff_until:
         return Decision("wait", f"backing off after a failure for {backoff_until - now_ts:.0f} s")
     if new_examples < min_new_examples:
-        return Decision("wait", f"{new_examples} new examples, waiting for {min_new_examples}")
-    return Decision("start", f"window open and {new_examples} new examples")
+        return Decision("wait", f"waiting for {min_new_examples} examples not yet trained on ({new_examples} so far)")
+    return Decision("start", f"window open and {new_examples} examples not yet trained on")
 
 
 def gpu_busy(threshold_percent: int) -> bool | None:

@@ -2,7 +2,7 @@
 
 Threads: the main loop (this module: signals, scheduling, systemd, the status snapshot), the
 ingest loop (the buffer's writer: watcher batches, reconciliation, feedback), the control
-server (one short thread per connection) and, while a job runs, the job thread (which runs
+server (a selector thread and its workers) and, while a job runs, the job thread (which runs
 the worker subprocess). Signal handlers only set flags; the main loop acts on them. Control
 requests that change state are handed to the main loop and answered when it has acted;
 ``status`` is answered from an in-memory snapshot the main loop refreshes, so it never waits
@@ -109,7 +109,8 @@ class Service:
         self._start_ingest()
         self._refresh_snapshot()  # the first status answer is already a real one
         self.control = ControlServer(s.daemon.socket_path, self._handle,
-                                     Access(s.daemon.allowed_uids, s.daemon.allowed_group))
+                                     Access(s.daemon.allowed_uids, s.daemon.allowed_group),
+                                     max_per_uid=s.daemon.max_connections_per_uid)
         self.control.start()
         if conclude_now:
             self._start_job(conclude_now[0], None, "finishing a conclusion that a restart interrupted")
@@ -305,6 +306,7 @@ class Service:
         self.settings = new
         self.schedule = _schedule(new)
         self.control.access = Access(new.daemon.allowed_uids, new.daemon.allowed_group)
+        self.control.max_per_uid = new.daemon.max_connections_per_uid
         if new.store != old.store or new.buffer != old.buffer or new.schedule.reconcile_interval != old.schedule.reconcile_interval \
                 or new.schedule.debounce_seconds != old.schedule.debounce_seconds:
             self._stop_ingest()
@@ -348,6 +350,7 @@ class Service:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "active_version": views.active_version(self.settings.state_dir),
+            "registry_problems": views.registry_problems(self.settings.state_dir),
             "buffer": counts,
             "job": running,
             "scheduling_paused": self.scheduling_paused,
@@ -380,7 +383,7 @@ class Service:
             step = f" step {p.get('step')}/{p.get('total_steps')}" if p.get("total_steps") else ""
             return f"job {job['job_id']} {job['state']}{step}"
         b = snap.get("buffer", {})
-        return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('new_examples', 0)} new examples"
+        return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('untrained_examples', 0)} examples not yet trained on"
 
     def status(self) -> dict:
         with self._snap_lock:

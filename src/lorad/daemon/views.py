@@ -22,6 +22,13 @@ def active_version(state_dir: Path) -> str | None:
     return Registry(Path(state_dir) / "adapters").current()
 
 
+def registry_problems(state_dir: Path) -> list[str]:
+    """Why ``current`` or ``previous`` is not believed (a pointer bent outside lorad); empty when sound."""
+    from lorad.registry import Registry
+
+    return Registry(Path(state_dir) / "adapters").pointer_problems()
+
+
 def buffer_counts(reader: Buffer, state_dir: Path | None = None) -> dict:
     """Headline counts for ``lorad status``, from a read-only connection.
 
@@ -56,5 +63,8 @@ def history(settings) -> dict:
     for v in reversed(reg.versions()):
         r = v.record
         versions.append({"version": v.name, "created_at": r.get("created_at"), "job_id": r.get("job_id"),
-                         "parent": r.get("parent"), "verdict": v.verdict, "metrics": r.get("metrics")})
-    return {"current": reg.current(), "previous": reg.previous(), "versions": versions}
+                         "parent": r.get("parent"), "verdict": v.verdict, "metrics": r.get("metrics"),
+                         "record_ok": reg.record_ok(v.name)})
+    return {"current": reg.current(), "previous": reg.previous(), "problems": reg.pointer_problems(),
+            "versions": versions}
+

@@ -1,0 +1,68 @@
+"""What ``lorad serve`` checks before anything else: places it must write, a socket path that fits.
+
+Why before: a state directory that is a file, read-only or missing its parent, or a socket
+path too long for a Unix socket address, fail the same way at every restart. Found here, they
+end in one line naming the key and exit 78 (EX_CONFIG), which the systemd unit does not
+restart; found later they were a traceback, exit 1 and a restart every 10 s, the socket one
+only after the whole start-up scan.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from lorad.daemon.protocol import socket_path_problem
+
+
+def problems(settings) -> list[str]:
+    """Each problem as ``key: what is wrong``; empty when the daemon can start.
+
+    Creates the state directory (and the buffer's and socket's folders) when missing, as
+    the daemon would.
+    """
+    found: list[str] = []
+    socket, key_of_socket = settings.daemon.socket_path, socket_key(settings)
+    problem = socket_path_problem(socket)
+    if problem:
+        found.append(f"{key_of_socket}: {problem}")
+    places = [("daemon.state_dir", settings.state_dir)]
+    if settings.buffer.path:
+        places.append(("buffer.path", settings.buffer_path.parent))
+    if not problem:
+        places.append((key_of_socket, socket.parent))
+    seen = set()
+    for key, path in places:
+        if path in seen:
+            continue
+        seen.add(path)
+        problem = writable_dir(path)
+        if problem:
+            found.append(f"{key}: {problem}")
+    return found
+
+
+def socket_key(settings) -> str:
+    """The setting that decides where the socket is (for messages about it)."""
+    if settings.daemon.socket:
+        return "daemon.socket"
+    return "$RUNTIME_DIRECTORY" if os.environ.get("RUNTIME_DIRECTORY") else "daemon.state_dir"
+
+
+def writable_dir(path: Path) -> str | None:
+    """Why ``path`` is not a directory this process can create files in (made when missing), or None."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {path} ({e.strerror})"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lorad-write-check-", dir=path)
+    except OSError as e:
+        return f"{path} is not writable ({e.strerror})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
