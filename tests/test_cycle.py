@@ -381,6 +381,29 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
     assert not (s.state_dir / "jobs" / "j1").exists()
 
 
+def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):
+    """A hand-repointed `current` reads as no version; training from the base would hide that."""
+    s = settings_for(tmp_path, "unused", guard=False)
+    a = tmp_path / "adapter"
+    a.mkdir()
+    (a / "adapter_model.safetensors").write_bytes(b"weights")
+    with Buffer(s.buffer_path) as buffer:
+        from lorad.ingest import ingest
+        from lorad.sources import open_sources
+
+        ingest(buffer, open_sources(s.store), 500)
+        reg = release.open_registry(s, buffer)
+        first = reg.create(a, {"verdict": {"promote": True, "reasons": []}}).name
+        reg.create(a, {"verdict": {"promote": False, "reasons": []}})
+        reg.promote(first)
+        second = reg.names()[-1]
+        (reg.root / "current").unlink()
+        (reg.root / "current").symlink_to(second)  # not what the pointer log says
+        with pytest.raises(pipeline.CycleError, match="pointers are not believed"):
+            pipeline.prepare(s, buffer, "j2")
+    assert not (s.state_dir / "jobs" / "j2").exists()
+
+
 def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
     import os
 

@@ -207,7 +207,8 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
 
     Raises:
         NothingToTrain: the snapshot has no training examples.
-        CycleError: the active or previous version's files fail their sha256.
+        CycleError: the active or previous version's files fail their sha256, or a pointer
+            is not believed (see ``Registry.pointer_problems``).
     """
     from lorad.buffer import examples
 
@@ -227,6 +228,10 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
         if problems:
             raise CycleError(f"adapter version {name} fails its sha256 check ({'; '.join(problems)}); "
                              f"roll back or promote a sound version first")
+    bent = registry.pointer_problems()
+    if bent:  # current reads as None: training would quietly start again from the base model
+        raise CycleError(f"the registry's pointers are not believed ({'; '.join(bent)}); "
+                         f"`lorad promote VERSION` repairs them")
     rescore = settings.evaluation.rescore_active and cur is not None and prev is not None
     current_path = str(registry.path_of(cur)) if cur else None
     spec = build_spec(job_id, settings.state_dir, t, settings.evaluation, parent_adapter=current_path,
