@@ -36,3 +36,58 @@ JOB_STARTED = "job_started"
 JOB_RESUMED = "job_resumed"
 JOB_PAUSING = "job_pausing"
 BACKOFF_STARTED = "backoff_started"
+
+
+# lorad.buffer.store
+CHECKPOINTER_UNAVAILABLE = "checkpointer_unavailable"
+CHECKPOINTER_STOPPED = "checkpointer_stopped"
+CHECKPOINT_FAILED = "checkpoint_failed"
+BUFFER_SYNC_FAILED = "buffer_sync_failed"
+
+# lorad.daemon.control
+ALLOWED_GROUP_MISSING = "allowed_group_missing"
+SOCKET_GROUP_NOT_SET = "socket_group_not_set"
+CONTROL_CONNECTION_FAILED = "control_connection_failed"
+CLIENT_REFUSED = "client_refused"
+REQUEST_REFUSED = "request_refused"
+REQUEST_TIMED_OUT = "request_timed_out"
+REQUEST_FAILED = "request_failed"
+
+# lorad.daemon.feedback
+FEEDBACK_RECORDED = "feedback_recorded"
+
+# lorad.daemon.service
+DAEMON_START_FAILED = "daemon_start_failed"
+DAEMON_STARTED = "daemon_started"
+STORE_RECONCILED = "store_reconciled"
+DAEMON_STOPPED = "daemon_stopped"
+DAEMON_STOPPING = "daemon_stopping"
+JOB_REAP_FAILED = "job_reap_failed"
+SCHEDULE_STEP_FAILED = "schedule_step_failed"
+SCHEDULE_WAITED = "schedule_waited"
+CONFIG_RELOAD_REFUSED = "config_reload_refused"
+CONFIG_RELOAD_PARTIAL = "config_reload_partial"
+CONFIG_RELOADED = "config_reloaded"
+EXAMPLES_REFRESH_FAILED = "examples_refresh_failed"
+CONTROL_COMMAND_RECEIVED = "control_command_received"
+SCHEDULING_PAUSED = "scheduling_paused"
+
+# lorad.daemon.views
+EXAMPLE_COUNTS_FAILED = "example_counts_failed"
+
+# lorad.daemon.watcher
+SOURCE_NOT_WATCHED = "source_not_watched"
+INGEST_LOOP_FAILED = "ingest_loop_failed"
+
+# lorad.ingest
+ARTIFACT_QUARANTINED = "artifact_quarantined"
+INGEST_FAILED = "ingest_failed"
+INGEST_COMPLETED = "ingest_completed"
+
+# lorad.registry
+REGISTRY_POINTER_REFUSED = "registry_pointer_refused"
+
+# lorad.sources.pool
+PARSE_WORKERS_UNAVAILABLE = "parse_workers_unavailable"
+PARSE_WORKERS_STARTED = "parse_workers_started"
+PARSE_WORKERS_FAILED = "parse_workers_failed"

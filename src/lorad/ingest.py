@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from lorad import events
 from lorad.buffer.store import Buffer
 from lorad.sources.base import Reader
 
@@ -62,14 +63,14 @@ def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = 500,
         for batch in reader.scan(buffer, batch_size, paths):
             new, updated, unchanged = buffer.write_batch(batch)
             for q in batch.quarantined:
-                log.warning("artifact_quarantined", source=reader.key, locator=q.locator, reason=q.reason)
+                log.warning(events.ARTIFACT_QUARANTINED, source=reader.key, locator=q.locator, reason=q.reason)
             report.add(reader.key, new, updated, unchanged + batch.unchanged, len(batch.quarantined))
     except (OSError, sqlite3.OperationalError) as e:
         message = f"{reader.key}: {getattr(e, 'strerror', None) or e}"
         if getattr(e, "filename", None):
             message += f" ({e.filename})"
         report.errors.append(message)
-        log.error("ingest_failed", source=reader.key, error=message)
+        log.error(events.INGEST_FAILED, source=reader.key, error=message)
     return report
 
 
@@ -99,6 +100,6 @@ def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = 500,
         for reader in readers:
             ingest_source(buffer, reader, batch_size, paths, report)
     if report.new or report.updated or report.quarantined:
-        log.info("ingest_completed", new=report.new, updated=report.updated,
+        log.info(events.INGEST_COMPLETED, new=report.new, updated=report.updated,
                  unchanged=report.unchanged, quarantined=report.quarantined)
     return report

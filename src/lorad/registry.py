@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import structlog
 
-from lorad import durable
+from lorad import durable, events
 
 log = structlog.get_logger()
 
@@ -197,7 +197,7 @@ class Registry:
         name, problem = self._read_pointer(which)
         if problem and (str(self.root), problem) not in _warned:
             _warned.add((str(self.root), problem))
-            log.warning("registry_pointer_refused", registry=str(self.root), pointer=which, problem=problem)
+            log.warning(events.REGISTRY_POINTER_REFUSED, registry=str(self.root), pointer=which, problem=problem)
         return name
 
     def pointer_problems(self) -> list[str]:

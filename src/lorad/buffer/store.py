@@ -33,7 +33,7 @@ from typing import Any
 import sqlite_utils
 import structlog
 
-from lorad import durable
+from lorad import durable, events
 from lorad.buffer import traces
 from lorad.buffer.batch import Batch, Quarantined
 from lorad.buffer.schema import MIGRATIONS, migrate
@@ -98,7 +98,7 @@ class _Checkpointer:
         try:
             conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
-            log.debug("checkpointer_unavailable", error=str(e))
+            log.debug(events.CHECKPOINTER_UNAVAILABLE, error=str(e))
             return
         try:
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -109,7 +109,7 @@ class _Checkpointer:
                     return
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as e:  # the scan's final checkpoint copies what is left
-            log.debug("checkpointer_stopped", error=str(e))
+            log.debug(events.CHECKPOINTER_STOPPED, error=str(e))
         finally:
             conn.close()
 
@@ -258,13 +258,13 @@ class Buffer:
             if self.checkpoint() or not power_safe:
                 return
         except sqlite3.Error as e:  # busy, or a full disk: the WAL keeps everything meanwhile
-            log.warning("checkpoint_failed", error=str(e))
+            log.warning(events.CHECKPOINT_FAILED, error=str(e))
             if not power_safe:
                 return
         try:
             durable.fsync(f"{self.path}-wal")
         except OSError as e:
-            log.error("buffer_sync_failed", error=str(e), path=f"{self.path}-wal")
+            log.error(events.BUFFER_SYNC_FAILED, error=str(e), path=f"{self.path}-wal")
 
     # -- ingest bookkeeping ---------------------------------------------------------------------
 

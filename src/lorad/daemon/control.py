@@ -38,6 +38,7 @@ from pathlib import Path
 
 import structlog
 
+from lorad import events
 from lorad.daemon import protocol
 
 log = structlog.get_logger()
@@ -79,7 +80,7 @@ class Access:
             try:
                 self.group_gid = grp.getgrnam(allowed_group).gr_gid
             except KeyError:
-                log.warning("allowed_group_missing", group=allowed_group)
+                log.warning(events.ALLOWED_GROUP_MISSING, group=allowed_group)
         self.group = allowed_group
         self._members: dict[int, tuple[bool, float]] = {}  # uid -> (member, when looked up)
 
@@ -188,7 +189,7 @@ class ControlServer:
             try:
                 os.chown(self.path, -1, self.access.group_gid)
             except PermissionError:
-                log.warning("socket_group_not_set", group=self.access.group, path=str(self.path))
+                log.warning(events.SOCKET_GROUP_NOT_SET, group=self.access.group, path=str(self.path))
         sock.listen(socket.SOMAXCONN)  # bursts of clients queue instead of failing to connect
         sock.setblocking(False)
         self._sock = sock
@@ -234,7 +235,7 @@ class ControlServer:
                         else:
                             self._readable(key.data)
                     except Exception:  # this thread must outlive any one connection
-                        log.exception("control_connection_failed")
+                        log.exception(events.CONTROL_CONNECTION_FAILED)
                         if key.data is not None:
                             self._close(key.data)
                 self._expire(time.monotonic())
@@ -293,7 +294,7 @@ class ControlServer:
         self._selector.register(sock, selectors.EVENT_READ, conn)
         self._idle[uid] += 1
         if not self.access.allows(peer):
-            log.warning("client_refused", uid=uid, gid=gid, pid=pid)
+            log.warning(events.CLIENT_REFUSED, uid=uid, gid=gid, pid=pid)
             self._refuse(conn, f"uid {uid} is not allowed to use this daemon "
                                "(see daemon.allowed_uids and daemon.allowed_group)")
             return
@@ -324,7 +325,7 @@ class ControlServer:
         if end >= 0 and end < protocol.MAX_REQUEST:
             self._dispatch(conn, bytes(conn.buf[:end]))
         elif end >= 0 or len(conn.buf) >= protocol.MAX_REQUEST:
-            log.warning("request_refused", reason="oversized", uid=conn.peer.uid)
+            log.warning(events.REQUEST_REFUSED, reason="oversized", uid=conn.peer.uid)
             self._refuse(conn, f"request over {protocol.MAX_REQUEST} bytes")
 
     def _dispatch(self, conn: _Conn, line: bytes) -> None:
@@ -356,7 +357,7 @@ class ControlServer:
             conn = next(iter(self._waiting.values()))
             if conn.deadline > now:
                 break
-            log.info("request_timed_out", uid=conn.peer.uid, received=len(conn.buf))
+            log.info(events.REQUEST_TIMED_OUT, uid=conn.peer.uid, received=len(conn.buf))
             _send_now(conn.sock, protocol.error(f"request not received within {self.client_timeout:g} s"))
             self._close(conn)
         while self._draining:
@@ -435,7 +436,7 @@ class ControlServer:
                     try:
                         response = self.handler(request, conn.peer)
                     except Exception as e:  # the daemon outlives any one request
-                        log.exception("request_failed", command=request.get("command"))
+                        log.exception(events.REQUEST_FAILED, command=request.get("command"))
                         response = protocol.error(f"internal error: {type(e).__name__}: {e}")
                 conn.sock.settimeout(self.client_timeout)  # a client that never reads cannot hold us
                 conn.sock.sendall(protocol.encode(response))
@@ -450,7 +451,7 @@ def _decode(line: bytes, peer: Peer) -> tuple[dict | None, dict | None]:
     try:
         return protocol.decode_request(line), None
     except protocol.ProtocolError as e:
-        log.warning("request_refused", reason=str(e)[:120], uid=peer.uid)
+        log.warning(events.REQUEST_REFUSED, reason=str(e)[:120], uid=peer.uid)
         return None, protocol.error(str(e))
 
 

@@ -10,6 +10,7 @@ import json
 
 import structlog
 
+from lorad import events
 from lorad.buffer.store import Batch, Buffer
 
 log = structlog.get_logger()
@@ -49,6 +50,6 @@ def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5) -
     batch = Batch(FEEDBACK_SOURCE)
     batch.artifacts.append(row)
     new, updated, unchanged = buffer.write_batch(batch)
-    log.info("feedback_recorded", id=row["artifact_id"], status=row["status"], new=bool(new))
+    log.info(events.FEEDBACK_RECORDED, id=row["artifact_id"], status=row["status"], new=bool(new))
     return {"ok": True, "id": row["artifact_id"], "status": row["status"],
             "result": "new" if new else "updated" if updated else "unchanged"}

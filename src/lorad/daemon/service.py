@@ -24,12 +24,12 @@ from datetime import datetime, timezone
 import structlog
 
 from lorad import config as config_mod
+from lorad import events
+from lorad.buffer.jobs import FINAL, JobNotFound, JobStore
 from lorad.buffer.store import Buffer
 from lorad.config import ConfigError, Settings
 from lorad.daemon import protocol
 from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
-from lorad import events
-from lorad.buffer.jobs import FINAL, JobNotFound, JobStore
 from lorad.daemon.jobs import JobRunner
 from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
 from lorad.daemon.systemd import Notifier
@@ -81,7 +81,7 @@ class Service:
         try:
             self.start()
         except SocketInUse as e:
-            log.error("daemon_start_failed", error=str(e))
+            log.error(events.DAEMON_START_FAILED, error=str(e))
             return 1
         try:
             self._loop()
@@ -117,7 +117,7 @@ class Service:
         self._ready = True
         self._last_status_line = self._status_line()
         self.notifier.ready(self._last_status_line)
-        log.info("daemon_started", pid=os.getpid(), socket=str(s.daemon.socket_path),
+        log.info(events.DAEMON_STARTED, pid=os.getpid(), socket=str(s.daemon.socket_path),
                  state_dir=str(s.state_dir), sources=[src.key for src in s.store.sources])
 
     def _start_ingest(self) -> None:
@@ -135,7 +135,7 @@ class Service:
             on_quiet=self._refresh_examples)
         report = self.ingest.reconcile()  # catch up before reporting ready
         self._refresh_examples(self.ingest.buffer)  # the first status counts are current
-        log.info("store_reconciled", new=report.new, updated=report.updated, unchanged=report.unchanged,
+        log.info(events.STORE_RECONCILED, new=report.new, updated=report.updated, unchanged=report.unchanged,
                  quarantined=report.quarantined, errors=report.errors)
         self.ingest.start()
 
@@ -158,7 +158,7 @@ class Service:
         self._stop_ingest()
         self.reader.close()
         self.db.close()
-        log.info("daemon_stopped")
+        log.info(events.DAEMON_STOPPED)
 
     # -- the main loop --------------------------------------------------------------------------
 
@@ -166,7 +166,7 @@ class Service:
         last_snapshot = last_decide = 0.0
         while True:
             if self._signals & {signal.SIGTERM, signal.SIGINT}:
-                log.info("daemon_stopping", signal=sorted(signal.Signals(s).name for s in self._signals))
+                log.info(events.DAEMON_STOPPING, signal=sorted(signal.Signals(s).name for s in self._signals))
                 return
             if signal.SIGHUP in self._signals:
                 self._signals.discard(signal.SIGHUP)
@@ -175,7 +175,7 @@ class Service:
             try:
                 self._reap_job()
             except Exception:  # e.g. SQLite "disk is full" saving the failure count: keep serving
-                log.exception("job_reap_failed")
+                log.exception(events.JOB_REAP_FAILED)
             now = time.monotonic()
             if self._decide_now or now - last_decide >= DECIDE_EVERY:
                 self._decide_now = False
@@ -183,13 +183,13 @@ class Service:
                 try:
                     self._schedule_step()
                 except Exception:
-                    log.exception("schedule_step_failed")
+                    log.exception(events.SCHEDULE_STEP_FAILED)
             if now - last_snapshot >= SNAPSHOT_EVERY:
                 last_snapshot = now
                 try:
                     self._refresh_snapshot()
                 except Exception:
-                    log.exception("status_refresh_failed")
+                    log.exception(events.STATUS_REFRESH_FAILED)
             self.notifier.ping()
             time.sleep(TICK)
 
@@ -209,7 +209,7 @@ class Service:
             try:
                 self._refresh_snapshot()  # a status asked right after sees the change
             except Exception:
-                log.exception("status_refresh_failed")
+                log.exception(events.STATUS_REFRESH_FAILED)
             future.set_result(result)
 
     def _call(self, fn, timeout: float = 30.0):
@@ -241,7 +241,7 @@ class Service:
                    min_new_examples=s.min_new_examples, gpu_busy=busy, now_ts=time.time(),
                    backoff_until=self.backoff_until)
         if d.reason != self.last_decision and d.action == "wait":
-            log.debug("schedule_waited", reason=d.reason)
+            log.debug(events.SCHEDULE_WAITED, reason=d.reason)
         self.last_decision = d.reason
         if d.action == "pause":
             if not self.runner.stopping:
@@ -291,7 +291,7 @@ class Service:
         try:
             new = config_mod.load(self.settings.source_path) if self.settings.source_path else self.settings
         except ConfigError as e:
-            log.error("config_reload_refused", error=str(e))
+            log.error(events.CONFIG_RELOAD_REFUSED, error=str(e))
             self.notifier.status(f"config reload refused: {e}"[:200])
             self.notifier.notify("READY=1")
             return protocol.error(f"config reload refused, old config kept: {e}")
@@ -301,7 +301,7 @@ class Service:
             ("daemon.socket", old.daemon.socket_path, new.daemon.socket_path),
             ("buffer.path", old.buffer_path, new.buffer_path)) if a != b]
         if restart_needed:
-            log.warning("config_reload_partial", restart_needed=restart_needed)
+            log.warning(events.CONFIG_RELOAD_PARTIAL, restart_needed=restart_needed)
             new = _keep_location(new, old)
         self.settings = new
         self.schedule = _schedule(new)
@@ -317,7 +317,7 @@ class Service:
             log_mod.configure(new.logging.level, new.logging.format)
         self.reloads += 1
         self._decide_now = True
-        log.info("config_reloaded", path=str(new.source_path), restart_needed=restart_needed)
+        log.info(events.CONFIG_RELOADED, path=str(new.source_path), restart_needed=restart_needed)
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
         return {"ok": True, "reloaded": str(new.source_path), "restart_needed": restart_needed}
 
@@ -330,7 +330,7 @@ class Service:
         try:
             examples.refresh(buffer, self.settings.selection)
         except Exception:  # the artifacts are committed; the examples catch up on the next refresh
-            log.exception("examples_refresh_failed")
+            log.exception(events.EXAMPLES_REFRESH_FAILED)
 
     def _refresh_snapshot(self, reader: Buffer | None = None) -> None:
         """Recompute what status answers; ``reader`` lets the job thread use its own connection."""
@@ -424,7 +424,7 @@ class Service:
                 return {"ok": True, "job": job}
         if command == "feedback":
             return self._feedback(request)
-        log.info("control_command_received", command=command, uid=peer.uid)
+        log.info(events.CONTROL_COMMAND_RECEIVED, command=command, uid=peer.uid)
         if command in ("promote", "rollback"):
             return self._change_version(command, request)
         return self._call(lambda: self._act(command, request))
@@ -487,7 +487,7 @@ class Service:
             self.scheduling_paused = command == "pause"
             self.jobs.set_state("scheduling_paused", self.scheduling_paused)
             self._decide_now = True
-            log.info("scheduling_paused" if self.scheduling_paused else "scheduling_resumed")
+            log.info(events.SCHEDULING_PAUSED if self.scheduling_paused else "scheduling_resumed")
             self._refresh_snapshot()
             return {"ok": True, "scheduling_paused": self.scheduling_paused}
         if command == "reload":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from lorad import events
 from lorad.buffer.store import Buffer
 
 log = structlog.get_logger()
@@ -50,7 +51,7 @@ def buffer_counts(reader: Buffer, state_dir: Path | None = None) -> dict:
             counts["new_examples"] = examples.count_new(reader, since_seq(registry))
             counts["untrained_examples"] = examples.count_new(reader, trained_seq(registry))
     except sqlite3.Error as e:  # e.g. a table not migrated yet by the writer: report zeros
-        log.debug("example_counts_failed", error=str(e))
+        log.debug(events.EXAMPLE_COUNTS_FAILED, error=str(e))
     return counts
 
 

@@ -23,6 +23,7 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from lorad import events
 from lorad.ingest import IngestReport, ingest
 
 log = structlog.get_logger()
@@ -57,12 +58,12 @@ class Watcher(FileSystemEventHandler):
             if root in self._watched:
                 continue
             if not root.is_dir():
-                log.warning("source_not_watched", path=str(root), reason="directory does not exist (yet)")
+                log.warning(events.SOURCE_NOT_WATCHED, path=str(root), reason="directory does not exist (yet)")
                 continue
             try:
                 self._observer.schedule(self, str(root), recursive=recursive)
             except OSError as e:  # e.g. the inotify watch limit
-                log.warning("source_not_watched", path=str(root), reason=str(e))
+                log.warning(events.SOURCE_NOT_WATCHED, path=str(root), reason=str(e))
                 continue
             self._watched.add(root)
 
@@ -204,7 +205,7 @@ class IngestLoop:
                     self._ingest(paths, "settle")
                 self._maybe_quiet()
             except Exception:  # a bad moment (disk full, locked database) must not end the loop
-                log.exception("ingest_loop_failed")
+                log.exception(events.INGEST_LOOP_FAILED)
                 time.sleep(1.0)
         self._run_tasks()
 

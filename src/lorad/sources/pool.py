@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from lorad import events
+
 log = structlog.get_logger()
 
 T = TypeVar("T")
@@ -89,16 +91,16 @@ def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload
         context.set_forkserver_preload(["__main__", preload])
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_yield_to_the_writer)
     except (ImportError, OSError, ValueError) as e:  # no working semaphores in a sandbox, say
-        log.warning("parse_workers_unavailable", error=str(e))
+        log.warning(events.PARSE_WORKERS_UNAVAILABLE, error=str(e))
         yield from map(fn, chunks)
         return
-    log.debug("parse_workers_started", workers=workers, tasks=len(chunks), ahead=ahead, head=head)
+    log.debug(events.PARSE_WORKERS_STARTED, workers=workers, tasks=len(chunks), ahead=ahead, head=head)
     try:
         done = 0
         try:
             hand_out()
         except Exception as e:  # noqa: BLE001 - the pool could not start a worker
-            log.warning("parse_workers_failed", error=str(e) or type(e).__name__, remaining=len(chunks))
+            log.warning(events.PARSE_WORKERS_FAILED, error=str(e) or type(e).__name__, remaining=len(chunks))
             queue.clear()
             yield from map(fn, chunks)
             return
@@ -113,7 +115,7 @@ def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload
                 done += 1
         except Exception as e:  # noqa: BLE001 - a worker died (OOM killer, a signal)
             # An error of fn itself happens again below, in this process, and propagates from there.
-            log.warning("parse_workers_failed", error=str(e) or type(e).__name__, remaining=len(chunks) - done)
+            log.warning(events.PARSE_WORKERS_FAILED, error=str(e) or type(e).__name__, remaining=len(chunks) - done)
             for future in queue:
                 future.cancel()
             queue.clear()
