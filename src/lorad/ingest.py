@@ -17,6 +17,7 @@ import structlog
 
 from lorad import events
 from lorad.buffer.store import Buffer
+from lorad.config import BufferSettings
 from lorad.sources.base import Reader
 
 log = structlog.get_logger()
@@ -47,7 +48,7 @@ class IngestReport:
                 "quarantined": self.quarantined, "errors": self.errors, "sources": self.per_source}
 
 
-def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = 500,
+def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = BufferSettings.batch_size,
                   paths: Iterable[str] | None = None, report: IngestReport | None = None) -> IngestReport:
     """Scan one source and commit what changed, batch by batch.
 
@@ -89,7 +90,7 @@ def _cycle_collector_paused():
             gc.enable()
 
 
-def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = 500,
+def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = BufferSettings.batch_size,
            paths: Iterable[str] | None = None) -> IngestReport:
     """Scan every source once (or only ``paths``, from watcher events)."""
     report = IngestReport()

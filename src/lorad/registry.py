@@ -49,6 +49,7 @@ from typing import Any, Callable
 import structlog
 
 from lorad import durable, events
+from lorad.config import RegistrySettings
 
 log = structlog.get_logger()
 
@@ -137,8 +138,8 @@ class Registry:
             rollback and revert (``Buffer.record_event`` fits); None = no audit trail.
     """
 
-    def __init__(self, root: str | Path, keep: int = 5, keep_best: bool = True,
-                 audit: Audit | None = None):
+    def __init__(self, root: str | Path, keep: int = RegistrySettings.keep,
+                 keep_best: bool = RegistrySettings.keep_best, audit: Audit | None = None):
         self.root = Path(root)
         self.keep = keep
         self.keep_best = keep_best

@@ -37,6 +37,7 @@ from lorad import durable, events
 from lorad.buffer import traces
 from lorad.buffer.batch import Batch, Quarantined
 from lorad.buffer.schema import MIGRATIONS, migrate
+from lorad.config import BufferSettings
 
 __all__ = ["ARTIFACT_COLUMNS", "Batch", "Buffer", "BufferError", "Quarantined"]
 
@@ -132,7 +133,8 @@ class Buffer:
         readonly: open for reading only (status, history); no migrations are run.
     """
 
-    def __init__(self, path: str | Path, synchronous: str = "full", readonly: bool = False):
+    def __init__(self, path: str | Path, synchronous: str = BufferSettings.synchronous,
+                 readonly: bool = False):
         self.path = Path(path) if path != ":memory:" else None
         self.synchronous = synchronous
         self._deferring = False  # inside deferred_sync: commits do not wait for the disk

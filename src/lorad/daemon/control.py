@@ -39,6 +39,7 @@ from pathlib import Path
 import structlog
 
 from lorad import events
+from lorad.config import DaemonSettings
 from lorad.daemon import protocol
 
 log = structlog.get_logger()
@@ -140,7 +141,8 @@ class ControlServer:
     """
 
     def __init__(self, path: Path, handler: Handler, access: Access, max_clients: int = 16,
-                 client_timeout: float = 10.0, max_per_uid: int = 64, max_connections: int = 1024,
+                 client_timeout: float = 10.0,
+                 max_per_uid: int = DaemonSettings.max_connections_per_uid, max_connections: int = 1024,
                  idle_grace: float = 1.0):
         self.path = Path(path)
         self.handler = handler
