@@ -75,12 +75,16 @@ class SleepingServer:
         self._until(True, "POST", f"/sleep?level={SLEEP_LEVEL}")
 
     def wake(self) -> None:
-        """``POST /wake_up`` until ``GET /is_sleeping`` says false.
+        """``POST /wake_up`` until ``GET /is_sleeping`` says false. A server without the
+        sleep endpoints (404: no VLLM_SERVER_DEV_MODE) cannot be asleep, so it counts as awake.
 
         Raises:
             ShareError: the server is not awake after every attempt.
         """
-        self._until(False, "POST", "/wake_up")
+        try:
+            self._until(False, "POST", "/wake_up")
+        except _NoSleepMode:
+            return
 
     def is_sleeping(self) -> bool:
         """One ``GET /is_sleeping``.
@@ -107,6 +111,11 @@ class SleepingServer:
                 if self.is_sleeping() == sleeping:
                     return
                 last = f"{method} {path} answered, but GET /is_sleeping still says {not sleeping}"
+            except _NoSleepMode as e:
+                if not sleeping:
+                    raise
+                raise ShareError(f"vllm {self.url}: {e} (is the server started with --enable-sleep-mode "
+                                 f"and VLLM_SERVER_DEV_MODE=1?)") from None
             except _Final as e:
                 raise ShareError(f"vllm {self.url}: {e}") from None
             except ShareError as e:
@@ -126,8 +135,7 @@ class SleepingServer:
         except urllib.error.HTTPError as e:
             text = f"{method} {path}: HTTP {e.code}: {e.read().decode('utf-8', 'replace')[:DETAIL_CHARS]}"
             if e.code == 404:  # no sleep endpoints: not started with VLLM_SERVER_DEV_MODE=1
-                raise _Final(text + " (is the server started with --enable-sleep-mode and "
-                                    "VLLM_SERVER_DEV_MODE=1?)") from None
+                raise _NoSleepMode(text) from None
             if e.code < 500:
                 raise _Final(text) from None
             raise ShareError(text) from None
@@ -137,6 +145,10 @@ class SleepingServer:
 
 class _Final(Exception):
     "A 4xx: asking again gets the same answer."
+
+
+class _NoSleepMode(_Final):
+    "404 from a sleep endpoint: the server has none."
 
 
 def servers_from_settings(tables) -> list[SleepingServer]:
