@@ -4,95 +4,15 @@ speaks vLLM's sleep endpoints (/sleep, /wake_up, /is_sleeping) and its runtime L
 from __future__ import annotations
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from pathlib import Path
 
 import pytest
+from sleepy_vllm import SleepyVllm
 from structlog.testing import capture_logs
 
 from lorad import config, events, gpu_share
 from lorad.buffer.jobs import JobStore
 from lorad.gpu_share import GpuShare, ShareError, SleepingServer
-
-
-class SleepyVllm:
-    """vLLM with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (and --enable-lora).
-
-    Args:
-        wake_failures: how many /wake_up requests answer 503 first (-1: every one).
-        sleep_mode: False answers 404 on the sleep endpoints, as vLLM without VLLM_SERVER_DEV_MODE.
-        sleeping: the state it starts in.
-    """
-
-    def __init__(self, wake_failures: int = 0, sleep_mode: bool = True, sleeping: bool = False):
-        self.sleeping = sleeping
-        self.wake_failures = wake_failures
-        self.sleep_mode = sleep_mode
-        self.loaded: dict[str, str] = {}
-        self.log: list[tuple[float, str, str]] = []  # (time, method, path)
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                fake.log.append((time.time(), "GET", self.path))
-                if self.path == "/is_sleeping" and fake.sleep_mode:
-                    return self.reply(200, {"is_sleeping": fake.sleeping})
-                return self.reply(404, {"detail": "Not Found"})
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else {}
-                fake.log.append((time.time(), "POST", self.path))
-                url = urlsplit(self.path)
-                with fake.lock:
-                    if url.path == "/sleep" and fake.sleep_mode:
-                        assert url.query == "level=1", url.query
-                        fake.sleeping = True
-                        return self.reply(200, "")
-                    if url.path == "/wake_up" and fake.sleep_mode:
-                        if fake.wake_failures:
-                            fake.wake_failures -= 1 if fake.wake_failures > 0 else 0
-                            return self.reply(503, {"error": "engine core busy"})
-                        fake.sleeping = False
-                        return self.reply(200, "")
-                    if url.path == "/v1/load_lora_adapter":
-                        if fake.sleeping:  # what lorad must never ask of a sleeping server
-                            return self.reply(500, {"error": "engine is sleeping"})
-                        fake.loaded[body["lora_name"]] = body["lora_path"]
-                        return self.reply(200, f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
-                    if url.path == "/v1/unload_lora_adapter":
-                        fake.loaded.pop(body["lora_name"], None)
-                        return self.reply(200, "Success")
-                return self.reply(404, {"detail": "Not Found"})
-
-            def reply(self, code, payload):
-                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def calls(self) -> list[str]:
-        return [f"{m} {p}" for _, m, p in self.log]
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
 
 
 @pytest.fixture
@@ -185,3 +105,130 @@ def test_sleep_during_training_is_only_for_vllm_hooks():
     s = config.loads("[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8000'\nsleep_during_training = true\n"
                      "[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8001'\n")
     assert [x.url for x in gpu_share.servers_from_settings(s.publish)] == ["http://127.0.0.1:8000"]
+
+
+# -- around a real worker (tiny model) ------------------------------------------------------------
+
+STORE = Path(__file__).parent / "fixtures" / "atomicguard-store"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the worker's torch: one core of the shared CPU
+        mp.setenv(k, "1")
+    mp.setenv("TOKENIZERS_PARALLELISM", "false")
+    from lorad.training.tiny import build_tiny_model
+
+    yield build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, vocab_size=512)
+    mp.undo()
+
+
+def cycle_settings(root, base_model, url: str, steps: int = 8) -> config.Settings:
+    return config.loads(f"""
+[daemon]
+state_dir = "{root / 'state'}"
+[[store.sources]]
+kind = "atomicguard"
+path = "{STORE}"
+[selection]
+policy = "all_successes"
+heldout_fraction = 0.3
+max_history = 1
+max_artifact_chars = 300
+[training]
+base_model = "{base_model}"
+max_steps = {steps}
+batch_size = 4
+learning_rate = 0.01
+max_seq_length = 256
+quantization = "none"
+gradient_checkpointing = false
+save_steps = 1000
+warm_start = false
+[evaluation]
+generation_samples = 0
+min_improvement = 0.0
+min_heldout_examples = 3
+[[publish]]
+kind = "vllm"
+url = "{url}"
+retries = 1
+backoff = 0.0
+timeout = 10.0
+sleep_during_training = true
+""")
+
+
+def _progress_times(job_dir) -> list[float]:
+    return [json.loads(line)["ts"] for line in (job_dir / "progress.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_a_promoted_cycle_trains_while_the_server_sleeps_and_loads_the_adapter_after_the_wake(tmp_path, tiny_model):
+    from lorad import pipeline
+
+    with SleepyVllm() as fake:
+        outcome = pipeline.run_now(cycle_settings(tmp_path, tiny_model, fake.url))
+        assert outcome.status == "promoted", outcome.reason
+        assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping",
+                                "POST /v1/load_lora_adapter"]
+        assert list(fake.loaded) == [f"lorad-{outcome.version}"]
+        slept, woke = fake.log[0][0], fake.log[2][0]
+        times = _progress_times(pipeline.job_dir_of(cycle_settings(tmp_path, tiny_model, fake.url), outcome.job_id))
+        assert times and all(slept <= t <= woke for t in times)  # every step the worker took, asleep
+
+
+def test_a_failed_worker_and_a_cancelled_one_leave_the_server_awake(tmp_path, tiny_model):
+    import shutil
+
+    from lorad import pipeline
+    from lorad.buffer.store import Buffer
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text("{not json")
+    with SleepyVllm() as fake:
+        failed = pipeline.run_now(cycle_settings(tmp_path / "a", broken, fake.url))
+        assert failed.status == "failed"
+        assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping"]
+        assert not fake.sleeping
+
+        s = cycle_settings(tmp_path / "b", tiny_model, fake.url, steps=500)
+        with Buffer(s.buffer_path) as buffer:
+            from lorad.ingest import ingest
+            from lorad.sources import open_sources
+
+            ingest(buffer, open_sources(s.store), s.buffer.batch_size)
+            job_id = JobStore(buffer.conn).create("manual")["job_id"]
+        stop = pipeline.StopRequest()
+
+        def on_progress(record):
+            if record.get("stage") == "training" and fake.sleeping:
+                stop.cancel("cancelled by the test")
+
+        cancelled = pipeline.run(s, job_id, holder="the test", stop=stop, on_progress=on_progress)
+        assert cancelled.status == "cancelled", cancelled.reason
+        assert fake.calls()[-2:] == ["POST /wake_up", "GET /is_sleeping"] and not fake.sleeping
+        with Buffer(s.buffer_path) as buffer:
+            assert gpu_share.records(JobStore(buffer.conn)) == []
+
+
+def test_a_cycle_first_wakes_a_server_a_dead_cycle_left_asleep(tmp_path, tiny_model):
+    """A `lorad train` killed while its worker trained left the record; the next cycle acts on it
+    before anything else (here one that then finds nothing to train on)."""
+    from lorad import pipeline
+    from lorad.buffer.store import Buffer
+
+    with SleepyVllm(sleeping=True, wake_failures=1) as fake:
+        s = cycle_settings(tmp_path, tiny_model, fake.url)
+        s.state_dir.mkdir(parents=True)
+        with Buffer(s.buffer_path) as buffer:
+            store = JobStore(buffer.conn)
+            GpuShare([], store)._record(SleepingServer(fake.url, retries=1, backoff=0.0), "asleep", "job-killed")
+            job_id = store.create("manual")["job_id"]
+        outcome = pipeline.run(s, job_id, holder="the test")
+        assert outcome.status == "skipped", outcome.reason
+        # its first try refused, the retry taken
+        assert fake.calls() == ["POST /wake_up", "POST /wake_up", "GET /is_sleeping"] and not fake.sleeping
+        with Buffer(s.buffer_path) as buffer:
+            assert gpu_share.records(JobStore(buffer.conn)) == []
