@@ -18,6 +18,7 @@ from lorad.buffer.store import Buffer
 from lorad.pipeline import TrainingBusy, training_lock
 
 RETRY_EVERY = 30.0  # seconds between wakes of a server that is still asleep
+STOP_WAIT = 5.0  # seconds shutdown waits for a wake in progress
 
 
 class Waker(threading.Thread):
@@ -39,10 +40,12 @@ class Waker(threading.Thread):
         """Look now (a job just ended)."""
         self._poke.set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_WAIT) -> None:
+        """Stop after the wake in progress; a hung server holds up shutdown at most ``timeout`` s
+        (the record stays, and the next start wakes it)."""
         self._stop_event.set()
         self._poke.set()
-        self.join()
+        self.join(timeout)
 
     def run(self) -> None:
         s = self.settings
