@@ -178,7 +178,7 @@ def test_a_promoted_cycle_trains_while_the_server_sleeps_and_loads_the_adapter_a
         assert times and all(slept <= t <= woke for t in times)  # every step the worker took, asleep
 
 
-def test_a_failed_worker_and_a_cancelled_one_leave_the_server_awake(tmp_path, tiny_model):
+def test_a_failed_worker_a_paused_one_and_a_cancelled_one_leave_the_server_awake(tmp_path, tiny_model):
     import shutil
 
     from lorad import pipeline
@@ -200,15 +200,18 @@ def test_a_failed_worker_and_a_cancelled_one_leave_the_server_awake(tmp_path, ti
 
             ingest(buffer, open_sources(s.store), s.buffer.batch_size)
             job_id = JobStore(buffer.conn).create("manual")["job_id"]
-        stop = pipeline.StopRequest()
+        for how, final in (("pause", "paused"), ("cancel", "cancelled")):  # the paused job resumes, then cancels
+            stop = pipeline.StopRequest()
 
-        def on_progress(record):
-            if record.get("stage") == "training" and fake.sleeping:
-                stop.cancel("cancelled by the test")
+            def on_progress(record, stop=stop, how=how):
+                if record.get("stage") == "training" and fake.sleeping:
+                    getattr(stop, how)(f"{how} by the test")
 
-        cancelled = pipeline.run(s, job_id, holder="the test", stop=stop, on_progress=on_progress)
-        assert cancelled.status == "cancelled", cancelled.reason
-        assert fake.calls()[-2:] == ["POST /wake_up", "GET /is_sleeping"] and not fake.sleeping
+            fake.log.clear()
+            outcome = pipeline.run(s, job_id, holder="the test", stop=stop, on_progress=on_progress)
+            assert outcome.status == final, outcome.reason
+            assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping"]
+            assert not fake.sleeping
         with Buffer(s.buffer_path) as buffer:
             assert gpu_share.records(JobStore(buffer.conn)) == []
 
