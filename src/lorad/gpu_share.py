@@ -200,11 +200,10 @@ class GpuShare:
     def wake_recorded(self) -> list[str]:
         """Wake every server a record says is asleep (left so by a process that died, or a wake
         that failed). Returns the URLs still not awake."""
-        left = self.recorded()
-        if not left:
-            return []
-        servers = [SleepingServer(**r["server"]) for r in left]
-        return self._wake(servers, left[0].get("job_id"))
+        failed = []
+        for r in self.recorded():
+            failed += self._wake([SleepingServer(**r["server"])], r.get("job_id"))
+        return failed
 
     def _wake(self, servers: list[SleepingServer], job_id: str | None) -> list[str]:
         failed = []
