@@ -98,16 +98,18 @@ def test_a_daemon_killed_while_its_worker_trains_beside_a_sleeping_server_wakes_
     with SleepyVllm() as fake:
         sections = training_sections(tiny_model, max_steps=5000, save_steps=5000, min_new_examples=1)
         d = start_with_hook(daemon_factory, fake.url, env=WORKER_ENV, **sections)
-        job = d.wait_for(lambda: (d.request("status")["job"] or {}).get("state") == "training"
+        # in its steps (its SIGTERM handler installed: stopped at restart in a step, not after 30 s)
+        job = d.wait_for(lambda: ((d.request("status")["job"] or {}).get("progress") or {}).get("step")
                          and fake.sleeping and d.request("status")["job"], timeout=120, what="training asleep")
         job_dir = short_root / "state" / "jobs" / job["job_id"]
-        d.wait_for(lambda: worker_processes(job_dir), timeout=60, what="the worker")
+        assert worker_processes(job_dir)
         d.stop(signal.SIGKILL)
         assert fake.sleeping and worker_processes(job_dir)  # left behind: the worker, the record
         assert records(short_root / "state")[0]["state"] == "asleep"
 
         fake.log.clear()
-        d.start()
+        d.start(wait=False)
+        d.wait_ready(timeout=90)  # recover() waits for the orphan to checkpoint and exit
         d.wait_for(lambda: "POST /wake_up" in fake.calls(), timeout=60, what="the wake at restart")
         d.wait_for(lambda: events.SERVER_WOKEN in [e.get("event") for e in d.events()], what="server_woken")
         names = [e.get("event") for e in d.events()]  # both runs' logs; the first never woke it
