@@ -18,7 +18,8 @@ def test_documented_example_loads_and_matches_the_defaults():
     """config.toml documents every key with its default: loading it must equal the built-in settings."""
     loaded = config.load(ROOT / "config.toml")
     defaults = config.Settings()
-    for section in ("daemon", "buffer", "selection", "schedule", "training", "evaluation", "registry", "logging"):
+    for section in ("daemon", "buffer", "selection", "schedule", "training", "evaluation", "registry", "metrics",
+                    "logging"):
         assert getattr(loaded, section) == getattr(defaults, section), section
     assert loaded.store.max_file_bytes == defaults.store.max_file_bytes
     assert loaded.store.settle_seconds == defaults.store.settle_seconds
@@ -37,7 +38,8 @@ def test_every_settings_key_is_documented_in_the_example():
 
     for cls in (config.DaemonSettings, config.StoreSettings, config.BufferSettings, config.SelectionSettings,
                 config.ScheduleSettings, config.TrainingSettings, config.EvaluationSettings,
-                config.RegistrySettings, config.PublishSettings, config.LoggingSettings, config.SourceSettings):
+                config.RegistrySettings, config.PublishSettings, config.MetricsSettings, config.LoggingSettings,
+                config.SourceSettings):
         for key in keys(cls):
             if key == "sources":
                 continue

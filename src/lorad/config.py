@@ -324,9 +324,14 @@ class PublishSettings:
     retries: int = _c(non_negative, default=3)
     backoff: float = _c(non_negative, default=1.0)
     required: bool = False
+    # vllm: put the server to sleep (POST /sleep?level=1) while the worker trains, wake it after;
+    # the server needs --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (lorad.gpu_share).
+    sleep_during_training: bool = False
 
     def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run, judged with ``kind``."""
+        if self.sleep_during_training and self.kind != "vllm":
+            return [("sleep_during_training", f'only a kind = "vllm" hook can sleep, not kind = "{self.kind}"')]
         if self.kind == "vllm":
             from urllib.parse import urlsplit
 
@@ -341,6 +346,57 @@ class PublishSettings:
         found = [("argv[0]", f"must name the program to run, got {self.argv[0]!r}")] if not self.argv[0] else []
         found += [(f"argv[{i}]", why) for i, part in enumerate(self.argv) if (why := _template(part))]
         return found
+
+
+def listen_address(v):
+    if not v:
+        return None
+    host, sep, port = v.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f'must be "HOST:PORT" such as "127.0.0.1:9464" (or "" for no listener), got {v!r}'
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (an address or a name) is this machine's loopback: all the unit's sandbox lets in."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    # "HOST:PORT" serving /metrics for Prometheus, e.g. "127.0.0.1:9464"; "" = no listener.
+    listen: str = _c(listen_address, default="")
+    # Loopback only unless this is true (the systemd unit's IPAddressAllow=localhost must widen too).
+    allow_remote: bool = False
+    # node_exporter textfile collector: this file is rewritten atomically after every cycle.
+    textfile: str = ""
+
+    @property
+    def host(self) -> str:
+        host = self.listen.rpartition(":")[0]
+        return host[1:-1] if host.startswith("[") else host
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    def invalid(self) -> list[tuple[str, str]]:
+        if self.listen and not self.allow_remote and not is_loopback(self.host):
+            return [("listen", f"{self.host!r} is not a loopback address; set metrics.allow_remote = true "
+                               f"(and widen the unit's IPAddressAllow) to listen beyond this machine")]
+        if self.textfile and not self.textfile.endswith(".prom"):
+            return [("textfile", f"node_exporter reads only files named *.prom, got {self.textfile!r}")]
+        if self.textfile and not Path(self.textfile).is_absolute():
+            return [("textfile", f"must be an absolute path, got {self.textfile!r}")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -361,6 +417,7 @@ class Settings:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     publish: tuple[PublishSettings, ...] = ()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     # Where the settings came from (None for built-in defaults); not a config key.
     source_path: Path | None = field(default=None, metadata={"internal": True})

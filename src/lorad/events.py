@@ -38,6 +38,16 @@ JOB_PAUSING = "job_pausing"
 BACKOFF_STARTED = "backoff_started"
 
 
+# A vLLM server sharing the GPU (lorad.gpu_share)
+SERVER_SLEPT = "server_slept"
+SERVER_SLEEP_FAILED = "server_sleep_failed"
+SERVER_WOKEN = "server_woken"
+SERVER_WAKE_FAILED = "server_wake_failed"
+
+# Prometheus metrics (lorad.daemon.metrics)
+METRICS_LISTENING = "metrics_listening"
+METRICS_TEXTFILE_FAILED = "metrics_textfile_failed"
+
 # lorad.buffer.store
 CHECKPOINTER_UNAVAILABLE = "checkpointer_unavailable"
 CHECKPOINTER_STOPPED = "checkpointer_stopped"

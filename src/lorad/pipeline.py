@@ -10,7 +10,8 @@ through the same steps by :func:`run`:
    replay) and the held-out set, write the job directory (job.json, the rows, plan.json);
    a paused job skips this and resumes on its directory;
 4. the worker subprocess (:func:`lorad.training.supervisor.supervise`), which trains,
-   checkpoints, saves the adapter and scores it (result.json);
+   checkpoints, saves the adapter and scores it (result.json), while any vLLM server that
+   shares the GPU sleeps (:class:`lorad.gpu_share.GpuShare`; woken however the worker ends);
 5. :func:`conclude`: automatic rollback when the active adapter now scores worse than the
    previous one, the gate's verdict, a new registry version (rejected ones too), promotion
    and publishing or the ``candidate_rejected`` event, pruning;
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from lorad import events, release
+from lorad import events, gpu_share, release
 from lorad.buffer.jobs import ACTIVE, JobStore
 from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback
 from lorad.registry import Change, Registry
@@ -514,6 +515,9 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
         live = None
         try:
             with training_lock(settings.state_dir, holder):
+                share = gpu_share.GpuShare(gpu_share.servers_from_settings(settings.publish), job.store,
+                                           buffer.record_event)
+                share.wake_recorded()  # a cycle that died in training left a server asleep
                 job_dir = job.job_dir
                 if not (job_dir is not None and job_dir.is_dir() and _trained(job_dir)):
                     if job_dir is None or not job_dir.is_dir():
@@ -526,9 +530,12 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
                         job.row["job_dir"] = str(job_dir)
                         return job.finish(Outcome(job_id, stop.state, stop.reason, live=live), job_dir=str(job_dir))
                     job.move("training", job_dir=str(job_dir), runs=job.row.get("runs", 0) + 1)
-                    code = supervisor.supervise(job_dir, stop.event if stop else None,
-                                                (lambda: stop.mode == "cancel") if stop else None,
-                                                on_progress=progress)
+                    # A vLLM server on this GPU sleeps while the worker runs and wakes however
+                    # it ends, before the conclusion publishes to it (lorad.gpu_share).
+                    with share.asleep(job_id):
+                        code = supervisor.supervise(job_dir, stop.event if stop else None,
+                                                    (lambda: stop.mode == "cancel") if stop else None,
+                                                    on_progress=progress)
                     if code != EXIT_OK:
                         return job.finish(_stopped_or_failed(job_id, job_dir, code, stop, live))
                 # A worker that succeeded is concluded from its result, never run again (a
@@ -544,8 +551,8 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
                 return job.finish(outcome)
         except NothingToTrain as e:
             return job.finish(Outcome(job_id, "skipped", str(e), live=live))
-        except CycleError as e:  # the lock is taken, a version is tampered with
-            return job.finish(Outcome(job_id, "failed", str(e), live=live))
+        except (CycleError, gpu_share.ShareError) as e:  # the lock is taken, a version is tampered with,
+            return job.finish(Outcome(job_id, "failed", str(e), live=live))  # a server would not sleep
         except Exception as e:
             log.exception(events.JOB_CRASHED, job_id=job_id)
             return job.finish(Outcome(job_id, "failed", f"{type(e).__name__}: {e}", live=live))

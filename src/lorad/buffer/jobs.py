@@ -5,7 +5,8 @@ cancelled | paused | skipped (nothing to train on). A paused job (window end, sh
 its job directory and checkpoints; resuming runs the worker again on the same directory.
 Every transition is a ``job_events`` row. The daemon's jobs and ``lorad train``'s are kept
 alike (trigger ``window``, ``manual`` or ``cli``); :mod:`lorad.pipeline` moves them along.
-Also ``daemon_state``: small daemon state that must survive restarts.
+Also ``daemon_state``: small daemon state that must survive restarts (``scheduling_paused``,
+``failures``, ``backoff_until``, and one ``gpu_share:<url>`` record per vLLM server put to sleep).
 """
 
 from __future__ import annotations
@@ -129,3 +130,12 @@ class JobStore:
     def set_state(self, key: str, value) -> None:
         self._write("INSERT INTO daemon_state (key, value) VALUES (?, ?) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+
+    def delete_state(self, key: str) -> None:
+        self._write("DELETE FROM daemon_state WHERE key = ?", (key,))
+
+    def states(self, prefix: str) -> dict:
+        """Every daemon_state entry whose key starts with ``prefix``: {key: value}."""
+        rows = self.conn.execute("SELECT key, value FROM daemon_state WHERE substr(key, 1, ?) = ?",
+                                 (len(prefix), prefix))
+        return {k: json.loads(v) for k, v in rows}

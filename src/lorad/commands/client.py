@@ -171,12 +171,26 @@ def status_text(r: dict) -> str:
                          f"(opens in {_duration((start - now).total_seconds())})")
     else:
         lines.append("next window: none configured")
+    for server in r.get("gpu_share") or []:
+        lines.append(_server_line(server))
     sched = r.get("schedule") or {}
     if r.get("scheduling_paused"):
         lines.append("scheduled training: paused (lorad resume)")
     if sched.get("decision"):
         lines.append(f"scheduler: {sched['decision']}")
     return "\n".join(lines)
+
+
+def _server_line(server: dict) -> str:
+    """A vLLM server that sleeps during training: awake, asleep (for which job), or not woken (loud)."""
+    since = f" since {datetime.fromtimestamp(server['since'], timezone.utc):%Y-%m-%d %H:%M:%S %Z}" \
+        if server.get("since") else ""
+    if server["state"] == "wake_failed":
+        return (f"vllm {server['url']}: WARNING still asleep{since}, the wake failed ({server.get('error')}); "
+                f"retried every 30 s")
+    if server["state"] == "asleep":
+        return f"vllm {server['url']}: asleep while job {server.get('job_id')} trains{since}"
+    return f"vllm {server['url']}: awake"
 
 
 def _job_row(j: dict) -> str:

@@ -24,15 +24,17 @@ from datetime import datetime, timezone
 import structlog
 
 from lorad import config as config_mod
-from lorad import events
+from lorad import events, gpu_share
 from lorad.buffer.jobs import FINAL, JobNotFound, JobStore
 from lorad.buffer.store import Buffer
 from lorad.config import ConfigError, Settings
 from lorad.daemon import protocol
 from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
 from lorad.daemon.jobs import JobRunner
+from lorad.daemon.metrics import ListenFailed, Metrics, cycle_values
 from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
 from lorad.daemon.systemd import Notifier
+from lorad.daemon.waker import Waker
 from lorad.daemon.watcher import IngestLoop, Watcher
 
 log = structlog.get_logger()
@@ -80,7 +82,7 @@ class Service:
             signal.signal(sig, self._on_signal)
         try:
             self.start()
-        except SocketInUse as e:
+        except (SocketInUse, ListenFailed) as e:
             log.error(events.DAEMON_START_FAILED, error=str(e))
             return 1
         try:
@@ -106,6 +108,13 @@ class Service:
         self.failures = int(self.jobs.get_state("failures", 0))
         self.backoff_until = float(self.jobs.get_state("backoff_until", 0.0))
         self.reader = Buffer(s.buffer_path, readonly=True)  # status counts: never waits on writers
+        # A vLLM server left asleep by a daemon that died (its orphaned worker is stopped by now).
+        self.waker = Waker(s)
+        self.waker.start()
+        self.metrics = Metrics(self.status, [src.key for src in s.store.sources])
+        self.metrics.set_cycle_values(cycle_values(self.db.conn, s.state_dir))
+        if s.metrics.listen:  # bound before the start-up scan: a taken port fails at once
+            self.metrics.listen(s.metrics.host, s.metrics.port)
         self._start_ingest()
         self._refresh_snapshot()  # the first status answer is already a real one
         self.control = ControlServer(s.daemon.socket_path, self._handle,
@@ -114,6 +123,7 @@ class Service:
         self.control.start()
         if conclude_now:
             self._start_job(conclude_now[0], None, "finishing a conclusion that a restart interrupted")
+        self._write_textfile()
         self._ready = True
         self._last_status_line = self._status_line()
         self.notifier.ready(self._last_status_line)
@@ -132,7 +142,7 @@ class Service:
         self.ingest = IngestLoop(
             Buffer(s.buffer_path, s.buffer.synchronous), readers, self.watcher, s.buffer.batch_size,
             s.schedule.debounce_seconds, s.schedule.reconcile_interval, s.store.settle_seconds,
-            on_quiet=self._refresh_examples)
+            on_ingest=self.metrics.count_ingest, on_quiet=self._refresh_examples)
         report = self.ingest.reconcile()  # catch up before reporting ready
         self._refresh_examples(self.ingest.buffer)  # the first status counts are current
         log.info(events.STORE_RECONCILED, new=report.new, updated=report.updated, unchanged=report.unchanged,
@@ -155,6 +165,8 @@ class Service:
                 self.runner.kill()
                 self.runner.join(10)
         self.control.stop()
+        self.metrics.stop()
+        self.waker.stop()
         self._stop_ingest()
         self.reader.close()
         self.db.close()
@@ -281,7 +293,21 @@ class Service:
         self.jobs.set_state("failures", self.failures)
         self.jobs.set_state("backoff_until", self.backoff_until)
         self._decide_now = True
+        self.waker.poke()  # a wake that failed after the worker is retried now, then every 30 s
         self._refresh_snapshot()
+        self._refresh_cycle_metrics()
+        self._write_textfile()
+
+    def _refresh_cycle_metrics(self) -> None:
+        """The metrics that change only when a cycle ends or a version moves (main loop)."""
+        try:
+            self.metrics.set_cycle_values(cycle_values(self.db.conn, self.settings.state_dir))
+        except Exception:  # a metric a cycle late is no reason to stop serving
+            log.exception(events.STATUS_REFRESH_FAILED)
+
+    def _write_textfile(self) -> None:
+        if self.settings.metrics.textfile:
+            self.metrics.write_textfile(self.settings.metrics.textfile)
 
     # -- reload ---------------------------------------------------------------------------------
 
@@ -299,7 +325,8 @@ class Service:
         restart_needed = [k for k, a, b in (
             ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
             ("daemon.socket", old.daemon.socket_path, new.daemon.socket_path),
-            ("buffer.path", old.buffer_path, new.buffer_path)) if a != b]
+            ("buffer.path", old.buffer_path, new.buffer_path),
+            ("metrics.listen", old.metrics.listen, new.metrics.listen)) if a != b]
         if restart_needed:
             log.warning(events.CONFIG_RELOAD_PARTIAL, restart_needed=restart_needed)
             new = _keep_location(new, old)
@@ -362,6 +389,8 @@ class Service:
                          "backoff_until": self.backoff_until or None, "failures": self.failures},
             "ingest": {"last": self.ingest.last_ingest or None, "watch_events": self.watcher.events,
                        "last_reconcile_age_s": round(time.monotonic() - self.ingest.last_reconcile, 1)},
+            "gpu_share": gpu_share.server_states(self.settings.publish,
+                                                 gpu_share.records(JobStore((reader or self.reader).conn))),
             "config": str(self.settings.source_path) if self.settings.source_path else None,
             "reloads": self.reloads,
             "torch_loaded": "torch" in sys.modules,
@@ -459,7 +488,7 @@ class Service:
             except RegistryError as e:
                 return protocol.error(str(e))
         response = {"ok": True, **done}
-        self._call(lambda: None)  # the main loop refreshes the status snapshot after an action
+        self._call(self._refresh_cycle_metrics)  # the main loop refreshes the status snapshot after an action
         return response
 
     def _act(self, command: str, request: dict) -> dict:
@@ -522,7 +551,8 @@ def _keep_location(new: Settings, old: Settings) -> Settings:
 
     daemon = dataclasses.replace(new.daemon, state_dir=old.daemon.state_dir, socket=str(old.daemon.socket_path))
     buffer = dataclasses.replace(new.buffer, path=str(old.buffer_path))
-    return dataclasses.replace(new, daemon=daemon, buffer=buffer)
+    metrics = dataclasses.replace(new.metrics, listen=old.metrics.listen, allow_remote=old.metrics.allow_remote)
+    return dataclasses.replace(new, daemon=daemon, buffer=buffer, metrics=metrics)
 
 
 def serve(settings: Settings) -> int:

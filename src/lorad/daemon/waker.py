@@ -1,0 +1,62 @@
+"""The daemon's waker thread: no vLLM server stays asleep because a cycle ended badly.
+
+A record in ``daemon_state`` (:mod:`lorad.gpu_share`) says a server was put to sleep and not
+seen awake again: the daemon (or a ``lorad train``) died while its worker trained, or the
+wake after the worker failed. At start (after :func:`lorad.pipeline.recover` stopped any
+orphaned worker) and every ``RETRY_EVERY`` seconds while such a record exists, this thread
+takes the training lock, so it never wakes a server beside a running worker, and wakes the
+recorded servers. It has its own buffer connection and never holds up the main loop.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from lorad import gpu_share
+from lorad.buffer.jobs import JobStore
+from lorad.buffer.store import Buffer
+from lorad.pipeline import TrainingBusy, training_lock
+
+RETRY_EVERY = 30.0  # seconds between wakes of a server that is still asleep
+STOP_WAIT = 5.0  # seconds shutdown waits for a wake in progress
+
+
+class Waker(threading.Thread):
+    """Wakes the servers recorded asleep while no cycle runs.
+
+    Args:
+        settings: for the buffer and state directory.
+        retry_every: seconds between attempts while a record is left.
+    """
+
+    def __init__(self, settings, retry_every: float = RETRY_EVERY):
+        super().__init__(name="lorad-waker", daemon=True)
+        self.settings = settings
+        self.retry_every = retry_every
+        self._stop_event = threading.Event()
+        self._poke = threading.Event()
+
+    def poke(self) -> None:
+        """Look now (a job just ended)."""
+        self._poke.set()
+
+    def stop(self, timeout: float = STOP_WAIT) -> None:
+        """Stop after the wake in progress; a hung server holds up shutdown at most ``timeout`` s
+        (the record stays, and the next start wakes it)."""
+        self._stop_event.set()
+        self._poke.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        s = self.settings
+        with Buffer(s.buffer_path, s.buffer.synchronous) as buffer:
+            store = JobStore(buffer.conn)
+            while not self._stop_event.is_set():
+                if gpu_share.records(store):
+                    try:
+                        with training_lock(s.state_dir, "the daemon, waking servers left asleep"):
+                            gpu_share.GpuShare([], store, buffer.record_event).wake_recorded()
+                    except TrainingBusy:
+                        pass  # the cycle holding it wakes them when its worker ends
+                self._poke.wait(self.retry_every)
+                self._poke.clear()

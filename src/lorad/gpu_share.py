@@ -1,0 +1,254 @@
+"""Sharing one GPU with a vLLM server: asleep while the worker trains, awake again after.
+
+A ``[[publish]] kind = "vllm"`` table with ``sleep_during_training = true`` names a server
+started with ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``. Before the worker starts,
+:meth:`GpuShare.asleep` sends ``POST /sleep?level=1`` (weights to CPU memory, KV cache
+dropped) and checks ``GET /is_sleeping``; after the worker exits, however it exits, it sends
+``POST /wake_up`` and checks again. The conclusion (and the publish hook that loads the new
+adapter) runs after the wake.
+
+"Asleep" is recorded durably before the sleep request goes out (the buffer's
+``daemon_state``, key ``gpu_share:<url>``, through :class:`lorad.buffer.jobs.JobStore`) and
+removed only once the server says it is awake, so a process that dies in between (a killed
+daemon, a killed ``lorad train``) leaves a record the next one acts on:
+:meth:`GpuShare.wake_recorded` at the start of every cycle and the daemon's waker thread
+(:mod:`lorad.daemon.waker`) at start and every ``RETRY_EVERY`` seconds. A wake that fails after
+its retries is logged (``server_wake_failed``), audited and kept as ``wake_failed`` in the
+record, which ``lorad status`` shows. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import structlog
+
+from lorad import events
+
+log = structlog.get_logger()
+
+SLEEP_LEVEL = 1  # weights kept in CPU memory: the wake is fast and needs no reload
+STATE_PREFIX = "gpu_share:"
+DETAIL_CHARS = 500
+
+
+class ShareError(Exception):
+    "A server could not be put to sleep (or woken); the message names it and says why."
+
+
+@dataclass(frozen=True)
+class SleepingServer:
+    """vLLM's sleep-mode endpoints on one server, each request retried like the publish hook's.
+
+    Args:
+        url: the server's base URL.
+        api_key_env: environment variable holding a bearer token ("" = none).
+        timeout: seconds per request.
+        retries: further attempts after a connection error, a 5xx or a wrong state.
+        backoff: seconds before the first retry, doubling after each.
+    """
+
+    url: str
+    api_key_env: str = ""
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    def params(self) -> dict:
+        """What the durable record keeps, so a later process can wake the server without the config."""
+        return {k: v for k, v in asdict(self).items() if k != "sleep"}
+
+    def put_to_sleep(self) -> None:
+        """``POST /sleep?level=1`` until ``GET /is_sleeping`` says true.
+
+        Raises:
+            ShareError: the server did not go to sleep after every attempt.
+        """
+        self._until(True, "POST", f"/sleep?level={SLEEP_LEVEL}")
+
+    def wake(self) -> None:
+        """``POST /wake_up`` until ``GET /is_sleeping`` says false. A server without the
+        sleep endpoints (404: no VLLM_SERVER_DEV_MODE) cannot be asleep, so it counts as awake.
+
+        Raises:
+            ShareError: the server is not awake after every attempt.
+        """
+        try:
+            self._until(False, "POST", "/wake_up")
+        except _NoSleepMode:
+            return
+
+    def is_sleeping(self) -> bool:
+        """One ``GET /is_sleeping``.
+
+        Raises:
+            ShareError: no answer, or an answer without a boolean ``is_sleeping``.
+        """
+        text = self._request("GET", "/is_sleeping")
+        try:
+            value = json.loads(text).get("is_sleeping")
+        except (ValueError, AttributeError):
+            value = None
+        if not isinstance(value, bool):
+            raise ShareError(f"GET /is_sleeping answered {text[:DETAIL_CHARS]!r}, not {{\"is_sleeping\": bool}}")
+        return value
+
+    def _until(self, sleeping: bool, method: str, path: str) -> None:
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                self._request(method, path)
+                if self.is_sleeping() == sleeping:
+                    return
+                last = f"{method} {path} answered, but GET /is_sleeping still says {not sleeping}"
+            except _NoSleepMode as e:
+                if not sleeping:
+                    raise
+                raise ShareError(f"vllm {self.url}: {e} (is the server started with --enable-sleep-mode "
+                                 f"and VLLM_SERVER_DEV_MODE=1?)") from None
+            except _Final as e:
+                raise ShareError(f"vllm {self.url}: {e}") from None
+            except ShareError as e:
+                last = str(e)
+        raise ShareError(f"vllm {self.url}: {last} (after {self.retries + 1} attempts)")
+
+    def _request(self, method: str, path: str) -> str:
+        headers = {}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url.rstrip("/") + path, method=method,
+                                         data=b"" if method == "POST" else None, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                return resp.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            text = f"{method} {path}: HTTP {e.code}: {e.read().decode('utf-8', 'replace')[:DETAIL_CHARS]}"
+            if e.code == 404:  # no sleep endpoints: not started with VLLM_SERVER_DEV_MODE=1
+                raise _NoSleepMode(text) from None
+            if e.code < 500:
+                raise _Final(text) from None
+            raise ShareError(text) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ShareError(f"{method} {path}: {getattr(e, 'reason', e)}") from None
+
+
+class _Final(Exception):
+    "A 4xx: asking again gets the same answer."
+
+
+class _NoSleepMode(_Final):
+    "404 from a sleep endpoint: the server has none."
+
+
+def servers_from_settings(tables) -> list[SleepingServer]:
+    """The servers of the ``[[publish]]`` tables (PublishSettings) that sleep during training."""
+    return [SleepingServer(t.url, t.api_key_env, t.timeout, t.retries, t.backoff)
+            for t in tables if t.kind == "vllm" and t.sleep_during_training]
+
+
+class GpuShare:
+    """The servers that make room for the worker, and the durable record of which are asleep.
+
+    Args:
+        servers: from :func:`servers_from_settings` (none: every method does nothing).
+        store: a :class:`lorad.buffer.jobs.JobStore` (its ``daemon_state`` holds the record).
+        audit: ``audit(event, job_id=..., **detail)`` for failed wakes (``Buffer.record_event``).
+    """
+
+    def __init__(self, servers: list[SleepingServer], store, audit: Callable[..., None] | None = None):
+        self.servers, self.store, self.audit = servers, store, audit
+
+    @contextmanager
+    def asleep(self, job_id: str) -> Iterator[None]:
+        """Every server asleep for the body, awake again after it, whatever way it ends.
+
+        Raises:
+            ShareError: a server would not sleep (those already asleep are woken first); the
+                worker must not start then, or it would run out of memory beside the server.
+        """
+        done: list[SleepingServer] = []
+        try:
+            for server in self.servers:
+                self._record(server, "asleep", job_id)  # first: a crash right after still wakes it
+                done.append(server)
+                server.put_to_sleep()
+                log.info(events.SERVER_SLEPT, url=server.url, job_id=job_id)
+        except ShareError as e:
+            log.error(events.SERVER_SLEEP_FAILED, url=done[-1].url, job_id=job_id, error=str(e))
+            self._wake(done, job_id)
+            raise
+        try:
+            yield
+        finally:
+            self._wake(done, job_id)
+
+    def recorded(self) -> list[dict]:
+        """The servers recorded asleep (or not woken), as their records."""
+        return records(self.store)
+
+    def wake_recorded(self) -> list[str]:
+        """Wake every server a record says is asleep (left so by a process that died, or a wake
+        that failed). Returns the URLs still not awake."""
+        failed = []
+        for r in self.recorded():
+            failed += self._wake([SleepingServer(**r["server"])], r.get("job_id"))
+        return failed
+
+    def _wake(self, servers: list[SleepingServer], job_id: str | None) -> list[str]:
+        failed = []
+        for server in servers:
+            try:
+                server.wake()
+            except ShareError as e:
+                failed.append(server.url)
+                previous = self.store.get_state(STATE_PREFIX + server.url) or {}
+                attempts = int(previous.get("wake_attempts", 0)) + 1
+                self._record(server, "wake_failed", job_id, error=str(e)[:DETAIL_CHARS], wake_attempts=attempts)
+                log.error(events.SERVER_WAKE_FAILED, url=server.url, job_id=job_id, error=str(e),
+                          attempts=attempts)
+                if self.audit is not None:
+                    self.audit(events.SERVER_WAKE_FAILED, job_id=job_id, url=server.url, error=str(e),
+                               attempts=attempts)
+                continue
+            self.store.delete_state(STATE_PREFIX + server.url)
+            log.info(events.SERVER_WOKEN, url=server.url, job_id=job_id)
+        return failed
+
+    def _record(self, server: SleepingServer, state: str, job_id: str | None, **detail) -> None:
+        self.store.set_state(STATE_PREFIX + server.url, {
+            "url": server.url, "state": state, "since": time.time(), "job_id": job_id,
+            "server": server.params(), **detail})
+
+
+def records(store) -> list[dict]:
+    """Every ``gpu_share:`` record in ``store``'s daemon_state, oldest first."""
+    return sorted(store.states(STATE_PREFIX).values(), key=lambda r: r.get("since", 0))
+
+
+def server_states(tables, recorded: list[dict]) -> list[dict]:
+    """What status shows for each server that sleeps during training (configured or recorded):
+    its record's state (asleep, wake_failed), else awake.
+
+    Args:
+        tables: the ``[[publish]]`` tables; recorded: :func:`records`.
+    """
+    by_url = {r["url"]: r for r in recorded}
+    out = []
+    for url in [t.url for t in tables if t.kind == "vllm" and t.sleep_during_training] + list(by_url):
+        if any(o["url"] == url for o in out):
+            continue
+        r = by_url.get(url)
+        out.append({"url": url, "state": r["state"] if r else "awake", "since": r.get("since") if r else None,
+                    "job_id": r.get("job_id") if r else None, "error": r.get("error") if r else None})
+    return out

@@ -1,0 +1,88 @@
+"""A test server that speaks vLLM's sleep endpoints (--enable-sleep-mode, VLLM_SERVER_DEV_MODE=1:
+/sleep, /wake_up, /is_sleeping) and its runtime LoRA ones, in a thread of the test process."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+
+class SleepyVllm:
+    """vLLM with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (and --enable-lora).
+
+    Args:
+        wake_failures: how many /wake_up requests answer 503 first (-1: every one).
+        sleep_mode: False answers 404 on the sleep endpoints, as vLLM without VLLM_SERVER_DEV_MODE.
+        sleeping: the state it starts in.
+    """
+
+    def __init__(self, wake_failures: int = 0, sleep_mode: bool = True, sleeping: bool = False):
+        self.sleeping = sleeping
+        self.wake_failures = wake_failures
+        self.sleep_mode = sleep_mode
+        self.loaded: dict[str, str] = {}
+        self.log: list[tuple[float, str, str]] = []  # (time, method, path)
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                fake.log.append((time.time(), "GET", self.path))
+                if self.path == "/is_sleeping" and fake.sleep_mode:
+                    return self.reply(200, {"is_sleeping": fake.sleeping})
+                return self.reply(404, {"detail": "Not Found"})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else {}
+                fake.log.append((time.time(), "POST", self.path))
+                url = urlsplit(self.path)
+                with fake.lock:
+                    if url.path == "/sleep" and fake.sleep_mode:
+                        assert url.query == "level=1", url.query
+                        fake.sleeping = True
+                        return self.reply(200, "")
+                    if url.path == "/wake_up" and fake.sleep_mode:
+                        if fake.wake_failures:
+                            fake.wake_failures -= 1 if fake.wake_failures > 0 else 0
+                            return self.reply(503, {"error": "engine core busy"})
+                        fake.sleeping = False
+                        return self.reply(200, "")
+                    if url.path == "/v1/load_lora_adapter":
+                        if fake.sleeping:  # what lorad must never ask of a sleeping server
+                            return self.reply(500, {"error": "engine is sleeping"})
+                        fake.loaded[body["lora_name"]] = body["lora_path"]
+                        return self.reply(200, f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+                    if url.path == "/v1/unload_lora_adapter":
+                        fake.loaded.pop(body["lora_name"], None)
+                        return self.reply(200, "Success")
+                return self.reply(404, {"detail": "Not Found"})
+
+            def reply(self, code, payload):
+                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def calls(self) -> list[str]:
+        return [f"{m} {p}" for _, m, p in self.log]
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
