@@ -358,3 +358,74 @@ def export_into_version(adapter_dir: str | os.PathLike, base_dir: str | os.PathL
         done.path.unlink(missing_ok=True)
         raise
     return done
+
+
+def version_export(tables, adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None,
+                   training_base_model: str, name: str = "") -> dict | None:
+    """Export into a job's adapter before it becomes version ``name``, when a gguf/ollama hook wants it.
+
+    Returns:
+        None when no publish table needs a GGUF; else what lorad.json records under ``gguf``:
+        the :class:`Export` with its base, or ``{"refused": why}`` (the version is made
+        without the file and its gguf/ollama hooks fail with that reason).
+    """
+    base = publish_base(tables, training_base_model)
+    if base is None:
+        return None
+    try:
+        if not base_dir:
+            raise ExportRefused("the worker reported no base model directory")
+        return export_into_version(adapter_dir, base_dir, base, name).as_dict() | {"base": base,
+                                                                                 "modelfile": MODELFILE}
+    except ExportRefused as e:
+        return {"refused": str(e)}
+
+
+def check_version(root: str | os.PathLike, version: str | None) -> tuple[bool, str]:
+    """(ok, detail): does version ``version`` under the registry ``root`` hold adapter.gguf and a Modelfile?"""
+    if version is None:
+        return True, "the base model serves; no adapter to export"
+    path = Path(root) / version
+    if (path / ADAPTER_FILE).is_file() and (path / MODELFILE).is_file():
+        return True, f"{path / ADAPTER_FILE} (FROM/ADAPTER in {path / MODELFILE})"
+    try:
+        refused = (json.loads((path / "lorad.json").read_text(encoding="utf-8")).get("gguf") or {}).get("refused")
+    except (OSError, ValueError):
+        refused = None
+    why = refused or ("it was made before a gguf or ollama publish table was configured; write one by hand "
+                      f"with: lorad export-adapter {version} --format gguf --output FILE")
+    return False, f"{version} has no {ADAPTER_FILE}: {why}"
+
+
+def export_version(registry, version: str, output: str | os.PathLike, base: str | None) -> tuple[Export, Path | None]:
+    """``lorad export-adapter``: write a registry version's adapter as GGUF at ``output``.
+
+    Args:
+        registry: a :class:`lorad.registry.Registry`.
+        version: a version name or number.
+        output: the .gguf file to write.
+        base: the base it will be applied to (a .gguf path is checked against), or None; when
+            given, a Modelfile is written beside the output as ``<output stem>.Modelfile``.
+
+    Raises:
+        ExportRefused: as :func:`write_adapter`, or the version fails its sha256 or has no
+            base model directory recorded.
+        lorad.registry.RegistryError: no such version.
+    """
+    v = registry.get(version)
+    problems = registry.verify(v.name)
+    if problems:
+        raise ExportRefused(f"refusing {v.name}: " + "; ".join(problems))
+    base_dir = v.record.get("base_model_path")
+    if not base_dir:
+        raise ExportRefused(f"{v.name}: lorad.json records no base_model_path (the checkpoint it was trained on)")
+    output = Path(output)
+    base_gguf = base if base and base.endswith(".gguf") else None
+    done = write_adapter(v.path, base_dir, output, base_gguf=base_gguf, name=f"lorad {v.name}")
+    if not base:
+        return done, None
+    from lorad.training.job import atomic_write
+
+    path = output.with_name(output.stem + ".Modelfile")
+    atomic_write(path, modelfile(str(Path(base).resolve()) if base_gguf else base, f"./{output.name}"))
+    return done, path
