@@ -54,7 +54,7 @@ ARCHITECTURES = {
 
 # peft's saved key for a LoRA factor: base_model.model.<module path>.lora_A.weight
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_NOT_EXPORTABLE_MODULES = ("embed_tokens", "lm_head", "wte", "wpe")
+_NOT_EXPORTABLE_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,7 @@ def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[t
         pairs.setdefault(module, {})[m.group("ab")] = array
     if not pairs:
         raise ExportRefused("the adapter holds no LoRA tensors")
-    scale_of = (lambda r: float(config["lora_alpha"]) / math.sqrt(r)) if config.get("use_rslora") else \
-        (lambda r: float(config["lora_alpha"]) / r)
+    lora_alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
     out, alphas = [], set()
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -226,8 +225,9 @@ def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[t
         elif arch.permute_qk and module.endswith("k_proj"):
             b = permute_rows(b, n_kv)
         rank = a.shape[0]
+        scale = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank  # what peft applies
         # llama.cpp scales every tensor by adapter.lora.alpha / its rank: one alpha must fit all.
-        alphas.add(round(scale_of(rank) * rank, 6))
+        alphas.add(round(scale * rank, 6))
         out.append((name, a, b))
     if len(alphas) != 1:
         raise ExportRefused(f"per-module scaling differs (effective alphas {sorted(alphas)}); "
