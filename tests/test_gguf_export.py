@@ -234,3 +234,22 @@ def test_config_refuses_gguf_publishing_it_cannot_do():
                       '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\n')
     assert [t.kind for t in ok.publish] == ["gguf", "ollama"]
     assert gguf_export.publish_base(ok.publish, ok.training.base_model) == "/models/base.gguf"
+
+
+def test_serve_preflight_refuses_a_missing_or_foreign_base_gguf(tiny, tmp_path):
+    from lorad.daemon import preflight
+
+    base, _ = tiny
+    good = write_base_gguf(tmp_path / "llama.gguf", base)
+    foreign = write_base_gguf(tmp_path / "phi.gguf", base, arch="phi3")
+
+    def problems(path):
+        s = config.loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+                         f'[[publish]]\nkind = "command"\nargv = ["true"]\n[[publish]]\nkind = "gguf"\nbase = "{path}"\n')
+        return [p for p in preflight.problems(s) if p.startswith("publish")]
+
+    assert problems(good) == []
+    assert problems(tmp_path / "gone.gguf") == [f"publish[1].base: {tmp_path / 'gone.gguf'} is not a readable GGUF "
+                                               "file (No such file or directory)"]
+    assert problems(foreign) == [f"publish[1].base: {foreign} is architecture 'phi3'; GGUF adapters are written "
+                                 "for llama, qwen2"]

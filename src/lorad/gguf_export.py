@@ -429,3 +429,24 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
     path = output.with_name(output.stem + ".Modelfile")
     atomic_write(path, modelfile(str(Path(base).resolve()) if base_gguf else base, f"./{output.name}"))
     return done, path
+
+
+def base_problem(base: str) -> str | None:
+    """Why a gguf/ollama table's base cannot take lorad's adapters (None when it can, or is an Ollama model).
+
+    Checked by ``lorad serve`` before it starts (exit 78), so a missing or foreign base GGUF is
+    not found only when the first version is made.
+    """
+    if not base.endswith(".gguf"):
+        return None
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(base).fields.get("general.architecture")
+    except (OSError, ValueError) as e:
+        return f"{base} is not a readable GGUF file ({getattr(e, 'strerror', None) or e})"
+    arch = field.contents() if field is not None else None
+    supported = sorted({a.gguf_arch for a in ARCHITECTURES.values()})
+    if arch not in supported:
+        return f"{base} is architecture {arch!r}; GGUF adapters are written for {', '.join(supported)}"
+    return None
