@@ -61,7 +61,7 @@ def test_every_settings_key_is_documented_in_the_example():
     ("[selection]\nheldout_fraction = 1.5", "selection.heldout_fraction: must be strictly between 0 and 1"),
     ("[daemon]\nallowed_uids = [1000, 'bob']", "daemon.allowed_uids[1]: must be an integer"),
     ("[evaluation]\nrescore_active = 'yes'", "evaluation.rescore_active: must be true or false"),
-    ("[[publish]]\nkind = 'webhook'", "publish[0].kind: must be one of ['command', 'vllm']"),
+    ("[[publish]]\nkind = 'webhook'", "publish[0].kind: must be one of ['command', 'vllm', 'gguf', 'ollama']"),
     ("[[publish]]\nargv = []", "publish[0].argv: must be a non-empty list of strings"),
     ("[[publish]]\nargv = ''", "publish[0].argv: must be a non-empty list of strings"),
     ("[[publish]]\nargv = ['x']\n[[publish]]\nkind = 'command'", "publish[1].argv: must be a non-empty list"),

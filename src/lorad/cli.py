@@ -18,7 +18,7 @@ from lorad.commands import CommandError
 from lorad.config import EX_CONFIG, ConfigError
 
 # Modules under lorad.commands, in the order their commands appear in --help.
-COMMAND_MODULES = ("ingest", "export", "serve", "client", "report", "train", "versions", "doctor", "demo")
+COMMAND_MODULES = ("ingest", "export", "serve", "client", "report", "train", "versions", "export_adapter", "doctor", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

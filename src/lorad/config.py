@@ -313,12 +313,15 @@ class RegistrySettings:
 
 @dataclass(frozen=True)
 class PublishSettings:
-    kind: Literal["command", "vllm"] = "command"
+    kind: Literal["command", "vllm", "gguf", "ollama"] = "command"
     # command: argv with {version}, {path}, {previous} placeholders
     argv: tuple[str, ...] = ()
-    # vllm: base URL of the server, e.g. http://127.0.0.1:8000
+    # vllm, ollama: base URL of the server, e.g. http://127.0.0.1:8000 (vLLM), :11434 (Ollama)
     url: str = ""
     name_prefix: str = "lorad"
+    # gguf, ollama: what the adapter applies to (the Modelfile's FROM): an absolute path to a
+    # .gguf file, or the name of a model Ollama has; "" = training.base_model when it is a .gguf
+    base: str = ""
     api_key_env: str = ""
     timeout: float = _c(positive, default=30.0)
     retries: int = _c(non_negative, default=3)
@@ -330,9 +333,12 @@ class PublishSettings:
 
     def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run, judged with ``kind``."""
+        found = []
         if self.sleep_during_training and self.kind != "vllm":
             return [("sleep_during_training", f'only a kind = "vllm" hook can sleep, not kind = "{self.kind}"')]
-        if self.kind == "vllm":
+        if self.kind in ("gguf", "ollama") and self.base.endswith(".gguf") and not Path(self.base).is_absolute():
+            found.append(("base", f"must be an absolute path to a .gguf file (or an Ollama model name), got {self.base!r}"))
+        if self.kind in ("vllm", "ollama"):
             from urllib.parse import urlsplit
 
             try:
@@ -340,7 +346,9 @@ class PublishSettings:
                 ok = parts.scheme in ("http", "https") and bool(parts.hostname)
             except ValueError:
                 ok = False
-            return [] if ok else [("url", f"must be an http:// or https:// URL with a host, got {self.url!r}")]
+            return found + ([] if ok else [("url", f"must be an http:// or https:// URL with a host, got {self.url!r}")])
+        if self.kind == "gguf":
+            return found
         if not self.argv:
             return [("argv", "must be a non-empty list of strings")]
         found = [("argv[0]", f"must name the program to run, got {self.argv[0]!r}")] if not self.argv[0] else []
@@ -421,6 +429,28 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     # Where the settings came from (None for built-in defaults); not a config key.
     source_path: Path | None = field(default=None, metadata={"internal": True})
+
+    def invalid(self) -> list[tuple[str, str]]:
+        """(key, why) for combinations of sections that could not run."""
+        found = []
+        exporting = [(i, t) for i, t in enumerate(self.publish) if t.kind in ("gguf", "ollama")]
+        bases = set()
+        for i, t in exporting:
+            base = t.base or (self.training.base_model if self.training.base_model.endswith(".gguf") else "")
+            if not base:
+                found.append((f"publish[{i}].base", f"required for kind {t.kind!r}: training.base_model "
+                              f"({self.training.base_model!r}) is not a .gguf file; name the base GGUF file "
+                              "(or an Ollama model) the adapter applies to"))
+            bases.add(base)
+        if len(bases) > 1:
+            found.append((f"publish[{exporting[-1][0]}].base", "every gguf and ollama table must name the same "
+                          f"base (one adapter.gguf and Modelfile per version), got {sorted(bases)}"))
+        untied = [m for m in self.training.target_modules if m.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")]
+        if exporting and untied:
+            found.append(("training.target_modules", f"{untied} cannot be exported as a GGUF LoRA adapter "
+                          f"(publish[{exporting[0][0]}] is kind {exporting[0][1].kind!r}): llama.cpp takes "
+                          "no LoRA on embeddings or lm_head"))
+        return found
 
     @property
     def state_dir(self) -> Path:

@@ -29,6 +29,8 @@ ADAPTER_CHANGE_REVERTED = "adapter_change_reverted"
 ADAPTER_PUBLISHED = "adapter_published"
 PUBLISH_FAILED = "publish_failed"
 VERSIONS_PRUNED = "versions_pruned"
+GGUF_EXPORTED = "gguf_exported"  # adapter.gguf + Modelfile written into a new version
+GGUF_EXPORT_REFUSED = "gguf_export_refused"  # the version is made without them; its hooks say why
 
 # The daemon's scheduling (lorad.daemon.service)
 JOB_QUEUED = "job_queued"

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from lorad import events, gpu_share, release
+from lorad import events, gguf_export, gpu_share, release
 from lorad.buffer.jobs import ACTIVE, JobStore
 from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback
 from lorad.registry import Change, Registry
@@ -409,6 +409,14 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
             "compared_with": {"label": baseline, "version": baseline_version},
             "metrics": metrics, "health": result.health, "verdict": verdict.as_dict(),
         }
+        exported = gguf_export.version_export(settings.publish, job_dir / ADAPTER_DIR, result.base_model,
+                                              settings.training.base_model, name=f"lorad {spec.job_id}")
+        if exported is not None:
+            record["gguf"] = exported
+            if "refused" in exported:
+                log.warning(events.GGUF_EXPORT_REFUSED, job_id=spec.job_id, reason=exported["refused"])
+            else:
+                log.info(events.GGUF_EXPORTED, job_id=spec.job_id, sha256=exported["sha256"], base=exported["base"])
         version = registry.create(job_dir / ADAPTER_DIR, record, now=now)
     if "version" not in journal:
         journal.record("version", version.name)

@@ -142,15 +142,64 @@ class VllmHook:
         return False, f"{last} (after {self.retries + 1} attempts)"
 
 
-Hook = CommandHook | VllmHook
+@dataclass(frozen=True)
+class GgufHook:
+    """The version's adapter.gguf and Modelfile (written when it was made) are there to serve."""
+
+    required: bool = False
+    name: str = "gguf"
+
+    def run(self, change: Change, root: Path) -> HookResult:
+        from lorad.gguf_export import check_version
+
+        ok, detail = check_version(root, change.version)
+        return HookResult(self.name, ok, self.required, detail)
 
 
-def hooks_from_settings(tables) -> list[Hook]:
-    """Hooks from the ``[[publish]]`` tables (PublishSettings), in order."""
+@dataclass(frozen=True)
+class OllamaHook:
+    """Create ``<prefix>-<version>`` in Ollama from the base and adapter.gguf; move ``<prefix>:latest``."""
+
+    url: str
+    base: str
+    name_prefix: str = "lorad"
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+    required: bool = False
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return f"ollama {self.url}"
+
+    def run(self, change: Change, root: Path) -> HookResult:
+        from lorad.ollama import Ollama
+
+        server = Ollama(self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep)
+        ok, detail = server.publish(change.version, root / change.version if change.version else None)
+        return HookResult(self.name, ok, self.required, detail)
+
+
+Hook = CommandHook | VllmHook | GgufHook | OllamaHook
+
+
+def hooks_from_settings(tables, training_base_model: str = "") -> list[Hook]:
+    """Hooks from the ``[[publish]]`` tables (PublishSettings), in order.
+
+    ``training_base_model`` is the base of gguf/ollama tables that name none (a .gguf file).
+    """
+    from lorad.gguf_export import publish_base
+
     hooks: list[Hook] = []
     for t in tables:
         if t.kind == "command":
             hooks.append(CommandHook(tuple(t.argv), t.timeout, t.required))
+        elif t.kind == "gguf":
+            hooks.append(GgufHook(t.required))
+        elif t.kind == "ollama":
+            hooks.append(OllamaHook(t.url, publish_base([t], training_base_model), t.name_prefix, t.timeout,
+                                    t.retries, t.backoff, t.required))
         else:
             hooks.append(VllmHook(t.url, t.name_prefix, t.api_key_env, t.timeout, t.retries,
                                   t.backoff, t.required))

@@ -62,7 +62,8 @@ def publish(settings, buffer, change: Change) -> dict:
     """
     from lorad import publish as hooks
 
-    report = hooks.publish(open_registry(settings, buffer), change, hooks.hooks_from_settings(settings.publish),
+    tables = hooks.hooks_from_settings(settings.publish, settings.training.base_model)
+    report = hooks.publish(open_registry(settings, buffer), change, tables,
                            audit=buffer.record_event if buffer is not None else None)
     return report.as_dict()
 

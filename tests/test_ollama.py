@@ -1,0 +1,270 @@
+"""The ollama publish kind against a real HTTP server in the test that speaks Ollama's blob, create and copy API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lorad import config, release
+from lorad.buffer.store import Buffer
+from lorad.publish import GgufHook, OllamaHook, hooks_from_settings, publish
+from lorad.registry import Registry
+
+T0 = datetime(2026, 12, 1, 3, 0, tzinfo=timezone.utc)
+
+
+def _tagged(name: str) -> str:
+    return name if ":" in name else name + ":latest"
+
+
+class FakeOllama:
+    """Ollama's /api/blobs, /api/create and /api/copy as its API docs describe them.
+
+    ``fail`` maps a path prefix to how many 500s to answer before behaving.
+    """
+
+    def __init__(self, library=("smollm2:135m",)):
+        self.blobs: dict[str, bytes] = {}
+        self.models: dict[str, dict] = {_tagged(m): {"from": "library"} for m in library}
+        self.requests: list[tuple[str, str]] = []
+        self.fail: dict[str, int] = {}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _failing(self):
+                fake.requests.append((self.command, self.path))
+                for prefix, left in fake.fail.items():
+                    if self.path.startswith(prefix) and left > 0:
+                        fake.fail[prefix] = left - 1
+                        self.reply(500, {"error": "something went wrong"})
+                        return True
+                return False
+
+            def do_HEAD(self):
+                if self._failing():
+                    return
+                digest = self.path.removeprefix("/api/blobs/")
+                self.send_response(200 if digest in fake.blobs else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self._failing():
+                    return
+                if self.path.startswith("/api/blobs/"):
+                    digest = self.path.removeprefix("/api/blobs/")
+                    if digest != "sha256:" + hashlib.sha256(data).hexdigest():
+                        return self.reply(400, {"error": "digest mismatch"})
+                    fake.blobs[digest] = data
+                    return self.reply(201, None)
+                body = json.loads(data)
+                if self.path == "/api/create":
+                    return self.create(body)
+                if self.path == "/api/copy":
+                    if _tagged(body["source"]) not in fake.models:
+                        return self.reply(404, {"error": f"model '{body['source']}' not found"})
+                    fake.models[_tagged(body["destination"])] = fake.models[_tagged(body["source"])]
+                    return self.reply(200, None)
+                return self.reply(404, {"error": "not found"})
+
+            def create(self, body):
+                if not body.get("model"):
+                    return self.reply(400, {"error": "model is required"})
+                for field in ("files", "adapters"):
+                    for name, digest in (body.get(field) or {}).items():
+                        if digest not in fake.blobs:
+                            return self.reply(400, {"error": f"{name}: blob {digest} not found"})
+                if "from" in body and _tagged(body["from"]) not in fake.models:
+                    return self.reply(400, {"error": f"pull model manifest: model {body['from']} not found"})
+                if "from" not in body and not body.get("files"):
+                    return self.reply(400, {"error": "neither 'from' nor 'files' was specified"})
+                fake.models[_tagged(body["model"])] = {k: body[k] for k in ("from", "files", "adapters") if k in body}
+                if body.get("stream", True):  # a stream of JSON objects, as Ollama answers by default
+                    return self.reply(200, "\n".join(json.dumps({"status": s}) for s in ("writing manifest", "success")))
+                return self.reply(200, {"status": "success"})
+
+            def reply(self, code, payload):
+                data = b"" if payload is None else (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def posts(self, prefix: str) -> int:
+        return sum(1 for m, p in self.requests if m == "POST" and p.startswith(prefix))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on (the server is down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def make_versions(root, n=2, gguf=True) -> Registry:
+    reg = Registry(root)
+    for i in range(1, n + 1):
+        d = root.parent / f"job{i}"
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_text("{}")
+        (d / "adapter_model.safetensors").write_bytes(bytes([i]) * 16)
+        if gguf:
+            (d / "adapter.gguf").write_bytes(b"GGUF" + bytes([i]) * 32)
+            (d / "Modelfile").write_text("FROM /base.gguf\nADAPTER ./adapter.gguf\n")
+        reg.create(d, {"verdict": {"promote": True, "reasons": []}}, now=T0 + timedelta(minutes=i))
+    return reg
+
+
+@pytest.fixture
+def base_gguf(tmp_path):
+    path = tmp_path / "base.gguf"
+    path.write_bytes(b"GGUF base weights" * 100)
+    return path
+
+
+def test_creates_the_versioned_model_from_uploaded_blobs_and_moves_latest(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters")
+    a, b = reg.names()
+    with FakeOllama() as server:
+        hook = OllamaHook(server.url, str(base_gguf), retries=0)
+        assert publish(reg, reg.promote(a), [hook]).ok
+        adapter_a = digest((reg.root / a / "adapter.gguf").read_bytes())
+        assert server.models[f"lorad-{a}:latest"] == {"files": {"base.gguf": digest(base_gguf.read_bytes())},
+                                                      "adapters": {"adapter.gguf": adapter_a}}
+        assert server.models["lorad:latest"] == server.models[f"lorad-{a}:latest"]
+        report = publish(reg, reg.promote(b), [hook])
+        assert report.ok and f"lorad:latest -> lorad-{b}" in report.results[0].detail
+        assert server.models["lorad:latest"]["adapters"]["adapter.gguf"] != adapter_a
+        # the base blob is uploaded once: the second time HEAD finds it
+        assert server.posts(f"/api/blobs/{digest(base_gguf.read_bytes())}") == 1
+        assert publish(reg, reg.rollback(), [hook]).ok
+        assert server.models["lorad:latest"]["adapters"] == {"adapter.gguf": adapter_a}
+
+
+def test_an_ollama_model_name_as_base_is_created_from(tmp_path):
+    reg = make_versions(tmp_path / "adapters", n=1)
+    with FakeOllama() as server:
+        report = publish(reg, reg.promote(reg.names()[0]), [OllamaHook(server.url, "smollm2:135m", "me", retries=0)])
+        assert report.ok
+        assert server.models[f"me-{reg.names()[0]}:latest"]["from"] == "smollm2:135m"
+        # an unknown base is a 4xx: final, no retries
+        waits = []
+        hook = OllamaHook(server.url, "nosuch:1b", "me", retries=3, sleep=waits.append)
+        result = hook.run(_change(reg), reg.root)
+        assert not result.ok and "HTTP 400" in result.detail and "nosuch:1b" in result.detail and waits == []
+
+
+def _change(reg):
+    from lorad.registry import Change
+
+    name = reg.names()[0]
+    return Change("promoted", name, None, None, (None, None))
+
+
+def test_server_errors_are_retried_with_backoff(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=1)
+    waits = []
+    with FakeOllama() as server:
+        server.fail = {"/api/create": 2, "/api/copy": 1}
+        hook = OllamaHook(server.url, str(base_gguf), retries=3, backoff=0.5, sleep=waits.append)
+        assert publish(reg, reg.promote(reg.names()[0]), [hook]).ok
+    assert waits == [0.5, 1.0, 0.5]
+
+
+def test_server_down_fails_the_hook_after_its_retries_and_is_audited(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=1)
+    buffer = Buffer(":memory:")
+    waits = []
+    hook = OllamaHook(closed_port_url(), str(base_gguf), retries=2, backoff=0.1, sleep=waits.append)
+    report = publish(reg, reg.promote(reg.names()[0]), [hook], audit=buffer.record_event)
+    assert not report.ok and report.reverted is None  # not required: the pointer stays
+    assert "after 3 attempts" in report.results[0].detail and waits == [0.1, 0.2]
+    assert reg.current() == reg.names()[0]
+    assert [e["detail"]["hook"] for e in buffer.events("publish_failed")] == [hook.name]
+
+
+def test_required_ollama_hook_that_keeps_failing_reverts_the_promotion_through_release(tmp_path, base_gguf):
+    """``lorad promote`` with a required ollama hook on a server answering 500: the pointer goes back."""
+    with FakeOllama() as server:
+        settings = config.loads(f"""
+[daemon]
+state_dir = "{tmp_path / 'state'}"
+[[publish]]
+kind = "ollama"
+url = "{server.url}"
+base = "{base_gguf}"
+retries = 1
+backoff = 0
+required = true
+""")
+        reg = make_versions(settings.state_dir / "adapters")
+        a, b = reg.names()
+        with Buffer(settings.buffer_path) as buffer:
+            assert release.promote(settings, buffer, a)["publish"]["ok"]
+            server.fail = {"/api/create": 2}  # both attempts of the promotion's create
+            done = release.promote(settings, buffer, b)
+            events = [e["event"] for e in buffer.events("adapter_change_reverted")]
+        assert done["publish"]["reverted"]["version"] == a and reg.current() == a
+        assert "HTTP 500" in done["publish"]["results"][0]["detail"]
+        assert events == ["adapter_change_reverted"]
+        # the revert ran the hook again: Ollama follows the pointer back
+        assert done["publish"]["revert_results"][0]["ok"]
+        assert server.models["lorad:latest"] == server.models[f"lorad-{a}:latest"]
+
+
+def test_a_version_without_adapter_gguf_fails_both_kinds_with_the_reason(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=1, gguf=False)
+    with FakeOllama() as server:
+        report = publish(reg, reg.promote(reg.names()[0]),
+                         [GgufHook(), OllamaHook(server.url, str(base_gguf), retries=0)])
+        assert server.requests == []
+    gguf, ollama = report.results
+    assert not gguf.ok and "made before a gguf or ollama publish table" in gguf.detail
+    assert "lorad export-adapter" in gguf.detail
+    assert not ollama.ok and "no adapter.gguf" in ollama.detail
+
+
+def test_reverting_to_no_version_points_latest_at_the_bare_base(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=1)
+    with FakeOllama() as server:
+        hook = OllamaHook(server.url, str(base_gguf), retries=0)
+        change = reg.promote(reg.names()[0])
+        assert publish(reg, change, [hook]).ok
+        assert publish(reg, reg.revert(change), [hook]).ok
+        assert server.models["lorad:latest"] == {"files": {"base.gguf": digest(base_gguf.read_bytes())}}
+
+
+def test_hooks_are_built_from_gguf_and_ollama_tables():
+    s = config.loads('[training]\nbase_model = "/m/base.gguf"\n[[publish]]\nkind = "gguf"\nrequired = true\n'
+                     '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\nname_prefix = "coder"\n')
+    gguf, ollama = hooks_from_settings(s.publish, s.training.base_model)
+    assert gguf == GgufHook(required=True)
+    assert (ollama.url, ollama.base, ollama.name_prefix, ollama.required) == (
+        "http://127.0.0.1:11434", "/m/base.gguf", "coder", False)
