@@ -6,7 +6,6 @@ the unit file's UMask=0027 must not be what keeps the state private.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import threading
