@@ -176,6 +176,13 @@ def test_rollback_follows_the_paired_test_where_acceptance_was_measured():
     previous, active = pairs(both=3, gained=0, lost=6, neither=1)  # active lost 6 tasks
     d = decide_rollback(m(1.0, passes=active), m(2.0, passes=previous), 0.02, 0.95)
     assert d.roll_back and "0 tasks gained, 6 lost" in d.reasons[0]
-    # A loss rise alone, with acceptance measured and not significantly worse, keeps it.
+    # Significantly better at first attempt: kept, whatever its loss.
+    previous, active = pairs(both=3, gained=6, lost=0, neither=1)
+    d = decide_rollback(m(3.0, passes=active), m(2.0, passes=previous), 0.02, 0.95)
+    assert not d.roll_back and "significantly better" in d.reasons[0]
+    # No significant difference: the loss threshold decides, and the counts are still shown.
     previous, active = pairs(both=3, gained=1, lost=2, neither=4)
-    assert not decide_rollback(m(3.0, passes=active), m(2.0, passes=previous), 0.02, 0.95).roll_back
+    d = decide_rollback(m(3.0, passes=active), m(2.0, passes=previous), 0.02, 0.95)
+    assert d.roll_back and d.reasons[0].startswith("active held-out loss 3.0000 vs previous 2.0000")
+    assert "1 tasks gained, 2 lost" in d.reasons[1]
+    assert not decide_rollback(m(2.0, passes=active), m(2.0, passes=previous), 0.02, 0.95).roll_back

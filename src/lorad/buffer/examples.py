@@ -18,7 +18,7 @@ import hashlib
 import json
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -511,6 +511,7 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
 
     stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),
              "heldout_answered": sum(1 for r in heldout if r["completion"]),
+             "heldout_outcomes": dict(Counter(r["metadata"]["outcome"] for r in heldout)),
              "skipped": skipped_counts(conn), "duplicates": dict(conn.execute(
                  "SELECT duplicate, count(*) FROM examples WHERE duplicate_of > 0 GROUP BY 1").fetchall()),
              "contaminated": len(split.contamination(conn, [r["chain_id"] for r in heldout])),

@@ -52,7 +52,8 @@ class Paired:
     """Two models' first attempts on the same tasks, compared as pairs.
 
     ``gained`` (b): tasks the second model passed and the first failed; ``lost`` (c): the
-    reverse; ``p``: the exact two-sided McNemar p-value.
+    reverse; ``p``: the exact two-sided McNemar p-value; ``gained_tasks``/``lost_tasks``:
+    their task keys.
     """
 
     tasks: int
@@ -61,6 +62,8 @@ class Paired:
     gained: int
     lost: int
     p: float
+    gained_tasks: tuple[str, ...] = ()
+    lost_tasks: tuple[str, ...] = ()
 
     def better(self, confidence: float) -> bool:
         """The second model passes significantly more tasks than the first."""
@@ -105,10 +108,11 @@ def paired_test(first: dict, second: dict) -> Paired | None:
     shared = [k for k in a if k in b]
     if not shared:
         return None
-    gained = sum(1 for k in shared if b[k] and not a[k])
-    lost = sum(1 for k in shared if a[k] and not b[k])
+    gained = tuple(k for k in shared if b[k] and not a[k])
+    lost = tuple(k for k in shared if a[k] and not b[k])
     return Paired(tasks=len(shared), first=sum(a[k] for k in shared), second=sum(b[k] for k in shared),
-                  gained=gained, lost=lost, p=mcnemar_p(gained, lost))
+                  gained=len(gained), lost=len(lost), p=mcnemar_p(len(gained), len(lost)),
+                  gained_tasks=gained, lost_tasks=lost)
 
 
 def decide(active: dict, candidate: dict, thresholds: Thresholds) -> Verdict:
@@ -197,24 +201,26 @@ class RollbackDecision:
 def decide_rollback(active: dict, previous: dict, threshold: float, confidence: float) -> RollbackDecision:
     """Whether the active adapter is now worse than the previous blessed one.
 
-    Scored on the same current held-out tasks. Where first-attempt acceptance was measured
-    for both, the paired test decides: roll back when the active adapter is significantly
-    worse. Otherwise roll back when its held-out loss exceeds the previous one's by more
-    than ``threshold`` (relative).
+    Both are scored on the same current held-out tasks. Where first-attempt acceptance was
+    measured for both, the paired test speaks first: roll back when the active adapter is
+    significantly worse, keep it when it is significantly better. Otherwise (no guard, or
+    no significant difference) roll back when its held-out loss exceeds the previous one's
+    by more than ``threshold`` (relative).
     """
     pairs = paired_test(previous, active)
-    if pairs is not None:
-        worse = pairs.worse(confidence)
-        sentence = pairs.sentence("previous", "active", confidence)
-        return RollbackDecision(worse, [sentence + ("; the active adapter is significantly worse" if worse else
-                                                    "; the active adapter is not significantly worse")])
+    eps = pairs.sentence("previous", "active", confidence) if pairs is not None else None
+    if pairs is not None and pairs.worse(confidence):
+        return RollbackDecision(True, [eps + "; the active adapter is significantly worse"])
+    if pairs is not None and pairs.better(confidence):
+        return RollbackDecision(False, [eps + "; the active adapter is significantly better"])
+    tail = [eps + "; no significant difference"] if eps else []
     a, p = active.get("nll", math.nan), previous.get("nll", math.nan)
     if not (_finite(a) and _finite(p)) or p <= 0:
-        return RollbackDecision(False, [f"cannot compare held-out losses (active {a}, previous {p})"])
+        return RollbackDecision(False, [f"cannot compare held-out losses (active {a}, previous {p})"] + tail)
     rise = (a - p) / p
     sentence = (f"active held-out loss {a:.4f} vs previous {p:.4f} ({rise:+.2%}); "
                 f"rollback above +{threshold:.2%}")
-    return RollbackDecision(rise > threshold, [sentence])
+    return RollbackDecision(rise > threshold, [sentence] + tail)
 
 
 def _finite(x) -> bool:

@@ -30,6 +30,8 @@ from typing import Any
 
 # Feedback kept per guard run in the metrics (the full text is not needed to decide).
 FEEDBACK_CHARS = 2000
+# The head of the specification kept per guard run, to name the task where outcomes are shown.
+TASK_CHARS = 100
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
@@ -207,6 +209,6 @@ def guard_answers(rows: list[dict], answers: list[str], command, timeout: float,
         "accepted": accepted,
         "generated": len(answers),
         "guard": [{"task_key": row.get("task_key") or row.get("chain_id"), "chain_id": row.get("chain_id"),
-                   "accepted": ok, "feedback": fb}
+                   "task": (row.get("specification") or "")[:TASK_CHARS], "accepted": ok, "feedback": fb}
                   for row, (ok, fb) in zip(rows, verdicts)],
     }
