@@ -457,8 +457,8 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
 
     Args:
         selection: the [selection] section (policy, min_retries, recent_days, action_pairs,
-            max_history, max_artifact_chars, prompt_template, seed, replay_weighting).
-        selection.conditioning chooses SFT's prompts (first attempt, history or both).
+            max_history, max_artifact_chars, prompt_template, seed, replay_weighting, and
+            conditioning: SFT's prompts, the first attempt, the history or both).
         method: "sft" (prompt -> accepted), "dpo" (pairs) or "kto" (unpaired).
         n: examples (chains) to draw: new ones first, plus the replayed share.
         replay_ratio: share of the set drawn from examples with seq <= since_seq.
