@@ -165,7 +165,7 @@ def main() -> int:
 
             def run_export():
                 with open(out, "w", encoding="utf-8") as f:
-                    return export(small, f, fmt="chat", policy=policy, ctx=ctx, split="all")
+                    return export(small, f, fmt="chat", policy=policy, ctx=ctx, conditioning="both", split="all")
 
             exp_s, report = best(run_export, 1)
 

@@ -155,3 +155,24 @@ def test_sharded_accelerate_configs_are_refused_at_load_with_the_reason(tmp_path
     ddp = tmp_path / "ddp.yaml"
     ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
     assert config.loads(f'[training]\naccelerate_config = "{ddp}"\n').training.accelerate_config == str(ddp)
+
+
+@pytest.mark.parametrize("key, says", [("max_regression = 0.0", "exact McNemar test at evaluation.confidence"),
+                                       ("generation_samples = 32", "evaluation.max_heldout caps")])
+def test_removed_evaluation_keys_are_refused_with_what_replaced_them(tmp_path, key, says):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[evaluation]\n{key}\n")
+    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(path), "ingest"],
+                          capture_output=True, text=True)
+    assert proc.returncode == EX_CONFIG
+    assert f"evaluation.{key.split()[0]}: removed: " in proc.stderr and says in proc.stderr
+
+
+def test_conditioning_and_the_paired_gate_keys_are_validated():
+    with pytest.raises(ConfigError, match=r"selection.conditioning: must be one of \['both', 'first_attempt', "
+                                          r"'history'\], got 'all'"):
+        config.loads('[selection]\nconditioning = "all"\n')
+    with pytest.raises(ConfigError, match="evaluation.confidence: must be strictly between 0 and 1"):
+        config.loads("[evaluation]\nconfidence = 1.0\n")
+    with pytest.raises(ConfigError, match="evaluation.max_heldout: must be positive"):
+        config.loads("[evaluation]\nmax_heldout = 0\n")

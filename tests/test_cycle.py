@@ -57,7 +57,6 @@ lora_dropout = 0.0
 warm_start = false
 [evaluation]
 {guard_line}
-generation_samples = 4
 max_new_tokens = 24
 min_heldout_examples = 3
 rollback_threshold = 0.01
@@ -175,15 +174,22 @@ def test_candidate_trained_on_poisoned_data_is_rejected_and_current_does_not_mov
         assert event["version"] == bad.version and event["detail"]["reasons"] == bad.verdict["reasons"]
 
 
-def test_first_attempt_acceptance_is_measured_with_a_real_guard(two_cycles):
-    good = two_cycles["good"]
+def test_first_attempt_acceptance_is_measured_with_a_real_guard_on_every_heldout_task(two_cycles):
+    good, s = two_cycles["good"], two_cycles["settings"]
+    record = release.open_registry(s).get(good.version).record
+    tasks = record["heldout"]["count"]
     for label in ("candidate", "active"):
         m = good.metrics[label]
-        assert m["generated"] == 4 and 0 <= m["accepted"] <= 4
-        assert m["epsilon"] == m["accepted"] / 4
+        assert m["generated"] == tasks == len({g["task_key"] for g in m["guard"]}) > 0
+        assert 0 <= m["accepted"] <= tasks and m["epsilon"] == m["accepted"] / tasks
+        assert m["examples"] <= tasks  # exhausted tasks are generated for, not scored for loss
         # the guard ran the task's tests on what the tiny model wrote and said why it failed
         assert all(g["feedback"] for g in m["guard"])
+    # the fixture's held-out side holds first-try, refined and exhausted tasks alike
+    outcomes = record["examples"]["stats"]["heldout_outcomes"]
+    assert sum(outcomes.values()) == tasks and len(outcomes) >= 2 and set(outcomes) != {"refined"}, outcomes
     assert "first-attempt ε" in render.outcome(good) and "Δε" in render.outcome(good)
+    assert any("tasks gained" in r and "exact McNemar p" in r for r in good.verdict["reasons"])
 
 
 def test_worker_progress_reaches_the_caller(two_cycles):
@@ -215,6 +221,14 @@ def test_history_lists_versions_with_metrics_and_verdicts(two_cycles, capsys):
     assert cli.main(["--config", str(cfg), "--json", "history", bad]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == bad and shown["sha256_ok"] is True
+    flips = shown["flips"]
+    assert flips["tasks"] == shown["heldout"]["count"]
+    cand = {g["task_key"]: g["accepted"] for g in shown["metrics"]["candidate"]["guard"]}
+    base = {g["task_key"]: g["accepted"] for g in shown["metrics"]["active"]["guard"]}
+    assert [t["task_key"] for t in flips["gained"]] == [k for k in base if cand[k] and not base[k]]
+    assert [t["task_key"] for t in flips["lost"]] == [k for k in base if base[k] and not cand[k]]
+    assert cli.main(["--config", str(cfg), "history", bad]) == 0
+    assert f"{len(flips['gained'])} gained, {len(flips['lost'])} lost" in capsys.readouterr().out
 
 
 def test_rescoring_rolls_back_an_active_adapter_that_became_worse(two_cycles, tmp_path, capsys):
@@ -320,7 +334,7 @@ def test_train_once_with_smollm2_saves_a_loadable_adapter_and_prints_the_verdict
     (name,) = reg.names()
     assert name in out and reg.verify(name) == []
     record = reg.get(name).record
-    assert record["metrics"]["candidate"]["generated"] == 4
+    assert record["metrics"]["candidate"]["generated"] == record["heldout"]["count"] > 0
     # the saved adapter loads onto the converted base model and gives finite logits
     torch.set_num_threads(1)
     base = AutoModelForCausalLM.from_pretrained(record["base_model_path"])

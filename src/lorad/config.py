@@ -218,7 +218,13 @@ class BufferSettings:
 
 @dataclass(frozen=True)
 class SelectionSettings:
-    policy: str = _c(filter_policy, default="refinement")
+    # First-try successes train too: they are the first attempts the generator got right
+    # (README, "Training data and export").
+    policy: str = _c(filter_policy, default="all_successes")
+    # Which prompt an accepted answer is trained under: "first_attempt" (the specification
+    # alone), "history" (with the rejected attempts and their feedback) or "both" (a
+    # refinement gives one row of each; a first-try success has no history, so one row).
+    conditioning: Literal["both", "first_attempt", "history"] = "both"
     min_retries: int = _c(positive, default=2)
     recent_days: int = _c(non_negative, default=30)
     action_pairs: tuple[str, ...] = ()
@@ -281,14 +287,16 @@ class TrainingSettings:
 class EvaluationSettings:
     # argv run on each generated artifact (stdin); "" disables the guard pass-rate check.
     guard_command: tuple[str, ...] = ()
-    generation_samples: int = _c(non_negative, default=32)
+    # Held-out tasks scored per cycle: the oldest ones, so consecutive versions meet the same set.
+    max_heldout: int = _c(positive, default=200)
     guard_timeout: float = _c(positive, default=30.0)
     max_new_tokens: int = _c(positive, default=256)
     eval_batch_size: int = _c(positive, default=8)
     # Relative drop in held-out loss the candidate must achieve (0.01 = 1 %).
     min_improvement: float = _c(fraction, default=0.01)
-    # Largest allowed drop in first-attempt acceptance (absolute, 0.05 = 5 points).
-    max_regression: float = _c(fraction, default=0.0)
+    # Confidence of the paired (exact McNemar) test of first-attempt acceptance in the gate
+    # and in the re-scoring rollback: a difference counts when p < 1 - confidence.
+    confidence: float = _c(open_fraction, default=0.95)
     min_heldout_examples: int = _c(positive, default=5)
     # Automatic rollback: re-score the active adapter against the previous blessed one.
     rescore_active: bool = True
@@ -297,6 +305,14 @@ class EvaluationSettings:
     live_metadata_key: str = "adapter_version"
     live_confidence: float = _c(open_fraction, default=0.95)
     live_min_attempts: int = _c(positive, default=30)
+
+    # Keys this section no longer has, and what replaced them (refused at load with the text).
+    REMOVED: typing.ClassVar[dict[str, str]] = {
+        "max_regression": "removed: the gate tests first-attempt acceptance as pairs (exact McNemar "
+                          "test at evaluation.confidence) instead of allowing a fixed fall; delete the key",
+        "generation_samples": "removed: every held-out task is generated for; evaluation.max_heldout "
+                              "caps the held-out set; delete the key",
+    }
 
     def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run."""
@@ -516,8 +532,11 @@ def _build(cls, raw: Any, prefix: str, problems: list[str], base: Path):
         return cls()
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    removed = getattr(cls, "REMOVED", {})
     for key in raw:
-        if key not in known:
+        if key in removed:
+            problems.append(f"{prefix}{key}: {removed[key]}")
+        elif key not in known:
             choices = ", ".join(sorted(known))
             problems.append(f"{prefix}{key}: unknown key (expected one of: {choices})")
     values = {}

@@ -1,6 +1,12 @@
 """Small Python tasks for `lorad demo`: a specification, a correct answer, plausible wrong
 attempts, and the tests a guard runs. The demo's store is made by really running the guard
 on each attempt, so every verdict and every piece of feedback in it is genuine.
+
+Besides the hand-written tasks there are parametrised families (``add_3``, ``add_7``, ...):
+a held-out member of a family is a task the model never saw whose pattern it can learn from
+the members it trained on, so first-attempt acceptance has room to move. A task with
+``solved = False`` ends exhausted in the store: the generator never got it right, but the
+guard can still judge a new first attempt at it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ class Task:
     solution: str
     wrong: tuple[str, ...]  # attempts the guard rejects, in the order they were "generated"
     tests: tuple[str, ...]  # Python expressions that must be true
+    solved: bool = True  # False: the store holds only the wrong attempts (an exhausted chain)
 
 
 def _fn(signature: str, doc: str, body: str) -> str:
@@ -155,6 +162,59 @@ TASKS: tuple[Task, ...] = (
 )
 
 
+def _family(name: str, params: tuple, spec: str, signature: str, doc: str, body: str,
+            wrong: tuple[str, ...], tests: tuple[str, ...], unsolved: tuple = (),
+            first_try: tuple = ()) -> tuple[Task, ...]:
+    """One task per parameter k: every template is formatted with ``k`` (and ``k2`` = 2 * k).
+
+    Members in ``unsolved`` never get their answer (exhausted chains); members in
+    ``first_try`` are answered right at once (no wrong attempts)."""
+    out = []
+    for k in params:
+        f = {"k": k, "k2": 2 * k}
+        fn = name.format(**f)
+        sig = signature.format(fn=fn, **f)
+        out.append(Task(fn, spec.format(fn=fn, **f), _fn(sig, doc.format(**f), body.format(**f)),
+                        tuple(_fn(sig, doc.format(**f), w.format(**f)) for w in wrong if k not in first_try),
+                        tuple(t.format(fn=fn, **f) for t in tests), solved=k not in unsolved))
+    return tuple(out)
+
+
+FAMILIES: tuple[Task, ...] = (
+    _family("add_{k}", (2, 3, 5, 7, 9, 11, 13),
+            "Write a Python function `{fn}(x)` that returns x plus {k}.",
+            "{fn}(x: int) -> int", "Return x plus {k}.", "return x + {k}",
+            ("return x - {k}", "return x + {k} +"),
+            ("{fn}(0) == {k}", "{fn}(10) == 10 + {k}", "{fn}(-{k}) == 0"), unsolved=(11, 13))
+    + _family("times_{k}", (3, 4, 6, 8, 12, 15),
+              "Write a Python function `{fn}(x)` that returns x multiplied by {k}.",
+              "{fn}(x: int) -> int", "Return x multiplied by {k}.", "return x * {k}",
+              ("return x ** {k}",),
+              ("{fn}(0) == 0", "{fn}(2) == {k2}", "{fn}(-1) == -{k}"), first_try=(6,))
+    + _family("multiples_of_{k}", (2, 3, 4, 5, 7, 10),
+              "Write a Python function `{fn}(xs)` that returns the items of the list xs divisible by {k}, in order.",
+              "{fn}(xs: list[int]) -> list[int]", "Return the items of xs divisible by {k}.",
+              "return [x for x in xs if x % {k} == 0]",
+              ("return [x for x in xs if x % {k}]", "return [x for x in xs if x / {k} == 0]"),
+              ("{fn}([{k}, 1, {k2}]) == [{k}, {k2}]", "{fn}([]) == []", "{fn}([1]) == []"), unsolved=(10,),
+              first_try=(3,))
+    + _family("repeat_{k}", (2, 3, 4, 5, 6),
+              "Write a Python function `{fn}(s)` that returns the string s repeated {k} times.",
+              "{fn}(s: str) -> str", "Return s repeated {k} times.", "return s * {k}",
+              ("return s * {k} + s",),
+              ("{fn}('ab') == 'ab' * {k}", "{fn}('') == ''"), first_try=(4,))
+    + _family("count_above_{k}", (0, 1, 5, 10, 50),
+              "Write a Python function `{fn}(xs)` that returns how many numbers in xs are greater than {k}.",
+              "{fn}(xs: list[int]) -> int", "Return how many numbers in xs are greater than {k}.",
+              "return sum(1 for x in xs if x > {k})",
+              ("return sum(1 for x in xs if x >= {k})", "return len(xs)"),
+              ("{fn}([{k}, {k} + 1, {k} - 1]) == 1", "{fn}([]) == 0", "{fn}([{k} + 2, {k} + 3]) == 2"),
+              unsolved=(5,))
+)
+
+ALL_TASKS: tuple[Task, ...] = TASKS + FAMILIES
+
+
 def check(content: str, task: Task, timeout_s: float = 5.0) -> tuple[bool, str]:
     """Run a task's tests on an answer in a fresh interpreter: (accepted, feedback)."""
     import subprocess
@@ -167,7 +227,7 @@ def check(content: str, task: Task, timeout_s: float = 5.0) -> tuple[bool, str]:
 
 
 def _run_tests(name: str, content: str) -> int:
-    task = next(t for t in TASKS if t.name == name)
+    task = next(t for t in ALL_TASKS if t.name == name)
     scope: dict = {}
     try:
         exec(compile(content, "<answer>", "exec"), scope)  # noqa: S102 - the guard's whole job
@@ -194,7 +254,7 @@ def _run_tests(name: str, content: str) -> int:
 def guard_main() -> int:
     """The demo's guard command: the answer on stdin, the task found by its specification."""
     spec = os.environ.get("LORAD_SPECIFICATION", "")
-    task = next((t for t in TASKS if t.specification == spec), None)
+    task = next((t for t in ALL_TASKS if t.specification == spec), None)
     if task is None:
         print(f"no task with this specification: {spec[:80]!r}")
         return 2
@@ -214,4 +274,4 @@ if __name__ == "__main__":
         sys.exit(_run_tests(sys.argv[2], sys.stdin.read()))
     if len(sys.argv) == 2 and sys.argv[1] == "--guard":
         sys.exit(guard_main())
-    print(json.dumps([t.name for t in TASKS]))
+    print(json.dumps([t.name for t in ALL_TASKS]))

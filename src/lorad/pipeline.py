@@ -219,7 +219,7 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     since = release.since_seq(registry) if since is None else since
     snap = examples.build_snapshot(
         buffer, sel, method=t.method, n=t.train_examples, replay_ratio=t.replay_ratio,
-        since_seq=since, now=now)
+        since_seq=since, max_heldout=settings.evaluation.max_heldout, now=now)
     if not snap.train:
         raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
     cur, prev = registry.current(), registry.previous()
@@ -362,7 +362,7 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
         cur = registry.current()
         intent = journal.get("rollback_intent")
         if intent is None and metrics and "previous" in metrics and cur and cur == plan.active:
-            check = decide_rollback(metrics["active"], metrics["previous"], e.rollback_threshold)
+            check = decide_rollback(metrics["active"], metrics["previous"], e.rollback_threshold, e.confidence)
             check_out = {"kind": "rescore", "active": cur, "previous": plan.previous, "rolled_back": False,
                          "reasons": check.reasons}
             if check.roll_back and registry.previous() == plan.previous:
@@ -392,7 +392,7 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
             if result.health is not None:
                 candidate["health"] = result.health
             verdict = decide(metrics[baseline], candidate,
-                             Thresholds(e.min_improvement, e.max_regression, e.min_heldout_examples))
+                             Thresholds(e.min_improvement, e.confidence, e.min_heldout_examples))
             if cur != baseline_version:
                 verdict = Verdict(False, [f"the active adapter changed during the job ({baseline_version or 'base model'}"
                                           f" -> {cur or 'base model'}); the comparison is stale"] + verdict.reasons)

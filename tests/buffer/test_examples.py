@@ -198,26 +198,108 @@ def test_a_newer_duplicate_replaces_the_older_and_the_outcome_matches_a_fresh_bu
 
 def test_snapshot_rows_have_the_documented_shapes(buffer, fixture_store):
     sync(buffer, fixture_store)
-    snap = snapshot(buffer, dataclasses.replace(SEL, seed=1), since_seq=0)
+    refinements = dataclasses.replace(SEL, seed=1, policy="refinement", conditioning="history")
+    snap = snapshot(buffer, refinements, since_seq=0)
     assert snap.stats["new"] == len(snap.example_seqs) == len(snap.train) > 0
     for row in snap.train:
         assert [m["role"] for m in row["prompt"]][-1] == "user"
         assert row["completion"][0]["role"] == "assistant"
         assert row["metadata"]["outcome"] == "refined" and row["metadata"]["split"] == "train"
+        assert row["metadata"]["conditioning"] == "history"
     assert snap.heldout
     train_chains = {r["metadata"]["chain_id"] for r in snap.train}
     for row in snap.heldout:
-        assert set(row) >= {"prompt", "completion", "specification", "chain_id"}
+        assert set(row) >= {"prompt", "completion", "specification", "chain_id", "task_key"}
         assert "Previous attempts" not in row["prompt"][-1]["content"]
         assert row["prompt"][-1]["content"] == row["specification"]
         assert row["chain_id"] not in train_chains
     assert snap.max_seq == buffer.conn.execute("SELECT max(seq) FROM examples WHERE split = 'train'").fetchone()[0]
-    dpo = snapshot(buffer, dataclasses.replace(SEL, seed=1), method="dpo")
+    dpo = snapshot(buffer, refinements, method="dpo")
     assert dpo.train and all(set(r) == {"prompt", "chosen", "rejected", "metadata"} for r in dpo.train)
     kto = snapshot(buffer, SelectionSettings(policy="refinement or exhausted", seed=1), method="kto")
     labels = [r["label"] for r in kto.train]
     assert True in labels and False in labels
     assert any(r["metadata"]["outcome"] == "exhausted" for r in kto.train)
+
+
+@pytest.mark.parametrize("conditioning, refined_rows", [
+    ("both", ["first_attempt", "history"]), ("first_attempt", ["first_attempt"]), ("history", ["history"])])
+def test_conditioning_chooses_the_prompts_a_refinement_trains_under(buffer, tmp_path, conditioning, refined_rows):
+    """A refinement gives a first-attempt row, a history row, or both; a first-try success one row."""
+    store = tmp_path / "store"
+    for i in range(12):
+        add_task(store, i, retries=0 if i % 2 else 2)
+    sel = dataclasses.replace(SEL, policy="all_successes", conditioning=conditioning)
+    sync(buffer, store, sel)
+    snap = snapshot(buffer, sel)
+    by_chain: dict[str, list[dict]] = {}
+    for row in snap.train:
+        by_chain.setdefault(row["metadata"]["chain_id"], []).append(row)
+    assert len(by_chain) == len(snap.example_seqs) > 0
+    for chain_rows in by_chain.values():
+        kinds = sorted(r["metadata"]["conditioning"] for r in chain_rows)
+        outcome = chain_rows[0]["metadata"]["outcome"]
+        assert kinds == (refined_rows if outcome == "refined" else ["first_attempt"])
+        for r in chain_rows:
+            user = r["prompt"][-1]["content"]
+            assert ("Previous attempts and feedback" in user) == (r["metadata"]["conditioning"] == "history")
+            if r["metadata"]["conditioning"] == "first_attempt":
+                assert user.startswith("Write a Python function") and "try 0" not in user
+        assert len({r["completion"][0]["content"] for r in chain_rows}) == 1  # the same accepted answer
+    assert {r[0]["metadata"]["outcome"] for r in by_chain.values()} == {"refined", "first_try"}
+    assert snap.stats["rows"] == len(snap.train) and snap.stats["conditioning"] == conditioning
+
+
+def test_heldout_scores_every_task_first_try_and_exhausted_too_whatever_the_policy(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(40):
+        add_task(store, i, retries=i % 3, accepted=i % 5 != 0)  # first-try, refined and exhausted
+    sel = dataclasses.replace(SEL, policy="refinement")
+    sync(buffer, store, sel)
+    held_tasks = {r[0]: r[1] for r in buffer.conn.execute(
+        "SELECT task_key, group_concat(outcome) FROM examples WHERE split = 'heldout' GROUP BY task_key")}
+    snap = snapshot(buffer, sel)
+    assert len(snap.heldout) == len(held_tasks) and {r["task_key"] for r in snap.heldout} == set(held_tasks)
+    outcomes = {r["metadata"]["outcome"] for r in snap.heldout}
+    assert outcomes == {"first_try", "refined", "exhausted"}, outcomes
+    for row in snap.heldout:
+        assert (row["completion"] is None) == (row["metadata"]["outcome"] == "exhausted")
+        assert "Previous attempts" not in row["prompt"][-1]["content"]
+    assert snap.stats["heldout_answered"] == sum(1 for r in snap.heldout if r["completion"])
+
+
+def test_heldout_has_one_row_per_task_preferring_an_accepted_chain(buffer, tmp_path):
+    store = tmp_path / "store"
+    spec = "Write a Python function `twice(x)` that returns x times two."
+    for i in range(30):
+        add_task(store, i)
+    # The same task three times: exhausted first, then accepted twice.
+    add_task(store, 100, spec=spec, accepted=False, day=1)
+    add_task(store, 101, spec=spec, answer="def twice(x):\n    return 2 * x\n", day=2)
+    add_task(store, 102, spec=spec, answer="def twice(x):\n    return x + x\n", day=3)
+    sel = dataclasses.replace(SEL, seed=0)
+    sync(buffer, store, sel)
+    key = split.task_key(spec)
+    if buffer.conn.execute("SELECT split FROM splits WHERE task_key = ?", (key,)).fetchone()[0] != "heldout":
+        buffer.conn.execute("UPDATE splits SET split = 'heldout' WHERE task_key = ?", (key,))
+        buffer.conn.execute("UPDATE examples SET split = 'heldout' WHERE task_key = ?", (key,))
+    rows_of_task = [r for r in snapshot(buffer, sel).heldout if r["task_key"] == key]
+    assert len(rows_of_task) == 1
+    assert rows_of_task[0]["completion"][0]["content"] == "def twice(x):\n    return 2 * x\n"
+
+
+def test_max_heldout_keeps_the_oldest_tasks_as_the_buffer_grows(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(40):
+        add_task(store, i, day=0)
+    sync(buffer, store)
+    first = [r["task_key"] for r in snapshot(buffer, max_heldout=4).heldout]
+    assert len(first) == 4
+    for i in range(40, 80):
+        add_task(store, i, day=5)  # newer tasks, some held out
+    sync(buffer, store)
+    assert [r["task_key"] for r in snapshot(buffer, max_heldout=4).heldout] == first
+    assert len(snapshot(buffer).heldout) > len(snapshot(buffer, max_heldout=len(first) * 2).heldout) >= 8
 
 
 def test_snapshot_mixes_new_and_replayed_examples_reproducibly(buffer, tmp_path):
@@ -252,7 +334,7 @@ def test_snapshot_draws_from_a_large_pool_without_reading_it_whole(buffer):
             "updated_at) VALUES (?, ?, 's', 'w', 'g', ?, ?, 2, 'generated', 1, 0, 't', 'a', 'x', 'c', ?, x'', 0)",
             [(s, f"c{s}", "refined" if s % 3 else "first_try", s % 5, "heldout" if s % 7 == 0 else "train")
              for s in range(1, n + 1)])
-    policy, ctx = examples.policy_and_context(SEL)
+    policy, ctx = examples.policy_and_context(dataclasses.replace(SEL, policy="refinement"))
     where, params = examples._pool_where(policy, ctx, "train", ("first_try", "refined"))
     probe_calls = []
 

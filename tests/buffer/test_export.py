@@ -68,13 +68,30 @@ def test_every_format_writes_the_documented_keys_for_every_split(config, tmp_pat
 
 
 def test_counts_name_the_skipped_chains_and_the_split(config, tmp_path, capsys):
-    rows, _ = export(config, tmp_path, "chat")  # default policy: refinement, train split
+    rows, _ = export(config, tmp_path, "chat")  # default: all_successes, both conditionings, train split
     counts = _counts(capsys)
-    assert counts["policy"] == "refinement" and counts["contamination"] == []
+    assert counts["policy"] == "all_successes" and counts["conditioning"] == "both"
+    assert counts["contamination"] == []
     assert counts["skipped"]["not_selected"] + counts["skipped"].get("no_accepted_answer", 0) + \
         counts["examples"] + counts["other_split"] == 40
-    assert all(r["metadata"]["outcome"] == "refined" and r["metadata"]["split"] == "train" for r in rows)
-    assert "Previous attempts and feedback" in rows[0]["messages"][-2]["content"]
+    assert all(r["metadata"]["outcome"] in ("refined", "first_try") and r["metadata"]["split"] == "train"
+               for r in rows)
+    refined = {r["metadata"]["chain_id"] for r in rows if r["metadata"]["outcome"] == "refined"}
+    assert counts["lines"] == counts["examples"] + len(refined)  # a refinement gives two lines
+    with_history = [r for r in rows if "Previous attempts and feedback" in r["messages"][-2]["content"]]
+    assert {r["metadata"]["chain_id"] for r in with_history} == refined
+    assert all(r["metadata"]["conditioning"] == "history" for r in with_history)
+
+
+@pytest.mark.parametrize("conditioning", ["first_attempt", "history"])
+def test_export_follows_the_conditioning_setting(config, tmp_path, capsys, conditioning):
+    chat, _ = export(config, tmp_path, "chat", "--filter", "refinement", "--conditioning", conditioning)
+    alpaca, _ = export(config, tmp_path, "alpaca", "--filter", "refinement", "--conditioning", conditioning)
+    assert chat and len(chat) == len(alpaca) == len({r["metadata"]["chain_id"] for r in chat})
+    for c, a in zip(chat, alpaca):
+        shows = "Previous attempts and feedback" in c["messages"][-2]["content"]
+        assert shows == (conditioning == "history") == bool(a["input"])
+        assert c["metadata"]["conditioning"] == a["metadata"]["conditioning"] == conditioning
 
 
 def test_since_and_min_retries_narrow_the_selection(config, tmp_path, capsys):

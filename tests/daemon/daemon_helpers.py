@@ -147,7 +147,7 @@ def training_sections(model_dir: Path, max_steps: int = 6, save_steps: int = 2, 
         "training": {"base_model": str(model_dir), "max_steps": max_steps, "save_steps": save_steps,
                      "batch_size": 2, "max_seq_length": 256, "quantization": "none",
                      "gradient_checkpointing": False, "learning_rate": 0.01, "train_examples": 40},
-        "evaluation": {"generation_samples": 0, "min_improvement": 0.0, "min_heldout_examples": 2,
+        "evaluation": {"min_improvement": 0.0, "min_heldout_examples": 2,
                        "eval_batch_size": 4},
     }
 

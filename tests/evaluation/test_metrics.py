@@ -109,8 +109,10 @@ def test_batched_left_padded_generation_matches_one_at_a_time(tiny):
     assert len(batched) == 4
 
 
-def test_guard_verdicts_give_epsilon_for_each_model(tiny, tmp_path):
-    """The guard sees the specification in $LORAD_SPECIFICATION; exit 0 accepts."""
+def test_guard_verdicts_give_epsilon_for_each_model_on_every_task(tiny, tmp_path):
+    """The guard sees the specification in $LORAD_SPECIFICATION; exit 0 accepts. Every row is
+    generated for, a task without an accepted answer (exhausted) too; only rows with one
+    count for the loss."""
     guard = tmp_path / "guard.py"
     guard.write_text(textwrap.dedent("""
         import os, sys
@@ -121,15 +123,20 @@ def test_guard_verdicts_give_epsilon_for_each_model(tiny, tmp_path):
     """))
     model, tok = tiny
     rows = _rows(6)  # specifications: yes, no, no, yes, no, no
+    for i, r in enumerate(rows):
+        r["task_key"] = f"task{i}"
+    rows[5]["completion"] = None  # exhausted: no accepted answer
     out = metrics.evaluate(model, tok, rows, adapters={"candidate": "fitted", "active": None},
                            batch_size=4, max_seq_length=64, guard_command=[sys.executable, str(guard)],
-                           generation_samples=5, guard_timeout=20, max_new_tokens=8)
+                           guard_timeout=20, max_new_tokens=8)
     for label in ("candidate", "active"):
         m = out[label]
-        assert m["generated"] == 5 and m["accepted"] == 2
-        assert m["epsilon"] == pytest.approx(0.4)
-        assert [g["chain_id"] for g in m["guard"]] == ["c0", "c1", "c2", "c3", "c4"]
-        assert [g["accepted"] for g in m["guard"]] == [True, False, False, True, False]
+        assert m["examples"] == 5
+        assert m["generated"] == 6 and m["accepted"] == 2
+        assert m["epsilon"] == pytest.approx(2 / 6)
+        assert [g["chain_id"] for g in m["guard"]] == ["c0", "c1", "c2", "c3", "c4", "c5"]
+        assert [g["task_key"] for g in m["guard"]] == [f"task{i}" for i in range(6)]
+        assert [g["accepted"] for g in m["guard"]] == [True, False, False, True, False, False]
         assert m["guard"][1]["feedback"] == "spec says no"
 
 

@@ -56,7 +56,6 @@ lora_r = 4
 lora_alpha = 16
 lora_dropout = 0.0
 [evaluation]
-generation_samples = 0
 min_improvement = 0.0
 min_heldout_examples = 2
 eval_batch_size = 4

@@ -18,7 +18,7 @@ import hashlib
 import json
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -376,26 +376,34 @@ class Snapshot:
     stats: dict
 
 
-def _metadata(chain: traces.Chain, seq: int, split_name: str, row: dict | None = None) -> dict:
+def _metadata(chain: traces.Chain, seq: int, split_name: str, row: dict | None = None,
+              conditioning: str = formatting.FIRST_ATTEMPT) -> dict:
     return {
         "chain_id": chain.chain_id, "seq": seq, "split": split_name, "source": chain.source,
         "workflow_id": chain.workflow_id, "action_pair_id": chain.action_pair_id, "outcome": chain.outcome,
         "retries": chain.retries, "artifact_ids": [r["artifact_id"] for r in chain.rows],
         "accepted_id": chain.accepted["artifact_id"] if chain.accepted else None,
-        "artifact_id": (row or chain.accepted or {}).get("artifact_id"),
+        "artifact_id": (row or chain.accepted or {}).get("artifact_id"), "conditioning": conditioning,
+        "task_key": split.task_key(chain.specification),
     }
 
 
 def method_rows(chain: traces.Chain, method: str, seq: int, split_name: str, *, max_history: int,
-                max_artifact_chars: int, role: str) -> list[dict]:
-    """One chain as training rows in the method's conversational format (see docs/architecture.md)."""
+                max_artifact_chars: int, role: str, conditioning: str) -> list[dict]:
+    """One chain as training rows in the method's conversational format (see docs/architecture.md).
+
+    ``conditioning`` ([selection] conditioning) chooses SFT's prompts: a refinement gives a
+    first-attempt row, a history row or both (:func:`formatting.conditionings`); DPO and KTO
+    always use the first-attempt prompt.
+    """
     if method == "sft":
         if chain.accepted is None:
             return []
-        return [{"prompt": formatting.prompt(chain, history=True, max_history=max_history,
+        return [{"prompt": formatting.prompt(chain, history=kind == formatting.HISTORY, max_history=max_history,
                                              max_artifact_chars=max_artifact_chars, role=role),
                  "completion": formatting.answer(chain.accepted),
-                 "metadata": _metadata(chain, seq, split_name)}]
+                 "metadata": _metadata(chain, seq, split_name, conditioning=kind)}
+                for kind in formatting.conditionings(chain, conditioning, max_history)]
     if method == "dpo":
         return [{"prompt": p, "chosen": c, "rejected": r, "metadata": _metadata(chain, seq, split_name, row)}
                 for p, c, r, row in formatting.dpo_pairs(chain, role=role)]
@@ -406,10 +414,40 @@ def method_rows(chain: traces.Chain, method: str, seq: int, split_name: str, *, 
 
 
 def heldout_row(chain: traces.Chain, seq: int, role: str = "") -> dict:
-    """A held-out example: the first-attempt prompt and the accepted answer."""
+    """A held-out task: the first-attempt prompt and, when the chain was accepted, its answer
+    (an exhausted chain's ``completion`` is None: generated for and guarded, not scored for loss)."""
     return {"prompt": formatting.prompt(chain, history=False, role=role),
-            "completion": formatting.answer(chain.accepted), "specification": chain.specification,
-            "chain_id": chain.chain_id, "metadata": _metadata(chain, seq, split.HELDOUT)}
+            "completion": formatting.answer(chain.accepted) if chain.accepted else None,
+            "specification": chain.specification, "chain_id": chain.chain_id,
+            "task_key": split.task_key(chain.specification), "metadata": _metadata(chain, seq, split.HELDOUT)}
+
+
+def heldout_tasks(conn, max_heldout: int | None = None, action_pairs: tuple[str, ...] = ()) -> list[tuple[int, str]]:
+    """(seq, chain_id) of one chain per held-out task, the oldest tasks first.
+
+    Every held-out task counts, whatever the filter policy and the chain's outcome (first-try,
+    refined, exhausted): the guard can judge any first attempt, and ε is measured over the
+    tasks the generator meets. A task's chain is its oldest accepted one (its answer is what
+    the loss is scored on), else its oldest chain. Tasks are ordered by their first chain's
+    time, so a cap keeps the same tasks while the buffer grows.
+    """
+    where, params = "split = ?", [split.HELDOUT]
+    if action_pairs:
+        where += f" AND action_pair_id IN ({', '.join('?' for _ in action_pairs)})"
+        params += list(action_pairs)
+    limit = "" if max_heldout is None else f" LIMIT {int(max_heldout)}"
+    tasks = [r[0] for r in conn.execute(
+        f"SELECT task_key FROM examples WHERE {where} GROUP BY task_key ORDER BY min(created_ts), task_key{limit}",
+        params)]
+    best: dict[str, tuple] = {}
+    for i in range(0, len(tasks), 5000):
+        for key, seq, chain_id, outcome, ts in conn.execute(
+                f"SELECT task_key, seq, chain_id, outcome, created_ts FROM examples WHERE {where} "
+                "AND task_key IN (SELECT value FROM json_each(?))", (*params, json.dumps(tasks[i:i + 5000]))):
+            rank = (outcome not in SUCCESSES, ts, seq)
+            if key not in best or rank < best[key][0]:
+                best[key] = (rank, seq, chain_id)
+    return [(best[k][1], best[k][2]) for k in tasks if k in best]
 
 
 def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str, n: int,
@@ -419,12 +457,14 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
 
     Args:
         selection: the [selection] section (policy, min_retries, recent_days, action_pairs,
-            max_history, max_artifact_chars, prompt_template, seed, replay_weighting).
-        method: "sft" (prompt with history -> accepted), "dpo" (pairs) or "kto" (unpaired).
+            max_history, max_artifact_chars, prompt_template, seed, replay_weighting, and
+            conditioning: SFT's prompts, the first attempt, the history or both).
+        method: "sft" (prompt -> accepted), "dpo" (pairs) or "kto" (unpaired).
         n: examples (chains) to draw: new ones first, plus the replayed share.
         replay_ratio: share of the set drawn from examples with seq <= since_seq.
         since_seq: the max_seq of the snapshot the serving version was trained on (0: none).
-        max_heldout: at most this many held-out examples (the oldest, so the set stays put).
+        max_heldout: at most this many held-out tasks (the oldest, so the set stays put); see
+            :func:`heldout_tasks`.
 
     Raises:
         formatting.TemplateError: the configured prompt template cannot be used.
@@ -462,19 +502,18 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
         chain = chains.get(by_seq.get(s))
         if chain is not None:  # None only if its artifacts vanished under us
             train.extend(method_rows(chain, method, s, split.TRAIN, max_history=max_history,
-                                     max_artifact_chars=max_chars, role=role))
+                                     max_artifact_chars=max_chars, role=role, conditioning=selection.conditioning))
     rng.shuffle(train)
 
-    h_where, h_params = _pool_where(policy, ctx, split.HELDOUT, SUCCESSES)
-    limit = "" if max_heldout is None else f" LIMIT {int(max_heldout)}"
-    held = conn.execute(f"SELECT seq, chain_id FROM examples WHERE {h_where} ORDER BY seq{limit}",
-                        h_params).fetchall()
+    held = heldout_tasks(conn, max_heldout, tuple(selection.action_pairs))
     held_chains = chains_of(conn, [c for _, c in held])
     heldout = [heldout_row(held_chains[c], s, role) for s, c in held if c in held_chains]
 
     stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),
+             "heldout_answered": sum(1 for r in heldout if r["completion"]),
+             "heldout_outcomes": dict(Counter(r["metadata"]["outcome"] for r in heldout)),
              "skipped": skipped_counts(conn), "duplicates": dict(conn.execute(
                  "SELECT duplicate, count(*) FROM examples WHERE duplicate_of > 0 GROUP BY 1").fetchall()),
              "contaminated": len(split.contamination(conn, [r["chain_id"] for r in heldout])),
-             "policy": policy.text, "method": method}
+             "policy": policy.text, "method": method, "conditioning": selection.conditioning}
     return Snapshot(train=train, heldout=heldout, example_seqs=sorted(seqs), max_seq=max_seq, stats=stats)

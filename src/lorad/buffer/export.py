@@ -2,9 +2,11 @@
 
 Formats (one JSON object a line, each with a "metadata" object):
 
-- chat: ``{"messages": [system?, user, assistant]}`` — the user turn carries the history;
+- chat: ``{"messages": [system?, user, assistant]}`` — the user turn is the first-attempt
+  prompt, the one with the history, or (``conditioning = "both"``) a refinement gives a line
+  of each, as ``[selection] conditioning`` trains it;
 - alpaca: ``{"instruction", "input", "output"}`` — instruction = system text and the
-  specification, input = the previous attempts and feedback ("" for none);
+  specification, input = the previous attempts and feedback ("" for the first-attempt line);
 - dpo: ``{"prompt", "chosen", "rejected"}`` — one line per rejected attempt of a refinement,
   prompt = the first-attempt prompt;
 - kto: ``{"prompt", "completion", "label"}`` — every attempt, accepted ones desirable; chains
@@ -43,22 +45,28 @@ class ExportReport:
 
 
 def lines_for(chain: traces.Chain, fmt: str, meta: dict, *, max_history: int, max_artifact_chars: int,
-              role: str) -> list[dict]:
-    """The JSONL objects of one chain in one format (pure)."""
+              role: str, conditioning: str) -> list[dict]:
+    """The JSONL objects of one chain in one format (pure); chat and alpaca follow ``conditioning``."""
+    first = {"conditioning": formatting.FIRST_ATTEMPT}
     if fmt == "chat":
-        return [{"messages": formatting.chat(chain, max_history=max_history, max_artifact_chars=max_artifact_chars,
-                                             role=role), "metadata": meta}]
+        return [{"messages": formatting.chat(chain, history=kind == formatting.HISTORY, max_history=max_history,
+                                             max_artifact_chars=max_artifact_chars, role=role),
+                 "metadata": meta | {"conditioning": kind}}
+                for kind in formatting.conditionings(chain, conditioning, max_history)]
     if fmt == "alpaca":
         past = formatting.history_text(chain, max_history, max_artifact_chars)
         instruction = "\n\n".join(p for p in (formatting.system_text(chain, role), chain.specification) if p)
         return [{"instruction": instruction,
-                 "input": f"{formatting.HISTORY_HEADING}:\n\n{past}" if past else "",
-                 "output": chain.accepted["content"], "metadata": meta}]
+                 "input": f"{formatting.HISTORY_HEADING}:\n\n{past}" if kind == formatting.HISTORY else "",
+                 "output": chain.accepted["content"], "metadata": meta | {"conditioning": kind}}
+                for kind in formatting.conditionings(chain, conditioning, max_history)]
     if fmt == "dpo":
-        return [{"prompt": p, "chosen": c, "rejected": r, "metadata": meta | {"artifact_id": row["artifact_id"]}}
+        return [{"prompt": p, "chosen": c, "rejected": r,
+                 "metadata": meta | first | {"artifact_id": row["artifact_id"]}}
                 for p, c, r, row in formatting.dpo_pairs(chain, role=role)]
     if fmt == "kto":
-        return [{"prompt": p, "completion": c, "label": label, "metadata": meta | {"artifact_id": row["artifact_id"]}}
+        return [{"prompt": p, "completion": c, "label": label,
+                 "metadata": meta | first | {"artifact_id": row["artifact_id"]}}
                 for p, c, label, row in formatting.kto_rows(chain, role=role)]
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
@@ -73,14 +81,16 @@ def _unfit(fmt: str, outcome: str) -> str | None:
 
 
 def export(buffer: Buffer, out: IO[str], *, fmt: str, policy: traces.Policy, ctx: traces.PolicyContext,
-           split: str = "train", max_history: int = 3, max_artifact_chars: int = 4000, role: str = "",
-           progress: bool = False) -> ExportReport:
+           conditioning: str, split: str = "train", max_history: int = 3, max_artifact_chars: int = 4000,
+           role: str = "", progress: bool = False) -> ExportReport:
     """Write the selected examples of the examples table to ``out`` as JSONL.
 
     Call :func:`lorad.buffer.examples.refresh` first so the table reflects the buffer.
 
     Args:
         policy, ctx: which chains (see :mod:`lorad.buffer.traces`).
+        conditioning: [selection] conditioning: chat and alpaca lines take the first-attempt
+            prompt, the history prompt, or both (see :func:`lorad.buffer.formatting.conditionings`).
         split: "train", "heldout" or "all".
         progress: show a progress bar (on a terminal).
     """
@@ -128,7 +138,7 @@ def export(buffer: Buffer, out: IO[str], *, fmt: str, policy: traces.Policy, ctx
                         "artifact_ids": [r["artifact_id"] for r in chain.rows],
                         "accepted_id": chain.accepted["artifact_id"] if chain.accepted else None}
                 objs = lines_for(chain, fmt, meta, max_history=max_history, max_artifact_chars=max_artifact_chars,
-                                 role=role)
+                                 role=role, conditioning=conditioning)
                 for obj in objs:
                     out.write(json.dumps(obj, ensure_ascii=False) + "\n")
                 report.lines += len(objs)

@@ -9,8 +9,11 @@ The conditioning format:
   ``max_artifact_chars``) and the guard's feedback on each;
 - assistant: the accepted artifact.
 
-The first-attempt variant (no history) is what the generator sees before any feedback; the
-held-out set, DPO and KTO use it. Everything here is pure over chain rows.
+The first-attempt variant (no history) is what the generator sees before any feedback, and
+what first-attempt acceptance ε measures; the held-out set, DPO and KTO use it. SFT rows and
+the chat/alpaca export follow ``[selection] conditioning`` (:func:`conditionings`): a
+refinement gives a first-attempt row, a history row, or both. Everything here is pure over
+chain rows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from pathlib import Path
 from lorad.buffer.traces import Chain, target
 
 HISTORY_HEADING = "Previous attempts and feedback"
+FIRST_ATTEMPT = "first_attempt"  # the specification alone -> the accepted answer
+HISTORY = "history"  # the specification, the rejected attempts and their feedback -> the accepted answer
+BOTH = "both"
+CONDITIONINGS = (BOTH, FIRST_ATTEMPT, HISTORY)
 
 
 class TemplateError(ValueError):
@@ -106,6 +113,22 @@ def prompt(chain: Chain, *, history: bool = True, max_history: int = 3, max_arti
         user = f"{user}\n\n{HISTORY_HEADING}:\n\n{past}"
     messages.append({"role": "user", "content": user})
     return messages
+
+
+def conditionings(chain: Chain, conditioning: str, max_history: int) -> tuple[str, ...]:
+    """The prompts a chain's accepted answer is trained under: FIRST_ATTEMPT and/or HISTORY.
+
+    A chain with no history to show (a first-try success, or ``max_history`` 0) has one
+    prompt whatever the setting, and gives one row, named FIRST_ATTEMPT.
+
+    Raises:
+        ValueError: ``conditioning`` is not one of CONDITIONINGS.
+    """
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"unknown conditioning {conditioning!r}; expected one of {', '.join(CONDITIONINGS)}")
+    if not (chain.rejected_before and max_history > 0):
+        return (FIRST_ATTEMPT,)
+    return (FIRST_ATTEMPT, HISTORY) if conditioning == BOTH else (conditioning,)
 
 
 def answer(row: dict) -> list[dict]:

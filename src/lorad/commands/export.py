@@ -20,6 +20,9 @@ def register(sub, common) -> None:
                         "and adds `and recent` to the filter when it has no `recent`")
     p.add_argument("--prompt-template", metavar="FILE:KEY",
                    help="prompts.json entry whose role opens the system message")
+    p.add_argument("--conditioning", choices=("both", "first_attempt", "history"),
+                   help="chat/alpaca prompts: first attempt, with history, or both for a refinement "
+                        "(default: [selection] conditioning)")
     p.add_argument("--split", choices=("train", "heldout", "all"), default="train")
     p.add_argument("--output", "-o", metavar="FILE", required=True, help="JSONL file to write ('-' = stdout)")
     p.set_defaults(func=run)
@@ -68,12 +71,15 @@ def run(args, settings) -> int:
     to_stdout = args.output == "-"
     with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
         refreshed = examples.refresh(buffer, sel)
-        kw = dict(fmt=args.fmt, policy=policy, ctx=ctx, split=args.split, max_history=sel.max_history,
+        conditioning = args.conditioning or sel.conditioning
+        kw = dict(fmt=args.fmt, policy=policy, ctx=ctx, conditioning=conditioning, split=args.split,
+                  max_history=sel.max_history,
                   max_artifact_chars=sel.max_artifact_chars, role=role,
                   progress=sys.stderr.isatty() and not args.json)
         report = export(buffer, sys.stdout, **kw) if to_stdout else export_file(buffer, args.output, **kw)
         leaks = contamination(buffer.conn)
-    payload = {"output": args.output, "format": args.fmt, "policy": policy.text, "split": args.split,
+    payload = {"output": args.output, "format": args.fmt, "policy": policy.text, "conditioning": conditioning,
+               "split": args.split,
                **report.as_dict(), "buffer": refreshed.totals, "contamination": leaks}
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(report.skipped.items()) if n) or "none"
     dups = report.duplicates

@@ -60,6 +60,10 @@ def history(args, settings) -> int:
         if r.get("metrics"):
             lines.append(metrics_table(r["metrics"], cmp.get("label", "active"), cmp.get("version")))
         lines += [f"  - {reason}" for reason in verdict.get("reasons", [])]
+        flips = task_flips(r.get("metrics") or {}, cmp.get("label", "active"))
+        if flips is not None:
+            payload["flips"] = flips
+            lines += _flip_lines(flips, cmp.get("version"))
         lines.append("files: sha256 ok" if not problems else "files: " + "; ".join(problems))
         emit(args, payload, "\n".join(lines))
         return 0 if not problems else 1
@@ -99,6 +103,33 @@ def history(args, settings) -> int:
     emit(args, {"current": cur, "previous": prev, "problems": reg.pointer_problems(), "versions": rows,
                 "events": events}, "\n".join(lines))
     return 0
+
+
+def task_flips(metrics: dict, baseline: str = "active") -> dict | None:
+    """Which held-out tasks the candidate passed that the baseline failed (gained) and the
+    reverse (lost), from the per-task guard outcomes stored with the version (None: unguarded)."""
+    from lorad.evaluation.gate import paired_test
+
+    base, cand = metrics.get(baseline) or {}, metrics.get("candidate") or {}
+    pairs = paired_test(base, cand)
+    if pairs is None:
+        return None
+    names = {g.get("task_key") or g.get("chain_id"): g.get("task") or g.get("chain_id") or ""
+             for g in cand.get("guard") or []}
+    return {"tasks": pairs.tasks, "baseline_passed": pairs.first, "candidate_passed": pairs.second,
+            "p": pairs.p, "gained": [{"task_key": k, "task": names.get(k, "")} for k in pairs.gained_tasks],
+            "lost": [{"task_key": k, "task": names.get(k, "")} for k in pairs.lost_tasks]}
+
+
+def _flip_lines(flips: dict, baseline_version: str | None) -> list[str]:
+    gained, lost = flips["gained"], flips["lost"]
+    lines = [f"first attempts on {flips['tasks']} held-out tasks, candidate vs {baseline_version or 'base model'}: "
+             f"{len(gained)} gained, {len(lost)} lost, {flips['candidate_passed'] - len(gained)} passed by both "
+             f"(exact McNemar p = {flips['p']:.4g})"]
+    for mark, group in (("+", gained), ("-", lost)):
+        for t in group:
+            lines.append(f"  {mark} {t['task_key'][:8]}  {t['task'][:90]}")
+    return lines
 
 
 def _events(settings) -> list[dict]:

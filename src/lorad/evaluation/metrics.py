@@ -1,17 +1,19 @@
 """Held-out metrics, computed inside the training worker (the base model is loaded once).
 
 Every model compared in one run — the candidate, the adapter serving now, or the bare base
-model — is scored on the same frozen held-out examples with the same batching:
+model — is scored on the same frozen held-out tasks with the same batching:
 
 - **loss**: mean negative log-likelihood per token of the accepted completion given the
-  first-attempt prompt (and its perplexity), tokenised with the tokenizer's chat template
-  exactly as trl tokenises a conversational prompt-completion row, loss on completion
-  tokens only;
-- **first-attempt acceptance ε** (when a guard command is configured): a greedy answer is
-  generated for up to ``generation_samples`` held-out prompts with each model (batched,
-  left padding), each answer is piped to the guard command (the specification in
-  ``$LORAD_SPECIFICATION``; exit 0 = accepted, stdout = feedback, a timeout = rejected),
-  and ε is the share accepted. Guard commands run in parallel.
+  first-attempt prompt (and its perplexity), over the tasks that have an accepted answer,
+  tokenised with the tokenizer's chat template exactly as trl tokenises a conversational
+  prompt-completion row, loss on completion tokens only;
+- **first-attempt acceptance ε** (when a guard command is configured): a greedy answer to
+  the first-attempt prompt of every held-out task (first-try, refined and exhausted alike)
+  is generated with each model (batched, left padding), each answer is piped to the guard
+  command (the specification in ``$LORAD_SPECIFICATION``; exit 0 = accepted, stdout =
+  feedback, a timeout = rejected), and ε is the share accepted. The per-task outcomes
+  (``guard``: task key, chain, accepted, feedback) are kept, so the gate can pair them.
+  Guard commands run in parallel.
 
 Only the worker imports this module; torch is imported inside the functions.
 """
@@ -28,27 +30,28 @@ from typing import Any
 
 # Feedback kept per guard run in the metrics (the full text is not needed to decide).
 FEEDBACK_CHARS = 2000
+# The head of the specification kept per guard run, to name the task where outcomes are shown.
+TASK_CHARS = 100
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def evaluate(model, tokenizer, heldout_rows: list[dict], *, adapters: dict[str, str | None],
              batch_size: int, max_seq_length: int, guard_command: list[str] | tuple = (),
-             generation_samples: int = 0, guard_timeout: float = 30.0,
-             max_new_tokens: int = 256) -> dict[str, dict]:
+             guard_timeout: float = 30.0, max_new_tokens: int = 256) -> dict[str, dict]:
     """Score several adapters of one model on the same held-out rows.
 
     Args:
         model: a peft ``PeftModel`` holding every named adapter (or a plain model when every
             value of ``adapters`` is None).
         tokenizer: its tokenizer, with a chat template.
-        heldout_rows: ``{"prompt": [msgs], "completion": [assistant msg], "specification": str,
-            "chain_id": str}`` each.
+        heldout_rows: ``{"prompt": [msgs], "completion": [assistant msg] or None, "specification":
+            str, "chain_id": str, "task_key": str}`` each, one per task; the loss is scored on
+            those with a completion, every one is generated for when guarded.
         adapters: label -> adapter name loaded in ``model``; None = the bare base model.
         batch_size: examples per forward pass (the same for every model).
         max_seq_length: sequences are cut to this many tokens (the end of the answer goes).
         guard_command: argv of the guard; empty = loss only.
-        generation_samples: held-out prompts generated and guarded per model.
         guard_timeout: seconds before a guard run counts as rejected.
         max_new_tokens: generation budget per answer.
 
@@ -56,8 +59,8 @@ def evaluate(model, tokenizer, heldout_rows: list[dict], *, adapters: dict[str, 
         label -> ``{"nll", "perplexity", "tokens", "examples"}`` plus, when guarded,
         ``{"epsilon", "accepted", "generated", "guard": [{chain_id, accepted, feedback}]}``.
     """
-    encoded = [encode_example(tokenizer, row, max_seq_length) for row in heldout_rows]
-    samples = heldout_rows[:generation_samples] if guard_command else []
+    encoded = [encode_example(tokenizer, row, max_seq_length) for row in heldout_rows if row.get("completion")]
+    samples = heldout_rows if guard_command else []
     results: dict[str, dict] = {}
     for label, adapter in adapters.items():
         with _active(model, adapter):
@@ -205,6 +208,7 @@ def guard_answers(rows: list[dict], answers: list[str], command, timeout: float,
         "epsilon": accepted / len(answers) if answers else float("nan"),
         "accepted": accepted,
         "generated": len(answers),
-        "guard": [{"chain_id": row.get("chain_id"), "accepted": ok, "feedback": fb}
+        "guard": [{"task_key": row.get("task_key") or row.get("chain_id"), "chain_id": row.get("chain_id"),
+                   "task": (row.get("specification") or "")[:TASK_CHARS], "accepted": ok, "feedback": fb}
                   for row, (ok, fb) in zip(rows, verdicts)],
     }

@@ -66,7 +66,7 @@ _TRAINING_KEYS = ("base_model", "method", "lora_r", "lora_alpha", "lora_dropout"
                   "learning_rate", "max_steps", "epochs", "batch_size", "grad_accum", "max_seq_length",
                   "quantization", "processes", "accelerate_config", "save_steps",
                   "gradient_checkpointing", "packing", "seed", "memory_headroom")
-_EVALUATION_KEYS = ("eval_batch_size", "guard_command", "generation_samples", "guard_timeout",
+_EVALUATION_KEYS = ("eval_batch_size", "guard_command", "guard_timeout",
                     "max_new_tokens")
 
 
@@ -110,7 +110,6 @@ class JobSpec:
     memory_headroom: float
     eval_batch_size: int
     guard_command: tuple[str, ...]
-    generation_samples: int
     guard_timeout: float
     max_new_tokens: int
     parent_adapter: str | None

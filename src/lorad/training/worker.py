@@ -444,7 +444,7 @@ def evaluate(model, tokenizer, heldout_rows: list[dict], spec) -> dict:
         adapters[label] = label if path else None
     return score(model, tokenizer, heldout_rows, adapters=adapters, batch_size=spec.eval_batch_size,
                  max_seq_length=spec.max_seq_length, guard_command=list(spec.guard_command),
-                 generation_samples=spec.generation_samples, guard_timeout=spec.guard_timeout,
+                 guard_timeout=spec.guard_timeout,
                  max_new_tokens=spec.max_new_tokens)
 
 

@@ -1,0 +1,43 @@
+"""`lorad demo`'s store and config: enough held-out tasks of every outcome for ε to move."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from lorad import config, demo, demo_tasks
+from lorad.buffer import examples, split
+from lorad.buffer.store import Buffer
+from lorad.ingest import ingest
+from lorad.sources.atomicguard import AtomicGuardSource
+
+
+def test_demo_tasks_answers_pass_their_tests_and_wrong_attempts_fail():
+    names = [t.name for t in demo_tasks.ALL_TASKS]
+    assert len(names) == len(set(names)) and len({t.specification for t in demo_tasks.ALL_TASKS}) == len(names)
+    for task in demo_tasks.ALL_TASKS:
+        assert demo_tasks.check(task.solution, task) == (True, "All tests passed"), task.name
+        for wrong in task.wrong:
+            ok, feedback = demo_tasks.check(wrong, task)
+            assert not ok and feedback, (task.name, wrong)
+
+
+def test_demo_store_holds_at_least_16_heldout_tasks_of_every_outcome(tmp_path):
+    counts = demo.write_store(tmp_path / "store")
+    cfg_path = demo.write_config(tmp_path, "unused-model", tiny=True)
+    settings = config.load(cfg_path)  # the demo's config is valid as written
+    assert counts["tasks"] == len(demo_tasks.ALL_TASKS)
+    assert counts["first_try"] and counts["refined"] and counts["exhausted"]
+    with Buffer(tmp_path / "buffer.sqlite3") as buffer:
+        ingest(buffer, [AtomicGuardSource("demo", tmp_path / "store", settle_seconds=0)])
+        examples.refresh(buffer, settings.selection)
+        snap = examples.build_snapshot(buffer, settings.selection, method="sft", n=100, replay_ratio=0.5,
+                                       max_heldout=settings.evaluation.max_heldout)
+    assert len(snap.heldout) >= 16
+    outcomes = Counter(r["metadata"]["outcome"] for r in snap.heldout)
+    assert set(outcomes) == {"first_try", "refined", "exhausted"}, outcomes
+    by_spec = {t.specification: t for t in demo_tasks.ALL_TASKS}
+    for row in snap.heldout:
+        assert split.side(row["task_key"], settings.selection.heldout_fraction, settings.selection.seed) == "heldout"
+        assert row["specification"] in by_spec  # the demo's guard finds the task by it
+    assert snap.train and all(r["metadata"]["task_key"] not in {h["task_key"] for h in snap.heldout}
+                              for r in snap.train)
