@@ -290,6 +290,11 @@ class Buffer:
         """Commit one batch atomically: rows with their file signatures, quarantine, source
         state, chains.
 
+        A new row whose artifact (workflow and artifact id) is already stored from another
+        locator, or comes earlier in the batch, is not stored again: it moves to
+        ``batch.quarantined``, with its file's signature, so a rescan skips it while it stays
+        the same.
+
         Returns:
             (new, updated, unchanged) artifact counts.
         """
@@ -307,10 +312,18 @@ class Buffer:
                     existing.update(conn.execute(
                         f"SELECT locator, content_hash FROM artifacts WHERE source = ? AND locator IN "
                         f"({', '.join('?' for _ in chunk)})", (source, *chunk)).fetchall())
+                owners = self._owners(conn, source, [row for row in batch.artifacts
+                                                     if row["locator"] not in existing])
                 changed: dict[str, dict] = {}
                 for row in batch.artifacts:
                     old = existing.get(row["locator"])
                     if old is None:
+                        owner = owners.setdefault((row["workflow_id"], row["artifact_id"]), row["locator"])
+                        if owner != row["locator"]:  # the same artifact, reached by another path
+                            batch.quarantined.append(Quarantined(
+                                source, row["locator"], f"artifact {row['artifact_id']} is already stored "
+                                f"from {owner}", row["content_hash"], row["file_size"], row["file_mtime_ns"]))
+                            continue
                         new += 1
                     elif old != row["content_hash"]:
                         updated += 1
@@ -351,6 +364,24 @@ class Buffer:
                     (source, json.dumps(batch.state), now),
                 )
         return new, updated, unchanged
+
+    @staticmethod
+    def _owners(conn: sqlite3.Connection, source: str, rows: list[dict]) -> dict[tuple[str, str], str]:
+        """(workflow_id, artifact_id) -> locator of the stored rows that are the artifacts of ``rows``.
+
+        An artifact is what its source says it is, not the path it was reached by: one already
+        stored from another locator is not stored again. (Workflows, not ids alone: real stores
+        repeat ids such as "unknown" across workflows.) Found through the group index.
+        """
+        workflows = sorted({row["workflow_id"] for row in rows})
+        owners: dict[tuple[str, str], str] = {}
+        for i in range(0, len(workflows), 900):
+            chunk = workflows[i:i + 900]
+            for workflow_id, artifact_id, locator in conn.execute(
+                    f"SELECT workflow_id, artifact_id, locator FROM artifacts WHERE source = ? AND workflow_id IN "
+                    f"({', '.join('?' for _ in chunk)})", (source, *chunk)):
+                owners.setdefault((workflow_id, artifact_id), locator)
+        return owners
 
     # -- reading --------------------------------------------------------------------------------
 

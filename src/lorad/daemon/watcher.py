@@ -95,12 +95,13 @@ class Watcher(FileSystemEventHandler):
             return bool(self._paths)
 
     def take(self) -> set[str]:
-        """The changed paths since the last call; directories are expanded to their files."""
+        """The changed paths since the last call; directories are expanded to their files (a
+        symlink to a directory is not followed: ``ln -s .. loop`` would name the store again)."""
         with self._cond:
             paths, self._paths = self._paths, set()
         out = set()
         for p in paths:
-            if os.path.isdir(p):
+            if os.path.isdir(p) and not os.path.islink(p):
                 for folder, _, files in os.walk(p):
                     out.update(os.path.join(folder, f) for f in files)
             else:
