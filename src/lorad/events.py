@@ -55,6 +55,7 @@ REQUEST_FAILED = "request_failed"
 
 # lorad.daemon.feedback
 FEEDBACK_RECORDED = "feedback_recorded"
+FEEDBACK_CONFLICT_REFUSED = "feedback_conflict_refused"
 
 # lorad.daemon.service
 DAEMON_START_FAILED = "daemon_start_failed"

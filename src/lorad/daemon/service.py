@@ -500,14 +500,20 @@ class Service:
         record = request.get("record")
         if not isinstance(record, dict):
             return protocol.error('feedback needs a "record" object')
+        update = request.get("update", False)
+        if not isinstance(update, bool):
+            return protocol.error('feedback: "update" must be true or false')
+
         def task(buffer):
-            response = feedback.write_feedback(buffer, record)
+            response = feedback.write_feedback(buffer, record, update=update)
             self.ingest.mark_changed()
             return response
 
         future = self.ingest.submit(task)
         try:
             return future.result(30)  # acknowledged only after the commit
+        except feedback.FeedbackConflict as e:
+            return {**protocol.error(str(e)), "conflict": True}
         except feedback.FeedbackRejected as e:
             return protocol.error(str(e))
 
