@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
+import pytest
 from daemon_helpers import write_artifact
+from structlog.testing import capture_logs
 
 from lorad.buffer.store import Buffer
 from lorad.daemon.watcher import IngestLoop, Watcher
@@ -163,6 +166,40 @@ def test_a_directory_symlink_loop_in_the_store_ingests_nothing_twice(tmp_path, s
             assert chains(ro) == {**first, "first_try": first.get("first_try", 0) + 1}  # no fake chains
             assert ro.conn.execute("SELECT locator FROM artifacts WHERE artifact_id = ?", (artifact_id,)
                                    ).fetchone()[0] == f"objects/{artifact_id[:2]}/{artifact_id}.json"
+        finally:
+            loop.stop()
+            watcher.stop()
+
+
+@pytest.mark.parametrize("replace", ["rm -rf, then mkdir", "mv aside, then mkdir", "rm -rf and mkdir at once"])
+def test_a_store_deleted_and_made_again_is_watched_again_at_once(tmp_path, store, replace):
+    """inotify watched the old directory: the new one is watched (and scanned) within seconds,
+    not at the next reconciliation."""
+    reader = AtomicGuardSource("ag", store)
+    watcher = Watcher([store])
+    with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
+        loop = IngestLoop(buffer, [reader], watcher, debounce=0.05, reconcile_interval=3600)
+        watcher.start()
+        try:
+            loop.reconcile()
+            loop.start()
+            with capture_logs() as logs:
+                if replace.startswith("rm"):
+                    shutil.rmtree(store)
+                else:
+                    store.rename(store.with_name("old-store"))
+                if "at once" not in replace:
+                    time.sleep(0.3)  # the loop notices the directory is gone
+                store.mkdir()
+                early = write_artifact(store)  # before the new watch, maybe: the rescan finds it
+                assert wait(lambda: count(ro) == 103, timeout=3.0)
+                t0 = time.monotonic()
+                late = write_artifact(store)
+                assert wait(lambda: count(ro) == 104, timeout=2.0)
+                assert time.monotonic() - t0 < 2.0
+            assert [e["path"] for e in logs if e["event"] == "source_rewatched"] == [str(store)]
+            stored = {r[0] for r in ro.conn.execute("SELECT artifact_id FROM artifacts")}
+            assert {early, late} <= stored
         finally:
             loop.stop()
             watcher.stop()
