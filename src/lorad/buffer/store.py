@@ -268,18 +268,28 @@ class Buffer:
 
     # -- ingest bookkeeping ---------------------------------------------------------------------
 
-    def file_signatures(self, source: str) -> dict[str, tuple[int, int, str]]:
-        """locator -> (size, mtime_ns, content_hash) of every file already handled.
+    def file_signatures(self, source: str, locators: Iterable[str] | None = None) -> dict[str, tuple[int, int, str]]:
+        """locator -> (size, mtime_ns, content_hash) of every file already handled (or of those
+        of ``locators``: a scan of a few changed paths need not load the whole buffer's).
 
         A file quarantined since it last parsed has the quarantine entry's signature (its hash
         "-" when it was refused unread).
         """
-        signatures = {loc: (size, mtime, h) for loc, size, mtime, h in self.conn.execute(
-            "SELECT locator, file_size, file_mtime_ns, content_hash FROM artifacts "
-            "WHERE source = ? AND file_mtime_ns IS NOT NULL", (source,))}
-        signatures.update((loc, (size, mtime, h)) for loc, size, mtime, h in self.conn.execute(
-            "SELECT locator, size, mtime_ns, coalesce(content_hash, '-') FROM quarantine "
-            "WHERE source = ? AND mtime_ns IS NOT NULL", (source,)))
+        artifacts = ("SELECT locator, file_size, file_mtime_ns, content_hash FROM artifacts "
+                     "WHERE source = ? AND file_mtime_ns IS NOT NULL")
+        quarantine = ("SELECT locator, size, mtime_ns, coalesce(content_hash, '-') FROM quarantine "
+                      "WHERE source = ? AND mtime_ns IS NOT NULL")
+        if locators is None:
+            chunks: list[tuple[str, ...]] = [()]
+        else:
+            wanted = sorted(set(locators))
+            chunks = [tuple(wanted[i:i + 900]) for i in range(0, len(wanted), 900)]
+        signatures = {}
+        for sql in (artifacts, quarantine):  # a quarantine entry wins over an older row of its file
+            for chunk in chunks:
+                where = f" AND locator IN ({', '.join('?' for _ in chunk)})" if chunk else ""
+                signatures.update((loc, (size, mtime, h)) for loc, size, mtime, h in
+                                  self.conn.execute(sql + where, (source, *chunk)))
         return signatures
 
     def source_state(self, source: str) -> dict[str, Any]:

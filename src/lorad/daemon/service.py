@@ -41,6 +41,7 @@ TICK = 0.1  # seconds between main-loop passes
 SNAPSHOT_EVERY = 0.5  # seconds between status-count refreshes
 DECIDE_EVERY = 1.0  # seconds between scheduler decisions (sooner when asked)
 STOP_TIMEOUT = 60.0  # seconds a running job gets to checkpoint at shutdown
+STATUS_CACHE_KIB = 2048  # page cache of the status connection
 
 
 class Service:
@@ -106,6 +107,8 @@ class Service:
         self.failures = int(self.jobs.get_state("failures", 0))
         self.backoff_until = float(self.jobs.get_state("backoff_until", 0.0))
         self.reader = Buffer(s.buffer_path, readonly=True)  # status counts: never waits on writers
+        # Counts and single rows: a small page cache, or it grows towards the whole buffer.
+        self.reader.conn.execute(f"PRAGMA cache_size = -{STATUS_CACHE_KIB}")
         self._start_ingest()
         self._refresh_snapshot()  # the first status answer is already a real one
         self.control = ControlServer(s.daemon.socket_path, self._handle,

@@ -26,6 +26,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
 from lorad import events
+from lorad.daemon import memory
 from lorad.ingest import IngestReport, ingest
 
 log = structlog.get_logger()
@@ -228,6 +229,9 @@ class IngestLoop:
         report = ingest(self.buffer, self.readers, self.batch_size)
         self.last_reconcile = time.monotonic()
         self._done(report, "reconcile")
+        if not (report.new or report.updated or report.quarantined):
+            # Nothing for on_quiet to follow (it releases then): the scan read every row's signature.
+            memory.release([self.buffer.conn])
         return report
 
     def submit(self, fn: Callable) -> Future:
@@ -322,6 +326,7 @@ class IngestLoop:
         if now - self._changed_last >= self.quiet or now - self._changed_first >= self.quiet * 10:
             self._changed_first = None
             self.on_quiet(self.buffer)
+            memory.release([self.buffer.conn])  # the burst is over: give back what it took
 
     def _done(self, report: IngestReport, why: str) -> None:
         self.last_ingest = time.time()

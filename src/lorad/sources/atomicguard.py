@@ -261,10 +261,16 @@ class AtomicGuardSource:
         """Files seen before are statted and read only if they changed (a rescan is mostly
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""
-        known = buffer.file_signatures(self.key)
+        files: Iterable[tuple[str, str]] = self._walk(paths)
+        if paths is None:
+            known = buffer.file_signatures(self.key)
+        else:  # a few changed paths: only their signatures
+            files = list(files)
+            known = buffer.file_signatures(self.key, [name for locator, _ in files for name in (
+                (locator, safe_name(locator)) if _undecodable(locator) else (locator,))])
         out = _Scan(self.key, batch_size, self._index)
         seen, unseen = [], []
-        for locator, path in self._walk(paths):
+        for locator, path in files:
             last = known.get(locator)
             if last is None and _undecodable(locator):
                 last = known.get(safe_name(locator))  # quarantined under its printable name
