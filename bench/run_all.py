@@ -118,6 +118,9 @@ def parse_train(out: str) -> list[Row]:
     return rows
 
 
+BURST_RSS_TARGET_MB = 150  # the README's bound for the daemon after a 20,000-file burst
+
+
 def parse_daemon(out: str) -> list[Row]:
     f = json.loads(out.strip().splitlines()[-1])
     idle50, idle99 = f["status_idle_p50_ms"], f["status_idle_p99_ms"]
@@ -134,7 +137,12 @@ def parse_daemon(out: str) -> list[Row]:
             f"p50 {f['artifact_p50_ms']:.0f} ms, p99 {f['artifact_p99_ms']:.0f} ms",
             f"in-process ingest of one file: {f['direct_ingest_ms']:.1f} ms",
             f"{f['artifact_p50_ms'] / f['direct_ingest_ms']:.1f} (p50)", "p99 < 1000 ms", f["artifact_p99_ms"] < 1000),
-    ]
+    ] + ([
+        Row(f"daemon resident memory after a burst of {f['burst_files']:,} artifact files (settled; peak during it)",
+            f"{f['burst_settled_rss_mb']:.1f} MB (peak {f['burst_peak_rss_mb']:.1f} MB)",
+            f"idle before: {f['daemon_rss_mb']:.1f} MB", f"{f['burst_settled_rss_mb'] / f['daemon_rss_mb']:.1f}",
+            f"settled < {BURST_RSS_TARGET_MB} MB", f["burst_settled_rss_mb"] < BURST_RSS_TARGET_MB),
+    ] if "burst_files" in f else [])
 
 
 def parse_evaluation(out: str) -> list[Row]:
@@ -168,7 +176,7 @@ BENCHES = [
     Bench("sampling", ["bench/sampling.py"], ["--examples", "50000", "--export", "5000", "--refresh", "2000"],
           parse_sampling),
     Bench("train", ["bench/train.py"], ["--steps", "4", "--repeats", "1", "--no-smollm2"], parse_train),
-    Bench("daemon", ["bench/daemon.py"], ["--requests", "100", "--artifacts", "10"], parse_daemon,
+    Bench("daemon", ["bench/daemon.py"], ["--requests", "100", "--artifacts", "10", "--burst", "2000"], parse_daemon,
           {"BENCH_JSON": "1"}),
     Bench("evaluation", ["bench/evaluation.py"], ["--samples", "8", "--new-tokens", "8"], parse_evaluation),
 ]

@@ -67,6 +67,7 @@ REQUEST_FAILED = "request_failed"
 
 # lorad.daemon.feedback
 FEEDBACK_RECORDED = "feedback_recorded"
+FEEDBACK_CONFLICT_REFUSED = "feedback_conflict_refused"
 
 # lorad.daemon.service
 DAEMON_START_FAILED = "daemon_start_failed"
@@ -89,6 +90,7 @@ EXAMPLE_COUNTS_FAILED = "example_counts_failed"
 
 # lorad.daemon.watcher
 SOURCE_NOT_WATCHED = "source_not_watched"
+SOURCE_REWATCHED = "source_rewatched"
 INGEST_LOOP_FAILED = "ingest_loop_failed"
 
 # lorad.ingest

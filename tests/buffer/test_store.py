@@ -50,6 +50,10 @@ def test_0008_moves_file_signatures_onto_the_rows_they_belong_to(tmp_path, monke
     with Buffer(path) as b:
         assert b.file_signatures("s") == {"ok.json": (1, 10, "h1"), "broken-now.json": (9, 90, "h9"),
                                           "huge.json": (99, 990, "-")}
+        # those of a few locators only (a scan of changed paths), the quarantine entry still winning
+        assert b.file_signatures("s", ["broken-now.json", "huge.json", "gone.json"]) == {
+            "broken-now.json": (9, 90, "h9"), "huge.json": (99, 990, "-")}
+        assert b.file_signatures("s", []) == {}
         tables = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert "files" not in tables
 

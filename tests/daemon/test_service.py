@@ -94,6 +94,20 @@ def test_feedback_is_validated_and_acknowledged_after_commit(daemon_factory):
     again = d.cli("feedback", json.dumps({"id": "fb1", "prompt": "Write add(a, b).",
                                           "completion": "def add(a, b): return a + b", "status": "accepted"}))
     assert again.returncode == 0 and "unchanged" in again.stdout
+    flipped = ["feedback", "--id", "fb1", "--prompt", "Write add(a, b).", "--completion", "def add(a, b): return a + b",
+               "--status", "rejected"]
+    conflict = d.cli(*flipped)
+    assert conflict.returncode == 65, conflict.stderr
+    assert "conflicts with the record stored under that id" in conflict.stderr and "--update" in conflict.stderr
+    other = {"id": "fb1", "prompt": "p", "completion": "c", "status": "accepted"}
+    r = d.request("feedback", record=other)
+    assert (r["ok"], r["conflict"]) == (False, True)
+    assert d.request("feedback", record=other, update="yes")["error"] == 'feedback: "update" must be true or false'
+    updated = d.cli(*flipped, "--update")
+    assert updated.returncode == 0 and "(rejected, updated)" in updated.stdout, updated.stderr
+    with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:
+        assert db.execute("SELECT status FROM artifacts WHERE source = 'feedback' AND locator = 'fb1'").fetchall() \
+            == [("rejected",)]
     bad = d.cli("feedback", "--id", "fb2", "--completion", "x")
     assert bad.returncode == 1
     assert "prompt" in bad.stderr

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
+import pytest
 from daemon_helpers import write_artifact
+from structlog.testing import capture_logs
 
 from lorad.buffer.store import Buffer
 from lorad.daemon.watcher import IngestLoop, Watcher
@@ -13,6 +17,10 @@ from lorad.sources import AtomicGuardSource
 
 def count(buffer) -> int:
     return buffer.conn.execute("SELECT count(*) FROM artifacts").fetchone()[0]
+
+
+def chains(buffer) -> dict[str, int]:
+    return dict(buffer.conn.execute("SELECT outcome, count(*) FROM chains GROUP BY outcome").fetchall())
 
 
 def wait(predicate, timeout=5.0):
@@ -125,6 +133,73 @@ def test_appended_jsonl_line_is_ingested_from_a_non_recursive_watch(tmp_path):
             (logdir / "deep" / "other.txt").write_text("not watched")
             time.sleep(0.3)
             assert watcher.events == events  # subfolders are not watched
+        finally:
+            loop.stop()
+            watcher.stop()
+
+
+def test_a_directory_symlink_loop_in_the_store_ingests_nothing_twice(tmp_path, store):
+    """`ln -s .. objects/zz/dirloop` while watching: the events name every artifact again
+    through the loop; the buffer still holds each artifact once, under its own path."""
+    reader = AtomicGuardSource("ag", store)
+    watcher = Watcher([store])
+    with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
+        loop = IngestLoop(buffer, [reader], watcher, debounce=0.05, reconcile_interval=3600, settle=0.2)
+        watcher.start()
+        try:
+            loop.reconcile()
+            loop.start()
+            first = chains(ro)
+            before = watcher.events
+            (store / "objects" / "zz").mkdir()
+            (store / "objects" / "zz" / "dirloop").symlink_to("..")
+            assert wait(lambda: watcher.events > before, timeout=2.0)
+            for folder in (store / "objects" / "zz" / "dirloop").iterdir():  # touch every file through the loop
+                for f in folder.iterdir():
+                    os.utime(f)
+            artifact_id = write_artifact(store)
+            assert wait(lambda: count(ro) == 103, timeout=2.0)
+            time.sleep(0.6)  # the settle pass looks at every path once more
+            rows = ro.conn.execute("SELECT count(*), count(DISTINCT artifact_id), sum(locator LIKE '%dirloop%') "
+                                   "FROM artifacts").fetchone()
+            assert rows == (103, 103, 0)
+            assert chains(ro) == {**first, "first_try": first.get("first_try", 0) + 1}  # no fake chains
+            assert ro.conn.execute("SELECT locator FROM artifacts WHERE artifact_id = ?", (artifact_id,)
+                                   ).fetchone()[0] == f"objects/{artifact_id[:2]}/{artifact_id}.json"
+        finally:
+            loop.stop()
+            watcher.stop()
+
+
+@pytest.mark.parametrize("replace", ["rm -rf, then mkdir", "mv aside, then mkdir", "rm -rf and mkdir at once"])
+def test_a_store_deleted_and_made_again_is_watched_again_at_once(tmp_path, store, replace):
+    """inotify watched the old directory: the new one is watched (and scanned) within seconds,
+    not at the next reconciliation."""
+    reader = AtomicGuardSource("ag", store)
+    watcher = Watcher([store])
+    with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
+        loop = IngestLoop(buffer, [reader], watcher, debounce=0.05, reconcile_interval=3600)
+        watcher.start()
+        try:
+            loop.reconcile()
+            loop.start()
+            with capture_logs() as logs:
+                if replace.startswith("rm"):
+                    shutil.rmtree(store)
+                else:
+                    store.rename(store.with_name("old-store"))
+                if "at once" not in replace:
+                    time.sleep(0.3)  # the loop notices the directory is gone
+                store.mkdir()
+                early = write_artifact(store)  # before the new watch, maybe: the rescan finds it
+                assert wait(lambda: count(ro) == 103, timeout=3.0)
+                t0 = time.monotonic()
+                late = write_artifact(store)
+                assert wait(lambda: count(ro) == 104, timeout=2.0)
+                assert time.monotonic() - t0 < 2.0
+            assert [e["path"] for e in logs if e["event"] == "source_rewatched"] == [str(store)]
+            stored = {r[0] for r in ro.conn.execute("SELECT artifact_id FROM artifacts")}
+            assert {early, late} <= stored
         finally:
             loop.stop()
             watcher.stop()

@@ -168,14 +168,64 @@ def test_symlink_leading_outside_the_store_is_quarantined(buffer, tmp_path):
     link = store / "objects" / "dd" / "dd-out.json"
     link.parent.mkdir(parents=True)
     link.symlink_to(outside)
-    inside = synthetic.write(store, _valid("ee-in"))
-    (store / "objects" / "ee" / "ee-alias.json").symlink_to(inside)
+    (store / "blobs").mkdir()
+    (store / "blobs" / "ff.json").write_text(json.dumps(_valid("ff-blob")))
+    (store / "objects" / "ff").mkdir()
+    (store / "objects" / "ff" / "ff-blob.json").symlink_to(store / "blobs" / "ff.json")
     report = scan(buffer, store)
     assert report.quarantined == 1
     assert "symlink leads outside the store" in buffer.quarantine()[0]["reason"]
-    assert report.new == 2  # the symlink inside the store is read
+    assert report.new == 1  # a symlink to a file elsewhere inside the store is read
     again = scan(buffer, store)  # counted once: a rescan skips what it already judged
+    assert (again.new, again.quarantined, again.unchanged) == (0, 0, 2)
+
+
+def test_a_symlink_to_another_artifact_file_is_not_a_second_artifact(buffer, tmp_path):
+    store = tmp_path / "s"
+    inside = synthetic.write(store, _valid("ee-in"))
+    (store / "objects" / "ee" / "ee-alias.json").symlink_to(inside)  # sorts first
+    report = scan(buffer, store)
+    assert (report.new, report.quarantined) == (1, 1)
+    assert [r["locator"] for r in buffer.artifacts()] == ["objects/ee/ee-in.json"]
+    assert buffer.quarantine()[0]["reason"] == "symlink to objects/ee/ee-in.json, which is read as itself"
+    again = scan(buffer, store)
+    assert (again.new, again.quarantined, again.unchanged) == (0, 0, 2)
+
+
+def test_a_copy_of_an_artifact_under_another_name_is_stored_once(buffer, tmp_path):
+    """Keyed by what the store says the artifact is (workflow and id), not by its path."""
+    store = tmp_path / "s"
+    original = synthetic.write(store, _valid("hh-one"))
+    report = scan(buffer, store)
+    copy = store / "objects" / "hh" / "hh-one-copy.json"
+    copy.write_bytes(original.read_bytes())
+    (store / "objects" / "ha").mkdir()
+    (store / "objects" / "ha" / "hh-one.json").write_bytes(original.read_bytes())
+    report = scan(buffer, store)
+    assert (report.new, report.quarantined) == (0, 2)
+    assert [r["locator"] for r in buffer.artifacts()] == ["objects/hh/hh-one.json"]
+    assert {q["reason"] for q in buffer.quarantine()} == {"artifact hh-one is already stored from objects/hh/hh-one.json"}
+    assert buffer.counts()["chains"] == 1
+    again = scan(buffer, store)  # judged once, while the copies stay the same
     assert (again.new, again.quarantined, again.unchanged) == (0, 0, 3)
+
+
+def test_event_paths_through_a_symlinked_folder_or_out_of_the_store_name_nothing(buffer, tmp_path):
+    store = tmp_path / "s"
+    path = synthetic.write(store, _valid("jj-one"))
+    (store / "objects" / "zz").mkdir()
+    (store / "objects" / "zz" / "loop").symlink_to("..")
+    (store / "objects" / "jk").symlink_to("jj")
+    outside = tmp_path / "elsewhere" / "objects" / "jj"
+    outside.mkdir(parents=True)
+    (outside / "jj-two.json").write_text(json.dumps(_valid("jj-two")))
+    reader = AtomicGuardSource(KEY, store)
+    through = [store / "objects" / "zz" / "loop" / "jj" / path.name, store / "objects" / "jk" / path.name,
+               store / "objects" / "jj" / ".." / ".." / ".." / "elsewhere" / "objects" / "jj" / "jj-two.json",
+               outside / "jj-two.json", store / "objects" / path.name]
+    assert ingest(buffer, [reader], paths=[str(p) for p in through]).new == 0
+    assert ingest(buffer, [reader], paths=[str(path)]).new == 1
+    assert [r["locator"] for r in buffer.artifacts()] == ["objects/jj/jj-one.json"]
 
 
 def test_a_fifo_or_a_folder_named_like_an_artifact_is_quarantined_not_waited_on(buffer, tmp_path):

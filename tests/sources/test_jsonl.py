@@ -164,3 +164,16 @@ def test_score_and_messages_forms():
 def test_each_bad_record_names_its_field(record, reason):
     with pytest.raises(ParseError, match=reason):
         parse_record(json.dumps(record).encode(), source="s")
+
+
+def test_only_events_naming_the_log_beside_it_start_a_read(tmp_path):
+    log = tmp_path / "logs" / "feedback.jsonl"
+    (tmp_path / "logs" / "deep").mkdir(parents=True)
+    (tmp_path / "logs" / "loop").symlink_to(".")
+    append(log, rec(1))
+    reader = JsonlSource(KEY, log)
+    with Buffer(tmp_path / "b.sqlite3") as buffer:
+        others = [tmp_path / "logs" / "deep" / "feedback.jsonl", tmp_path / "logs" / "loop" / "feedback.jsonl",
+                  tmp_path / "feedback.jsonl"]
+        assert ingest(buffer, [reader], paths=[str(p) for p in others]).new == 0
+        assert ingest(buffer, [reader], paths=[str(tmp_path / "logs" / "feedback.jsonl.1")]).new == 1

@@ -270,18 +270,28 @@ class Buffer:
 
     # -- ingest bookkeeping ---------------------------------------------------------------------
 
-    def file_signatures(self, source: str) -> dict[str, tuple[int, int, str]]:
-        """locator -> (size, mtime_ns, content_hash) of every file already handled.
+    def file_signatures(self, source: str, locators: Iterable[str] | None = None) -> dict[str, tuple[int, int, str]]:
+        """locator -> (size, mtime_ns, content_hash) of every file already handled (or of those
+        of ``locators``: a scan of a few changed paths need not load the whole buffer's).
 
         A file quarantined since it last parsed has the quarantine entry's signature (its hash
         "-" when it was refused unread).
         """
-        signatures = {loc: (size, mtime, h) for loc, size, mtime, h in self.conn.execute(
-            "SELECT locator, file_size, file_mtime_ns, content_hash FROM artifacts "
-            "WHERE source = ? AND file_mtime_ns IS NOT NULL", (source,))}
-        signatures.update((loc, (size, mtime, h)) for loc, size, mtime, h in self.conn.execute(
-            "SELECT locator, size, mtime_ns, coalesce(content_hash, '-') FROM quarantine "
-            "WHERE source = ? AND mtime_ns IS NOT NULL", (source,)))
+        artifacts = ("SELECT locator, file_size, file_mtime_ns, content_hash FROM artifacts "
+                     "WHERE source = ? AND file_mtime_ns IS NOT NULL")
+        quarantine = ("SELECT locator, size, mtime_ns, coalesce(content_hash, '-') FROM quarantine "
+                      "WHERE source = ? AND mtime_ns IS NOT NULL")
+        if locators is None:
+            chunks: list[tuple[str, ...]] = [()]
+        else:
+            wanted = sorted(set(locators))
+            chunks = [tuple(wanted[i:i + 900]) for i in range(0, len(wanted), 900)]
+        signatures = {}
+        for sql in (artifacts, quarantine):  # a quarantine entry wins over an older row of its file
+            for chunk in chunks:
+                where = f" AND locator IN ({', '.join('?' for _ in chunk)})" if chunk else ""
+                signatures.update((loc, (size, mtime, h)) for loc, size, mtime, h in
+                                  self.conn.execute(sql + where, (source, *chunk)))
         return signatures
 
     def source_state(self, source: str) -> dict[str, Any]:
@@ -291,6 +301,11 @@ class Buffer:
     def write_batch(self, batch: Batch) -> tuple[int, int, int]:
         """Commit one batch atomically: rows with their file signatures, quarantine, source
         state, chains.
+
+        A new row whose artifact (workflow and artifact id) is already stored from another
+        locator, or comes earlier in the batch, is not stored again: it moves to
+        ``batch.quarantined``, with its file's signature, so a rescan skips it while it stays
+        the same.
 
         Returns:
             (new, updated, unchanged) artifact counts.
@@ -309,10 +324,18 @@ class Buffer:
                     existing.update(conn.execute(
                         f"SELECT locator, content_hash FROM artifacts WHERE source = ? AND locator IN "
                         f"({', '.join('?' for _ in chunk)})", (source, *chunk)).fetchall())
+                owners = self._owners(conn, source, [row for row in batch.artifacts
+                                                     if row["locator"] not in existing])
                 changed: dict[str, dict] = {}
                 for row in batch.artifacts:
                     old = existing.get(row["locator"])
                     if old is None:
+                        owner = owners.setdefault((row["workflow_id"], row["artifact_id"]), row["locator"])
+                        if owner != row["locator"]:  # the same artifact, reached by another path
+                            batch.quarantined.append(Quarantined(
+                                source, row["locator"], f"artifact {row['artifact_id']} is already stored "
+                                f"from {owner}", row["content_hash"], row["file_size"], row["file_mtime_ns"]))
+                            continue
                         new += 1
                     elif old != row["content_hash"]:
                         updated += 1
@@ -353,6 +376,24 @@ class Buffer:
                     (source, json.dumps(batch.state), now),
                 )
         return new, updated, unchanged
+
+    @staticmethod
+    def _owners(conn: sqlite3.Connection, source: str, rows: list[dict]) -> dict[tuple[str, str], str]:
+        """(workflow_id, artifact_id) -> locator of the stored rows that are the artifacts of ``rows``.
+
+        An artifact is what its source says it is, not the path it was reached by: one already
+        stored from another locator is not stored again. (Workflows, not ids alone: real stores
+        repeat ids such as "unknown" across workflows.) Found through the group index.
+        """
+        workflows = sorted({row["workflow_id"] for row in rows})
+        owners: dict[tuple[str, str], str] = {}
+        for i in range(0, len(workflows), 900):
+            chunk = workflows[i:i + 900]
+            for workflow_id, artifact_id, locator in conn.execute(
+                    f"SELECT workflow_id, artifact_id, locator FROM artifacts WHERE source = ? AND workflow_id IN "
+                    f"({', '.join('?' for _ in chunk)})", (source, *chunk)):
+                owners.setdefault((workflow_id, artifact_id), locator)
+        return owners
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 daemon listening they say so and exit 69 (EX_UNAVAILABLE); a daemon that does not answer within
 ``--timeout`` seconds exits 75 (EX_TEMPFAIL), saying that a request it was sent may still be
 applied; a socket path too long for a Unix socket exits 78 (EX_CONFIG); an error from the
-daemon exits 1.
+daemon exits 1, except a feedback record that conflicts with the one stored under its id,
+which exits 65 (EX_DATAERR).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from lorad.commands import emit
 
+EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 DEFAULT_TIMEOUT = 30.0
@@ -68,6 +70,9 @@ def register(sub, common) -> None:
     p.add_argument("--parent-id")
     p.add_argument("--source", dest="origin", choices=("generated", "human", "imported"))
     p.add_argument("--created-at")
+    p.add_argument("--update", action="store_true",
+                   help="replace the record stored under this id if it differs (without it, a different "
+                        "record under a known id is refused and the command exits 65)")
     p.set_defaults(func=feedback)
 
 
@@ -105,7 +110,8 @@ def call(settings, command: str, *, timeout: float = DEFAULT_TIMEOUT, **argument
     except ProtocolError as e:
         raise CommandError(str(e)) from None
     if not response.get("ok"):
-        raise CommandError(response.get("error") or "the daemon refused the request")
+        raise CommandError(response.get("error") or "the daemon refused the request",
+                           EX_DATAERR if response.get("conflict") is True else 1)
     return response
 
 
@@ -312,6 +318,6 @@ def feedback(args, settings) -> int:
                        ("parent_id", args.parent_id), ("source", args.origin), ("created_at", args.created_at)):
         if value is not None:
             record[key] = value
-    r = call(settings, "feedback", record=record, timeout=args.timeout)
+    r = call(settings, "feedback", record=record, update=args.update, timeout=args.timeout)
     emit(args, r, f"recorded {r['id']} ({r['status']}, {r['result']})")
     return 0

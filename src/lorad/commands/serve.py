@@ -22,8 +22,12 @@ def run(args, settings) -> int:
         sys.modules.setdefault("pandas", None)
     from lorad.buffer.store import BufferError
     from lorad.config import EX_CONFIG
-    from lorad.daemon import preflight
+    from lorad.daemon import memory, preflight
     from lorad.daemon.service import serve
+
+    # Before any thread starts: glibc would give each allocating thread an arena of its own,
+    # whose freed blocks stay resident (see lorad.daemon.memory).
+    memory.limit_arenas(memory.ARENAS)
 
     # The unit file's UMask=0027, for every way of starting the daemon: the buffer, job data and
     # adapters hold users' code and prompts. Group members (the lorad group) keep read access;

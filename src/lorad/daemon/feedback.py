@@ -22,11 +22,19 @@ class FeedbackRejected(Exception):
     "A pushed feedback record is not valid; the message says why."
 
 
-def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5) -> dict:
+class FeedbackConflict(FeedbackRejected):
+    "Another record is already stored under this id, and the request is not an update."
+
+
+def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5, update: bool = False) -> dict:
     """Validate one pushed attempt like a JSONL source line and commit it (source "feedback").
+
+    A record sent again as it is stored changes nothing. One whose id is stored with other
+    content (a verdict flipped from accepted to rejected, say) replaces it only with ``update``.
 
     Raises:
         FeedbackRejected: the record does not parse; nothing was written.
+        FeedbackConflict: the id holds another record and ``update`` is false; nothing was written.
 
     Returns:
         The response for the client, sent only after the commit.
@@ -47,6 +55,15 @@ def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5) -
         row = parse_record(line, source=FEEDBACK_SOURCE, score_threshold=score_threshold, parents=parents)
     except ParseError as e:
         raise FeedbackRejected(f"feedback record refused: {e}") from None
+    stored = buffer.conn.execute(
+        "SELECT content_hash, status FROM artifacts WHERE source = ? AND locator = ?",
+        (FEEDBACK_SOURCE, row["locator"])).fetchone()
+    if stored and stored[0] != row["content_hash"] and not update:
+        log.warning(events.FEEDBACK_CONFLICT_REFUSED, id=row["artifact_id"], stored_status=stored[1], status=row["status"])
+        raise FeedbackConflict(
+            f"feedback {row['artifact_id']!r} conflicts with the record stored under that id "
+            f"(stored {stored[1]}, sent {row['status']}, other content); nothing was changed: "
+            f"send it as an update (lorad feedback --update, \"update\": true) to replace it")
     batch = Batch(FEEDBACK_SOURCE)
     batch.artifacts.append(row)
     new, updated, unchanged = buffer.write_batch(batch)

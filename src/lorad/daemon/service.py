@@ -43,6 +43,7 @@ TICK = 0.1  # seconds between main-loop passes
 SNAPSHOT_EVERY = 0.5  # seconds between status-count refreshes
 DECIDE_EVERY = 1.0  # seconds between scheduler decisions (sooner when asked)
 STOP_TIMEOUT = 60.0  # seconds a running job gets to checkpoint at shutdown
+STATUS_CACHE_KIB = 2048  # page cache of the status connection
 
 
 class Service:
@@ -108,6 +109,8 @@ class Service:
         self.failures = int(self.jobs.get_state("failures", 0))
         self.backoff_until = float(self.jobs.get_state("backoff_until", 0.0))
         self.reader = Buffer(s.buffer_path, readonly=True)  # status counts: never waits on writers
+        # Counts and single rows: a small page cache, or it grows towards the whole buffer.
+        self.reader.conn.execute(f"PRAGMA cache_size = -{STATUS_CACHE_KIB}")
         # A vLLM server left asleep by a daemon that died (its orphaned worker is stopped by now).
         self.waker = Waker(s)
         self.waker.start()
@@ -529,14 +532,20 @@ class Service:
         record = request.get("record")
         if not isinstance(record, dict):
             return protocol.error('feedback needs a "record" object')
+        update = request.get("update", False)
+        if not isinstance(update, bool):
+            return protocol.error('feedback: "update" must be true or false')
+
         def task(buffer):
-            response = feedback.write_feedback(buffer, record)
+            response = feedback.write_feedback(buffer, record, update=update)
             self.ingest.mark_changed()
             return response
 
         future = self.ingest.submit(task)
         try:
             return future.result(30)  # acknowledged only after the commit
+        except feedback.FeedbackConflict as e:
+            return {**protocol.error(str(e)), "conflict": True}
         except feedback.FeedbackRejected as e:
             return protocol.error(str(e))
 

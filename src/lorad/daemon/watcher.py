@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,8 +23,10 @@ from pathlib import Path
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 
 from lorad import events
+from lorad.daemon import memory
 from lorad.ingest import IngestReport, ingest
 
 log = structlog.get_logger()
@@ -41,7 +44,12 @@ class Watcher(FileSystemEventHandler):
     def __init__(self, roots: Iterable[Path | tuple[Path, bool]]):
         self.roots = [(Path(r[0]), bool(r[1])) if isinstance(r, tuple) else (Path(r), True) for r in roots]
         self._observer = None
-        self._watched: set[Path] = set()
+        # root -> (its watch, (st_dev, st_ino) of the directory watched)
+        self._watched: dict[Path, tuple[ObservedWatch, tuple[int, int]]] = {}
+        # watched once, deleted or replaced since: watched again when back (-> the directory a
+        # try to watch failed on, so that it is not retried, and warned of, every second)
+        self._gone: dict[Path, tuple[int, int] | None] = {}
+        self._deleted: set[Path] = set()  # roots whose own deletion an event reported
         self._paths: set[str] = set()
         self._cond = threading.Condition()
         self.events = 0
@@ -55,17 +63,67 @@ class Watcher(FileSystemEventHandler):
     def rewatch(self) -> None:
         """Start watching roots that appeared since the last try."""
         for root, recursive in self.roots:
-            if root in self._watched:
+            if root in self._watched or root in self._gone:
                 continue
             if not root.is_dir():
                 log.warning(events.SOURCE_NOT_WATCHED, path=str(root), reason="directory does not exist (yet)")
                 continue
-            try:
-                self._observer.schedule(self, str(root), recursive=recursive)
-            except OSError as e:  # e.g. the inotify watch limit
-                log.warning(events.SOURCE_NOT_WATCHED, path=str(root), reason=str(e))
+            self._schedule(root, recursive)
+
+    def _schedule(self, root: Path, recursive: bool) -> bool:
+        try:
+            identity = _identity(root)
+            watch = self._observer.schedule(self, str(root), recursive=recursive)
+        except OSError as e:  # e.g. the inotify watch limit, or gone again
+            log.warning(events.SOURCE_NOT_WATCHED, path=str(root), reason=str(e))
+            return False
+        self._watched[root] = (watch, identity)
+        return True
+
+    def check(self) -> list[Path]:
+        """Watch again the roots that were deleted and made anew, or replaced by another directory.
+
+        inotify watches a directory, not a path: after ``rm -rf store; mkdir store`` (or
+        ``mv store old; mkdir store``) the old watch reports nothing of the new directory. A
+        root whose deletion an event reported, or whose path now holds another inode, loses
+        its watch; once a directory is there again it is watched (``source_rewatched``).
+
+        Returns:
+            The roots watched again, whose files the caller should scan: anything written
+            before the new watch began sent no event.
+        """
+        with self._cond:
+            deleted, self._deleted = self._deleted, set()
+        back = []
+        for root, recursive in self.roots:
+            held = self._watched.get(root)
+            if held is None and root not in self._gone:
+                continue  # never watched yet: rewatch() tries it at each reconciliation
+            identity = _identity(root)
+            if held is not None:
+                if identity == held[1] and root not in deleted:
+                    continue
+                self._unschedule(held[0])
+                del self._watched[root]
+                self._gone[root] = None
+                if identity is None:
+                    log.warning(events.SOURCE_NOT_WATCHED, path=str(root),
+                                reason="directory was deleted; watched again once it is back")
+            if identity is None or identity == self._gone[root]:
                 continue
-            self._watched.add(root)
+            if self._schedule(root, recursive):
+                del self._gone[root]
+                log.info(events.SOURCE_REWATCHED, path=str(root), reason="directory was replaced")
+                back.append(root)
+            else:
+                self._gone[root] = identity
+        return back
+
+    def _unschedule(self, watch: ObservedWatch) -> None:
+        try:
+            self._observer.unschedule(watch)
+        except KeyError:  # already gone
+            pass
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -81,6 +139,12 @@ class Watcher(FileSystemEventHandler):
         paths = [event.src_path]
         if getattr(event, "dest_path", ""):
             paths.append(event.dest_path)
+        if event.event_type == "deleted" and event.is_directory:
+            root = Path(os.fsdecode(event.src_path))
+            if root in self._watched:  # the watched directory itself: its watch has ended
+                with self._cond:
+                    self._deleted.add(root)
+                    self._cond.notify_all()
         with self._cond:
             for p in paths:
                 self._paths.add(os.fsdecode(p))
@@ -95,17 +159,27 @@ class Watcher(FileSystemEventHandler):
             return bool(self._paths)
 
     def take(self) -> set[str]:
-        """The changed paths since the last call; directories are expanded to their files."""
+        """The changed paths since the last call; directories are expanded to their files (a
+        symlink to a directory is not followed: ``ln -s .. loop`` would name the store again)."""
         with self._cond:
             paths, self._paths = self._paths, set()
         out = set()
         for p in paths:
-            if os.path.isdir(p):
+            if os.path.isdir(p) and not os.path.islink(p):
                 for folder, _, files in os.walk(p):
                     out.update(os.path.join(folder, f) for f in files)
             else:
                 out.add(p)
         return out
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory at ``path``, or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 class IngestLoop:
@@ -155,6 +229,9 @@ class IngestLoop:
         report = ingest(self.buffer, self.readers, self.batch_size)
         self.last_reconcile = time.monotonic()
         self._done(report, "reconcile")
+        if not (report.new or report.updated or report.quarantined):
+            # Nothing for on_quiet to follow (it releases then): the scan read every row's signature.
+            memory.release([self.buffer.conn])
         return report
 
     def submit(self, fn: Callable) -> Future:
@@ -189,6 +266,9 @@ class IngestLoop:
                 break
             self._run_tasks()
             try:
+                back = self.watcher.check()
+                if back:
+                    self._rescan(back)
                 if time.monotonic() >= self.last_reconcile + self.reconcile_interval:
                     self.watcher.take()  # the full scan covers them
                     self._retry.clear()
@@ -222,6 +302,12 @@ class IngestLoop:
             except BaseException as e:
                 future.set_exception(e)
 
+    def _rescan(self, roots: list[Path]) -> None:
+        """Scan the sources watched under ``roots`` in full (their directories were replaced)."""
+        readers = [r for r in self.readers if any(Path(p) in roots for p in r.watch_paths())]
+        report = ingest(self.buffer, readers, self.batch_size)
+        self._done(report, "rewatch")
+
     def _ingest(self, paths: set[str], why: str) -> None:
         report = ingest(self.buffer, self.readers, self.batch_size, paths=sorted(paths))
         self._done(report, why)
@@ -240,6 +326,7 @@ class IngestLoop:
         if now - self._changed_last >= self.quiet or now - self._changed_first >= self.quiet * 10:
             self._changed_first = None
             self.on_quiet(self.buffer)
+            memory.release([self.buffer.conn])  # the burst is over: give back what it took
 
     def _done(self, report: IngestReport, why: str) -> None:
         self.last_ingest = time.time()

@@ -195,6 +195,7 @@ class AtomicGuardSource:
                  parse_workers: int = 0):
         self.key = key
         self.root = Path(root)
+        self.abs_root = os.path.abspath(self.root)
         self.real_root = os.path.realpath(self.root)
         self.max_file_bytes = max_file_bytes
         self.settle_seconds = settle_seconds
@@ -216,11 +217,11 @@ class AtomicGuardSource:
         """(locator, absolute path) of candidate artifact files."""
         objects = os.path.join(str(self.root), "objects")
         if paths is not None:
+            real_objects, folders = os.path.realpath(objects), {}
             for p in paths:
-                p = os.fspath(p)
-                rel = os.path.relpath(p, str(self.root))
-                if rel.startswith("objects" + os.sep) and p.endswith(".json"):
-                    yield rel, p
+                locator = self._confined(os.fspath(p), real_objects, folders)
+                if locator is not None:
+                    yield locator, os.path.join(str(self.root), locator)
             return
         try:
             prefixes = sorted(os.scandir(objects), key=lambda e: e.name)
@@ -237,14 +238,39 @@ class AtomicGuardSource:
                 if entry.name.endswith(".json"):
                     yield f"objects/{prefix.name}/{entry.name}", entry.path
 
+    def _confined(self, path: str, real_objects: str, folders: dict[str, bool]) -> str | None:
+        """The locator of an event's path, or None unless it names a file the full scan reads.
+
+        That is ``objects/<prefix>/<name>.json`` reached through real directories of the store:
+        a path through a symlinked directory (``ln -s .. objects/zz/loop`` names every artifact
+        again, endlessly) or out of the store names nothing. ``objects/`` itself may be a link,
+        as for the full scan: ``real_objects`` is where it leads. ``folders`` caches the verdict
+        on each prefix folder for one scan.
+        """
+        rel = os.path.relpath(os.path.abspath(path), self.abs_root)
+        parts = rel.split(os.sep)
+        if len(parts) != 3 or parts[0] != "objects" or not parts[2].endswith(".json") or parts[1] in ("", ".", ".."):
+            return None
+        real = folders.get(parts[1])
+        if real is None:
+            folder = os.path.join(self.abs_root, "objects", parts[1])
+            real = folders[parts[1]] = os.path.realpath(folder) == os.path.join(real_objects, parts[1])
+        return "/".join(parts) if real else None
+
     def scan(self, buffer: Buffer, batch_size: int = 500, paths: Iterable[str] | None = None) -> Iterator[Batch]:
         """Files seen before are statted and read only if they changed (a rescan is mostly
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""
-        known = buffer.file_signatures(self.key)
+        files: Iterable[tuple[str, str]] = self._walk(paths)
+        if paths is None:
+            known = buffer.file_signatures(self.key)
+        else:  # a few changed paths: only their signatures
+            files = list(files)
+            known = buffer.file_signatures(self.key, [name for locator, _ in files for name in (
+                (locator, safe_name(locator)) if _undecodable(locator) else (locator,))])
         out = _Scan(self.key, batch_size, self._index)
         seen, unseen = [], []
-        for locator, path in self._walk(paths):
+        for locator, path in files:
             last = known.get(locator)
             if last is None and _undecodable(locator):
                 last = known.get(safe_name(locator))  # quarantined under its printable name
@@ -326,6 +352,9 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
                     target = os.path.realpath(path)
                     if os.path.commonpath([target, real_root]) != real_root:
                         refused = f"symlink leads outside the store (to {target})"
+                    elif _is_object_file(os.path.relpath(target, real_root)):
+                        # Another artifact file: read there, so that it is stored once.
+                        refused = f"symlink to {os.path.relpath(target, real_root)}, which is read as itself"
                     else:
                         st = os.stat(path)
                 if last and last[0] == st.st_size and last[1] == st.st_mtime_ns:
@@ -438,6 +467,12 @@ def _read(fd: int, size: int, limit: int) -> bytes:
                 break
             data += more
     return data
+
+
+def _is_object_file(rel: str) -> bool:
+    """Whether a path relative to the store is where an artifact file lives (objects/xx/name.json)."""
+    parts = rel.split(os.sep)
+    return len(parts) == 3 and parts[0] == "objects" and parts[2].endswith(".json")
 
 
 def _undecodable(name: str) -> bool:

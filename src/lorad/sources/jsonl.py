@@ -154,7 +154,7 @@ class JsonlSource:
         return [self.path.parent]
 
     def scan(self, buffer: Buffer, batch_size: int = 500, paths: Iterable[str] | None = None) -> Iterator[Batch]:
-        if paths is not None and not any(Path(p).name.startswith(self.path.name) for p in paths):
+        if paths is not None and not any(self._names_log(p) for p in paths):
             return
         state = buffer.source_state(self.key)
         parents = _known_parents(buffer, self.key)
@@ -174,6 +174,13 @@ class JsonlSource:
             offset = 0  # truncated (or replaced in place): everything there is new
         state = {"inode": st.st_ino, "dev": st.st_dev, "offset": offset, "head": state.get("head", "")}
         yield from self._read(self.path, offset, state, batch_size, parents, final=False)
+
+    def _names_log(self, path: str) -> bool:
+        """Whether an event's path is the log or a rotated copy beside it (not a file of the
+        same name in some other folder, or one reached through a symlinked folder)."""
+        path = os.path.abspath(path)
+        return (os.path.basename(path).startswith(self.path.name)
+                and os.path.dirname(path) == os.path.abspath(self.path.parent))
 
     def _rotated(self, inode: int, dev: int | None) -> Path | None:
         folder = self.path.parent
