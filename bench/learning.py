@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    work = args.out or Path(tempfile.mkdtemp(prefix="lorad-learning-"))
+    work = (args.out or Path(tempfile.mkdtemp(prefix="lorad-learning-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     report = run(work, plan)
     print(table(report))
