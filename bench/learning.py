@@ -67,10 +67,12 @@ class Plan:
     seed: int = 0
 
 
-FULL = Plan(tiny=False, families=len(learning_tasks.FAMILIES), unseen_per_family=4, store_per_family=0,
-            steps=40, grpo_steps=24, batch_size=4, grpo_batch_size=8, num_generations=4,
-            learning_rate=1e-3, grpo_learning_rate=2e-4, max_seq_length=384, max_new_tokens=128,
-            generation_samples=16, eval_batch_size=8)
+# Sized for a shared 2-core CPU: one SmolLM2 step of batch 4 takes 5-10 s on an idle one, and
+# several times that while other work runs.
+FULL = Plan(tiny=False, families=len(learning_tasks.FAMILIES), unseen_per_family=3, store_per_family=0,
+            steps=12, grpo_steps=6, batch_size=4, grpo_batch_size=8, num_generations=4,
+            learning_rate=3e-3, grpo_learning_rate=1e-3, max_seq_length=384, max_new_tokens=48,
+            generation_samples=4, eval_batch_size=8)
 QUICK = Plan(tiny=True, families=3, unseen_per_family=3, store_per_family=8, steps=3, grpo_steps=2,
              batch_size=4, grpo_batch_size=4, num_generations=2, learning_rate=1e-2, grpo_learning_rate=1e-2,
              max_seq_length=128, max_new_tokens=16, generation_samples=2, eval_batch_size=8)
@@ -323,22 +325,37 @@ def run(work: Path, plan: Plan) -> dict:
     named, model_dir = base_model(work, plan.tiny)
 
     stages: dict = {"store": store, "unseen_tasks": len(unseen)}
+    scores: dict = {}
+    report = {"plan": dataclasses.asdict(plan), "stages": stages, "scores": scores,
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+    def score(label: str, adapter: str | None) -> None:
+        # Each model is scored as soon as it exists, and the report rewritten: a run cut
+        # short still holds every figure it reached.
+        scores.update(first_attempts(model_dir, {label: adapter}, unseen, plan))
+        report["seconds"] = time.monotonic() - t0
+        (work / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{label}: ε {scores[label]['epsilon']:.3f} ({scores[label]['accepted']}/{scores[label]['n']}), "
+              f"{report['seconds'] / 60:.1f} min so far", file=sys.stderr, flush=True)
+
+    score("base", None)
     stages["lorad_sft"] = lorad_cycle(write_config(work, named, plan, method="sft"), "lorad sft")
     print(f"lorad sft: {stages['lorad_sft']['version']} {stages['lorad_sft']['status']} "
           f"({stages['lorad_sft']['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    score("lorad SFT", stages["lorad_sft"]["adapter"])
     stages["plain_sft"] = plain_sft(model_dir, accepted_rows(work / "store"), work, plan)
     print(f"plain trl sft: {stages['plain_sft']['seconds']:.0f} s", file=sys.stderr, flush=True)
+    score("plain trl SFT", stages["plain_sft"]["adapter"])
     stages["lorad_grpo"] = lorad_cycle(write_config(work, named, plan, method="grpo"), "lorad grpo")
     print(f"lorad grpo: {stages['lorad_grpo']['version']} {stages['lorad_grpo']['status']} "
           f"({stages['lorad_grpo']['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    score("lorad GRPO", stages["lorad_grpo"]["adapter"])
 
-    adapters = {"base": None, "plain trl SFT": stages["plain_sft"]["adapter"],
-                "lorad SFT": stages["lorad_sft"]["adapter"], "lorad GRPO": stages["lorad_grpo"]["adapter"]}
-    scores = first_attempts(model_dir, adapters, unseen, plan)
+    report["scores"] = {k: scores[k] for k in ("base", "plain trl SFT", "lorad SFT", "lorad GRPO")}
     best = max(("lorad SFT", "lorad GRPO"), key=lambda k: scores[k]["epsilon"])
-    report = {"plan": dataclasses.asdict(plan), "stages": stages, "scores": scores, "best_lorad": best,
-              "margin_over_plain": scores[best]["epsilon"] - scores["plain trl SFT"]["epsilon"],
-              "seconds": time.monotonic() - t0, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    report["best_lorad"] = best
+    report["margin_over_plain"] = scores[best]["epsilon"] - scores["plain trl SFT"]["epsilon"]
+    report["seconds"] = time.monotonic() - t0
     (work / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
