@@ -50,7 +50,7 @@ def test_every_settings_key_is_documented_in_the_example():
     ("[training]\nlora_r = -4", "training.lora_r: must be positive, got -4"),
     ("[training]\nlora_r = 'four'", "training.lora_r: must be an integer, got a string 'four'"),
     ("[training]\nlearning_rate = 3.0", "training.learning_rate: must be between 1e-07 and 0.01"),
-    ("[training]\nmethod = 'ppo'", "training.method: must be one of ['sft', 'dpo', 'kto'], got 'ppo'"),
+    ("[training]\nmethod = 'ppo'", "training.method: must be one of ['sft', 'dpo', 'kto', 'grpo'], got 'ppo'"),
     ("[trainin]\nlora_r = 4", "trainin: unknown key"),
     ("[training]\nlora_rank = 4", "training.lora_rank: unknown key"),
     ("[[store.sources]]\nkind = 'atomicguard'", "store.sources[0].path: required key is missing"),
@@ -176,3 +176,29 @@ def test_conditioning_and_the_paired_gate_keys_are_validated():
         config.loads("[evaluation]\nconfidence = 1.0\n")
     with pytest.raises(ConfigError, match="evaluation.max_heldout: must be positive"):
         config.loads("[evaluation]\nmax_heldout = 0\n")
+
+
+def test_grpo_without_a_guard_command_names_training_method(tmp_path):
+    cfg = tmp_path / "grpo.toml"
+    cfg.write_text('[training]\nmethod = "grpo"\n')
+    with pytest.raises(ConfigError, match=r"training\.method: method \"grpo\" takes its reward from "
+                                          r"evaluation\.guard_command, which is not set"):
+        config.load(cfg)
+    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"],
+                          capture_output=True, text=True)
+    assert proc.returncode == EX_CONFIG
+    assert "training.method" in proc.stderr
+
+
+def test_grpo_with_a_guard_command_loads():
+    s = config.loads('[training]\nmethod = "grpo"\nbatch_size = 8\nnum_generations = 4\n'
+                     '[evaluation]\nguard_command = ["python3", "guard.py"]\n')
+    assert (s.training.method, s.training.num_generations, s.training.beta) == ("grpo", 4, 0.0)
+
+
+def test_grpo_batch_that_splits_a_group_of_completions_names_num_generations():
+    with pytest.raises(ConfigError, match=r"training\.num_generations: must divide batch_size \* grad_accum"):
+        config.loads('[training]\nmethod = "grpo"\nbatch_size = 6\nnum_generations = 4\n'
+                     '[evaluation]\nguard_command = ["guard"]\n')
+    with pytest.raises(ConfigError, match=r"training\.num_generations: must be at least 2, got 1"):
+        config.loads("[training]\nnum_generations = 1\n")

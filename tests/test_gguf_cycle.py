@@ -51,7 +51,6 @@ lora_r = 8
 lora_alpha = 64
 lora_dropout = 0.0
 [evaluation]
-generation_samples = 0
 min_heldout_examples = 3
 [[publish]]
 kind = "gguf"

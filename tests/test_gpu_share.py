@@ -147,7 +147,6 @@ gradient_checkpointing = false
 save_steps = 1000
 warm_start = false
 [evaluation]
-generation_samples = 0
 min_improvement = 0.0
 min_heldout_examples = 3
 [[publish]]

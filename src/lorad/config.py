@@ -46,6 +46,13 @@ def non_negative(v):
     return None if v >= 0 else f"must be zero or positive, got {v!r}"
 
 
+def at_least(lo):
+    def check(v):
+        return None if v >= lo else f"must be at least {lo}, got {v!r}"
+
+    return check
+
+
 def fraction(v):
     return None if 0 <= v <= 1 else f"must be between 0 and 1, got {v!r}"
 
@@ -256,7 +263,8 @@ class ScheduleSettings:
 class TrainingSettings:
     # Hugging Face id, local directory or .gguf file
     base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    method: Literal["sft", "dpo", "kto"] = "sft"
+    # grpo: trl's GRPOTrainer on first-attempt prompts, evaluation.guard_command as the reward
+    method: Literal["sft", "dpo", "kto", "grpo"] = "sft"
     lora_r: int = _c(positive, default=4)
     lora_alpha: int = _c(positive, default=8)
     lora_dropout: float = _c(fraction, default=0.05)
@@ -281,6 +289,22 @@ class TrainingSettings:
     seed: int = 0
     # Fraction of device memory the run may plan to use (the rest is headroom).
     memory_headroom: float = _c(open_fraction, default=0.9)
+    # GRPO only: completions sampled per prompt (batch_size * grad_accum counts completions,
+    # so it must be a multiple of this), their token budget (generation also stops once the
+    # first fenced code block is closed), the sampling temperature, and the KL coefficient
+    # against the starting adapter (0 = no reference pass).
+    num_generations: int = _c(at_least(2), default=4)
+    max_completion_length: int = _c(positive, default=256)
+    temperature: float = _c(positive, default=1.0)
+    beta: float = _c(non_negative, default=0.0)
+
+    def invalid(self) -> list[tuple[str, str]]:
+        """(key, why) for values that type-check but could not run together."""
+        if self.method == "grpo" and (self.batch_size * self.grad_accum) % self.num_generations:
+            return [("num_generations", f"must divide batch_size * grad_accum ({self.batch_size} * "
+                     f"{self.grad_accum}) for method \"grpo\": a step holds whole groups of completions, "
+                     f"got {self.num_generations}")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -447,8 +471,11 @@ class Settings:
     source_path: Path | None = field(default=None, metadata={"internal": True})
 
     def invalid(self) -> list[tuple[str, str]]:
-        """(key, why) for combinations of sections that could not run."""
+        """(key path, why) for sections that are valid alone but not together."""
         found = []
+        if self.training.method == "grpo" and not self.evaluation.guard_command:
+            found.append(("training.method", 'method "grpo" takes its reward from evaluation.guard_command, '
+                          "which is not set; set the guard command or choose another method"))
         exporting = [(i, t) for i, t in enumerate(self.publish) if t.kind in ("gguf", "ollama")]
         bases = set()
         for i, t in exporting:

@@ -214,13 +214,23 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     from lorad.buffer import examples
 
     t, sel = settings.training, settings.selection
+    grpo = t.method == "grpo"
     registry = release.open_registry(settings)
     examples.refresh(buffer, sel, now=now)
     since = release.since_seq(registry) if since is None else since
+    # GRPO trains on prompts (prompts.jsonl) and is scored on the same held-out rows as SFT.
     snap = examples.build_snapshot(
-        buffer, sel, method=t.method, n=t.train_examples, replay_ratio=t.replay_ratio,
+        buffer, sel, method="sft" if grpo else t.method, n=t.train_examples, replay_ratio=t.replay_ratio,
         since_seq=since, max_heldout=settings.evaluation.max_heldout, now=now)
-    if not snap.train:
+    prompts = None
+    if grpo:
+        from lorad.buffer.prompts import build_prompts
+
+        prompts = build_prompts(buffer, sel, n=t.train_examples)
+        if not prompts.rows:
+            raise NothingToTrain(f"no training task with a specification for GRPO (prompts: {prompts.stats})")
+        snap.train, snap.example_seqs, snap.stats = [], prompts.seqs, snap.stats | prompts.stats
+    elif not snap.train:
         raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
     cur, prev = registry.current(), registry.previous()
     # Never warm-start from, or compare against, files that are not what was blessed.
@@ -239,13 +249,14 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
                       reference_adapter=current_path,
                       previous_adapter=str(registry.path_of(prev)) if rescore else None, window_end=window_end)
     job_dir = job_dir_of(settings, job_id)
-    write_job(job_dir, spec, snap.train, snap.heldout)
+    write_job(job_dir, spec, snap.train, snap.heldout, prompts.rows if prompts else None)
     Plan(active=cur, previous=prev if rescore else None, since_seq=since,
          examples={"max_seq": snap.max_seq, "count": len(snap.example_seqs),
                    "sha256": _digest(snap.example_seqs), "seqs": snap.example_seqs, "stats": snap.stats},
          heldout={"count": len(snap.heldout), "sha256": _digest(r.get("chain_id") for r in snap.heldout)},
          ).write(job_dir)
-    log.info(events.JOB_PREPARED, job_id=job_id, train_rows=len(snap.train), heldout=len(snap.heldout),
+    log.info(events.JOB_PREPARED, job_id=job_id, train_rows=len(prompts.rows if prompts else snap.train),
+             heldout=len(snap.heldout),
              active=cur, rescore_previous=rescore)
     return job_dir
 

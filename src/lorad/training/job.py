@@ -3,7 +3,8 @@
 Torch-free: the daemon and the CLI import this module. Layout of ``state_dir/jobs/<job_id>/``:
 
     job.json          the JobSpec (written by the parent)
-    train.jsonl       training rows (SFT, DPO or KTO format, see docs/architecture.md)
+    train.jsonl       training rows (SFT, DPO or KTO format, see docs/architecture.md; empty for GRPO)
+    prompts.jsonl     GRPO only: first-attempt prompts with their specifications
     heldout.jsonl     held-out rows
     progress.jsonl    one JSON object a line from the worker: stage, step, total_steps, loss,
                       learning_rate, tokens_per_s, eta_s, ts
@@ -40,13 +41,14 @@ STATUS_BY_EXIT = {EXIT_OK: "succeeded", EXIT_FAILED: "failed", EXIT_PAUSED: "pau
 JOB_FILE = "job.json"
 TRAIN_FILE = "train.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
+PROMPTS_FILE = "prompts.jsonl"
 PROGRESS_FILE = "progress.jsonl"
 RESULT_FILE = "result.json"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 
 
-SCHEMA_VERSION = 1  # of job.json and result.json; a reader refuses any other
+SCHEMA_VERSION = 2  # of job.json and result.json; a reader refuses any other (2: GRPO keys, no generation_samples)
 
 # Progress stages the worker writes (progress.jsonl "stage"), in the order they come; a
 # record whose stage is a status (succeeded, failed, paused, cancelled) is the last one.
@@ -65,7 +67,8 @@ class JobError(Exception):
 _TRAINING_KEYS = ("base_model", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                   "learning_rate", "max_steps", "epochs", "batch_size", "grad_accum", "max_seq_length",
                   "quantization", "processes", "accelerate_config", "save_steps",
-                  "gradient_checkpointing", "packing", "seed", "memory_headroom")
+                  "gradient_checkpointing", "packing", "seed", "memory_headroom", "num_generations",
+                  "max_completion_length", "temperature", "beta")
 _EVALUATION_KEYS = ("eval_batch_size", "guard_command", "guard_timeout",
                     "max_new_tokens")
 
@@ -108,6 +111,10 @@ class JobSpec:
     packing: bool
     seed: int
     memory_headroom: float
+    num_generations: int
+    max_completion_length: int
+    temperature: float
+    beta: float
     eval_batch_size: int
     guard_command: tuple[str, ...]
     guard_timeout: float
@@ -249,8 +256,9 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_job(job_dir, spec: JobSpec, train_rows, heldout_rows) -> Path:
-    """Create a job directory: job.json plus the train and held-out snapshots.
+def write_job(job_dir, spec: JobSpec, train_rows, heldout_rows, prompt_rows=None) -> Path:
+    """Create a job directory: job.json plus the train and held-out snapshots, and for GRPO
+    the prompts (``{"prompt": [msgs], "specification": str, "metadata": {...}}`` each).
 
     Returns:
         The job directory.
@@ -259,6 +267,8 @@ def write_job(job_dir, spec: JobSpec, train_rows, heldout_rows) -> Path:
     job_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(job_dir / TRAIN_FILE, train_rows)
     write_jsonl(job_dir / HELDOUT_FILE, heldout_rows)
+    if prompt_rows is not None:
+        write_jsonl(job_dir / PROMPTS_FILE, prompt_rows)
     atomic_write(job_dir / JOB_FILE, json.dumps(spec.as_dict(), indent=2) + "\n")
     return job_dir
 

@@ -1,4 +1,4 @@
-"""Model and adapter setup, and the trl trainers (SFT, DPO, KTO). Imported by the worker only.
+"""Model and adapter setup, and the trl trainers (SFT, DPO, KTO, GRPO). Imported by the worker only.
 
 One code path for every device: on the CPU fp32 and nothing else; on CUDA bf16 where the
 device supports it (fp16 otherwise), gradient checkpointing, and 4-bit QLoRA when asked
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 # Columns each method's trainer reads; everything else in a row (metadata, ids) is dropped.
 COLUMNS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected"),
-           "kto": ("prompt", "completion", "label")}
+           "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "specification")}
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,15 @@ def dataset(rows: list[dict], method: str):
 def training_arguments(method: str, *, output_dir: str, prec: Precision, learning_rate: float,
                        max_steps: int, epochs: float, batch_size: int, grad_accum: int,
                        max_seq_length: int, save_steps: int, seed: int, packing: bool = False,
-                       padding_free: bool = False):
+                       padding_free: bool = False, num_generations: int = 4,
+                       max_completion_length: int = 256, temperature: float = 1.0, beta: float = 0.0):
     """The trl config for ``method``; checkpoints go to ``output_dir`` every ``save_steps``.
 
     Logging every step (NaN filter off) is what lets the worker see a NaN loss at the step it
-    happens and stream progress.
+    happens and stream progress. For GRPO ``batch_size`` counts completions (whole groups of
+    ``num_generations``); the last four arguments are GRPO's alone.
     """
-    from trl import DPOConfig, KTOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
 
     common = dict(
         output_dir=output_dir, learning_rate=learning_rate, max_steps=max_steps or -1,
@@ -127,6 +129,14 @@ def training_arguments(method: str, *, output_dir: str, prec: Precision, learnin
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
         max_length=max_seq_length, dataset_num_proc=None, remove_unused_columns=True,
         ddp_find_unused_parameters=False)
+    if method == "grpo":
+        # Why no max_length, and no token counting by the Trainer: GRPOConfig has neither
+        # (prompts are not cut; GRPO counts prompt and completion tokens itself).
+        for key in ("max_length", "dataset_num_proc", "include_num_input_tokens_seen", "remove_unused_columns"):
+            common.pop(key)
+        return GRPOConfig(**common, num_generations=num_generations, max_completion_length=max_completion_length,
+                          temperature=temperature, beta=beta, remove_unused_columns=False,
+                          include_num_input_tokens_seen="no")
     if method == "sft":
         return SFTConfig(**common, packing=packing, padding_free=padding_free or packing,
                          completion_only_loss=True)
@@ -134,14 +144,19 @@ def training_arguments(method: str, *, output_dir: str, prec: Precision, learnin
         return DPOConfig(**common)
     if method == "kto":
         return KTOConfig(**common)
-    raise ValueError(f"unknown training method {method!r} (expected sft, dpo or kto)")
+    raise ValueError(f"unknown training method {method!r} (expected sft, dpo, kto or grpo)")
 
 
-def trainer(method: str, model, tokenizer, train_dataset, args, callbacks):
+def trainer(method: str, model, tokenizer, train_dataset, args, callbacks, reward=None):
     """The trl trainer for ``method``; for DPO and KTO the reference is the model with its
-    adapter disabled (peft), so no second copy of the base is loaded."""
-    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+    adapter disabled (peft), so no second copy of the base is loaded. GRPO takes ``reward``
+    (see :class:`lorad.training.grpo.GuardReward`); with beta > 0 its reference is a frozen
+    copy of the starting adapter (trl's "ref" adapter, dropped again before saving)."""
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
+    if method == "grpo":
+        return GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=train_dataset,
+                           processing_class=tokenizer, callbacks=callbacks)
     cls = {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[method]
     return cls(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                callbacks=callbacks)

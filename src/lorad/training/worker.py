@@ -4,7 +4,8 @@ Reads the job directory the parent wrote (see :mod:`lorad.training.job`), then, 
 
 1. setup: resolve the base model (converting a GGUF once), check the learning rate and the
    memory estimate before any step, load the model, attach a fresh or warm-started LoRA;
-2. train: a trl trainer with a callback that streams progress.jsonl, stops with the reason on
+2. train: a trl trainer (GRPO: trl's GRPOTrainer on prompts.jsonl, the guard as the reward,
+   see :mod:`lorad.training.grpo`) with a callback that streams progress.jsonl, stops with the reason on
    a NaN/Inf loss, and on SIGTERM or the end of the window finishes the step, checkpoints and
    stops (exit 75); SIGINT cancels (exit 76). A new worker on the same directory resumes from
    the last complete checkpoint (optimizer, scheduler and RNG state included);
@@ -237,10 +238,11 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
             done = state.global_step - (self.step0 or 0)
             tokens = state.num_input_tokens_seen - self.tokens0
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+            extra = {"reward": logs["reward"]} if "reward" in logs else {}  # GRPO: mean guard verdict
             progress.write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
                            loss=loss, learning_rate=logs.get("learning_rate"),
                            tokens_per_s=tokens / elapsed, eta_s=eta,
-                           tokens=state.num_input_tokens_seen)
+                           tokens=state.num_input_tokens_seen, **extra)
             return control
 
         def on_save(self, args, state, control, **kw):
@@ -334,7 +336,10 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     except resources.ResourceError as e:
         raise JobFailed(str(e)) from None
     if spec.method not in lora.COLUMNS:
-        raise JobFailed(f"unknown training method {spec.method!r} (expected sft, dpo or kto)")
+        raise JobFailed(f"unknown training method {spec.method!r} (expected sft, dpo, kto or grpo)")
+    grpo = spec.method == "grpo"
+    if grpo and not spec.guard_command:
+        raise JobFailed("method grpo needs a guard command (evaluation.guard_command): its verdict is the reward")
     try:
         model_dir = resolve(spec.base_model, spec.state_dir, offline=True) if is_main else None
     except BaseModelError as e:
@@ -358,10 +363,10 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     result.processes = int(os.environ.get("WORLD_SIZE", "1"))
     result.base_model = model_dir
 
-    train_rows = jobfile.read_jsonl(job_dir / jobfile.TRAIN_FILE)
+    train_rows = jobfile.read_jsonl(job_dir / (jobfile.PROMPTS_FILE if grpo else jobfile.TRAIN_FILE))
     heldout_rows = jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE)
     if not train_rows:
-        raise JobFailed("the training set is empty")
+        raise JobFailed("the training set is empty" if not grpo else "there are no prompts to train on")
     torch.manual_seed(spec.seed)
     model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
     model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
@@ -381,9 +386,15 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         spec.method, output_dir=str(staging), prec=prec, learning_rate=spec.learning_rate,
         max_steps=spec.max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
         grad_accum=spec.grad_accum, max_seq_length=spec.max_seq_length, save_steps=spec.save_steps,
-        seed=spec.seed, packing=spec.packing)
+        seed=spec.seed, packing=spec.packing, num_generations=spec.num_generations,
+        max_completion_length=spec.max_completion_length, temperature=spec.temperature, beta=spec.beta)
     callback = make_callback(flags, progress, job_dir, spec.window_end, is_main)
-    trainer = lora.trainer(spec.method, model, tokenizer, train_dataset, args, [callback])
+    reward = None
+    if grpo:
+        from lorad.training.grpo import GuardReward
+
+        reward = GuardReward(spec.guard_command, spec.guard_timeout)
+    trainer = lora.trainer(spec.method, model, tokenizer, train_dataset, args, [callback], reward=reward)
     checkpoints = complete_checkpoints(job_dir)
     resume = str(checkpoints[-1]) if checkpoints else None
     result.resumed_from = resume
@@ -396,7 +407,8 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         callback.on_step_begin(args, trainer.state, trainer.control)  # records where this run starts
         callback.final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
     else:
-        trainer.train(resume_from_checkpoint=resume)
+        with _sampling(trainer.model, tokenizer, grpo):
+            trainer.train(resume_from_checkpoint=resume)
     result.train_seconds = time.monotonic() - t0
     state = trainer.state
     result.steps, result.total_steps = state.global_step, state.max_steps
@@ -415,6 +427,8 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
 
     # -- save: only a healthy adapter is written
     model = trainer.model
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")  # GRPO's frozen reference (beta > 0) is no part of the result
     health = check_finite_logits(model, tokenizer, heldout_rows or train_rows,
                                  batch_size=spec.eval_batch_size, max_seq_length=spec.max_seq_length)
     result.health = {"ok": health.ok, "reason": health.reason}
@@ -428,6 +442,17 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
         result.metrics = evaluate(model, tokenizer, heldout_rows, spec)
     return EXIT_OK
+
+
+def _sampling(model, tokenizer, grpo: bool):
+    """GRPO's completions end where their first code block does; other methods sample nothing."""
+    import contextlib
+
+    if not grpo:
+        return contextlib.nullcontext()
+    from lorad.training.grpo import stop_after_first_block
+
+    return stop_after_first_block(model, tokenizer)
 
 
 def evaluate(model, tokenizer, heldout_rows: list[dict], spec) -> dict:

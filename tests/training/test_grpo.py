@@ -1,0 +1,182 @@
+"""GRPO with the guard as the reward: the worker end to end on the tiny model, and its parts."""
+
+from __future__ import annotations
+
+import signal
+import stat
+import time
+
+import pytest
+
+from lorad.training import job as jobfile
+from lorad.training.grpo import GuardReward, closes_first_block
+from lorad.training.worker import complete_checkpoints
+
+from training_helpers import output, run_worker, start_worker
+
+# The tiny model samples from a 512-token BPE vocabulary; about one completion in eight
+# starts with one of these letters, so groups of 8 nearly always hold both verdicts.
+ACCEPTED_START = "aeiou"
+HEAD_SCALE = 10.0
+
+
+@pytest.fixture
+def guard(tmp_path):
+    """A guard accepting any artifact that starts with a vowel (a shell script: quick to spawn)."""
+    path = tmp_path / "vowel_guard.sh"
+    path.write_text('#!/bin/sh\nIFS= read -r line\ncase "$line" in [' + ACCEPTED_START + ']*) exit 0;; esac\n'
+                    'echo "does not start with a vowel"\nexit 1\n')
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return (str(path),)
+
+
+def prompt_row(i: int) -> dict:
+    spec = f"Say a word, {i}."
+    return {"prompt": [{"role": "user", "content": spec}], "specification": spec,
+            "metadata": {"chain_id": f"c{i}"}}
+
+
+@pytest.fixture(scope="module")
+def grpo_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its output head scaled up.
+
+    Why: at the usual init (std 0.02) the head maps every hidden state to nearly uniform
+    logits, so no LoRA on the inner layers could move the next-token distribution within a
+    test's few steps; a real model's head is not like that.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(HEAD_SCALE)
+    out = tmp_path_factory.mktemp("grpo") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def make_grpo_job(make_job, guard, grpo_model_dir):
+    def make(**overrides):
+        job_dir = make_job(**{"method": "grpo", "base_model": str(grpo_model_dir), "guard_command": guard, "batch_size": 8, "num_generations": 8,
+                              "max_completion_length": 2, "learning_rate": 1e-2, "max_steps": 40,
+                              "save_steps": 100, "temperature": 1.0, "seed": 1, **overrides})
+        jobfile.write_jsonl(job_dir / jobfile.PROMPTS_FILE, [prompt_row(i) for i in range(8)])
+        return job_dir
+
+    return make
+
+
+def _rewards(job_dir) -> dict[int, float]:
+    return {r["step"]: r["reward"] for r, _ in jobfile.iter_progress(job_dir)
+            if r["stage"] == "training" and "reward" in r}
+
+
+def _adapter_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_grpo_reward_rises_and_the_adapter_changes(make_grpo_job):
+    job_dir = make_grpo_job()
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    rewards = _rewards(job_dir)
+    assert sorted(rewards) == list(range(1, 41))
+    first, last = [rewards[s] for s in range(1, 9)], [rewards[s] for s in range(33, 41)]
+    assert sum(last) / 8 > sum(first) / 8 + 0.25, rewards
+    weights = _adapter_weights(job_dir / "adapter")
+    # A fresh LoRA's B matrices start at zero: any non-zero one was learned.
+    assert any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k)
+    assert not any(".ref." in k for k in weights), "GRPO's reference adapter was saved"
+    assert result.method == "grpo" and result.health["ok"]
+
+
+def test_grpo_resume_after_sigterm_continues_from_the_checkpoint(make_grpo_job):
+    job_dir = make_grpo_job(max_steps=12)
+    proc = start_worker(job_dir)
+    deadline = time.monotonic() + 120
+    while len(_rewards(job_dir)) < 3:
+        assert proc.poll() is None, output(job_dir)
+        assert time.monotonic() < deadline, "GRPO did not reach step 3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
+    paused = jobfile.read_result(job_dir)
+    stopped_at = paused.steps
+    assert paused.status == "paused" and 3 <= stopped_at < 12
+    assert [p.name for p in complete_checkpoints(job_dir)] == [f"step-{stopped_at}"]
+
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    assert result.steps == 12 and result.resumed_from.endswith(f"step-{stopped_at}")
+    starts = [(r["step"], r["resumed"]) for r, _ in jobfile.iter_progress(job_dir)
+              if r["stage"] == "training" and r.get("loss") is None]
+    assert starts == [(0, False), (stopped_at, True)]
+    assert sorted(_rewards(job_dir)) == list(range(1, 13))
+
+
+def test_grpo_without_a_guard_fails_before_training(make_grpo_job):
+    job_dir = make_grpo_job(guard_command=())
+    code, result, _ = run_worker(job_dir)
+    assert code == jobfile.EXIT_FAILED
+    assert "guard command" in result.error and result.steps == 0
+
+
+def test_guard_reward_scores_each_completion_by_the_guard_exit_code(guard):
+    reward = GuardReward(guard, timeout=10)
+    completions = [[{"role": "assistant", "content": "apple"}], [{"role": "assistant", "content": "pear"}],
+                   [{"role": "assistant", "content": "```python\nok = 1\n```\nprose"}]]
+    assert reward(prompts=[None] * 3, completions=completions, specification=["s"] * 3) == [1.0, 0.0, 1.0]
+
+
+def test_guard_reward_passes_the_specification_and_scores_a_timeout_zero(tmp_path):
+    script = tmp_path / "g.sh"
+    script.write_text('#!/bin/sh\n[ "$LORAD_SPECIFICATION" = slow ] && sleep 5\n'
+                      '[ "$LORAD_SPECIFICATION" = yes ]\n')
+    script.chmod(0o755)
+    reward = GuardReward((str(script),), timeout=0.5)
+    done = [{"role": "assistant", "content": "x"}]
+    assert reward(prompts=[None] * 3, completions=[done] * 3, specification=["yes", "no", "slow"]) == [1.0, 0.0, 0.0]
+
+
+def test_first_block_closes_only_at_its_closing_fence():
+    assert not closes_first_block("Here:\n```python\ndef f():\n    return 1\n")
+    assert closes_first_block("Here:\n```python\ndef f():\n    return 1\n```")
+    assert not closes_first_block("no code at all")
+
+
+def test_generation_stops_after_the_first_code_block(tiny_model_dir):
+    """Whatever the model would write next, the completion ends right after the closing fence."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorad.training.grpo import stop_after_first_block
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt = tok("Write x.", return_tensors="pt")["input_ids"]
+    script = tok("```python\nx = 1\n```", add_special_tokens=False)["input_ids"]
+    after = tok("a", add_special_tokens=False)["input_ids"][0]
+
+    class Script:
+        """Forces the scripted tokens, then "a" forever (prose after the code)."""
+
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt.shape[1]
+            forced = script[step] if step < len(script) else after
+            out = torch.full_like(scores, -1e9)
+            out[:, forced] = 0.0
+            return out
+
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=len(script) + 5, do_sample=False,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    free = model.generate(input_ids=prompt, logits_processor=[Script()], **kwargs)[0, prompt.shape[1]:].tolist()
+    assert free == script + [after] * 5  # without the stop the prose runs to the cap
+    with stop_after_first_block(model, tok):
+        out = model.generate(input_ids=prompt, logits_processor=[Script()], **kwargs)[0, prompt.shape[1]:].tolist()
+    assert out == script + [tok.eos_token_id], tok.decode(out)
+    assert "generate" not in vars(model), "the wrapper outlived its context"
