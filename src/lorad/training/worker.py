@@ -19,6 +19,7 @@ markers, the adapter, the metrics and the result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -352,10 +353,12 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         raise JobFailed(str(e)) from None
     shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules,
                                   local_files_only=True)
+    fit = dict(batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
+               headroom=spec.memory_headroom, lora_dropout=spec.lora_dropout > 0)
+    checkpointing = resources.use_checkpointing(shape, device, requested=spec.gradient_checkpointing, **fit)
+    prec = dataclasses.replace(prec, gradient_checkpointing=checkpointing)
     try:
-        estimate = resources.check_fits(
-            shape, device, batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
-            gradient_checkpointing=prec.gradient_checkpointing, headroom=spec.memory_headroom)
+        estimate = resources.check_fits(shape, device, gradient_checkpointing=checkpointing, **fit)
     except resources.ResourceError as e:
         raise JobFailed(str(e)) from None
     result.memory_estimate = estimate.as_dict()
