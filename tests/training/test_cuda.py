@@ -8,10 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from training_helpers import run_worker, sft_row  # noqa: E402
+
 from lorad.training import job as jobfile  # noqa: E402
 from lorad.training import resources  # noqa: E402
-
-from training_helpers import run_worker, sft_row  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from training_helpers import sft_row
 
 from lorad.training import speed
-
-from training_helpers import sft_row
 
 
 def _load(model_dir, attn_implementation="sdpa"):
