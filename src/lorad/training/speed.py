@@ -114,9 +114,12 @@ def completion_head(model) -> bool:
     be a PeftModel.
     """
     import torch
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    from trl.trainer.utils import FusedCausalLMOutput
 
+    try:  # trl >= 1.16: the chunked head this builds on
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import FusedCausalLMOutput
+    except ImportError:
+        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = base.config.get_text_config()
     if any(getattr(text, name, None) is not None for name in _LOGIT_TRANSFORMS):
