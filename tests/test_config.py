@@ -73,6 +73,10 @@ def test_every_settings_key_is_documented_in_the_example():
     ("[[publish]]\nkind = 'vllm'\nurl = 'http://'", "publish[0].url: must be an http:// or https:// URL"),
     ("[evaluation]\nguard_command = ['', 'x']", "evaluation.guard_command[0]: must name the program to run"),
     ("daemon = 3", "daemon: must be a table"),
+    ("[training]\npacking = 1", 'training.packing: must be "auto", true or false, got 1'),
+    ("[training]\npacking = 'yes'", "training.packing: must be one of ['auto', True, False]"),
+    ("[training]\nmethod = 'dpo'\npacking = true", "training.packing: true packs SFT rows only"),
+    ("[training]\nliger_kernel = 0", 'training.liger_kernel: must be "auto", true or false, got 0'),
     ("[training\n", "not valid TOML"),
 ])
 def test_bad_value_names_the_key_path(toml, expected):
@@ -153,3 +157,13 @@ def test_sharded_accelerate_configs_are_refused_at_load_with_the_reason(tmp_path
     ddp = tmp_path / "ddp.yaml"
     ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
     assert config.loads(f'[training]\naccelerate_config = "{ddp}"\n').training.accelerate_config == str(ddp)
+
+
+def test_liger_kernel_true_without_the_package_is_refused_with_the_reason():
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(ConfigError, match="training.liger_kernel: true needs the liger-kernel package"):
+        config.loads("[training]\nliger_kernel = true")
+    assert config.loads("[training]\nliger_kernel = false\npacking = false").training.packing is False
