@@ -72,7 +72,8 @@ def packing_problem(model, tokenizer) -> str | None:
     vocab = model.get_input_embeddings().weight.shape[0]
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids = [i for i in range(min(vocab, 2000)) if i not in special]
-    first, second = ids[100:107], ids[300:305]
+    quarter = len(ids) // 4
+    first, second = ids[quarter:quarter + 7], ids[3 * quarter:3 * quarter + 5]
     device = model.get_input_embeddings().weight.device
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id or 0, padding_free=True)
     packed = collator([{"input_ids": first}, {"input_ids": second}])
