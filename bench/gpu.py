@@ -207,8 +207,8 @@ def run_lorad(job_dir: Path) -> dict:
 # -- figures ----------------------------------------------------------------------------------
 
 
-def flops_per_token(model_dir: Path, data: list[dict], seq: int, lora_r: int) -> float:
-    """Model FLOPs per trained token (the module docstring's formula) for these rows."""
+def flops_per_token(model_dir: Path, data: list[dict], seq: int, lora_r: int) -> tuple[float, float]:
+    """(model FLOPs per trained token by the module docstring's formula, the mean attended context)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -222,13 +222,14 @@ def flops_per_token(model_dir: Path, data: list[dict], seq: int, lora_r: int) ->
             if module is not model.get_output_embeddings():
                 n_lora += lora_r * (module.in_features + module.out_features)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [min(seq, len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)))
+    lengths = [min(seq, len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True,
+                                                          return_dict=True)["input_ids"]))
                for r in data]
     # Mean attended context per token within its row: sum over rows of len(len+1)/2, over the tokens.
     context = sum(n * (n + 1) / 2 for n in lengths) / max(sum(lengths), 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     d_attn = config.num_attention_heads * head_dim
-    return 4 * n_matmul + 6 * n_lora + 12 * config.num_hidden_layers * d_attn * context
+    return 4 * n_matmul + 6 * n_lora + 12 * config.num_hidden_layers * d_attn * context, context
 
 
 def check_adapter(model_dir: Path, adapter: str, cuda: bool) -> str:
@@ -292,7 +293,8 @@ def main() -> int:
     for size, shape in models.items():
         model_dir = build_model(root / f"model-{size}", shape, cuda)
         data = rows(batch * steps * 2, seq)
-        fpt = flops_per_token(model_dir, data, seq, lora_r=16)
+        fpt, context = flops_per_token(model_dir, data, seq, lora_r=16)
+        print(f"{size}: {fpt / 1e9:.2f} GFLOP per trained token (mean attended context {context:.0f} tokens)")
         params = _parameters(model_dir)
         full = size == list(models)[-1]  # the whole matrix on the larger model, the headline pair on the other
         runs: list[tuple[str, dict | None, dict]] = [

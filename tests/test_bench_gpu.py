@@ -28,4 +28,7 @@ def test_gpu_benchmark_runs_end_to_end_in_tiny_mode_and_prints_its_table():
     # The CUDA-only rows are skipped with their reason, never silently.
     assert "skipped: tiny liger on/off: needs CUDA" in out
     assert "skipped: tiny 4-bit QLoRA: needs CUDA" in out
+    # The FLOPs formula's inputs: rows of tens of tokens attend to tens of earlier ones.
+    context = float(out.split("mean attended context ")[1].split()[0])
+    assert 10 < context < 128
     assert "health check: ok" in out and "loads with PeftModel.from_pretrained: finite logits" in out
