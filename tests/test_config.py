@@ -75,6 +75,10 @@ def test_every_settings_key_is_documented_in_the_example():
     ("[[publish]]\nkind = 'vllm'\nurl = 'http://'", "publish[0].url: must be an http:// or https:// URL"),
     ("[evaluation]\nguard_command = ['', 'x']", "evaluation.guard_command[0]: must name the program to run"),
     ("daemon = 3", "daemon: must be a table"),
+    ("[training]\npacking = 1", 'training.packing: must be "auto", true or false, got 1'),
+    ("[training]\npacking = 'yes'", "training.packing: must be one of ['auto', True, False]"),
+    ("[training]\nmethod = 'dpo'\npacking = true", "training.packing: true packs SFT rows only"),
+    ("[training]\nliger_kernel = 0", 'training.liger_kernel: must be "auto", true or false, got 0'),
     ("[training\n", "not valid TOML"),
 ])
 def test_bad_value_names_the_key_path(toml, expected):
@@ -202,3 +206,13 @@ def test_grpo_batch_that_splits_a_group_of_completions_names_num_generations():
                      '[evaluation]\nguard_command = ["guard"]\n')
     with pytest.raises(ConfigError, match=r"training\.num_generations: must be at least 2, got 1"):
         config.loads("[training]\nnum_generations = 1\n")
+
+
+def test_liger_kernel_true_without_the_package_is_refused_with_the_reason():
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(ConfigError, match="training.liger_kernel: true needs the liger-kernel package"):
+        config.loads("[training]\nliger_kernel = true")
+    assert config.loads("[training]\nliger_kernel = false\npacking = false").training.packing is False

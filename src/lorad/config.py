@@ -107,6 +107,11 @@ def learning_rate(v):
     return None if 1e-7 <= v <= 1e-2 else f"must be between 1e-07 and 0.01 for LoRA training, got {v!r}"
 
 
+def auto_or_bool(v):
+    # Literal["auto", True, False] alone would let 1 and 0 through (1 == True in Python).
+    return None if isinstance(v, bool) or (isinstance(v, str) and v == "auto") else f'must be "auto", true or false, got {v!r}'
+
+
 def filter_policy(v):
     from lorad.buffer.traces import PolicyError, parse_policy  # lazily: no import cycle
 
@@ -285,7 +290,12 @@ class TrainingSettings:
     accelerate_config: str = _c(accelerate_config_file, default="")
     save_steps: int = _c(positive, default=50)
     gradient_checkpointing: bool = True
-    packing: bool = False
+    # Padding-free packing of SFT rows: "auto" packs where the model keeps packed rows apart
+    # exactly (checked on the loaded model), true refuses a run where it would not, false never.
+    packing: Literal["auto", True, False] = _c(auto_or_bool, default="auto")
+    # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on CUDA: "auto" when liger_kernel is
+    # importable, true refuses a run without CUDA or liger_kernel, false never.
+    liger_kernel: Literal["auto", True, False] = _c(auto_or_bool, default="auto")
     seed: int = 0
     # Fraction of device memory the run may plan to use (the rest is headroom).
     memory_headroom: float = _c(open_fraction, default=0.9)
@@ -305,6 +315,20 @@ class TrainingSettings:
                      f"{self.grad_accum}) for method \"grpo\": a step holds whole groups of completions, "
                      f"got {self.num_generations}")]
         return []
+
+    def invalid(self) -> list[tuple[str, str]]:
+        """(key, why) for values that type-check but could not run, judged with ``method``."""
+        found = []
+        if self.packing is True and self.method != "sft":
+            found.append(("packing", f"true packs SFT rows only, and method = {self.method!r}; "
+                                     f"use \"auto\" or false"))
+        if self.liger_kernel is True:
+            import importlib.util
+
+            if importlib.util.find_spec("liger_kernel") is None:
+                found.append(("liger_kernel", "true needs the liger-kernel package (pip install liger-kernel) "
+                                              "and CUDA; it is not installed (use \"auto\" or false)"))
+        return found
 
 
 @dataclass(frozen=True)

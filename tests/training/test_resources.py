@@ -76,3 +76,69 @@ def test_cpu_training_is_fp32_and_never_4bit():
     assert resources.training_dtype(cpu, "4bit") == "float32"
     gpu = Device("cuda", "x", GIB, GIB, bf16=True)
     assert resources.training_dtype(gpu, "none") == "bfloat16"
+
+
+
+MEASURE = """
+import sys, torch
+from lorad.training import lora, speed
+from training_helpers import sft_row
+
+def vm(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+model_dir, batch, seq, dropout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+torch.set_num_threads(1)
+prec = lora.precision("cpu", "float32", False)
+model, tok = lora.load_model(model_dir, prec)
+model = lora.attach_adapter(model, r=4, alpha=8, dropout=dropout, target_modules=["all-linear"])
+rows = [sft_row(i) for i in range(400)]  # enough short rows to fill every packed sequence
+args = lora.training_arguments("sft", output_dir=model_dir + "-out", prec=prec, learning_rate=1e-4, max_steps=2,
+                               epochs=1.0, batch_size=batch, grad_accum=1, max_seq_length=seq, save_steps=100,
+                               seed=0, packing=True)
+trainer = lora.trainer("sft", model, tok, lora.dataset(rows, "sft"), args, [])
+speed.completion_head(trainer.model)
+before = vm("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+trainer.train()
+print(vm("VmHWM") - before)
+"""
+
+
+def test_estimate_is_within_a_factor_of_two_of_the_measured_training_peak(tmp_path):
+    """The estimate's run-dependent part (activations, LM head, LoRA + optimizer) against the
+    resident memory a real training run adds at its peak (VmHWM, reset just before training;
+    a fresh process, as the worker is), on a model big enough that those terms dominate."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorad.training.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(512)
+    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    batch, seq, dropout = 8, 256, 0.05
+    shape = resources.model_shape(str(model_dir), 4, ["all-linear"])
+    est = resources.estimate(shape, batch_size=batch, seq_length=seq, dtype="float32", gradient_checkpointing=False,
+                             lora_dropout=dropout > 0)
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(model_dir), str(batch), str(seq), str(dropout)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = int(proc.stdout.strip().splitlines()[-1])
+    predicted = est.activations + est.lora
+    assert 0.5 <= measured / predicted <= 2.0, (measured / 2**20, predicted / 2**20)

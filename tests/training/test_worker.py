@@ -46,6 +46,11 @@ def test_worker_trains_saves_the_adapter_and_reports(make_job):
     assert result.status == "succeeded" and result.error is None
     assert result.steps == 6 and result.total_steps == 6 and result.tokens > 0
     assert math.isfinite(result.final_loss) and result.health["ok"]
+    # Fast by default where exact: packed (checked on the model), the LM head on the answer only,
+    # torch threads as OMP_NUM_THREADS says (the test environment sets 1).
+    assert result.speed["packing"] is True and result.speed["packing_reason"].startswith("exact")
+    assert result.speed["completion_head"] is True and result.speed["threads"] == 1
+    assert result.speed["gradient_checkpointing"] is False  # CPU, and the run fits without it
     adapter = job_dir / "adapter"
     assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((adapter / "adapter_config.json").read_text())

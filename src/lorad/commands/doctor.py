@@ -24,7 +24,8 @@ def register(sub, common) -> None:
 def probe_command(training, state_dir) -> list[str]:
     t = training
     argv = [sys.executable, "-m", "lorad.training.resources", "--model", t.base_model,
-            "--state-dir", str(state_dir), "--lora-r", str(t.lora_r), "--batch-size", str(t.batch_size),
+            "--state-dir", str(state_dir), "--lora-r", str(t.lora_r), "--lora-dropout", str(t.lora_dropout),
+            "--batch-size", str(t.batch_size),
             "--seq-length", str(t.max_seq_length), "--quantization", t.quantization,
             "--headroom", str(t.memory_headroom), "--target-modules", *t.target_modules]
     if not t.gradient_checkpointing:
@@ -72,7 +73,8 @@ def render(r: dict) -> str:
                      f"{est['lora_parameters']:,} LoRA parameters ({est['dtype']})")
         lines.append(f"estimate for batch {est['batch_size']} x seq {est['seq_length']}: {_gib(est['total'])} "
                      f"(weights {_gib(est['weights'])}, LoRA + optimizer {_gib(est['lora'])}, activations "
-                     f"{_gib(est['activations'])}, framework {_gib(est['framework'])}) of "
+                     f"{_gib(est['activations'])}, framework {_gib(est['framework'])}"
+                     f"{', gradient checkpointing' if est.get('gradient_checkpointing') else ''}) of "
                      f"{_gib(est['budget_bytes'])} usable: {'fits' if est['fits'] else 'DOES NOT FIT'}")
         if not est["fits"]:
             hint = est.get("suggestion")

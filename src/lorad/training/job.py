@@ -67,8 +67,8 @@ class JobError(Exception):
 _TRAINING_KEYS = ("base_model", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                   "learning_rate", "max_steps", "epochs", "batch_size", "grad_accum", "max_seq_length",
                   "quantization", "processes", "accelerate_config", "save_steps",
-                  "gradient_checkpointing", "packing", "seed", "memory_headroom", "num_generations",
-                  "max_completion_length", "temperature", "beta")
+                  "gradient_checkpointing", "packing", "liger_kernel", "seed", "memory_headroom",
+                  "num_generations", "max_completion_length", "temperature", "beta")
 _EVALUATION_KEYS = ("eval_batch_size", "guard_command", "guard_timeout",
                     "max_new_tokens")
 
@@ -108,7 +108,8 @@ class JobSpec:
     accelerate_config: str
     save_steps: int
     gradient_checkpointing: bool
-    packing: bool
+    packing: bool | str  # True, False or "auto"
+    liger_kernel: bool | str  # True, False or "auto"
     seed: int
     memory_headroom: float
     num_generations: int
@@ -192,6 +193,9 @@ class Result:
     resumed_from: str | None = None
     health: dict | None = None
     metrics: dict | None = None
+    # What the run did to go fast: threads, packing (and why or why not), completion_head,
+    # liger_kernel, gradient_checkpointing (see lorad.training.speed).
+    speed: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -109,7 +109,7 @@ def dataset(rows: list[dict], method: str):
 def training_arguments(method: str, *, output_dir: str, prec: Precision, learning_rate: float,
                        max_steps: int, epochs: float, batch_size: int, grad_accum: int,
                        max_seq_length: int, save_steps: int, seed: int, packing: bool = False,
-                       padding_free: bool = False, num_generations: int = 4,
+                       padding_free: bool = False, liger: bool = False, num_generations: int = 4,
                        max_completion_length: int = 256, temperature: float = 1.0, beta: float = 0.0):
     """The trl config for ``method``; checkpoints go to ``output_dir`` every ``save_steps``.
 
@@ -128,7 +128,10 @@ def training_arguments(method: str, *, output_dir: str, prec: Precision, learnin
         use_cpu=prec.use_cpu, activation_checkpointing=prec.gradient_checkpointing,
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
         max_length=max_seq_length, dataset_num_proc=None, remove_unused_columns=True,
-        ddp_find_unused_parameters=False)
+        ddp_find_unused_parameters=False,
+        # Liger's layer kernels; trl keeps its own chunked LM head (Liger's fused linear
+        # cross-entropy would replace the forward it patches), which already never holds the logits.
+        use_liger_kernel=liger)
     if method == "grpo":
         # Why no max_length, and no token counting by the Trainer: GRPOConfig has neither
         # (prompts are not cut; GRPO counts prompt and completion tokens itself).

@@ -10,10 +10,18 @@ The estimate (bytes) for a LoRA run is the sum of:
 - base weights: parameters x bytes per parameter (fp32 4, bf16 2, 4-bit about 0.56 with the
   quantization constants);
 - LoRA parameters, their gradients and AdamW's two moments: 4 x 4 bytes each (kept in fp32);
-- activations kept for the backward pass: per token and layer about 18 x hidden values
-  (attention inputs, q/k/v, MLP intermediates), or 2 x hidden with gradient checkpointing,
-  plus the logits (3 x vocab floats per token: logits, fp32 softmax, their gradient);
+- activations kept for the backward pass: per token and layer ACTIVATION_FACTOR x hidden values
+  (measured with bench/memory.py on SmolLM2-135M's shape: 34 with LoRA dropout, whose dropped
+  copies of each adapted layer's input are a third of it, 24 without); with gradient
+  checkpointing only each layer's input (CHECKPOINTED_FACTOR = 2 x hidden per layer) plus one
+  layer recomputed at a time;
+- the LM head: trl's and lorad's heads are chunked (``lorad.training.speed``), so the logits over
+  the vocabulary are never held whole: HEAD_TILES tiles of (tokens, up to 4,096) x (vocabulary, up
+  to 32,768) fp32 values at the peak of its backward (measured: 9.4 on SmolLM2, all positions scored);
+  an upper bound for the completion head, which scores the completion tokens only;
 - a fixed allowance for the process (imported libraries, CUDA context, allocator slack).
+
+tests/training/test_resources.py checks the estimate against a measured peak (tiny model).
 
 Run as ``python -m lorad.training.resources [--model DIR] ...`` it prints the environment as
 JSON; ``lorad doctor`` calls it that way so the CLI never imports torch.
@@ -30,8 +38,11 @@ from dataclasses import asdict, dataclass
 LR_MIN, LR_MAX = 1e-7, 1e-2
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "4bit": 0.5625}
-ACTIVATION_FACTOR = 18  # values per token, layer and hidden unit kept for backward
+# Values per token, layer and hidden unit kept for backward, with and without LoRA dropout.
+ACTIVATION_FACTOR = {True: 34, False: 24}
 CHECKPOINTED_FACTOR = 2
+HEAD_TILES = 10
+HEAD_TOKEN_CHUNK, HEAD_VOCAB_CHUNK = 4096, 32768  # the chunked LM head's tile (trl's constants)
 # The process itself: Python with torch, transformers, trl and peft imported is ~460 MB resident
 # before a model loads (measured on CPU); a CUDA context takes 300-500 MB; plus allocator slack.
 FRAMEWORK_BYTES = 768 * 2**20
@@ -141,20 +152,29 @@ def model_shape(model_dir: str, lora_r: int, target_modules, *, local_files_only
 
 
 def estimate(shape: ModelShape, *, batch_size: int, seq_length: int, dtype: str,
-             gradient_checkpointing: bool) -> Estimate:
-    """Bytes a LoRA run needs (see the module docstring for the terms)."""
+             gradient_checkpointing: bool, lora_dropout: bool = True) -> Estimate:
+    """Bytes a LoRA run needs (see the module docstring for the terms).
+
+    ``lora_dropout``: whether training.lora_dropout is above 0 (peft then keeps a dropped copy
+    of each adapted layer's input for the backward pass).
+    """
     weights = int(shape.parameters * BYTES_PER_PARAM[dtype])
     lora = shape.lora_parameters * 4 * 4
     act_bytes = 4 if dtype == "float32" else 2
-    factor = CHECKPOINTED_FACTOR if gradient_checkpointing else ACTIVATION_FACTOR
-    tokens = batch_size * seq_length
-    activations = tokens * shape.hidden_size * shape.layers * factor * act_bytes
-    activations += tokens * shape.vocab_size * 4 * 3
+    per_layer = ACTIVATION_FACTOR[bool(lora_dropout)]
+    tokens = batch_size * seq_length  # packed or padded, a batch holds at most this many
+    if gradient_checkpointing:
+        values = shape.layers * CHECKPOINTED_FACTOR + per_layer  # layer inputs + one layer recomputed
+    else:
+        values = shape.layers * per_layer
+    activations = tokens * shape.hidden_size * values * act_bytes
+    activations += (min(tokens, HEAD_TOKEN_CHUNK) * min(shape.vocab_size, HEAD_VOCAB_CHUNK) * 4
+                    * HEAD_TILES)
     return Estimate(weights, lora, activations, FRAMEWORK_BYTES, dtype)
 
 
 def check_fits(shape: ModelShape, device: Device, *, batch_size: int, seq_length: int, dtype: str,
-               gradient_checkpointing: bool, headroom: float) -> Estimate:
+               gradient_checkpointing: bool, headroom: float, lora_dropout: bool = True) -> Estimate:
     """The estimate, when it fits in ``headroom`` x the device's free memory.
 
     Raises:
@@ -162,12 +182,12 @@ def check_fits(shape: ModelShape, device: Device, *, batch_size: int, seq_length
             batch size (then sequence length) that would.
     """
     est = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                   gradient_checkpointing=gradient_checkpointing)
+                   gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout)
     budget = int(device.free_bytes * headroom)
     if est.total <= budget:
         return est
     hint = suggest(shape, budget, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                   gradient_checkpointing=gradient_checkpointing)
+                   gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout)
     hint_text = (f"try training.batch_size = {hint[0]} and training.max_seq_length = {hint[1]}"
                  if hint else "even batch_size 1 with max_seq_length 64 does not fit: use a smaller "
                               "base model, quantization = \"4bit\" on CUDA, or a larger device")
@@ -179,12 +199,12 @@ def check_fits(shape: ModelShape, device: Device, *, batch_size: int, seq_length
 
 
 def suggest(shape: ModelShape, budget: int, *, batch_size: int, seq_length: int, dtype: str,
-            gradient_checkpointing: bool) -> tuple[int, int] | None:
+            gradient_checkpointing: bool, lora_dropout: bool = True) -> tuple[int, int] | None:
     """The largest (batch, seq) that fits ``budget``: halve the batch first, then the sequence."""
     b, s = batch_size, seq_length
     while True:
         est = estimate(shape, batch_size=b, seq_length=s, dtype=dtype,
-                       gradient_checkpointing=gradient_checkpointing)
+                       gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout)
         if est.total <= budget:
             return b, s
         if b > 1:
@@ -193,6 +213,22 @@ def suggest(shape: ModelShape, budget: int, *, batch_size: int, seq_length: int,
             s //= 2
         else:
             return None
+
+
+def use_checkpointing(shape: ModelShape, device: Device, *, requested: bool, batch_size: int, seq_length: int,
+                      dtype: str, headroom: float, lora_dropout: bool = True) -> bool:
+    """Whether the run checkpoints activations (training.gradient_checkpointing = ``requested``).
+
+    On CUDA as requested. On the CPU only when requested and the run would not fit without it:
+    there it cuts the activations (34 values per token, layer and hidden unit) to the layer
+    inputs, but recomputing each layer's forward costs a third more time per step
+    (bench/memory.py, BENCHMARKS.md), so a run that fits trains without it.
+    """
+    if device.kind == "cuda" or not requested:
+        return requested
+    without = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
+                       gradient_checkpointing=False, lora_dropout=lora_dropout)
+    return without.total > int(device.free_bytes * headroom)
 
 
 def training_dtype(device: Device, quantization: str) -> str:
@@ -215,7 +251,8 @@ def _gib(n: int) -> str:
 
 
 def environment(model_dir: str | None, *, state_dir: str | None, lora_r: int, target_modules, batch_size: int,
-                seq_length: int, quantization: str, gradient_checkpointing: bool, headroom: float) -> dict:
+                seq_length: int, quantization: str, gradient_checkpointing: bool, headroom: float,
+                lora_dropout: bool = True) -> dict:
     """A report of the environment for ``lorad doctor`` (and the estimate for a model)."""
     import torch
 
@@ -238,18 +275,21 @@ def environment(model_dir: str | None, *, state_dir: str | None, lora_r: int, ta
         try:
             shape = model_shape(model_dir, lora_r, target_modules)
             dtype = training_dtype(device, quantization)
-            checkpointing = gradient_checkpointing and device.kind == "cuda"
+            checkpointing = use_checkpointing(shape, device, requested=gradient_checkpointing,
+                                              batch_size=batch_size, seq_length=seq_length, dtype=dtype,
+                                              headroom=headroom, lora_dropout=lora_dropout)
             est = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                           gradient_checkpointing=checkpointing)
+                           gradient_checkpointing=checkpointing, lora_dropout=lora_dropout)
             budget = int(device.free_bytes * headroom)
             report["estimate"] = est.as_dict() | {
                 "model": model_dir, "parameters": shape.parameters,
                 "lora_parameters": shape.lora_parameters, "batch_size": batch_size,
-                "seq_length": seq_length, "budget_bytes": budget, "fits": est.total <= budget}
+                "seq_length": seq_length, "gradient_checkpointing": checkpointing,
+                "budget_bytes": budget, "fits": est.total <= budget}
             if est.total > budget:
                 report["estimate"]["suggestion"] = suggest(
                     shape, budget, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                    gradient_checkpointing=checkpointing)
+                    gradient_checkpointing=checkpointing, lora_dropout=lora_dropout)
         except Exception as e:  # the doctor reports; it does not stop at the first problem
             report["estimate"] = {"model": model_dir, "error": f"{type(e).__name__}: {e}"}
     return report
@@ -265,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="base model: HF id, local directory or .gguf file")
     p.add_argument("--state-dir")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument("--target-modules", nargs="*", default=list(d.target_modules))
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-length", type=int, default=d.max_seq_length)
@@ -285,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                          target_modules=args.target_modules, batch_size=args.batch_size,
                          seq_length=args.seq_length, quantization=args.quantization,
                          gradient_checkpointing=not args.no_gradient_checkpointing,
-                         headroom=args.headroom)
+                         headroom=args.headroom, lora_dropout=args.lora_dropout > 0)
     if args.model and model_dir is None:
         report["estimate"] = {"model": args.model, "error": model_error}
     print(json.dumps(report))

@@ -20,6 +20,7 @@ markers, the adapter, the metrics and the result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -326,11 +327,12 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     import torch
 
     from lorad.evaluation.health import check_finite_logits
-    from lorad.training import lora, resources
+    from lorad.training import lora, resources, speed
     from lorad.training.base_model import BaseModelError, resolve
 
     # -- setup: everything that can refuse the run comes before the first step
     progress.write(stage=jobfile.STAGE_PREPARING, step=0, total_steps=None)
+    threads = speed.configure_threads()  # every core this process may run on, not a constant
     try:
         resources.check_learning_rate(spec.learning_rate)
     except resources.ResourceError as e:
@@ -350,12 +352,18 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     if spec.quantization == "4bit" and dtype != "4bit":
         raise JobFailed("quantization = \"4bit\" needs CUDA and bitsandbytes; use \"auto\" or \"none\"")
     prec = lora.precision(device.kind, dtype, spec.gradient_checkpointing)
+    try:
+        liger = speed.use_liger(spec.liger_kernel, device.kind)
+    except speed.Refused as e:
+        raise JobFailed(str(e)) from None
     shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules,
                                   local_files_only=True)
+    fit = dict(batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
+               headroom=spec.memory_headroom, lora_dropout=spec.lora_dropout > 0)
+    checkpointing = resources.use_checkpointing(shape, device, requested=spec.gradient_checkpointing, **fit)
+    prec = dataclasses.replace(prec, gradient_checkpointing=checkpointing)
     try:
-        estimate = resources.check_fits(
-            shape, device, batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
-            gradient_checkpointing=prec.gradient_checkpointing, headroom=spec.memory_headroom)
+        estimate = resources.check_fits(shape, device, gradient_checkpointing=checkpointing, **fit)
     except resources.ResourceError as e:
         raise JobFailed(str(e)) from None
     result.memory_estimate = estimate.as_dict()
@@ -371,6 +379,10 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
     model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
                                 target_modules=spec.target_modules, parent_adapter=spec.parent_adapter)
+    try:
+        packing, packing_reason = speed.decide_packing(spec.packing, spec.method, model, tokenizer)
+    except speed.Refused as e:
+        raise JobFailed(str(e)) from None
     train_dataset = lora.dataset(train_rows, spec.method)
 
     # -- train (resuming from the last complete checkpoint when there is one)
@@ -386,7 +398,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         spec.method, output_dir=str(staging), prec=prec, learning_rate=spec.learning_rate,
         max_steps=spec.max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
         grad_accum=spec.grad_accum, max_seq_length=spec.max_seq_length, save_steps=spec.save_steps,
-        seed=spec.seed, packing=spec.packing, num_generations=spec.num_generations,
+        seed=spec.seed, packing=packing, liger=liger, num_generations=spec.num_generations,
         max_completion_length=spec.max_completion_length, temperature=spec.temperature, beta=spec.beta)
     callback = make_callback(flags, progress, job_dir, spec.window_end, is_main)
     reward = None
@@ -395,6 +407,11 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
 
         reward = GuardReward(spec.guard_command, spec.guard_timeout)
     trainer = lora.trainer(spec.method, model, tokenizer, train_dataset, args, [callback], reward=reward)
+    # Why after the trainer: trl installs its own LM head in the constructor; this one replaces it.
+    completion_head = spec.method == "sft" and speed.completion_head(trainer.model)
+    result.speed = {"threads": threads, "packing": packing, "packing_reason": packing_reason,
+                    "completion_head": completion_head, "liger_kernel": liger,
+                    "gradient_checkpointing": prec.gradient_checkpointing}
     checkpoints = complete_checkpoints(job_dir)
     resume = str(checkpoints[-1]) if checkpoints else None
     result.resumed_from = resume
