@@ -214,7 +214,7 @@ def run(bench: Bench, quick: bool) -> dict:
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - t
     sys.stdout.write(proc.stdout if not bench.env else "\n".join(proc.stdout.splitlines()[:-1]) + "\n")
-    entry = {"name": bench.name, "command": (f"BENCH_JSON=1 " if bench.env else "") + shown, "seconds": seconds,
+    entry = {"name": bench.name, "command": ("BENCH_JSON=1 " if bench.env else "") + shown, "seconds": seconds,
              "rows": [], "error": None, "output": proc.stdout}
     if proc.returncode != 0:
         entry["error"] = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}"

@@ -309,16 +309,12 @@ class TrainingSettings:
     beta: float = _c(non_negative, default=0.0)
 
     def invalid(self) -> list[tuple[str, str]]:
-        """(key, why) for values that type-check but could not run together."""
-        if self.method == "grpo" and (self.batch_size * self.grad_accum) % self.num_generations:
-            return [("num_generations", f"must divide batch_size * grad_accum ({self.batch_size} * "
-                     f"{self.grad_accum}) for method \"grpo\": a step holds whole groups of completions, "
-                     f"got {self.num_generations}")]
-        return []
-
-    def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run, judged with ``method``."""
         found = []
+        if self.method == "grpo" and (self.batch_size * self.grad_accum) % self.num_generations:
+            found.append(("num_generations", f"must divide batch_size * grad_accum ({self.batch_size} * "
+                          f"{self.grad_accum}) for method \"grpo\": a step holds whole groups of "
+                          f"completions, got {self.num_generations}"))
         if self.packing is True and self.method != "sft":
             found.append(("packing", f"true packs SFT rows only, and method = {self.method!r}; "
                                      f"use \"auto\" or false"))
