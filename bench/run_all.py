@@ -227,15 +227,22 @@ def run(bench: Bench, quick: bool) -> dict:
     return entry
 
 
-def kept_memory_section(path: Path) -> str:
-    """The "## Memory" section of the existing file (bench/memory.py's breakdown, measured by hand:
-    minutes of SmolLM2 steps, not part of `make bench`), kept as it is; "" when there is none."""
+# Sections measured by hand (minutes of SmolLM2 steps each, not part of `make bench`): a
+# regenerated file keeps them as they are.
+HAND_SECTIONS = ("Learning", "Memory")
+
+
+def kept_sections(path: Path) -> str:
+    """The hand-measured sections of the existing file, in HAND_SECTIONS order; "" when none."""
     text = path.read_text() if path.exists() else ""
-    start = text.find("\n## Memory")
-    if start < 0:
-        return ""
-    end = text.find("\n## ", start + 1)
-    return text[start + 1:end + 1] if end > 0 else text[start + 1:] + "\n"
+    kept = []
+    for title in HAND_SECTIONS:
+        start = text.find(f"\n## {title}\n")
+        if start < 0:
+            continue
+        end = text.find("\n## ", start + 1)
+        kept.append(text[start + 1:end + 1] if end > 0 else text[start + 1:] + "\n")
+    return "".join(kept)
 
 
 def render(results: list[dict], info: dict, quick: bool, started: datetime) -> str:
@@ -282,7 +289,7 @@ def main(argv=None) -> int:
     chosen = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
     results = [run(b, args.quick) for b in chosen]
     text = render(results, info, args.quick, started)
-    Path(args.output).write_text(text.replace("\n## Reproduce", kept_memory_section(Path(args.output)) + "## Reproduce", 1)
+    Path(args.output).write_text(text.replace("\n## Reproduce", kept_sections(Path(args.output)) + "## Reproduce", 1)
                                  + "\n")
     print(f"wrote {args.output}")
     failed = [r["name"] for r in results if r["error"]]
