@@ -91,6 +91,7 @@ EXAMPLE_COUNTS_FAILED = "example_counts_failed"
 # lorad.daemon.watcher
 SOURCE_NOT_WATCHED = "source_not_watched"
 SOURCE_REWATCHED = "source_rewatched"
+WATCH_EVENTS_LOST = "watch_events_lost"
 INGEST_LOOP_FAILED = "ingest_loop_failed"
 
 # lorad.ingest

@@ -69,6 +69,33 @@ def test_reconciliation_scan_catches_files_whose_events_were_lost(tmp_path, stor
             blind.stop()
 
 
+def test_an_inotify_queue_overflow_scans_everything_at_once(tmp_path, store):
+    """watchdog tells of lost events only in its log: that record starts a full scan, long
+    before the reconciliation interval, and the loop says why."""
+    import logging
+
+    reader = AtomicGuardSource("ag", store)
+    blind = Watcher([])  # no events reach the loop, as for files whose events the kernel dropped
+    with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
+        loop = IngestLoop(buffer, [reader], blind, reconcile_interval=3600)
+        blind.start()
+        try:
+            loop.reconcile()
+            loop.start()
+            write_artifact(store)
+            assert not wait(lambda: count(ro) == 103, timeout=1.0)  # nothing else would find it for an hour
+            with capture_logs() as logs:
+                # What watchdog's inotify emitter logs when the kernel reports IN_Q_OVERFLOW.
+                logging.getLogger("watchdog.observers.inotify_c").warning(
+                    "Inotify queue overflowed; filesystem events were lost")
+                assert wait(lambda: count(ro) == 103, timeout=3.0)
+            assert any(e["event"] == "watch_events_lost" for e in logs)
+        finally:
+            loop.stop()
+            blind.stop()
+    assert blind._listener not in logging.getLogger("watchdog.observers").handlers
+
+
 def test_submitted_task_runs_in_the_writer_thread_and_returns_its_result(tmp_path, store):
     watcher = Watcher([])
     with Buffer(tmp_path / "b.sqlite3") as buffer:

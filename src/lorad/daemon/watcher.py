@@ -3,14 +3,16 @@
 :class:`Watcher` turns watchdog (inotify) events into a set of changed paths. :class:`IngestLoop`
 is the one thread that writes artifacts into the buffer: it waits for paths, lets them settle
 for ``debounce`` seconds, and feeds them to the same idempotent :func:`lorad.ingest.ingest`
-as ``lorad ingest``. inotify drops events when its queue overflows (watchdog discards
-IN_Q_OVERFLOW), so every ``reconcile_interval`` seconds the loop also scans everything; a scan
-of an unchanged store only stats files. Other buffer writes the daemon must serialise with
+as ``lorad ingest``. inotify drops events when its queue overflows (a burst of some 20,000
+files on a busy machine): watchdog rebuilds its watches and says so only in its log, so the
+watcher listens to that log and the loop scans everything at once. Every ``reconcile_interval``
+seconds the loop also scans everything; a scan of an unchanged store only stats files. Other buffer writes the daemon must serialise with
 ingest (``lorad feedback``) are submitted to the same thread.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import stat
@@ -30,6 +32,22 @@ from lorad.daemon import memory
 from lorad.ingest import IngestReport, ingest
 
 log = structlog.get_logger()
+
+# watchdog (6-7) reports a kernel queue overflow only as a warning of these loggers' children:
+# "Inotify queue overflowed; filesystem events were lost".
+WATCHDOG_LOGGER = "watchdog.observers"
+
+
+class _OverflowListener(logging.Handler):
+    """Turns watchdog's log record of an inotify queue overflow into a call."""
+
+    def __init__(self, on_overflow: Callable[[], None]):
+        super().__init__(logging.WARNING)
+        self.on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.on_overflow()
 
 
 class Watcher(FileSystemEventHandler):
@@ -51,12 +69,18 @@ class Watcher(FileSystemEventHandler):
         self._gone: dict[Path, tuple[int, int] | None] = {}
         self._deleted: set[Path] = set()  # roots whose own deletion an event reported
         self._paths: set[str] = set()
+        self._overflowed = False  # events were lost since the last overflowed() call
+        self._listener = _OverflowListener(self._on_overflow)
         self._cond = threading.Condition()
         self.events = 0
 
     def start(self) -> None:
         self._observer = Observer(timeout=0.1)
         self._observer.daemon = True
+        watchdog_log = logging.getLogger(WATCHDOG_LOGGER)
+        if watchdog_log.getEffectiveLevel() > logging.WARNING:
+            watchdog_log.setLevel(logging.WARNING)
+        watchdog_log.addHandler(self._listener)
         self.rewatch()
         self._observer.start()
 
@@ -125,7 +149,19 @@ class Watcher(FileSystemEventHandler):
         except KeyError:  # already gone
             pass
 
+    def _on_overflow(self) -> None:
+        with self._cond:
+            self._overflowed = True
+            self._cond.notify_all()
+
+    def overflowed(self) -> bool:
+        """Whether the kernel dropped events since the last call (then everything needs a scan)."""
+        with self._cond:
+            lost, self._overflowed = self._overflowed, False
+        return lost
+
     def stop(self) -> None:
+        logging.getLogger(WATCHDOG_LOGGER).removeHandler(self._listener)
         if self._observer is not None:
             self._observer.stop()
             self._observer.join()
@@ -269,7 +305,10 @@ class IngestLoop:
                 back = self.watcher.check()
                 if back:
                     self._rescan(back)
-                if time.monotonic() >= self.last_reconcile + self.reconcile_interval:
+                lost = self.watcher.overflowed()
+                if lost:
+                    log.warning(events.WATCH_EVENTS_LOST, reason="inotify queue overflowed; scanning every source")
+                if lost or time.monotonic() >= self.last_reconcile + self.reconcile_interval:
                     self.watcher.take()  # the full scan covers them
                     self._retry.clear()
                     self.reconcile()
