@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorad.config import TrainingSettings
+
 # Columns each method's trainer reads; everything else in a row (metadata, ids) is dropped.
 COLUMNS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected"),
            "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "specification")}
@@ -109,8 +111,11 @@ def dataset(rows: list[dict], method: str):
 def training_arguments(method: str, *, output_dir: str, prec: Precision, learning_rate: float,
                        max_steps: int, epochs: float, batch_size: int, grad_accum: int,
                        max_seq_length: int, save_steps: int, seed: int, packing: bool = False,
-                       padding_free: bool = False, liger: bool = False, num_generations: int = 4,
-                       max_completion_length: int = 256, temperature: float = 1.0, beta: float = 0.0):
+                       padding_free: bool = False, liger: bool = False,
+                       num_generations: int = TrainingSettings.num_generations,
+                       max_completion_length: int = TrainingSettings.max_completion_length,
+                       temperature: float = TrainingSettings.temperature,
+                       beta: float = TrainingSettings.beta):
     """The trl config for ``method``; checkpoints go to ``output_dir`` every ``save_steps``.
 
     Logging every step (NaN filter off) is what lets the worker see a NaN loss at the step it
