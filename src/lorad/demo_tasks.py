@@ -181,29 +181,29 @@ def _family(name: str, params: tuple, spec: str, signature: str, doc: str, body:
 
 
 FAMILIES: tuple[Task, ...] = (
-    _family("add_{k}", (2, 3, 5, 7, 9, 11, 13),
+    _family("add_{k}", (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 19),
             "Write a Python function `{fn}(x)` that returns x plus {k}.",
             "{fn}(x: int) -> int", "Return x plus {k}.", "return x + {k}",
             ("return x - {k}", "return x + {k} +"),
             ("{fn}(0) == {k}", "{fn}(10) == 10 + {k}", "{fn}(-{k}) == 0"), unsolved=(11, 13))
-    + _family("times_{k}", (3, 4, 6, 8, 12, 15),
+    + _family("times_{k}", (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15),
               "Write a Python function `{fn}(x)` that returns x multiplied by {k}.",
               "{fn}(x: int) -> int", "Return x multiplied by {k}.", "return x * {k}",
               ("return x ** {k}",),
               ("{fn}(0) == 0", "{fn}(2) == {k2}", "{fn}(-1) == -{k}"), first_try=(6,))
-    + _family("multiples_of_{k}", (2, 3, 4, 5, 7, 10),
+    + _family("multiples_of_{k}", (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12),
               "Write a Python function `{fn}(xs)` that returns the items of the list xs divisible by {k}, in order.",
               "{fn}(xs: list[int]) -> list[int]", "Return the items of xs divisible by {k}.",
               "return [x for x in xs if x % {k} == 0]",
               ("return [x for x in xs if x % {k}]", "return [x for x in xs if x / {k} == 0]"),
               ("{fn}([{k}, 1, {k2}]) == [{k}, {k2}]", "{fn}([]) == []", "{fn}([1]) == []"), unsolved=(10,),
               first_try=(3,))
-    + _family("repeat_{k}", (2, 3, 4, 5, 6),
+    + _family("repeat_{k}", (2, 3, 4, 5, 6, 7, 8, 9, 10),
               "Write a Python function `{fn}(s)` that returns the string s repeated {k} times.",
               "{fn}(s: str) -> str", "Return s repeated {k} times.", "return s * {k}",
               ("return s * {k} + s",),
               ("{fn}('ab') == 'ab' * {k}", "{fn}('') == ''"), first_try=(4,))
-    + _family("count_above_{k}", (0, 1, 5, 10, 50),
+    + _family("count_above_{k}", (0, 1, 2, 3, 5, 10, 20, 25, 50, 100),
               "Write a Python function `{fn}(xs)` that returns how many numbers in xs are greater than {k}.",
               "{fn}(xs: list[int]) -> int", "Return how many numbers in xs are greater than {k}.",
               "return sum(1 for x in xs if x > {k})",
