@@ -91,6 +91,25 @@ def test_loss_counts_only_completion_tokens_and_batching_does_not_change_it(tiny
     assert one["nll"] == pytest.approx(four["nll"], rel=1e-5)
 
 
+def test_loss_from_the_answers_logits_alone_equals_the_full_forward(tiny):
+    """Only answer positions reach the LM head; the NLL is the model's own loss over every position."""
+    model, tok = tiny
+    rows = _rows()
+    total, tokens = 0.0, 0
+    with torch.no_grad(), model.disable_adapter():  # adapters={"a": None}: the bare base
+        for r in rows:
+            ids, start = metrics.encode_example(tok, r, 64)
+            x = torch.tensor([ids])
+            labels = x.clone()
+            labels[0, :start] = -100
+            n = len(ids) - start
+            total += float(model(input_ids=x, labels=labels).loss) * n
+            tokens += n
+    out = metrics.evaluate(model, tok, rows, adapters={"a": None}, batch_size=4, max_seq_length=64)["a"]
+    assert out["tokens"] == tokens
+    assert out["nll"] == pytest.approx(total / tokens, rel=1e-5)
+
+
 def test_example_cut_before_its_answer_counts_for_nothing(tiny):
     model, tok = tiny
     rows = _rows(2)
