@@ -270,7 +270,9 @@ def render(results: list[dict], info: dict, quick: bool, started: datetime) -> s
         out.append(f"- {r['name']} ({r['seconds']:.0f} s here): `{r['command']}`")
     missed = [row for r in results for row in r["rows"] if row.met is False]
     out += ["", "## Targets missed", ""]
-    out += [f"- {row.figure}: {row.value} (target {row.target})" for row in missed] or ["None."]
+    out += [f"- {row.figure}: {row.value} (target {row.target})" for row in missed] or ["None among the rows above."]
+    out += ["", "The hand-measured sections (" + ", ".join(HAND_SECTIONS) + ") state their own targets "
+            "and whether they were met."]
     out += ["", "## Raw output", ""]
     for r in results:
         out += [f"### {r['name']}", "", "```", r["output"].rstrip() if not r["command"].startswith("BENCH_JSON")
