@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorad import log
+from lorad.config import PublishSettings as _Defaults
 from lorad.registry import Change, Registry
 
 OUTPUT_CHARS = 2000
@@ -50,8 +51,8 @@ class CommandHook:
     """Run an argv; placeholders {version}, {path}, {previous}."""
 
     argv: tuple[str, ...]
-    timeout: float = 30.0
-    required: bool = False
+    timeout: float = _Defaults.timeout
+    required: bool = _Defaults.required
 
     @property
     def name(self) -> str:
@@ -82,12 +83,12 @@ class VllmHook:
     """Load the new adapter into a vLLM server by a versioned name, then unload the old one."""
 
     url: str
-    name_prefix: str = "lorad"
-    api_key_env: str = ""
-    timeout: float = 30.0
-    retries: int = 3
-    backoff: float = 1.0
-    required: bool = False
+    name_prefix: str = _Defaults.name_prefix
+    api_key_env: str = _Defaults.api_key_env
+    timeout: float = _Defaults.timeout
+    retries: int = _Defaults.retries
+    backoff: float = _Defaults.backoff
+    required: bool = _Defaults.required
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
 
     @property
@@ -146,7 +147,7 @@ class VllmHook:
 class GgufHook:
     """The version's adapter.gguf and Modelfile (written when it was made) are there to serve."""
 
-    required: bool = False
+    required: bool = _Defaults.required
     name: str = "gguf"
 
     def run(self, change: Change, root: Path) -> HookResult:
@@ -162,11 +163,11 @@ class OllamaHook:
 
     url: str
     base: str
-    name_prefix: str = "lorad"
-    timeout: float = 30.0
-    retries: int = 3
-    backoff: float = 1.0
-    required: bool = False
+    name_prefix: str = _Defaults.name_prefix
+    timeout: float = _Defaults.timeout
+    retries: int = _Defaults.retries
+    backoff: float = _Defaults.backoff
+    required: bool = _Defaults.required
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
 
     @property
