@@ -4,9 +4,13 @@ llama.cpp runs the quantized GGUF, peft the dequantized checkpoint, so their log
 before any adapter; what must agree is the change the adapter makes. Per prompt, the delta
 of the next-token logits (with minus without the adapter) is compared: its correlation, its
 slope (llama.cpp's delta regressed on peft's: 1 when alpha / rank is applied as peft applies
-it) and whether the adapted top-1 token agrees. The same checks are run on two deliberately
-wrong exports, without Llama's q/k permutation and without the alpha scaling, and must fail
-there: the thresholds tell a right export from those mistakes.
+it). The same checks are run on two deliberately wrong exports, without Llama's q/k permutation
+and without the alpha scaling, and must fail there: the thresholds tell a right export from those
+mistakes (here: correlation 0.99 right, 0.78 unpermuted, 0.34 unscaled).
+
+Whether the adapted top-1 token agrees is printed but not checked: llama.cpp's quantized kernels
+differ between CPUs, and a random adapter this strong leaves near-ties that flip with them (6/6 on
+one machine, 3/6 on another, at the same 0.99 correlation).
 """
 
 from __future__ import annotations
@@ -30,11 +34,10 @@ PROMPTS = ["Write a Python function that returns the sum of a list.",
            "List three prime numbers."]
 MIN_CORRELATION = 0.9
 SLOPE = (0.8, 1.25)
-MIN_TOP1 = 5 / 6
 
 
 def agreement(peft_logits: dict, llama_logits: dict) -> dict:
-    """Correlation and slope of the deltas (worst prompt), and the share of prompts whose adapted top-1 agrees."""
+    """Correlation and slope of the deltas (worst prompt); the share of prompts whose adapted top-1 agrees, for the log."""
     corr, slope, top1 = [], [], []
     for p in PROMPTS:
         dp = peft_logits["adapted"][p] - peft_logits["base"][p]
@@ -47,8 +50,7 @@ def agreement(peft_logits: dict, llama_logits: dict) -> dict:
 
 
 def passes(m: dict) -> bool:
-    return (m["min_correlation"] >= MIN_CORRELATION and all(SLOPE[0] <= s <= SLOPE[1] for s in m["slopes"])
-            and m["top1"] >= MIN_TOP1)
+    return m["min_correlation"] >= MIN_CORRELATION and all(SLOPE[0] <= s <= SLOPE[1] for s in m["slopes"])
 
 
 @pytest.fixture(scope="module")
