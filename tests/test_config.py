@@ -50,7 +50,7 @@ def test_every_settings_key_is_documented_in_the_example():
     ("[training]\nlora_r = -4", "training.lora_r: must be positive, got -4"),
     ("[training]\nlora_r = 'four'", "training.lora_r: must be an integer, got a string 'four'"),
     ("[training]\nlearning_rate = 3.0", "training.learning_rate: must be between 1e-07 and 0.01"),
-    ("[training]\nmethod = 'ppo'", "training.method: must be one of ['sft', 'dpo', 'kto', 'grpo'], got 'ppo'"),
+    ("[training]\nmethod = 'ppo'", "training.method: must be one of ['sft', 'dpo', 'kto', 'grpo', 'sft+grpo'], got 'ppo'"),
     ("[trainin]\nlora_r = 4", "trainin: unknown key"),
     ("[training]\nlora_rank = 4", "training.lora_rank: unknown key"),
     ("[[store.sources]]\nkind = 'atomicguard'", "store.sources[0].path: required key is missing"),
@@ -185,13 +185,27 @@ def test_conditioning_and_the_paired_gate_keys_are_validated():
 def test_grpo_without_a_guard_command_names_training_method(tmp_path):
     cfg = tmp_path / "grpo.toml"
     cfg.write_text('[training]\nmethod = "grpo"\n')
-    with pytest.raises(ConfigError, match=r"training\.method: method \"grpo\" takes its reward from "
+    with pytest.raises(ConfigError, match=r"training\.method: method \"grpo\" takes its GRPO reward from "
                                           r"evaluation\.guard_command, which is not set"):
         config.load(cfg)
     proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"],
                           capture_output=True, text=True)
     assert proc.returncode == EX_CONFIG
     assert "training.method" in proc.stderr
+
+
+def test_sft_then_grpo_needs_a_guard_and_its_grpo_keys_belong_to_it_alone():
+    with pytest.raises(ConfigError, match=r"training\.method: method \"sft\+grpo\" takes its GRPO reward"):
+        config.loads('[training]\nmethod = "sft+grpo"\n')
+    s = config.loads('[training]\nmethod = "sft+grpo"\ngrpo_steps = 6\ngrpo_learning_rate = 1e-3\n'
+                     '[evaluation]\nguard_command = ["guard"]\n')
+    assert s.training.phases == ("sft", "grpo") and (s.training.grpo_steps, s.training.grpo_learning_rate) == (6, 1e-3)
+    with pytest.raises(ConfigError, match=r"training\.grpo_steps: applies to method \"sft\+grpo\" only"):
+        config.loads("[training]\ngrpo_steps = 6\n")
+    with pytest.raises(ConfigError, match=r"training\.grpo_learning_rate: must be between 1e-07 and 0.01"):
+        config.loads('[training]\nmethod = "sft+grpo"\ngrpo_learning_rate = 0.5\n[evaluation]\nguard_command = ["g"]\n')
+    with pytest.raises(ConfigError, match=r"training\.num_generations: must divide"):
+        config.loads('[training]\nmethod = "sft+grpo"\nbatch_size = 6\n[evaluation]\nguard_command = ["g"]\n')
 
 
 def test_grpo_with_a_guard_command_loads():

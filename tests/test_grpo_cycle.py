@@ -14,7 +14,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 GUARD = FIXTURES / "task_guard.py"
 
 
-def grpo_settings(root: Path, base_model: str, steps: int = 2) -> config.Settings:
+def grpo_settings(root: Path, base_model: str, steps: int = 2, method: str = "grpo") -> config.Settings:
+    sft_phase = "grpo_steps = 2\ngrpo_learning_rate = 0.005" if method == "sft+grpo" else ""
     return config.loads(f"""
 [daemon]
 state_dir = "{root / 'state'}"
@@ -25,8 +26,9 @@ path = "{FIXTURES / 'atomicguard-store'}"
 heldout_fraction = 0.3
 [training]
 base_model = "{base_model}"
-method = "grpo"
+method = "{method}"
 max_steps = {steps}
+{sft_phase}
 batch_size = 4
 num_generations = 2
 max_completion_length = 8
@@ -75,3 +77,28 @@ def test_a_grpo_cycle_trains_scores_and_concludes(tmp_path):
     assert outcome.version and outcome.training["steps"] == 2
     assert set(outcome.metrics) >= {"candidate", "active"}
     assert "epsilon" in outcome.metrics["candidate"]
+
+
+def test_an_sft_then_grpo_cycle_writes_both_sets_and_records_both_phases(tmp_path):
+    from lorad.training.tiny import build_tiny_model
+
+    settings = grpo_settings(tmp_path, str(build_tiny_model(tmp_path / "tiny")), steps=3, method="sft+grpo")
+    with Buffer(settings.buffer_path) as buffer:
+        from lorad.ingest import ingest
+        from lorad.sources import open_sources
+
+        ingest(buffer, open_sources(settings.store), 100)
+        job_dir = pipeline.prepare(settings, buffer, "j1")
+    train, prompts = read_jsonl(job_dir / TRAIN_FILE), read_jsonl(job_dir / PROMPTS_FILE)
+    assert train and prompts
+    plan = pipeline.Plan.read(job_dir)
+    # the version covers the examples of either phase
+    assert plan.examples["count"] >= len(prompts) and plan.examples["stats"]["method"] == "sft+grpo"
+
+    outcome = pipeline.run_now(settings)
+    assert outcome.status in ("promoted", "rejected"), outcome.reason
+    assert [(p["method"], p["steps"]) for p in outcome.training["phases"]] == [("sft", 3), ("grpo", 2)]
+    assert outcome.training["steps"] == 5 and "epsilon" in outcome.metrics["candidate"]
+    from lorad.commands import render
+
+    assert "phases: sft 3 steps, final loss" in render.outcome(outcome) and "; grpo 2 steps" in render.outcome(outcome)

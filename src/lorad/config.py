@@ -107,6 +107,10 @@ def learning_rate(v):
     return None if 1e-7 <= v <= 1e-2 else f"must be between 1e-07 and 0.01 for LoRA training, got {v!r}"
 
 
+def learning_rate_or_zero(v):
+    return None if v == 0 else learning_rate(v)
+
+
 def auto_or_bool(v):
     # Literal["auto", True, False] alone would let 1 and 0 through (1 == True in Python).
     return None if isinstance(v, bool) or (isinstance(v, str) and v == "auto") else f'must be "auto", true or false, got {v!r}'
@@ -269,7 +273,8 @@ class TrainingSettings:
     # Hugging Face id, local directory or .gguf file
     base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # grpo: trl's GRPOTrainer on first-attempt prompts, evaluation.guard_command as the reward
-    method: Literal["sft", "dpo", "kto", "grpo"] = "sft"
+    # "sft+grpo": one job, SFT on the accepted answers, then GRPO from that adapter.
+    method: Literal["sft", "dpo", "kto", "grpo", "sft+grpo"] = "sft"
     lora_r: int = _c(positive, default=4)
     lora_alpha: int = _c(positive, default=8)
     lora_dropout: float = _c(fraction, default=0.05)
@@ -307,15 +312,28 @@ class TrainingSettings:
     max_completion_length: int = _c(positive, default=256)
     temperature: float = _c(positive, default=1.0)
     beta: float = _c(non_negative, default=0.0)
+    # method "sft+grpo" only: the GRPO phase's steps (0 = derive from epochs over the prompts)
+    # and learning rate (0 = learning_rate); the SFT phase takes max_steps and learning_rate.
+    grpo_steps: int = _c(non_negative, default=0)
+    grpo_learning_rate: float = _c(learning_rate_or_zero, default=0.0)
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The trainers a job of ``method`` runs, in order."""
+        return tuple(self.method.split("+"))
 
     def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run, judged with ``method``."""
         found = []
-        if self.method == "grpo" and (self.batch_size * self.grad_accum) % self.num_generations:
+        if "grpo" in self.phases and (self.batch_size * self.grad_accum) % self.num_generations:
             found.append(("num_generations", f"must divide batch_size * grad_accum ({self.batch_size} * "
-                          f"{self.grad_accum}) for method \"grpo\": a step holds whole groups of "
-                          f"completions, got {self.num_generations}"))
-        if self.packing is True and self.method != "sft":
+                          f"{self.grad_accum}) for method \"{self.method}\": a GRPO step holds whole "
+                          f"groups of completions, got {self.num_generations}"))
+        if self.method != "sft+grpo":
+            found += [(key, f"applies to method \"sft+grpo\" only, and method = {self.method!r}; "
+                            f"remove it (max_steps and learning_rate set a single-method job)")
+                      for key in ("grpo_steps", "grpo_learning_rate") if getattr(self, key)]
+        if self.packing is True and "sft" not in self.phases:
             found.append(("packing", f"true packs SFT rows only, and method = {self.method!r}; "
                                      f"use \"auto\" or false"))
         if self.liger_kernel is True:
@@ -493,9 +511,10 @@ class Settings:
     def invalid(self) -> list[tuple[str, str]]:
         """(key path, why) for sections that are valid alone but not together."""
         found = []
-        if self.training.method == "grpo" and not self.evaluation.guard_command:
-            found.append(("training.method", 'method "grpo" takes its reward from evaluation.guard_command, '
-                          "which is not set; set the guard command or choose another method"))
+        if "grpo" in self.training.phases and not self.evaluation.guard_command:
+            found.append(("training.method", f'method "{self.training.method}" takes its GRPO reward from '
+                          "evaluation.guard_command, which is not set; set the guard command or choose "
+                          "another method"))
         exporting = [(i, t) for i, t in enumerate(self.publish) if t.kind in ("gguf", "ollama")]
         bases = set()
         for i, t in exporting:

@@ -214,24 +214,28 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     from lorad.buffer import examples
 
     t, sel = settings.training, settings.selection
-    grpo = t.method == "grpo"
     registry = release.open_registry(settings)
     examples.refresh(buffer, sel, now=now)
     since = release.since_seq(registry) if since is None else since
     # GRPO trains on prompts (prompts.jsonl) and is scored on the same held-out rows as SFT.
     snap = examples.build_snapshot(
-        buffer, sel, method="sft" if grpo else t.method, n=t.train_examples, replay_ratio=t.replay_ratio,
-        since_seq=since, max_heldout=settings.evaluation.max_heldout, now=now)
+        buffer, sel, method="sft" if "grpo" in t.phases else t.method, n=t.train_examples,
+        replay_ratio=t.replay_ratio, since_seq=since, max_heldout=settings.evaluation.max_heldout, now=now)
+    if "grpo" not in t.phases or "sft" in t.phases:
+        if not snap.train:
+            raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
     prompts = None
-    if grpo:
+    if "grpo" in t.phases:
         from lorad.buffer.prompts import build_prompts
 
         prompts = build_prompts(buffer, sel, n=t.train_examples)
         if not prompts.rows:
             raise NothingToTrain(f"no training task with a specification for GRPO (prompts: {prompts.stats})")
-        snap.train, snap.example_seqs, snap.stats = [], prompts.seqs, snap.stats | prompts.stats
-    elif not snap.train:
-        raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
+        if "sft" not in t.phases:
+            snap.train, snap.example_seqs = [], []
+        # The version covers what either phase trained on.
+        snap.example_seqs = sorted(set(snap.example_seqs) | set(prompts.seqs))
+        snap.stats = snap.stats | prompts.stats | {"method": t.method}
     cur, prev = registry.current(), registry.previous()
     # Never warm-start from, or compare against, files that are not what was blessed.
     for name in filter(None, (cur, prev)):
@@ -255,7 +259,7 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
                    "sha256": _digest(snap.example_seqs), "seqs": snap.example_seqs, "stats": snap.stats},
          heldout={"count": len(snap.heldout), "sha256": _digest(r.get("chain_id") for r in snap.heldout)},
          ).write(job_dir)
-    log.info(events.JOB_PREPARED, job_id=job_id, train_rows=len(prompts.rows if prompts else snap.train),
+    log.info(events.JOB_PREPARED, job_id=job_id, train_rows=len(snap.train), prompts=len(prompts.rows) if prompts else 0,
              heldout=len(snap.heldout),
              active=cur, rescore_previous=rescore)
     return job_dir
@@ -360,6 +364,9 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
     outcome.training = {"steps": result.steps, "final_loss": result.final_loss,
                         "train_seconds": result.train_seconds, "tokens": result.tokens,
                         "train_rows": stats.get("rows"), "new": stats.get("new"), "replayed": stats.get("replayed")}
+    if result.phases:
+        outcome.training["phases"] = [{k: p.get(k) for k in ("method", "steps", "final_loss", "train_seconds")}
+                                      for p in result.phases]
     if not result.succeeded:
         return outcome
     registry = release.open_registry(settings, buffer)
@@ -412,7 +419,8 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
             "method": spec.method,
             "hyperparameters": {k: getattr(spec, k) for k in (
                 "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "max_steps",
-                "epochs", "batch_size", "grad_accum", "max_seq_length", "seed", "packing")},
+                "epochs", "batch_size", "grad_accum", "max_seq_length", "seed", "packing",
+                *(("grpo_steps", "grpo_learning_rate") if spec.method == "sft+grpo" else ()))},
             "parent": Path(spec.parent_adapter).name if spec.parent_adapter else None,
             "training": outcome.training,
             "examples": {k: plan.examples.get(k) for k in ("max_seq", "count", "sha256", "seqs")} | {"stats": stats},

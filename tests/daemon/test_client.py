@@ -15,6 +15,12 @@ def test_progress_line_shows_bar_step_loss_and_eta():
     assert "loss 1.2346" in line and "ETA 1m 35s" in line
 
 
+def test_progress_line_names_the_phase_of_an_sft_then_grpo_job():
+    line = progress_line({"job_id": "j", "state": "training",
+                          "progress": {"step": 2, "total_steps": 6, "phase": "grpo"}})
+    assert "step 2/6 of the grpo phase" in line
+
+
 def test_progress_line_says_when_a_job_is_being_cancelled():
     line = progress_line({"job_id": "j", "state": "training", "stopping": "cancel", "progress": None})
     assert line == "job j: training (cancelling)"

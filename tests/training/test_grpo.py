@@ -180,3 +180,85 @@ def test_generation_stops_after_the_first_code_block(tiny_model_dir):
         out = model.generate(input_ids=prompt, logits_processor=[Script()], **kwargs)[0, prompt.shape[1]:].tolist()
     assert out == script + [tok.eos_token_id], tok.decode(out)
     assert "generate" not in vars(model), "the wrapper outlived its context"
+
+
+# -- SFT then GRPO in one job ("sft+grpo") ------------------------------------------------------
+
+
+def _phase_starts(job_dir) -> list[tuple[str, int, bool]]:
+    """(phase, step, resumed) of each phase start the worker recorded."""
+    return [(r["phase"], r["step"], r["resumed"]) for r, _ in jobfile.iter_progress(job_dir)
+            if r["stage"] == "training" and r.get("loss") is None]
+
+
+def test_sft_then_grpo_trains_both_phases_in_one_job_and_grpo_starts_from_the_sft_adapter(make_grpo_job):
+    import torch
+
+    # GRPO at a rate too small to move the weights visibly: the result is the SFT phase's adapter
+    # (a GRPO phase starting from a fresh LoRA would end with its B matrices near zero)
+    job_dir = make_grpo_job(method="sft+grpo", max_steps=3, grpo_steps=4, grpo_learning_rate=1e-7)
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    assert [(p["method"], p["steps"]) for p in result.phases] == [("sft", 3), ("grpo", 4)]
+    assert result.method == "sft+grpo" and result.steps == 7 and result.total_steps == 7
+    assert _phase_starts(job_dir) == [("sft", 0, False), ("grpo", 0, False)]
+    peak = {}
+    for r, _ in jobfile.iter_progress(job_dir):
+        if r.get("loss") is not None:
+            peak[r["phase"]] = max(peak.get(r["phase"], 0.0), r["learning_rate"])
+    assert peak["grpo"] <= 1e-7 and 5e-3 < peak["sft"] <= 1e-2  # each phase on its own rate (linear decay)
+    assert sorted(_rewards(job_dir)) == [1, 2, 3, 4]  # the reward is GRPO's alone
+    sft = _adapter_weights(job_dir / "checkpoints" / "sft" / "adapter")
+    final = _adapter_weights(job_dir / "adapter")
+    assert sft.keys() == final.keys()
+    assert all(float(w.abs().max()) > 1e-3 for k, w in sft.items() if "lora_B" in k)  # SFT learned
+    assert all(torch.allclose(final[k], w, atol=1e-5) for k, w in sft.items())  # GRPO began there
+    assert result.health["ok"]
+
+
+def test_sft_then_grpo_paused_in_grpo_resumes_there_without_training_sft_again(make_grpo_job):
+    job_dir = make_grpo_job(method="sft+grpo", max_steps=3, grpo_steps=10, save_steps=100)
+    proc = start_worker(job_dir)
+    deadline = time.monotonic() + 180
+    while len(_rewards(job_dir)) < 2:
+        assert proc.poll() is None, output(job_dir)
+        assert time.monotonic() < deadline, "the GRPO phase did not reach step 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
+    paused = jobfile.read_result(job_dir)
+    stopped_at = paused.phases[-1]["steps"]
+    assert paused.status == "paused" and [p["method"] for p in paused.phases] == ["sft", "grpo"]
+    assert [p.name for p in complete_checkpoints(job_dir, "grpo")] == [f"step-{stopped_at}"]
+    assert complete_checkpoints(job_dir, "sft") == []  # done: its adapter is what the job keeps
+
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    assert result.phases[0] == paused.phases[0]  # the SFT phase as the first run recorded it
+    assert result.phases[1]["resumed_from"].endswith(f"grpo/step-{stopped_at}")
+    assert result.steps == 13
+    assert _phase_starts(job_dir) == [("sft", 0, False), ("grpo", 0, False), ("grpo", stopped_at, True)]
+
+
+def test_sft_then_grpo_killed_after_the_sft_phase_resumes_at_grpo_from_the_kept_adapter(make_grpo_job):
+    """SIGKILL (no checkpoint, no result) once the SFT phase's adapter is kept: the next run
+    trains GRPO only, from that adapter, and records the SFT phase as it ended."""
+    job_dir = make_grpo_job(method="sft+grpo", max_steps=3, grpo_steps=3, save_steps=100)
+    kept = job_dir / "checkpoints" / "sft" / "adapter"
+    proc = start_worker(job_dir)
+    deadline = time.monotonic() + 180
+    while not (kept / "lorad-phase.json").is_file():
+        assert proc.poll() is None, output(job_dir)
+        assert time.monotonic() < deadline, "the SFT phase did not finish"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    sft_weights = _adapter_weights(kept)
+
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    assert [(p["method"], p["steps"]) for p in result.phases] == [("sft", 3), ("grpo", 3)]
+    assert [s for s in _phase_starts(job_dir) if s[0] == "sft"] == [("sft", 0, False)]  # SFT ran once
+    assert _adapter_weights(kept).keys() == sft_weights.keys()
+    assert not list(kept.parent.glob(".adapter.*"))  # no half-written phase adapter left behind

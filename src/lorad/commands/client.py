@@ -140,6 +140,8 @@ def progress_line(job: dict) -> str:
         done = min(1.0, step / total)
         filled = int(done * BAR_WIDTH)
         line += f"  [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:4.0%} step {step}/{total}"
+        if p.get("phase"):
+            line += f" of the {p['phase']} phase"
     if isinstance(p.get("loss"), (int, float)):
         line += f"  loss {p['loss']:.4f}"
     if p.get("eta_s") is not None:

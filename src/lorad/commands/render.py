@@ -14,6 +14,9 @@ def outcome(o) -> str:
         lines.append(f"trained {t.get('steps')} steps on {t.get('train_rows')} rows "
                      f"({t.get('new')} new, {t.get('replayed')} replayed) in "
                      f"{_secs(t.get('train_seconds'))}; final loss {_num(t.get('final_loss'))}")
+        if t.get("phases"):
+            lines.append("  phases: " + "; ".join(f"{p['method']} {p['steps']} steps, final loss {_num(p['final_loss'])}"
+                                                 for p in t["phases"]))
     for r in (o.live, o.rollback):
         if r and r.get("reasons"):
             lines.append(("rolled back: " if r.get("rolled_back") else "checked: ") + "; ".join(r["reasons"]))
@@ -86,7 +89,8 @@ class ProgressBar:
             self.bar = tqdm(total=total, desc="training", unit="step", file=self.stream)
         if self.bar is None:
             return
-        self.bar.set_description(record.get("stage") or "training")
+        stage = record.get("stage") or "training"
+        self.bar.set_description(f"{stage} ({record['phase']})" if record.get("phase") else stage)
         if total and self.bar.total != total:
             self.bar.total = total
         self.bar.n = step

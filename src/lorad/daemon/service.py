@@ -413,6 +413,8 @@ class Service:
         if job:
             p = job.get("progress") or {}
             step = f" step {p.get('step')}/{p.get('total_steps')}" if p.get("total_steps") else ""
+            if step and p.get("phase"):
+                step += f" ({p['phase']})"
             return f"job {job['job_id']} {job['state']}{step}"
         b = snap.get("buffer", {})
         return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('untrained_examples', 0)} examples not yet trained on"

@@ -4,12 +4,15 @@ Torch-free: the daemon and the CLI import this module. Layout of ``state_dir/job
 
     job.json          the JobSpec (written by the parent)
     train.jsonl       training rows (SFT, DPO or KTO format, see docs/architecture.md; empty for GRPO)
-    prompts.jsonl     GRPO only: first-attempt prompts with their specifications
+    prompts.jsonl     GRPO and SFT+GRPO: first-attempt prompts with their specifications
     heldout.jsonl     held-out rows
     progress.jsonl    one JSON object a line from the worker: stage, step, total_steps, loss,
-                      learning_rate, tokens_per_s, eta_s, ts
+                      learning_rate, tokens_per_s, eta_s, ts (and phase, "sft" or "grpo",
+                      in a job of phases: step and total_steps count within the phase)
     result.json       the worker's outcome: a Result (status, reason, adapter, metrics, ...)
-    checkpoints/step-N/   complete checkpoints only (written under a temp name, fsynced, renamed)
+    checkpoints/step-N/   complete checkpoints only (written under a temp name, fsynced, renamed);
+                      a job of phases (SFT+GRPO) keeps checkpoints/<phase>/step-N per phase and
+                      checkpoints/<phase>/adapter once an earlier phase is done
     adapter/          adapter_config.json, adapter_model.safetensors
     plan.json         the parent's own record of what it compared (see lorad.pipeline)
 
@@ -48,7 +51,8 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 
 
-SCHEMA_VERSION = 2  # of job.json and result.json; a reader refuses any other (2: GRPO keys, no generation_samples)
+SCHEMA_VERSION = 3  # of job.json and result.json; a reader refuses any other (2: GRPO keys, no
+# generation_samples; 3: method "sft+grpo", its grpo_steps / grpo_learning_rate and result phases)
 
 # Progress stages the worker writes (progress.jsonl "stage"), in the order they come; a
 # record whose stage is a status (succeeded, failed, paused, cancelled) is the last one.
@@ -68,7 +72,8 @@ _TRAINING_KEYS = ("base_model", "method", "lora_r", "lora_alpha", "lora_dropout"
                   "learning_rate", "max_steps", "epochs", "batch_size", "grad_accum", "max_seq_length",
                   "quantization", "processes", "accelerate_config", "save_steps",
                   "gradient_checkpointing", "packing", "liger_kernel", "seed", "memory_headroom",
-                  "num_generations", "max_completion_length", "temperature", "beta")
+                  "num_generations", "max_completion_length", "temperature", "beta", "grpo_steps",
+                  "grpo_learning_rate")
 _EVALUATION_KEYS = ("eval_batch_size", "guard_command", "guard_timeout",
                     "max_new_tokens")
 
@@ -116,6 +121,8 @@ class JobSpec:
     max_completion_length: int
     temperature: float
     beta: float
+    grpo_steps: int
+    grpo_learning_rate: float
     eval_batch_size: int
     guard_command: tuple[str, ...]
     guard_timeout: float
@@ -196,6 +203,10 @@ class Result:
     # What the run did to go fast: threads, packing (and why or why not), completion_head,
     # liger_kernel, gradient_checkpointing (see lorad.training.speed).
     speed: dict | None = None
+    # A job of several phases ("sft+grpo"): one entry per phase trained, in order, with its
+    # method, steps, total_steps, final_loss, train_seconds, resumed_from and speed; the
+    # fields above sum the steps and seconds and keep the last phase's loss.
+    phases: list[dict] | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property

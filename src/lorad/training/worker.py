@@ -21,6 +21,7 @@ markers, the adapter, the metrics and the result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,6 +42,11 @@ STAGING = ".staging"
 CHECKPOINT_MARKER = "lorad-checkpoint.json"
 DISCARDED = ".discarded-"  # prefix of directories being deleted (see discard())
 KEEP_CHECKPOINTS = 2
+# A job of phases: checkpoints/<phase>/adapter is the phase's adapter once the phase is done,
+# with its figures in PHASE_RECORD; the next phase starts from it (and a resume skips the phase).
+PHASE_ADAPTER = "adapter"
+PHASE_RECORD = "lorad-phase.json"
+METHODS = ("sft", "dpo", "kto", "grpo", "sft+grpo")
 
 
 class JobFailed(Exception):
@@ -64,14 +70,23 @@ class Flags:
 # -- checkpoints ------------------------------------------------------------------------------
 
 
-def complete_checkpoints(job_dir) -> list[Path]:
-    """Checkpoints a resume may trust, oldest first: ``checkpoints/step-N`` with the marker.
+def checkpoint_root(job_dir, phase: str | None = None) -> Path:
+    """``checkpoints/``, or ``checkpoints/<phase>/`` for a phase of a job of several."""
+    root = Path(job_dir) / jobfile.CHECKPOINTS_DIR
+    return root / phase if phase else root
+
+
+def complete_checkpoints(job_dir, phase: str | None = None) -> list[Path]:
+    """Checkpoints a resume may trust, oldest first: ``checkpoints/[<phase>/]step-N`` with the marker.
 
     A directory is only ever renamed to step-N after every file in it was fsynced and the
     marker written, so a worker killed at any moment leaves either a complete checkpoint or
     a staging directory that is never looked at.
     """
-    root = Path(job_dir) / jobfile.CHECKPOINTS_DIR
+    return _checkpoints_in(checkpoint_root(job_dir, phase))
+
+
+def _checkpoints_in(root: Path) -> list[Path]:
     found = []
     for d in root.glob("step-*") if root.is_dir() else ():
         try:
@@ -83,16 +98,17 @@ def complete_checkpoints(job_dir) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def publish_checkpoint(staged: Path, job_dir: Path, step: int) -> Path:
-    """Make a checkpoint the Trainer wrote in staging complete: fsync, marker, rename."""
+def publish_checkpoint(staged: Path, root: Path, step: int) -> Path:
+    """Make a checkpoint the Trainer wrote in staging complete: fsync, marker, rename into
+    ``root`` (a :func:`checkpoint_root`)."""
     (staged / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "ts": time.time()}) + "\n")
     durable.fsync_tree(staged)
-    final = job_dir / jobfile.CHECKPOINTS_DIR / f"step-{step}"
+    final = root / f"step-{step}"
     if final.exists():  # a stale one from before a resume at an earlier step
         discard(final)
     os.rename(staged, final)
     durable.fsync(final.parent)
-    for old in complete_checkpoints(job_dir)[:-KEEP_CHECKPOINTS]:
+    for old in _checkpoints_in(root)[:-KEEP_CHECKPOINTS]:
         discard(old)
     return final
 
@@ -159,28 +175,34 @@ def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def save_adapter(model, job_dir: Path) -> Path:
-    """adapter/ with adapter_config.json and adapter_model.safetensors, appearing whole or not
-    at all. (The registry hashes the files when the adapter becomes a version.)"""
-    final = job_dir / jobfile.ADAPTER_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=job_dir))
+def save_adapter(model, final: Path, record: dict[str, dict] | None = None) -> Path:
+    """``final``/ with adapter_config.json and adapter_model.safetensors (and ``record``'s
+    JSON files, by name), appearing whole or not at all. (The registry hashes the files when
+    the adapter becomes a version.)"""
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=final.parent))
     os.chmod(tmp, 0o750)  # mkdtemp's 0700, opened to the group (a vLLM server in the lorad group)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
+    for name, data in (record or {}).items():
+        (tmp / name).write_text(json.dumps(data) + "\n")
     durable.fsync_tree(tmp)
     if final.exists():
         discard(final)
     os.rename(tmp, final)
-    durable.fsync(job_dir)
+    durable.fsync(final.parent)
     return final
 
 
 # -- the training callback ---------------------------------------------------------------------
 
 
-def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: float | None,
-                  is_main: bool):
+def make_callback(flags: Flags, progress: Progress, root: Path, window_end: float | None,
+                  is_main: bool, phase: str | None = None):
+    """The Trainer callback of one phase; checkpoints are published into ``root`` (a
+    :func:`checkpoint_root`), and ``phase``, when set, is written on its progress records."""
     from transformers import TrainerCallback
+
+    write = functools.partial(progress.write, phase=phase) if phase else progress.write
 
     class Control(TrainerCallback):
         """Progress lines, NaN/Inf detection, pause/cancel at step ends, checkpoint publishing."""
@@ -201,9 +223,9 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
                 self.t0 = time.monotonic()
                 self.step0 = state.global_step
                 self.tokens0 = state.num_input_tokens_seen
-                progress.write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
-                               loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
-                               resumed=state.global_step > 0)
+                write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
+                      loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
+                      resumed=state.global_step > 0)
             return control
 
         def on_step_end(self, args, state, control, **kw):
@@ -240,19 +262,17 @@ def make_callback(flags: Flags, progress: Progress, job_dir: Path, window_end: f
             tokens = state.num_input_tokens_seen - self.tokens0
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
             extra = {"reward": logs["reward"]} if "reward" in logs else {}  # GRPO: mean guard verdict
-            progress.write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
-                           loss=loss, learning_rate=logs.get("learning_rate"),
-                           tokens_per_s=tokens / elapsed, eta_s=eta,
-                           tokens=state.num_input_tokens_seen, **extra)
+            write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
+                  loss=loss, learning_rate=logs.get("learning_rate"), tokens_per_s=tokens / elapsed, eta_s=eta,
+                  tokens=state.num_input_tokens_seen, **extra)
             return control
 
         def on_save(self, args, state, control, **kw):
             staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             _barrier()  # every rank has written its RNG state into the staged directory
             if is_main and staged.is_dir():
-                publish_checkpoint(staged, job_dir, state.global_step)
-                progress.write(stage=jobfile.STAGE_CHECKPOINTED, step=state.global_step,
-                               total_steps=state.max_steps)
+                publish_checkpoint(staged, root, state.global_step)
+                write(stage=jobfile.STAGE_CHECKPOINTED, step=state.global_step, total_steps=state.max_steps)
             _barrier()
             return control
 
@@ -337,11 +357,17 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         resources.check_learning_rate(spec.learning_rate)
     except resources.ResourceError as e:
         raise JobFailed(str(e)) from None
-    if spec.method not in lora.COLUMNS:
-        raise JobFailed(f"unknown training method {spec.method!r} (expected sft, dpo, kto or grpo)")
-    grpo = spec.method == "grpo"
-    if grpo and not spec.guard_command:
-        raise JobFailed("method grpo needs a guard command (evaluation.guard_command): its verdict is the reward")
+    if spec.method not in METHODS:
+        raise JobFailed(f"unknown training method {spec.method!r} (expected {', '.join(METHODS)})")
+    phases = tuple(spec.method.split("+"))
+    if "grpo" in phases and not spec.guard_command:
+        raise JobFailed(f"method {spec.method} needs a guard command (evaluation.guard_command): its verdict "
+                        f"is the GRPO reward")
+    if len(phases) > 1:
+        try:
+            resources.check_learning_rate(phase_schedule(spec, "grpo", True)[1])
+        except resources.ResourceError as e:
+            raise JobFailed(f"grpo_learning_rate: {e}") from None
     try:
         model_dir = resolve(spec.base_model, spec.state_dir, offline=True) if is_main else None
     except BaseModelError as e:
@@ -371,50 +397,132 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     result.processes = int(os.environ.get("WORLD_SIZE", "1"))
     result.base_model = model_dir
 
-    train_rows = jobfile.read_jsonl(job_dir / (jobfile.PROMPTS_FILE if grpo else jobfile.TRAIN_FILE))
+    phase_rows = {phase: jobfile.read_jsonl(job_dir / (jobfile.PROMPTS_FILE if phase == "grpo" else jobfile.TRAIN_FILE))
+                  for phase in phases}
     heldout_rows = jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE)
-    if not train_rows:
-        raise JobFailed("the training set is empty" if not grpo else "there are no prompts to train on")
-    torch.manual_seed(spec.seed)
-    model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
-    model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                                target_modules=spec.target_modules, parent_adapter=spec.parent_adapter)
+    for phase, rows in phase_rows.items():
+        if not rows:
+            raise JobFailed("there are no prompts to train on" if phase == "grpo" else "the training set is empty")
+    ctx = _Run(spec, job_dir, flags, progress, is_main, prec, liger, threads, split=len(phases) > 1)
+
+    # -- train, phase by phase (SFT+GRPO: the GRPO phase starts from the SFT phase's adapter)
+    parent, records = spec.parent_adapter, []
+    for phase in phases:
+        root = checkpoint_root(job_dir, phase if ctx.split else None)
+        finished = root / PHASE_ADAPTER
+        if phase != phases[-1] and finished.is_dir():  # done in an earlier run of this job
+            records.append(json.loads((finished / PHASE_RECORD).read_text()))
+            parent = str(finished)
+            continue
+        torch.manual_seed(spec.seed)
+        model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
+        model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                                    target_modules=spec.target_modules, parent_adapter=parent)
+        trainer, record, stop = _train_phase(ctx, phase, root, model, tokenizer, phase_rows[phase])
+        records.append(record)
+        _fold(result, records, ctx.split)
+        if "failure" in record:
+            raise JobFailed(record["failure"])
+        if stop is not None:
+            return stop
+        if phase != phases[-1]:
+            if is_main:
+                save_adapter(trainer.model, finished, record={PHASE_RECORD: record})
+            _barrier()
+            parent = str(finished)
+            del trainer, model
+    if not is_main:
+        return EXIT_OK
+
+    # -- save: only a healthy adapter is written
+    model, state = trainer.model, trainer.state
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")  # GRPO's frozen reference (beta > 0) is no part of the result
+    health = check_finite_logits(model, tokenizer, heldout_rows or phase_rows[phases[-1]],
+                                 batch_size=spec.eval_batch_size, max_seq_length=spec.max_seq_length)
+    result.health = {"ok": health.ok, "reason": health.reason}
+    if not health.ok:
+        raise JobFailed(f"health check failed: {health.reason}")
+    progress.write(stage=jobfile.STAGE_SAVING, step=state.global_step, total_steps=state.max_steps)
+    result.adapter = str(save_adapter(model, job_dir / jobfile.ADAPTER_DIR))
+
+    # -- evaluate the candidate beside what serves now, on the same held-out rows
+    if spec.evaluate and heldout_rows:
+        progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
+        result.metrics = evaluate(model, tokenizer, heldout_rows, spec)
+    return EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every phase of one worker run shares."""
+
+    spec: jobfile.JobSpec
+    job_dir: Path
+    flags: Flags
+    progress: Progress
+    is_main: bool
+    prec: object  # lora.Precision
+    liger: bool
+    threads: int
+    split: bool  # more than one phase (SFT+GRPO): checkpoints and progress are kept per phase
+
+
+def phase_schedule(spec, phase: str, split: bool) -> tuple[int, float]:
+    """(max_steps, learning_rate) of ``phase``: SFT+GRPO's GRPO phase has its own keys."""
+    if split and phase == "grpo":
+        return spec.grpo_steps, spec.grpo_learning_rate or spec.learning_rate
+    return spec.max_steps, spec.learning_rate
+
+
+def _train_phase(ctx: _Run, phase: str, root: Path, model, tokenizer, rows: list[dict]):
+    """Train one phase to its end (resuming from its last complete checkpoint).
+
+    Returns:
+        (trainer, record, stop): record is the phase's figures for result.json (with
+        "failure" when the loss or gradient norm became NaN/Inf); stop is EXIT_PAUSED or
+        EXIT_CANCELLED when a signal or the window ended the phase early, else None.
+
+    Raises:
+        JobFailed: packing refused.
+    """
+    from lorad.training import lora, speed
+
+    spec = ctx.spec
+    max_steps, learning_rate = phase_schedule(spec, phase, ctx.split)
+    # packing = true is the SFT phase's; SFT+GRPO's GRPO phase decides as "auto" would.
+    setting = "auto" if ctx.split and phase != "sft" else spec.packing
     try:
-        packing, packing_reason = speed.decide_packing(spec.packing, spec.method, model, tokenizer)
+        packing, packing_reason = speed.decide_packing(setting, phase, model, tokenizer)
     except speed.Refused as e:
         raise JobFailed(str(e)) from None
-    train_dataset = lora.dataset(train_rows, spec.method)
-
-    # -- train (resuming from the last complete checkpoint when there is one)
-    staging = job_dir / jobfile.CHECKPOINTS_DIR / STAGING
-    if is_main:
+    train_dataset = lora.dataset(rows, phase)
+    staging = root / STAGING
+    if ctx.is_main:
         shutil.rmtree(staging, ignore_errors=True)  # a killed save leaves only this behind
-        for doomed in (*staging.parent.glob(DISCARDED + "*"), *job_dir.glob(DISCARDED + "*"),
-                       *job_dir.glob(".adapter.*")):
+        for doomed in (*root.glob(DISCARDED + "*"), *root.glob(".adapter.*"), *ctx.job_dir.glob(DISCARDED + "*"),
+                       *ctx.job_dir.glob(".adapter.*")):
             shutil.rmtree(doomed, ignore_errors=True)  # and a killed discard() or adapter save this
         staging.mkdir(parents=True, exist_ok=True)
     _barrier()
     args = lora.training_arguments(
-        spec.method, output_dir=str(staging), prec=prec, learning_rate=spec.learning_rate,
-        max_steps=spec.max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
+        phase, output_dir=str(staging), prec=ctx.prec, learning_rate=learning_rate,
+        max_steps=max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
         grad_accum=spec.grad_accum, max_seq_length=spec.max_seq_length, save_steps=spec.save_steps,
-        seed=spec.seed, packing=packing, liger=liger, num_generations=spec.num_generations,
+        seed=spec.seed, packing=packing, liger=ctx.liger, num_generations=spec.num_generations,
         max_completion_length=spec.max_completion_length, temperature=spec.temperature, beta=spec.beta)
-    callback = make_callback(flags, progress, job_dir, spec.window_end, is_main)
+    callback = make_callback(ctx.flags, ctx.progress, root, spec.window_end, ctx.is_main,
+                             phase=phase if ctx.split else None)
     reward = None
-    if grpo:
+    if phase == "grpo":
         from lorad.training.grpo import GuardReward
 
         reward = GuardReward(spec.guard_command, spec.guard_timeout)
-    trainer = lora.trainer(spec.method, model, tokenizer, train_dataset, args, [callback], reward=reward)
+    trainer = lora.trainer(phase, model, tokenizer, train_dataset, args, [callback], reward=reward)
     # Why after the trainer: trl installs its own LM head in the constructor; this one replaces it.
-    completion_head = spec.method == "sft" and speed.completion_head(trainer.model)
-    result.speed = {"threads": threads, "packing": packing, "packing_reason": packing_reason,
-                    "completion_head": completion_head, "liger_kernel": liger,
-                    "gradient_checkpointing": prec.gradient_checkpointing}
-    checkpoints = complete_checkpoints(job_dir)
+    completion_head = phase == "sft" and speed.completion_head(trainer.model)
+    checkpoints = _checkpoints_in(root)
     resume = str(checkpoints[-1]) if checkpoints else None
-    result.resumed_from = resume
     t0 = time.monotonic()
     if resume and _finished(Path(resume)):
         # Why not trainer.train(): resumed at its last step, the Trainer still runs one more step
@@ -424,41 +532,39 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         callback.on_step_begin(args, trainer.state, trainer.control)  # records where this run starts
         callback.final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
     else:
-        with _sampling(trainer.model, tokenizer, grpo):
+        with _sampling(trainer.model, tokenizer, phase == "grpo"):
             trainer.train(resume_from_checkpoint=resume)
-    result.train_seconds = time.monotonic() - t0
+    seconds = time.monotonic() - t0
     state = trainer.state
-    result.steps, result.total_steps = state.global_step, state.max_steps
-    result.tokens, result.final_loss = state.num_input_tokens_seen, callback.final_loss
-    result.tokens_per_s = (state.num_input_tokens_seen - callback.tokens0) / max(result.train_seconds, 1e-9)
+    record = {"method": phase, "steps": state.global_step, "total_steps": state.max_steps,
+              "tokens": state.num_input_tokens_seen, "final_loss": callback.final_loss,
+              "train_seconds": seconds, "new_tokens": state.num_input_tokens_seen - callback.tokens0,
+              "resumed_from": resume,
+              "speed": {"threads": ctx.threads, "packing": packing, "packing_reason": packing_reason,
+                        "completion_head": completion_head, "liger_kernel": ctx.liger,
+                        "gradient_checkpointing": ctx.prec.gradient_checkpointing}}
     if callback.failure:
-        raise JobFailed(callback.failure)
-    if callback.stopped == "pause":
-        result.reason = callback.reason
-        return EXIT_PAUSED
-    if callback.stopped == "cancel":
-        result.reason = callback.reason
-        return EXIT_CANCELLED
-    if not is_main:
-        return EXIT_OK
+        record["failure"] = callback.failure if not ctx.split else f"{phase} phase: {callback.failure}"
+    stop = {"pause": EXIT_PAUSED, "cancel": EXIT_CANCELLED}.get(callback.stopped)
+    if stop is not None:
+        record["reason"] = callback.reason
+    return trainer, record, stop
 
-    # -- save: only a healthy adapter is written
-    model = trainer.model
-    if "ref" in getattr(model, "peft_config", {}):
-        model.delete_adapter("ref")  # GRPO's frozen reference (beta > 0) is no part of the result
-    health = check_finite_logits(model, tokenizer, heldout_rows or train_rows,
-                                 batch_size=spec.eval_batch_size, max_seq_length=spec.max_seq_length)
-    result.health = {"ok": health.ok, "reason": health.reason}
-    if not health.ok:
-        raise JobFailed(f"health check failed: {health.reason}")
-    progress.write(stage=jobfile.STAGE_SAVING, step=state.global_step, total_steps=state.max_steps)
-    result.adapter = str(save_adapter(model, job_dir))
 
-    # -- evaluate the candidate beside what serves now, on the same held-out rows
-    if spec.evaluate and heldout_rows:
-        progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
-        result.metrics = evaluate(model, tokenizer, heldout_rows, spec)
-    return EXIT_OK
+def _fold(result: jobfile.Result, records: list[dict], split: bool) -> None:
+    """The job's figures from its phases' records (one phase: its figures are the job's)."""
+    if split:
+        result.phases = records
+    if not records:
+        return
+    last = records[-1]
+    result.steps = sum(r["steps"] for r in records)
+    result.total_steps = sum(r["total_steps"] for r in records)
+    result.tokens = sum(r["tokens"] for r in records)
+    result.train_seconds = sum(r["train_seconds"] for r in records)
+    result.tokens_per_s = sum(r["new_tokens"] for r in records) / max(result.train_seconds, 1e-9)
+    result.final_loss, result.resumed_from, result.speed = last["final_loss"], last["resumed_from"], last["speed"]
+    result.reason = last.get("reason", result.reason)
 
 
 def _sampling(model, tokenizer, grpo: bool):
