@@ -13,7 +13,10 @@ with the feedback of really running its tests), and these models:
 - **lorad SFT**: ``lorad train`` (``pipeline.run_now``) on the store with a config (the
   promoted version, or the rejected one when the gate says no: both are scored);
 - **lorad GRPO**: a second ``lorad train`` with ``method = "grpo"``, warm-started from the
-  version the first one promoted (lorad's way of SFT then GRPO), the task guard as reward.
+  version the first one promoted (SFT then GRPO as two cycles), the task guard as reward;
+- **lorad SFT+GRPO**: one ``lorad train`` with ``method = "sft+grpo"`` from the base, in a
+  state directory of its own: the same SFT steps, then as many GRPO completions as the GRPO
+  cycle sampled (both phases share ``batch_size``, so the GRPO phase takes more, smaller steps).
 
 Each answers every unseen task greedily with the first-attempt prompt (system = the task's
 constraints, user = its specification, as lorad formats them); the task's tests judge the
@@ -143,12 +146,15 @@ def guard_command() -> list[str]:
     return [sys.executable, str(HERE / "learning_tasks.py"), "--guard"]
 
 
-def write_config(work: Path, base_model: str, plan: Plan, *, method: str) -> Path:
-
+def write_config(work: Path, base_model: str, plan: Plan, *, method: str, state: str = "state") -> Path:
     grpo = method == "grpo"
+    phases = ""
+    if method == "sft+grpo":  # the GRPO cycle's completions, in steps of the shared batch_size
+        phases = (f"grpo_steps = {plan.grpo_steps * plan.grpo_batch_size // plan.batch_size}\n"
+                  f"grpo_learning_rate = {plan.grpo_learning_rate}\n")
     text = f"""# Written by bench/learning.py
 [daemon]
-state_dir = "{work / 'state'}"
+state_dir = "{work / state}"
 
 [[store.sources]]
 kind = "atomicguard"
@@ -164,7 +170,7 @@ method = "{method}"
 max_steps = {plan.grpo_steps if grpo else plan.steps}
 batch_size = {plan.grpo_batch_size if grpo else plan.batch_size}
 learning_rate = {plan.grpo_learning_rate if grpo else plan.learning_rate}
-max_seq_length = {plan.max_seq_length}
+{phases}max_seq_length = {plan.max_seq_length}
 num_generations = {plan.num_generations}
 max_completion_length = {plan.max_new_tokens}
 quantization = "none"
@@ -184,7 +190,7 @@ guard_timeout = 20.0
 format = "json"
 level = "warning"
 """
-    path = work / f"config-{method}.toml"
+    path = work / f"config-{method.replace('+', '-')}.toml"
     path.write_text(text)
     return path
 
@@ -210,7 +216,8 @@ def lorad_cycle(config_path: Path, label: str) -> dict:
     return {"status": outcome.status, "version": outcome.version, "reason": outcome.reason,
             "started_from": started_from,
             "adapter": str(registry.path_of(outcome.version)), "seconds": time.monotonic() - t0,
-            "steps": (outcome.training or {}).get("steps"), "metrics": {
+            "steps": (outcome.training or {}).get("steps"), "phases": (outcome.training or {}).get("phases"),
+            "metrics": {
                 k: {m: v for m, v in (outcome.metrics or {}).get(k, {}).items() if m != "guard"}
                 for k in ("candidate", "active")}}
 
@@ -347,9 +354,15 @@ def run(work: Path, plan: Plan) -> dict:
     print(f"lorad grpo: {stages['lorad_grpo']['version']} {stages['lorad_grpo']['status']} "
           f"({stages['lorad_grpo']['seconds']:.0f} s)", file=sys.stderr, flush=True)
     score("lorad GRPO", stages["lorad_grpo"]["adapter"])
+    stages["lorad_sft_grpo"] = lorad_cycle(write_config(work, named, plan, method="sft+grpo", state="state-sft-grpo"),
+                                           "lorad sft+grpo")
+    print(f"lorad sft+grpo: {stages['lorad_sft_grpo']['version']} {stages['lorad_sft_grpo']['status']} "
+          f"({stages['lorad_sft_grpo']['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    score("lorad SFT+GRPO", stages["lorad_sft_grpo"]["adapter"])
 
-    report["scores"] = {k: scores[k] for k in ("base", "plain trl SFT", "lorad SFT", "lorad GRPO")}
-    best = max(("lorad SFT", "lorad GRPO"), key=lambda k: scores[k]["epsilon"])
+    lorad = ("lorad SFT", "lorad GRPO", "lorad SFT+GRPO")
+    report["scores"] = {k: scores[k] for k in ("base", "plain trl SFT", *lorad)}
+    best = max(lorad, key=lambda k: scores[k]["epsilon"])
     report["best_lorad"] = best
     report["margin_over_plain"] = scores[best]["epsilon"] - scores["plain trl SFT"]["epsilon"]
     report["seconds"] = time.monotonic() - t0
@@ -363,7 +376,10 @@ def table(report: dict) -> str:
              "plain trl SFT": f"{stages['plain_sft']['rows']} accepted answers, first-attempt prompt",
              "lorad SFT": f"{stages['lorad_sft']['version']} {stages['lorad_sft']['status']}",
              "lorad GRPO": f"{stages['lorad_grpo']['version']} {stages['lorad_grpo']['status']}, "
-                           f"warm-started from {stages['lorad_grpo']['started_from'] or 'nothing (the base)'}"}
+                           f"warm-started from {stages['lorad_grpo']['started_from'] or 'nothing (the base)'}",
+             "lorad SFT+GRPO": f"{stages['lorad_sft_grpo']['version']} {stages['lorad_sft_grpo']['status']}, "
+                               f"one job from the base: " + ", ".join(
+                                   f"{p['method']} {p['steps']} steps" for p in stages["lorad_sft_grpo"]["phases"])}
     lines = [f"First-attempt acceptance on {stages['unseen_tasks']} tasks never in the store "
              f"({stages['store']['tasks']} store tasks: {stages['store']['first_try']} first-try, "
              f"{stages['store']['refined']} refined, {stages['store']['exhausted']} exhausted)", "",

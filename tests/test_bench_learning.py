@@ -62,15 +62,16 @@ def test_guard_command_judges_by_the_specification():
     assert wrong.returncode == 1 and "failed" in wrong.stdout
 
 
-def test_quick_run_prints_one_table_of_four_models(tmp_path):
+def test_quick_run_prints_one_table_of_five_models(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning.py"), "--quick", "--out",
                            str(tmp_path / "work"), "--json"], capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(report["scores"]) == ["base", "plain trl SFT", "lorad SFT", "lorad GRPO"]
+    assert list(report["scores"]) == ["base", "plain trl SFT", "lorad SFT", "lorad GRPO", "lorad SFT+GRPO"]
     n = report["stages"]["unseen_tasks"]
     for s in report["scores"].values():
         assert s["n"] == n and s["ci95"][0] <= s["epsilon"] <= s["ci95"][1]
     assert report["stages"]["lorad_grpo"]["steps"] == 2 and report["stages"]["lorad_sft"]["steps"] == 3
-    assert "| lorad GRPO |" in proc.stdout and "target >= 0.85" in proc.stdout
+    assert [(p["method"], p["steps"]) for p in report["stages"]["lorad_sft_grpo"]["phases"]] == [("sft", 3), ("grpo", 2)]
+    assert "| lorad GRPO |" in proc.stdout and "| lorad SFT+GRPO |" in proc.stdout and "target >= 0.85" in proc.stdout
