@@ -20,17 +20,15 @@ record, which ``lorad status`` shows. Torch-free.
 from __future__ import annotations
 
 import json
-import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import structlog
 
-from lorad import events
+from lorad import events, http_client
+from lorad.config import PublishSettings as _Defaults
 
 log = structlog.get_logger()
 
@@ -56,10 +54,10 @@ class SleepingServer:
     """
 
     url: str
-    api_key_env: str = ""
-    timeout: float = 30.0
-    retries: int = 3
-    backoff: float = 1.0
+    api_key_env: str = _Defaults.api_key_env
+    timeout: float = _Defaults.timeout
+    retries: int = _Defaults.retries
+    backoff: float = _Defaults.backoff
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
 
     def params(self) -> dict:
@@ -123,24 +121,16 @@ class SleepingServer:
         raise ShareError(f"vllm {self.url}: {last} (after {self.retries + 1} attempts)")
 
     def _request(self, method: str, path: str) -> str:
-        headers = {}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url.rstrip("/") + path, method=method,
-                                         data=b"" if method == "POST" else None, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                return resp.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as e:
-            text = f"{method} {path}: HTTP {e.code}: {e.read().decode('utf-8', 'replace')[:DETAIL_CHARS]}"
-            if e.code == 404:  # no sleep endpoints: not started with VLLM_SERVER_DEV_MODE=1
+            return http_client.send(self.url, method, path, b"" if method == "POST" else None,
+                                    headers=http_client.bearer(self.api_key_env), timeout=self.timeout)
+        except http_client.HttpError as e:
+            text = f"{method} {path}: HTTP {e.status}: {e.text[:DETAIL_CHARS]}" if e.status else str(e)
+            if e.status == 404:  # no sleep endpoints: not started with VLLM_SERVER_DEV_MODE=1
                 raise _NoSleepMode(text) from None
-            if e.code < 500:
+            if e.final:
                 raise _Final(text) from None
             raise ShareError(text) from None
-        except (urllib.error.URLError, OSError) as e:
-            raise ShareError(f"{method} {path}: {getattr(e, 'reason', e)}") from None
 
 
 class _Final(Exception):

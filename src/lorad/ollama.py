@@ -18,15 +18,13 @@ import hashlib
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lorad import http_client
+from lorad.config import PublishSettings as _Defaults
 from lorad.gguf_export import ADAPTER_FILE
-
-OUTPUT_CHARS = 2000
 
 _digests: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> "sha256:<hex>" (bases are GBs)
 
@@ -62,10 +60,10 @@ class Ollama:
 
     url: str
     base: str
-    name_prefix: str = "lorad"
-    timeout: float = 30.0
-    retries: int = 3
-    backoff: float = 1.0
+    name_prefix: str = _Defaults.name_prefix
+    timeout: float = _Defaults.timeout
+    retries: int = _Defaults.retries
+    backoff: float = _Defaults.backoff
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
 
     def model_name(self, version: str) -> str:
@@ -130,33 +128,10 @@ class Ollama:
         Raises:
             OllamaError: a 4xx (other than a tolerated 404), or the retries ran out.
         """
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.sleep(self.backoff * 2 ** (attempt - 1))
-            headers = {}
-            data = None
-            if isinstance(body, Path):
-                data = open(body, "rb")  # streamed; closed below
-                headers = {"Content-Type": "application/octet-stream",
-                           "Content-Length": str(body.stat().st_size)}
-            elif body is not None:
-                data = json.dumps(body).encode()
-                headers = {"Content-Type": "application/json"}
-            request = urllib.request.Request(self.url.rstrip("/") + path, method=method, data=data, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    return resp.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
-            except urllib.error.HTTPError as e:
-                text = e.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
-                if e.code == 404 and missing_ok:
-                    return None
-                last = f"{method} {path}: HTTP {e.code}: {text}"
-                if e.code < 500:
-                    raise OllamaError(last) from None
-            except (urllib.error.URLError, OSError) as e:
-                last = f"{method} {path}: {getattr(e, 'reason', e)}"
-            finally:
-                if hasattr(data, "close"):
-                    data.close()
-        raise OllamaError(f"{last} (after {self.retries + 1} attempts)")
+        try:
+            return http_client.retrying(lambda: http_client.send(self.url, method, path, body, timeout=self.timeout),
+                                        retries=self.retries, backoff=self.backoff, sleep=self.sleep)
+        except http_client.HttpError as e:
+            if e.status == 404 and missing_ok:
+                return None
+            raise OllamaError(str(e)) from None

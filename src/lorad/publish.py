@@ -16,21 +16,18 @@ to what it was before (and the hooks run once more so the server follows it back
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorad import log
+from lorad import http_client, log
 from lorad.config import PublishSettings as _Defaults
 from lorad.registry import Change, Registry
 
-OUTPUT_CHARS = 2000
+OUTPUT_CHARS = http_client.OUTPUT_CHARS
 
 
 @dataclass(frozen=True)
@@ -117,30 +114,15 @@ class VllmHook:
         return HookResult(self.name, True, self.required, "; ".join(notes))
 
     def _post(self, path: str, body: dict, tolerate: str) -> tuple[bool, str]:
-        """POST with retries on connection errors and 5xx; a 4xx is final unless it says ``tolerate``."""
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url.rstrip("/") + path, method="POST",
-                                             data=json.dumps(body).encode(), headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    return True, resp.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
-            except urllib.error.HTTPError as e:
-                text = e.read().decode("utf-8", "replace")[:OUTPUT_CHARS]
-                if tolerate in text:
-                    return True, text
-                last = f"HTTP {e.code}: {text}"
-                if e.code < 500:
-                    return False, last
-            except (urllib.error.URLError, OSError) as e:
-                last = f"{getattr(e, 'reason', e)}"
-        return False, f"{last} (after {self.retries + 1} attempts)"
+        """(ok, response or why): retried on connection errors and 5xx; a 4xx is final, and
+        an error whose body says ``tolerate`` counts as done."""
+        try:
+            return True, http_client.retrying(
+                lambda: http_client.send(self.url, "POST", path, body, headers=http_client.bearer(self.api_key_env),
+                                         timeout=self.timeout),
+                retries=self.retries, backoff=self.backoff, sleep=self.sleep)
+        except http_client.HttpError as e:
+            return (True, e.text) if tolerate in e.text else (False, str(e))
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,20 @@ def _rewards(job_dir) -> dict[int, float]:
             if r["stage"] == "training" and "reward" in r}
 
 
+def _pause_after_rewarded_steps(job_dir, steps: int) -> jobfile.Result:
+    """Start the worker, SIGTERM it once ``steps`` GRPO steps have logged a reward; its result."""
+    proc = start_worker(job_dir)
+    deadline = time.monotonic() + 180
+    while len(_rewards(job_dir)) < steps:
+        assert proc.poll() is None, output(job_dir)
+        assert time.monotonic() < deadline, f"GRPO did not reach step {steps}"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
+    return jobfile.read_result(job_dir)
+
+
 def _adapter_weights(path):
     from safetensors.torch import load_file
 
@@ -96,16 +110,7 @@ def test_grpo_reward_rises_and_the_adapter_changes(make_grpo_job):
 
 def test_grpo_resume_after_sigterm_continues_from_the_checkpoint(make_grpo_job):
     job_dir = make_grpo_job(max_steps=12)
-    proc = start_worker(job_dir)
-    deadline = time.monotonic() + 120
-    while len(_rewards(job_dir)) < 3:
-        assert proc.poll() is None, output(job_dir)
-        assert time.monotonic() < deadline, "GRPO did not reach step 3"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
-    paused = jobfile.read_result(job_dir)
+    paused = _pause_after_rewarded_steps(job_dir, 3)
     stopped_at = paused.steps
     assert paused.status == "paused" and 3 <= stopped_at < 12
     assert [p.name for p in complete_checkpoints(job_dir)] == [f"step-{stopped_at}"]
@@ -218,16 +223,7 @@ def test_sft_then_grpo_trains_both_phases_in_one_job_and_grpo_starts_from_the_sf
 
 def test_sft_then_grpo_paused_in_grpo_resumes_there_without_training_sft_again(make_grpo_job):
     job_dir = make_grpo_job(method="sft+grpo", max_steps=3, grpo_steps=10, save_steps=100)
-    proc = start_worker(job_dir)
-    deadline = time.monotonic() + 180
-    while len(_rewards(job_dir)) < 2:
-        assert proc.poll() is None, output(job_dir)
-        assert time.monotonic() < deadline, "the GRPO phase did not reach step 2"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
-    paused = jobfile.read_result(job_dir)
+    paused = _pause_after_rewarded_steps(job_dir, 2)
     stopped_at = paused.phases[-1]["steps"]
     assert paused.status == "paused" and [p["method"] for p in paused.phases] == ["sft", "grpo"]
     assert [p.name for p in complete_checkpoints(job_dir, "grpo")] == [f"step-{stopped_at}"]

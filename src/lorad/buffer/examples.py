@@ -376,8 +376,10 @@ class Snapshot:
     stats: dict
 
 
-def _metadata(chain: traces.Chain, seq: int, split_name: str, row: dict | None = None,
+def row_metadata(chain: traces.Chain, seq: int, split_name: str, row: dict | None = None,
               conditioning: str = formatting.FIRST_ATTEMPT) -> dict:
+    """The ``metadata`` every exported row carries (training, held-out and GRPO prompt rows
+    alike): where the chain came from, its outcome and the artifact the row was made of."""
     return {
         "chain_id": chain.chain_id, "seq": seq, "split": split_name, "source": chain.source,
         "workflow_id": chain.workflow_id, "action_pair_id": chain.action_pair_id, "outcome": chain.outcome,
@@ -402,13 +404,13 @@ def method_rows(chain: traces.Chain, method: str, seq: int, split_name: str, *, 
         return [{"prompt": formatting.prompt(chain, history=kind == formatting.HISTORY, max_history=max_history,
                                              max_artifact_chars=max_artifact_chars, role=role),
                  "completion": formatting.answer(chain.accepted),
-                 "metadata": _metadata(chain, seq, split_name, conditioning=kind)}
+                 "metadata": row_metadata(chain, seq, split_name, conditioning=kind)}
                 for kind in formatting.conditionings(chain, conditioning, max_history)]
     if method == "dpo":
-        return [{"prompt": p, "chosen": c, "rejected": r, "metadata": _metadata(chain, seq, split_name, row)}
+        return [{"prompt": p, "chosen": c, "rejected": r, "metadata": row_metadata(chain, seq, split_name, row)}
                 for p, c, r, row in formatting.dpo_pairs(chain, role=role)]
     if method == "kto":
-        return [{"prompt": p, "completion": c, "label": label, "metadata": _metadata(chain, seq, split_name, row)}
+        return [{"prompt": p, "completion": c, "label": label, "metadata": row_metadata(chain, seq, split_name, row)}
                 for p, c, label, row in formatting.kto_rows(chain, role=role)]
     raise ValueError(f"unknown method {method!r}; expected sft, dpo or kto")
 
@@ -419,7 +421,7 @@ def heldout_row(chain: traces.Chain, seq: int, role: str = "") -> dict:
     return {"prompt": formatting.prompt(chain, history=False, role=role),
             "completion": formatting.answer(chain.accepted) if chain.accepted else None,
             "specification": chain.specification, "chain_id": chain.chain_id,
-            "task_key": split.task_key(chain.specification), "metadata": _metadata(chain, seq, split.HELDOUT)}
+            "task_key": split.task_key(chain.specification), "metadata": row_metadata(chain, seq, split.HELDOUT)}
 
 
 def heldout_tasks(conn, max_heldout: int | None = None, action_pairs: tuple[str, ...] = ()) -> list[tuple[int, str]]:

@@ -58,7 +58,7 @@ def build_prompts(buffer: Buffer, selection: SelectionSettings, *, n: int) -> Pr
             continue
         rows.append({"prompt": formatting.prompt(chain, history=False, role=role),
                      "specification": chain.specification, "chain_id": chain.chain_id,
-                     "metadata": examples._metadata(chain, s, split.TRAIN)})
+                     "metadata": examples.row_metadata(chain, s, split.TRAIN)})
     outcomes: dict[str, int] = {}
     for r in rows:
         outcomes[r["metadata"]["outcome"]] = outcomes.get(r["metadata"]["outcome"], 0) + 1
