@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from fake_http import FakeServer, JsonHandler
 
-class SleepyVllm:
+
+class SleepyVllm(FakeServer):
     """vLLM with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (and --enable-lora).
 
     Args:
@@ -28,10 +29,7 @@ class SleepyVllm:
         self.lock = threading.Lock()
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(JsonHandler):
             def do_GET(self):
                 fake.log.append((time.time(), "GET", self.path))
                 if self.path == "/is_sleeping" and fake.sleep_mode:
@@ -39,8 +37,7 @@ class SleepyVllm:
                 return self.reply(404, {"detail": "Not Found"})
 
             def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else {}
+                body = json.loads(self.read_body() or b"{}")
                 fake.log.append((time.time(), "POST", self.path))
                 url = urlsplit(self.path)
                 with fake.lock:
@@ -64,25 +61,8 @@ class SleepyVllm:
                         return self.reply(200, "Success")
                 return self.reply(404, {"detail": "Not Found"})
 
-            def reply(self, code, payload):
-                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def calls(self) -> list[str]:
         return [f"{m} {p}" for _, m, p in self.log]
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()

@@ -28,10 +28,18 @@ STORE = FIXTURES / "atomicguard-store"
 GUARD = FIXTURES / "task_guard.py"
 
 
-def settings_for(root: Path, base_model: str, *, steps: int = 40, guard: bool = True, max_seq: int = 256,
-                 batch_size: int = 4, learning_rate: float = 0.01, evaluation: str = "") -> config.Settings:
+def settings_for(root: Path, base_model: str, **kw) -> config.Settings:
+    """Settings of a cycle on the fixture store (see :func:`config_text`)."""
+    return config.loads(config_text(root, base_model, **kw))
+
+
+def config_text(root: Path, base_model: str, *, steps: int = 40, guard: bool = True, max_seq: int = 256,
+                batch_size: int = 4, learning_rate: float = 0.01, evaluation: str = "") -> str:
+    """config.toml of a cycle on the fixture store: a rank-8 LoRA from scratch (no warm start),
+    the fixture guard unless ``guard`` is false; ``evaluation`` is appended to [evaluation]
+    (and may go on with more tables, such as [[publish]])."""
     guard_line = f'guard_command = ["{sys.executable}", "{GUARD}"]' if guard else ""
-    text = f"""
+    return f"""
 [daemon]
 state_dir = "{root / 'state'}"
 [[store.sources]]
@@ -62,7 +70,6 @@ min_heldout_examples = 3
 rollback_threshold = 0.01
 {evaluation}
 """
-    return config.loads(text)
 
 
 def poison(job_dir: Path, seed: int = 1) -> None:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from test_cycle import config_text
 from test_gguf_export import read, write_base_gguf
 from test_ollama import FakeOllama
 
 from lorad import cli, config, pipeline, release
 from lorad.buffer.store import Buffer
-
-STORE = Path(__file__).parent / "fixtures" / "atomicguard-store"
-
 
 @pytest.fixture
 def one_thread(monkeypatch):
@@ -28,30 +25,7 @@ def test_a_cycle_writes_adapter_gguf_into_the_version_and_publishes_it_to_ollama
     tiny = build_tiny_model(tmp_path / "tiny", hidden_size=32, vocab_size=512)
     base_gguf = write_base_gguf(tmp_path / "tiny.gguf", tiny)
     with FakeOllama() as server:
-        text = f"""
-[daemon]
-state_dir = "{tmp_path / 'state'}"
-[[store.sources]]
-kind = "atomicguard"
-path = "{STORE}"
-[selection]
-policy = "all_successes"
-heldout_fraction = 0.3
-max_history = 1
-max_artifact_chars = 300
-[training]
-base_model = "{tiny}"
-max_steps = 20
-batch_size = 4
-learning_rate = 0.01
-max_seq_length = 256
-quantization = "none"
-gradient_checkpointing = false
-lora_r = 8
-lora_alpha = 64
-lora_dropout = 0.0
-[evaluation]
-min_heldout_examples = 3
+        text = config_text(tmp_path, str(tiny), steps=20, guard=False, evaluation=f"""
 [[publish]]
 kind = "gguf"
 base = "{base_gguf}"
@@ -61,7 +35,7 @@ kind = "ollama"
 url = "{server.url}"
 base = "{base_gguf}"
 retries = 0
-"""
+""")
         settings = config.loads(text)
         outcome = pipeline.run_now(settings)
         reg = release.open_registry(settings)

@@ -4,11 +4,11 @@ speaks vLLM's sleep endpoints (/sleep, /wake_up, /is_sleeping) and its runtime L
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from sleepy_vllm import SleepyVllm
 from structlog.testing import capture_logs
+from test_cycle import settings_for
 
 from lorad import config, events, gpu_share
 from lorad.buffer.jobs import JobStore
@@ -109,9 +109,6 @@ def test_sleep_during_training_is_only_for_vllm_hooks():
 
 # -- around a real worker (tiny model) ------------------------------------------------------------
 
-STORE = Path(__file__).parent / "fixtures" / "atomicguard-store"
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     mp = pytest.MonkeyPatch()
@@ -125,30 +122,9 @@ def tiny_model(tmp_path_factory):
 
 
 def cycle_settings(root, base_model, url: str, steps: int = 8) -> config.Settings:
-    return config.loads(f"""
-[daemon]
-state_dir = "{root / 'state'}"
-[[store.sources]]
-kind = "atomicguard"
-path = "{STORE}"
-[selection]
-policy = "all_successes"
-heldout_fraction = 0.3
-max_history = 1
-max_artifact_chars = 300
-[training]
-base_model = "{base_model}"
-max_steps = {steps}
-batch_size = 4
-learning_rate = 0.01
-max_seq_length = 256
-quantization = "none"
-gradient_checkpointing = false
-save_steps = 1000
-warm_start = false
-[evaluation]
-min_improvement = 0.0
-min_heldout_examples = 3
+    """test_cycle's settings (no guard), promoting on any held-out loss drop, with a vLLM server
+    that sleeps while the worker trains."""
+    return settings_for(root, str(base_model), steps=steps, guard=False, evaluation=f"""min_improvement = 0.0
 [[publish]]
 kind = "vllm"
 url = "{url}"

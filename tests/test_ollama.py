@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import threading
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from fake_http import FakeServer, JsonHandler
 from lorad import config, release
 from lorad.buffer.store import Buffer
 from lorad.publish import GgufHook, OllamaHook, hooks_from_settings, publish
@@ -23,7 +22,7 @@ def _tagged(name: str) -> str:
     return name if ":" in name else name + ":latest"
 
 
-class FakeOllama:
+class FakeOllama(FakeServer):
     """Ollama's /api/blobs, /api/create and /api/copy as its API docs describe them.
 
     ``fail`` maps a path prefix to how many 500s to answer before behaving.
@@ -36,10 +35,7 @@ class FakeOllama:
         self.fail: dict[str, int] = {}
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(JsonHandler):
             def _failing(self):
                 fake.requests.append((self.command, self.path))
                 for prefix, left in fake.fail.items():
@@ -58,7 +54,7 @@ class FakeOllama:
                 self.end_headers()
 
             def do_POST(self):
-                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                data = self.read_body()
                 if self._failing():
                     return
                 if self.path.startswith("/api/blobs/"):
@@ -93,28 +89,11 @@ class FakeOllama:
                     return self.reply(200, "\n".join(json.dumps({"status": s}) for s in ("writing manifest", "success")))
                 return self.reply(200, {"status": "success"})
 
-            def reply(self, code, payload):
-                data = b"" if payload is None else (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def posts(self, prefix: str) -> int:
         return sum(1 for m, p in self.requests if m == "POST" and p.startswith(prefix))
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
 
 
 def closed_port_url() -> str:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from fake_http import FakeServer, JsonHandler
 from lorad.buffer.store import Buffer
 from lorad.config import PublishSettings
 from lorad.publish import CommandHook, VllmHook, hooks_from_settings, publish
@@ -18,7 +17,7 @@ from lorad.registry import Registry
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=timezone.utc)
 
 
-class FakeVllm:
+class FakeVllm(FakeServer):
     """Speaks vLLM's runtime LoRA endpoints (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
 
     def __init__(self, api_key=None, fail_first=0):
@@ -28,12 +27,9 @@ class FakeVllm:
         self.fail_first = fail_first
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.loads(self.read_body())
                 fake.requests.append((self.path, body))
                 if fake.fail_first > 0:
                     fake.fail_first -= 1
@@ -55,25 +51,8 @@ class FakeVllm:
                     return self.reply(200, f"Success: LoRA adapter '{name}' removed successfully.")
                 return self.reply(404, {"detail": "Not Found"})
 
-            def reply(self, code, payload):
-                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        super().__init__(Handler)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
 
 
 @pytest.fixture
