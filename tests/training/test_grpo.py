@@ -258,3 +258,12 @@ def test_sft_then_grpo_killed_after_the_sft_phase_resumes_at_grpo_from_the_kept_
     assert [s for s in _phase_starts(job_dir) if s[0] == "sft"] == [("sft", 0, False)]  # SFT ran once
     assert _adapter_weights(kept).keys() == sft_weights.keys()
     assert not list(kept.parent.glob(".adapter.*"))  # no half-written phase adapter left behind
+
+
+def test_sft_then_grpo_runs_under_two_processes(make_grpo_job):
+    """DDP (gloo): rank 0 keeps the SFT phase's adapter, every rank starts GRPO from it."""
+    job_dir = make_grpo_job(method="sft+grpo", max_steps=2, grpo_steps=2, processes=2)
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    assert result.processes == 2 and [(p["method"], p["steps"]) for p in result.phases] == [("sft", 2), ("grpo", 2)]
+    assert sorted(_rewards(job_dir)) == [1, 2]  # rank 0 alone writes progress
