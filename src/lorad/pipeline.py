@@ -365,8 +365,8 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
                         "train_seconds": result.train_seconds, "tokens": result.tokens,
                         "train_rows": stats.get("rows"), "new": stats.get("new"), "replayed": stats.get("replayed")}
     if result.phases:
-        outcome.training["phases"] = [{k: p.get(k) for k in ("method", "steps", "final_loss", "train_seconds")}
-                                      for p in result.phases]
+        outcome.training["phases"] = [{k: p[k] for k in ("method", "steps", "final_loss", "train_seconds", "kept",
+                                                         "decision") if k in p} for p in result.phases]
     if not result.succeeded:
         return outcome
     registry = release.open_registry(settings, buffer)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback, mcnemar_p, paired_test
+from lorad.evaluation.gate import (Thresholds, Verdict, decide, decide_rollback, keep_last_phase, mcnemar_p,
+                                   paired_test)
 
 T = Thresholds(min_improvement=0.01, confidence=0.95, min_heldout_examples=5)
 
@@ -186,3 +187,18 @@ def test_rollback_follows_the_paired_test_where_acceptance_was_measured():
     assert d.roll_back and d.reasons[0].startswith("active held-out loss 3.0000 vs previous 2.0000")
     assert "1 tasks gained, 2 lost" in d.reasons[1]
     assert not decide_rollback(m(2.0, passes=active), m(2.0, passes=previous), 0.02, 0.95).roll_back
+
+
+@pytest.mark.parametrize("gained, lost, keep", [(4, 0, True), (2, 1, True), (1, 1, False), (0, 0, False),
+                                                (0, 5, False)])
+def test_sft_then_grpo_keeps_the_grpo_phase_only_when_it_gains_more_tasks_than_it_loses(gained, lost, keep):
+    sft, grpo = pairs(both=10, gained=gained, lost=lost, neither=4)
+    kept, reason = keep_last_phase(m(0.1, passes=sft), m(0.5, passes=grpo))  # GRPO's loss is higher: irrelevant
+    assert kept is keep
+    assert f"({gained} gained, {lost} lost)" in reason
+    assert ("GRPO phase's adapter is the candidate" if keep else "SFT phase's adapter is the candidate") in reason
+
+
+def test_sft_then_grpo_without_guarded_scores_keeps_the_grpo_phase():
+    kept, reason = keep_last_phase(m(0.1), m(0.5))
+    assert kept and "not both scored" in reason

@@ -267,3 +267,18 @@ def test_sft_then_grpo_runs_under_two_processes(make_grpo_job):
     assert code == jobfile.EXIT_OK, out[-3000:]
     assert result.processes == 2 and [(p["method"], p["steps"]) for p in result.phases] == [("sft", 2), ("grpo", 2)]
     assert sorted(_rewards(job_dir)) == [1, 2]  # rank 0 alone writes progress
+
+
+def test_sft_then_grpo_offers_the_sft_phase_adapter_when_grpo_gains_no_held_out_task(make_grpo_job):
+    """GRPO at a rate that cannot change an answer: no task gained, so adapter/ is the SFT
+    phase's (byte for byte), scored and health-checked as the candidate."""
+    job_dir = make_grpo_job(method="sft+grpo", max_steps=3, grpo_steps=2, grpo_learning_rate=1e-7, evaluate=True,
+                            max_new_tokens=2)
+    code, result, out = run_worker(job_dir)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    grpo = result.phases[-1]
+    assert grpo["kept"] is False and "(0 gained, 0 lost): no gain, so the SFT phase's adapter" in grpo["decision"]
+    kept = job_dir / "checkpoints" / "sft" / "adapter" / "adapter_model.safetensors"
+    assert (job_dir / "adapter" / "adapter_model.safetensors").read_bytes() == kept.read_bytes()
+    assert set(result.metrics) == {"candidate", "active"} and "epsilon" in result.metrics["candidate"]
+    assert result.health["ok"] and result.adapter == str(job_dir / "adapter")

@@ -17,6 +17,7 @@ def outcome(o) -> str:
         if t.get("phases"):
             lines.append("  phases: " + "; ".join(f"{p['method']} {p['steps']} steps, final loss {_num(p['final_loss'])}"
                                                  for p in t["phases"]))
+            lines += [f"  {p['decision']}" for p in t["phases"] if p.get("decision")]
     for r in (o.live, o.rollback):
         if r and r.get("reasons"):
             lines.append(("rolled back: " if r.get("rolled_back") else "checked: ") + "; ".join(r["reasons"]))

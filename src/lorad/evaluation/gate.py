@@ -223,5 +223,27 @@ def decide_rollback(active: dict, previous: dict, threshold: float, confidence: 
     return RollbackDecision(rise > threshold, [sentence] + tail)
 
 
+def keep_last_phase(earlier: dict, last: dict) -> tuple[bool, str]:
+    """SFT+GRPO: whether the job offers the GRPO phase's adapter (``last``) rather than the SFT
+    phase's (``earlier``), both scored on the same held-out tasks.
+
+    Kept only when it passes more of them first time than it fails that the SFT phase passed:
+    GRPO imitates no accepted answer, so its held-out loss says little, and without a gain in
+    ε its drift from the SFT adapter is not worth serving. Without guarded scores for both
+    (nothing to compare) the GRPO phase is kept.
+
+    Returns:
+        (keep, the reason, with the paired counts).
+    """
+    pairs = paired_test(earlier, last)
+    if pairs is None:
+        return True, "the phases were not both scored by the guard; the GRPO phase's adapter is kept"
+    counts = (f"held-out first attempts SFT phase {pairs.first}/{pairs.tasks} -> GRPO phase "
+              f"{pairs.second}/{pairs.tasks} ({pairs.gained} gained, {pairs.lost} lost)")
+    if pairs.gained > pairs.lost:
+        return True, f"{counts}: the GRPO phase's adapter is the candidate"
+    return False, f"{counts}: no gain, so the SFT phase's adapter is the candidate"
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)

@@ -47,6 +47,8 @@ KEEP_CHECKPOINTS = 2
 PHASE_ADAPTER = "adapter"
 PHASE_RECORD = "lorad-phase.json"
 METHODS = ("sft", "dpo", "kto", "grpo", "sft+grpo")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EARLIER_PHASE = "sft_phase"  # the label (and adapter name) SFT+GRPO's SFT adapter is scored under
 
 
 class JobFailed(Exception):
@@ -179,12 +181,29 @@ def save_adapter(model, final: Path, record: dict[str, dict] | None = None) -> P
     """``final``/ with adapter_config.json and adapter_model.safetensors (and ``record``'s
     JSON files, by name), appearing whole or not at all. (The registry hashes the files when
     the adapter becomes a version.)"""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=final.parent))
-    os.chmod(tmp, 0o750)  # mkdtemp's 0700, opened to the group (a vLLM server in the lorad group)
+    tmp = _staged_adapter(final)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
     for name, data in (record or {}).items():
         (tmp / name).write_text(json.dumps(data) + "\n")
+    return _install_adapter(tmp, final)
+
+
+def adopt_adapter(source: Path, final: Path) -> Path:
+    """``final``/ as a copy of the adapter files in ``source``/, whole or not at all."""
+    tmp = _staged_adapter(final)
+    for name in ADAPTER_FILES:
+        shutil.copy2(source / name, tmp / name)
+    return _install_adapter(tmp, final)
+
+
+def _staged_adapter(final: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=final.parent))
+    os.chmod(tmp, 0o750)  # mkdtemp's 0700, opened to the group (a vLLM server in the lorad group)
+    return tmp
+
+
+def _install_adapter(tmp: Path, final: Path) -> Path:
     durable.fsync_tree(tmp)
     if final.exists():
         discard(final)
@@ -406,13 +425,13 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     ctx = _Run(spec, job_dir, flags, progress, is_main, prec, liger, threads, split=len(phases) > 1)
 
     # -- train, phase by phase (SFT+GRPO: the GRPO phase starts from the SFT phase's adapter)
-    parent, records = spec.parent_adapter, []
+    parent, records, earlier = spec.parent_adapter, [], None
     for phase in phases:
         root = checkpoint_root(job_dir, phase if ctx.split else None)
         finished = root / PHASE_ADAPTER
         if phase != phases[-1] and finished.is_dir():  # done in an earlier run of this job
             records.append(json.loads((finished / PHASE_RECORD).read_text()))
-            parent = str(finished)
+            parent = earlier = str(finished)
             continue
         torch.manual_seed(spec.seed)
         model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
@@ -429,7 +448,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
             if is_main:
                 save_adapter(trainer.model, finished, record={PHASE_RECORD: record})
             _barrier()
-            parent = str(finished)
+            parent = earlier = str(finished)
             del trainer, model
     if not is_main:
         return EXIT_OK
@@ -449,8 +468,32 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     # -- evaluate the candidate beside what serves now, on the same held-out rows
     if spec.evaluate and heldout_rows:
         progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
-        result.metrics = evaluate(model, tokenizer, heldout_rows, spec)
+        result.metrics = evaluate(model, tokenizer, heldout_rows, spec, earlier_phase=earlier)
+        if earlier:
+            _choose_phase(result, model, tokenizer, heldout_rows, spec, Path(earlier), job_dir)
     return EXIT_OK
+
+
+def _choose_phase(result: jobfile.Result, model, tokenizer, heldout_rows, spec, earlier: Path, job_dir: Path) -> None:
+    """SFT+GRPO: the job's candidate is the GRPO phase's adapter only if it gained held-out
+    first attempts over the SFT phase's (:func:`lorad.evaluation.gate.keep_last_phase`);
+    otherwise the SFT phase's adapter becomes adapter/, with its metrics and health."""
+    from lorad.evaluation.gate import keep_last_phase
+    from lorad.evaluation.health import check_finite_logits
+
+    sft = result.metrics.pop(EARLIER_PHASE)
+    keep, why = keep_last_phase(sft, result.metrics["candidate"])
+    result.phases[-1] |= {"kept": keep, "decision": why}
+    if keep:
+        return
+    model.set_adapter(EARLIER_PHASE)
+    health = check_finite_logits(model, tokenizer, heldout_rows, batch_size=spec.eval_batch_size,
+                                 max_seq_length=spec.max_seq_length)
+    if not health.ok:
+        raise JobFailed(f"health check of the SFT phase's adapter failed: {health.reason}")
+    result.health = {"ok": health.ok, "reason": health.reason}
+    result.metrics["candidate"] = sft
+    result.adapter = str(adopt_adapter(earlier, job_dir / jobfile.ADAPTER_DIR))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,14 +621,15 @@ def _sampling(model, tokenizer, grpo: bool):
     return stop_after_first_block(model, tokenizer)
 
 
-def evaluate(model, tokenizer, heldout_rows: list[dict], spec) -> dict:
+def evaluate(model, tokenizer, heldout_rows: list[dict], spec, earlier_phase: str | None = None) -> dict:
     """Metrics by label: "candidate", "active" (the reference adapter, or the bare base when
-    there is none) and, when set, "previous"."""
+    there is none) and, when set, "previous" and EARLIER_PHASE (SFT+GRPO's SFT adapter)."""
     from lorad.evaluation.metrics import evaluate as score
 
     adapters: dict[str, str | None] = {"candidate": model.active_adapter}
-    for label, path in (("active", spec.reference_adapter), ("previous", spec.previous_adapter)):
-        if label == "previous" and not path:
+    for label, path in (("active", spec.reference_adapter), ("previous", spec.previous_adapter),
+                        (EARLIER_PHASE, earlier_phase)):
+        if label != "active" and not path:
             continue
         if path:
             model.load_adapter(path, adapter_name=label)
