@@ -111,7 +111,7 @@ def write_store(root: Path, tasks: list[Task], seed: int) -> dict:
     for i, task in enumerate(tasks):
         outcome, attempts = chain_attempts(task, rng)
         chain = synthetic.chain(specification=task.specification, attempts=attempts, constraints=CONSTRAINTS,
-                                start=start + timedelta(seconds=10 * i))
+                                start=start + timedelta(seconds=10 * i), rng=rng)
         for artifact in chain:
             synthetic.write(root, artifact)
         everything += chain

@@ -75,3 +75,16 @@ def test_quick_run_prints_one_table_of_five_models(tmp_path):
     assert report["stages"]["lorad_grpo"]["steps"] == 2 and report["stages"]["lorad_sft"]["steps"] == 3
     assert [(p["method"], p["steps"]) for p in report["stages"]["lorad_sft_grpo"]["phases"]] == [("sft", 3), ("grpo", 2)]
     assert "| lorad GRPO |" in proc.stdout and "| lorad SFT+GRPO |" in proc.stdout and "target >= 0.85" in proc.stdout
+
+
+def test_the_store_written_twice_with_one_seed_is_the_same_store(tmp_path):
+    """Same ids, so the same files in the same order: lorad's and the plain recipe's data come
+    in the same order run after run (with random ids two runs of one plan differed by up to 5 points)."""
+    tasks = learning_tasks.all_tasks(learning_tasks.FAMILIES[:2])
+
+    def written(root):
+        learning.write_store(root, tasks, seed=3)
+        return sorted(p.relative_to(root) for p in root.rglob("*.json"))
+
+    assert written(tmp_path / "a") == written(tmp_path / "b")
+    assert written(tmp_path / "c") != [] and learning.accepted_rows(tmp_path / "a") == learning.accepted_rows(tmp_path / "c")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
@@ -88,13 +89,17 @@ def write_index(root: Path, artifacts: Iterable[dict]) -> None:
 
 def chain(*, workflow_id: str | None = None, specification: str, attempts: list[tuple[str, str, str]],
           start: datetime | None = None, constraints: str = "Return only Python code.",
-          action_pair_id: str = "g_coder", metadata: dict | None = None) -> list[dict]:
+          action_pair_id: str = "g_coder", metadata: dict | None = None,
+          rng: random.Random | None = None) -> list[dict]:
     """A retry chain: ``attempts`` is [(content, status, feedback), ...] in order.
 
     Each attempt links to the one before through previous_attempt_id and carries the
     feedback history of the rejected attempts before it, as atomicguard records them.
+    With ``rng`` the workflow and artifact ids come from it (a store written twice with the
+    same seed is the same store, files and their order included); else they are random.
     """
-    workflow_id = workflow_id or str(uuid.uuid4())
+    new_id = (lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))) if rng else (lambda: str(uuid.uuid4()))
+    workflow_id = workflow_id or new_id()
     start = start or datetime.now(timezone.utc)
     out: list[dict] = []
     history: list[tuple[str, str]] = []
@@ -103,7 +108,7 @@ def chain(*, workflow_id: str | None = None, specification: str, attempts: list[
                      previous_attempt_id=out[-1]["artifact_id"] if out else None,
                      specification=specification, constraints=constraints, feedback=feedback,
                      feedback_history=list(history), action_pair_id=action_pair_id,
-                     created_at=start + timedelta(milliseconds=20 * i), metadata=metadata)
+                     created_at=start + timedelta(milliseconds=20 * i), metadata=metadata, artifact_id=new_id())
         out.append(a)
         if status == "rejected":
             history.append((a["artifact_id"], feedback))
