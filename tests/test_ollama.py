@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 from datetime import datetime, timedelta, timezone
 
@@ -44,6 +45,23 @@ class FakeOllama(FakeServer):
                         self.reply(500, {"error": "something went wrong"})
                         return True
                 return False
+
+            def do_GET(self):
+                if self._failing():
+                    return
+                if self.path == "/api/tags":
+                    return self.reply(200, {"models": [{"name": n, "model": n} for n in fake.models]})
+                return self.reply(404, {"error": "not found"})
+
+            def do_DELETE(self):
+                body = json.loads(self.read_body())
+                if self._failing():
+                    return
+                if self.path != "/api/delete":
+                    return self.reply(404, {"error": "not found"})
+                if fake.models.pop(_tagged(body["model"]), None) is None:
+                    return self.reply(404, {"error": f"model '{body['model']}' not found"})
+                return self.reply(200, None)
 
             def do_HEAD(self):
                 if self._failing():
@@ -145,6 +163,29 @@ def test_creates_the_versioned_model_from_uploaded_blobs_and_moves_latest(tmp_pa
         assert server.posts(f"/api/blobs/{digest(base_gguf.read_bytes())}") == 1
         assert publish(reg, reg.rollback(), [hook]).ok
         assert server.models["lorad:latest"]["adapters"] == {"adapter.gguf": adapter_a}
+
+
+def test_models_of_pruned_versions_are_deleted_at_the_next_publish_and_nothing_else(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=3)
+    a, b, c = reg.names()
+    with FakeOllama() as server:
+        server.models["lorad-experiment:latest"] = {"from": "library"}  # a user's own model of the prefix
+        hook = OllamaHook(server.url, str(base_gguf), retries=0)
+        for name in (a, b, c):
+            assert publish(reg, reg.promote(name), [hook]).ok
+        for p in (reg.root / a, *(reg.root / a).rglob("*")):
+            p.chmod(0o755)
+        shutil.rmtree(reg.root / a)  # what Registry.prune does to a version it no longer retains
+        report = publish(reg, reg.rollback(), [hook])
+        assert report.ok and f"deleted lorad-{a}:latest (pruned versions)" in report.results[0].detail
+        assert set(server.models) == {"smollm2:135m", "lorad-experiment:latest", f"lorad-{b}:latest",
+                                      f"lorad-{c}:latest", "lorad:latest"}
+        # a failing listing is reported, and the publish still counts: the alias serves
+        server.fail["/api/tags"] = 1
+        report = publish(reg, reg.promote(c), [hook])
+        assert report.ok and "deleting the models of pruned versions failed: GET /api/tags: HTTP 500" in \
+            report.results[0].detail
+        assert server.models["lorad:latest"] == server.models[f"lorad-{c}:latest"]
 
 
 def test_an_ollama_model_name_as_base_is_created_from(tmp_path):

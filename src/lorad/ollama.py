@@ -6,7 +6,8 @@ the base GGUF the same way when the base is a file (an Ollama model name is used
 ``POST /api/create`` the model ``<prefix>-<version>`` with ``adapters`` (``stream: false``), then
 ``POST /api/copy`` it to the stable alias ``<prefix>:latest``. When no version serves any more
 (a revert to the bare base) the alias is created from the base alone. Versions are immutable,
-so creating one again (a retry, a rollback) makes the same model.
+so creating one again (a retry, a rollback) makes the same model. Models of versions the
+registry has pruned are deleted (``GET /api/tags``, ``DELETE /api/delete``) at the next publish.
 
 Every request is retried on connection errors and 5xx with exponential back-off; a 4xx is
 final. Torch-free; only the standard library.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from typing import Callable
 from lorad import http_client
 from lorad.config import PublishSettings as _Defaults
 from lorad.gguf_export import ADAPTER_FILE
+from lorad.registry import VERSION_RE
+
+_VERSION_ANY_CASE = re.compile(VERSION_RE.pattern, re.IGNORECASE)  # Ollama may list names lowercased
 
 _digests: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> "sha256:<hex>" (bases are GBs)
 
@@ -88,6 +93,27 @@ class Ollama:
             return True, f"created {name}; {self.alias} -> {name}"
         except OllamaError as e:
             return False, str(e)
+
+    def prune(self, kept: set[str]) -> list[str]:
+        """Delete this prefix's version models (``<prefix>-<version>``) whose version is not in
+        ``kept`` (the registry's versions: pruned ones are gone); returns their names. The
+        alias and models of other names are never touched.
+
+        Raises:
+            OllamaError: listing or deleting failed after its retries.
+        """
+        kept = {k.lower() for k in kept}  # Ollama matches model names case-insensitively
+        tags = json.loads(self.request("GET", "/api/tags") or "{}")
+        doomed = []
+        for model in tags.get("models") or []:
+            name = str(model.get("name") or model.get("model") or "")
+            base, _, tag = name.partition(":")
+            version = base[len(self.name_prefix) + 1:] if base.startswith(self.name_prefix + "-") else ""
+            if tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() not in kept:
+                doomed.append(name)
+        for name in doomed:
+            self.request("DELETE", "/api/delete", {"model": name}, missing_ok=True)
+        return doomed
 
     def create(self, model: str, adapter: Path | None) -> None:
         """POST /api/create for ``model`` from the base (+ the adapter), blobs uploaded first.

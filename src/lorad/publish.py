@@ -25,7 +25,7 @@ from typing import Callable
 
 from lorad import http_client, log
 from lorad.config import PublishSettings as _Defaults
-from lorad.registry import Change, Registry
+from lorad.registry import VERSION_RE, Change, Registry
 
 OUTPUT_CHARS = http_client.OUTPUT_CHARS
 
@@ -141,7 +141,8 @@ class GgufHook:
 
 @dataclass(frozen=True)
 class OllamaHook:
-    """Create ``<prefix>-<version>`` in Ollama from the base and adapter.gguf; move ``<prefix>:latest``."""
+    """Create ``<prefix>-<version>`` in Ollama from the base and adapter.gguf; move ``<prefix>:latest``;
+    delete the models of versions the registry no longer holds."""
 
     url: str
     base: str
@@ -157,10 +158,17 @@ class OllamaHook:
         return f"ollama {self.url}"
 
     def run(self, change: Change, root: Path) -> HookResult:
-        from lorad.ollama import Ollama
+        from lorad.ollama import Ollama, OllamaError
 
         server = Ollama(self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep)
         ok, detail = server.publish(change.version, root / change.version if change.version else None)
+        if ok:
+            # The alias serves; a model of a pruned version left behind costs disk, not correctness.
+            try:
+                deleted = server.prune({p.name for p in root.iterdir() if VERSION_RE.match(p.name)})
+                detail += f"; deleted {', '.join(deleted)} (pruned versions)" if deleted else ""
+            except OllamaError as e:
+                detail += f"; deleting the models of pruned versions failed: {e}"
         return HookResult(self.name, ok, self.required, detail)
 
 
