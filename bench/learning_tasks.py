@@ -133,25 +133,10 @@ def split_tasks(tasks: list[Task], unseen_per_family: int, seed: int = 0) -> tup
 
 def judge(task: Task, code: str) -> tuple[bool, str]:
     """Run the task's tests on ``code`` in this process: (accepted, feedback)."""
-    scope: dict = {}
-    try:
-        exec(compile(code, "<artifact>", "exec"), scope)  # noqa: S102 - the guard's whole job
-    except SyntaxError as e:
-        return False, f"SyntaxError: {e.msg} (line {e.lineno})"
-    except Exception as e:  # noqa: BLE001
-        return False, f"{type(e).__name__} while loading the answer: {e}"
-    if not callable(scope.get(task.name)):
-        return False, f"NameError: no function named {task.name}"
-    failures = []
-    for test in task.tests:
-        try:
-            if not eval(test, scope):  # noqa: S307
-                failures.append(f"failed: {test}")
-        except Exception as e:  # noqa: BLE001
-            failures.append(f"{type(e).__name__} in {test}: {e}")
-    if failures:
-        return False, "; ".join(failures[:3])
-    return True, "All tests passed"
+    from lorad.demo_tasks import run_tests
+
+    failures = run_tests(code, task.tests, function=task.name)
+    return (False, "; ".join(failures[:3])) if failures else (True, "All tests passed")
 
 
 def guard_main() -> int:

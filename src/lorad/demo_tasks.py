@@ -226,29 +226,35 @@ def check(content: str, task: Task, timeout_s: float = 5.0) -> tuple[bool, str]:
     return proc.returncode == 0, (proc.stdout.strip() or proc.stderr.strip())[-500:]
 
 
-def _run_tests(name: str, content: str) -> int:
-    task = next(t for t in ALL_TASKS if t.name == name)
+def run_tests(code: str, tests, function: str | None = None) -> list[str]:
+    """What fails when ``tests`` (Python expressions) are evaluated against ``code``, loaded in a
+    fresh scope of this process: [] when every test passes. With ``function``, an answer that
+    does not define it fails for that alone. (The benchmark's guard, bench/learning_tasks.py,
+    judges its tasks with this too.)"""
     scope: dict = {}
     try:
-        exec(compile(content, "<answer>", "exec"), scope)  # noqa: S102 - the guard's whole job
+        exec(compile(code, "<answer>", "exec"), scope)  # noqa: S102 - the guard's whole job
     except SyntaxError as e:
-        print(f"SyntaxError: {e.msg} (line {e.lineno})")
-        return 1
+        return [f"SyntaxError: {e.msg} (line {e.lineno})"]
     except Exception as e:  # noqa: BLE001
-        print(f"{type(e).__name__} while loading the answer: {e}")
-        return 1
+        return [f"{type(e).__name__} while loading the answer: {e}"]
+    if function is not None and not callable(scope.get(function)):
+        return [f"NameError: no function named {function}"]
     failures = []
-    for test in task.tests:
+    for test in tests:
         try:
             if not eval(test, scope):  # noqa: S307
                 failures.append(f"failed: {test}")
         except Exception as e:  # noqa: BLE001
             failures.append(f"{type(e).__name__} in {test}: {e}")
-    if failures:
-        print("; ".join(failures))
-        return 1
-    print("All tests passed")
-    return 0
+    return failures
+
+
+def _run_tests(name: str, content: str) -> int:
+    task = next(t for t in ALL_TASKS if t.name == name)
+    failures = run_tests(content, task.tests)
+    print("; ".join(failures) if failures else "All tests passed")
+    return 1 if failures else 0
 
 
 def guard_main() -> int:
