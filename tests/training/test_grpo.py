@@ -12,7 +12,7 @@ from lorad.training import job as jobfile
 from lorad.training.grpo import GuardReward, closes_first_block
 from lorad.training.worker import complete_checkpoints
 
-from training_helpers import output, run_worker, start_worker
+from training_helpers import output, run_worker, start_worker, training_starts
 
 # The tiny model samples from a 512-token BPE vocabulary; about one completion in eight
 # starts with one of these letters, so groups of 8 nearly always hold both verdicts.
@@ -118,8 +118,7 @@ def test_grpo_resume_after_sigterm_continues_from_the_checkpoint(make_grpo_job):
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-3000:]
     assert result.steps == 12 and result.resumed_from.endswith(f"step-{stopped_at}")
-    starts = [(r["step"], r["resumed"]) for r, _ in jobfile.iter_progress(job_dir)
-              if r["stage"] == "training" and r.get("loss") is None]
+    starts = [(r["step"], r["resumed"]) for r in training_starts(job_dir)]
     assert starts == [(0, False), (stopped_at, True)]
     assert sorted(_rewards(job_dir)) == list(range(1, 13))
 
@@ -192,8 +191,7 @@ def test_generation_stops_after_the_first_code_block(tiny_model_dir):
 
 def _phase_starts(job_dir) -> list[tuple[str, int, bool]]:
     """(phase, step, resumed) of each phase start the worker recorded."""
-    return [(r["phase"], r["step"], r["resumed"]) for r, _ in jobfile.iter_progress(job_dir)
-            if r["stage"] == "training" and r.get("loss") is None]
+    return [(r["phase"], r["step"], r["resumed"]) for r in training_starts(job_dir)]
 
 
 def test_sft_then_grpo_trains_both_phases_in_one_job_and_grpo_starts_from_the_sft_adapter(make_grpo_job):

@@ -12,7 +12,7 @@ import pytest
 from lorad.training import job as jobfile
 from lorad.training.worker import CHECKPOINT_MARKER, complete_checkpoints
 
-from training_helpers import dpo_row, kto_row, output, run_worker, start_worker
+from training_helpers import dpo_row, kto_row, output, run_worker, start_worker, training_starts
 
 
 def _losses(job_dir) -> dict[int, float]:
@@ -141,8 +141,7 @@ def test_sigterm_pauses_and_resume_continues_the_same_loss_curve(make_job):
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-2000:]
     assert result.steps == 16 and result.resumed_from.endswith(f"step-{stopped_at}")
-    starts = [(r["step"], r["resumed"]) for r, _ in jobfile.iter_progress(job_dir)
-              if r["stage"] == "training" and r.get("loss") is None]
+    starts = [(r["step"], r["resumed"]) for r in training_starts(job_dir)]
     assert starts == [(0, False), (stopped_at, True)]
     assert result.tokens == jobfile.read_result(reference).tokens
     got = _losses(job_dir)

@@ -68,6 +68,11 @@ def make_spec(job_id: str = "j", base_model: str = "m", state_dir: str = "s", **
     return dataclasses.replace(spec, **overrides)
 
 
+def training_starts(job_dir: Path) -> list[dict]:
+    """The progress records with which the worker started (or resumed) training, in order."""
+    return [r for r, _ in jobfile.iter_progress(job_dir) if r["stage"] == "training" and r.get("loss") is None]
+
+
 def output(job_dir: Path) -> str:
     return (Path(job_dir) / "worker.log").read_text(errors="replace")[-4000:]
 
