@@ -221,9 +221,9 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     snap = examples.build_snapshot(
         buffer, sel, method="sft" if "grpo" in t.phases else t.method, n=t.train_examples,
         replay_ratio=t.replay_ratio, since_seq=since, max_heldout=settings.evaluation.max_heldout, now=now)
-    if "grpo" not in t.phases or "sft" in t.phases:
-        if not snap.train:
-            raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
+    trains_rows = t.phases != ("grpo",)  # GRPO alone trains on prompts only
+    if trains_rows and not snap.train:
+        raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
     prompts = None
     if "grpo" in t.phases:
         from lorad.buffer.prompts import build_prompts
@@ -231,7 +231,7 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
         prompts = build_prompts(buffer, sel, n=t.train_examples)
         if not prompts.rows:
             raise NothingToTrain(f"no training task with a specification for GRPO (prompts: {prompts.stats})")
-        if "sft" not in t.phases:
+        if not trains_rows:
             snap.train, snap.example_seqs = [], []
         # The version covers what either phase trained on.
         snap.example_seqs = sorted(set(snap.example_seqs) | set(prompts.seqs))

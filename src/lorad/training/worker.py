@@ -425,13 +425,13 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     ctx = _Run(spec, job_dir, flags, progress, is_main, prec, liger, threads, split=len(phases) > 1)
 
     # -- train, phase by phase (SFT+GRPO: the GRPO phase starts from the SFT phase's adapter)
-    parent, records, earlier = spec.parent_adapter, [], None
+    parent, records = spec.parent_adapter, []
     for phase in phases:
         root = checkpoint_root(job_dir, phase if ctx.split else None)
         finished = root / PHASE_ADAPTER
         if phase != phases[-1] and finished.is_dir():  # done in an earlier run of this job
             records.append(json.loads((finished / PHASE_RECORD).read_text()))
-            parent = earlier = str(finished)
+            parent = str(finished)
             continue
         torch.manual_seed(spec.seed)
         model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
@@ -448,10 +448,11 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
             if is_main:
                 save_adapter(trainer.model, finished, record={PHASE_RECORD: record})
             _barrier()
-            parent = earlier = str(finished)
+            parent = str(finished)
             del trainer, model
     if not is_main:
         return EXIT_OK
+    earlier = parent if ctx.split else None  # the SFT phase's adapter, where the GRPO phase began
 
     # -- save: only a healthy adapter is written
     model, state = trainer.model, trainer.state
