@@ -23,6 +23,11 @@ EX_CONFIG = 78
 
 DEFAULT_PATHS = (Path("/etc/lorad/config.toml"), Path("config.toml"))
 
+# The system message atomicguard's OpenAI-protocol generators (OllamaGenerator,
+# HuggingFaceGenerator) send with every request: [selection] system_message's default.
+ATOMICGUARD_SYSTEM = ("You are a Python programming assistant. Provide complete, runnable code in a markdown "
+                      "block:\n```python\n# code\n```")
+
 
 class ConfigError(Exception):
     "The configuration is invalid; the message names every offending key path."
@@ -246,12 +251,32 @@ class SelectionSettings:
     action_pairs: tuple[str, ...] = ()
     max_history: int = _c(non_negative, default=3)
     max_artifact_chars: int = _c(positive, default=4000)
-    # "" or "FILE:KEY" of a prompts.json whose entry supplies the system role.
+    # "" or "FILE:KEY" of a prompts.json whose entry supplies the system role (lorad's layout)
+    # or the whole prompt template (prompt_format "atomicguard").
     prompt_template: str = ""
+    # "lorad": system = role + constraints, user = the specification (+ previous attempts);
+    # "atomicguard": the exact messages atomicguard's generators send, rendered from the
+    # prompt_template entry, with system_message as the system turn.
+    prompt_format: Literal["lorad", "atomicguard"] = "lorad"
+    system_message: str = ATOMICGUARD_SYSTEM
     dedup_similarity: float = _c(open_fraction, default=0.9)
     heldout_fraction: float = _c(open_fraction, default=0.15)
+    # The held-out set's floor: new tasks are held out (never more than are trained on) until it
+    # holds this many, and each family until it holds heldout_per_family; past the floor,
+    # heldout_fraction decides. A family is the artifact metadata value under family_key, or the
+    # action pair when that is "" or absent.
+    heldout_min_tasks: int = _c(non_negative, default=24)
+    heldout_per_family: int = _c(non_negative, default=2)
+    family_key: str = ""
     replay_weighting: Literal["uniform", "retries"] = "retries"
     seed: int = 0
+
+    def invalid(self) -> list[tuple[str, str]]:
+        """(key, why) for values that type-check but could not run."""
+        if self.prompt_format == "atomicguard" and not self.prompt_template:
+            return [("prompt_template", 'prompt_format "atomicguard" renders the generator\'s prompt template: '
+                                        "name its prompts.json entry as FILE:KEY")]
+        return []
 
 
 @dataclass(frozen=True)

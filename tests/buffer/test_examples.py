@@ -26,7 +26,7 @@ def snapshot(buffer, selection=SEL, *, method="sft", n=100, replay_ratio=0.5, **
 
 
 def add_task(store, i: int, *, spec: str | None = None, answer: str | None = None, retries: int = 1,
-             accepted: bool = True, day: int = 0, workflow: str | None = None) -> None:
+             accepted: bool = True, day: int = 0, workflow: str | None = None, family: str | None = None) -> None:
     spec = spec or f"Write a Python function `f{i}(x)` that returns x times {i} plus {i * 7 % 11}."
     answer = answer or f"def f{i}(x: int) -> int:\n    \"\"\"Task {i}.\"\"\"\n    return x * {i} + {i * 7 % 11}\n"
     attempts = [(f"def f{i}(x):\n    return x * {i} + {r}  # try {r}\n", "rejected", f"f{i}(1) wrong, try {r}")
@@ -34,7 +34,8 @@ def add_task(store, i: int, *, spec: str | None = None, answer: str | None = Non
     if accepted:
         attempts.append((answer, "accepted", "All tests passed"))
     for obj in synthetic.chain(workflow_id=workflow or f"wf-{i}-{day}", specification=spec, attempts=attempts,
-                               start=T0 + timedelta(days=day, minutes=i)):
+                               start=T0 + timedelta(days=day, minutes=i),
+                               metadata={"family": family} if family else None):
         synthetic.write(store, obj)
 
 
@@ -286,6 +287,50 @@ def test_heldout_has_one_row_per_task_preferring_an_accepted_chain(buffer, tmp_p
     rows_of_task = [r for r in snapshot(buffer, sel).heldout if r["task_key"] == key]
     assert len(rows_of_task) == 1
     assert rows_of_task[0]["completion"][0]["content"] == "def twice(x):\n    return 2 * x\n"
+
+
+def test_choose_holds_out_up_to_the_floor_never_more_than_it_trains():
+    held = trained = 0
+    for k in range(60):
+        side = split.choose(f"task {k}", held, trained, held, trained, fraction=1e-9, min_tasks=24)
+        held, trained = held + (side == split.HELDOUT), trained + (side == split.TRAIN)
+        assert held <= trained + 1
+    assert held == 24 and trained == 36
+
+
+def test_a_first_store_of_sixty_tasks_holds_out_the_floor_not_a_fraction_of_it(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(60):
+        add_task(store, i)
+    sync(buffer, store, SelectionSettings(heldout_fraction=0.15, heldout_min_tasks=24))
+    sides = [r["split"] for r in rows(buffer).values()]
+    assert sides.count(split.HELDOUT) >= 24 and sides.count(split.TRAIN) >= 30
+    assert len(snapshot(buffer).heldout) >= 24  # what the gate will score
+
+
+def test_without_a_floor_the_fraction_alone_decides(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(60):
+        add_task(store, i)
+    sync(buffer, store, SelectionSettings(heldout_fraction=0.15, heldout_min_tasks=0, heldout_per_family=0))
+    held = [r["task_key"] for r in rows(buffer).values() if r["split"] == split.HELDOUT]
+    assert held == [k for k in held if split.side(k, 0.15) == split.HELDOUT] and len(held) < 20
+
+
+def test_a_family_that_arrives_later_is_held_out_and_scored_at_once(buffer, tmp_path):
+    store = tmp_path / "store"
+    for i in range(60):
+        add_task(store, i, family="old")
+    sel = SelectionSettings(heldout_fraction=0.15, heldout_min_tasks=10, heldout_per_family=3, family_key="family")
+    sync(buffer, store, sel)
+    for i in range(60, 70):
+        add_task(store, i, family="new", day=3)
+    sync(buffer, store, sel)
+    family = dict(buffer.conn.execute("SELECT task_key, family FROM splits WHERE split = 'heldout'"))
+    assert list(family.values()).count("new") >= 3
+    # Under a cap smaller than the held-out set, the late family's tasks are still scored.
+    capped = snapshot(buffer, sel, max_heldout=8).heldout
+    assert len(capped) == 8 and sum(family[r["task_key"]] == "new" for r in capped) == 3
 
 
 def test_max_heldout_keeps_the_oldest_tasks_as_the_buffer_grows(buffer, tmp_path):

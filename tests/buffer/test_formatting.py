@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lorad.buffer import formatting
-from lorad.buffer.formatting import HISTORY_HEADING, TemplateError, chat, dpo_pairs, kto_rows, load_role, prompt
+from lorad.buffer.formatting import (HISTORY_HEADING, Template, TemplateError, chat, dpo_pairs, kto_rows, load_role,
+                                     load_template, prompt)
 from lorad.buffer.traces import link
 
 
@@ -76,14 +77,14 @@ def test_feedback_missing_on_the_row_is_taken_from_a_later_attempts_history():
 def test_no_system_message_without_role_or_constraints():
     c = make_chain([("x", "accepted", "")], constraints="")
     assert [m["role"] for m in chat(c)] == ["user", "assistant"]
-    assert chat(c, role="You are a coder.")[0] == {"role": "system", "content": "You are a coder."}
+    assert chat(c, template=Template(role="You are a coder."))[0] == {"role": "system", "content": "You are a coder."}
 
 
 def test_role_from_a_prompts_json_entry_comes_before_the_constraints(tmp_path):
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"g_coder": {"role": "You write Python.", "task": "t"}, "plain": "Be brief."}))
-    role = load_role(f"{path}:g_coder")
-    assert chat(REFINED, role=role)[0]["content"] == "You write Python.\n\nReturn only code."
+    template = load_template(f"{path}:g_coder")
+    assert chat(REFINED, template=template)[0]["content"] == "You write Python.\n\nReturn only code."
     assert load_role(f"{path}:plain") == "Be brief."
     with pytest.raises(TemplateError, match="no entry 'missing'"):
         load_role(f"{path}:missing")

@@ -95,7 +95,7 @@ def _set_state(conn, key: str, value: str) -> None:
 # What formatting and the examples table read of an artifact row.
 CHAIN_COLUMNS = ("id", "source", "locator", "artifact_id", "workflow_id", "action_pair_id", "previous_attempt_id",
                  "attempt_number", "status", "created_ts", "content", "feedback", "specification", "constraints",
-                 "feedback_history", "origin", "content_hash", "chain_id")
+                 "feedback_history", "origin", "content_hash", "chain_id", "metadata")
 
 
 def chains_of(conn, chain_ids: Iterable[str]) -> dict[str, traces.Chain]:
@@ -159,8 +159,9 @@ def refresh(buffer: Buffer, selection: SelectionSettings, now: float | None = No
     """Bring the examples table up to date with the chains (idempotent, one transaction).
 
     Args:
-        selection: the [selection] section: heldout_fraction, seed and dedup_similarity are
-            used here; the policy values are remembered for :func:`count_new`.
+        selection: the [selection] section: heldout_fraction, heldout_min_tasks,
+            heldout_per_family, family_key, seed and dedup_similarity are used here; the policy
+            values are remembered for :func:`count_new`.
         now: the time recorded on changed rows (a parameter for tests).
     """
     now = _epoch(now)
@@ -212,7 +213,13 @@ def refresh(buffer: Buffer, selection: SelectionSettings, now: float | None = No
                 report.unchanged += 1
                 continue
             fresh.append((chain, {"old": old, "chain_key": key}))
-        sides = split.assign(conn, {split.task_key(c.specification) for c, _ in fresh}, fraction, seed)
+        arrived = sorted(((traces.facts(c)["created_ts"] or 0.0, split.task_key(c.specification), c) for c, _ in fresh),
+                         key=lambda t: t[:2])
+        tasks: dict[str, str] = {}
+        for _, task, chain in arrived:
+            tasks.setdefault(task, family_of(chain, selection.family_key))
+        sides = split.assign(conn, tasks, fraction, seed, min_tasks=selection.heldout_min_tasks,
+                             per_family=selection.heldout_per_family)
         band_rows: list[tuple[int, int, int]] = []
         for chain, extra in fresh:
             row = _example_row(chain, extra["chain_key"], sides, now)
@@ -245,6 +252,20 @@ def refresh(buffer: Buffer, selection: SelectionSettings, now: float | None = No
         report.skipped = skipped_counts(conn)
         report.totals = totals(conn)
     return report
+
+
+def family_of(chain: traces.Chain, family_key: str = "") -> str:
+    """The chain's family: its artifacts' metadata value under ``family_key`` (the first that has
+    one), else its action pair."""
+    if family_key:
+        for row in chain.rows:
+            try:
+                value = json.loads(row.get("metadata") or "{}").get(family_key)
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value):
+                return str(value)
+    return chain.action_pair_id or ""
 
 
 def _example_row(chain: traces.Chain, chain_key: str, sides: dict, now: float) -> dict:
@@ -391,7 +412,7 @@ def row_metadata(chain: traces.Chain, seq: int, split_name: str, row: dict | Non
 
 
 def method_rows(chain: traces.Chain, method: str, seq: int, split_name: str, *, max_history: int,
-                max_artifact_chars: int, role: str, conditioning: str) -> list[dict]:
+                max_artifact_chars: int, template: formatting.Template, conditioning: str) -> list[dict]:
     """One chain as training rows in the method's conversational format (see docs/architecture.md).
 
     ``conditioning`` ([selection] conditioning) chooses SFT's prompts: a refinement gives a
@@ -402,36 +423,38 @@ def method_rows(chain: traces.Chain, method: str, seq: int, split_name: str, *, 
         if chain.accepted is None:
             return []
         return [{"prompt": formatting.prompt(chain, history=kind == formatting.HISTORY, max_history=max_history,
-                                             max_artifact_chars=max_artifact_chars, role=role),
-                 "completion": formatting.answer(chain.accepted),
+                                             max_artifact_chars=max_artifact_chars, template=template),
+                 "completion": formatting.answer(chain.accepted, template),
                  "metadata": row_metadata(chain, seq, split_name, conditioning=kind)}
                 for kind in formatting.conditionings(chain, conditioning, max_history)]
     if method == "dpo":
         return [{"prompt": p, "chosen": c, "rejected": r, "metadata": row_metadata(chain, seq, split_name, row)}
-                for p, c, r, row in formatting.dpo_pairs(chain, role=role)]
+                for p, c, r, row in formatting.dpo_pairs(chain, template=template)]
     if method == "kto":
         return [{"prompt": p, "completion": c, "label": label, "metadata": row_metadata(chain, seq, split_name, row)}
-                for p, c, label, row in formatting.kto_rows(chain, role=role)]
+                for p, c, label, row in formatting.kto_rows(chain, template=template)]
     raise ValueError(f"unknown method {method!r}; expected sft, dpo or kto")
 
 
-def heldout_row(chain: traces.Chain, seq: int, role: str = "") -> dict:
+def heldout_row(chain: traces.Chain, seq: int, template: formatting.Template = formatting.Template()) -> dict:
     """A held-out task: the first-attempt prompt and, when the chain was accepted, its answer
     (an exhausted chain's ``completion`` is None: generated for and guarded, not scored for loss)."""
-    return {"prompt": formatting.prompt(chain, history=False, role=role),
-            "completion": formatting.answer(chain.accepted) if chain.accepted else None,
+    return {"prompt": formatting.prompt(chain, history=False, template=template),
+            "completion": formatting.answer(chain.accepted, template) if chain.accepted else None,
             "specification": chain.specification, "chain_id": chain.chain_id,
             "task_key": split.task_key(chain.specification), "metadata": row_metadata(chain, seq, split.HELDOUT)}
 
 
-def heldout_tasks(conn, max_heldout: int | None = None, action_pairs: tuple[str, ...] = ()) -> list[tuple[int, str]]:
+def heldout_tasks(conn, max_heldout: int | None = None, action_pairs: tuple[str, ...] = (),
+                  per_family: int = 0) -> list[tuple[int, str]]:
     """(seq, chain_id) of one chain per held-out task, the oldest tasks first.
 
     Every held-out task counts, whatever the filter policy and the chain's outcome (first-try,
     refined, exhausted): the guard can judge any first attempt, and ε is measured over the
     tasks the generator meets. A task's chain is its oldest accepted one (its answer is what
     the loss is scored on), else its oldest chain. Tasks are ordered by their first chain's
-    time, so a cap keeps the same tasks while the buffer grows.
+    time, so a cap keeps the same tasks while the buffer grows; under a cap, each family's
+    ``per_family`` oldest tasks come first, so a family that arrives late is still scored.
     """
     where, params = "split = ?", [split.HELDOUT]
     if action_pairs:
@@ -439,8 +462,10 @@ def heldout_tasks(conn, max_heldout: int | None = None, action_pairs: tuple[str,
         params += list(action_pairs)
     limit = "" if max_heldout is None else f" LIMIT {int(max_heldout)}"
     tasks = [r[0] for r in conn.execute(
-        f"SELECT task_key FROM examples WHERE {where} GROUP BY task_key ORDER BY min(created_ts), task_key{limit}",
-        params)]
+        f"SELECT task_key FROM (SELECT e.task_key, min(e.created_ts) AS ts, s.family FROM examples e "
+        f"LEFT JOIN splits s USING (task_key) WHERE e.{where} GROUP BY e.task_key) "
+        f"ORDER BY (row_number() OVER (PARTITION BY family ORDER BY ts, task_key) > ?), ts, task_key{limit}",
+        (*params, per_family))]
     best: dict[str, tuple] = {}
     for i in range(0, len(tasks), 5000):
         for key, seq, chain_id, outcome, ts in conn.execute(
@@ -459,7 +484,8 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
 
     Args:
         selection: the [selection] section (policy, min_retries, recent_days, action_pairs,
-            max_history, max_artifact_chars, prompt_template, seed, replay_weighting, and
+            max_history, max_artifact_chars, prompt_template, prompt_format, system_message, seed,
+            replay_weighting, and
             conditioning: SFT's prompts, the first attempt, the history or both).
         method: "sft" (prompt -> accepted), "dpo" (pairs) or "kto" (unpaired).
         n: examples (chains) to draw: new ones first, plus the replayed share.
@@ -474,7 +500,7 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
     if method not in _METHOD_OUTCOMES:
         raise ValueError(f"unknown method {method!r}; expected sft, dpo or kto")
     policy, ctx = policy_and_context(selection, now)
-    role = formatting.load_role(selection.prompt_template) or ""
+    template = formatting.template_of(selection)
     max_history, max_chars = selection.max_history, selection.max_artifact_chars
     conn = buffer.conn
     where, params = _pool_where(policy, ctx, split.TRAIN, _METHOD_OUTCOMES[method])
@@ -504,12 +530,13 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
         chain = chains.get(by_seq.get(s))
         if chain is not None:  # None only if its artifacts vanished under us
             train.extend(method_rows(chain, method, s, split.TRAIN, max_history=max_history,
-                                     max_artifact_chars=max_chars, role=role, conditioning=selection.conditioning))
+                                     max_artifact_chars=max_chars, template=template,
+                                     conditioning=selection.conditioning))
     rng.shuffle(train)
 
-    held = heldout_tasks(conn, max_heldout, tuple(selection.action_pairs))
+    held = heldout_tasks(conn, max_heldout, tuple(selection.action_pairs), selection.heldout_per_family)
     held_chains = chains_of(conn, [c for _, c in held])
-    heldout = [heldout_row(held_chains[c], s, role) for s, c in held if c in held_chains]
+    heldout = [heldout_row(held_chains[c], s, template) for s, c in held if c in held_chains]
 
     stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),
              "heldout_answered": sum(1 for r in heldout if r["completion"]),

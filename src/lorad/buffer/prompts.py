@@ -34,13 +34,14 @@ def build_prompts(buffer: Buffer, selection: SelectionSettings, *, n: int) -> Pr
     ``selection.replay_weighting`` is "retries": harder tasks come up more often).
 
     Args:
-        selection: the [selection] section (prompt_template, seed, replay_weighting).
+        selection: the [selection] section (prompt_template, prompt_format, system_message, seed,
+            replay_weighting).
         n: prompts to draw.
 
     Raises:
         formatting.TemplateError: the configured prompt template cannot be used.
     """
-    role = formatting.load_role(selection.prompt_template) or ""
+    template = formatting.template_of(selection)
     conn = buffer.conn
     marks = ", ".join("?" for _ in OUTCOMES)
     pool = conn.execute(f"SELECT seq, retries FROM examples WHERE split = ? AND duplicate_of IS NULL "
@@ -56,7 +57,7 @@ def build_prompts(buffer: Buffer, selection: SelectionSettings, *, n: int) -> Pr
         chain = chains.get(by_seq.get(s))
         if chain is None:  # its artifacts vanished under us
             continue
-        rows.append({"prompt": formatting.prompt(chain, history=False, role=role),
+        rows.append({"prompt": formatting.prompt(chain, history=False, template=template),
                      "specification": chain.specification, "chain_id": chain.chain_id,
                      "metadata": examples.row_metadata(chain, s, split.TRAIN)})
     outcomes: dict[str, int] = {}

@@ -357,6 +357,12 @@ def _one_jobs_table(db: sqlite_utils.Database) -> None:
         _rebuild(conn, {"jobs": JOBS_DDL, "job_events": JOB_EVENTS_DDL})
 
 
+@migration("0012_split_families")
+def _split_families(db: sqlite_utils.Database) -> None:
+    # The held-out floor covers every family (buffer/split.py); tasks split before this have none.
+    db.conn.execute("ALTER TABLE splits ADD COLUMN family TEXT")
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction. Returns their names."""
     conn = db.conn

@@ -19,7 +19,8 @@ def register(sub, common) -> None:
                    help="only chains created at or after DATE (ISO 8601); sets the cutoff of `recent` "
                         "and adds `and recent` to the filter when it has no `recent`")
     p.add_argument("--prompt-template", metavar="FILE:KEY",
-                   help="prompts.json entry whose role opens the system message")
+                   help="prompts.json entry: its role opens the system message, or with prompt_format "
+                        "\"atomicguard\" its whole template renders the prompt (default: [selection] prompt_template)")
     p.add_argument("--conditioning", choices=("both", "first_attempt", "history"),
                    help="chat/alpaca prompts: first attempt, with history, or both for a refinement "
                         "(default: [selection] conditioning)")
@@ -45,7 +46,7 @@ def _since(text: str) -> float:
 def run(args, settings) -> int:
     from lorad.buffer import examples
     from lorad.buffer.export import export, export_file
-    from lorad.buffer.formatting import TemplateError, load_role
+    from lorad.buffer.formatting import TemplateError, load_template
     from lorad.buffer.split import contamination
     from lorad.buffer.store import Buffer
     from lorad.buffer.traces import PolicyError
@@ -61,7 +62,8 @@ def run(args, settings) -> int:
         if since is not None and "recent" not in policy.atoms:
             policy, ctx = examples.policy_and_context(sel, policy=f"({text}) and recent",
                                                       min_retries=args.min_retries, since=since)
-        role = load_role(args.prompt_template if args.prompt_template is not None else sel.prompt_template)
+        template = load_template(args.prompt_template if args.prompt_template is not None else sel.prompt_template,
+                                 sel.prompt_format, sel.system_message)
     except PolicyError as e:
         raise CommandError(f"--filter: {e}", 2) from None
     except TemplateError as e:
@@ -74,7 +76,7 @@ def run(args, settings) -> int:
         conditioning = args.conditioning or sel.conditioning
         kw = dict(fmt=args.fmt, policy=policy, ctx=ctx, conditioning=conditioning, split=args.split,
                   max_history=sel.max_history,
-                  max_artifact_chars=sel.max_artifact_chars, role=role,
+                  max_artifact_chars=sel.max_artifact_chars, template=template,
                   progress=sys.stderr.isatty() and not args.json)
         report = export(buffer, sys.stdout, **kw) if to_stdout else export_file(buffer, args.output, **kw)
         leaks = contamination(buffer.conn)

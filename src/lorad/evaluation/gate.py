@@ -74,9 +74,12 @@ class Paired:
 
     def sentence(self, first: str, second: str, confidence: float) -> str:
         n = self.tasks
+        least = detectable(n, confidence)
+        seen = (f"on {n} tasks a change shows from {least} tasks ({least / n:.0%}) gained with none lost"
+                if least else f"on {n} tasks no change can be significant")
         return (f"first-attempt acceptance {first} {self.first}/{n} ({self.first / n:.1%}) -> {second} "
                 f"{self.second}/{n} ({self.second / n:.1%}): {self.gained} tasks gained, {self.lost} lost "
-                f"(exact McNemar p = {self.p:.4g}; significant below {1 - confidence:.4g})")
+                f"(exact McNemar p = {self.p:.4g}; significant below {1 - confidence:.4g}; {seen})")
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -87,6 +90,13 @@ def mcnemar_p(b: int, c: int) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
     return min(1.0, 2 * tail)
+
+
+def detectable(tasks: int, confidence: float) -> int | None:
+    """The fewest tasks first-attempt acceptance must gain (with none lost) on ``tasks`` paired
+    held-out tasks for :func:`mcnemar_p` to call it significant at ``confidence``; None when no
+    change on that many tasks can be (fewer than 6 at 95 %)."""
+    return next((b for b in range(1, tasks + 1) if mcnemar_p(b, 0) < 1 - confidence), None)
 
 
 def outcomes(metrics: dict) -> dict[str, bool] | None:
