@@ -9,7 +9,8 @@ import time
 import pytest
 
 from lorad.training import job as jobfile
-from lorad.training.grpo import GuardReward, closes_first_block
+from lorad.evaluation.metrics import closes_first_block
+from lorad.training.grpo import GuardReward
 from lorad.training.worker import complete_checkpoints
 
 from training_helpers import output, run_worker, start_worker, training_starts

@@ -34,6 +34,7 @@ FEEDBACK_CHARS = 2000
 TASK_CHARS = 100
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_CLOSED_BLOCK = re.compile(r"```[^\n`]*\n.*?```", re.DOTALL)
 
 
 def evaluate(model, tokenizer, heldout_rows: list[dict], *, adapters: dict[str, str | None],
@@ -164,12 +165,49 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, ma
             for j, x in enumerate(ids):
                 input_ids[j, width - len(x):] = torch.tensor(x)
                 attention[j, width - len(x):] = 1
+            # The guard reads the first fenced block only: a row ends once it has closed one
+            # (SmolLM2 writes prose after its code, to the token budget, in most answers).
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 logits_processor=[first_block_closer(tokenizer, width)])
             for row in out[:, width:]:
                 answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
     return answers
+
+
+def closes_first_block(text: str) -> bool:
+    """The text holds a fenced code block that has been closed."""
+    return _CLOSED_BLOCK.search(text) is not None
+
+
+def first_block_closer(tokenizer, prompt_length: int):
+    """A logits processor that forces end-of-sequence in every row whose completion (the
+    tokens after ``prompt_length``) has closed its first fenced code block."""
+    import torch
+    from transformers import LogitsProcessor
+
+    eos = tokenizer.eos_token_id
+
+    class CloseFirstBlock(LogitsProcessor):
+        def __init__(self):
+            self.closed: set[int] = set()
+
+        def __call__(self, input_ids, scores):
+            for row in range(input_ids.shape[0]):
+                if row not in self.closed:
+                    last = tokenizer.decode(input_ids[row, -1:].tolist())
+                    # Why decode the whole completion only after a backtick: it is the only
+                    # token that can close a block, and decoding every row each step is slow.
+                    if "`" in last and closes_first_block(
+                            tokenizer.decode(input_ids[row, prompt_length:].tolist(), skip_special_tokens=True)):
+                        self.closed.add(row)
+                if row in self.closed:
+                    scores[row] = torch.full_like(scores[row], float("-inf"))
+                    scores[row, eos] = 0.0
+            return scores
+
+    return CloseFirstBlock()
 
 
 def extract_code(answer: str) -> str:

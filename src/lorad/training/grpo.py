@@ -18,17 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 
-from lorad.evaluation.metrics import extract_code, run_guard
-
-_CLOSED_BLOCK = re.compile(r"```[^\n`]*\n.*?```", re.DOTALL)
-
-
-def closes_first_block(text: str) -> bool:
-    """The text holds a fenced code block that has been closed."""
-    return _CLOSED_BLOCK.search(text) is not None
+from lorad.evaluation.metrics import extract_code, first_block_closer, run_guard
 
 
 def completion_text(completion) -> str:
@@ -64,35 +56,6 @@ class GuardReward:
             return [1.0 if ok else 0.0 for ok, _ in verdicts]
 
 
-def _first_block_closer(tokenizer, prompt_length: int):
-    """A logits processor that forces end-of-sequence in every row whose completion (the
-    tokens after ``prompt_length``) has closed its first fenced code block."""
-    import torch
-    from transformers import LogitsProcessor
-
-    eos = tokenizer.eos_token_id
-
-    class CloseFirstBlock(LogitsProcessor):
-        def __init__(self):
-            self.closed: set[int] = set()
-
-        def __call__(self, input_ids, scores):
-            for row in range(input_ids.shape[0]):
-                if row not in self.closed:
-                    last = tokenizer.decode(input_ids[row, -1:].tolist())
-                    # Why decode the whole completion only after a backtick: it is the only
-                    # token that can close a block, and decoding every row each step is slow.
-                    if "`" in last and closes_first_block(
-                            tokenizer.decode(input_ids[row, prompt_length:].tolist(), skip_special_tokens=True)):
-                        self.closed.add(row)
-                if row in self.closed:
-                    scores[row] = torch.full_like(scores[row], float("-inf"))
-                    scores[row, eos] = 0.0
-            return scores
-
-    return CloseFirstBlock()
-
-
 @contextlib.contextmanager
 def stop_after_first_block(model, tokenizer):
     """For the duration, ``model.generate`` ends each sequence once its first code block is
@@ -108,7 +71,7 @@ def stop_after_first_block(model, tokenizer):
         ids = kwargs.get("input_ids", args[0] if args else None)
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         if ids is not None:
-            processors.append(_first_block_closer(tokenizer, ids.shape[1]))
+            processors.append(first_block_closer(tokenizer, ids.shape[1]))
         return original(*args, logits_processor=processors, **kwargs)
 
     model.generate = generate  # an instance attribute shadows the method
