@@ -52,7 +52,7 @@ def test_rolls_back_only_when_significantly_worse():
 # -- on a synthetic AtomicGuard store whose artifacts name the adapter that produced them ----------
 
 
-def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", n=[0]):
+def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", source=None, n=[0]):
     n[0] += 1
     aid = str(uuid.UUID(int=n[0]))
     doc = {
@@ -66,6 +66,8 @@ def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", n=
                     "dependency_artifacts": {}},
         "metadata": {key: tag} if tag else {},
     }
+    if source:
+        doc["source"] = source
     d = store / "objects" / aid[:2]
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{aid}.json").write_text(json.dumps(doc))
@@ -108,10 +110,12 @@ def test_counts_first_attempts_per_version_from_the_store(world):
     fill(store, v2, 15, 40, prefix="lorad-")  # the vLLM name counts for its version
     write_artifact(store, tag=v2, accepted=True, attempt=2)  # a retry is not a first attempt
     write_artifact(store, tag=None, accepted=False)  # produced by nobody we know
+    write_artifact(store, tag=v2, accepted=True, attempt=3, source="human")  # a person's answer
     with Buffer(s.buffer_path) as buffer:
         ingest(buffer, open_sources(s.store), 500)
         counts = live_counts(buffer.conn, "adapter_version", [v1, v2])
-    assert counts == {v1: Rate(30, 40), v2: Rate(15, 40)}
+    assert counts == {v1: Rate(30, 40, 40), v2: Rate(15, 40, 41)}
+    assert counts[v2].mean_attempts == 41 / 40 and counts[v2].as_dict()["first_try"] == 15 / 40
 
 
 def test_live_rollback_when_active_version_is_significantly_worse(world):
@@ -139,3 +143,29 @@ def test_no_live_rollback_when_the_difference_is_chance(world):
         out = release.check_live(s, buffer)
     assert not out["rolled_back"] and reg.current() == v2
     assert math.isclose(out["counts"][v2]["attempts"], 40)
+
+
+def test_history_and_report_show_each_versions_live_first_try_rate_and_attempts(world, tmp_path, capsys):
+    from lorad.cli import main
+
+    s, store, (v1, v2) = world
+    fill(store, v1, 30, 40)
+    for _ in range(20):  # v2's first attempts all failed; each task took a second attempt
+        write_artifact(store, tag=v2, accepted=False)
+        write_artifact(store, tag=v2, accepted=True, attempt=2)
+    with Buffer(s.buffer_path) as buffer:
+        ingest(buffer, open_sources(s.store), 500)
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(f'[daemon]\nstate_dir = "{s.state_dir}"\n')
+    assert main(["--config", str(config_path), "history"]) == 0
+    listing = capsys.readouterr().out
+    assert "LIVE 1ST" in listing
+    assert any(v1 in line and "75% (30/40)" in line and "1.00" in line for line in listing.splitlines())
+    assert any(v2 in line and "0% (0/20)" in line and "2.00" in line for line in listing.splitlines())
+    assert main(["--config", str(config_path), "history", v2, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["live"] == {
+        "accepted": 0, "attempts": 20, "generated": 40, "first_try": 0.0, "mean_attempts": 2.0}
+    report = tmp_path / "report.html"
+    assert main(["--config", str(config_path), "report", "--output", str(report)]) == 0
+    page = report.read_text()
+    assert "mean attempts per task while the version served" in page and "75% (30/40), 1.00" in page

@@ -66,8 +66,11 @@ def collect(settings, limit: int = 10) -> dict:
             jobs.append({**job, "curve": curve})
     elif not (settings.state_dir / "adapters").exists():
         raise CommandError(f"nothing to report: no buffer at {path} and no adapters in {settings.state_dir}")
+    from lorad.live import live_rates
+
     reg = Registry(settings.state_dir / "adapters")
     versions = []
+    live = live_rates(settings, reg.names())
     for name in reg.names():
         try:
             v = reg.get(name)
@@ -85,6 +88,8 @@ def collect(settings, limit: int = 10) -> dict:
             "improvement": (ref_nll - cand_nll) / ref_nll if cand_nll is not None and ref_nll else None,
             # ε: first-attempt acceptance by the guard (only when evaluation.guard_command is set)
             "candidate_epsilon": _num(cand.get("epsilon")), "reference_epsilon": _num(ref.get("epsilon")),
+            # the generator's traffic while it served (evaluation.live_metadata_key)
+            "live": live[name].as_dict() if name in live and live[name].attempts else None,
         })
     return {"jobs": jobs, "versions": versions, "current": reg.current(),
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -198,6 +203,9 @@ def render(data: dict) -> str:
                               if v["candidate_epsilon"] is not None]),
                ("reference", [(v["number"], v["reference_epsilon"]) for v in versions
                               if v["reference_epsilon"] is not None])]
+    served = [v for v in versions if v["live"]]
+    live_first = [("first-try rate", [(v["number"], v["live"]["first_try"]) for v in served])]
+    live_attempts = [("mean attempts", [(v["number"], v["live"]["mean_attempts"]) for v in served])]
     rows = "".join(
         f'<tr><td>{e(j["job_id"])}</td><td class="{e(j["state"])}">{e(j["state"])}</td><td>{e(j["trigger"])}</td>'
         f'<td>{datetime.fromtimestamp(j["created_at"], timezone.utc):%Y-%m-%d %H:%M}</td>'
@@ -206,7 +214,8 @@ def render(data: dict) -> str:
     vrows = "".join(
         f'<tr><td>{e(v["version"])}{" (current)" if v["version"] == data["current"] else ""}</td>'
         f'<td>{_fmt(v["candidate_nll"])}</td><td>{_fmt(v["reference_nll"])}</td><td>{_fmt(v["improvement"])}</td>'
-        f'<td>{_fmt(v["candidate_epsilon"])}</td><td>{"promote" if v["promoted"] else "reject"}: {e("; ".join((v["verdict"] or {}).get("reasons", []))[:200])}</td></tr>'
+        f'<td>{_fmt(v["candidate_epsilon"])}</td>'
+        f'<td>{_live_cell(v["live"])}</td><td>{"promote" if v["promoted"] else "reject"}: {e("; ".join((v["verdict"] or {}).get("reasons", []))[:200])}</td></tr>'
         for v in reversed(versions))
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>lorad report</title>",
@@ -223,13 +232,20 @@ def render(data: dict) -> str:
         line_chart([s for s in epsilon if s[1]], "ε: share of generated first attempts the guard accepted",
                    "version", "ε", integer_x=True) if epsilon[0][1] else
         '<p class="empty">ε not measured (set evaluation.guard_command to guard generated first attempts).</p>',
+        "<h2>The generator's traffic per version</h2>",
+        (line_chart(live_first, "live first-try rate: first attempts the guard accepted while the version served",
+                    "version", "first-try rate", integer_x=True)
+         + line_chart(live_attempts, "mean attempts per task while the version served (1.0 = no retries)",
+                      "version", "attempts", integer_x=True)) if served else
+        '<p class="empty">No traffic tagged with a version (the generator records it in each artifact\'s '
+        'metadata under evaluation.live_metadata_key).</p>',
     ]
     parts += [
         "<h2>Jobs</h2>",
         f"<table><tr><th>job</th><th>state</th><th>trigger</th><th>created (UTC)</th><th>version</th><th>reason</th></tr>{rows}</table>"
         if rows else '<p class="empty">No jobs yet.</p>',
         "<h2>Versions</h2>",
-        f"<table><tr><th>version</th><th>NLL</th><th>reference NLL</th><th>improvement</th><th>ε</th><th>verdict</th></tr>{vrows}</table>"
+        f"<table><tr><th>version</th><th>NLL</th><th>reference NLL</th><th>improvement</th><th>ε</th><th>live first try, attempts</th><th>verdict</th></tr>{vrows}</table>"
         if vrows else '<p class="empty">No versions yet.</p>',
         "<script type=application/json id=data>" + json.dumps(
             {"jobs": [{"job_id": j["job_id"], "curve": j["curve"]} for j in data["jobs"]], "versions": versions},
@@ -243,6 +259,12 @@ def _job_label(job_id: str) -> str:
     """job-20261121T232046Z-b870 -> 11-21 23:20 b870 (fits the legend)."""
     m = re.match(r"job-\d{4}(\d\d)(\d\d)T(\d\d)(\d\d)\d\dZ-(\w+)$", job_id)
     return f"{m[1]}-{m[2]} {m[3]}:{m[4]} {m[5]}" if m else job_id
+
+
+def _live_cell(live: dict | None) -> str:
+    if not live:
+        return ""
+    return f'{live["first_try"]:.0%} ({live["accepted"]}/{live["attempts"]}), {live["mean_attempts"]:.2f}'
 
 
 def _fmt(x) -> str:

@@ -35,6 +35,7 @@ def register(sub, common) -> None:
 def history(args, settings) -> int:
     from lorad.cli import CommandError
     from lorad.commands.render import metrics_table
+    from lorad.live import live_rates
     from lorad.release import open_registry
     from lorad.registry import RegistryError
 
@@ -59,6 +60,10 @@ def history(args, settings) -> int:
                  f"held-out {(r.get('heldout') or {}).get('count')}"]
         if r.get("metrics"):
             lines.append(metrics_table(r["metrics"], cmp.get("label", "active"), cmp.get("version")))
+        live = live_rates(settings, [v.name]).get(v.name)
+        if live is not None:
+            payload["live"] = live.as_dict()
+            lines.append(f"live: {_live(live)} (the generator's traffic while it served)")
         lines += [f"  - {reason}" for reason in verdict.get("reasons", [])]
         flips = task_flips(r.get("metrics") or {}, cmp.get("label", "active"))
         if flips is not None:
@@ -70,7 +75,9 @@ def history(args, settings) -> int:
 
     cur, prev = reg.current(), reg.previous()
     rows = []
-    for v in list(reversed(reg.versions()))[:args.limit]:
+    listed = list(reversed(reg.versions()))[:args.limit]
+    live = live_rates(settings, [v.name for v in listed])
+    for v in listed:
         r = v.record
         metrics = r.get("metrics") or {}
         label = (r.get("compared_with") or {}).get("label", "active")
@@ -79,20 +86,25 @@ def history(args, settings) -> int:
                      "created_at": r.get("created_at"), "job_id": r.get("job_id"), "parent": r.get("parent"),
                      "verdict": v.verdict, "nll": cand.get("nll"), "baseline_nll": base.get("nll"),
                      "epsilon": cand.get("epsilon"), "baseline_epsilon": base.get("epsilon"),
-                     "examples": (r.get("examples") or {}).get("count"), "record_ok": reg.record_ok(v.name)})
+                     "examples": (r.get("examples") or {}).get("count"), "record_ok": reg.record_ok(v.name),
+                     "live": live[v.name].as_dict() if v.name in live else None})
     events = _events(settings)
     lines = [f"current {cur or '- (base model)'}   previous {prev or '-'}"]
     lines += [f"WARNING {p} (refused; lorad promote VERSION repairs it)" for p in reg.pointer_problems()]
     if not rows:
         lines.append("no adapter versions yet")
     else:
-        lines.append(f"{'':2}{'VERSION':<24} {'VERDICT':<9} {'NLL':>8} {'BASE NLL':>9} {'ε':>7} {'BASE ε':>7}  REASON")
+        lines.append(f"{'':2}{'VERSION':<24} {'VERDICT':<9} {'NLL':>8} {'BASE NLL':>9} {'ε':>7} {'BASE ε':>7} "
+                     f"{'LIVE 1ST':>13} {'ATTEMPTS':>8}  REASON")
     for row in rows:
         mark = "*" if row["current"] else "p" if row["previous"] else " "
         verdict = "promote" if row["verdict"].get("promote") else "reject"
         reason = _headline(row["verdict"]) if row["record_ok"] else "lorad.json EDITED since it was made: not to be trusted"
+        rate = live.get(row["version"])
+        first = f"{rate.value:.0%} ({rate.accepted}/{rate.attempts})" if rate and rate.attempts else "-"
+        tries = f"{rate.mean_attempts:.2f}" if rate and rate.attempts else "-"
         lines.append(f"{mark} {row['version']:<24} {verdict:<9} {_f(row['nll']):>8} {_f(row['baseline_nll']):>9} "
-                     f"{_pct(row['epsilon']):>7} {_pct(row['baseline_epsilon']):>7}  {reason}")
+                     f"{_pct(row['epsilon']):>7} {_pct(row['baseline_epsilon']):>7} {first:>13} {tries:>8}  {reason}")
     if events:
         lines.append("recent events:")
         for e in events[:10]:
@@ -103,6 +115,13 @@ def history(args, settings) -> int:
     emit(args, {"current": cur, "previous": prev, "problems": reg.pointer_problems(), "versions": rows,
                 "events": events}, "\n".join(lines))
     return 0
+
+
+def _live(rate) -> str:
+    if not rate.attempts:
+        return "no tagged attempts yet"
+    return (f"first try {rate.value:.1%} ({rate.accepted}/{rate.attempts} tasks), "
+            f"{rate.mean_attempts:.2f} attempts a task")
 
 
 def task_flips(metrics: dict, baseline: str = "active") -> dict | None:
