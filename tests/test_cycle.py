@@ -21,7 +21,7 @@ from lorad.buffer.jobs import JobStore
 from lorad.commands import render
 from lorad.training import supervisor
 from lorad.buffer.store import Buffer
-from lorad.training.job import EXIT_PAUSED, TRAIN_FILE, read_jsonl, read_result, write_jsonl
+from lorad.training.job import EXIT_PAUSED, TRAIN_FILE, read_job, read_jsonl, read_result, write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STORE = FIXTURES / "atomicguard-store"
@@ -400,6 +400,33 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
         with pytest.raises(pipeline.CycleError, match="fails its sha256 check"):
             pipeline.prepare(s, buffer, "j1")
     assert not (s.state_dir / "jobs" / "j1").exists()
+
+
+def test_without_warm_start_a_cycle_trains_from_the_base_on_the_whole_buffer(tmp_path):
+    """ReST-EM's choice: no parent adapter, and every example, not only those new since the active version."""
+    for warm, since_active in ((False, False), (True, True)):
+        root = tmp_path / f"warm-{warm}"
+        s = config.loads(config_text(root, "unused", guard=False).replace("warm_start = false", f"warm_start = {str(warm).lower()}"))
+        a = root / "adapter"
+        a.mkdir(parents=True)
+        (a / "adapter_model.safetensors").write_bytes(b"weights")
+        with Buffer(s.buffer_path) as buffer:
+            from lorad.buffer import examples
+            from lorad.ingest import ingest
+            from lorad.sources import open_sources
+
+            ingest(buffer, open_sources(s.store), 500)
+            examples.refresh(buffer, s.selection)
+            top = buffer.conn.execute("SELECT max(seq) FROM examples").fetchone()[0]
+            reg = release.open_registry(s, buffer)
+            name = reg.create(a, {"verdict": {"promote": True, "reasons": []}, "examples": {"max_seq": top - 5}}).name
+            reg.promote(name)
+            job_dir = pipeline.prepare(s, buffer, "j1")
+        plan = pipeline.Plan.read(job_dir)
+        spec = read_job(job_dir)
+        assert plan.since_seq == (top - 5 if since_active else 0)
+        assert (spec.parent_adapter is not None) == warm
+        assert plan.examples["stats"]["replayed"] == 0 if not warm else plan.examples["stats"]["new"] <= 5
 
 
 def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):

@@ -203,8 +203,8 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     scored too, for the automatic rollback check.
 
     Args:
-        since: draw new examples after this seq (default: the active version's max_seq;
-            0 retrains on everything).
+        since: draw new examples after this seq (default: the active version's max_seq with
+            ``training.warm_start``, else 0: everything, from the base).
 
     Raises:
         NothingToTrain: the snapshot has no training examples.
@@ -216,7 +216,10 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     t, sel = settings.training, settings.selection
     registry = release.open_registry(settings)
     examples.refresh(buffer, sel, now=now)
-    since = release.since_seq(registry) if since is None else since
+    if since is None:
+        # Warm start continues the active adapter on what is new (plus replay); without it each
+        # cycle trains a fresh adapter from the base on the whole buffer, as ReST-EM does.
+        since = release.since_seq(registry) if t.warm_start else 0
     # GRPO trains on prompts (prompts.jsonl) and is scored on the same held-out rows as SFT.
     snap = examples.build_snapshot(
         buffer, sel, method="sft" if "grpo" in t.phases else t.method, n=t.train_examples,
