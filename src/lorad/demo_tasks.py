@@ -180,39 +180,75 @@ def _family(name: str, params: tuple, spec: str, signature: str, doc: str, body:
     return tuple(out)
 
 
-FAMILIES: tuple[Task, ...] = (
-    _family("add_{k}", (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 19),
-            "Write a Python function `{fn}(x)` that returns x plus {k}.",
+# Each family's templates (see _family); FAMILIES instantiates them at the store demo's
+# parameters, loop_rounds at fresh ones.
+TEMPLATES: dict[str, tuple] = {
+    "add": ("add_{k}", "Write a Python function `{fn}(x)` that returns x plus {k}.",
             "{fn}(x: int) -> int", "Return x plus {k}.", "return x + {k}",
             ("return x - {k}", "return x + {k} +"),
-            ("{fn}(0) == {k}", "{fn}(10) == 10 + {k}", "{fn}(-{k}) == 0"), unsolved=(11, 13))
-    + _family("times_{k}", (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15),
-              "Write a Python function `{fn}(x)` that returns x multiplied by {k}.",
+            ("{fn}(0) == {k}", "{fn}(10) == 10 + {k}", "{fn}(-{k}) == 0")),
+    "times": ("times_{k}", "Write a Python function `{fn}(x)` that returns x multiplied by {k}.",
               "{fn}(x: int) -> int", "Return x multiplied by {k}.", "return x * {k}",
               ("return x ** {k}",),
-              ("{fn}(0) == 0", "{fn}(2) == {k2}", "{fn}(-1) == -{k}"), first_try=(6,))
-    + _family("multiples_of_{k}", (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12),
-              "Write a Python function `{fn}(xs)` that returns the items of the list xs divisible by {k}, in order.",
-              "{fn}(xs: list[int]) -> list[int]", "Return the items of xs divisible by {k}.",
-              "return [x for x in xs if x % {k} == 0]",
-              ("return [x for x in xs if x % {k}]", "return [x for x in xs if x / {k} == 0]"),
-              ("{fn}([{k}, 1, {k2}]) == [{k}, {k2}]", "{fn}([]) == []", "{fn}([1]) == []"), unsolved=(10,),
-              first_try=(3,))
-    + _family("repeat_{k}", (2, 3, 4, 5, 6, 7, 8, 9, 10),
-              "Write a Python function `{fn}(s)` that returns the string s repeated {k} times.",
-              "{fn}(s: str) -> str", "Return s repeated {k} times.", "return s * {k}",
-              ("return s * {k} + s",),
-              ("{fn}('ab') == 'ab' * {k}", "{fn}('') == ''"), first_try=(4,))
-    + _family("count_above_{k}", (0, 1, 2, 3, 5, 10, 20, 25, 50, 100),
-              "Write a Python function `{fn}(xs)` that returns how many numbers in xs are greater than {k}.",
-              "{fn}(xs: list[int]) -> int", "Return how many numbers in xs are greater than {k}.",
-              "return sum(1 for x in xs if x > {k})",
-              ("return sum(1 for x in xs if x >= {k})", "return len(xs)"),
-              ("{fn}([{k}, {k} + 1, {k} - 1]) == 1", "{fn}([]) == 0", "{fn}([{k} + 2, {k} + 3]) == 2"),
-              unsolved=(5,))
+              ("{fn}(0) == 0", "{fn}(2) == {k2}", "{fn}(-1) == -{k}")),
+    "multiples_of": ("multiples_of_{k}",
+                     "Write a Python function `{fn}(xs)` that returns the items of the list xs divisible by {k}, in order.",
+                     "{fn}(xs: list[int]) -> list[int]", "Return the items of xs divisible by {k}.",
+                     "return [x for x in xs if x % {k} == 0]",
+                     ("return [x for x in xs if x % {k}]", "return [x for x in xs if x / {k} == 0]"),
+                     ("{fn}([{k}, 1, {k2}]) == [{k}, {k2}]", "{fn}([]) == []", "{fn}([1]) == []")),
+    "repeat": ("repeat_{k}", "Write a Python function `{fn}(s)` that returns the string s repeated {k} times.",
+               "{fn}(s: str) -> str", "Return s repeated {k} times.", "return s * {k}",
+               ("return s * {k} + s",),
+               ("{fn}('ab') == 'ab' * {k}", "{fn}('') == ''")),
+    "count_above": ("count_above_{k}",
+                    "Write a Python function `{fn}(xs)` that returns how many numbers in xs are greater than {k}.",
+                    "{fn}(xs: list[int]) -> int", "Return how many numbers in xs are greater than {k}.",
+                    "return sum(1 for x in xs if x > {k})",
+                    ("return sum(1 for x in xs if x >= {k})", "return len(xs)"),
+                    ("{fn}([{k}, {k} + 1, {k} - 1]) == 1", "{fn}([]) == 0", "{fn}([{k} + 2, {k} + 3]) == 2")),
+}
+
+
+def _of(family: str, params: tuple, **kw) -> tuple[Task, ...]:
+    name, *rest = TEMPLATES[family]
+    return _family(name, params, *rest, **kw)
+
+
+FAMILIES: tuple[Task, ...] = (
+    _of("add", (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 19), unsolved=(11, 13))
+    + _of("times", (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15), first_try=(6,))
+    + _of("multiples_of", (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12), unsolved=(10,), first_try=(3,))
+    + _of("repeat", (2, 3, 4, 5, 6, 7, 8, 9, 10), first_try=(4,))
+    + _of("count_above", (0, 1, 2, 3, 5, 10, 20, 25, 50, 100), unsolved=(5,))
 )
 
+# The loop demo's traffic: families SmolLM2 gets right only part of the time when asked as
+# atomicguard asks (greedy, this CPU: multiples_of 0/11, count_above 5/10, repeat 8/9).
+LOOP_FAMILIES = ("multiples_of", "count_above", "repeat")
+
 ALL_TASKS: tuple[Task, ...] = TASKS + FAMILIES
+
+
+def loop_rounds(rounds: int, per_round: int, families: tuple[str, ...] = LOOP_FAMILIES, seed: int = 0) -> list:
+    """The loop demo's rounds of new tasks (lorad.loop Tasks): parameters the store demo does not
+    use, none twice, the families interleaved."""
+    import random
+
+    from lorad.loop.tasks import Task as LoopTask
+
+    rng = random.Random(seed)
+    taken = {t.name for t in ALL_TASKS}
+    pools = {f: [t for t in _of(f, tuple(range(2, 200))) if t.name not in taken] for f in families}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    out = []
+    for k in range(rounds):
+        tasks = [pools[f][k * per_round // len(families) + i] for i in range(per_round // len(families))
+                 for f in families]
+        out.append([LoopTask(t.name, f, t.specification, t.name, tests=t.tests, solution=t.solution)
+                    for t, f in zip(tasks, [f for _ in range(per_round // len(families)) for f in families])])
+    return out
 
 
 def check(content: str, task: Task, timeout_s: float = 5.0) -> tuple[bool, str]:
