@@ -425,6 +425,28 @@ def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):
     assert not (s.state_dir / "jobs" / "j2").exists()
 
 
+def test_a_cycle_with_nothing_to_train_ends_skipped_in_the_buffer_and_stays_so(tmp_path, capsys):
+    """The job ended "skipped" for the caller but stayed "preparing" in the buffer (the state
+    was refused), so `lorad jobs` never saw it end and every daemon start resumed it."""
+    from lorad.daemon.metrics import cycle_values
+
+    s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
+    cfg = _write_config(tmp_path, s)
+    assert cli.main(["--config", str(cfg), "train", "--no-progress", "--no-ingest"]) == 0  # an empty buffer
+    assert "SKIPPED" in capsys.readouterr().out
+    with Buffer(s.buffer_path) as b:
+        store = JobStore(b.conn)
+        [job] = store.list()
+        assert (job["trigger"], job["state"]) == ("cli", "skipped")
+        assert "no training examples" in job["reason"] and job["finished_at"] is not None
+        assert [e["state"] for e in store.events(job["job_id"])] == ["queued", "preparing", "skipped"]
+        assert pipeline.recover(s, store) == []  # a daemon starting now leaves it alone
+        assert store.get(job["job_id"])["state"] == "skipped"
+        assert cycle_values(b.conn, s.state_dir)["jobs"] == {"skipped": 1}  # lorad_jobs_total{state="skipped"}
+    assert cli.main(["--config", str(cfg), "--json", "jobs"]) == 0  # no daemon: read from the buffer
+    assert [j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]] == ["skipped"]
+
+
 def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
     import os
 

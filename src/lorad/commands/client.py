@@ -42,7 +42,9 @@ def register(sub, common) -> None:
     p.set_defaults(func=jobs)
 
     p = sub.add_parser("train-now", parents=[common, timeout], help="queue a training job now, ignoring the window")
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 if promoted or rejected")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job until it ends; exit 0 if promoted, rejected or skipped (nothing to "
+                        "train on), 1 if it failed, was cancelled or paused")
     p.set_defaults(func=train_now)
 
     p = sub.add_parser("cancel", parents=[common, timeout], help="stop a job cleanly (a running worker stops at its next step)")
@@ -266,11 +268,13 @@ def train_now(args, settings) -> int:
         return 0
     if not args.json:
         print(f"queued {job_id}", flush=True)
+    from lorad.buffer.jobs import FINAL
+
     tty = sys.stdout.isatty() and not args.json
     last = ""
     while True:
         job = call(settings, "job", job_id=job_id, timeout=args.timeout)["job"]
-        if job["state"] in ("promoted", "rejected", "failed", "cancelled", "paused"):
+        if job["state"] in FINAL or job["state"] == "paused":
             break
         if not args.json:
             line = progress_line(job)
@@ -282,10 +286,12 @@ def train_now(args, settings) -> int:
         time.sleep(0.5)
     if tty:
         print()
-    text = f"job {job_id}: {job['state']}" + (f" {job['version']}" if job.get("version") else "") + \
+    state = "skipped, nothing to train on" if job["state"] == "skipped" else job["state"]
+    text = f"job {job_id}: {state}" + (f" {job['version']}" if job.get("version") else "") + \
         (f" ({job['reason']})" if job.get("reason") else "")
     emit(args, {"ok": True, "job": job}, text)
-    return 0 if job["state"] in ("promoted", "rejected") else 1
+    # skipped is no failure: nothing new was there to train on (`lorad train` exits 0 too)
+    return 0 if job["state"] in ("promoted", "rejected", "skipped") else 1
 
 
 def cancel(args, settings) -> int:
