@@ -447,6 +447,36 @@ def test_a_cycle_with_nothing_to_train_ends_skipped_in_the_buffer_and_stays_so(t
     assert [j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]] == ["skipped"]
 
 
+def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_worker_kills(tmp_path, monkeypatch):
+    """A worker killed by a signal lorad did not send (the OOM killer, kill -9) leaves its job
+    paused, to resume from its checkpoints; one that dies every time ends failed."""
+    import signal
+
+    s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
+    assert s.schedule.max_worker_kills == 3
+    (tmp_path / "state").mkdir()
+    # A worker that dies of SIGKILL as soon as it starts, after an earlier one left its result.
+    def killed(job_dir, *args, **kwargs):
+        (Path(job_dir) / "result.json").unlink(missing_ok=True)  # as supervise does before a run
+        return -signal.SIGKILL
+
+    monkeypatch.setattr(pipeline.supervisor, "supervise", killed)
+    with Buffer(s.buffer_path) as b:
+        from lorad.ingest import ingest
+        from lorad.sources import open_sources
+
+        ingest(b, open_sources(s.store))
+        job_id = JobStore(b.conn).create("manual")["job_id"]
+    outcomes = [pipeline.run(s, job_id, holder="test", stop=pipeline.StopRequest()) for _ in range(3)]
+    assert [(o.status, o.reason) for o in outcomes[:2]] == [("paused", "worker killed (signal 9)")] * 2
+    assert outcomes[2].status == "failed"
+    assert outcomes[2].reason.startswith("worker killed (signal 9) in 3 runs in a row (schedule.max_worker_kills")
+    with Buffer(s.buffer_path) as b:
+        job = JobStore(b.conn).get(job_id)
+    assert (job["state"], job["runs"]) == ("failed", 3)
+    assert Path(job["job_dir"], "train.jsonl").is_file()  # prepared once, resumed on the same directory
+
+
 def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
     import os
 
