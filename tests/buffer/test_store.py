@@ -193,22 +193,6 @@ def test_0011_lets_a_jobs_table_made_before_it_record_skipped_jobs(tmp_path):
         assert _schema(b.conn) == migrated
 
 
-@pytest.mark.parametrize("state", ["promoted", "rejected", "failed", "cancelled", "paused", "skipped"])
-def test_every_state_a_cycle_ends_in_is_stored(state):
-    """Each final state the pipeline reports is one the jobs table admits (a state it refuses
-    left the job "preparing" for ever: issue 23, finding 4)."""
-    from lorad import pipeline
-
-    assert state in pipeline._FINAL_EVENTS
-    with Buffer(":memory:") as b:
-        store = JobStore(b.conn)
-        job = store.create("manual")
-        store.transition(job["job_id"], state, "why")
-        stored = store.get(job["job_id"])
-        assert stored["state"] == state and stored["reason"] == "why"
-        assert (stored["finished_at"] is not None) == (state != "paused")
-
-
 def test_a_reader_refuses_a_buffer_an_older_lorad_left_with_what_to_do(tmp_path):
     path = tmp_path / "b.sqlite3"
     Buffer(path).close()

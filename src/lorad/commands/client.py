@@ -38,7 +38,7 @@ def register(sub, common) -> None:
 
     p = sub.add_parser("jobs", parents=[common, timeout], help="recent training jobs (or one job's details)")
     p.add_argument("job_id", nargs="?", metavar="JOB", help="show this job with its state changes")
-    p.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    p.add_argument("--limit", type=_positive, default=20, help="how many jobs (default 20)")
     p.set_defaults(func=jobs)
 
     p = sub.add_parser("train-now", parents=[common, timeout], help="queue a training job now, ignoring the window")
@@ -76,6 +76,18 @@ def register(sub, common) -> None:
                    help="replace the record stored under this id if it differs (without it, a different "
                         "record under a known id is refused and the command exits 65)")
     p.set_defaults(func=feedback)
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 SYSTEMD_SOCKET = Path("/run/lorad/lorad.sock")
