@@ -260,12 +260,14 @@ class Demo:
         """Show the job's progress until it ends: a bar on a terminal, a line every few steps otherwise."""
         from tqdm import tqdm
 
+        from lorad.buffer.jobs import FINAL
+
         tty = getattr(self.out, "isatty", lambda: False)()
         bar, shown, last_step = None, "", -10
         while True:
             job = self.request("job", job_id=job_id).get("job") or {}
             state = job.get("state", "?")
-            if state in ("promoted", "rejected", "failed", "cancelled", "paused"):
+            if state in FINAL or state == "paused":  # (a skipped job too: it never ended here before)
                 break
             p = job.get("progress") or {}
             step, total = p.get("step") or 0, p.get("total_steps")
