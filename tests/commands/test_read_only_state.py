@@ -21,14 +21,14 @@ def _read_only(state: Path, argv: list[str]) -> subprocess.CompletedProcess:
     root (who writes through mode bits), mode 0555 otherwise."""
     wrap = []
     if os.geteuid() == 0:
-        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], check=False).returncode != 0:
             pytest.skip("as root this needs unshare -m for a private read-only mount")
         wrap = ["unshare", "-m", "sh", "-c",
                 f'mount --bind "{state}" "{state}" && mount -o remount,bind,ro "{state}" && exec "$0" "$@"']
     else:
         state.chmod(0o555)
     try:
-        return subprocess.run([*wrap, *argv], capture_output=True, text=True, timeout=120)
+        return subprocess.run([*wrap, *argv], check=False, capture_output=True, text=True, timeout=120)
     finally:
         state.chmod(0o755)
 
@@ -43,7 +43,7 @@ def test_a_read_only_state_dir_is_one_line_naming_the_key_and_exit_78(tmp_path, 
     state.mkdir()
     lorad = [sys.executable, "-m", "lorad", "--config", str(config)]
     if buffer == "made before":
-        assert subprocess.run([*lorad, "ingest"], capture_output=True, timeout=120).returncode == 0
+        assert subprocess.run([*lorad, "ingest"], check=False, capture_output=True, timeout=120).returncode == 0
     done = _read_only(state, [*lorad, command, *(["--no-progress"] if command == "train" else [])])
     assert done.returncode == EX_CONFIG, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
