@@ -470,7 +470,7 @@ def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_work
     outcomes = [pipeline.run(s, job_id, holder="test", stop=pipeline.StopRequest()) for _ in range(3)]
     assert [(o.status, o.reason) for o in outcomes[:2]] == [("paused", "worker killed (signal 9)")] * 2
     assert outcomes[2].status == "failed"
-    assert outcomes[2].reason.startswith("worker killed (signal 9) in 3 runs in a row (schedule.max_worker_kills")
+    assert outcomes[2].reason.startswith("worker killed (signal 9) in 3 runs in a row (schedule.max_worker_kills = 3)")
     with Buffer(s.buffer_path) as b:
         job = JobStore(b.conn).get(job_id)
     assert (job["state"], job["runs"]) == ("failed", 3)

@@ -640,10 +640,11 @@ def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest 
         # left are whole (only complete ones are trusted), so the job resumes from them, unless
         # its worker dies every time.
         why = f"{KILLED_REASON} (signal {-code})"
-        if kills + 1 >= max_kills:
+        n = kills + 1
+        if n >= max_kills:
             hint = "; the kernel's OOM killer sends signal 9: is memory short?" if -code == signal.SIGKILL else ""
-            return Outcome(job_id, "failed", f"{why} in {kills + 1} runs in a row (schedule.max_worker_kills)"
-                           + hint, live=live)
+            return Outcome(job_id, "failed", f"{why} in {n} run{'s' * (n > 1)} in a row "
+                           f"(schedule.max_worker_kills = {max_kills}){hint}", live=live)
         return Outcome(job_id, "paused", why, live=live)
     return Outcome(job_id, "failed", said or unreadable or _no_result(job_dir, code), live=live)
 
