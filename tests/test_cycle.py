@@ -452,6 +452,58 @@ def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):
     assert not (s.state_dir / "jobs" / "j2").exists()
 
 
+def test_a_cycle_with_nothing_to_train_ends_skipped_in_the_buffer_and_stays_so(tmp_path, capsys):
+    """The job ended "skipped" for the caller but stayed "preparing" in the buffer (the state
+    was refused), so `lorad jobs` never saw it end and every daemon start resumed it."""
+    from lorad.daemon.metrics import cycle_values
+
+    s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
+    cfg = _write_config(tmp_path, s)
+    assert cli.main(["--config", str(cfg), "train", "--no-progress", "--no-ingest"]) == 0  # an empty buffer
+    assert "SKIPPED" in capsys.readouterr().out
+    with Buffer(s.buffer_path) as b:
+        store = JobStore(b.conn)
+        [job] = store.list()
+        assert (job["trigger"], job["state"]) == ("cli", "skipped")
+        assert "no training examples" in job["reason"] and job["finished_at"] is not None
+        assert [e["state"] for e in store.events(job["job_id"])] == ["queued", "preparing", "skipped"]
+        assert pipeline.recover(s, store) == []  # a daemon starting now leaves it alone
+        assert store.get(job["job_id"])["state"] == "skipped"
+        assert cycle_values(b.conn, s.state_dir)["jobs"] == {"skipped": 1}  # lorad_jobs_total{state="skipped"}
+    assert cli.main(["--config", str(cfg), "--json", "jobs"]) == 0  # no daemon: read from the buffer
+    assert [j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]] == ["skipped"]
+
+
+def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_worker_kills(tmp_path, monkeypatch):
+    """A worker killed by a signal lorad did not send (the OOM killer, kill -9) leaves its job
+    paused, to resume from its checkpoints; one that dies every time ends failed."""
+    import signal
+
+    s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
+    assert s.schedule.max_worker_kills == 3
+    (tmp_path / "state").mkdir()
+    # A worker that dies of SIGKILL as soon as it starts, after an earlier one left its result.
+    def killed(job_dir, *args, **kwargs):
+        (Path(job_dir) / "result.json").unlink(missing_ok=True)  # as supervise does before a run
+        return -signal.SIGKILL
+
+    monkeypatch.setattr(pipeline.supervisor, "supervise", killed)
+    with Buffer(s.buffer_path) as b:
+        from lorad.ingest import ingest
+        from lorad.sources import open_sources
+
+        ingest(b, open_sources(s.store))
+        job_id = JobStore(b.conn).create("manual")["job_id"]
+    outcomes = [pipeline.run(s, job_id, holder="test", stop=pipeline.StopRequest()) for _ in range(3)]
+    assert [(o.status, o.reason) for o in outcomes[:2]] == [("paused", "worker killed (signal 9)")] * 2
+    assert outcomes[2].status == "failed"
+    assert outcomes[2].reason.startswith("worker killed (signal 9) in 3 runs in a row (schedule.max_worker_kills = 3)")
+    with Buffer(s.buffer_path) as b:
+        job = JobStore(b.conn).get(job_id)
+    assert (job["state"], job["runs"]) == ("failed", 3)
+    assert Path(job["job_dir"], "train.jsonl").is_file()  # prepared once, resumed on the same directory
+
+
 def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
     import os
 

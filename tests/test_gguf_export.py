@@ -189,6 +189,24 @@ def test_refuses_embedding_lm_head_and_extra_tensors():
         gguf_export.plan(cfg, {}, hp | {"architectures": ["GPT2LMHeadModel"]})
 
 
+@pytest.mark.parametrize("modules", [["embed_tokens"], ["q_proj", "embed_tokens"], ["lm_head"]])
+def test_an_adapter_peft_trained_on_the_embedding_or_lm_head_is_refused_naming_the_module(tiny, tmp_path, modules):
+    """peft saves such an adapter with the whole layer beside its LoRA (``base_layer.weight``),
+    and that key, read first, was refused as "not a lora_A/lora_B weight" (issue 23)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, _ = tiny
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=modules))
+    model.save_pretrained(tmp_path / "adapter")
+    module = modules[-1]
+    with pytest.raises(ExportRefused, match=rf"LoRA on {module} \((an embedding|the output) layer\) is not exported.*"
+                                            r"leave it out of training.target_modules"):
+        write_adapter(tmp_path / "adapter", base, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_rslora_scaling_is_carried_in_alpha_and_mixed_scalings_are_refused():
     hp = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 4, "num_hidden_layers": 1}
     key = "base_model.model.model.layers.0.self_attn.{}.lora_{}.weight"

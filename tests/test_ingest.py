@@ -94,3 +94,36 @@ def test_the_cycle_collector_is_paused_during_a_scan_and_back_on_after(buffer):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_lone_surrogate_or_a_nan_score_is_quarantined_with_a_reason_and_the_rest_ingested(tmp_path):
+    """A JSONL line or an artifact file holding a lone surrogate (``"\\ud800"``) stopped the
+    whole scan, on every pass (SQLite cannot store it); a NaN score was stored as "rejected"."""
+    from lorad import synthetic
+    from lorad.buffer.store import Buffer
+    from lorad.ingest import ingest
+    from lorad.sources.atomicguard import AtomicGuardSource
+    from lorad.sources.jsonl import JsonlSource
+
+    good = {"id": "ok", "prompt": "Write f.", "completion": "def f(): pass", "status": "accepted"}
+    scored = {k: v for k, v in good.items() if k != "status"}
+    log = tmp_path / "feedback.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (
+        good | {"id": "surrogate", "prompt": "Write f.\ud800"},  # json.dumps writes it as the escape \ud800
+        scored | {"id": "nan", "score": float("nan")},  # written as the literal NaN
+        scored | {"id": "inf", "score": float("inf")},
+        good)))
+    store = tmp_path / "store"
+    for name, content in (("aa/bad.json", "def f():\udfff pass"), ("bb/fine.json", "def f(): pass")):
+        path = store / "objects" / name
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(synthetic.artifact(workflow_id="w-" + name[:2], content=content,
+                                                      status="accepted")))
+    with Buffer(tmp_path / "b.sqlite3") as b:
+        report = ingest(b, [JsonlSource("jsonl", log), AtomicGuardSource("ag", store, settle_seconds=0.0)])
+        assert report.errors == []
+        assert sorted(r["locator"] for r in b.artifacts()) == ["objects/bb/fine.json", "ok"]
+        reasons = sorted(q["reason"] for q in b.quarantine())
+    assert len(reasons) == 4, reasons
+    assert sum("lone surrogate" in r for r in reasons) == 2, reasons
+    assert sum("score: must be a finite number" in r for r in reasons) == 2, reasons

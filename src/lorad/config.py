@@ -291,6 +291,9 @@ class ScheduleSettings:
     debounce_seconds: float = _c(non_negative, default=0.1)
     backoff_initial: float = _c(positive, default=60.0)
     backoff_max: float = _c(positive, default=3600.0)
+    # A job whose worker is killed by a signal lorad did not send (the OOM killer, kill -9) is
+    # paused and resumes from its checkpoints; the kill that makes this many in a row fails it.
+    max_worker_kills: int = _c(positive, default=3)
 
 
 @dataclass(frozen=True)

@@ -421,7 +421,7 @@ class Demo:
 
     def _follow(self, job_id: str) -> dict:
         """Show the job's progress until it ends."""
-        from lorad.loop.daemon import FINAL
+        from lorad.buffer.jobs import FINAL
 
         view = JobView(self.out)
         while True:

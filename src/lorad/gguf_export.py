@@ -159,10 +159,21 @@ def _refuse_config(config: dict) -> None:
         raise ExportRefused("alpha_pattern: llama.cpp applies one adapter.lora.alpha to every tensor")
 
 
+# peft saves a LoRA on embed_tokens or lm_head as lora_embedding_A/B or lora_A/B, beside the
+# whole layer (base_layer.weight) when the layer is an embedding.
+_UNTIED_LORA = re.compile(r"^(?:.*\.)?(?P<module>embed_tokens|lm_head)\.(?:base_layer\.|lora_)")
+
+
+def _not_exported(key: str, module: str) -> ExportRefused:
+    what = "an embedding layer" if module == "embed_tokens" else "the output layer"
+    return ExportRefused(f"adapter tensor {key}: LoRA on {module} ({what}) is not exported: llama.cpp applies "
+                         "LoRA adapters to linear layers only; leave it out of training.target_modules")
+
+
 def _refuse_key(key: str) -> ExportRefused:
-    if "lora_embedding_" in key:
-        why = "an embedding LoRA (embed_tokens)"
-    elif "lora_magnitude_vector" in key:
+    if (m := _UNTIED_LORA.match(key)) and "modules_to_save" not in key:
+        return _not_exported(key, m.group("module"))
+    if "lora_magnitude_vector" in key:
         why = "a DoRA magnitude vector"
     elif "modules_to_save" in key or key.endswith(("embed_tokens.weight", "lm_head.weight")):
         why = "a full embedding or lm_head weight (modules_to_save)"
@@ -204,8 +215,7 @@ def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[t
             raise _refuse_key(key)
         module = m.group("module")
         if module.rsplit(".", 1)[-1] in _NOT_EXPORTABLE_MODULES:
-            raise ExportRefused(f"adapter tensor {key}: LoRA on {module} (embedding or lm_head) is not "
-                                "exported; leave it out of training.target_modules")
+            raise _not_exported(key, module.rsplit(".", 1)[-1])
         pairs.setdefault(module, {})[m.group("ab")] = array
     if not pairs:
         raise ExportRefused("the adapter holds no LoRA tensors")

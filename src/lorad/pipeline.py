@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ log = structlog.get_logger()
 PLAN_FILE = "plan.json"
 JOURNAL_FILE = "conclusion.json"
 STALE_REASON = "daemon restarted while the job was running"
+KILLED_REASON = "worker killed"  # "worker killed (signal 9)": a job paused because its worker died
 LOCK_FILE = "training.lock"
 
 
@@ -567,7 +569,9 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
                                                     (lambda: stop.mode == "cancel") if stop else None,
                                                     on_progress=progress)
                     if code != EXIT_OK:
-                        return job.finish(_stopped_or_failed(job_id, job_dir, code, stop, live))
+                        kills = _kills_in_a_row(job.store.events(job_id))
+                        return job.finish(_stopped_or_failed(job_id, job_dir, code, stop, live, kills=kills,
+                                                             max_kills=settings.schedule.max_worker_kills))
                 # A worker that succeeded is concluded from its result, never run again (a
                 # restart during the conclusion lands here and finishes what conclusion.json says).
                 job.move("evaluating", progress=job.progress)
@@ -597,7 +601,28 @@ def _trained(job_dir: Path) -> bool:
     return result is not None and result.succeeded and (job_dir / ADAPTER_DIR).is_dir()
 
 
-def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest | None, live) -> Outcome:
+def _kills_in_a_row(events: list[dict]) -> int:
+    """How many of the job's last runs ended with their worker killed (the pauses since its last
+    pause for another reason)."""
+    kills = 0
+    for e in reversed(events):
+        if e["state"] != "paused":
+            continue
+        if not (e["reason"] or "").startswith(KILLED_REASON):
+            break
+        kills += 1
+    return kills
+
+
+def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest | None, live, *,
+                       kills: int, max_kills: int) -> Outcome:
+    """The state a job ends in when its worker did not succeed.
+
+    Args:
+        code: the worker's exit code (negative: the signal it died of).
+        kills: runs before this one that ended with the worker killed, in a row.
+        max_kills: the kill that makes this many in a row fails the job (schedule.max_worker_kills).
+    """
     try:
         result = read_result(job_dir)
     except JobError as e:
@@ -613,6 +638,17 @@ def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest 
                        live=live)
     if code == EXIT_CANCELLED:
         return Outcome(job_id, "cancelled", (stop.reason if asked else "") or said or "cancelled", live=live)
+    if code < 0:
+        # Killed by a signal lorad did not send (the OOM killer, kill -9): the checkpoints it
+        # left are whole (only complete ones are trusted), so the job resumes from them, unless
+        # its worker dies every time.
+        why = f"{KILLED_REASON} (signal {-code})"
+        n = kills + 1
+        if n >= max_kills:
+            hint = "; the kernel's OOM killer sends signal 9: is memory short?" if -code == signal.SIGKILL else ""
+            return Outcome(job_id, "failed", f"{why} in {n} run{'s' * (n > 1)} in a row "
+                           f"(schedule.max_worker_kills = {max_kills}){hint}", live=live)
+        return Outcome(job_id, "paused", why, live=live)
     return Outcome(job_id, "failed", said or unreadable or _no_result(job_dir, code), live=live)
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorad.buffer import schema, store
+from lorad.buffer.jobs import JobStore
 from lorad.buffer.store import Batch, Buffer, Quarantined
 
 
@@ -154,6 +155,39 @@ def test_0010_brings_a_jobs_table_of_either_opening_order_to_one_schema(tmp_path
         b.conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('c', 'queued', 'cli', 1, 1)")
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             b.conn.execute("UPDATE jobs SET trigger = 'bogus'")
+        migrated = _schema(b.conn)
+    with Buffer(tmp_path / "new.sqlite3") as b:
+        assert _schema(b.conn) == migrated
+
+
+# The jobs table as 0010 made it: OR chains, the "cli" trigger, and no "skipped" state, so a
+# cycle with nothing to train on could not record how it ended.
+_JOBS_0010 = _OLD_JOBS.replace("trigger IN ('window', 'manual')", "trigger IN ('window', 'manual', 'cli')")
+
+
+def test_0011_lets_a_jobs_table_made_before_it_record_skipped_jobs(tmp_path):
+    path = tmp_path / "b.sqlite3"
+    Buffer(path).close()
+    _make_old(path, [], ["0011_skipped_job_state"], jobs_sql=schema._or_checks(_JOBS_0010))
+    conn = sqlite3.connect(path)
+    assert "skipped" not in schema._table_sql(conn, "jobs")
+    conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at, started_at) "
+                 "VALUES ('j', 'preparing', 'cli', 1, 2, 2)")
+    conn.execute("INSERT INTO job_events (job_id, ts, state, reason) VALUES ('j', 1, 'queued', 'cli')")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        conn.execute("UPDATE jobs SET state = 'skipped' WHERE job_id = 'j'")
+    conn.commit()
+    conn.close()
+    with Buffer(path) as b:
+        assert b.conn.execute("SELECT job_id, state, trigger, started_at FROM jobs").fetchall() == [
+            ("j", "preparing", "cli", 2)]
+        assert b.conn.execute("SELECT reason FROM job_events").fetchall() == [("cli",)]
+        JobStore(b.conn).transition("j", "skipped", "nothing new")
+        assert JobStore(b.conn).get("j")["state"] == "skipped"
+        assert b.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert b.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            b.conn.execute("UPDATE jobs SET state = 'bogus'")
         migrated = _schema(b.conn)
     with Buffer(tmp_path / "new.sqlite3") as b:
         assert _schema(b.conn) == migrated

@@ -6,7 +6,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from lorad.buffer.store import Buffer
-from lorad.daemon.feedback import FeedbackConflict, write_feedback
+from lorad.daemon.feedback import FeedbackConflict, FeedbackRejected, write_feedback
 
 
 def record(**kw) -> dict:
@@ -43,3 +43,22 @@ def test_an_update_replaces_the_stored_record(tmp_path):
         assert (r["result"], r["status"]) == ("updated", "rejected")
         assert stored(buffer) == [("fb1", "rejected", "def add(a, b): return a - b")]
         assert write_feedback(buffer, record(id="fb2"), update=True)["result"] == "new"
+
+
+def test_a_record_with_a_lone_surrogate_is_refused_with_a_reason(tmp_path):
+    """It was "internal error: UnicodeEncodeError" (issue 23): a lone surrogate is not Unicode text."""
+    with Buffer(tmp_path / "b.sqlite3") as buffer:
+        for bad in (record(prompt="Write add(a, b).\ud800"), record(feedback="\udfff"), record() | {"\ud800": 1}):
+            with pytest.raises(FeedbackRejected, match="lone surrogate"):
+                write_feedback(buffer, bad)
+        assert stored(buffer) == []
+        assert write_feedback(buffer, record(prompt="Write add(a, b). \U0001f600"))["result"] == "new"  # a pair is fine
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf"), 10 ** 400])
+def test_a_score_that_is_not_a_finite_number_is_refused_not_stored_as_rejected(tmp_path, score):
+    with Buffer(tmp_path / "b.sqlite3") as buffer:
+        bad = {k: v for k, v in record(score=score).items() if k != "status"}
+        with pytest.raises(FeedbackRejected, match="score: must be a finite number"):
+            write_feedback(buffer, bad)
+        assert stored(buffer) == []

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from daemon_helpers import WORKER_ENV, training_sections, worker_processes
+from daemon_helpers import WORKER_ENV, config_text, training_sections, worker_processes
 
 
 def job(d, job_id: str) -> dict:
@@ -126,6 +126,28 @@ def test_failed_job_is_recorded_and_backs_off_window_jobs(daemon_factory, short_
     assert d.cli("reload").returncode == 0
     d.wait_for(lambda: "backing off" in d.request("status")["schedule"]["decision"], what="back-off decision")
     assert len(d.request("jobs")["jobs"]) == 1  # the open window started nothing
+
+
+def test_train_now_wait_ends_for_a_job_with_nothing_to_train_and_a_restart_leaves_it_skipped(daemon_factory,
+                                                                                             short_root):
+    """Issue 23, finding 4: the job stayed "preparing" (the jobs table refused "skipped"), so
+    --wait never returned and every start paused, resumed and skipped it again."""
+    d = daemon_factory(config=config_text(short_root, None))  # no source: nothing to train on
+    r = d.cli("train-now", "--wait", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.split()[1]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"job {job_id}: skipped, nothing to train on (no training examples"), r.stdout
+    listed = d.cli("jobs")
+    assert f"{job_id}  skipped" in listed.stdout, listed.stdout
+    before = job(d, job_id)
+    assert [e["state"] for e in before["events"]] == ["queued", "preparing", "skipped"]
+    assert not any(e.get("event") == "job_state_not_saved" for e in d.events())
+    d.stop()
+    d.start()
+    d.wait_for(lambda: d.request("status")["schedule"]["decision"], what="a scheduler decision after the restart")
+    assert job(d, job_id)["events"] == before["events"]
+    assert not any(e.get("event") in ("job_paused", "job_resumed") for e in d.events())
 
 
 def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, short_root):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from lorad.daemon.schedule import Schedule, backoff_delay, decide
@@ -116,3 +116,49 @@ def test_lorad_pause_stops_scheduled_training_but_not_manual_jobs():
     assert (d.action, d.reason) == ("pause", "scheduled training paused")
     assert decide(**base(scheduling_paused=True)).action == "wait"
     assert decide(**base(scheduling_paused=True, queued=[{"job_id": "m", "trigger": "manual"}])).action == "start"
+
+
+def test_a_window_in_a_dst_gap_opens_when_next_window_says_it_does():
+    """Berlin skips 02:00-03:00 on 29 March 2026: a 02:15-02:45 window never opened there while
+    next_window reported it (issue 23). It opens 03:15-03:45 CEST, shifted by the gap, its length kept."""
+    s = Schedule(("02:15-02:45",), "Europe/Berlin")
+    start, end = s.next_window(at(2026, 3, 28, 23, 0))  # midnight in Berlin
+    assert (start, end) == (at(2026, 3, 29, 1, 15), at(2026, 3, 29, 1, 45))  # 03:15-03:45 CEST
+    assert s.open_window(at(2026, 3, 29, 1, 14, 59)) is None
+    assert s.open_window(at(2026, 3, 29, 1, 15)) == (start, end)
+    assert s.open_window(at(2026, 3, 29, 1, 44, 59)) == (start, end)
+    assert s.open_window(at(2026, 3, 29, 1, 45)) is None
+    # A window that ends where the gap does moves whole too, rather than shrinking to nothing.
+    s = Schedule(("02:30-03:00",), "America/New_York")  # New York skips 02:00-03:00 on 8 March 2026
+    start, end = s.next_window(at(2026, 3, 8, 5, 0))
+    assert (start, end) == (at(2026, 3, 8, 7, 30), at(2026, 3, 8, 8, 0))  # 03:30-04:00 EDT
+    assert s.open_window(at(2026, 3, 8, 7, 45)) == (start, end)
+
+
+def test_a_window_the_clock_goes_back_through_opens_once():
+    """Berlin's clocks go from 03:00 CEST back to 02:00 CET on 25 October 2026: a 01:30-02:30
+    window is open for its hour once, not again when the clock reads 02:00 a second time (with
+    an end already past, the job it started would pause at its first step)."""
+    s = Schedule(("01:30-02:30",), "Europe/Berlin")
+    first = (at(2026, 10, 24, 23, 30), at(2026, 10, 25, 0, 30))  # 01:30-02:30 CEST
+    assert s.next_window(at(2026, 10, 24, 22, 0)) == first
+    assert s.open_window(at(2026, 10, 25, 0, 15)) == first
+    assert s.open_window(at(2026, 10, 25, 1, 15)) is None  # 02:15 CET, the second time round
+    assert s.next_window(at(2026, 10, 25, 1, 15))[0] == at(2026, 10, 26, 0, 30)  # 01:30 CET the next night
+
+
+def test_every_window_next_window_reports_opens_at_its_start_through_a_year_of_dst_changes():
+    for zone, windows in (("Europe/Berlin", ("02:15-02:45", "01:30-02:30", "22:00-03:00", "00:00-24:00")),
+                          ("America/New_York", ("02:30-03:00", "01:00-01:30", "02:00-06:00")),
+                          ("Australia/Lord_Howe", ("02:00-02:20", "01:45-02:15"))):  # a half-hour change
+        for text in windows:
+            s = Schedule((text,), zone)
+            now = at(2026, 1, 1, 0, 7)
+            for _ in range(400):  # the daemon asks with UTC instants, as here
+                start, end = (t.astimezone(UTC) for t in s.next_window(now))
+                assert end > start, (zone, text, start, end)
+                if start > now:
+                    assert s.open_window(start - timedelta(seconds=1)) != (start, end), (zone, text, start)
+                assert s.open_window(start) == (start, end), (zone, text, start, end)
+                assert s.open_window(end - timedelta(seconds=1)) == (start, end), (zone, text, start, end)
+                now = end + timedelta(hours=1)

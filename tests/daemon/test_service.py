@@ -114,6 +114,41 @@ def test_feedback_is_validated_and_acknowledged_after_commit(daemon_factory):
     d.wait_for(lambda: artifacts(d) == 103, what="status to count the feedback")
 
 
+def test_hostile_feedback_and_jobs_requests_are_answered_with_a_reason_not_an_internal_error(daemon_factory):
+    """Issue 23: a lone surrogate in a feedback record and a jobs limit of 10**20 were
+    "internal error: UnicodeEncodeError" / "OverflowError"; a NaN score was stored "rejected"."""
+    d = daemon_factory()
+
+    def raw(line: str) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(d.socket))
+            s.sendall(line.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data)
+
+    surrogate = raw('{"command": "feedback", "record": {"id": "s1", "prompt": "p\\ud800", "completion": "c", '
+                    '"status": "accepted"}}')
+    assert surrogate["ok"] is False and "lone surrogate" in surrogate["error"], surrogate
+    nan = raw('{"command": "feedback", "record": {"id": "n1", "prompt": "p", "completion": "c", "score": NaN}}')
+    assert nan["ok"] is False and "score: must be a finite number" in nan["error"], nan
+    with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM artifacts WHERE source = 'feedback'").fetchone() == (0,)
+    d.request("train_now")
+    listed = d.request("jobs", limit=10 ** 20)
+    assert listed["ok"] is True and len(listed["jobs"]) == 1, listed
+    r = d.cli("jobs", "--limit", str(10 ** 20))
+    assert r.returncode == 0 and listed["jobs"][0]["job_id"] in r.stdout, r.stderr
+    zero = d.cli("jobs", "--limit", "0")
+    assert zero.returncode == 2 and "--limit: must be a positive integer, got 0" in zero.stderr, zero.stderr
+    assert not any("internal error" in line for line in d.log_text().splitlines())
+
+
 def test_pause_and_resume_scheduled_training_persist_across_restart(daemon_factory):
     d = daemon_factory()
     assert d.cli("pause").returncode == 0

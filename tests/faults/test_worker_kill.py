@@ -13,10 +13,12 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from daemon_helpers import training_sections
 
 from lorad import config, pipeline, release
 from lorad.buffer.store import Buffer
@@ -209,3 +211,70 @@ def test_worker_killed_at_random_moments_resumes_from_complete_checkpoints_and_n
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+def _job(d, job_id: str) -> dict:
+    return d.request("job", job_id=job_id)["job"]
+
+
+def _runs(job_dir: Path) -> list[list[dict]]:
+    """progress.jsonl split into the worker runs that wrote it (each begins with "preparing")."""
+    runs: list[list[dict]] = []
+    for record, _ in jobfile.iter_progress(job_dir):
+        if record.get("stage") == jobfile.STAGE_PREPARING:
+            runs.append([])
+        runs[-1].append(record)
+    return runs
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(600)
+def test_a_worker_killed_alone_in_the_grpo_phase_pauses_its_job_which_resumes_from_its_checkpoints(
+        daemon_factory, tiny_model):
+    """Issue 23, finding 9: kill -9 of the worker alone under the daemon (sft+grpo, in GRPO).
+
+    An earlier worker of the job had paused on SIGTERM (a daemon restart), so result.json said
+    "paused on SIGTERM": the killed run's job was failed with that stale reason, and the next
+    job started again from SFT step 1. Now the job is paused ("worker killed (signal 9)") and
+    resumed on its directory: the SFT phase's adapter is reused and GRPO goes on from its
+    newest checkpoint."""
+    sections = training_sections(tiny_model, max_steps=6, save_steps=1)
+    sections["training"].update(method="sft+grpo", grpo_steps=30, num_generations=2, max_completion_length=8,
+                                warm_start=False)
+    sections["evaluation"].update(guard_command=[sys.executable, str(FIXTURES / "task_guard.py")],
+                                  max_new_tokens=8, min_heldout_examples=1)
+    d = daemon_factory(env=WORKER_ENV, **sections)
+    job_id = d.request("train_now")["job"]["job_id"]
+    in_sft = d.wait_for(lambda: (j := _job(d, job_id))["state"] == "training"
+                        and (j.get("progress") or {}).get("phase") == "sft"
+                        and ((j.get("progress") or {}).get("step") or 0) >= 2 and j,
+                        timeout=180, what="the SFT phase to train")
+    job_dir = Path(in_sft["job_dir"])
+    assert d.stop() == 0  # the worker pauses on SIGTERM, and says so in result.json
+    assert jobfile.read_result(job_dir).reason == "paused on SIGTERM"
+    since = progress_end(job_dir)
+    d.start()  # a manual job resumes at once
+    deadline = time.monotonic() + 180
+    # A GRPO checkpoint of this second run (read from the files, not the socket: GRPO steps are quick).
+    while not any(r.get("stage") == jobfile.STAGE_CHECKPOINTED and r.get("phase") == "grpo"
+                  for r, _ in jobfile.iter_progress(job_dir, since)):
+        assert time.monotonic() < deadline, d.log_text()[-3000:]
+        time.sleep(0.01)
+    os.killpg(int((job_dir / "worker.pid").read_text()), signal.SIGKILL)  # the worker alone; the daemon lives on
+    killed_at = int(complete_checkpoints(job_dir, "grpo")[-1].name.split("-")[1])
+    assert _job(d, job_id)["runs"] == 2
+    ended = d.wait_for(lambda: (j := _job(d, job_id))["state"] in ("promoted", "rejected", "failed") and j,
+                       timeout=300, what="the job to end")
+    states = [(e["state"], e["reason"]) for e in ended["events"]]
+    assert ("paused", "worker killed (signal 9)") in states, states
+    assert ended["state"] in ("promoted", "rejected"), (ended["reason"], states)
+    assert ended["runs"] == 3 and len(d.request("jobs")["jobs"]) == 1  # the same job, not a new one
+    assert [v["version"] for v in d.request("history")["versions"]] == [ended["version"]]
+    runs = _runs(job_dir)
+    assert len(runs) == 3
+    third = [r for r in runs[2] if r.get("stage") == jobfile.STAGE_TRAINING]
+    assert {r.get("phase") for r in third} == {"grpo"}  # the SFT phase's adapter was reused
+    assert third[0]["resumed"] and third[0]["step"] >= killed_at, (third[0], killed_at)
+    result = jobfile.read_result(job_dir)
+    assert [(p["method"], p["steps"]) for p in result.phases] == [("sft", 6), ("grpo", 30)]
+    assert result.phases[1]["resumed_from"].startswith(str(job_dir / "checkpoints" / "grpo" / "step-"))

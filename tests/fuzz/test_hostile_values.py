@@ -9,6 +9,7 @@ exception (an uncaught one would stop the ingest of everything after it).
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from hypothesis import HealthCheck, given, settings
@@ -60,7 +61,9 @@ def _row_or_reason(fn, data: bytes) -> None:
         assert str(e).strip(), "a rejection must say why"
         return
     assert isinstance(row["artifact_id"], str) and row["artifact_id"]
-    json.dumps(row)  # what is accepted can be stored and sent back out
+    json.dumps(row)  # what is accepted can be sent back out
+    json.dumps(row, ensure_ascii=False).encode("utf-8")  # and stored: SQLite takes Unicode text only
+    assert row["score"] is None or math.isfinite(row["score"])  # a NaN score decided "rejected"
 
 
 @fuzz

@@ -265,6 +265,37 @@ def test_non_utf8_file_name_is_quarantined(buffer, tmp_path):
     assert (again.new, again.quarantined, again.unchanged) == (0, 0, 2)
 
 
+def test_quarantine_entries_of_files_that_no_longer_exist_are_dropped(buffer, tmp_path):
+    """They were counted for ever (status, lorad ingest): issue 23. The full scan drops those it
+    no longer finds; a watcher event for a deleted file drops its entry at once."""
+    store = tmp_path / "s"
+    synthetic.write(store, _valid("aa-good"))
+    bad = []
+    for name in ("bb-broken", "cc-broken", "dd-broken"):
+        path = synthetic.object_path(store, name)
+        path.parent.mkdir(parents=True)
+        path.write_text('{"artifact_id": ')
+        os.utime(path, (time.time() - 60, time.time() - 60))
+        bad.append(path)
+    folder = os.path.join(os.fsencode(store), b"objects", b"ee")
+    os.mkdir(folder)
+    undecodable = os.path.join(folder, b"bad-\xff.json")
+    with open(undecodable, "wb") as f:
+        f.write(json.dumps(_valid("ee-bad")).encode())
+    assert scan(buffer, store).quarantined == 4
+    bad[0].unlink()
+    assert scan(buffer, store).quarantined == 0  # a full scan
+    assert sorted(q["locator"] for q in buffer.quarantine()) == [
+        "objects/cc/cc-broken.json", "objects/dd/dd-broken.json", "objects/ee/bad-\\xff.json"]
+    bad[1].unlink()
+    ingest(buffer, [AtomicGuardSource(KEY, store)], paths=[str(bad[1])])  # the watcher's delete event
+    os.unlink(undecodable)
+    scan(buffer, store)
+    assert [q["locator"] for q in buffer.quarantine()] == ["objects/dd/dd-broken.json"]
+    assert buffer.counts()["quarantined"] == 1
+    assert [r["artifact_id"] for r in buffer.artifacts()] == ["aa-good"]  # rows outlive their files
+
+
 def test_file_caught_mid_write_is_retried_not_quarantined(buffer, tmp_path):
     store = tmp_path / "s"
     obj = _valid("ab-live")

@@ -28,6 +28,21 @@ class Quarantined:
         return Quarantined, (self.source, self.locator, self.reason, self.content_hash, self.size, self.mtime_ns)
 
 
+class Gone:
+    """A file known before (as an artifact or a quarantine entry) that no longer exists."""
+
+    __slots__ = ("locator",)
+
+    def __init__(self, locator: str):
+        self.locator = locator
+
+    def __repr__(self):
+        return f"Gone({self.locator!r})"
+
+    def __reduce__(self):  # pickled by the parse workers
+        return Gone, (self.locator,)
+
+
 class Batch:
     """What one ingest step writes in a single transaction.
 
@@ -42,9 +57,12 @@ class Batch:
         self.artifacts: list[dict] = []
         self.quarantined: list[Quarantined] = []
         self.touched: list[tuple[str, int, int, str]] = []  # (locator, size, mtime_ns, hash): same content
+        # Locators whose files no longer exist: their quarantine entries go (an artifact's row
+        # stays: the training data outlives its file).
+        self.gone: list[str] = []
         self.state: dict | None = None
         self.unchanged = 0  # inputs seen and skipped because nothing changed
 
     def __len__(self):
         """Inputs in the batch (what ``batch_size`` limits)."""
-        return len(self.artifacts) + len(self.quarantined) + len(self.touched)
+        return len(self.artifacts) + len(self.quarantined) + len(self.touched) + len(self.gone)

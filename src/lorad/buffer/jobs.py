@@ -34,6 +34,7 @@ def new_job_id(now: float | None = None) -> str:
     return f"job-{stamp}-{secrets.token_hex(2)}"
 
 
+_SQLITE_MAX_INT = 2 ** 63 - 1
 _COLUMNS = ("job_id", "state", "trigger", "created_at", "updated_at", "started_at", "finished_at",
             "runs", "job_dir", "version", "reason", "progress")
 
@@ -106,6 +107,8 @@ class JobStore:
         return _row(row)
 
     def list(self, limit: int = 50, states: tuple[str, ...] = ()) -> list[dict]:
+        """The newest ``limit`` jobs (a limit past SQLite's integers: all of them)."""
+        limit = min(limit, _SQLITE_MAX_INT)
         sql = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
         params: tuple = ()
         if states:

@@ -26,8 +26,9 @@ MIGRATIONS: list[tuple[str, Migration]] = []
 # Chains that never become examples (open, or without a specification); an index covers them.
 UNUSABLE_CHAINS = "outcome = 'open' OR trim(specification) = ''"
 
+# skipped: the cycle found nothing to train on (admitted since 0011_skipped_job_state).
 JOB_STATES = ("queued", "preparing", "training", "evaluating", "promoted", "rejected", "failed",
-              "cancelled", "paused")
+              "cancelled", "paused", "skipped")
 # window: the scheduler; manual: `lorad train-now` over the socket; cli: `lorad train`.
 JOB_TRIGGERS = ("window", "manual", "cli")
 
@@ -345,16 +346,28 @@ def _checks_without_in_lists(db: sqlite_utils.Database) -> None:
     _rebuild(conn, {name: _or_checks(old[name]) for name in _ORDER if name in old})
 
 
+def _jobs_as_built(conn: sqlite3.Connection) -> None:
+    """Rebuild the jobs table (and job_events, which references it) to JOBS_DDL unless it is that."""
+    sql = _table_sql(conn, "jobs")
+    if sql is not None and " ".join(sql.split()) != " ".join(JOBS_DDL.split()):
+        _rebuild(conn, {"jobs": JOBS_DDL, "job_events": JOB_EVENTS_DDL})
+
+
 @migration("0010_one_jobs_table")
 def _one_jobs_table(db: sqlite_utils.Database) -> None:
     # Until migrations lived in this module, 0004 registered itself only once the daemon's
     # module was imported: a buffer first opened by `lorad ingest` got it after 0009, with IN
     # lists the daemon's buffers did not have. Both become JOBS_DDL, which also admits the
     # "cli" trigger (`lorad train` jobs).
-    conn = db.conn
-    sql = _table_sql(conn, "jobs")
-    if sql is not None and " ".join(sql.split()) != " ".join(JOBS_DDL.split()):
-        _rebuild(conn, {"jobs": JOBS_DDL, "job_events": JOB_EVENTS_DDL})
+    _jobs_as_built(db.conn)
+
+
+@migration("0011_skipped_job_state")
+def _skipped_job_state(db: sqlite_utils.Database) -> None:
+    # A cycle with nothing to train on ends "skipped", which the CHECK did not admit: the row
+    # stayed "preparing", `lorad train-now --wait` never returned, and every daemon start
+    # paused, resumed and skipped the job again (issue 23). The rows keep their states.
+    _jobs_as_built(db.conn)
 
 
 @migration("0012_split_families")

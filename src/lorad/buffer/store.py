@@ -294,6 +294,10 @@ class Buffer:
                                   self.conn.execute(sql + where, (source, *chunk)))
         return signatures
 
+    def quarantined_locators(self, source: str) -> set[str]:
+        """The locators of ``source``'s quarantine entries."""
+        return {loc for (loc,) in self.conn.execute("SELECT locator FROM quarantine WHERE source = ?", (source,))}
+
     def source_state(self, source: str) -> dict[str, Any]:
         row = self.conn.execute("SELECT state FROM ingest_state WHERE source = ?", (source,)).fetchone()
         return json.loads(row[0]) if row else {}
@@ -305,7 +309,7 @@ class Buffer:
         A new row whose artifact (workflow and artifact id) is already stored from another
         locator, or comes earlier in the batch, is not stored again: it moves to
         ``batch.quarantined``, with its file's signature, so a rescan skips it while it stays
-        the same.
+        the same. The quarantine entries of ``batch.gone`` (files no longer there) are dropped.
 
         Returns:
             (new, updated, unchanged) artifact counts.
@@ -359,6 +363,9 @@ class Buffer:
                                  "WHERE source = ? AND locator = ? AND content_hash = ?", signed)
                 conn.executemany("UPDATE quarantine SET size = ?, mtime_ns = ? "
                                  "WHERE source = ? AND locator = ? AND coalesce(content_hash, '-') = ?", signed)
+            if batch.gone:
+                conn.executemany("DELETE FROM quarantine WHERE source = ? AND locator = ?",
+                                 [(source, loc) for loc in batch.gone])
             if batch.quarantined:
                 conn.executemany(
                     "INSERT INTO quarantine (source, locator, reason, content_hash, size, mtime_ns, first_seen, last_seen) "

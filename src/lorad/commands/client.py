@@ -38,11 +38,13 @@ def register(sub, common) -> None:
 
     p = sub.add_parser("jobs", parents=[common, timeout], help="recent training jobs (or one job's details)")
     p.add_argument("job_id", nargs="?", metavar="JOB", help="show this job with its state changes")
-    p.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    p.add_argument("--limit", type=_positive, default=20, help="how many jobs (default 20)")
     p.set_defaults(func=jobs)
 
     p = sub.add_parser("train-now", parents=[common, timeout], help="queue a training job now, ignoring the window")
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 if promoted or rejected")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job until it ends; exit 0 if promoted, rejected or skipped (nothing to "
+                        "train on), 1 if it failed, was cancelled or paused")
     p.set_defaults(func=train_now)
 
     p = sub.add_parser("cancel", parents=[common, timeout], help="stop a job cleanly (a running worker stops at its next step)")
@@ -74,6 +76,18 @@ def register(sub, common) -> None:
                    help="replace the record stored under this id if it differs (without it, a different "
                         "record under a known id is refused and the command exits 65)")
     p.set_defaults(func=feedback)
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 SYSTEMD_SOCKET = Path("/run/lorad/lorad.sock")
@@ -266,11 +280,13 @@ def train_now(args, settings) -> int:
         return 0
     if not args.json:
         print(f"queued {job_id}", flush=True)
+    from lorad.buffer.jobs import FINAL
+
     tty = sys.stdout.isatty() and not args.json
     last = ""
     while True:
         job = call(settings, "job", job_id=job_id, timeout=args.timeout)["job"]
-        if job["state"] in ("promoted", "rejected", "failed", "cancelled", "paused"):
+        if job["state"] in FINAL or job["state"] == "paused":
             break
         if not args.json:
             line = progress_line(job)
@@ -282,10 +298,12 @@ def train_now(args, settings) -> int:
         time.sleep(0.5)
     if tty:
         print()
-    text = f"job {job_id}: {job['state']}" + (f" {job['version']}" if job.get("version") else "") + \
+    state = "skipped, nothing to train on" if job["state"] == "skipped" else job["state"]
+    text = f"job {job_id}: {state}" + (f" {job['version']}" if job.get("version") else "") + \
         (f" ({job['reason']})" if job.get("reason") else "")
     emit(args, {"ok": True, "job": job}, text)
-    return 0 if job["state"] in ("promoted", "rejected") else 1
+    # skipped is no failure: nothing new was there to train on (`lorad train` exits 0 too)
+    return 0 if job["state"] in ("promoted", "rejected", "skipped") else 1
 
 
 def cancel(args, settings) -> int:

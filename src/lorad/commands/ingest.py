@@ -12,16 +12,24 @@ def register(sub, common) -> None:
 
 
 def run(args, settings) -> int:
-    from lorad.buffer.store import Buffer
+    from lorad.buffer.store import Buffer, BufferError
+    from lorad.config import EX_CONFIG
+    from lorad.daemon.preflight import unwritable
     from lorad.ingest import ingest
     from lorad.sources import open_sources
 
     if not settings.store.sources:
         raise CommandError("no sources configured: add a [[store.sources]] table (kind, path) to the config", 78)
-    with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
-        report = ingest(buffer, open_sources(settings.store), settings.buffer.batch_size)
-        totals = buffer.counts()
-        held = buffer.quarantine() if args.quarantine else []
+    problems = unwritable(settings)  # a read-only state directory: one line, as `lorad serve` says it
+    if problems:
+        raise CommandError("cannot ingest: " + "; ".join(problems), EX_CONFIG)
+    try:
+        with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
+            report = ingest(buffer, open_sources(settings.store), settings.buffer.batch_size)
+            totals = buffer.counts()
+            held = buffer.quarantine() if args.quarantine else []
+    except BufferError as e:
+        raise CommandError(str(e)) from None
     payload = report.as_dict() | {"buffer": totals}
     if args.quarantine:
         payload["quarantine"] = held

@@ -25,11 +25,19 @@ def register(sub, common) -> None:
 
 def run(args, settings) -> int:
     from lorad import pipeline
-    from lorad.commands import render
+    from lorad.buffer.store import BufferError
+    from lorad.commands import CommandError, render
+    from lorad.config import EX_CONFIG
+    from lorad.daemon.preflight import unwritable
 
+    problems = unwritable(settings)  # a read-only state directory: one line, as `lorad serve` says it
+    if problems:
+        raise CommandError("cannot train: " + "; ".join(problems), EX_CONFIG)
     bar = render.ProgressBar(enabled=not (args.no_progress or args.json))
     try:
         outcome = pipeline.run_now(settings, ingest_first=not args.no_ingest, on_progress=bar.update)
+    except BufferError as e:
+        raise CommandError(str(e)) from None
     finally:
         bar.close()
     emit(args, outcome.as_dict(), render.outcome(outcome))

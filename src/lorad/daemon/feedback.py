@@ -39,10 +39,13 @@ def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5, u
     Returns:
         The response for the client, sent only after the commit.
     """
-    from lorad.sources.base import ParseError
+    from lorad.sources.base import LONE_SURROGATE, ParseError
     from lorad.sources.jsonl import parse_record
 
-    line = json.dumps(record, ensure_ascii=False, sort_keys=True).encode()
+    try:
+        line = json.dumps(record, ensure_ascii=False, sort_keys=True).encode()
+    except UnicodeEncodeError:  # the request's JSON held an escape such as "\ud800"
+        raise FeedbackRejected(f"feedback record refused: {LONE_SURROGATE}") from None
     parents = {}
     pid = record.get("parent_id")
     if isinstance(pid, (str, int)) and not isinstance(pid, bool):

@@ -27,24 +27,30 @@ def problems(settings) -> list[str]:
     problem = socket_path_problem(socket)
     if problem:
         found.append(f"{key_of_socket}: {problem}")
+    found += unwritable(settings, [] if problem else [(key_of_socket, socket.parent)])
+    from lorad.gguf_export import PUBLISH_KINDS, base_problem, publish_base
+
+    for i, table in enumerate(settings.publish):
+        if table.kind in PUBLISH_KINDS and (problem := base_problem(publish_base([table], settings.training.base_model))):
+            found.append(f"publish[{i}].base: {problem}")
+    return found
+
+
+def unwritable(settings, more: list[tuple[str, Path]] = ()) -> list[str]:
+    """``key: why`` for each place lorad writes that it cannot: the state directory, the
+    buffer's folder, and ``more`` (key, folder). `lorad ingest` and `lorad train` check these
+    too, before they open the buffer."""
     places = [("daemon.state_dir", settings.state_dir)]
     if settings.buffer.path:
         places.append(("buffer.path", settings.buffer_path.parent))
-    if not problem:
-        places.append((key_of_socket, socket.parent))
-    seen = set()
-    for key, path in places:
+    found, seen = [], set()
+    for key, path in [*places, *more]:
         if path in seen:
             continue
         seen.add(path)
         problem = writable_dir(path)
         if problem:
             found.append(f"{key}: {problem}")
-    from lorad.gguf_export import PUBLISH_KINDS, base_problem, publish_base
-
-    for i, table in enumerate(settings.publish):
-        if table.kind in PUBLISH_KINDS and (problem := base_problem(publish_base([table], settings.training.base_model))):
-            found.append(f"publish[{i}].base: {problem}")
     return found
 
 

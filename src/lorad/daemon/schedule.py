@@ -1,17 +1,17 @@
 """When to train: windows, triggers, GPU-busy check and failure back-off.
 
 Everything here takes ``now`` as a parameter (an aware datetime) and is a pure function of
-its arguments, except :func:`gpu_busy`, the thin NVML wrapper. Window starts are computed
-with APScheduler 3.x cron triggers (``get_next_fire_time(None, now)``), so weekdays and
-daylight-saving changes follow the same rules APScheduler uses.
+its arguments, except :func:`gpu_busy`, the thin NVML wrapper. Whether a window is open and
+when the next one opens are both read from one place, :meth:`Schedule.bounds` (a window's
+start and end as instants), and compared as instants, never as wall times: around a
+daylight-saving change the two used to disagree (a window in the skipped hour was reported
+by next_window, from an APScheduler cron trigger, and never opened).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, tzinfo
-
-from apscheduler.triggers.cron import CronTrigger
+from datetime import date, datetime, timedelta, timezone, tzinfo
 
 from lorad.config import WEEKDAYS
 
@@ -61,26 +61,41 @@ class Schedule:
         self.windows = tuple(Window.parse(w) for w in windows)
         self.tz = zone(timezone)
         self.weekdays = tuple(weekdays)
-        days = ",".join(self.weekdays) if self.weekdays else "*"
-        self._triggers = [
-            (w, CronTrigger(hour=w.start // 60, minute=w.start % 60, day_of_week=days, timezone=self.tz))
-            for w in self.windows
-        ]
 
-    def _allowed(self, day: datetime) -> bool:
+    def _allowed(self, day: date) -> bool:
         return not self.weekdays or WEEKDAYS[day.weekday()] in self.weekdays
+
+    def bounds(self, window: Window, day: date) -> tuple[datetime, datetime]:
+        """(start, end) of ``window`` opening on ``day``: instants at the zone's offset of the
+        moment (a fixed offset, so that they compare as instants with any other datetime).
+
+        Wall times are read as the zone reads them: one the clock skips (a DST gap) is the
+        instant it names on the offset before the change, the gap's length later on the
+        clock, and the window moves whole with its start (02:15-02:45 on a night that jumps
+        from 02:00 to 03:00 is 03:15-03:45); one the clock passes twice is its first passing.
+        """
+        wall = datetime(day.year, day.month, day.day, window.start // 60, window.start % 60, tzinfo=self.tz)
+        start = wall.astimezone(timezone.utc)
+        if start.astimezone(self.tz).replace(tzinfo=None) != wall.replace(tzinfo=None):  # in a gap
+            end = start + window.length
+        else:
+            end = (wall + window.length).astimezone(timezone.utc)  # on the clock: 02:00-06:00 ends at 06:00
+        return self._at_offset(start), self._at_offset(end)
+
+    def _at_offset(self, instant: datetime) -> datetime:
+        local = instant.astimezone(self.tz)
+        return local.replace(tzinfo=timezone(local.utcoffset(), local.tzname()))
 
     def open_window(self, now: datetime) -> tuple[datetime, datetime] | None:
         """(start, end) of the window open at ``now``, or None when none is."""
-        local = now.astimezone(self.tz)
+        day = now.astimezone(self.tz).date()
         best = None
         for w in self.windows:
             for back in (0, 1):  # today's window, or yesterday's crossing midnight
-                day = (local - timedelta(days=back)).date()
-                start = datetime(day.year, day.month, day.day, w.start // 60, w.start % 60, tzinfo=self.tz)
-                end = start + w.length
-                if start <= local < end and self._allowed(start):
-                    if best is None or end > best[1]:
+                opens = day - timedelta(days=back)
+                start, end = self.bounds(w, opens)
+                if _utc(start) <= _utc(now) < _utc(end) and self._allowed(opens):
+                    if best is None or _utc(end) > _utc(best[1]):
                         best = (start, end)
         return best
 
@@ -89,12 +104,17 @@ class Schedule:
         current = self.open_window(now)
         if current:
             return current
-        starts = []
-        for w, trigger in self._triggers:
-            fire = trigger.get_next_fire_time(None, now.astimezone(self.tz))
-            if fire is not None:
-                starts.append((fire, fire + w.length))
-        return min(starts) if starts else None
+        day = now.astimezone(self.tz).date()
+        starts = [self.bounds(w, day + timedelta(days=ahead)) for w in self.windows for ahead in range(8)
+                  if self._allowed(day + timedelta(days=ahead))]
+        later = [b for b in starts if _utc(b[0]) > _utc(now)]
+        return min(later, key=lambda b: _utc(b[0])) if later else None
+
+
+def _utc(t: datetime) -> datetime:
+    # Why: aware datetimes that share a tzinfo compare as wall times (fold ignored); in UTC the
+    # two passes of a repeated hour are told apart.
+    return t.astimezone(timezone.utc)
 
 
 def backoff_delay(failures: int, initial: float, maximum: float) -> float:

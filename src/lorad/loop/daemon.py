@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-FINAL = ("promoted", "rejected", "failed", "cancelled", "skipped")
+from lorad.buffer.jobs import FINAL
 
 
 class LoopError(Exception):

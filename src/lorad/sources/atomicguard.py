@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from lorad.buffer.batch import Batch, Quarantined
+from lorad.buffer.batch import Batch, Gone, Quarantined
 from lorad.sources import pool
 from lorad.sources.base import (
     ORIGINS, STATUSES, ParseError, content_hash, decode_json, json_text, kind, safe_name, text, timestamp,
@@ -262,8 +262,10 @@ class AtomicGuardSource:
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""
         files: Iterable[tuple[str, str]] = self._walk(paths)
+        unmet: set[str] = set()  # quarantine entries a full walk has not met (yet)
         if paths is None:
             known = buffer.file_signatures(self.key)
+            unmet = buffer.quarantined_locators(self.key)
         else:  # a few changed paths: only their signatures
             files = list(files)
             known = buffer.file_signatures(self.key, [name for locator, _ in files for name in (
@@ -274,6 +276,8 @@ class AtomicGuardSource:
             last = known.get(locator)
             if last is None and _undecodable(locator):
                 last = known.get(safe_name(locator))  # quarantined under its printable name
+            if unmet:
+                unmet.discard(safe_name(locator) if _undecodable(locator) else locator)
             if last is None:
                 unseen.append((locator, path, None))
                 continue
@@ -287,6 +291,8 @@ class AtomicGuardSource:
             unseen.sort(key=_chain_order(index))
         workers = pool.worker_count(self.parse_workers) if len(unseen) >= pool.MIN_PARALLEL_FILES else 0
         yield from self._read(unseen, workers, out)
+        # Those of files that no longer exist go (the count in status stops including them).
+        out.batch.gone += sorted(loc for loc in unmet if not os.path.lexists(os.path.join(self.root, loc)))
         if len(out.batch) or out.batch.unchanged:
             yield out.take()
 
@@ -309,6 +315,8 @@ class AtomicGuardSource:
                     batch.artifacts.append(outcome)
                 elif type(outcome) is Quarantined:
                     batch.quarantined.append(outcome)
+                elif type(outcome) is Gone:
+                    batch.gone.append(outcome.locator)
                 else:  # touched, same content
                     batch.touched.append(outcome)
                     batch.unchanged += 1
@@ -319,10 +327,11 @@ class AtomicGuardSource:
 
 # A file to look at: (locator, path, (size, mtime_ns, hash) when last handled, or None).
 _File = tuple[str, str, "tuple[int, int, str] | None"]
-# What looking at a file gave: its row (with the file's signature), why it is quarantined, or
-# (locator, size, mtime_ns, hash) for a file touched without changing. A file unchanged since
-# last time, gone, or still being written gives nothing.
-_Outcome = "dict | Quarantined | tuple[str, int, int, str]"
+# What looking at a file gave: its row (with the file's signature), why it is quarantined,
+# (locator, size, mtime_ns, hash) for a file touched without changing, or Gone for a file
+# handled before that is not there any more. A file unchanged since last time, still being
+# written, or never seen and gone already gives nothing.
+_Outcome = "dict | Quarantined | Gone | tuple[str, int, int, str]"
 
 
 def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int]:
@@ -370,8 +379,10 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
             if fd is None:
                 fd = _open(path, 0)
             data = _read(fd, st.st_size, max_file_bytes)
-        except FileNotFoundError:
-            continue  # removed since listed
+        except FileNotFoundError:  # removed since listed, or a watcher's delete event
+            if last is not None:  # its quarantine entry, if it has one, goes
+                outcomes.append(Gone(safe_name(locator) if _undecodable(locator) else locator))
+            continue
         except OSError as e:  # tried again on the next scan
             outcomes.append(Quarantined(key, locator, f"cannot read: {e.strerror}"))
             continue

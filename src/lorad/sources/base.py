@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
@@ -57,16 +59,33 @@ def safe_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+LONE_SURROGATE = "a string holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text"
+# A lone surrogate can only come from an escape: its UTF-8 bytes are refused as not UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def decode_json(data: bytes) -> Any:
     """Parse a JSON document, raising ParseError with a readable reason.
 
     orjson parses ~3x faster than the standard library; on its error (which reports no
-    position we can use) the standard parser runs once more, only to word the reason.
+    position we can use) the standard parser runs once more, only to word the reason. A
+    string with a lone surrogate escape (``"\\ud800"``) is refused: SQLite cannot store it.
     """
     try:
-        return orjson.loads(data)
+        obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        pass
+        obj = _decode_slowly(data)
+    if _SURROGATE_ESCAPE.search(data):  # rare: paired escapes (emoji) are fine
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ParseError(LONE_SURROGATE) from None
+        except RecursionError:
+            pass  # nested deeper than the encoder goes: what comes next refuses it
+    return obj
+
+
+def _decode_slowly(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -83,7 +102,26 @@ def decode_json(data: bytes) -> Any:
         raise ParseError("malformed JSON: nested too deeply") from None
     except ValueError as e:  # int() past sys.get_int_max_str_digits(): the fuzz suite found it
         raise ParseError(f"not valid JSON: {str(e)[:120]}") from None
-    raise ParseError("not valid JSON (surrogates or numbers out of range)")
+
+
+def finite_number(obj: dict, key: str) -> float | None:
+    """``obj[key]`` as a float; None when it is absent or null.
+
+    Raises:
+        ParseError: it is not a number, or not a finite one (NaN, Infinity, past a float's range).
+    """
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParseError(f"{key}: must be a number, got {kind(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past 1.8e308
+        raise ParseError(f"{key}: must be a finite number, got an integer past a float's range") from None
+    if not math.isfinite(number):
+        raise ParseError(f"{key}: must be a finite number, got {number!r}")
+    return number
 
 
 def timestamp(value: Any, key: str = "created_at") -> tuple[str | None, float | None]:

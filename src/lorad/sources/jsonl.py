@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from lorad.buffer.batch import Batch, Quarantined
 from lorad.sources.base import (
-    ORIGINS, ParseError, content_hash, decode_json, json_text, kind, text, timestamp,
+    ORIGINS, ParseError, content_hash, decode_json, finite_number, json_text, kind, text, timestamp,
 )
 
 HEAD_BYTES = 256  # bytes fingerprinted to tell an overwritten file from the one we read
@@ -73,18 +73,14 @@ def parse_record(line: bytes, *, source: str, score_threshold: float = 0.5,
     if prompt is None:
         raise ParseError("prompt: required (or messages)")
 
-    status, score = obj.get("status"), obj.get("score")
+    status, score = obj.get("status"), finite_number(obj, "score")  # NaN would compare as "rejected"
     if status is not None:
         if status not in ("accepted", "rejected"):
             raise ParseError(f"status: must be accepted or rejected, got {status!r}"[:200])
     elif score is not None:
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise ParseError(f"score: must be a number, got {kind(score)}")
         status = "accepted" if score >= score_threshold else "rejected"
     else:
         raise ParseError("status: required (accepted or rejected), or a numeric score")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-        raise ParseError(f"score: must be a number, got {kind(score)}")
 
     parent_id = obj.get("parent_id")
     if isinstance(parent_id, int) and not isinstance(parent_id, bool):
@@ -134,7 +130,7 @@ def parse_record(line: bytes, *, source: str, score_threshold: float = 0.5,
         "origin": origin,
         "metadata": json_text(metadata),
         "messages": json_text(messages),
-        "score": float(score) if score is not None else None,
+        "score": score,
         "content_hash": content_hash(line),
         "file_size": None,  # a line, not a file of its own: the source's offset says what was read
         "file_mtime_ns": None,

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from lorad import events
-from lorad.training.job import iter_progress, read_job, worker_command
+from lorad.training.job import RESULT_FILE, iter_progress, read_job, worker_command
 
 WORKER_LOG = "worker.log"
 WORKER_PID = "worker.pid"
@@ -38,11 +38,16 @@ def supervise(job_dir, stop: threading.Event | None = None, cancel: Callable[[],
         poll: seconds between looks at progress.jsonl.
 
     Ctrl-C in the foreground cancels the worker the same way (SIGINT) and waits for it.
+    result.json left by an earlier run is removed first: what it says afterwards is this run's.
+    A worker that dies of a signal takes the rest of its process group with it.
     """
     job_dir = Path(job_dir)
     argv = worker_command(job_dir, read_job(job_dir))
     offset = 0
     signalled = False
+    # An earlier run's result (a pause, say) says nothing about this one: a worker killed
+    # before it writes its own must leave none, not the earlier run's reason.
+    (job_dir / RESULT_FILE).unlink(missing_ok=True)
     with open(job_dir / WORKER_LOG, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -71,6 +76,8 @@ def supervise(job_dir, stop: threading.Event | None = None, cancel: Callable[[],
                 _signal_group(proc.pid, signal.SIGINT if cancel is not None and cancel() else signal.SIGTERM)
                 signalled = True
         tail()
+        if code < 0:  # killed: what it started (accelerate's ranks, guard commands) goes too
+            _signal_group(proc.pid, signal.SIGKILL)
     finally:
         (job_dir / WORKER_PID).unlink(missing_ok=True)
     return code
