@@ -133,7 +133,7 @@ def split_tasks(tasks: list[Task], unseen_per_family: int, seed: int = 0) -> tup
 
 def judge(task: Task, code: str) -> tuple[bool, str]:
     """Run the task's tests on ``code`` in this process: (accepted, feedback)."""
-    from lorad.demo_tasks import run_tests
+    from lorad.loop.tasks import run_tests
 
     failures = run_tests(code, task.tests, function=task.name)
     return (False, "; ".join(failures[:3])) if failures else (True, "All tests passed")

@@ -16,6 +16,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from lorad.loop.tasks import run_tests
+
 CONSTRAINTS = "Return only Python code. Use type hints and a one-line docstring."
 
 
@@ -260,30 +262,6 @@ def check(content: str, task: Task, timeout_s: float = 5.0) -> tuple[bool, str]:
         input=content, capture_output=True, text=True, timeout=timeout_s,
     )
     return proc.returncode == 0, (proc.stdout.strip() or proc.stderr.strip())[-500:]
-
-
-def run_tests(code: str, tests, function: str | None = None) -> list[str]:
-    """What fails when ``tests`` (Python expressions) are evaluated against ``code``, loaded in a
-    fresh scope of this process: [] when every test passes. With ``function``, an answer that
-    does not define it fails for that alone. (The benchmark's guard, bench/learning_tasks.py,
-    judges its tasks with this too.)"""
-    scope: dict = {}
-    try:
-        exec(compile(code, "<answer>", "exec"), scope)  # noqa: S102 - the guard's whole job
-    except SyntaxError as e:
-        return [f"SyntaxError: {e.msg} (line {e.lineno})"]
-    except Exception as e:  # noqa: BLE001
-        return [f"{type(e).__name__} while loading the answer: {e}"]
-    if function is not None and not callable(scope.get(function)):
-        return [f"NameError: no function named {function}"]
-    failures = []
-    for test in tests:
-        try:
-            if not eval(test, scope):  # noqa: S307
-                failures.append(f"failed: {test}")
-        except Exception as e:  # noqa: BLE001
-            failures.append(f"{type(e).__name__} in {test}: {e}")
-    return failures
 
 
 def _run_tests(name: str, content: str) -> int:

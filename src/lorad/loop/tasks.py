@@ -59,10 +59,32 @@ def judge(task: Task, code: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]
     return proc.returncode == 0, feedback[:FEEDBACK_CHARS]
 
 
+def run_tests(code: str, tests, function: str | None = None) -> list[str]:
+    """What fails when ``tests`` (Python expressions) are evaluated against ``code``, loaded in a
+    fresh scope of this process: [] when every test passes. With ``function``, an answer that
+    does not define it fails for that alone. (The demo's guard and bench/learning_tasks.py
+    judge their tasks with this too.)"""
+    scope: dict = {}
+    try:
+        exec(compile(code, "<answer>", "exec"), scope)  # noqa: S102 - the guard's whole job
+    except SyntaxError as e:
+        return [f"SyntaxError: {e.msg} (line {e.lineno})"]
+    except Exception as e:  # noqa: BLE001
+        return [f"{type(e).__name__} while loading the answer: {e}"]
+    if function is not None and not callable(scope.get(function)):
+        return [f"NameError: no function named {function}"]
+    failures = []
+    for test in tests:
+        try:
+            if not eval(test, scope):  # noqa: S307
+                failures.append(f"failed: {test}")
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{type(e).__name__} in {test}: {e}")
+    return failures
+
+
 def failures(task: Task, code: str) -> list[str]:
     """What fails when ``code`` answers ``task``, in this process: [] when it is accepted."""
-    from lorad.demo_tasks import run_tests
-
     if task.tests:
         return run_tests(task.preamble + code, task.tests, function=task.entry_point)
     loaded = run_tests(task.preamble + code, (), function=task.entry_point)
