@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import sqlite3
 import sys
 import tempfile
@@ -72,6 +73,8 @@ class Plan:
     humaneval_per_round: int = 31
     workers: int = 16
     min_new_examples: int = 5  # [schedule]: the round's new accepted training examples that start a cycle
+    plain: bool = True  # the plain-recipe baseline each round
+    grpo_probe: bool = True  # 8 samples of each never-solved task: could GRPO learn from them?
     seed: int = 0
     lorad: tuple[tuple[str, str], ...] = ()  # extra config lines: (section, "key = value")
 
@@ -365,6 +368,13 @@ class Loop:
                 s = entry["traffic"]
                 self.say(f"round {k} traffic ({model}): first try {s['first_try']:.2f}, never {s['never']:.2f}, "
                          f"mean attempts {s['mean_attempts']:.2f} ({s['seconds']:.0f} s)")
+                # What GRPO could learn from on the tasks never solved: any of 8 samples passing.
+                never = [t for t, r in zip(tasks, traffic) if not r.accepted and not r.error]
+                if never and plan.grpo_probe:
+                    t = time.monotonic()
+                    passes = score.any_pass(self.url, model, never, max_tokens=plan.max_new_tokens)
+                    entry["never_solved_probe"] = {"tasks": len(never), "any_of_8": sum(v > 0 for v in passes.values()),
+                                                   "seconds": time.monotonic() - t}
                 self.save()
                 # The cycle: once the daemon holds every attempt, scheduling resumes; it starts the job.
                 t = time.monotonic()
@@ -381,6 +391,11 @@ class Loop:
                 entry["lorad"] = score.rates(now, w.unseen) | {
                     "version": active, "vs_base": score.paired(base, now), "vs_previous": score.paired(previous_lorad, now)}
                 entry["seconds_unseen"] = time.monotonic() - t
+                previous_lorad = now
+                if not plan.plain:
+                    self.say(f"round {k}: unseen ε lorad {entry['lorad']['all']['epsilon']:.3f}")
+                    self.save()
+                    continue
                 t = time.monotonic()
                 rows = accepted_rows(self.work / "store")
                 trained = plain_recipe(self.model_dir, rows, self.work / f"plain-r{k}", plan)
@@ -394,7 +409,6 @@ class Loop:
                     "rows": len(rows), "train_seconds": trained["seconds"], "vs_base": score.paired(base, plain),
                     "lorad_vs_plain": score.paired(plain, now)}
                 entry["seconds_plain"] = time.monotonic() - t
-                previous_lorad = now
                 self.say(f"round {k}: unseen ε lorad {entry['lorad']['all']['epsilon']:.3f}, plain "
                          f"{entry['plain']['all']['epsilon']:.3f}, base {self.report['base']['all']['epsilon']:.3f}")
                 self.save()
@@ -405,6 +419,12 @@ class Loop:
         return self.report
 
 # -- the table ------------------------------------------------------------------------------------
+
+
+def _short(model: str) -> str:
+    """lorad-templated-v0002-20261207T040000Z -> v0002."""
+    m = re.search(r"(v\d{4})-\d{8}T\d{6}Z$", model)
+    return m.group(1) if m else model
 
 
 def _pct(x) -> str:
@@ -428,7 +448,7 @@ def table(report: dict) -> str:
         cyc = (f"{sec.get('total') or 0:.0f} ({sec.get('train') or 0:.0f}, {sec.get('evaluate') or 0:.0f})"
                if sec else "-")
         lines.append(
-            f"| {r['round']} | {t.get('model', '-')} | {_pct(t.get('first_try'))} | {_pct(t.get('after_retries'))} | "
+            f"| {r['round']} | {_short(t.get('model', '-'))} | {_pct(t.get('first_try'))} | {_pct(t.get('after_retries'))} | "
             f"{_pct(t.get('never'))} | {_pct(t.get('mean_attempts'))} | {c.get('state', '-')} | {held} | "
             + (f"{lo['all']['epsilon']:.3f} [{lo['all']['ci95'][0]:.2f}, {lo['all']['ci95'][1]:.2f}]" if lo else "-")
             + " | "
@@ -447,6 +467,62 @@ def table(report: dict) -> str:
             lines.append(f"| {f} | {report['base']['per_family'][f]['epsilon']:.2f} | " + " | ".join(cells)
                          + f" | {last_plain['per_family'][f]['epsilon']:.2f} |" if last_plain else " | - |")
     return "\n".join(lines)
+
+
+def targets(reports: dict[str, dict]) -> list[str]:
+    """The issue's targets, each judged on the figures (met / missed by how much)."""
+    out = []
+
+    def judged(name: str, value, goal, ok: bool, unit: str = "") -> None:
+        out.append(f"- {name}: {value}{unit} (target {goal}): {'met' if ok else 'MISSED'}")
+
+    t = reports.get("templated")
+    if t and len(t["rounds"]) >= 3 and all("traffic" in r for r in t["rounds"][:3]):
+        gain = t["rounds"][2]["traffic"]["first_try"] - t["rounds"][0]["traffic"]["first_try"]
+        judged("templated: traffic first-try gain by round 3", f"{gain * 100:+.1f}", ">= +40 points", gain >= 0.40,
+               " points")
+    if t and t["rounds"] and t["rounds"][-1].get("lorad"):
+        e = t["rounds"][-1]["lorad"]["all"]["epsilon"]
+        judged("templated: unseen ε after the last round", f"{e:.3f}", ">= 0.95", e >= 0.95)
+    sh = reports.get("shifting")
+    if sh and sh["rounds"]:
+        groups = SHIFTING[:len(sh["rounds"])]
+        last = sh["rounds"][-1].get("lorad")
+        for k, group in enumerate(groups[:-1]):
+            seen = [r["lorad"] for r in sh["rounds"][k:] if r.get("lorad")]
+            if not seen or not last:
+                continue
+            pooled = [sum(x["per_family"][f]["accepted"] for f in group) / sum(x["per_family"][f]["n"] for f in group)
+                      for x in seen]
+            drop = max(pooled) - pooled[-1]
+            judged(f"shifting: round-{k + 1} families ({', '.join(group)}) after the traffic moved on",
+                   f"{pooled[-1]:.3f} (best {max(pooled):.3f}, {-drop * 100:+.1f} points)", "within 3 points of best",
+                   drop <= 0.03)
+    h = reports.get("humaneval")
+    if h and h["rounds"] and h["rounds"][-1].get("lorad"):
+        vs = h["rounds"][-1]["lorad"]["vs_base"]
+        judged("humaneval: unseen first attempts vs the base after the last round",
+               f"+{vs['gained']}/-{vs['lost']}, p = {vs['p']:.3g}", "significant (p < 0.05)",
+               vs["gained"] > vs["lost"] and vs["p"] < 0.05)
+        worse = [r["round"] for r in h["rounds"] if r.get("lorad") and r["lorad"]["vs_previous"]["lost"]
+                 > r["lorad"]["vs_previous"]["gained"] and r["lorad"]["vs_previous"]["p"] < 0.05]
+        judged("humaneval: promoted versions significantly worse than their predecessor", worse or "none",
+               "none", not worse)
+    for name, r in reports.items():
+        last = next((x for x in reversed(r["rounds"]) if x.get("plain") and x.get("lorad")), None)
+        if last is None:
+            continue
+        margin = last["lorad"]["all"]["epsilon"] - last["plain"]["all"]["epsilon"]
+        saturated = last["plain"]["all"]["epsilon"] >= 0.95
+        judged(f"{name}: lorad over the plain recipe (unseen ε, last round)", f"{margin * 100:+.1f}",
+               ">= +5 points" + (" (plain saturates)" if saturated else ""), margin >= 0.05, " points")
+    ratios = [(name, r["round"], r["cycle"]["seconds"]["total_over_train"]) for name, rep in reports.items()
+              for r in rep["rounds"] if (r.get("cycle") or {}).get("seconds", {}).get("total_over_train")]
+    if ratios:
+        worst = max(ratios, key=lambda x: x[2])
+        judged("a round's cycle over its training (worst)", f"{worst[2]:.2f}x ({worst[0]} round {worst[1]})",
+               "<= 1.5x", worst[2] <= 1.5)
+    return out
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -471,12 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="work directory (default: a new temporary one)")
     parser.add_argument("--server-url", help="use this running vLLM (serving the base as 'base') instead of starting one")
     parser.add_argument("--port", type=int, default=8071)
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-recipe baseline (ablations)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an extra lorad config line, e.g. training.warm_start=false (repeatable)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     extra = tuple((s.split(".", 1)[0], s.split(".", 1)[1].replace("=", " = ", 1)) for s in args.set)
-    plan = dataclasses.replace(plan, lorad=extra, **{k: v for k, v in (
+    plan = dataclasses.replace(plan, lorad=extra, plain=not args.no_plain, **{k: v for k, v in (
         ("rounds", args.rounds), ("steps", args.steps), ("learning_rate", args.learning_rate)) if v is not None})
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -493,15 +570,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting vLLM (CPU build) on {model_dir} ...", file=sys.stderr, flush=True)
         print(f"vLLM answered after {vllm.start():.0f} s", file=sys.stderr, flush=True)
         url = vllm.url
-    reports = []
+    reports = {}
     try:
         for name in args.workloads.split(","):
-            report = Loop(work / name, WORKLOADS[name](plan), plan, url, base_gguf, model_dir).run()
-            reports.append(report)
-            print(table(report) + "\n", flush=True)
+            reports[name] = Loop(work / name, WORKLOADS[name](plan), plan, url, base_gguf, model_dir).run()
+            print(table(reports[name]) + "\n", flush=True)
     finally:
         if vllm is not None:
             vllm.stop()
+    print("Targets:\n" + "\n".join(targets(reports)))
     (work / "closed_loop.json").write_text(json.dumps(reports, indent=2) + "\n")
     print(f"figures: {work / 'closed_loop.json'}")
     return 0

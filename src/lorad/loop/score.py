@@ -52,6 +52,19 @@ def first_attempts(url: str, model: str, tasks: list[Task], *, workers: int = 8,
         return dict(pool.map(one, tasks))
 
 
+def any_pass(url: str, model: str, tasks: list[Task], *, n: int = 8, temperature: float = 1.0,
+             max_tokens: int = server.MAX_NEW_TOKENS, workers: int = 4) -> dict[str, int]:
+    """task name -> how many of ``n`` sampled first attempts pass: what GRPO with the guard as
+    reward can learn from (a task none passes gives every sample the same reward: no signal)."""
+    def one(task: Task) -> tuple[str, int]:
+        replies = server.samples(url, model, first_attempt_messages(task), n=n, temperature=temperature,
+                                 max_tokens=max_tokens)
+        return task.name, sum(judge(task, extract(r))[0] for r in replies)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(one, tasks))
+
+
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """The 95 % Wilson score interval of k successes in n trials."""
     if n == 0:

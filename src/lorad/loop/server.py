@@ -131,6 +131,14 @@ def chat(url: str, model: str, messages: list[dict], *, max_tokens: int | None =
     return reply["choices"][0]["message"]["content"] or ""
 
 
+def samples(url: str, model: str, messages: list[dict], *, n: int, temperature: float, max_tokens: int,
+            timeout: float = 600.0) -> list[str]:
+    """``n`` sampled completions of one prompt (one request)."""
+    body = {"model": model, "messages": messages, "n": n, "temperature": temperature, "max_tokens": max_tokens}
+    reply = json.loads(http_client.send(url, "POST", "/v1/chat/completions", body, timeout=timeout))
+    return [c["message"]["content"] or "" for c in reply["choices"]]
+
+
 def load_adapter(url: str, name: str, path: Path, timeout: float = 120.0) -> None:
     """Load a peft adapter directory under ``name`` (what lorad's vllm hook does on promotion)."""
     http_client.send(url, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)},
