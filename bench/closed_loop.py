@@ -75,6 +75,7 @@ class Plan:
     min_new_examples: int = 5  # [schedule]: the round's new accepted training examples that start a cycle
     plain: bool = True  # the plain-recipe baseline each round
     grpo_probe: bool = True  # 8 samples of each never-solved task: could GRPO learn from them?
+    human_answers: bool = True  # humaneval: the canonical answer after the generator gives up
     seed: int = 0
     lorad: tuple[tuple[str, str], ...] = ()  # extra config lines: (section, "key = value")
 
@@ -167,9 +168,10 @@ def humaneval(plan: Plan) -> Workload:
     unseen, rest = tasks[:plan.humaneval_unseen], tasks[plan.humaneval_unseen:]
     random.Random(plan.seed).shuffle(rest)
     rounds = [rest[k * plan.humaneval_per_round:(k + 1) * plan.humaneval_per_round] for k in range(plan.rounds)]
-    return Workload("humaneval", rounds, unseen, human_answers=True,
+    return Workload("humaneval", rounds, unseen, human_answers=plan.human_answers,
                     note=f"{len(unseen)} unseen (HumanEval/0-{len(unseen) - 1}), {plan.humaneval_per_round} new a round; "
-                         "never-solved traffic gets the canonical answer as a human amendment")
+                         + ("never-solved traffic gets the canonical answer as a human amendment" if plan.human_answers
+                            else "no human answers"))
 
 
 WORKLOADS = {"templated": templated, "shifting": shifting, "humaneval": humaneval}
@@ -182,13 +184,6 @@ def write_config(work: Path, base_gguf: str, plan: Plan, server_url: str, prefix
     now = datetime.now()
     window = f"{now - timedelta(minutes=1):%H:%M}-{now - timedelta(minutes=2):%H:%M}"  # a day from a minute ago
     guard = [sys.executable, "-m", "lorad.loop.tasks", "--guard", str(work / "tasks.json")]
-    extra: dict[str, list[str]] = {}
-    for section, line in plan.lorad:
-        extra.setdefault(section, []).append(line)
-
-    def more(section: str) -> str:
-        return "".join(line + "\n" for line in extra.get(section, []))
-
     text = f"""# Written by bench/closed_loop.py
 [daemon]
 state_dir = "{work / 'state'}"
@@ -203,8 +198,8 @@ settle_seconds = 0.5
 
 [selection]
 prompt_template = "{work / 'prompts.json'}:{agent.ACTION_PAIR}"
+prompt_format = "atomicguard"
 family_key = "family"
-{more('selection')}
 [schedule]
 windows = ["{window}"]
 min_new_examples = {plan.min_new_examples}
@@ -221,12 +216,10 @@ quantization = "none"
 gradient_checkpointing = false
 save_steps = 1000
 seed = {plan.seed}
-{more('training')}
 [evaluation]
 guard_command = {json.dumps(guard)}
 max_new_tokens = {plan.max_new_tokens}
 guard_timeout = 30.0
-{more('evaluation')}
 [[publish]]
 kind = "vllm"
 url = "{server_url}"
@@ -236,9 +229,29 @@ timeout = 120.0
 [logging]
 format = "json"
 """
+    for section, line in plan.lorad:
+        text = with_line(text, section, line)
     path = work / "config.toml"
     path.write_text(text)
     return path
+
+
+def with_line(text: str, section: str, line: str) -> str:
+    """The config ``text`` with ``key = value`` set in ``[section]`` (replaced, or added under it)."""
+    key = line.split("=", 1)[0].strip()
+    lines, out, inside, done = text.splitlines(), [], False, False
+    for row in lines:
+        if row.startswith("["):
+            if inside and not done:
+                out.append(line)
+                done = True
+            inside = row.strip() == f"[{section}]"
+        if inside and row.split("=", 1)[0].strip() == key:
+            row, done = line, True
+        out.append(row)
+    if not done:
+        out += ([] if inside else [f"[{section}]"]) + [line]
+    return "\n".join(out) + "\n"
 
 
 def cycle_record(work: Path, job: dict) -> dict:
@@ -548,12 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-url", help="use this running vLLM (serving the base as 'base') instead of starting one")
     parser.add_argument("--port", type=int, default=8071)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-recipe baseline (ablations)")
+    parser.add_argument("--no-human", action="store_true", help="humaneval: no human answer after the generator gives up")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an extra lorad config line, e.g. training.warm_start=false (repeatable)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     extra = tuple((s.split(".", 1)[0], s.split(".", 1)[1].replace("=", " = ", 1)) for s in args.set)
-    plan = dataclasses.replace(plan, lorad=extra, plain=not args.no_plain, **{k: v for k, v in (
+    plan = dataclasses.replace(plan, lorad=extra, plain=not args.no_plain, human_answers=not args.no_human,
+                               **{k: v for k, v in (
         ("rounds", args.rounds), ("steps", args.steps), ("learning_rate", args.learning_rate)) if v is not None})
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
