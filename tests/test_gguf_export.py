@@ -367,7 +367,7 @@ def test_serve_exits_78_on_a_truncated_base_gguf(tiny, tmp_path):
     cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "s.sock"}"\n'
                    f'[[publish]]\nkind = "gguf"\nbase = "{cut}"\n')
     proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     assert proc.returncode == 78, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert f"publish[0].base: {cut} is not a readable GGUF file" in proc.stdout + proc.stderr
@@ -403,7 +403,7 @@ def test_export_adapter_says_in_one_line_why_it_cannot_write(version, tmp_path, 
     """An unwritable place for --output gave a traceback."""
     from lorad import cli
 
-    reg, v, _ = version
+    _, v, _ = version
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
     (tmp_path / "a-file").write_text("x")
