@@ -271,3 +271,145 @@ def test_serve_preflight_refuses_a_missing_or_foreign_base_gguf(tiny, tmp_path):
                                                "file (No such file or directory)"]
     assert problems(foreign) == [f"publish[1].base: {foreign} is architecture 'phi3'; GGUF adapters are written "
                                  "for llama, qwen2"]
+
+
+# -- misuse of export-adapter and of the export into a version ---------------------------------------
+
+
+@pytest.fixture
+def version(tiny, tmp_path):
+    """A registry under tmp_path/state/adapters with one promoted version of the tiny adapter (with its GGUF)."""
+    from lorad.registry import Registry
+
+    base, adapter = tiny
+    work = shutil.copytree(adapter, tmp_path / "job-adapter")
+    base_gguf = write_base_gguf(tmp_path / "tiny.gguf", base)
+    gguf_export.export_into_version(work, base, str(base_gguf))
+    reg = Registry(tmp_path / "state" / "adapters")
+    v = reg.create(work, {"base_model_path": str(base), "verdict": {"promote": True, "reasons": []}})
+    reg.promote(v.name)
+    return reg, v, base_gguf
+
+
+def test_export_refuses_an_output_inside_the_registry(version, tmp_path):
+    """`--output state/adapters/current/adapter.gguf` overwrote the version's own file, and
+    `current` then failed verification; nothing inside the registry is an export target."""
+    reg, v, base_gguf = version
+    before = (v.path / "adapter.gguf").read_bytes()
+    for out in (reg.root / "current" / "adapter.gguf", v.path / "other.gguf", reg.root / "stray.gguf"):
+        with pytest.raises(ExportRefused, match="inside the adapter registry"):
+            gguf_export.export_version(reg, v.name, out, str(base_gguf))
+        assert not out.with_name(out.stem + ".Modelfile").exists()
+    assert not (v.path / "other.gguf").exists() and not (reg.root / "stray.gguf").exists()
+    assert (v.path / "adapter.gguf").read_bytes() == before
+    assert reg.verify(v.name) == [] and reg.current() == v.name
+
+
+def test_export_never_replaces_a_file_that_is_not_a_regular_one(version, tmp_path):
+    """A device node (as root, /dev/null), a FIFO or a directory at --output is refused, left as it is."""
+    import os
+    import stat
+
+    reg, v, base_gguf = version
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(ExportRefused, match="not a regular file"):
+        gguf_export.export_version(reg, v.name, fifo, None)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    folder = tmp_path / "out.gguf"
+    folder.mkdir()
+    with pytest.raises(ExportRefused, match="is a directory"):
+        gguf_export.export_version(reg, v.name, folder, None)
+    assert folder.is_dir() and not list(folder.iterdir())
+    # the Modelfile beside the output is held to the same rule
+    (tmp_path / "m.Modelfile").mkdir()
+    with pytest.raises(ExportRefused, match="m.Modelfile"):
+        gguf_export.export_version(reg, v.name, tmp_path / "m.gguf", str(base_gguf))
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_export_refuses_an_output_that_is_its_own_modelfile(version, tmp_path):
+    """`--output v.Modelfile` wrote the GGUF, then the Modelfile over it, and reported success."""
+    reg, v, base_gguf = version
+    out = tmp_path / "v.Modelfile"
+    with pytest.raises(ExportRefused, match="the Modelfile"):
+        gguf_export.export_version(reg, v.name, out, str(base_gguf))
+    assert not out.exists()
+    done, modelfile = gguf_export.export_version(reg, v.name, tmp_path / "v.gguf", str(base_gguf))
+    assert modelfile == tmp_path / "v.Modelfile" and done.path == tmp_path / "v.gguf"
+
+
+@pytest.mark.parametrize("size", [24, 100])
+def test_a_truncated_base_gguf_is_refused_in_one_line(tiny, tmp_path, size):
+    """A cut base GGUF raised IndexError: `lorad serve` exited 1 with a traceback (systemd
+    restarts that in a loop) instead of 78."""
+    from lorad.daemon import preflight
+
+    base, adapter = tiny
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(write_base_gguf(tmp_path / "whole.gguf", base).read_bytes()[:size])
+    assert gguf_export.base_problem(str(cut)).startswith(f"{cut} is not a readable GGUF file")
+    with pytest.raises(ExportRefused, match="not a readable GGUF file"):
+        write_adapter(adapter, base, tmp_path / "a.gguf", base_gguf=cut)
+    s = config.loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[publish]]\nkind = "gguf"\nbase = "{cut}"\n')
+    assert [p for p in preflight.problems(s) if p.startswith("publish")] == [
+        f"publish[0].base: {gguf_export.base_problem(str(cut))}"]
+
+
+def test_serve_exits_78_on_a_truncated_base_gguf(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    base, _ = tiny
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(write_base_gguf(tmp_path / "whole.gguf", base).read_bytes()[:24])
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "s.sock"}"\n'
+                   f'[[publish]]\nkind = "gguf"\nbase = "{cut}"\n')
+    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert f"publish[0].base: {cut} is not a readable GGUF file" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("failing", ["write_tensors_to_file", "modelfile"])
+def test_a_full_disk_during_the_export_into_a_version_is_recorded_as_a_refusal(tiny, tmp_path, monkeypatch, failing):
+    """ENOSPC while the GGUF (or its Modelfile) is written into a job's adapter failed the job,
+    and the trained adapter was never kept; now the version is made without them."""
+    import errno
+
+    import gguf
+
+    from lorad.training import job
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    base, adapter = tiny
+    work = shutil.copytree(adapter, tmp_path / "job-adapter")
+    base_gguf = write_base_gguf(tmp_path / "tiny.gguf", base)
+    if failing == "modelfile":
+        monkeypatch.setattr(job, "atomic_write", full)
+    else:
+        monkeypatch.setattr(gguf.GGUFWriter, failing, full)
+    record = gguf_export.version_export([config.PublishSettings(kind="gguf", base=str(base_gguf))], work, base,
+                                        "HuggingFaceTB/x", name="job-1")
+    assert "No space left on device" in record["refused"]
+    assert sorted(p.name for p in work.iterdir()) == sorted(p.name for p in adapter.iterdir())
+
+
+def test_export_adapter_says_in_one_line_why_it_cannot_write(version, tmp_path, capsys):
+    """An unwritable place for --output gave a traceback."""
+    from lorad import cli
+
+    _, v, _ = version
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    (tmp_path / "a-file").write_text("x")
+    for out, why in ((tmp_path / "a-file" / "x.gguf", "Not a directory"), (Path("/proc/lorad-x.gguf"), "cannot write")):
+        capsys.readouterr()
+        code = cli.main(["--config", str(cfg), "export-adapter", v.name, "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert str(out) in err and why in err

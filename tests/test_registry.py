@@ -271,3 +271,38 @@ def test_lorad_history_warns_of_a_bent_pointer_and_an_edited_record(tmp_path, ca
     out = capsys.readouterr().out
     assert f"WARNING current is missing; the pointer log says {a}" in out
     assert "lorad.json EDITED since it was made" in out
+
+
+@pytest.mark.parametrize("name", ["²", "v²", "٣", "v" + "9" * 5000])
+def test_a_version_named_with_non_ascii_digits_is_no_such_version(tmp_path, name):
+    """'²'.isdigit() is true but int('²') raises ValueError: export-adapter, promote, rollback
+    and history gave a traceback, and the daemon "internal error"."""
+    reg = Registry(tmp_path / "adapters")
+    weights = tmp_path / "adapter"
+    weights.mkdir()
+    (weights / "adapter_model.safetensors").write_bytes(b"w")
+    reg.create(weights, {"verdict": {"promote": True, "reasons": []}})
+    with pytest.raises(UnknownVersion, match="no adapter version"):
+        reg.get(name)
+    with pytest.raises(UnknownVersion):
+        reg.promote(name)
+    with pytest.raises(UnknownVersion):
+        reg.rollback(name)
+
+
+@pytest.mark.parametrize("command", [["export-adapter", "²", "--output", "x.gguf"], ["promote", "²"],
+                                     ["rollback", "²"], ["history", "²"]])
+def test_the_commands_say_no_such_version_for_a_non_ascii_digit(tmp_path, capsys, command):
+    from lorad.cli import main
+
+    reg = Registry(tmp_path / "state" / "adapters")
+    weights = tmp_path / "adapter"
+    weights.mkdir()
+    (weights / "adapter_model.safetensors").write_bytes(b"w")
+    reg.promote(reg.create(weights, {"verdict": {"promote": True, "reasons": []}}).name)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "s.sock"}"\n')
+    capsys.readouterr()
+    assert main(["--config", str(config), *command]) == 1
+    err = capsys.readouterr().err
+    assert "no adapter version '²'" in err and "Traceback" not in err

@@ -251,6 +251,10 @@ class SelectionSettings:
     action_pairs: tuple[str, ...] = ()
     max_history: int = _c(non_negative, default=3)
     max_artifact_chars: int = _c(positive, default=4000)
+    # Each text of an artifact (answer, specification, constraints, feedback) is read for training,
+    # held-out scoring and dedup cut to this many characters, with a note of the rest, so memory
+    # does not grow with artifact size (a row trains on at most training.max_seq_length tokens).
+    max_text_chars: int = _c(positive, default=65536)
     # "" or "FILE:KEY" of a prompts.json whose entry supplies the system role (lorad's layout)
     # or the whole prompt template (prompt_format "atomicguard").
     prompt_template: str = ""

@@ -49,6 +49,7 @@ SERVER_WAKE_FAILED = "server_wake_failed"
 # Prometheus metrics (lorad.daemon.metrics)
 METRICS_LISTENING = "metrics_listening"
 METRICS_TEXTFILE_FAILED = "metrics_textfile_failed"
+METRICS_SCRAPE_FAILED = "metrics_scrape_failed"
 
 # lorad.buffer.store
 CHECKPOINTER_UNAVAILABLE = "checkpointer_unavailable"

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,24 @@ def _natural(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def _read_gguf(path: str | os.PathLike):
+    """gguf's GGUFReader over ``path``.
+
+    Raises:
+        ExportRefused: the file cannot be read, or is not a whole GGUF file (a cut one makes the
+            reader raise IndexError, struct or numpy errors: whatever the missing bytes trip).
+    """
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except OSError as e:
+        raise ExportRefused(f"{path} is not a readable GGUF file ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - a malformed file: any error of the parser is that
+        raise ExportRefused(f"{path} is not a readable GGUF file (cut short or malformed: "
+                            f"{type(e).__name__}: {e})"[:300]) from None
+
+
 def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
     """Refuse an adapter that the base GGUF file would not take (architecture, names, shapes).
 
@@ -257,12 +276,10 @@ def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
         ExportRefused: the file is unreadable, of another architecture, or lacks a tensor of
             the adapted shape.
     """
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(base_gguf)
-    except (OSError, ValueError) as e:
-        raise ExportRefused(f"base GGUF {base_gguf}: not readable: {e}") from None
+        reader = _read_gguf(base_gguf)
+    except ExportRefused as e:
+        raise ExportRefused(f"base GGUF: {e}") from None
     found = reader.fields.get("general.architecture")
     base_arch = found.contents() if found is not None else None
     if base_arch != arch:
@@ -356,16 +373,18 @@ def export_into_version(adapter_dir: str | os.PathLike, base_dir: str | os.PathL
 
     Raises:
         ExportRefused: as :func:`write_adapter`; neither file is left behind.
+        OSError: neither could be written (a full disk); neither is left behind.
     """
+    from lorad.training import job
+
     adapter_dir = Path(adapter_dir)
     base_gguf = base if base.endswith(".gguf") else None
-    done = write_adapter(adapter_dir, base_dir, adapter_dir / ADAPTER_FILE, base_gguf=base_gguf, name=name)
-    from lorad.training.job import atomic_write
-
     try:
-        atomic_write(adapter_dir / MODELFILE, modelfile(str(Path(base).resolve()) if base_gguf else base))
+        done = write_adapter(adapter_dir, base_dir, adapter_dir / ADAPTER_FILE, base_gguf=base_gguf, name=name)
+        job.atomic_write(adapter_dir / MODELFILE, modelfile(str(Path(base).resolve()) if base_gguf else base))
     except BaseException:
-        done.path.unlink(missing_ok=True)
+        for leftover in (ADAPTER_FILE, MODELFILE):
+            (adapter_dir / leftover).unlink(missing_ok=True)
         raise
     return done
 
@@ -377,7 +396,9 @@ def version_export(tables, adapter_dir: str | os.PathLike, base_dir: str | os.Pa
     Returns:
         None when no publish table needs a GGUF; else what lorad.json records under ``gguf``:
         the :class:`Export` with its base, or ``{"refused": why}`` (the version is made
-        without the file and its gguf/ollama hooks fail with that reason).
+        without the file and its gguf/ollama hooks fail with that reason). A file that
+        cannot be written (a full disk) is such a refusal too: the trained adapter is kept
+        as a version either way.
     """
     base = publish_base(tables, training_base_model)
     if base is None:
@@ -389,6 +410,8 @@ def version_export(tables, adapter_dir: str | os.PathLike, base_dir: str | os.Pa
                                                                                  "modelfile": MODELFILE}
     except ExportRefused as e:
         return {"refused": str(e)}
+    except OSError as e:
+        return {"refused": f"cannot write {ADAPTER_FILE} and {MODELFILE} into the version: {e.strerror or e}"}
 
 
 def check_version(root: str | os.PathLike, version: str | None) -> tuple[bool, str]:
@@ -419,9 +442,19 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
 
     Raises:
         ExportRefused: as :func:`write_adapter`, or the version fails its sha256 or has no
-            base model directory recorded.
+            base model directory recorded, or ``output`` (or the Modelfile beside it) is a place
+            it must not write (:func:`_refuse_output`), before anything is written.
         lorad.registry.RegistryError: no such version.
+        OSError: the output could not be written.
     """
+    output = Path(output)
+    mf = output.with_name(output.stem + ".Modelfile") if base else None
+    _refuse_output(output, registry.root, "--output", base)
+    if mf is not None:
+        _refuse_output(mf, registry.root, "the Modelfile", base)
+        if _place(mf) == _place(output):
+            raise ExportRefused(f"--output {output} is the Modelfile it would write beside the GGUF "
+                                f"(<name>.Modelfile); name the GGUF file <name>.gguf")
     v = registry.get(version)
     problems = registry.verify(v.name)
     if problems:
@@ -429,16 +462,47 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
     base_dir = v.record.get("base_model_path")
     if not base_dir:
         raise ExportRefused(f"{v.name}: lorad.json records no base_model_path (the checkpoint it was trained on)")
-    output = Path(output)
     base_gguf = base if base and base.endswith(".gguf") else None
     done = write_adapter(v.path, base_dir, output, base_gguf=base_gguf, name=f"lorad {v.name}")
-    if not base:
+    if mf is None:
         return done, None
     from lorad.training.job import atomic_write
 
-    path = output.with_name(output.stem + ".Modelfile")
-    atomic_write(path, modelfile(str(Path(base).resolve()) if base_gguf else base, f"./{output.name}"))
-    return done, path
+    atomic_write(mf, modelfile(str(Path(base).resolve()) if base_gguf else base, f"./{output.name}"))
+    return done, mf
+
+
+def _place(path: Path) -> Path:
+    """Where a rename onto ``path`` lands: its folder's real path, and its own name (a symlink
+    there is replaced, not followed)."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _refuse_output(path: Path, registry_root: Path, what: str, base: str | None) -> None:
+    """Refuse a path ``export_version`` must not write: inside the registry (versions are
+    immutable, and a file added or replaced there fails verification), the base GGUF, a
+    directory, or anything that is not a regular file or a symlink (a device node or FIFO
+    would be replaced by the rename: as root, /dev/null).
+
+    Raises:
+        ExportRefused: saying which and why.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise ExportRefused(f"{what} {path}: {e.strerror or e}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise ExportRefused(f"{what} {path} is a directory; name a file")
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise ExportRefused(f"{what} {path} is not a regular file (a device, FIFO or socket); it is left as it is")
+    place, root = _place(path), Path(os.path.realpath(registry_root))
+    if place == root or root in place.parents:
+        raise ExportRefused(f"{what} {path} is inside the adapter registry {registry_root}: versions are "
+                            "immutable (each file's sha256 is in its lorad.json); write it elsewhere")
+    if base and base.endswith(".gguf") and place == _place(Path(base)):
+        raise ExportRefused(f"{what} {path} is the base GGUF; write the adapter elsewhere")
 
 
 def base_problem(base: str) -> str | None:
@@ -449,12 +513,10 @@ def base_problem(base: str) -> str | None:
     """
     if not base.endswith(".gguf"):
         return None
-    import gguf
-
     try:
-        field = gguf.GGUFReader(base).fields.get("general.architecture")
-    except (OSError, ValueError) as e:
-        return f"{base} is not a readable GGUF file ({getattr(e, 'strerror', None) or e})"
+        field = _read_gguf(base).fields.get("general.architecture")
+    except ExportRefused as e:
+        return str(e)
     arch = field.contents() if field is not None else None
     supported = sorted({a.gguf_arch for a in ARCHITECTURES.values()})
     if arch not in supported:

@@ -55,7 +55,7 @@ log = structlog.get_logger()
 
 RECORD = "lorad.json"
 POINTER_LOG = "pointers.jsonl"
-VERSION_RE = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$")
+VERSION_RE = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$", re.ASCII)  # ASCII: int() takes "٣", not "²"
 POINTER_ACTIONS = ("promoted", "rolled_back", "reverted")
 POINTERS = ("current", "previous")
 
@@ -176,7 +176,9 @@ class Registry:
         if name in names:
             return name
         digits = name.lstrip("v")
-        if digits.isdigit():
+        # ASCII digits only: "²".isdigit() is true, and int("²") raises; a number longer than
+        # any version's is none of them (and int() refuses 4,300 digits).
+        if digits.isascii() and digits.isdigit() and len(digits) <= 18:
             for n in names:
                 if int(VERSION_RE.match(n).group(1)) == int(digits):
                     return n

@@ -491,3 +491,49 @@ def test_incremental_dedup_and_split_equal_a_batch_build_of_the_same_chains(tmp_
     # One kept example per (task, answer family): variants 0 and 1 are near-duplicates.
     families = {(t, v == 2) for t, v in picks}
     assert len(kept(batch_rows)) == len(families)
+
+
+def test_long_texts_are_cut_when_read_so_memory_does_not_grow_with_their_size(buffer, tmp_path):
+    """Four chains with 2 MB answers and specifications (allowed under store.max_file_bytes):
+    refresh and snapshot read each text cut to selection.max_text_chars, so what they hold does
+    not grow with the texts (MinHash over a whole 2 MB text took ~200 MB alone)."""
+    import tracemalloc
+
+    store = tmp_path / "store"
+    words = " ".join(f"w{k}" for k in range(300_000))  # ~2 MB
+    for i in range(4):
+        add_task(store, i, spec=f"Task {i}: {words}", answer=f"def f{i}():\n    return '{words}'\n", retries=1)
+    ingest(buffer, [AtomicGuardSource("s", store, settle_seconds=0)])
+    sel = dataclasses.replace(SEL, heldout_fraction=0.01, max_text_chars=5000, max_artifact_chars=300)
+    tracemalloc.start()
+    try:
+        examples.refresh(buffer, sel)
+        snap = snapshot(buffer, sel)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    assert snap.train
+    for row in snap.train:
+        user, answer = row["prompt"][-1]["content"], row["completion"][0]["content"]
+        assert len(answer) < 5100 and answer.endswith("more characters cut]")
+        assert len(user) < 5000 + 2 * 400 + 500  # the specification and one attempt, each cut
+
+
+def test_a_refresh_read_in_chunks_equals_one_read_at_once(tmp_path, monkeypatch):
+    """Chunks of 3 chains give the same sides (assigned in arrival order over all of them, the
+    held-out floor included), seqs and duplicates as one chunk."""
+    store = tmp_path / "store"
+    for i in range(14):
+        add_task(store, i, retries=i % 3, day=13 - i)  # the newest tasks first in the chains table
+    add_task(store, 99, answer="def f3(x: int) -> int:\n    \"\"\"Task 3.\"\"\"\n    return x * 3 + 10\n", day=20,
+             spec="Write a Python function `f3(x)` that returns x times 3 plus 10.", workflow="again")
+    sel = dataclasses.replace(SEL, heldout_min_tasks=5)
+    built = {}
+    for chunk in (1000, 3):
+        monkeypatch.setattr(examples, "REFRESH_CHUNK", chunk)
+        with Buffer(tmp_path / f"b{chunk}.sqlite3") as b:
+            sync(b, store, sel)
+            built[chunk] = {c: (r["seq"], r["split"], r["duplicate"]) for c, r in rows(b).items()}
+    assert built[3] == built[1000]
+    assert sum(side == "heldout" for _, side, _ in built[3].values()) >= 5

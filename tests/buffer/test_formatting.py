@@ -66,6 +66,16 @@ def test_each_shown_attempt_is_cut_to_max_artifact_chars():
     assert "f" * 41 not in user and "260 more characters cut" in user
 
 
+def test_a_text_read_cut_and_cut_again_for_the_history_counts_what_the_original_lost():
+    """Texts are read cut to selection.max_text_chars (the rest only counted); cutting one
+    shorter for the history says how much of the original is missing, not of the cut copy."""
+    read = formatting.truncate("x" * 100, 100, length=10_000)
+    assert read == "x" * 100 + "\n[... 9900 more characters cut]"
+    assert formatting.truncate(read, 40) == "x" * 40 + "\n[... 9960 more characters cut]"
+    assert formatting.truncate(read, 500) == read  # the history limit is the longer one
+    assert formatting.truncate("short", 40) == "short"
+
+
 def test_feedback_missing_on_the_row_is_taken_from_a_later_attempts_history():
     c = make_chain([("bad", "rejected", ""), ("good", "accepted", "")])
     rows = list(c.rows)

@@ -62,3 +62,44 @@ def test_a_score_that_is_not_a_finite_number_is_refused_not_stored_as_rejected(t
         with pytest.raises(FeedbackRejected, match="score: must be a finite number"):
             write_feedback(buffer, bad)
         assert stored(buffer) == []
+
+
+def test_feedback_not_committed_in_time_is_answered_as_pending_and_the_client_exits_75(tmp_path, capsys):
+    """The ingest thread busy past the daemon's wait (an examples refresh of large artifacts):
+    the write stays queued and will commit, so the daemon says it may still be applied and
+    `lorad feedback` exits 75, not 1 with "internal error: TimeoutError"."""
+    import threading
+    from concurrent.futures import Future
+
+    from lorad.cli import main
+    from lorad.daemon.control import Access, ControlServer
+    from lorad.daemon.feedback import acknowledge
+
+    sock = tmp_path / "s.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{sock}"\n')
+    queued: Future = Future()
+    server = ControlServer(sock, lambda r, p: acknowledge(queued, 0.2), Access())
+    server.start()
+    try:
+        code = main(["--config", str(config), "feedback", "--timeout", "5", '{"id": "x"}'])
+    finally:
+        server.stop()
+    err = capsys.readouterr().err
+    assert code == 75, err
+    assert "not committed within 0.2 s" in err and "may still be applied" in err
+    assert not [t for t in threading.enumerate() if t.name.startswith("lorad-control")]
+
+
+def test_acknowledge_passes_on_the_write_and_its_refusals():
+    from concurrent.futures import Future
+
+    from lorad.daemon.feedback import FeedbackConflict, FeedbackRejected, acknowledge
+
+    done, conflict, rejected = Future(), Future(), Future()
+    done.set_result({"ok": True, "id": "x"})
+    conflict.set_exception(FeedbackConflict("conflicts"))
+    rejected.set_exception(FeedbackRejected("refused: id"))
+    assert acknowledge(done, 1) == {"ok": True, "id": "x"}
+    assert acknowledge(conflict, 1) == {"ok": False, "error": "conflicts", "conflict": True}
+    assert acknowledge(rejected, 1) == {"ok": False, "error": "refused: id"}

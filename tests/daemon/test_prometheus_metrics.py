@@ -6,14 +6,18 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
+import psutil
 import pytest
 from daemon_helpers import WORKER_ENV, config_text, training_sections, write_artifact
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorad import config
+from lorad.daemon import metrics
+from lorad.daemon.metrics import Metrics
 
 
 def free_port() -> int:
@@ -85,6 +89,91 @@ def test_a_stalled_scrape_does_not_hold_up_the_daemon(daemon_factory):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def half_sent(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that send a request line and nothing more (a refused one is kept too)."""
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        except OSError:
+            pass  # already closed by the listener: it holds only so many
+        socks.append(sock)
+    return socks
+
+
+def test_half_sent_requests_hold_no_thread_and_a_scrape_still_answers():
+    """1,000 connections that never finish their request cost neither a thread each nor a
+    scrape its answer; the listener holds a bounded number of them."""
+    port = free_port()
+    m = Metrics(lambda: {"state": "idle"}, ["s"])
+    threads = threading.active_count()
+    m.listen("127.0.0.1", port)
+    stalled = []
+    try:
+        stalled = half_sent(port, 1000)
+        assert threading.active_count() - threads <= 8
+        begun = time.monotonic()
+        assert scrape(port)[("lorad_scheduler_state", (("lorad_scheduler_state", "idle"),))] == 1
+        assert time.monotonic() - begun < 2
+        held = [s for s in stalled if not closed_by_peer(s)]
+        assert len(held) <= metrics.MAX_CONNECTIONS
+    finally:
+        for sock in stalled:
+            sock.close()
+        m.stop()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def test_a_request_that_trickles_in_is_closed_at_its_deadline():
+    """The whole request head must arrive within the deadline, however the bytes trickle."""
+    port = free_port()
+    m = Metrics(lambda: {"state": "idle"}, ["s"])
+    m.listen("127.0.0.1", port, request_seconds=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            begun = time.monotonic()
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            with pytest.raises(OSError):
+                for _ in range(50):  # 10 s of a header line every 0.2 s
+                    sock.sendall(b"X-Drip: 1\r\n")
+                    time.sleep(0.2)
+                    if closed_by_peer(sock):
+                        raise ConnectionResetError("closed")
+            assert 0.9 < time.monotonic() - begun < 3
+        assert scrape(port)[("lorad_scheduler_state", (("lorad_scheduler_state", "idle"),))] == 1
+    finally:
+        m.stop()
+
+
+def test_a_flood_of_half_sent_scrapes_does_not_starve_the_daemon(daemon_factory):
+    """The issue's run: 1,200 half-sent requests held 1,227 threads and status slowed to seconds."""
+    port = free_port()
+    d = daemon_factory(metrics={"listen": f"127.0.0.1:{port}"})
+    stalled = half_sent(port, 1200)
+    try:
+        begun = time.monotonic()
+        assert d.request("status", timeout=5)["ok"]
+        assert scrape(port)[("lorad_scheduler_state", (("lorad_scheduler_state", "idle"),))] == 1
+        assert time.monotonic() - begun < 3
+        assert psutil.Process(d.proc.pid).num_threads() < 60
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert d.request("status", timeout=5)["ok"]
 
 
 def test_the_textfile_is_rewritten_after_a_cycle_with_its_results(daemon_factory, short_root, tiny_model):

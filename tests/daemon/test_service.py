@@ -271,3 +271,19 @@ def test_promote_and_rollback_go_through_the_running_daemon(daemon_factory, shor
     assert bad.returncode == 1 and "v0099" in bad.stderr
     history = d.request("history")
     assert history["current"] == v1 and [v["version"] for v in history["versions"]] == [v2, v1]
+
+
+def test_a_version_named_with_a_non_ascii_digit_is_no_such_version_through_the_daemon(daemon_factory, short_root):
+    """promote '²' answered "internal error: ValueError"."""
+    from lorad.registry import Registry
+
+    d = daemon_factory()
+    adapter = short_root / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    Registry(d.root / "state" / "adapters").create(adapter, {"verdict": {"promote": True, "reasons": []}})
+    for command in ("promote", "rollback"):
+        answer = d.request(command, version="²")
+        assert answer["ok"] is False and "no adapter version '²'" in answer["error"], answer
+        r = d.cli(command, "²")
+        assert r.returncode == 1 and "no adapter version '²'" in r.stderr and "internal error" not in r.stderr

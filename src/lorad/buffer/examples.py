@@ -96,20 +96,44 @@ def _set_state(conn, key: str, value: str) -> None:
 CHAIN_COLUMNS = ("id", "source", "locator", "artifact_id", "workflow_id", "action_pair_id", "previous_attempt_id",
                  "attempt_number", "status", "created_ts", "content", "feedback", "specification", "constraints",
                  "feedback_history", "origin", "content_hash", "chain_id", "metadata")
+# The texts read cut to max_chars (any of them may be megabytes: store.max_file_bytes allows it).
+CUT_COLUMNS = ("content", "feedback", "specification", "constraints")
+WHOLE_OR_NOTHING = ("feedback_history", "metadata")  # JSON: read only when no longer than max_chars
+REFRESH_CHUNK = 1000  # chains a refresh reads at once
 
 
-def chains_of(conn, chain_ids: Iterable[str]) -> dict[str, traces.Chain]:
-    """The chains with these ids, from their artifact rows as linking stored them."""
+def chains_of(conn, chain_ids: Iterable[str], max_chars: int | None = None) -> dict[str, traces.Chain]:
+    """The chains with these ids, from their artifact rows as linking stored them.
+
+    Args:
+        max_chars: read each of CUT_COLUMNS cut to this many characters, with a note of how
+            many were left out (:func:`formatting.truncate`), and each of WHOLE_OR_NOTHING only
+            when it is no longer (else None); SQLite cuts them, so a long text never reaches
+            Python whole. None: read them whole (`lorad export`).
+    """
     ids = list(chain_ids)
     by_chain: dict[str, list[dict]] = defaultdict(list)
-    cols = ", ".join(f"a.{c}" for c in CHAIN_COLUMNS)
+    cols = []
+    for c in CHAIN_COLUMNS:
+        if max_chars is not None and c in CUT_COLUMNS:
+            cols.append(f"substr(a.{c}, 1, {int(max_chars)}), length(a.{c})")
+        elif max_chars is not None and c in WHOLE_OR_NOTHING:
+            cols.append(f"CASE WHEN length(a.{c}) <= {int(max_chars)} THEN a.{c} END")
+        else:
+            cols.append(f"a.{c}")
     for i in range(0, len(ids), 5000):
         # Through the chain's group (artifacts_group): ingest keeps no index on chain_id.
         for values in conn.execute(
-                f"SELECT {cols} FROM chains c JOIN artifacts a ON a.source = c.source "
+                f"SELECT {', '.join(cols)} FROM chains c JOIN artifacts a ON a.source = c.source "
                 "AND a.workflow_id = c.workflow_id AND a.action_pair_id = c.action_pair_id AND a.chain_id = c.chain_id "
                 "WHERE c.chain_id IN (SELECT value FROM json_each(?))", (json.dumps(ids[i:i + 5000]),)):
-            row = dict(zip(CHAIN_COLUMNS, values))
+            row, values = {}, iter(values)
+            for c in CHAIN_COLUMNS:
+                row[c] = next(values)
+                if max_chars is not None and c in CUT_COLUMNS:
+                    length = next(values)
+                    if row[c] is not None:
+                        row[c] = formatting.truncate(row[c], max_chars, length)
             by_chain[row["chain_id"]].append(row)
     return {chain_id: traces.stored_chain(rows, chain_id) for chain_id, rows in by_chain.items()}
 
@@ -160,8 +184,8 @@ def refresh(buffer: Buffer, selection: SelectionSettings, now: float | None = No
 
     Args:
         selection: the [selection] section: heldout_fraction, heldout_min_tasks,
-            heldout_per_family, family_key, seed and dedup_similarity are used here; the policy
-            values are remembered for :func:`count_new`.
+            heldout_per_family, family_key, seed, dedup_similarity and max_text_chars are used
+            here; the policy values are remembered for :func:`count_new`.
         now: the time recorded on changed rows (a parameter for tests).
     """
     now = _epoch(now)
@@ -197,33 +221,38 @@ def refresh(buffer: Buffer, selection: SelectionSettings, now: float | None = No
             existing.update((r[0], (r[1], r[2])) for r in conn.execute(
                 "SELECT chain_id, id, chain_key FROM examples WHERE chain_id IN (SELECT value FROM json_each(?))",
                 (json.dumps(ids[i:i + 5000]),)))
-        chains = chains_of(conn, ids)
         next_seq = int(_state(conn, "next_seq", "1"))
-        fresh: list[tuple[traces.Chain, dict]] = []
-        for chain_id in ids:
-            chain = chains.get(chain_id)
-            old = existing.get(chain_id)
-            if chain is None or _why_skipped(chain):
-                if old:
-                    touched.extend(_forget(conn, old[0]))
-                    report.removed += 1
-                continue
-            key = _chain_key(chain)
-            if old and old[1] == key:
-                report.unchanged += 1
-                continue
-            fresh.append((chain, {"old": old, "chain_key": key}))
-        arrived = sorted(((traces.facts(c)["created_ts"] or 0.0, split.task_key(c.specification), c) for c, _ in fresh),
-                         key=lambda t: t[:2])
+        # Chains are read REFRESH_CHUNK at a time, their texts cut (chains_of): what a refresh
+        # holds does not grow with the number of changed chains or the size of their artifacts.
+        # Of a new or changed chain only its example row (a few hundred bytes) is kept until
+        # every chunk is read, because sides are assigned in arrival order over all of them.
+        fresh: list[tuple[dict, tuple | None, tuple[float, str], str]] = []  # row, old, arrival, family
+        for c0 in range(0, len(ids), REFRESH_CHUNK):
+            chunk = ids[c0:c0 + REFRESH_CHUNK]
+            chains = chains_of(conn, chunk, selection.max_text_chars)
+            for chain_id in chunk:
+                chain = chains.get(chain_id)
+                old = existing.get(chain_id)
+                if chain is None or _why_skipped(chain):
+                    if old:
+                        touched.extend(_forget(conn, old[0]))
+                        report.removed += 1
+                    continue
+                key = _chain_key(chain)
+                if old and old[1] == key:
+                    report.unchanged += 1
+                    continue
+                row = _example_row(chain, key, now)
+                fresh.append((row, old, (traces.facts(chain)["created_ts"] or 0.0, row["task_key"]),
+                              family_of(chain, selection.family_key)))
         tasks: dict[str, str] = {}
-        for _, task, chain in arrived:
-            tasks.setdefault(task, family_of(chain, selection.family_key))
+        for _, _, arrival, family in sorted(fresh, key=lambda f: f[2]):
+            tasks.setdefault(arrival[1], family)
         sides = split.assign(conn, tasks, fraction, seed, min_tasks=selection.heldout_min_tasks,
                              per_family=selection.heldout_per_family)
         band_rows: list[tuple[int, int, int]] = []
-        for chain, extra in fresh:
-            row = _example_row(chain, extra["chain_key"], sides, now)
-            old = extra["old"]
+        for row, old, _, _ in fresh:
+            row["split"] = sides[row["task_key"]]
             if old:
                 touched.extend(_release(conn, old[0]))
                 conn.execute("DELETE FROM example_bands WHERE example_id = ?", (old[0],))
@@ -268,7 +297,8 @@ def family_of(chain: traces.Chain, family_key: str = "") -> str:
     return chain.action_pair_id or ""
 
 
-def _example_row(chain: traces.Chain, chain_key: str, sides: dict, now: float) -> dict:
+def _example_row(chain: traces.Chain, chain_key: str, now: float) -> dict:
+    """The chain's row of ``examples``, but for its ``split`` (assigned once all are read)."""
     fact = traces.facts(chain)
     answer = traces.target(chain)["content"]
     kind = fact["outcome"]
@@ -280,7 +310,7 @@ def _example_row(chain: traces.Chain, chain_key: str, sides: dict, now: float) -
         "attempts": len(chain.rows), "origin": fact["origin"], "generated_only": fact["generated_only"],
         "created_ts": fact["created_ts"], "task_key": task,
         "answer_key": dedup.exact_key(answer, "answer"), "text_key": dedup.exact_key(text, kind),
-        "chain_key": chain_key, "split": sides[task], "minhash": dedup.signature(text), "updated_at": now,
+        "chain_key": chain_key, "minhash": dedup.signature(text), "updated_at": now,
     }
 
 
@@ -524,7 +554,7 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
     seqs = new + old
     by_seq = dict(conn.execute("SELECT seq, chain_id FROM examples WHERE seq IN (SELECT value FROM json_each(?))",
                                (json.dumps(seqs),)).fetchall())
-    chains = chains_of(conn, by_seq.values())
+    chains = chains_of(conn, by_seq.values(), selection.max_text_chars)
     train = []
     for s in seqs:
         chain = chains.get(by_seq.get(s))
@@ -535,7 +565,7 @@ def build_snapshot(buffer: Buffer, selection: SelectionSettings, *, method: str,
     rng.shuffle(train)
 
     held = heldout_tasks(conn, max_heldout, tuple(selection.action_pairs), selection.heldout_per_family)
-    held_chains = chains_of(conn, [c for _, c in held])
+    held_chains = chains_of(conn, [c for _, c in held], selection.max_text_chars)
     heldout = [heldout_row(held_chains[c], s, template) for s, c in held if c in held_chains]
 
     stats = {"new": len(new), "replayed": len(old), "rows": len(train), "heldout": len(heldout),

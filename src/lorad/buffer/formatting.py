@@ -26,6 +26,7 @@ chain rows.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,11 +125,30 @@ def _entry(reference: str) -> str | dict:
     raise TemplateError(f"prompt template {path} has no entry {key!r} with a role (entries: {keys})")
 
 
-def truncate(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters, with a note of how much was left out."""
-    if len(text) <= limit:
+_CUT_NOTE = re.compile(r"\n\[\.\.\. (\d+) more characters cut\]\Z")
+
+
+def truncate(text: str, limit: int, length: int | None = None) -> str:
+    """``text`` cut to ``limit`` characters, with a note of how much was left out.
+
+    Args:
+        length: the whole text's length when ``text`` holds only its first characters (read
+            cut from the buffer); by default ``len(text)``. A text that already ends in this
+            function's note (read cut, now cut shorter for the history) counts from the length
+            the note gives, so the new note says how much of the original is missing.
+    """
+    if length is None:
+        note = _CUT_NOTE.search(text)
+        if note is None:
+            length = len(text)
+        else:
+            text, length = text[:note.start()], note.start() + int(note[1])
+            if length <= limit:  # cut shorter when read than this limit would cut it
+                return f"{text}{note[0]}"
+    if length <= limit:
         return text
-    return f"{text[:limit]}\n[... {len(text) - limit} more characters cut]"
+    kept = text[:limit]
+    return f"{kept}\n[... {length - len(kept)} more characters cut]"
 
 
 def feedback_for(chain: Chain, row: dict) -> str:

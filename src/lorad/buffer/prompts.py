@@ -51,7 +51,7 @@ def build_prompts(buffer: Buffer, selection: SelectionSettings, *, n: int) -> Pr
     seqs = sampling.sample_exact(pool, n, rng, selection.replay_weighting)
     by_seq = dict(conn.execute("SELECT seq, chain_id FROM examples WHERE seq IN (SELECT value FROM json_each(?))",
                                (json.dumps(seqs),)).fetchall())
-    chains = examples.chains_of(conn, by_seq.values())
+    chains = examples.chains_of(conn, by_seq.values(), selection.max_text_chars)
     rows = []
     for s in seqs:
         chain = chains.get(by_seq.get(s))

@@ -5,7 +5,8 @@ daemon listening they say so and exit 69 (EX_UNAVAILABLE); a daemon that does no
 ``--timeout`` seconds exits 75 (EX_TEMPFAIL), saying that a request it was sent may still be
 applied; a socket path too long for a Unix socket exits 78 (EX_CONFIG); an error from the
 daemon exits 1, except a feedback record that conflicts with the one stored under its id,
-which exits 65 (EX_DATAERR).
+which exits 65 (EX_DATAERR), and one the daemon queued but could not commit in time
+(``"pending": true``), which exits 75 like a timeout: it may still be applied.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def call(settings, command: str, *, timeout: float = DEFAULT_TIMEOUT, **argument
     except ProtocolError as e:
         raise CommandError(str(e)) from None
     if not response.get("ok"):
-        raise CommandError(response.get("error") or "the daemon refused the request",
-                           EX_DATAERR if response.get("conflict") is True else 1)
+        code = EX_DATAERR if response.get("conflict") is True else EX_TEMPFAIL if response.get("pending") is True else 1
+        raise CommandError(response.get("error") or "the daemon refused the request", code)
     return response
 
 

@@ -35,6 +35,8 @@ def export_adapter(args, settings) -> int:
         done, modelfile = export_version(open_registry(settings), args.version, args.output, base or None)
     except (ExportRefused, RegistryError) as e:
         raise CommandError(str(e)) from None
+    except OSError as e:  # an unwritable folder, a full disk: one line, not a traceback
+        raise CommandError(f"cannot write {args.output}: {e.strerror or e}") from None
     payload = done.as_dict() | {"path": str(done.path), "modelfile": str(modelfile) if modelfile else None}
     text = (f"wrote {done.path} ({done.tensors} tensors, rank {done.rank}, alpha {done.alpha:g}, {done.arch})"
             + (f"\nwrote {modelfile}: ollama create NAME -f {modelfile}" if modelfile else

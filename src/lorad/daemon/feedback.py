@@ -7,11 +7,13 @@ thread (the buffer's one writer).
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 
 import structlog
 
 from lorad import events
 from lorad.buffer.store import Batch, Buffer
+from lorad.daemon import protocol
 
 log = structlog.get_logger()
 
@@ -73,3 +75,29 @@ def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5, u
     log.info(events.FEEDBACK_RECORDED, id=row["artifact_id"], status=row["status"], new=bool(new))
     return {"ok": True, "id": row["artifact_id"], "status": row["status"],
             "result": "new" if new else "updated" if updated else "unchanged"}
+
+
+def acknowledge(queued: Future, wait: float) -> dict:
+    """The client's answer to a feedback write queued on the ingest thread.
+
+    Args:
+        queued: the write (:func:`write_feedback`), submitted to the ingest loop.
+        wait: seconds to wait for its commit; it should end before the client's own timeout,
+            so the client hears why.
+
+    Returns:
+        The write's response, an error for a refused record (``"conflict": true`` for a
+        conflict), or, when the ingest thread has not come to it in time (an examples refresh
+        or a long scan runs first), an error with ``"pending": true``: the write stays queued
+        and will commit, so the record may still be applied (the client exits 75).
+    """
+    try:
+        return queued.result(wait)
+    except FeedbackConflict as e:
+        return {**protocol.error(str(e)), "conflict": True}
+    except FeedbackRejected as e:
+        return protocol.error(str(e))
+    except TimeoutError:
+        return {**protocol.error(f"feedback not committed within {wait:g} s: the daemon's ingest thread is busy "
+                                 "(an examples refresh or a long scan); the record is queued and may still be "
+                                 "applied (check before sending it again)"), "pending": True}

@@ -41,6 +41,7 @@ log = structlog.get_logger()
 
 TICK = 0.1  # seconds between main-loop passes
 SNAPSHOT_EVERY = 0.5  # seconds between status-count refreshes
+FEEDBACK_WAIT = 25.0  # seconds a feedback request waits for its commit (the client waits 30 by default)
 DECIDE_EVERY = 1.0  # seconds between scheduler decisions (sooner when asked)
 STOP_TIMEOUT = 60.0  # seconds a running job gets to checkpoint at shutdown
 STATUS_CACHE_KIB = 2048  # page cache of the status connection
@@ -543,13 +544,9 @@ class Service:
             self.ingest.mark_changed()
             return response
 
-        future = self.ingest.submit(task)
-        try:
-            return future.result(30)  # acknowledged only after the commit
-        except feedback.FeedbackConflict as e:
-            return {**protocol.error(str(e)), "conflict": True}
-        except feedback.FeedbackRejected as e:
-            return protocol.error(str(e))
+        # Acknowledged only after the commit; a write still queued past FEEDBACK_WAIT is
+        # answered as pending (it will commit) before the client's default 30 s run out.
+        return feedback.acknowledge(self.ingest.submit(task), FEEDBACK_WAIT)
 
 
 def _schedule(settings: Settings) -> Schedule:

@@ -11,17 +11,31 @@ One JSON object a line::
 ``action_pair_id``, ``attempt_number``, ``metadata``.
 
 The byte offset after the last complete line is committed with the rows it covers, so a
-restart resumes exactly there. A partial last line is left for the next scan. Truncation
-(size below the offset, or different bytes before it) restarts from 0; rotation (a new
-inode at the path) first finishes the old file, found by its inode beside the new one
-(``feedback.jsonl.1``), then starts the new one at 0. Rows are keyed by record id, so a line
-read twice updates nothing.
+restart resumes exactly there. A partial last line is left for the next scan. Rows are keyed
+by record id, so a line read twice updates nothing.
+
+Rotation, either way logrotate does it, first finishes the lines past the committed offset in
+the rotated file beside the log, then reads the live file from 0:
+
+- rename (a new inode at the path): the old file is found by its inode
+  (``feedback.jsonl.1``);
+- copytruncate (the same inode, cut below the offset, or refilled with other bytes before
+  it): the copy is the regular file beside the log whose first bytes are the ones we read
+  and that reaches the offset. Compressed copies are not looked into: with copytruncate,
+  logrotate's ``delaycompress`` keeps the newest copy plain until the next rotation.
+
+Without such a file (a truncation by hand, an overwrite in place) the live file is read from
+0. While a rotated file is being finished, each batch commits its place in that file, so a
+restart half-way through finishes it. Only the rotated file that holds the committed offset is
+read: a second rotation before the next scan (the watcher reacts within a second) would skip
+the file between.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,18 +172,21 @@ class JsonlSource:
             st = os.stat(self.path)
         except FileNotFoundError:
             return
+        live = (st.st_ino, st.st_dev)
+        offset, head = state.get("offset", 0), state.get("head", "")
         if state.get("inode") not in (None, st.st_ino):
-            old = self._rotated(state["inode"], state.get("dev"))
-            if old is not None:
-                # Finish the rotated file first; then the new one starts at 0.
-                yield from self._read(old, state["offset"], state, batch_size, parents, final=True,
-                                      next_identity=(st.st_ino, st.st_dev))
-            state = {"inode": st.st_ino, "dev": st.st_dev, "offset": 0, "head": ""}
-        offset = state.get("offset", 0)
-        if offset and (st.st_size < offset or _head(self.path, min(offset, HEAD_BYTES)) != state.get("head")):
-            offset = 0  # truncated (or replaced in place): everything there is new
-        state = {"inode": st.st_ino, "dev": st.st_dev, "offset": offset, "head": state.get("head", "")}
-        yield from self._read(self.path, offset, state, batch_size, parents, final=False)
+            old = self._renamed(state["inode"], state.get("dev"))
+        elif offset and (st.st_size < offset or _head(self.path, min(offset, HEAD_BYTES)) != head):
+            old = self._copied(head, offset)
+        else:
+            yield from self._read(self.path, offset, head, live, batch_size, parents)
+            return
+        if old is not None:
+            # Finish the rotated file first (its place in it is what each batch commits);
+            # the live file is read from 0 after it.
+            yield from self._read(old, offset, head, (state["inode"], state.get("dev")), batch_size,
+                                  parents, then=live)
+        yield from self._read(self.path, 0, "", live, batch_size, parents)
 
     def _names_log(self, path: str) -> bool:
         """Whether an event's path is the log or a rotated copy beside it (not a file of the
@@ -178,29 +195,65 @@ class JsonlSource:
         return (os.path.basename(path).startswith(self.path.name)
                 and os.path.dirname(path) == os.path.abspath(self.path.parent))
 
-    def _rotated(self, inode: int, dev: int | None) -> Path | None:
-        folder = self.path.parent
-        for entry in os.scandir(folder):
+    def _beside(self) -> Iterator[tuple[Path, os.stat_result]]:
+        """The files beside the log whose names start with its name (its rotated copies)."""
+        for entry in os.scandir(self.path.parent):
             if entry.name != self.path.name and entry.name.startswith(self.path.name):
                 try:
-                    st = entry.stat(follow_symlinks=False)
+                    yield Path(entry.path), entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if st.st_ino == inode and (dev is None or st.st_dev == dev):
-                    return Path(entry.path)
+
+    def _renamed(self, inode: int, dev: int | None) -> Path | None:
+        """The file we were reading, renamed beside the log (rename rotation)."""
+        for path, st in self._beside():
+            if st.st_ino == inode and (dev is None or st.st_dev == dev):
+                return path
         return None
 
-    def _read(self, path: Path, offset: int, state: dict, batch_size: int, parents: dict, *, final: bool,
-              next_identity: tuple[int, int] | None = None) -> Iterator[Batch]:
+    def _copied(self, head: str, offset: int) -> Path | None:
+        """The copy of the file we were reading (copytruncate): a regular file beside the log
+        that begins with the bytes we read and reaches the committed offset; the newest one
+        when several do."""
+        found = []
+        for path, st in self._beside():
+            # Regular files only: opening a FIFO named like a rotated copy would block.
+            if stat.S_ISREG(st.st_mode) and st.st_size >= offset \
+                    and _head(path, min(offset, HEAD_BYTES)) == head:
+                found.append((st.st_mtime_ns, path.name, path))
+        return max(found)[2] if found else None
+
+    def _read(self, path: Path, offset: int, head: str, identity: tuple[int, int | None], batch_size: int,
+              parents: dict, *, then: tuple[int, int] | None = None) -> Iterator[Batch]:
+        """Read ``path`` from ``offset`` to its last complete line, in batches.
+
+        Args:
+            head: the digest of the file's first bytes up to the offset, as committed; a file
+                that no longer begins with them was replaced since the scan looked at it, and
+                is left to the next scan.
+            identity: (inode, dev) the batches' state names; for a rotated file, the one the
+                committed state named, so that a restart finds the same file again.
+            then: for a rotated file: read it to its end (a last line without a newline is
+                complete: nothing appends to it any more), and hand over to the live file,
+                ``then`` (inode, dev), at offset 0 with the last batch.
+        """
+        final = then is not None
         batch = Batch(self.key)
         name = path.name
         with open(path, "rb") as f:
+            # The head is read through this descriptor, once: what a later batch commits
+            # describes the file read, even if the path is truncated or replaced meanwhile.
+            first = os.pread(f.fileno(), min(offset, HEAD_BYTES), 0)
+            if offset and _digest(first) != head:
+                return
             f.seek(offset)
             pos = offset
             while True:
                 line = f.readline(self.max_line_bytes + 1)
                 if not line:
                     break
+                if len(first) < HEAD_BYTES:
+                    first += line[:HEAD_BYTES - len(first)]
                 if not line.endswith(b"\n"):
                     if len(line) > self.max_line_bytes:
                         batch.quarantined.append(Quarantined(
@@ -211,6 +264,7 @@ class JsonlSource:
                         pos = f.tell()
                         continue
                     if not final:
+                        first = first[:pos]  # not taken: the next scan reads it whole
                         break  # a line still being written: take it on the next scan
                 start, pos = pos, pos + len(line)
                 if not line.strip():
@@ -224,27 +278,30 @@ class JsonlSource:
                     parents[row["artifact_id"]] = (row["workflow_id"], row["attempt_number"])
                     batch.artifacts.append(row)
                 if len(batch) >= batch_size:
-                    batch.state = self._state(state, pos, final, next_identity)
+                    batch.state = _state(identity, pos, first)
                     yield batch
                     batch = Batch(self.key)
-        batch.state = self._state(state, pos, final, next_identity)
+        # The old file is done: the live file is read from its start next.
+        batch.state = _state(then, 0, b"") if final else _state(identity, pos, first)
         yield batch
 
-    def _state(self, state: dict, pos: int, final: bool, next_identity) -> dict:
-        if final:
-            # The old file is done; the live file is read from its start next.
-            ino, dev = next_identity
-            return {"inode": ino, "dev": dev, "offset": 0, "head": ""}
-        return {"inode": state["inode"], "dev": state["dev"], "offset": pos,
-                "head": _head(self.path, min(pos, HEAD_BYTES))}
+
+def _state(identity: tuple[int, int | None], offset: int, first: bytes) -> dict:
+    inode, dev = identity
+    return {"inode": inode, "dev": dev, "offset": offset, "head": _digest(first[:min(offset, HEAD_BYTES)])}
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest() if data else ""
 
 
 def _head(path: Path, n: int) -> str:
+    """The digest of a file's first ``n`` bytes ("" for none, or a file that cannot be read)."""
     if n <= 0:
         return ""
     try:
         with open(path, "rb") as f:
-            return hashlib.blake2b(f.read(n), digest_size=8).hexdigest()
+            return _digest(f.read(n))
     except OSError:
         return ""
 
