@@ -100,13 +100,12 @@ class Ollama:
         alias and models of other names are never touched.
 
         Raises:
-            OllamaError: listing or deleting failed after its retries.
+            OllamaError: listing or deleting failed after its retries, or the listing is not
+                ``{"models": [{"name": ...}, ...]}``.
         """
         kept = {k.lower() for k in kept}  # Ollama matches model names case-insensitively
-        tags = json.loads(self.request("GET", "/api/tags") or "{}")
         doomed = []
-        for model in tags.get("models") or []:
-            name = str(model.get("name") or model.get("model") or "")
+        for name in self._model_names():
             base, _, tag = name.partition(":")
             version = base[len(self.name_prefix) + 1:] if base.startswith(self.name_prefix + "-") else ""
             if tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() not in kept:
@@ -114,6 +113,22 @@ class Ollama:
         for name in doomed:
             self.request("DELETE", "/api/delete", {"model": name}, missing_ok=True)
         return doomed
+
+    def _model_names(self) -> list[str]:
+        """The names ``GET /api/tags`` lists.
+
+        Raises:
+            OllamaError: the request failed, or its answer is not the listing Ollama gives.
+        """
+        text = self.request("GET", "/api/tags") or ""
+        try:
+            tags = json.loads(text) if text.strip() else {}
+        except (ValueError, RecursionError) as e:  # cut, not JSON, nested past the parser
+            raise OllamaError(f"GET /api/tags: not JSON ({type(e).__name__}): {text[:120]!r}") from None
+        models = (tags.get("models") or []) if isinstance(tags, dict) else None
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise OllamaError(f"GET /api/tags: not a list of models: {text[:120]!r}")
+        return [str(m.get("name") or m.get("model") or "") for m in models]
 
     def create(self, model: str, adapter: Path | None) -> None:
         """POST /api/create for ``model`` from the base (+ the adapter), blobs uploaded first.

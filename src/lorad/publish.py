@@ -25,7 +25,7 @@ from typing import Callable
 
 from lorad import http_client, log
 from lorad.config import PublishSettings as _Defaults
-from lorad.registry import VERSION_RE, Change, Registry
+from lorad.registry import Change, Registry
 
 OUTPUT_CHARS = http_client.OUTPUT_CHARS
 
@@ -163,12 +163,16 @@ class OllamaHook:
         server = Ollama(self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep)
         ok, detail = server.publish(change.version, root / change.version if change.version else None)
         if ok:
-            # The alias serves; a model of a pruned version left behind costs disk, not correctness.
+            # The alias serves; a model of a pruned version left behind costs disk, not
+            # correctness, so nothing that goes wrong deleting it fails the hook.
+            registry = Registry(root)
             try:
-                deleted = server.prune({p.name for p in root.iterdir() if VERSION_RE.match(p.name)})
+                deleted = server.prune(set(registry.names()))
                 detail += f"; deleted {', '.join(deleted)} (pruned versions)" if deleted else ""
             except OllamaError as e:
                 detail += f"; deleting the models of pruned versions failed: {e}"
+            except Exception as e:  # noqa: BLE001 - see above
+                detail += f"; deleting the models of pruned versions failed: {type(e).__name__}: {e}"
         return HookResult(self.name, ok, self.required, detail)
 
 
