@@ -340,3 +340,21 @@ def test_a_broken_model_listing_only_shows_in_the_detail(tmp_path, base_gguf, ta
     assert "deleting the models of pruned versions failed" in result.detail
     assert server.models["lorad:latest"] == server.models[f"lorad-{reg.names()[0]}:latest"]
 
+
+def test_two_registries_with_the_default_prefix_never_delete_each_others_models(tmp_path, base_gguf):
+    """Two lorad daemons on one Ollama server, both ``name_prefix = "lorad"``: each prunes only the
+    models of versions it made itself (its pointers.jsonl), never the other's."""
+    mine = make_versions(tmp_path / "one" / "adapters", n=3)
+    theirs = make_versions(tmp_path / "two" / "adapters", n=2, start=T0 + timedelta(hours=1))
+    with FakeOllama() as server:
+        hook = OllamaHook(server.url, str(base_gguf), retries=0)
+        for name in theirs.names():
+            assert publish(theirs, theirs.promote(name), [hook]).ok
+        for name in mine.names()[:2]:
+            assert publish(mine, mine.promote(name), [hook]).ok
+        pruned = mine.names()[0]
+        remove_version(mine, pruned)
+        report = publish(mine, mine.promote(mine.names()[-1]), [hook])
+        assert report.ok and f"deleted lorad-{pruned}:latest" in report.results[0].detail
+        assert f"lorad-{pruned}:latest" not in server.models
+        assert {f"lorad-{n}:latest" for n in theirs.names()} <= set(server.models), report.results[0].detail

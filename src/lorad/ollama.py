@@ -7,7 +7,8 @@ the base GGUF the same way when the base is a file (an Ollama model name is used
 ``POST /api/copy`` it to the stable alias ``<prefix>:latest``. When no version serves any more
 (a revert to the bare base) the alias is created from the base alone. Versions are immutable,
 so creating one again (a retry, a rollback) makes the same model. Models of versions the
-registry has pruned are deleted (``GET /api/tags``, ``DELETE /api/delete``) at the next publish.
+registry made and has since pruned are deleted (``GET /api/tags``, ``DELETE /api/delete``) at
+the next publish; a second lorad using the same prefix on the server keeps its own.
 
 Every request is retried on connection errors and 5xx with exponential back-off; a 4xx is
 final. Torch-free; only the standard library.
@@ -94,21 +95,24 @@ class Ollama:
         except OllamaError as e:
             return False, str(e)
 
-    def prune(self, kept: set[str]) -> list[str]:
-        """Delete this prefix's version models (``<prefix>-<version>``) whose version is not in
-        ``kept`` (the registry's versions: pruned ones are gone); returns their names. The
-        alias and models of other names are never touched.
+    def prune(self, kept: set[str], made: set[str]) -> list[str]:
+        """Delete the version models (``<prefix>-<version>``) of versions this registry made
+        (``made``) and no longer holds (not in ``kept``); returns their names. The alias, models
+        of other names, and models of versions another registry made under the same prefix (a
+        second lorad on this server) are never touched.
 
         Raises:
             OllamaError: listing or deleting failed after its retries, or the listing is not
                 ``{"models": [{"name": ...}, ...]}``.
         """
         kept = {k.lower() for k in kept}  # Ollama matches model names case-insensitively
+        made = {m.lower() for m in made}
         doomed = []
         for name in self._model_names():
             base, _, tag = name.partition(":")
             version = base[len(self.name_prefix) + 1:] if base.startswith(self.name_prefix + "-") else ""
-            if tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() not in kept:
+            if (tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() in made
+                    and version.lower() not in kept):
                 doomed.append(name)
         for name in doomed:
             self.request("DELETE", "/api/delete", {"model": name}, missing_ok=True)

@@ -167,7 +167,7 @@ class OllamaHook:
             # correctness, so nothing that goes wrong deleting it fails the hook.
             registry = Registry(root)
             try:
-                deleted = server.prune(set(registry.names()))
+                deleted = server.prune(set(registry.names()), registry.made())
                 detail += f"; deleted {', '.join(deleted)} (pruned versions)" if deleted else ""
             except OllamaError as e:
                 detail += f"; deleting the models of pruned versions failed: {e}"
