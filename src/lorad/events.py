@@ -45,6 +45,7 @@ SERVER_SLEPT = "server_slept"
 SERVER_SLEEP_FAILED = "server_sleep_failed"
 SERVER_WOKEN = "server_woken"
 SERVER_WAKE_FAILED = "server_wake_failed"
+WAKER_ROUND_FAILED = "waker_round_failed"  # lorad.daemon.waker: a round raised; the thread goes on
 
 # Prometheus metrics (lorad.daemon.metrics)
 METRICS_LISTENING = "metrics_listening"
