@@ -28,6 +28,7 @@ ADAPTER_ROLLED_BACK = "adapter_rolled_back"
 ADAPTER_CHANGE_REVERTED = "adapter_change_reverted"
 ADAPTER_PUBLISHED = "adapter_published"
 PUBLISH_FAILED = "publish_failed"
+PUBLISH_CANCELLED = "publish_cancelled"  # hooks still waiting were cut short by a cancel
 VERSIONS_PRUNED = "versions_pruned"
 GGUF_EXPORTED = "gguf_exported"  # adapter.gguf + Modelfile written into a new version
 GGUF_EXPORT_REFUSED = "gguf_export_refused"  # the version is made without them; its hooks say why

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,8 +60,11 @@ class Ollama:
         url: the server, e.g. http://127.0.0.1:11434.
         base: an absolute path to the base .gguf file (uploaded as a blob), or an Ollama model.
         name_prefix: models are ``<prefix>-<version>``; the alias is ``<prefix>:latest``.
-        timeout: seconds per request.
+        timeout: seconds for each request as a whole (an uploaded file adds its size at
+            ``http_client.UPLOAD_BYTES_PER_S``).
         retries, backoff: retries after the first attempt, waiting backoff * 2**n seconds.
+        sleep: how to wait between attempts (None: time.sleep, cut short by ``cancel``).
+        cancel: once set, the request waiting stops (``OllamaError``, cancelled) and none follows.
     """
 
     url: str
@@ -70,7 +73,8 @@ class Ollama:
     timeout: float = _Defaults.timeout
     retries: int = _Defaults.retries
     backoff: float = _Defaults.backoff
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+    sleep: Callable[[float], None] | None = field(default=None, repr=False, compare=False)
+    cancel: threading.Event | None = field(default=None, repr=False, compare=False)
 
     def model_name(self, version: str) -> str:
         return f"{self.name_prefix}-{version}"
@@ -174,8 +178,9 @@ class Ollama:
             OllamaError: a 4xx (other than a tolerated 404), or the retries ran out.
         """
         try:
-            return http_client.retrying(lambda: http_client.send(self.url, method, path, body, timeout=self.timeout),
-                                        retries=self.retries, backoff=self.backoff, sleep=self.sleep)
+            return http_client.retrying(
+                lambda: http_client.send(self.url, method, path, body, timeout=self.timeout, cancel=self.cancel),
+                retries=self.retries, backoff=self.backoff, sleep=self.sleep, cancel=self.cancel)
         except http_client.HttpError as e:
             if e.status == 404 and missing_ok:
                 return None
