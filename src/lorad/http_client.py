@@ -14,9 +14,11 @@ server.) Response bodies are read whole up to ``MAX_BODY`` and refused beyond it
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
+import select
 import socket
 import ssl
 import threading
@@ -145,12 +147,12 @@ def _read(response: http.client.HTTPResponse, what: str) -> bytes:
     return data
 
 
-class _DeadlinePassed(TimeoutError):
-    pass
+class _DeadlinePassed(Exception):
+    "Raised inside a socket operation (not an OSError: nothing on the way may take it for one)."
 
 
-class _CancelledNow(TimeoutError):
-    pass
+class _CancelledNow(Exception):
+    "Raised inside a socket operation, like _DeadlinePassed."
 
 
 class _Deadline:
@@ -217,17 +219,30 @@ class _TlsSocket(_Bounded, ssl.SSLSocket):
 
 
 def _connect(host: str, port: int, deadline: _Deadline) -> _Socket:
-    while True:  # slices, so a cancel is seen while connecting too
-        wait = deadline.left()
+    """A connected socket to the first address of ``host`` that takes the connection; the
+    connect waits in slices of the deadline, so a cancel is seen while connecting too. (The
+    name lookup itself is the resolver's: lorad's servers are addresses or local names.)"""
+    error: OSError = OSError(f"{host}: no address")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = _Socket(family, kind, proto)
+        sock.deadline = deadline
         try:
-            raw = socket.create_connection((host, port), wait)
-            break
-        except TimeoutError:
-            continue
-    sock = _Socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-    sock.deadline = deadline
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            while code in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                if select.select([], [sock], [], deadline.left())[1]:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, f"connect to {address[0]} port {address[1]}: {os.strerror(code)}")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+        except BaseException:
+            sock.close()
+            raise
+    raise error
 
 
 class _Connection(http.client.HTTPConnection):
