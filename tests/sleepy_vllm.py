@@ -18,20 +18,47 @@ class SleepyVllm(FakeServer):
         wake_failures: how many /wake_up requests answer 503 first (-1: every one).
         sleep_mode: False answers 404 on the sleep endpoints, as vLLM without VLLM_SERVER_DEV_MODE.
         sleeping: the state it starts in.
+        broken: path -> a broken answer (a key of ``BROKEN``): a request to that path changes
+            nothing and gets that answer instead. Clear it and the server behaves again.
     """
 
-    def __init__(self, wake_failures: int = 0, sleep_mode: bool = True, sleeping: bool = False):
+    BROKEN = {
+        "cut": None,  # Content-Length 100, ten bytes, then the connection closes (IncompleteRead)
+        "nested": "[" * 100_000 + "]" * 100_000,  # past the JSON parser's recursion limit
+        "list": "[true]",
+        "garbage": "<html>Bad Gateway</html>",
+    }
+
+    def __init__(self, wake_failures: int = 0, sleep_mode: bool = True, sleeping: bool = False,
+                 broken: dict[str, str] | None = None):
         self.sleeping = sleeping
         self.wake_failures = wake_failures
         self.sleep_mode = sleep_mode
+        self.broken = dict(broken or {})
         self.loaded: dict[str, str] = {}
         self.log: list[tuple[float, str, str]] = []  # (time, method, path)
         self.lock = threading.Lock()
         fake = self
 
         class Handler(JsonHandler):
+            def answered_brokenly(self) -> bool:
+                how = fake.broken.get(urlsplit(self.path).path)
+                if how is None:
+                    return False
+                if how == "cut":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"is_sleep')
+                    self.close_connection = True
+                else:
+                    self.reply(200, fake.BROKEN[how])
+                return True
+
             def do_GET(self):
                 fake.log.append((time.time(), "GET", self.path))
+                if self.answered_brokenly():
+                    return
                 if self.path == "/is_sleeping" and fake.sleep_mode:
                     return self.reply(200, {"is_sleeping": fake.sleeping})
                 return self.reply(404, {"detail": "Not Found"})
@@ -39,6 +66,8 @@ class SleepyVllm(FakeServer):
             def do_POST(self):
                 body = json.loads(self.read_body() or b"{}")
                 fake.log.append((time.time(), "POST", self.path))
+                if self.answered_brokenly():
+                    return
                 url = urlsplit(self.path)
                 with fake.lock:
                     if url.path == "/sleep" and fake.sleep_mode:

@@ -77,6 +77,28 @@ def test_a_wake_that_never_succeeds_is_logged_audited_recorded_and_retried_later
         assert not fake.sleeping and gpu_share.records(store) == []
 
 
+@pytest.mark.parametrize("path,how", [("/wake_up", "cut"), ("/is_sleeping", "cut"), ("/is_sleeping", "nested"),
+                                      ("/is_sleeping", "list"), ("/is_sleeping", "garbage")])
+def test_a_broken_reply_to_the_wake_is_a_recorded_wake_failure_never_an_exception(buffer, store, path, how):
+    """A reply cut mid-body (IncompleteRead), nested past the JSON parser, not an object or not
+    JSON: the body still ends normally, and the wake failure is recorded, logged and audited."""
+    with SleepyVllm() as fake:
+        with capture_logs() as logs, GpuShare([server(fake, retries=1)], store, buffer.record_event).asleep("job-1"):
+            fake.broken = {path: how}  # while the worker runs
+    [failed] = [e for e in logs if e["event"] == events.SERVER_WAKE_FAILED]
+    assert failed["log_level"] == "error" and "after 2 attempts" in failed["error"]
+    [record] = gpu_share.records(store)
+    assert record["state"] == "wake_failed" and record["job_id"] == "job-1" and record["error"]
+    assert buffer.events(events.SERVER_WAKE_FAILED)[0]["detail"]["url"] == fake.url
+
+
+def test_a_broken_reply_to_the_sleep_fails_the_sleep_with_a_reason(store):
+    with SleepyVllm(broken={"/is_sleeping": "nested"}) as fake:
+        with pytest.raises(ShareError, match="is_sleeping"):
+            with GpuShare([server(fake, retries=0)], store).asleep("job-1"):
+                pass
+
+
 def test_a_server_that_will_not_sleep_stops_the_worker_from_starting(store):
     with SleepyVllm(sleep_mode=False) as fake:
         ran = []
@@ -210,3 +232,26 @@ def test_a_cycle_first_wakes_a_server_a_dead_cycle_left_asleep(tmp_path, tiny_mo
         assert fake.calls() == ["POST /wake_up", "POST /wake_up", "GET /is_sleeping"] and not fake.sleeping
         with Buffer(s.buffer_path) as buffer:
             assert gpu_share.records(JobStore(buffer.conn)) == []
+
+
+def test_a_wake_cut_short_after_the_worker_succeeded_never_costs_the_trained_adapter(tmp_path, tiny_model):
+    """The worker trains, then POST /wake_up closes mid-reply: the job is concluded from its result
+    (a version, the gate's verdict), the wake failure is recorded for the waker to retry, and the
+    next cycle is not failed by it either."""
+    from lorad import pipeline
+    from lorad.buffer.store import Buffer
+
+    with SleepyVllm(broken={"/wake_up": "cut"}) as fake:
+        s = cycle_settings(tmp_path, tiny_model, fake.url)
+        outcome = pipeline.run_now(s)
+        assert outcome.status in ("promoted", "rejected"), outcome.reason
+        assert outcome.version and outcome.verdict is not None
+        with Buffer(s.buffer_path) as buffer:
+            [record] = gpu_share.records(JobStore(buffer.conn))
+            assert record["state"] == "wake_failed" and record["job_id"] == outcome.job_id
+            assert "cut short" in record["error"]
+            assert buffer.events(events.SERVER_WAKE_FAILED)[0]["job_id"] == outcome.job_id
+        fake.broken.clear()  # the server answers again: the next cycle wakes it first
+        again = pipeline.run_now(s)
+        assert again.status != "failed", again.reason
+        assert not fake.sleeping

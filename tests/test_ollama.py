@@ -23,6 +23,14 @@ def _tagged(name: str) -> str:
     return name if ":" in name else name + ":latest"
 
 
+def listed(name: str) -> dict:
+    """A model as Ollama's GET /api/tags lists it (about 470 bytes each)."""
+    return {"name": name, "model": name, "modified_at": "2026-12-01T03:00:00.123456789+00:00", "size": 145000000,
+            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+                        "parameter_size": "134.52M", "quantization_level": "Q8_0"}}
+
+
 class FakeOllama(FakeServer):
     """Ollama's /api/blobs, /api/create and /api/copy as its API docs describe them.
 
@@ -34,6 +42,7 @@ class FakeOllama(FakeServer):
         self.models: dict[str, dict] = {_tagged(m): {"from": "library"} for m in library}
         self.requests: list[tuple[str, str]] = []
         self.fail: dict[str, int] = {}
+        self.tags: str | None = None  # an /api/tags reply to give instead of the models
         fake = self
 
         class Handler(JsonHandler):
@@ -50,7 +59,9 @@ class FakeOllama(FakeServer):
                 if self._failing():
                     return
                 if self.path == "/api/tags":
-                    return self.reply(200, {"models": [{"name": n, "model": n} for n in fake.models]})
+                    if fake.tags is not None:
+                        return self.reply(200, fake.tags)
+                    return self.reply(200, {"models": [listed(n) for n in fake.models]})
                 return self.reply(404, {"error": "not found"})
 
             def do_DELETE(self):
@@ -125,7 +136,7 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def make_versions(root, n=2, gguf=True) -> Registry:
+def make_versions(root, n=2, gguf=True, start=T0) -> Registry:
     reg = Registry(root)
     for i in range(1, n + 1):
         d = root.parent / f"job{i}"
@@ -135,7 +146,7 @@ def make_versions(root, n=2, gguf=True) -> Registry:
         if gguf:
             (d / "adapter.gguf").write_bytes(b"GGUF" + bytes([i]) * 32)
             (d / "Modelfile").write_text("FROM /base.gguf\nADAPTER ./adapter.gguf\n")
-        reg.create(d, {"verdict": {"promote": True, "reasons": []}}, now=T0 + timedelta(minutes=i))
+        reg.create(d, {"verdict": {"promote": True, "reasons": []}}, now=start + timedelta(minutes=i))
     return reg
 
 
@@ -288,3 +299,62 @@ def test_hooks_are_built_from_gguf_and_ollama_tables():
     assert gguf == GgufHook(required=True)
     assert (ollama.url, ollama.base, ollama.name_prefix, ollama.required) == (
         "http://127.0.0.1:11434", "/m/base.gguf", "coder", False)
+
+
+def remove_version(reg, name) -> None:
+    """What Registry.prune does to a version it no longer retains."""
+    for p in (reg.root / name, *(reg.root / name).rglob("*")):
+        p.chmod(0o755)
+    shutil.rmtree(reg.root / name)
+
+
+def test_a_server_with_many_models_is_listed_whole_and_a_required_hook_keeps_the_promotion(tmp_path, base_gguf):
+    """20 models make /api/tags about 10 kB: read whole (never cut at 2,000 characters), so the
+    prune works and a required hook does not undo a good promotion."""
+    reg = make_versions(tmp_path / "adapters", n=3)
+    a, b, c = reg.names()
+    with FakeOllama(library=[f"library-model-{i}:7b" for i in range(17)]) as server:
+        hook = OllamaHook(server.url, str(base_gguf), retries=0, required=True)
+        for name in (a, b):
+            assert publish(reg, reg.promote(name), [hook]).ok
+        remove_version(reg, a)
+        assert len(json.dumps({"models": [listed(n) for n in server.models]})) > 3 * 2000
+        report = publish(reg, reg.promote(c), [hook])
+        assert report.ok and report.reverted is None, report.results[0].detail
+        assert f"deleted lorad-{a}:latest (pruned versions)" in report.results[0].detail
+        assert reg.current() == c and f"lorad-{a}:latest" not in server.models
+
+
+@pytest.mark.parametrize("tags", ['{"models": [{"name": "lorad-v', "[1, 2, 3]", '{"models": {"a": 1}}',
+                                  '{"models": ["lorad-x", 7, null]}', "[" * 100_000 + "]" * 100_000],
+                         ids=["cut", "a list", "models not a list", "models not objects", "deeply nested"])
+def test_a_broken_model_listing_only_shows_in_the_detail(tmp_path, base_gguf, tags):
+    """The README's promise: a failed delete of old models never fails the hook."""
+    reg = make_versions(tmp_path / "adapters", n=1)
+    with FakeOllama() as server:
+        server.tags = tags
+        report = publish(reg, reg.promote(reg.names()[0]), [OllamaHook(server.url, str(base_gguf), retries=0,
+                                                                         required=True)])
+    [result] = report.results
+    assert result.ok and report.reverted is None, result.detail
+    assert "deleting the models of pruned versions failed" in result.detail
+    assert server.models["lorad:latest"] == server.models[f"lorad-{reg.names()[0]}:latest"]
+
+
+def test_two_registries_with_the_default_prefix_never_delete_each_others_models(tmp_path, base_gguf):
+    """Two lorad daemons on one Ollama server, both ``name_prefix = "lorad"``: each prunes only the
+    models of versions it made itself (its pointers.jsonl), never the other's."""
+    mine = make_versions(tmp_path / "one" / "adapters", n=3)
+    theirs = make_versions(tmp_path / "two" / "adapters", n=2, start=T0 + timedelta(hours=1))
+    with FakeOllama() as server:
+        hook = OllamaHook(server.url, str(base_gguf), retries=0)
+        for name in theirs.names():
+            assert publish(theirs, theirs.promote(name), [hook]).ok
+        for name in mine.names()[:2]:
+            assert publish(mine, mine.promote(name), [hook]).ok
+        pruned = mine.names()[0]
+        remove_version(mine, pruned)
+        report = publish(mine, mine.promote(mine.names()[-1]), [hook])
+        assert report.ok and f"deleted lorad-{pruned}:latest" in report.results[0].detail
+        assert f"lorad-{pruned}:latest" not in server.models
+        assert {f"lorad-{n}:latest" for n in theirs.names()} <= set(server.models), report.results[0].detail

@@ -154,3 +154,40 @@ def test_a_hook_that_raises_is_a_failed_hook_not_a_failed_promotion(reg):
     assert len(buffer.events("publish_failed")) == 2
     required = publish(reg, reg.promote(b), [CommandHook((), required=True)])
     assert required.reverted is not None and reg.current() == a
+
+
+def test_a_cancel_ends_hooks_waiting_on_a_server_and_is_recorded(reg):
+    """A vLLM server dripping its reply and a command that sleeps, each with a long deadline:
+    a cancel from another thread ends both waits at once, each a failed hook saying so; the
+    required one reverts the change; publish_cancelled is logged and audited."""
+    import threading
+    import time
+
+    from fake_http import DrippingHandler
+
+    a, b = reg.names()
+    reg.promote(a)
+    buffer = Buffer(":memory:")
+    cancel = threading.Event()
+    with FakeServer(DrippingHandler.every(0.2)) as server:
+        hooks = [VllmHook(server.url, retries=3, timeout=60, required=True),
+                 CommandHook((sys.executable, "-c", "import time; time.sleep(60)"), timeout=60)]
+        threading.Timer(0.5, cancel.set).start()
+        started = time.monotonic()
+        report = publish(reg, reg.promote(b), hooks, audit=buffer.record_event, cancel=cancel)
+        took = time.monotonic() - started
+    assert took < 3, took
+    assert report.cancelled and [r.ok for r in report.results] == [False, False]
+    assert "cancelled after" in report.results[0].detail and report.results[1].detail == "cancelled before it ran"
+    assert report.reverted is not None and reg.current() == a
+    [event] = buffer.events("publish_cancelled")
+    assert event["version"] == b and event["detail"]["hooks"] == [h.name for h in hooks]
+    assert report.as_dict()["cancelled"] is True
+    # a command already running is stopped by the cancel too
+    from lorad.registry import Change
+
+    later = threading.Event()
+    threading.Timer(0.3, later.set).start()
+    started = time.monotonic()
+    result = hooks[1].run(Change("promoted", b, a, None, (a, None)), reg.root, later)
+    assert not result.ok and result.detail.startswith("cancelled after") and time.monotonic() - started < 2

@@ -28,6 +28,7 @@ ADAPTER_ROLLED_BACK = "adapter_rolled_back"
 ADAPTER_CHANGE_REVERTED = "adapter_change_reverted"
 ADAPTER_PUBLISHED = "adapter_published"
 PUBLISH_FAILED = "publish_failed"
+PUBLISH_CANCELLED = "publish_cancelled"  # hooks still waiting were cut short by a cancel
 VERSIONS_PRUNED = "versions_pruned"
 GGUF_EXPORTED = "gguf_exported"  # adapter.gguf + Modelfile written into a new version
 GGUF_EXPORT_REFUSED = "gguf_export_refused"  # the version is made without them; its hooks say why
@@ -45,6 +46,7 @@ SERVER_SLEPT = "server_slept"
 SERVER_SLEEP_FAILED = "server_sleep_failed"
 SERVER_WOKEN = "server_woken"
 SERVER_WAKE_FAILED = "server_wake_failed"
+WAKER_ROUND_FAILED = "waker_round_failed"  # lorad.daemon.waker: a round raised; the thread goes on
 
 # Prometheus metrics (lorad.daemon.metrics)
 METRICS_LISTENING = "metrics_listening"
@@ -79,6 +81,8 @@ DAEMON_STOPPING = "daemon_stopping"
 JOB_REAP_FAILED = "job_reap_failed"
 SCHEDULE_STEP_FAILED = "schedule_step_failed"
 SCHEDULE_WAITED = "schedule_waited"
+CONTROL_CLIENT_LEFT = "control_client_left"  # a promote/rollback's client gave up; the change goes on
+PUBLISH_INTERRUPTED = "publish_interrupted"  # the daemon stopped while hooks still waited on a server
 CONFIG_RELOAD_REFUSED = "config_reload_refused"
 CONFIG_RELOAD_PARTIAL = "config_reload_partial"
 CONFIG_RELOADED = "config_reloaded"

@@ -92,9 +92,10 @@ class SleepingServer:
         """
         text = self._request("GET", "/is_sleeping")
         try:
-            value = json.loads(text).get("is_sleeping")
-        except (ValueError, AttributeError):
-            value = None
+            reply = json.loads(text)
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser
+            reply = None
+        value = reply.get("is_sleeping") if isinstance(reply, dict) else None
         if not isinstance(value, bool):
             raise ShareError(f"GET /is_sleeping answered {text[:DETAIL_CHARS]!r}, not {{\"is_sleeping\": bool}}")
         return value
@@ -174,10 +175,11 @@ class GpuShare:
                 done.append(server)
                 server.put_to_sleep()
                 log.info(events.SERVER_SLEPT, url=server.url, job_id=job_id)
-        except ShareError as e:
-            log.error(events.SERVER_SLEEP_FAILED, url=done[-1].url, job_id=job_id, error=str(e))
+        except Exception as e:  # noqa: BLE001 - whatever stopped the sleep, wake those asleep first
+            error = e if isinstance(e, ShareError) else ShareError(f"vllm {server.url}: {type(e).__name__}: {e}")
+            log.error(events.SERVER_SLEEP_FAILED, url=server.url, job_id=job_id, error=str(error))
             self._wake(done, job_id)
-            raise
+            raise error from None
         try:
             yield
         finally:
@@ -192,28 +194,57 @@ class GpuShare:
         that failed). Returns the URLs still not awake."""
         failed = []
         for r in self.recorded():
-            failed += self._wake([SleepingServer(**r["server"])], r.get("job_id"))
+            try:
+                server = SleepingServer(**r["server"])
+            except (KeyError, TypeError) as e:  # a record this version cannot read: say so, go on
+                log.error(events.SERVER_WAKE_FAILED, url=r.get("url"), job_id=r.get("job_id"),
+                          error=f"unreadable record: {type(e).__name__}: {e}")
+                failed.append(str(r.get("url")))
+                continue
+            failed += self._wake([server], r.get("job_id"))
         return failed
 
     def _wake(self, servers: list[SleepingServer], job_id: str | None) -> list[str]:
+        """Wake each server; returns the URLs not woken. Never raises.
+
+        Why never: it runs after the worker, however the worker ended; an exception here (a
+        reply no parser expected, a record that could not be written) failed a job whose
+        adapter was trained, and killed the waker thread. A failure is recorded as
+        ``wake_failed`` (or, when even that cannot be written, the ``asleep`` record written
+        before the sleep stays), so the waker retries it.
+        """
         failed = []
         for server in servers:
             try:
                 server.wake()
-            except ShareError as e:
+            except Exception as e:  # noqa: BLE001 - see above: whatever it was, the server is not awake
                 failed.append(server.url)
-                previous = self.store.get_state(STATE_PREFIX + server.url) or {}
-                attempts = int(previous.get("wake_attempts", 0)) + 1
-                self._record(server, "wake_failed", job_id, error=str(e)[:DETAIL_CHARS], wake_attempts=attempts)
-                log.error(events.SERVER_WAKE_FAILED, url=server.url, job_id=job_id, error=str(e),
-                          attempts=attempts)
-                if self.audit is not None:
-                    self.audit(events.SERVER_WAKE_FAILED, job_id=job_id, url=server.url, error=str(e),
-                               attempts=attempts)
+                error = str(e) if isinstance(e, ShareError) else f"vllm {server.url}: {type(e).__name__}: {e}"
+                self._wake_failed(server, job_id, error)
                 continue
-            self.store.delete_state(STATE_PREFIX + server.url)
-            log.info(events.SERVER_WOKEN, url=server.url, job_id=job_id)
+            kept = {}
+            try:
+                self.store.delete_state(STATE_PREFIX + server.url)
+            except Exception as e:  # noqa: BLE001 - the record stays; the waker's next wake finds it awake
+                kept = {"record_kept": f"{type(e).__name__}: {e}"}
+            log.info(events.SERVER_WOKEN, url=server.url, job_id=job_id, **kept)
         return failed
+
+    def _wake_failed(self, server: SleepingServer, job_id: str | None, error: str) -> None:
+        attempts = 1
+        try:
+            previous = self.store.get_state(STATE_PREFIX + server.url) or {}
+            attempts = int(previous.get("wake_attempts", 0)) + 1
+            self._record(server, "wake_failed", job_id, error=error[:DETAIL_CHARS], wake_attempts=attempts)
+        except Exception as e:  # noqa: BLE001 - the "asleep" record written before the sleep stays
+            error += f" (and recording it failed: {type(e).__name__}: {e})"
+        log.error(events.SERVER_WAKE_FAILED, url=server.url, job_id=job_id, error=error, attempts=attempts)
+        if self.audit is not None:
+            try:
+                self.audit(events.SERVER_WAKE_FAILED, job_id=job_id, url=server.url, error=error,
+                           attempts=attempts)
+            except Exception:  # noqa: BLE001, S110 - the log line above says it all; the audit is its copy
+                pass
 
     def _record(self, server: SleepingServer, state: str, job_id: str | None, **detail) -> None:
         self.store.set_state(STATE_PREFIX + server.url, {

@@ -7,7 +7,8 @@ the base GGUF the same way when the base is a file (an Ollama model name is used
 ``POST /api/copy`` it to the stable alias ``<prefix>:latest``. When no version serves any more
 (a revert to the bare base) the alias is created from the base alone. Versions are immutable,
 so creating one again (a retry, a rollback) makes the same model. Models of versions the
-registry has pruned are deleted (``GET /api/tags``, ``DELETE /api/delete``) at the next publish.
+registry made and has since pruned are deleted (``GET /api/tags``, ``DELETE /api/delete``) at
+the next publish; a second lorad using the same prefix on the server keeps its own.
 
 Every request is retried on connection errors and 5xx with exponential back-off; a 4xx is
 final. Torch-free; only the standard library.
@@ -19,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -59,8 +60,11 @@ class Ollama:
         url: the server, e.g. http://127.0.0.1:11434.
         base: an absolute path to the base .gguf file (uploaded as a blob), or an Ollama model.
         name_prefix: models are ``<prefix>-<version>``; the alias is ``<prefix>:latest``.
-        timeout: seconds per request.
+        timeout: seconds for each request as a whole (an uploaded file adds its size at
+            ``http_client.UPLOAD_BYTES_PER_S``).
         retries, backoff: retries after the first attempt, waiting backoff * 2**n seconds.
+        sleep: how to wait between attempts (None: time.sleep, cut short by ``cancel``).
+        cancel: once set, the request waiting stops (``OllamaError``, cancelled) and none follows.
     """
 
     url: str
@@ -69,7 +73,8 @@ class Ollama:
     timeout: float = _Defaults.timeout
     retries: int = _Defaults.retries
     backoff: float = _Defaults.backoff
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+    sleep: Callable[[float], None] | None = field(default=None, repr=False, compare=False)
+    cancel: threading.Event | None = field(default=None, repr=False, compare=False)
 
     def model_name(self, version: str) -> str:
         return f"{self.name_prefix}-{version}"
@@ -94,26 +99,44 @@ class Ollama:
         except OllamaError as e:
             return False, str(e)
 
-    def prune(self, kept: set[str]) -> list[str]:
-        """Delete this prefix's version models (``<prefix>-<version>``) whose version is not in
-        ``kept`` (the registry's versions: pruned ones are gone); returns their names. The
-        alias and models of other names are never touched.
+    def prune(self, kept: set[str], made: set[str]) -> list[str]:
+        """Delete the version models (``<prefix>-<version>``) of versions this registry made
+        (``made``) and no longer holds (not in ``kept``); returns their names. The alias, models
+        of other names, and models of versions another registry made under the same prefix (a
+        second lorad on this server) are never touched.
 
         Raises:
-            OllamaError: listing or deleting failed after its retries.
+            OllamaError: listing or deleting failed after its retries, or the listing is not
+                ``{"models": [{"name": ...}, ...]}``.
         """
         kept = {k.lower() for k in kept}  # Ollama matches model names case-insensitively
-        tags = json.loads(self.request("GET", "/api/tags") or "{}")
+        made = {m.lower() for m in made}
         doomed = []
-        for model in tags.get("models") or []:
-            name = str(model.get("name") or model.get("model") or "")
+        for name in self._model_names():
             base, _, tag = name.partition(":")
             version = base[len(self.name_prefix) + 1:] if base.startswith(self.name_prefix + "-") else ""
-            if tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() not in kept:
+            if (tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() in made
+                    and version.lower() not in kept):
                 doomed.append(name)
         for name in doomed:
             self.request("DELETE", "/api/delete", {"model": name}, missing_ok=True)
         return doomed
+
+    def _model_names(self) -> list[str]:
+        """The names ``GET /api/tags`` lists.
+
+        Raises:
+            OllamaError: the request failed, or its answer is not the listing Ollama gives.
+        """
+        text = self.request("GET", "/api/tags") or ""
+        try:
+            tags = json.loads(text) if text.strip() else {}
+        except (ValueError, RecursionError) as e:  # cut, not JSON, nested past the parser
+            raise OllamaError(f"GET /api/tags: not JSON ({type(e).__name__}): {text[:120]!r}") from None
+        models = (tags.get("models") or []) if isinstance(tags, dict) else None
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise OllamaError(f"GET /api/tags: not a list of models: {text[:120]!r}")
+        return [str(m.get("name") or m.get("model") or "") for m in models]
 
     def create(self, model: str, adapter: Path | None) -> None:
         """POST /api/create for ``model`` from the base (+ the adapter), blobs uploaded first.
@@ -155,8 +178,9 @@ class Ollama:
             OllamaError: a 4xx (other than a tolerated 404), or the retries ran out.
         """
         try:
-            return http_client.retrying(lambda: http_client.send(self.url, method, path, body, timeout=self.timeout),
-                                        retries=self.retries, backoff=self.backoff, sleep=self.sleep)
+            return http_client.retrying(
+                lambda: http_client.send(self.url, method, path, body, timeout=self.timeout, cancel=self.cancel),
+                retries=self.retries, backoff=self.backoff, sleep=self.sleep, cancel=self.cancel)
         except http_client.HttpError as e:
             if e.status == 404 and missing_ok:
                 return None

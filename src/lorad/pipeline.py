@@ -161,10 +161,16 @@ class Outcome:
 
 
 class StopRequest:
-    """Asked from another thread: stop the job at its next step, to pause it or to cancel it."""
+    """Asked from another thread: stop the job at its next step, to pause it or to cancel it.
+
+    ``event`` is set by either (the worker checkpoints and stops); ``cancelled`` only by a
+    cancel: it also stops a conclusion's wait on its publish hooks. A pause does not, so a
+    daemon stopping mid-conclusion leaves the hooks to run again at its next start.
+    """
 
     def __init__(self):
         self.event = threading.Event()
+        self.cancelled = threading.Event()
         self.mode = "pause"
         self.reason = ""
 
@@ -175,6 +181,7 @@ class StopRequest:
     def cancel(self, reason: str) -> None:
         self.mode, self.reason = "cancel", reason
         self.event.set()
+        self.cancelled.set()
 
     @property
     def requested(self) -> bool:
@@ -333,10 +340,13 @@ def _move_once(journal: Journal, registry: Registry, key: str, intent: dict, mov
 _EVENT = {"promoted": events.ADAPTER_PROMOTED, "rolled_back": events.ADAPTER_ROLLED_BACK}
 
 
-def _publish_once(journal: Journal, settings, buffer, key: str, change: Change) -> dict:
+def _publish_once(journal: Journal, settings, buffer, key: str, change: Change,
+                  cancel: threading.Event | None) -> dict:
     report = journal.get(f"{key}_published")
     if report is None:
-        report = release.publish(settings, buffer, change)
+        # Recorded even when cancelled: whoever cancelled asked not to wait for the server,
+        # and a restart must not start the wait again.
+        report = release.publish(settings, buffer, change, cancel)
         journal.record(f"{key}_published", report)
     return report
 
@@ -350,11 +360,17 @@ def _version_of(registry: Registry, journal: Journal, job_id: str):
     return None
 
 
-def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outcome:
+def conclude(settings, buffer, job_dir, *, now: datetime | None = None,
+             cancel: threading.Event | None = None) -> Outcome:
     """Decide on a finished job: rollback check, gate, new version, promote or reject, publish, prune.
 
     Idempotent: run again on the same job (after a crash at any point) it finishes the
     conclusion its journal recorded (see :class:`Journal`) and returns the same outcome.
+
+    Args:
+        cancel: set by ``lorad cancel``: publish hooks still waiting on a server stop (each a
+            failed hook, a required one reverting the change as any failure does); the
+            outcome's reason says so. The rest of the conclusion is quick and runs on.
     """
     job_dir = Path(job_dir)
     spec, plan = read_job(job_dir), Plan.read(job_dir)
@@ -395,7 +411,7 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
             change = _move_once(journal, registry, "rollback", intent, lambda: registry.rollback(
                 None, reason=intent["reason"], job_id=spec.job_id,
                 metrics={"active": metrics["active"], "previous": metrics["previous"]}))
-            report = _publish_once(journal, settings, buffer, "rollback", change)
+            report = _publish_once(journal, settings, buffer, "rollback", change, cancel)
             check_out = intent["check"] | {"rolled_back": True, "to": change.version, "publish": report}
             baseline, baseline_version = "previous", change.version
         journal.record("checked", {"rollback": check_out, "baseline": baseline, "baseline_version": baseline_version})
@@ -454,12 +470,14 @@ def conclude(settings, buffer, job_dir, *, now: datetime | None = None) -> Outco
                   "previous": registry.previous(), "reason": reasons}
         change = _move_once(journal, registry, "promotion", intent, lambda: registry.promote(
             version.name, reason=reasons, job_id=spec.job_id, reasons=verdict.reasons, metrics=metrics))
-        report = _publish_once(journal, settings, buffer, "promotion", change)
+        report = _publish_once(journal, settings, buffer, "promotion", change, cancel)
         outcome.publish = report["results"]
         if report["reverted"]:
             outcome.status, outcome.reason = "rejected", report["reverted"]["reason"]
         else:
             outcome.status, outcome.reason = "promoted", reasons
+        if report.get("cancelled"):
+            outcome.reason += "; its publish hooks were cancelled by request"
     else:
         if "rejection_recorded" not in journal:
             buffer.record_event(events.CANDIDATE_REJECTED, version=version.name, job_id=spec.job_id,
@@ -575,7 +593,7 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
                 # A worker that succeeded is concluded from its result, never run again (a
                 # restart during the conclusion lands here and finishes what conclusion.json says).
                 job.move("evaluating", progress=job.progress)
-                outcome = conclude(settings, buffer, job_dir)
+                outcome = conclude(settings, buffer, job_dir, cancel=stop.cancelled if stop else None)
                 outcome.live = live
                 if on_concluded is not None and outcome.version:
                     try:

@@ -12,20 +12,26 @@ Two kinds, configured as ``[[publish]]`` tables and run in order:
 A failed hook (one that raises included) is recorded (audit event ``publish_failed``) and reported; it leaves the
 pointer where it is unless the hook is ``required``, in which case the registry is reverted
 to what it was before (and the hooks run once more so the server follows it back).
+
+Every hook is bounded (its ``timeout``: each HTTP request as a whole, a command's run) and
+takes a ``cancel`` event: once set (``lorad cancel`` of a job whose conclusion waits on a hook),
+the hook stops waiting within ``http_client.CANCEL_POLL`` seconds and fails as cancelled; the
+report says so (``cancelled``, event ``publish_cancelled``).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorad import http_client, log
+from lorad import events, http_client, log
 from lorad.config import PublishSettings as _Defaults
-from lorad.registry import VERSION_RE, Change, Registry
+from lorad.registry import Change, Registry
 
 OUTPUT_CHARS = http_client.OUTPUT_CHARS
 
@@ -55,7 +61,7 @@ class CommandHook:
     def name(self) -> str:
         return f"command {Path(self.argv[0]).name if self.argv else '?'}"
 
-    def run(self, change: Change, root: Path) -> HookResult:
+    def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
         values = {"version": change.version or "", "previous": change.replaced or "",
                   "path": str((root / change.version).resolve()) if change.version else ""}
         try:
@@ -64,12 +70,25 @@ class CommandHook:
             return HookResult(self.name, False, self.required, f"bad placeholder in argv: {e}")
         env = dict(os.environ, LORAD_ACTION=change.action)
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return HookResult(self.name, False, self.required, f"timed out after {self.timeout:g}s")
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         except OSError as e:
             return HookResult(self.name, False, self.required, f"could not run: {e}")
-        output = (proc.stdout.strip() + "\n" + proc.stderr.strip()).strip()[:OUTPUT_CHARS]
+        started = time.monotonic()
+        while True:
+            left = started + self.timeout - time.monotonic()
+            try:
+                stdout, stderr = proc.communicate(timeout=max(0.0, min(left, http_client.CANCEL_POLL) if cancel
+                                                              else left))
+                break
+            except subprocess.TimeoutExpired:
+                cancelled = cancel is not None and cancel.is_set()
+                if cancelled or time.monotonic() - started >= self.timeout:
+                    proc.kill()
+                    proc.communicate()
+                    why = (f"cancelled after {time.monotonic() - started:.1f} s" if cancelled
+                           else f"timed out after {self.timeout:g}s")
+                    return HookResult(self.name, False, self.required, why)
+        output = (stdout.strip() + "\n" + stderr.strip()).strip()[:OUTPUT_CHARS]
         if proc.returncode != 0:
             return HookResult(self.name, False, self.required, f"exit {proc.returncode}: {output}")
         return HookResult(self.name, True, self.required, output)
@@ -86,7 +105,7 @@ class VllmHook:
     retries: int = _Defaults.retries
     backoff: float = _Defaults.backoff
     required: bool = _Defaults.required
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+    sleep: Callable[[float], None] | None = field(default=None, repr=False, compare=False)  # None: time.sleep
 
     @property
     def name(self) -> str:
@@ -95,32 +114,32 @@ class VllmHook:
     def adapter_name(self, version: str) -> str:
         return f"{self.name_prefix}-{version}"
 
-    def run(self, change: Change, root: Path) -> HookResult:
+    def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
         notes = []
         if change.version:
             ok, text = self._post("/v1/load_lora_adapter", {
                 "lora_name": self.adapter_name(change.version),
-                "lora_path": str((root / change.version).resolve())}, tolerate="already been loaded")
+                "lora_path": str((root / change.version).resolve())}, tolerate="already been loaded", cancel=cancel)
             if not ok:
                 return HookResult(self.name, False, self.required, f"load failed: {text}")
             notes.append(f"loaded {self.adapter_name(change.version)}")
         if change.replaced and change.replaced != change.version:
             ok, text = self._post("/v1/unload_lora_adapter",
                                   {"lora_name": self.adapter_name(change.replaced)},
-                                  tolerate="cannot be found")
+                                  tolerate="cannot be found", cancel=cancel)
             # The new adapter is serving; an old one left loaded costs memory, not correctness.
             notes.append(f"unloaded {self.adapter_name(change.replaced)}" if ok
                          else f"unload of {self.adapter_name(change.replaced)} failed: {text}")
         return HookResult(self.name, True, self.required, "; ".join(notes))
 
-    def _post(self, path: str, body: dict, tolerate: str) -> tuple[bool, str]:
+    def _post(self, path: str, body: dict, tolerate: str, cancel: threading.Event | None) -> tuple[bool, str]:
         """(ok, response or why): retried on connection errors and 5xx; a 4xx is final, and
         an error whose body says ``tolerate`` counts as done."""
         try:
             return True, http_client.retrying(
                 lambda: http_client.send(self.url, "POST", path, body, headers=http_client.bearer(self.api_key_env),
-                                         timeout=self.timeout),
-                retries=self.retries, backoff=self.backoff, sleep=self.sleep)
+                                         timeout=self.timeout, cancel=cancel),
+                retries=self.retries, backoff=self.backoff, sleep=self.sleep, cancel=cancel)
         except http_client.HttpError as e:
             return (True, e.text) if tolerate in e.text else (False, str(e))
 
@@ -132,7 +151,7 @@ class GgufHook:
     required: bool = _Defaults.required
     name: str = "gguf"
 
-    def run(self, change: Change, root: Path) -> HookResult:
+    def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
         from lorad.gguf_export import check_version
 
         ok, detail = check_version(root, change.version)
@@ -151,24 +170,29 @@ class OllamaHook:
     retries: int = _Defaults.retries
     backoff: float = _Defaults.backoff
     required: bool = _Defaults.required
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+    sleep: Callable[[float], None] | None = field(default=None, repr=False, compare=False)  # None: time.sleep
 
     @property
     def name(self) -> str:
         return f"ollama {self.url}"
 
-    def run(self, change: Change, root: Path) -> HookResult:
+    def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
         from lorad.ollama import Ollama, OllamaError
 
-        server = Ollama(self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep)
+        server = Ollama(self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep,
+                        cancel)
         ok, detail = server.publish(change.version, root / change.version if change.version else None)
         if ok:
-            # The alias serves; a model of a pruned version left behind costs disk, not correctness.
+            # The alias serves; a model of a pruned version left behind costs disk, not
+            # correctness, so nothing that goes wrong deleting it fails the hook.
+            registry = Registry(root)
             try:
-                deleted = server.prune({p.name for p in root.iterdir() if VERSION_RE.match(p.name)})
+                deleted = server.prune(set(registry.names()), registry.made())
                 detail += f"; deleted {', '.join(deleted)} (pruned versions)" if deleted else ""
             except OllamaError as e:
                 detail += f"; deleting the models of pruned versions failed: {e}"
+            except Exception as e:  # noqa: BLE001 - see above
+                detail += f"; deleting the models of pruned versions failed: {type(e).__name__}: {e}"
         return HookResult(self.name, ok, self.required, detail)
 
 
@@ -204,6 +228,7 @@ class PublishReport:
     results: list[HookResult] = field(default_factory=list)
     reverted: Change | None = None
     revert_results: list[HookResult] = field(default_factory=list)
+    cancelled: bool = False  # the cancel event was set: hooks still waiting stopped and failed
 
     @property
     def ok(self) -> bool:
@@ -212,10 +237,10 @@ class PublishReport:
     def as_dict(self) -> dict:
         return {"ok": self.ok, "results": [r.as_dict() for r in self.results],
                 "reverted": self.reverted.as_dict() if self.reverted else None,
-                "revert_results": [r.as_dict() for r in self.revert_results]}
+                "revert_results": [r.as_dict() for r in self.revert_results], "cancelled": self.cancelled}
 
 
-def run_all(hooks: list[Hook], change: Change, root: Path) -> list[HookResult]:
+def run_all(hooks: list[Hook], change: Change, root: Path, cancel: threading.Event | None = None) -> list[HookResult]:
     """Each hook's result, in order; a hook that raises is a failed hook, never an exception here.
 
     Why: hooks run after ``current`` has moved. An exception escaping here (an empty argv's
@@ -224,15 +249,18 @@ def run_all(hooks: list[Hook], change: Change, root: Path) -> list[HookResult]:
     """
     results = []
     for hook in hooks:
+        if cancel is not None and cancel.is_set():
+            results.append(HookResult(hook.name, False, hook.required, "cancelled before it ran"))
+            continue
         try:
-            results.append(hook.run(change, Path(root)))
+            results.append(hook.run(change, Path(root), cancel))
         except Exception as e:
             results.append(HookResult(hook.name, False, hook.required, f"raised {type(e).__name__}: {e}"))
     return results
 
 
 def publish(registry: Registry, change: Change, hooks: list[Hook],
-            audit: Callable[..., None] | None = None) -> PublishReport:
+            audit: Callable[..., None] | None = None, cancel: threading.Event | None = None) -> PublishReport:
     """Run every hook for ``change``; revert the registry when a required one failed.
 
     Args:
@@ -240,9 +268,17 @@ def publish(registry: Registry, change: Change, hooks: list[Hook],
         change: the promotion or rollback just made.
         hooks: from :func:`hooks_from_settings`.
         audit: ``audit(event, version=..., **detail)`` for failed hooks (``Buffer.record_event``).
+        cancel: once set, a hook still waiting stops and fails as cancelled (so does the
+            revert's run of the hooks); the report's ``cancelled`` says so.
     """
     logger = log.get("lorad.publish")
-    report = PublishReport(run_all(hooks, change, registry.root))
+    report = PublishReport(run_all(hooks, change, registry.root, cancel))
+    if cancel is not None and cancel.is_set():
+        report.cancelled = True
+        cut = [r.hook for r in report.results if not r.ok]
+        logger.warning(events.PUBLISH_CANCELLED, version=change.version, hooks=cut, action=change.action)
+        if audit is not None:
+            audit(events.PUBLISH_CANCELLED, version=change.version, hooks=cut, action=change.action)
     for r in report.results:
         if r.ok:
             logger.info("adapter_published", version=change.version, hook=r.hook, action=change.action)
@@ -258,5 +294,5 @@ def publish(registry: Registry, change: Change, hooks: list[Hook],
         report.reverted = registry.revert(change, reason=reason)
         logger.warning("adapter_change_reverted", version=report.reverted.version, reason=reason)
         # Let the serving side follow the pointer back (best effort; never reverted again).
-        report.revert_results = run_all(hooks, report.reverted, registry.root)
+        report.revert_results = run_all(hooks, report.reverted, registry.root, cancel)
     return report

@@ -272,6 +272,12 @@ class Registry:
         _verified[str(path)] = (signature, problems)
         return problems
 
+    def made(self) -> set[str]:
+        """Every version this registry created, pruned ones included (pointers.jsonl's "created"
+        entries; versions made before those entries existed are not among them)."""
+        return {e["version"] for e in self.pointer_log(all_entries=True)
+                if e.get("action") == "created" and isinstance(e.get("version"), str)}
+
     def record_digest(self, name: str) -> str | None:
         """The sha256 of ``name``'s lorad.json as logged when it was made (None before digests)."""
         digest = None

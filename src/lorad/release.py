@@ -9,6 +9,7 @@ and status read (:func:`since_seq`, :func:`trained_seq`). Torch-free.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,11 @@ def rollback(settings, buffer, version: str | None = None, reason: str = "rolled
     return {"change": change.as_dict(), "publish": publish(settings, buffer, change)}
 
 
-def publish(settings, buffer, change: Change) -> dict:
+def publish(settings, buffer, change: Change, cancel: threading.Event | None = None) -> dict:
     """Run the ``[[publish]]`` hooks for a change already made; a failed required hook reverts it.
+
+    Args:
+        cancel: once set, hooks still waiting on a server stop and fail as cancelled.
 
     Returns:
         ``PublishReport.as_dict()``.
@@ -64,8 +68,14 @@ def publish(settings, buffer, change: Change) -> dict:
 
     tables = hooks.hooks_from_settings(settings.publish, settings.training.base_model)
     report = hooks.publish(open_registry(settings, buffer), change, tables,
-                           audit=buffer.record_event if buffer is not None else None)
+                           audit=buffer.record_event if buffer is not None else None, cancel=cancel)
     return report.as_dict()
+
+
+def hook_deadline(settings) -> float:
+    """Seconds one publish request may take as a whole: the largest ``[[publish]] timeout``
+    (0 without hooks). What a stopping daemon waits, at most, for hooks in flight."""
+    return max((t.timeout for t in settings.publish), default=0.0)
 
 
 def check_live(settings, buffer) -> dict | None:

@@ -68,3 +68,17 @@ def test_status_text_warns_of_a_refused_registry_pointer():
                         "registry_problems": ["current is missing; the pointer log says v0002"],
                         "job": None, "next_window": None, "schedule": {}})
     assert "registry: WARNING current is missing; the pointer log says v0002" in text
+
+
+def test_status_text_never_says_a_server_sleeps_for_a_job_that_is_not_running():
+    """A record left "asleep" by a job that is gone (the process died before the wake) is a
+    WARNING naming that job, not "asleep while job ... trains"."""
+    server = {"url": "http://127.0.0.1:8000", "state": "asleep", "since": 1_800_000_000, "job_id": "20261201-a",
+              "error": None}
+    base = {"state": "idle", "pid": 7, "uptime_s": 5, "active_version": None, "buffer": {}}
+    gone = status_text({**base, "job": None, "gpu_share": [server]})
+    assert "asleep while job" not in gone
+    assert "vllm http://127.0.0.1:8000: WARNING still asleep" in gone and "job 20261201-a is not running" in gone
+    training = status_text({**base, "state": "training", "job": {"job_id": "20261201-a", "state": "training"},
+                            "gpu_share": [server]})
+    assert "vllm http://127.0.0.1:8000: asleep while job 20261201-a trains" in training

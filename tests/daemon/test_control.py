@@ -102,7 +102,7 @@ def test_a_dribbling_client_gets_a_refusal_when_its_whole_request_deadline_passe
     """The timeout covers the whole request line, not each recv(): a byte every 0.1 s does not
     keep a connection alive past it."""
     path = tmp_path / "s.sock"
-    server = ControlServer(path, lambda r, p: {"ok": True}, Access(), client_timeout=0.5)
+    server = ControlServer(path, lambda r, p, gone: {"ok": True}, Access(), client_timeout=0.5)
     server.start()
     try:
         with _connect(path) as s:
@@ -129,7 +129,7 @@ def test_a_uid_over_its_connection_cap_loses_its_oldest_waiting_connection(tmp_p
     """Connections from one uid are capped; a new one pushes out that uid's oldest connection
     still waiting for its request, so the uid's own status requests keep getting answered."""
     path = tmp_path / "s.sock"
-    server = ControlServer(path, lambda r, p: {"ok": True, "n": 1}, Access(), max_per_uid=4, idle_grace=0.1)
+    server = ControlServer(path, lambda r, p, gone: {"ok": True, "n": 1}, Access(), max_per_uid=4, idle_grace=0.1)
     server.start()
     try:
         idle = [_connect(path) for _ in range(4)]
@@ -150,7 +150,7 @@ def test_a_uid_over_its_connection_cap_loses_its_oldest_waiting_connection(tmp_p
 def test_a_burst_of_clients_beyond_the_cap_is_answered_not_dropped(tmp_path):
     """The cap drops idle connections only: requests already sent in a burst are all served."""
     path = tmp_path / "s.sock"
-    server = ControlServer(path, lambda r, p: {"ok": True}, Access(), max_per_uid=8)
+    server = ControlServer(path, lambda r, p, gone: {"ok": True}, Access(), max_per_uid=8)
     server.start()
     answers, lock, start = [], threading.Lock(), threading.Barrier(100)
 
@@ -179,7 +179,7 @@ def test_status_is_answered_while_every_worker_is_busy_with_a_slow_command(tmp_p
     """status and ping have their own workers: slow commands (hooks, feedback) cannot starve them."""
     gate = threading.Event()
 
-    def handler(request, peer):
+    def handler(request, peer, gone):
         if request["command"] == "feedback":
             gate.wait(10)
         return {"ok": True}
@@ -216,7 +216,7 @@ def test_client_tells_a_daemon_that_did_not_answer_from_no_daemon(tmp_path, caps
     assert "no lorad daemon is running" in capsys.readouterr().err
 
     gate = threading.Event()
-    server = ControlServer(sock, lambda r, p: gate.wait(10) and {"ok": True}, Access())
+    server = ControlServer(sock, lambda r, p, gone: gate.wait(10) and {"ok": True}, Access())
     server.start()
     try:
         with pytest.raises(protocol.DaemonTimeout):
@@ -247,7 +247,7 @@ def test_promote_through_a_daemon_that_times_out_does_not_promote_a_second_time(
     reg.promote(a)
     monkeypatch.setattr(versions, "PROMOTE_TIMEOUT", 0.3)
     gate = threading.Event()
-    server = ControlServer(sock, lambda r, p: gate.wait(10) and {"ok": True}, Access())
+    server = ControlServer(sock, lambda r, p, gone: gate.wait(10) and {"ok": True}, Access())
     server.start()
     try:
         code = main(["--config", str(config), "promote", b])
@@ -256,3 +256,36 @@ def test_promote_through_a_daemon_that_times_out_does_not_promote_a_second_time(
         server.stop()
     assert code == 75 and "may still have been applied" in capsys.readouterr().err
     assert reg.current() == a
+
+
+def test_a_request_whose_client_went_away_stops_holding_its_worker(tmp_path):
+    """A slow command (a promote waiting on a hung publish hook) sees ``gone()`` once its client
+    closed the connection, and returns: with one general worker, the next request is answered
+    at once. A client that only ended its sending side is still there."""
+    seen = []
+
+    def handler(request, peer, gone):
+        if request["command"] == "promote":
+            deadline = time.monotonic() + 10
+            while not gone() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen.append(gone())
+            return protocol.error("the client went away")
+        return {"ok": True, "gone": gone()}
+
+    path = tmp_path / "s.sock"
+    server = ControlServer(path, handler, Access(), max_clients=1)
+    server.start()
+    try:
+        with pytest.raises(protocol.DaemonTimeout):
+            protocol.request(path, "promote", timeout=0.3, version="v0001")
+        t0 = time.monotonic()
+        assert protocol.request(path, "jobs", timeout=5) == {"ok": True, "gone": False}
+        assert time.monotonic() - t0 < 1 and seen == [True]
+        with _connect(path) as s:  # a request ended by shutting the sending side: still waiting
+            s.sendall(b'{"command": "history"}')
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            assert json.loads(s.makefile().readline()) == {"ok": True, "gone": False}
+    finally:
+        server.stop()

@@ -35,7 +35,7 @@ def test_access_allows_root_self_listed_uids_and_group_members():
 
 
 def test_server_answers_and_survives_a_failing_handler(tmp_path):
-    def handler(request, peer):
+    def handler(request, peer, gone):
         if request["command"] == "jobs":
             raise RuntimeError("boom")
         return {"ok": True, "uid": peer.uid}
@@ -59,7 +59,7 @@ def test_server_answers_and_survives_a_failing_handler(tmp_path):
 def test_status_is_answered_while_another_client_is_slow(tmp_path):
     """A client that connects and sends nothing does not hold up the others."""
     path = tmp_path / "s.sock"
-    server = ControlServer(path, lambda r, p: {"ok": True}, Access(), client_timeout=5)
+    server = ControlServer(path, lambda r, p, gone: {"ok": True}, Access(), client_timeout=5)
     server.start()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
@@ -100,7 +100,7 @@ def test_clients_beyond_the_thread_limit_wait_instead_of_being_refused(tmp_path)
 
     gate = threading.Event()
 
-    def handler(request, peer):
+    def handler(request, peer, gone):
         gate.wait(5)
         return {"ok": True}
 

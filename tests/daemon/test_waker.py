@@ -61,6 +61,37 @@ def test_the_waker_retries_until_the_server_wakes_and_never_beside_a_running_cyc
         assert records(s.state_dir) == []
 
 
+def test_the_waker_outlives_an_exception_in_a_round_and_keeps_retrying(tmp_path, monkeypatch):
+    """Whatever a round raises (here a bug in the wake itself), it is logged and the thread goes
+    on: the next round wakes the server."""
+    from structlog.testing import capture_logs
+
+    s = config.loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    real, rounds = GpuShare.wake_recorded, []
+
+    def flaky(self):
+        rounds.append(time.monotonic())
+        if len(rounds) == 1:
+            raise RuntimeError("a reply no parser expected")
+        return real(self)
+
+    monkeypatch.setattr(GpuShare, "wake_recorded", flaky)
+    with SleepyVllm(sleeping=True) as fake:
+        record_asleep(s.state_dir, fake.url, retries=0, backoff=0.0)
+        waker = Waker(s, retry_every=0.05)
+        with capture_logs() as logs:
+            waker.start()
+            deadline = time.monotonic() + 10
+            while fake.sleeping and time.monotonic() < deadline:
+                time.sleep(0.05)
+            alive = waker.is_alive()
+            waker.stop()
+        assert alive and not fake.sleeping and len(rounds) >= 2
+        [failed] = [e for e in logs if e["event"] == events.WAKER_ROUND_FAILED]
+        assert failed["log_level"] == "error" and "a reply no parser expected" in failed["error"]
+        assert records(s.state_dir) == []
+
+
 def test_a_daemon_started_on_a_record_of_a_sleeping_server_wakes_it(daemon_factory, short_root):
     with SleepyVllm(sleeping=True) as fake:
         record_asleep(short_root / "state", fake.url, retries=1, backoff=0.0)

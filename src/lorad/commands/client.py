@@ -194,8 +194,9 @@ def status_text(r: dict) -> str:
                          f"(opens in {_duration((start - now).total_seconds())})")
     else:
         lines.append("next window: none configured")
+    running = (r.get("job") or {}).get("job_id")
     for server in r.get("gpu_share") or []:
-        lines.append(_server_line(server))
+        lines.append(_server_line(server, running))
     sched = r.get("schedule") or {}
     if r.get("scheduling_paused"):
         lines.append("scheduled training: paused (lorad resume)")
@@ -204,15 +205,19 @@ def status_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _server_line(server: dict) -> str:
-    """A vLLM server that sleeps during training: awake, asleep (for which job), or not woken (loud)."""
+def _server_line(server: dict, running: str | None) -> str:
+    """A vLLM server that sleeps during training: awake, asleep while the running job trains, or
+    (loud) not woken: its wake failed, or the job that put it to sleep is not running."""
     since = f" since {datetime.fromtimestamp(server['since'], timezone.utc):%Y-%m-%d %H:%M:%S %Z}" \
         if server.get("since") else ""
     if server["state"] == "wake_failed":
         return (f"vllm {server['url']}: WARNING still asleep{since}, the wake failed ({server.get('error')}); "
                 f"retried every 30 s")
-    if server["state"] == "asleep":
+    if server["state"] == "asleep" and server.get("job_id") == running:
         return f"vllm {server['url']}: asleep while job {server.get('job_id')} trains{since}"
+    if server["state"] == "asleep":
+        return (f"vllm {server['url']}: WARNING still asleep{since}; job {server.get('job_id')} is not running "
+                f"(the daemon wakes it within 30 s)")
     return f"vllm {server['url']}: awake"
 
 

@@ -13,6 +13,11 @@ workers of their own, so they never queue behind slow commands; everything else 
   socket crowds out only itself, and its newest request is still read; ``max_connections``
   bound all uids together (and the same happens when the process runs out of descriptors).
 
+A worker's handler is told whether its client is still there (``gone()``: the client closed
+its end, as one that gave up waiting does), so a command that waits on something slow (a
+promote whose publish hooks wait on a hung server) returns instead of holding the worker for
+an answer no one will read.
+
 The peer's uid and gid come from SO_PEERCRED; only root, the daemon's own uid,
 ``allowed_uids`` and members of ``allowed_group`` are served. Everyone else gets a refusal,
 and the attempt is logged. Malformed, oversized or unknown requests get an error response; the
@@ -26,6 +31,7 @@ import grp
 import os
 import pwd
 import queue
+import select
 import selectors
 import socket
 import struct
@@ -106,7 +112,7 @@ class Access:
         return member
 
 
-Handler = Callable[[dict, Peer], dict]
+Handler = Callable[[dict, Peer, Callable[[], bool]], dict]  # (request, peer, gone) -> response
 
 
 @dataclass(eq=False)
@@ -126,7 +132,8 @@ class ControlServer:
 
     Args:
         path: the socket file; a stale one is replaced, a live one raises SocketInUse.
-        handler: request dict and peer -> response dict (called in a worker thread).
+        handler: ``handler(request, peer, gone) -> response`` (called in a worker thread);
+            ``gone()`` is true once the client closed its end of the connection.
         access: who is served.
         max_clients: workers for the commands other than status and ping (requests beyond
             them queue; their connections stay open).
@@ -436,7 +443,7 @@ class ControlServer:
                     request, response = _decode(line, conn.peer)
                 if response is None:
                     try:
-                        response = self.handler(request, conn.peer)
+                        response = self.handler(request, conn.peer, lambda: _gone(conn.sock))
                     except Exception as e:  # the daemon outlives any one request
                         log.exception(events.REQUEST_FAILED, command=request.get("command"))
                         response = protocol.error(f"internal error: {type(e).__name__}: {e}")
@@ -455,6 +462,20 @@ def _decode(line: bytes, peer: Peer) -> tuple[dict | None, dict | None]:
     except protocol.ProtocolError as e:
         log.warning(events.REQUEST_REFUSED, reason=str(e)[:120], uid=peer.uid)
         return None, protocol.error(str(e))
+
+
+def _gone(sock: socket.socket) -> bool:
+    """The client closed its end (or the connection broke): no one will read an answer.
+
+    POLLHUP on a Unix stream socket means both directions are shut, which a close gives and a
+    client that only ended its sending side (SHUT_WR, still waiting to read) does not.
+    """
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), 0)  # HUP, ERR and NVAL are always reported
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed under us
+        return True
 
 
 def _send_now(sock: socket.socket, response: dict) -> None:

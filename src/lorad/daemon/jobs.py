@@ -40,6 +40,7 @@ class JobRunner(threading.Thread):
         self.window_end = window_end
         self.on_concluded = on_concluded
         self.state = "preparing" if not job.get("job_dir") else "training"
+        self.concluding = False  # the pipeline concludes (its publish hooks may wait on a server)
         self.progress: dict | None = job.get("progress")
         self.outcome: pipeline.Outcome | None = None
         self.started = time.time()
@@ -86,6 +87,8 @@ class JobRunner(threading.Thread):
     def _on_state(self, state: str) -> None:
         with self._lock:
             self.state = state
+            # "evaluating" from the pipeline, not from a progress record: the worker is done
+            self.concluding = state == "evaluating"
 
     def _on_progress(self, record: dict) -> None:
         with self._lock:

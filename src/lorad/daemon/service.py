@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import structlog
 
 from lorad import config as config_mod
-from lorad import events, gpu_share
+from lorad import events, gpu_share, release
 from lorad.buffer.jobs import FINAL, JobNotFound, JobStore
 from lorad.buffer.store import Buffer
 from lorad.config import ConfigError, Settings
@@ -44,6 +44,7 @@ SNAPSHOT_EVERY = 0.5  # seconds between status-count refreshes
 FEEDBACK_WAIT = 25.0  # seconds a feedback request waits for its commit (the client waits 30 by default)
 DECIDE_EVERY = 1.0  # seconds between scheduler decisions (sooner when asked)
 STOP_TIMEOUT = 60.0  # seconds a running job gets to checkpoint at shutdown
+CONCLUDE_WAIT = 5.0  # seconds shutdown gives a conclusion in progress when no publish hook bounds it
 STATUS_CACHE_KIB = 2048  # page cache of the status connection
 
 
@@ -65,7 +66,8 @@ class Service:
         self._snapshot: dict = {"state": "starting"}
         self._snapshot_begun = 0.0  # when the snapshot now shown started reading
         self._snap_lock = threading.Lock()
-        self._version_lock = threading.Lock()  # one promote/rollback at a time (off the main loop)
+        self._change_lock = threading.Lock()  # guards _change
+        self._change: Future | None = None  # the promote/rollback running (one at a time, off the main loop)
         self.started = time.time()
         self.runner: JobRunner | None = None
         self.scheduling_paused = False
@@ -161,13 +163,18 @@ class Service:
     def shutdown(self) -> None:
         self._stopping = True  # requests waiting for the main loop are answered "stopping"
         self.notifier.stopping()
+        # Publish hooks in flight get at most one request's deadline: a conclusion left then
+        # is finished at the next start (its journal); a promote by hand keeps its change.
+        hooks_until = time.monotonic() + (release.hook_deadline(self.settings) or CONCLUDE_WAIT)
         if self.runner is not None and self.runner.is_alive():
-            log.info(events.JOB_PAUSING, job_id=self.runner.job_id, reason="daemon stopping")
-            self.runner.pause("daemon stopping")
-            self.runner.join(STOP_TIMEOUT)
-            if self.runner.is_alive():
-                self.runner.kill()
-                self.runner.join(10)
+            self._stop_job(self.runner, hooks_until)
+        change = self._change
+        if change is not None and not change.done():
+            try:
+                change.result(max(0.0, hooks_until - time.monotonic()))
+            except FutureTimeout:
+                log.warning(events.PUBLISH_INTERRUPTED, what="a promote or rollback by request",
+                            reason="its publish hooks outlasted the stop; the pointer change stands")
         self.control.stop()
         self.metrics.stop()
         self.waker.stop()
@@ -175,6 +182,24 @@ class Service:
         self.reader.close()
         self.db.close()
         log.info(events.DAEMON_STOPPED)
+
+    def _stop_job(self, runner: JobRunner, hooks_until: float) -> None:
+        """Pause the job: a worker checkpoints (STOP_TIMEOUT, then killed); a conclusion gets
+        until ``hooks_until``, then is left to the next start, which finishes it from its journal
+        (a hook in flight runs again, as after a crash)."""
+        log.info(events.JOB_PAUSING, job_id=runner.job_id, reason="daemon stopping")
+        runner.pause("daemon stopping")
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while runner.is_alive() and time.monotonic() < deadline:
+            if runner.concluding and time.monotonic() >= hooks_until:
+                log.warning(events.PUBLISH_INTERRUPTED, what=f"job {runner.job_id}'s conclusion",
+                            job_id=runner.job_id, reason="its publish hooks outlasted the stop; the next start "
+                                                         "finishes the conclusion")
+                return
+            runner.join(0.1)
+        if runner.is_alive():
+            runner.kill()
+            runner.join(10)
 
     # -- the main loop --------------------------------------------------------------------------
 
@@ -432,7 +457,7 @@ class Service:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _handle(self, request: dict, peer: Peer) -> dict:
+    def _handle(self, request: dict, peer: Peer, gone) -> dict:
         command = request["command"]
         if command == "ping":
             return {"ok": True, "pid": os.getpid()}
@@ -461,19 +486,19 @@ class Service:
             return self._feedback(request)
         log.info(events.CONTROL_COMMAND_RECEIVED, command=command, uid=peer.uid)
         if command in ("promote", "rollback"):
-            return self._change_version(command, request)
+            return self._change_version(command, request, gone)
         return self._call(lambda: self._act(command, request))
 
-    def _change_version(self, command: str, request: dict) -> dict:
-        """promote/rollback in the connection's thread, not the main loop.
+    def _change_version(self, command: str, request: dict, gone) -> dict:
+        """promote/rollback in a thread of its own (``lorad-release``), one at a time.
 
-        Why: the publish hooks may wait minutes on a hung server (timeout x attempts); the main
-        loop must keep pinging systemd's watchdog meanwhile (WatchdogSec=60 would kill the
-        daemon). The registry's own lock serialises pointer changes with a concluding job.
+        Why a thread: the publish hooks may wait on a hung server (timeout x attempts); the
+        main loop must keep pinging systemd's watchdog meanwhile, and the control worker that
+        took the request waits only while its client does (``gone()``): one that gave up stops
+        holding a worker, and the change goes on. A second request while one runs is refused
+        at once, so hand changes never hold more than one worker. The registry's own lock
+        serialises pointer changes with a concluding job.
         """
-        from lorad import release
-        from lorad.registry import RegistryError
-
         reason, version = request.get("reason"), request.get("version")
         if version is not None and not isinstance(version, str):  # the protocol fuzz found this
             return protocol.error(f"{command}: version must be a version name string, got {version!r}"[:200])
@@ -484,18 +509,42 @@ class Service:
                                 and self.runner.state == "evaluating")
         if concluding:
             return protocol.error("a job is concluding; try again in a moment")
-        with self._version_lock, Buffer(self.settings.buffer_path, self.settings.buffer.synchronous) as buffer:
+        with self._change_lock:
+            if self._change is not None and not self._change.done():
+                return protocol.error(f"{command}: another promote or rollback is still running (its publish "
+                                      "hooks may be waiting on a server); try again when it ends")
+            future = self._change = Future()
+        threading.Thread(target=self._run_change, args=(command, version, reason, future), name="lorad-release",
+                         daemon=True).start()
+        while True:
             try:
+                return future.result(0.2)
+            except FutureTimeout:
+                if gone():
+                    log.info(events.CONTROL_CLIENT_LEFT, command=command, version=version,
+                             reason="the change goes on without its client")
+                    return protocol.error("the client went away")  # read by no one; frees the worker
+                if self._stopping:
+                    return protocol.error(f"the daemon is stopping; `lorad history` shows whether the {command} "
+                                          "was made")
+
+    def _run_change(self, command: str, version: str | None, reason: str | None, future: Future) -> None:
+        from lorad.registry import RegistryError
+
+        try:
+            with Buffer(self.settings.buffer_path, self.settings.buffer.synchronous) as buffer:
                 if command == "promote":
                     done = release.promote(self.settings, buffer, version, reason=reason or "promoted by hand")
                 else:
                     done = release.rollback(self.settings, buffer, version or None,
                                             reason=reason or "rolled back by hand")
-            except RegistryError as e:
-                return protocol.error(str(e))
-        response = {"ok": True, **done}
-        self._call(self._refresh_cycle_metrics)  # the main loop refreshes the status snapshot after an action
-        return response
+            self._call(self._refresh_cycle_metrics)  # the main loop refreshes the status snapshot after an action
+            future.set_result({"ok": True, **done})
+        except RegistryError as e:
+            future.set_result(protocol.error(str(e)))
+        except Exception as e:  # the daemon outlives any one request
+            log.exception(events.REQUEST_FAILED, command=command)
+            future.set_result(protocol.error(f"internal error: {type(e).__name__}: {e}"))
 
     def _act(self, command: str, request: dict) -> dict:
         """State-changing commands, in the main loop."""

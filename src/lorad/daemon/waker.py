@@ -5,17 +5,23 @@ seen awake again: the daemon (or a ``lorad train``) died while its worker traine
 wake after the worker failed. At start (after :func:`lorad.pipeline.recover` stopped any
 orphaned worker) and every ``RETRY_EVERY`` seconds while such a record exists, this thread
 takes the training lock, so it never wakes a server beside a running worker, and wakes the
-recorded servers. It has its own buffer connection and never holds up the main loop.
+recorded servers. It has its own buffer connection and never holds up the main loop. A round
+that raises is logged (``waker_round_failed``) and the next one comes as usual: the thread is
+the retry, so it never dies of one.
 """
 
 from __future__ import annotations
 
 import threading
 
-from lorad import gpu_share
+import structlog
+
+from lorad import events, gpu_share
 from lorad.buffer.jobs import JobStore
 from lorad.buffer.store import Buffer
 from lorad.pipeline import TrainingBusy, training_lock
+
+log = structlog.get_logger()
 
 RETRY_EVERY = 30.0  # seconds between wakes of a server that is still asleep
 STOP_WAIT = 5.0  # seconds shutdown waits for a wake in progress
@@ -52,11 +58,17 @@ class Waker(threading.Thread):
         with Buffer(s.buffer_path, s.buffer.synchronous) as buffer:
             store = JobStore(buffer.conn)
             while not self._stop_event.is_set():
-                if gpu_share.records(store):
-                    try:
-                        with training_lock(s.state_dir, "the daemon, waking servers left asleep"):
-                            gpu_share.GpuShare([], store, buffer.record_event).wake_recorded()
-                    except TrainingBusy:
-                        pass  # the cycle holding it wakes them when its worker ends
+                try:
+                    self._round(store, buffer)
+                except Exception as e:  # noqa: BLE001 - the thread is the retry: it must outlive any round
+                    log.exception(events.WAKER_ROUND_FAILED, error=f"{type(e).__name__}: {e}")
                 self._poke.wait(self.retry_every)
                 self._poke.clear()
+
+    def _round(self, store: JobStore, buffer: Buffer) -> None:
+        if gpu_share.records(store):
+            try:
+                with training_lock(self.settings.state_dir, "the daemon, waking servers left asleep"):
+                    gpu_share.GpuShare([], store, buffer.record_event).wake_recorded()
+            except TrainingBusy:
+                pass  # the cycle holding it wakes them when its worker ends
