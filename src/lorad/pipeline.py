@@ -225,10 +225,14 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     t, sel = settings.training, settings.selection
     registry = release.open_registry(settings)
     examples.refresh(buffer, sel, now=now)
+    rebuild = since is None and not t.warm_start
     if since is None:
         # Warm start continues the active adapter on what is new (plus replay); without it each
         # cycle trains a fresh adapter from the base on the whole buffer, as ReST-EM does.
         since = release.since_seq(registry) if t.warm_start else 0
+    if rebuild and examples.count_new(buffer, release.since_seq(registry), sel, now=now) == 0:
+        # Nothing arrived since the active version: retraining on the same buffer changes nothing.
+        raise NothingToTrain(f"no training examples for policy {sel.policy!r} new since the active version")
     # GRPO trains on prompts (prompts.jsonl) and is scored on the same held-out rows as SFT.
     snap = examples.build_snapshot(
         buffer, sel, method="sft" if "grpo" in t.phases else t.method, n=t.train_examples,

@@ -79,7 +79,7 @@ def test_feedback_not_committed_in_time_is_answered_as_pending_and_the_client_ex
     config = tmp_path / "config.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{sock}"\n')
     queued: Future = Future()
-    server = ControlServer(sock, lambda r, p: acknowledge(queued, 0.2), Access())
+    server = ControlServer(sock, lambda r, p, gone: acknowledge(queued, 0.2), Access())
     server.start()
     try:
         code = main(["--config", str(config), "feedback", "--timeout", "5", '{"id": "x"}'])
