@@ -88,7 +88,7 @@ def direct_ingest_ms(store: Path, scratch: Path, n: int = 20) -> float:
     import structlog
 
     from lorad.buffer.store import Buffer
-    from lorad.ingest import ingest
+    from lorad.sources.ingest import ingest
     from lorad.sources import AtomicGuardSource
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))

@@ -32,7 +32,7 @@ TARGETS = ("artifact", "jsonl", "config", "protocol")
 
 
 def seeds(target: str) -> list[bytes]:
-    from lorad import synthetic
+    from lorad.demo import synthetic
 
     if target == "artifact":
         files = sorted((ROOT / "tests" / "fixtures" / "atomicguard-store" / "objects").rglob("*.json"))[:8]

@@ -180,7 +180,7 @@ def run_baseline(job_dir: Path, *, packing: bool, checkpointing: bool) -> dict:
 def make_job(root: Path, name: str, model_dir: Path, data: list[dict], *, steps: int, batch: int, seq: int,
              **training) -> Path:
     from lorad.config import EvaluationSettings, TrainingSettings
-    from lorad.training.job import build_spec, write_job
+    from lorad.training.jobdir import build_spec, write_job
 
     settings = TrainingSettings(base_model=str(model_dir), max_steps=steps, batch_size=batch, max_seq_length=seq,
                                 lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4,
@@ -192,7 +192,7 @@ def make_job(root: Path, name: str, model_dir: Path, data: list[dict], *, steps:
 
 
 def run_lorad(job_dir: Path) -> dict:
-    from lorad.training.job import read_job, read_result, worker_command
+    from lorad.training.jobdir import read_job, read_result, worker_command
 
     proc = subprocess.run(worker_command(job_dir, read_job(job_dir)), capture_output=True, text=True, env=_env())
     result = read_result(job_dir)

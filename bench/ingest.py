@@ -31,7 +31,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lorad import log, synthetic
+from lorad import log
+from lorad.demo import synthetic
 from lorad.config import BufferSettings
 
 
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
     # script again (multiprocessing's rule for a __main__ module), and the buffer's imports
     # (sqlite-utils, which imports pandas) would make it start half a second late.
     from lorad.buffer.store import Buffer
-    from lorad.ingest import ingest
+    from lorad.sources.ingest import ingest
     from lorad.sources import AtomicGuardSource
 
     log.configure("warning")

@@ -10,7 +10,7 @@ with the feedback of really running its tests), and these models:
 - **plain trl SFT**: a dozen lines of trl (SFTTrainer, LoRA r 4 / alpha 8 on all linear layers)
   on the store's accepted answers with the first-attempt prompt, the same steps, batch and
   learning rate as lorad's SFT job;
-- **lorad SFT**: ``lorad train`` (``pipeline.run_now``) on the store with a config (the
+- **lorad SFT**: ``lorad train`` (``cycle.run_now``) on the store with a config (the
   promoted version, or the rejected one when the gate says no: both are scored);
 - **lorad GRPO**: a second ``lorad train`` with ``method = "grpo"``, warm-started from the
   version the first one promoted (SFT then GRPO as two cycles), the task guard as reward;
@@ -103,7 +103,7 @@ def chain_attempts(task: Task, rng: random.Random) -> tuple[str, list[tuple[str,
 
 
 def write_store(root: Path, tasks: list[Task], seed: int) -> dict:
-    from lorad import synthetic
+    from lorad.demo import synthetic
 
     rng = random.Random(seed)
     start = datetime.now(timezone.utc) - timedelta(days=1)
@@ -197,7 +197,8 @@ level = "warning"
 
 def lorad_cycle(config_path: Path, label: str) -> dict:
     """One ``lorad train`` cycle; returns its outcome and the version's adapter directory."""
-    from lorad import config, pipeline, release
+    from lorad import config, release
+    from lorad import cycle
 
     settings = config.load(config_path)
     started_from = release.open_registry(settings).current()
@@ -209,7 +210,7 @@ def lorad_cycle(config_path: Path, label: str) -> dict:
             print(f"  {label} step {p['step']}/{p['total_steps']} loss {p['loss']:.3f}{reward}",
                   file=sys.stderr, flush=True)
 
-    outcome = pipeline.run_now(settings, on_progress=progress)
+    outcome = cycle.run_now(settings, on_progress=progress)
     if not outcome.version:
         raise SystemExit(f"{label}: the cycle made no version ({outcome.status}: {outcome.reason})")
     registry = release.open_registry(settings)

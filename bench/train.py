@@ -94,7 +94,7 @@ def baseline(job_dir: str, packing: bool) -> dict:
 def make_job(root: Path, name: str, model_dir: str, base_model: str, state_dir: str, *, steps: int,
              batch: int, seq: int, n_rows: int, **settings) -> Path:
     from lorad.config import EvaluationSettings, TrainingSettings
-    from lorad.training.job import build_spec, write_job
+    from lorad.training.jobdir import build_spec, write_job
 
     training = TrainingSettings(base_model=base_model, max_steps=steps, batch_size=batch, max_seq_length=seq,
                                 learning_rate=2e-4, lora_dropout=0.05, save_steps=steps * 10, **settings)
@@ -113,7 +113,7 @@ def run_baseline(job_dir: Path, packing: bool = False) -> dict:
 
 
 def run_lorad(job_dir: Path) -> dict:
-    from lorad.training.job import read_job, read_result, worker_command
+    from lorad.training.jobdir import read_job, read_result, worker_command
 
     import shutil
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from lorad import cli, config, pipeline, release
-from lorad.buffer.jobs import JobStore
+from lorad import cli, config, release
+from lorad import cycle
+from lorad.buffer.job_table import JobStore
 from lorad.commands import render
 from lorad.training import supervisor
 from lorad.buffer.store import Buffer
-from lorad.training.job import EXIT_PAUSED, TRAIN_FILE, read_job, read_jsonl, read_result, write_jsonl
+from lorad.training.jobdir import EXIT_PAUSED, TRAIN_FILE, read_job, read_jsonl, read_result, write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STORE = FIXTURES / "atomicguard-store"
@@ -117,14 +118,14 @@ def two_cycles(tmp_path_factory, tiny_dir):
     """A good cycle (run_once), then a poisoned one driven step by step as the daemon does."""
     root = tmp_path_factory.mktemp("cycle")
     s = settings_for(root, str(tiny_dir))
-    good = pipeline.run_now(s)
+    good = cycle.run_now(s)
     current_after_good = release.open_registry(s).current()
     with Buffer(s.buffer_path) as buffer:
-        job_dir = pipeline.prepare(s, buffer, "poisoned", since=0)
+        job_dir = cycle.prepare(s, buffer, "poisoned", since=0)
         poison(job_dir)
         records = []
         code = supervisor.supervise(job_dir, on_progress=records.append)
-        bad = pipeline.conclude(s, buffer, job_dir)
+        bad = cycle.conclude(s, buffer, job_dir)
     return {"settings": s, "good": good, "bad": bad, "code": code, "progress": records,
             "current_after_good": current_after_good, "current_after_bad": release.open_registry(s).current()}
 
@@ -250,9 +251,9 @@ def test_rescoring_rolls_back_an_active_adapter_that_became_worse(two_cycles, tm
     reg = release.open_registry(s)
     assert (reg.current(), reg.previous()) == (bad, good)
     with Buffer(s.buffer_path) as buffer:
-        job_dir = pipeline.prepare(s, buffer, "rescore", since=0)
+        job_dir = cycle.prepare(s, buffer, "rescore", since=0)
         assert supervisor.supervise(job_dir) == 0
-        outcome = pipeline.conclude(s, buffer, job_dir)
+        outcome = cycle.conclude(s, buffer, job_dir)
         rolled = buffer.events("adapter_rolled_back")
     assert outcome.rollback["rolled_back"] is True, render.outcome(outcome)
     assert outcome.rollback["reasons"][0].startswith("active held-out loss")
@@ -266,11 +267,11 @@ def test_supervise_pauses_the_worker_on_stop_event(tiny_dir, tmp_path):
     s = settings_for(tmp_path, str(tiny_dir), steps=400, guard=False)
     stop = threading.Event()
     with Buffer(s.buffer_path) as buffer:
-        from lorad.ingest import ingest
+        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(s.store), 500)
-        job_dir = pipeline.prepare(s, buffer, "pausing")
+        job_dir = cycle.prepare(s, buffer, "pausing")
 
         def on_progress(record):
             if (record.get("step") or 0) >= 2:
@@ -388,7 +389,7 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
     a.mkdir()
     (a / "adapter_model.safetensors").write_bytes(b"weights")
     with Buffer(s.buffer_path) as buffer:
-        from lorad.ingest import ingest
+        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(s.store), 500)
@@ -397,8 +398,8 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
         reg.promote(name)
         (reg.root / name / "adapter_model.safetensors").chmod(0o644)
         (reg.root / name / "adapter_model.safetensors").write_bytes(b"changed")
-        with pytest.raises(pipeline.CycleError, match="fails its sha256 check"):
-            pipeline.prepare(s, buffer, "j1")
+        with pytest.raises(cycle.CycleError, match="fails its sha256 check"):
+            cycle.prepare(s, buffer, "j1")
     assert not (s.state_dir / "jobs" / "j1").exists()
 
 
@@ -412,7 +413,7 @@ def test_without_warm_start_a_cycle_trains_from_the_base_on_the_whole_buffer(tmp
         (a / "adapter_model.safetensors").write_bytes(b"weights")
         with Buffer(s.buffer_path) as buffer:
             from lorad.buffer import examples
-            from lorad.ingest import ingest
+            from lorad.sources.ingest import ingest
             from lorad.sources import open_sources
 
             ingest(buffer, open_sources(s.store), 500)
@@ -421,8 +422,8 @@ def test_without_warm_start_a_cycle_trains_from_the_base_on_the_whole_buffer(tmp
             reg = release.open_registry(s, buffer)
             name = reg.create(a, {"verdict": {"promote": True, "reasons": []}, "examples": {"max_seq": top - 5}}).name
             reg.promote(name)
-            job_dir = pipeline.prepare(s, buffer, "j1")
-        plan = pipeline.Plan.read(job_dir)
+            job_dir = cycle.prepare(s, buffer, "j1")
+        plan = cycle.Plan.read(job_dir)
         spec = read_job(job_dir)
         assert plan.since_seq == (top - 5 if since_active else 0)
         assert (spec.parent_adapter is not None) == warm
@@ -436,7 +437,7 @@ def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):
     a.mkdir()
     (a / "adapter_model.safetensors").write_bytes(b"weights")
     with Buffer(s.buffer_path) as buffer:
-        from lorad.ingest import ingest
+        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(s.store), 500)
@@ -447,8 +448,8 @@ def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):
         second = reg.names()[-1]
         (reg.root / "current").unlink()
         (reg.root / "current").symlink_to(second)  # not what the pointer log says
-        with pytest.raises(pipeline.CycleError, match="pointers are not believed"):
-            pipeline.prepare(s, buffer, "j2")
+        with pytest.raises(cycle.CycleError, match="pointers are not believed"):
+            cycle.prepare(s, buffer, "j2")
     assert not (s.state_dir / "jobs" / "j2").exists()
 
 
@@ -467,7 +468,7 @@ def test_a_cycle_with_nothing_to_train_ends_skipped_in_the_buffer_and_stays_so(t
         assert (job["trigger"], job["state"]) == ("cli", "skipped")
         assert "no training examples" in job["reason"] and job["finished_at"] is not None
         assert [e["state"] for e in store.events(job["job_id"])] == ["queued", "preparing", "skipped"]
-        assert pipeline.recover(s, store) == []  # a daemon starting now leaves it alone
+        assert cycle.recover(s, store) == []  # a daemon starting now leaves it alone
         assert store.get(job["job_id"])["state"] == "skipped"
         assert cycle_values(b.conn, s.state_dir)["jobs"] == {"skipped": 1}  # lorad_jobs_total{state="skipped"}
     assert cli.main(["--config", str(cfg), "--json", "jobs"]) == 0  # no daemon: read from the buffer
@@ -487,14 +488,14 @@ def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_work
         (Path(job_dir) / "result.json").unlink(missing_ok=True)  # as supervise does before a run
         return -signal.SIGKILL
 
-    monkeypatch.setattr(pipeline.supervisor, "supervise", killed)
+    monkeypatch.setattr(supervisor, "supervise", killed)
     with Buffer(s.buffer_path) as b:
-        from lorad.ingest import ingest
+        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
 
         ingest(b, open_sources(s.store))
         job_id = JobStore(b.conn).create("manual")["job_id"]
-    outcomes = [pipeline.run(s, job_id, holder="test", stop=pipeline.StopRequest()) for _ in range(3)]
+    outcomes = [cycle.run(s, job_id, holder="test", stop=cycle.StopRequest()) for _ in range(3)]
     assert [(o.status, o.reason) for o in outcomes[:2]] == [("paused", "worker killed (signal 9)")] * 2
     assert outcomes[2].status == "failed"
     assert outcomes[2].reason.startswith("worker killed (signal 9) in 3 runs in a row (schedule.max_worker_kills = 3)")
@@ -508,14 +509,14 @@ def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
     import os
 
     s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
-    with pipeline.training_lock(s.state_dir, "the daemon, job job-x"):
-        outcome = pipeline.run_now(s, ingest_first=False)
+    with cycle.training_lock(s.state_dir, "the daemon, job job-x"):
+        outcome = cycle.run_now(s, ingest_first=False)
         assert outcome.status == "busy"
         assert outcome.reason == f"another training cycle is running: the daemon, job job-x, pid {os.getpid()}"
         cfg = _write_config(tmp_path, s)
         assert cli.main(["--config", str(cfg), "train", "--once", "--no-progress", "--no-ingest"]) == 75
         assert "BUSY" in capsys.readouterr().out
-    with pipeline.training_lock(s.state_dir, "the next cycle"):  # released with the block
+    with cycle.training_lock(s.state_dir, "the next cycle"):  # released with the block
         pass
 
 
@@ -524,19 +525,19 @@ def test_the_training_lock_goes_with_a_killed_holder(tmp_path):
 
     s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lorad import config, pipeline\n"
-         "with pipeline.training_lock(config.load(sys.argv[1]).state_dir, 'a cycle that gets killed'):\n"
+        [sys.executable, "-c", "import sys, time\nfrom lorad import config, cycle\n"
+         "with cycle.training_lock(config.load(sys.argv[1]).state_dir, 'a cycle that gets killed'):\n"
          "    print('held', flush=True); time.sleep(120)\n", str(_write_config(tmp_path, s))],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(pipeline.TrainingBusy, match=f"a cycle that gets killed, pid {holder.pid}"):
-            with pipeline.training_lock(s.state_dir, "me"):
+        with pytest.raises(cycle.TrainingBusy, match=f"a cycle that gets killed, pid {holder.pid}"):
+            with cycle.training_lock(s.state_dir, "me"):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    with pipeline.training_lock(s.state_dir, "me"):  # SIGKILL released it
+    with cycle.training_lock(s.state_dir, "me"):  # SIGKILL released it
         pass
 
 

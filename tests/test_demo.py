@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lorad import config, demo, demo_tasks
+from lorad import config, demo
+from lorad.demo import tasks as demo_tasks
 from lorad.buffer import examples, split
 from lorad.buffer.store import Buffer
-from lorad.ingest import ingest
+from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource
 
 

@@ -9,7 +9,8 @@ from test_cycle import config_text
 from test_gguf_export import read, write_base_gguf
 from test_ollama import FakeOllama
 
-from lorad import cli, config, pipeline, release
+from lorad import cli, config, release
+from lorad import cycle
 from lorad.buffer.store import Buffer
 
 @pytest.fixture
@@ -37,7 +38,7 @@ base = "{base_gguf}"
 retries = 0
 """)
         settings = config.loads(text)
-        outcome = pipeline.run_now(settings)
+        outcome = cycle.run_now(settings)
         reg = release.open_registry(settings)
         version = reg.get(outcome.version)
         # the files are the version's: listed with their sha256, verified like the rest

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorad import config, gguf_export
-from lorad.gguf_export import ExportRefused, write_adapter
+from lorad import config
+from lorad.release import gguf as gguf_export
+from lorad.release.gguf import ExportRefused, write_adapter
 
 MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -95,7 +96,7 @@ def test_writes_llamas_adapter_metadata_tensor_names_and_shapes(tiny, tmp_path):
     assert list(tensors["blk.0.attn_q.weight.lora_b"].shape) == [4, 32]
     assert list(tensors["blk.1.attn_k.weight.lora_b"].shape) == [4, kv]
     assert list(tensors["blk.1.ffn_down.weight.lora_a"].shape) == [64, 4]
-    from lorad.registry import sha256_file
+    from lorad.release.registry import sha256_file
 
     assert done.sha256 == sha256_file(done.path)
     assert not list(done.path.parent.glob(".*tmp"))
@@ -279,7 +280,7 @@ def test_serve_preflight_refuses_a_missing_or_foreign_base_gguf(tiny, tmp_path):
 @pytest.fixture
 def version(tiny, tmp_path):
     """A registry under tmp_path/state/adapters with one promoted version of the tiny adapter (with its GGUF)."""
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     base, adapter = tiny
     work = shutil.copytree(adapter, tmp_path / "job-adapter")
@@ -381,7 +382,7 @@ def test_a_full_disk_during_the_export_into_a_version_is_recorded_as_a_refusal(t
 
     import gguf
 
-    from lorad.training import job
+    from lorad.training import jobdir
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -390,7 +391,7 @@ def test_a_full_disk_during_the_export_into_a_version_is_recorded_as_a_refusal(t
     work = shutil.copytree(adapter, tmp_path / "job-adapter")
     base_gguf = write_base_gguf(tmp_path / "tiny.gguf", base)
     if failing == "modelfile":
-        monkeypatch.setattr(job, "atomic_write", full)
+        monkeypatch.setattr(jobdir, "atomic_write", full)
     else:
         monkeypatch.setattr(gguf.GGUFWriter, failing, full)
     record = gguf_export.version_export([config.PublishSettings(kind="gguf", base=str(base_gguf))], work, base,

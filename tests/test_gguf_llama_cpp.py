@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lorad import gguf_export
+from lorad.release import gguf as gguf_export
 from lorad.training.base_model import convert_gguf, smollm2_gguf
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,10 @@ from sleepy_vllm import SleepyVllm
 from structlog.testing import capture_logs
 from test_cycle import settings_for
 
-from lorad import config, events, gpu_share
-from lorad.buffer.jobs import JobStore
-from lorad.gpu_share import GpuShare, ShareError, SleepingServer
+from lorad import config, events
+from lorad.release import gpu_share
+from lorad.buffer.job_table import JobStore
+from lorad.release.gpu_share import GpuShare, ShareError, SleepingServer
 
 
 @pytest.fixture
@@ -162,50 +163,50 @@ def _progress_times(job_dir) -> list[float]:
 
 
 def test_a_promoted_cycle_trains_while_the_server_sleeps_and_loads_the_adapter_after_the_wake(tmp_path, tiny_model):
-    from lorad import pipeline
+    from lorad import cycle
 
     with SleepyVllm() as fake:
-        outcome = pipeline.run_now(cycle_settings(tmp_path, tiny_model, fake.url))
+        outcome = cycle.run_now(cycle_settings(tmp_path, tiny_model, fake.url))
         assert outcome.status == "promoted", outcome.reason
         assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping",
                                 "POST /v1/load_lora_adapter"]
         assert list(fake.loaded) == [f"lorad-{outcome.version}"]
         slept, woke = fake.log[0][0], fake.log[2][0]
-        times = _progress_times(pipeline.job_dir_of(cycle_settings(tmp_path, tiny_model, fake.url), outcome.job_id))
+        times = _progress_times(cycle.job_dir_of(cycle_settings(tmp_path, tiny_model, fake.url), outcome.job_id))
         assert times and all(slept <= t <= woke for t in times)  # every step the worker took, asleep
 
 
 def test_a_failed_worker_a_paused_one_and_a_cancelled_one_leave_the_server_awake(tmp_path, tiny_model):
     import shutil
 
-    from lorad import pipeline
+    from lorad import cycle
     from lorad.buffer.store import Buffer
 
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)
     (broken / "config.json").write_text("{not json")
     with SleepyVllm() as fake:
-        failed = pipeline.run_now(cycle_settings(tmp_path / "a", broken, fake.url))
+        failed = cycle.run_now(cycle_settings(tmp_path / "a", broken, fake.url))
         assert failed.status == "failed"
         assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping"]
         assert not fake.sleeping
 
         s = cycle_settings(tmp_path / "b", tiny_model, fake.url, steps=500)
         with Buffer(s.buffer_path) as buffer:
-            from lorad.ingest import ingest
+            from lorad.sources.ingest import ingest
             from lorad.sources import open_sources
 
             ingest(buffer, open_sources(s.store), s.buffer.batch_size)
             job_id = JobStore(buffer.conn).create("manual")["job_id"]
         for how, final in (("pause", "paused"), ("cancel", "cancelled")):  # the paused job resumes, then cancels
-            stop = pipeline.StopRequest()
+            stop = cycle.StopRequest()
 
             def on_progress(record, stop=stop, how=how):
                 if record.get("stage") == "training" and fake.sleeping:
                     getattr(stop, how)(f"{how} by the test")
 
             fake.log.clear()
-            outcome = pipeline.run(s, job_id, holder="the test", stop=stop, on_progress=on_progress)
+            outcome = cycle.run(s, job_id, holder="the test", stop=stop, on_progress=on_progress)
             assert outcome.status == final, outcome.reason
             assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping"]
             assert not fake.sleeping
@@ -216,7 +217,7 @@ def test_a_failed_worker_a_paused_one_and_a_cancelled_one_leave_the_server_awake
 def test_a_cycle_first_wakes_a_server_a_dead_cycle_left_asleep(tmp_path, tiny_model):
     """A `lorad train` killed while its worker trained left the record; the next cycle acts on it
     before anything else (here one that then finds nothing to train on)."""
-    from lorad import pipeline
+    from lorad import cycle
     from lorad.buffer.store import Buffer
 
     with SleepyVllm(sleeping=True, wake_failures=1) as fake:
@@ -226,7 +227,7 @@ def test_a_cycle_first_wakes_a_server_a_dead_cycle_left_asleep(tmp_path, tiny_mo
             store = JobStore(buffer.conn)
             GpuShare([], store)._record(SleepingServer(fake.url, retries=1, backoff=0.0), "asleep", "job-killed")
             job_id = store.create("manual")["job_id"]
-        outcome = pipeline.run(s, job_id, holder="the test")
+        outcome = cycle.run(s, job_id, holder="the test")
         assert outcome.status == "skipped", outcome.reason
         # its first try refused, the retry taken
         assert fake.calls() == ["POST /wake_up", "POST /wake_up", "GET /is_sleeping"] and not fake.sleeping
@@ -238,12 +239,12 @@ def test_a_wake_cut_short_after_the_worker_succeeded_never_costs_the_trained_ada
     """The worker trains, then POST /wake_up closes mid-reply: the job is concluded from its result
     (a version, the gate's verdict), the wake failure is recorded for the waker to retry, and the
     next cycle is not failed by it either."""
-    from lorad import pipeline
+    from lorad import cycle
     from lorad.buffer.store import Buffer
 
     with SleepyVllm(broken={"/wake_up": "cut"}) as fake:
         s = cycle_settings(tmp_path, tiny_model, fake.url)
-        outcome = pipeline.run_now(s)
+        outcome = cycle.run_now(s)
         assert outcome.status in ("promoted", "rejected"), outcome.reason
         assert outcome.version and outcome.verdict is not None
         with Buffer(s.buffer_path) as buffer:
@@ -252,6 +253,6 @@ def test_a_wake_cut_short_after_the_worker_succeeded_never_costs_the_trained_ada
             assert "cut short" in record["error"]
             assert buffer.events(events.SERVER_WAKE_FAILED)[0]["job_id"] == outcome.job_id
         fake.broken.clear()  # the server answers again: the next cycle wakes it first
-        again = pipeline.run_now(s)
+        again = cycle.run_now(s)
         assert again.status != "failed", again.reason
         assert not fake.sleeping

@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lorad import config, pipeline
+from lorad import config
+from lorad import cycle
 from lorad.buffer.formatting import HISTORY_HEADING
 from lorad.buffer.store import Buffer
-from lorad.training.job import PROMPTS_FILE, TRAIN_FILE, read_job, read_jsonl
+from lorad.training.jobdir import PROMPTS_FILE, TRAIN_FILE, read_job, read_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GUARD = FIXTURES / "task_guard.py"
@@ -47,11 +48,11 @@ def test_prepare_writes_first_attempt_prompts_of_every_training_task_for_grpo(tm
     """First-try, refined and exhausted tasks all give prompts, without history, whatever the policy."""
     settings = grpo_settings(tmp_path, "unused")
     with Buffer(settings.buffer_path) as buffer:
-        from lorad.ingest import ingest
+        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(settings.store), 100)
-        job_dir = pipeline.prepare(settings, buffer, "j1")
+        job_dir = cycle.prepare(settings, buffer, "j1")
         outcomes = dict(buffer.conn.execute(
             "SELECT outcome, count(*) FROM examples WHERE split = 'train' AND duplicate_of IS NULL GROUP BY 1"))
     prompts = read_jsonl(job_dir / PROMPTS_FILE)
@@ -64,7 +65,7 @@ def test_prepare_writes_first_attempt_prompts_of_every_training_task_for_grpo(tm
         assert row["prompt"][-1]["content"].startswith(row["specification"])
     assert got == outcomes and set(got) >= {"first_try", "refined"}
     assert read_job(job_dir).method == "grpo"
-    plan = pipeline.Plan.read(job_dir)
+    plan = cycle.Plan.read(job_dir)
     assert plan.examples["count"] == len(prompts) and plan.examples["stats"]["method"] == "grpo"
 
 
@@ -72,7 +73,7 @@ def test_a_grpo_cycle_trains_scores_and_concludes(tmp_path):
     from lorad.training.tiny import build_tiny_model
 
     settings = grpo_settings(tmp_path, str(build_tiny_model(tmp_path / "tiny")))
-    outcome = pipeline.run_now(settings)
+    outcome = cycle.run_now(settings)
     assert outcome.status in ("promoted", "rejected"), outcome.reason
     assert outcome.version and outcome.training["steps"] == 2
     assert set(outcome.metrics) >= {"candidate", "active"}
@@ -84,18 +85,18 @@ def test_an_sft_then_grpo_cycle_writes_both_sets_and_records_both_phases(tmp_pat
 
     settings = grpo_settings(tmp_path, str(build_tiny_model(tmp_path / "tiny")), steps=3, method="sft+grpo")
     with Buffer(settings.buffer_path) as buffer:
-        from lorad.ingest import ingest
+        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(settings.store), 100)
-        job_dir = pipeline.prepare(settings, buffer, "j1")
+        job_dir = cycle.prepare(settings, buffer, "j1")
     train, prompts = read_jsonl(job_dir / TRAIN_FILE), read_jsonl(job_dir / PROMPTS_FILE)
     assert train and prompts
-    plan = pipeline.Plan.read(job_dir)
+    plan = cycle.Plan.read(job_dir)
     # the version covers the examples of either phase
     assert plan.examples["count"] >= len(prompts) and plan.examples["stats"]["method"] == "sft+grpo"
 
-    outcome = pipeline.run_now(settings)
+    outcome = cycle.run_now(settings)
     assert outcome.status in ("promoted", "rejected"), outcome.reason
     assert [(p["method"], p["steps"]) for p in outcome.training["phases"]] == [("sft", 3), ("grpo", 2)]
     assert outcome.training["steps"] == 5 and "epsilon" in outcome.metrics["candidate"]

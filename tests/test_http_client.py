@@ -1,4 +1,4 @@
-"""lorad.http_client against hostile servers in the test: long, huge, cut and dripping replies,
+"""lorad.release.http_client against hostile servers in the test: long, huge, cut and dripping replies,
 a silent one, and a cancel from another thread."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import tracemalloc
 import pytest
 
 from fake_http import DrippingHandler, FakeServer, JsonHandler, huge_body_handler
-from lorad import http_client
-from lorad.http_client import HttpError
+from lorad.release import http_client
+from lorad.release.http_client import HttpError
 
 
 def test_a_long_json_reply_comes_back_whole():

@@ -81,7 +81,7 @@ class _Recording:
 def test_the_cycle_collector_is_paused_during_a_scan_and_back_on_after(buffer):
     import gc
 
-    from lorad.ingest import ingest
+    from lorad.sources.ingest import ingest
 
     assert gc.isenabled()
     reader, failing = _Recording(), _Recording(fail=True)
@@ -99,9 +99,9 @@ def test_the_cycle_collector_is_paused_during_a_scan_and_back_on_after(buffer):
 def test_a_lone_surrogate_or_a_nan_score_is_quarantined_with_a_reason_and_the_rest_ingested(tmp_path):
     """A JSONL line or an artifact file holding a lone surrogate (``"\\ud800"``) stopped the
     whole scan, on every pass (SQLite cannot store it); a NaN score was stored as "rejected"."""
-    from lorad import synthetic
+    from lorad.demo import synthetic
     from lorad.buffer.store import Buffer
-    from lorad.ingest import ingest
+    from lorad.sources.ingest import ingest
     from lorad.sources.atomicguard import AtomicGuardSource
     from lorad.sources.jsonl import JsonlSource
 

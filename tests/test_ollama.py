@@ -13,8 +13,8 @@ import pytest
 from fake_http import FakeServer, JsonHandler
 from lorad import config, release
 from lorad.buffer.store import Buffer
-from lorad.publish import GgufHook, OllamaHook, hooks_from_settings, publish
-from lorad.registry import Registry
+from lorad.release.hooks import GgufHook, OllamaHook, hooks_from_settings, publish
+from lorad.release.registry import Registry
 
 T0 = datetime(2026, 12, 1, 3, 0, tzinfo=timezone.utc)
 
@@ -213,7 +213,7 @@ def test_an_ollama_model_name_as_base_is_created_from(tmp_path):
 
 
 def _change(reg):
-    from lorad.registry import Change
+    from lorad.release.registry import Change
 
     name = reg.names()[0]
     return Change("promoted", name, None, None, (None, None))

@@ -11,8 +11,8 @@ import pytest
 from fake_http import FakeServer, JsonHandler
 from lorad.buffer.store import Buffer
 from lorad.config import PublishSettings
-from lorad.publish import CommandHook, VllmHook, hooks_from_settings, publish
-from lorad.registry import Registry
+from lorad.release.hooks import CommandHook, VllmHook, hooks_from_settings, publish
+from lorad.release.registry import Registry
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=timezone.utc)
 
@@ -184,7 +184,7 @@ def test_a_cancel_ends_hooks_waiting_on_a_server_and_is_recorded(reg):
     assert event["version"] == b and event["detail"]["hooks"] == [h.name for h in hooks]
     assert report.as_dict()["cancelled"] is True
     # a command already running is stopped by the cancel too
-    from lorad.registry import Change
+    from lorad.release.registry import Change
 
     later = threading.Event()
     threading.Timer(0.3, later.set).start()

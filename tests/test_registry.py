@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from lorad.buffer.store import Buffer
-from lorad.registry import Registry, RegistryError, TamperedVersion, UnknownVersion
+from lorad.release.registry import Registry, RegistryError, TamperedVersion, UnknownVersion
 
 T0 = datetime(2026, 11, 21, 3, 0, 0, tzinfo=timezone.utc)
 

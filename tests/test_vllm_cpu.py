@@ -13,8 +13,8 @@ import pytest
 
 from lorad.config import PublishSettings
 from lorad.loop import server
-from lorad.publish import hooks_from_settings, publish
-from lorad.registry import Registry
+from lorad.release.hooks import hooks_from_settings, publish
+from lorad.release.registry import Registry
 from lorad.training.base_model import convert_gguf, smollm2_gguf
 
 pytestmark = pytest.mark.slow

@@ -438,7 +438,7 @@ class PublishSettings:
     backoff: float = _c(non_negative, default=1.0)
     required: bool = False
     # vllm: put the server to sleep (POST /sleep?level=1) while the worker trains, wake it after;
-    # the server needs --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (lorad.gpu_share).
+    # the server needs --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (lorad.release.gpu_share).
     sleep_during_training: bool = False
 
     def invalid(self) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ serves, the registry audits its own pointer moves. The audit table (``Buffer.rec
 uses the same names.
 """
 
-# Jobs (lorad.pipeline)
+# Jobs (lorad.cycle)
 JOB_PREPARED = "job_prepared"
 JOB_STATE_CHANGED = "job_state_changed"  # preparing, training, evaluating
 JOB_PROMOTED = "job_promoted"
@@ -21,7 +21,7 @@ JOB_RECOVERY_SKIPPED = "job_recovery_skipped"
 ORPHAN_WORKER_STOPPED = "orphan_worker_stopped"
 STATUS_REFRESH_FAILED = "status_refresh_failed"
 
-# Versions (lorad.pipeline, lorad.release, lorad.registry, lorad.publish)
+# Versions (lorad.cycle, lorad.release, lorad.release.registry, lorad.release.hooks)
 CANDIDATE_REJECTED = "candidate_rejected"
 ADAPTER_PROMOTED = "adapter_promoted"
 ADAPTER_ROLLED_BACK = "adapter_rolled_back"
@@ -41,7 +41,7 @@ JOB_PAUSING = "job_pausing"
 BACKOFF_STARTED = "backoff_started"
 
 
-# A vLLM server sharing the GPU (lorad.gpu_share)
+# A vLLM server sharing the GPU (lorad.release.gpu_share)
 SERVER_SLEPT = "server_slept"
 SERVER_SLEEP_FAILED = "server_sleep_failed"
 SERVER_WOKEN = "server_woken"
@@ -99,12 +99,12 @@ SOURCE_REWATCHED = "source_rewatched"
 WATCH_EVENTS_LOST = "watch_events_lost"
 INGEST_LOOP_FAILED = "ingest_loop_failed"
 
-# lorad.ingest
+# lorad.sources.ingest
 ARTIFACT_QUARANTINED = "artifact_quarantined"
 INGEST_FAILED = "ingest_failed"
 INGEST_COMPLETED = "ingest_completed"
 
-# lorad.registry
+# lorad.release.registry
 REGISTRY_POINTER_REFUSED = "registry_pointer_refused"
 
 # lorad.sources.pool

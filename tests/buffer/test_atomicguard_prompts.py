@@ -14,7 +14,7 @@ import pytest
 
 from lorad.buffer import examples, formatting
 from lorad.config import ATOMICGUARD_SYSTEM, SelectionSettings
-from lorad.ingest import ingest
+from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource
 
 from pathlib import Path

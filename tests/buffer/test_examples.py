@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorad import synthetic
+from lorad.demo import synthetic
 from lorad.buffer import examples, split
 from lorad.buffer.store import Buffer
 from lorad.config import SelectionSettings
-from lorad.ingest import ingest
+from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)

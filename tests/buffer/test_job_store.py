@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorad.buffer.jobs import JobStore
+from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
 
 
@@ -12,9 +12,9 @@ from lorad.buffer.store import Buffer
 def test_every_state_a_cycle_ends_in_is_stored(state):
     """Each final state the pipeline reports is one the jobs table admits (a state it refuses
     left the job "preparing" for ever: issue 23, finding 4)."""
-    from lorad import pipeline
+    from lorad.cycle import driver
 
-    assert state in pipeline._FINAL_EVENTS
+    assert state in driver._FINAL_EVENTS
     with Buffer(":memory:") as b:
         store = JobStore(b.conn)
         job = store.create("manual")

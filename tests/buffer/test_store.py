@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorad.buffer import schema, store
-from lorad.buffer.jobs import JobStore
+from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Batch, Buffer, Quarantined
 
 

@@ -234,7 +234,7 @@ def test_promote_through_a_daemon_that_times_out_does_not_promote_a_second_time(
     """A timeout used to read as "no daemon", and `lorad promote` then changed the registry itself."""
     from lorad.cli import main
     from lorad.commands import versions
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     sock = tmp_path / "s.sock"
     config = tmp_path / "config.toml"

@@ -151,12 +151,13 @@ def test_train_now_wait_ends_for_a_job_with_nothing_to_train_and_a_restart_leave
 
 
 def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, short_root):
-    from lorad import config, pipeline
+    from lorad import config
+    from lorad import cycle
 
     sections = training_sections(short_root / "never-loaded", min_new_examples=1)
     sections["schedule"].update(windows=[closed_window_now()])  # no job of its own meanwhile
     d = daemon_factory(env=WORKER_ENV, **sections)
-    with pipeline.training_lock(config.load(d.config).state_dir, "lorad train, job job-y"):
+    with cycle.training_lock(config.load(d.config).state_dir, "lorad train, job job-y"):
         r = d.cli("train-now", "--wait", timeout=120)
     assert r.returncode == 1
     failed = d.request("jobs")["jobs"][0]
@@ -165,8 +166,9 @@ def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, s
 
 
 def test_a_daemon_starting_beside_a_running_lorad_train_leaves_its_job_alone(daemon_factory, short_root):
-    from lorad import config, pipeline
-    from lorad.buffer.jobs import JobStore
+    from lorad import config
+    from lorad import cycle
+    from lorad.buffer.job_table import JobStore
     from lorad.buffer.store import Buffer
 
     sections = training_sections(short_root / "never-loaded")
@@ -177,7 +179,7 @@ def test_a_daemon_starting_beside_a_running_lorad_train_leaves_its_job_alone(dae
         store = JobStore(buffer.conn)
         job_id = store.create("cli")["job_id"]
         store.transition(job_id, "training", None)
-    with pipeline.training_lock(s.state_dir, f"lorad train, job {job_id}"):
+    with cycle.training_lock(s.state_dir, f"lorad train, job {job_id}"):
         d.start()
         assert job(d, job_id)["state"] == "training"  # not taken for a dead daemon's job
         assert any(e.get("event") == "job_recovery_skipped" for e in d.events())

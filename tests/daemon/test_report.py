@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 
 from lorad.buffer.store import Buffer
 from lorad.cli import main
-from lorad.buffer.jobs import JobStore
-from lorad.registry import Registry
+from lorad.buffer.job_table import JobStore
+from lorad.release.registry import Registry
 
 
 def make_state(root):

@@ -248,7 +248,7 @@ def test_second_daemon_on_the_same_socket_refuses_to_start(daemon_factory, short
 
 
 def test_promote_and_rollback_go_through_the_running_daemon(daemon_factory, short_root):
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     d = daemon_factory()
     adapter = short_root / "adapter"
@@ -275,7 +275,7 @@ def test_promote_and_rollback_go_through_the_running_daemon(daemon_factory, shor
 
 def test_a_version_named_with_a_non_ascii_digit_is_no_such_version_through_the_daemon(daemon_factory, short_root):
     """promote '²' answered "internal error: ValueError"."""
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     d = daemon_factory()
     adapter = short_root / "adapter"

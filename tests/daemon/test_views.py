@@ -6,8 +6,8 @@ from lorad.buffer import examples
 from lorad.buffer.store import Buffer
 from lorad.config import SelectionSettings
 from lorad.daemon import views
-from lorad.ingest import ingest
-from lorad.registry import Registry
+from lorad.sources.ingest import ingest
+from lorad.release.registry import Registry
 from lorad.sources import AtomicGuardSource
 
 

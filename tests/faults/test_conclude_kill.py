@@ -25,8 +25,11 @@ pytestmark = pytest.mark.faults
 # Runs in a fresh process: patch the kill point in, then run (or recover and run) the job.
 SCRIPT = r"""
 import json, os, signal, sys
-from lorad import config, pipeline, registry, release
-from lorad.buffer.jobs import JobStore
+from lorad import config, release
+from lorad import cycle
+from lorad.cycle import driver
+from lorad.release import registry
+from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
 
 settings = config.load(sys.argv[1])
@@ -49,27 +52,27 @@ def after(owner, name):
 
 
 patch = {
-    "before-conclude": lambda: setattr(pipeline, "conclude", die),
+    "before-conclude": lambda: setattr(driver, "conclude", die),
     "after-version": lambda: after(registry.Registry, "create"),
     "before-pointer": lambda: setattr(registry.Registry, "promote", die),
     "after-pointer": lambda: after(registry.Registry, "promote"),
     "during-hooks": lambda: None,  # the hook itself kills its parent (see the config)
     "after-hooks": lambda: after(release, "publish"),
-    "before-final-state": lambda: setattr(pipeline._Job, "finish", die),
+    "before-final-state": lambda: setattr(driver._Job, "finish", die),
     "restart": lambda: None,
 }
 patch[point]()
 with Buffer(settings.buffer_path) as buffer:
     store = JobStore(buffer.conn)
     if job_id == "new":
-        from lorad.ingest import ingest
+        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
 
         ingest(buffer, open_sources(settings.store), 500)
         job_id = store.create("cli")["job_id"]
         print("JOB", job_id, flush=True)
-    recovered = [j["job_id"] for j in pipeline.recover(settings, store)] if point == "restart" else []
-outcome = pipeline.run(settings, job_id, holder="the fault test")
+    recovered = [j["job_id"] for j in cycle.recover(settings, store)] if point == "restart" else []
+outcome = cycle.run(settings, job_id, holder="the fault test")
 print("RESULT", json.dumps({"recovered": recovered, "outcome": outcome.as_dict()}), flush=True)
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorad.buffer.store import Buffer
-from lorad.registry import Registry
+from lorad.release.registry import Registry
 
 BACKOFF = 0.3
 RETRIES = 3

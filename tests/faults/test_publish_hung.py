@@ -17,7 +17,7 @@ from fake_http import DrippingHandler, FakeServer  # (tests/, on the path throug
 
 from lorad.buffer.store import Buffer
 from lorad.daemon import protocol
-from lorad.registry import Registry
+from lorad.release.registry import Registry
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(400)]
 

@@ -41,7 +41,7 @@ def served_version(state: Path, model: Path) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     torch.set_num_threads(1)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
@@ -130,7 +130,7 @@ def test_worker_exception_nan_and_oom_fail_the_job_with_reason_back_off_and_leav
     assert [e["backoff_s"] for e in ev[:3]] == [BACKOFF, 2 * BACKOFF, 4 * BACKOFF]
     assert d.request("status")["schedule"]["backoff_until"] > time.time() - 60
 
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     registry = Registry(state / "adapters", keep=5, keep_best=True)
     assert registry.current() == before and registry.verify(before) == []

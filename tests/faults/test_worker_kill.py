@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 from daemon_helpers import training_sections
 
-from lorad import config, pipeline, release
+from lorad import config, release
+from lorad import cycle
 from lorad.buffer.store import Buffer
-from lorad.ingest import ingest
+from lorad.sources.ingest import ingest
 from lorad.sources import open_sources
-from lorad.training import job as jobfile
+from lorad.training import jobdir as jobfile
 from lorad.training.worker import CHECKPOINT_MARKER, complete_checkpoints
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -147,7 +148,7 @@ def test_worker_killed_at_random_moments_resumes_from_complete_checkpoints_and_n
     with Buffer(s.buffer_path) as buffer:
         ingest(buffer, open_sources(s.store))
         registry = release.open_registry(s, buffer)
-        job_dir = Path(pipeline.prepare(s, buffer, "killed", since=0))
+        job_dir = Path(cycle.prepare(s, buffer, "killed", since=0))
 
         kills, resumed_from = 0, []
         newest_before = 0
@@ -178,7 +179,7 @@ def test_worker_killed_at_random_moments_resumes_from_complete_checkpoints_and_n
             if result and result.status == "succeeded":
                 break  # the kill came after the worker had finished: nothing left to interrupt
             # What a killed worker left behind is never promoted.
-            outcome = pipeline.conclude(s, buffer, job_dir)
+            outcome = cycle.conclude(s, buffer, job_dir)
             assert not outcome.promoted and outcome.version is None
             assert registry.current() is None and registry.versions() == []
 
@@ -193,7 +194,7 @@ def test_worker_killed_at_random_moments_resumes_from_complete_checkpoints_and_n
         # Killed during the adapter save or evaluation, each run resumed from the newest complete
         # checkpoint (the last step itself is not checkpointed: the adapter is saved right after).
         assert resumed_from[-1] >= MAX_STEPS - 1, resumed_from
-        outcome = pipeline.conclude(s, buffer, job_dir)
+        outcome = cycle.conclude(s, buffer, job_dir)
         assert outcome.status in ("promoted", "rejected"), outcome.as_dict()
         if not outcome.promoted:  # the gate's call; promote by hand to check what current serves
             release.promote(s, buffer, outcome.version, reason="fault test")

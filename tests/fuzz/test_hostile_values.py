@@ -15,7 +15,8 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorad import config, synthetic
+from lorad import config
+from lorad.demo import synthetic
 from lorad.daemon import protocol
 from lorad.sources.atomicguard import parse_artifact
 from lorad.sources.base import ParseError

@@ -13,9 +13,10 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorad import config, synthetic
+from lorad import config
+from lorad.demo import synthetic
 from lorad.buffer.store import ARTIFACT_COLUMNS, Buffer
-from lorad.ingest import ingest
+from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import parse_artifact
 from lorad.sources.base import ParseError
 from lorad.sources.jsonl import JsonlSource, parse_record

@@ -149,7 +149,7 @@ def test_a_round_fills_the_store_a_cycle_promotes_and_the_server_serves_the_new_
         finally:
             assert daemon.stop() == 0
     from lorad import config as cfg
-    from lorad.live import live_rates
+    from lorad.evaluation.live import live_rates
 
     live = live_rates(cfg.load(config), [version])[version]
     assert (live.accepted, live.attempts, live.mean_attempts) == (6, 6, 1.0)

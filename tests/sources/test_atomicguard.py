@@ -12,8 +12,8 @@ import pytest
 
 from structlog.testing import capture_logs
 
-from lorad import synthetic
-from lorad.ingest import ingest
+from lorad.demo import synthetic
+from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource, parse_artifact
 from lorad.sources.base import ParseError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorad.training import job as jobfile
+from lorad.training import jobdir as jobfile
 from training_helpers import make_spec, sft_row
 
 

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from training_helpers import run_worker, sft_row  # noqa: E402
 
-from lorad.training import job as jobfile  # noqa: E402
+from lorad.training import jobdir as jobfile  # noqa: E402
 from lorad.training import resources  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,

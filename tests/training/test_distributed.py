@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from lorad.training import job as jobfile
+from lorad.training import jobdir as jobfile
 from training_helpers import run_worker
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lorad.training import job as jobfile
+from lorad.training import jobdir as jobfile
 from lorad.evaluation.metrics import closes_first_block
 from lorad.training.grpo import GuardReward
 from lorad.training.worker import complete_checkpoints

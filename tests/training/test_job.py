@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from lorad import config
-from lorad.training import job as jobfile
-from lorad.training.job import JobError, Result
+from lorad.training import jobdir as jobfile
+from lorad.training.jobdir import JobError, Result
 from training_helpers import make_spec
 
 
@@ -103,6 +103,6 @@ def test_build_spec_takes_training_and_evaluation_keys():
 def test_training_modules_the_daemon_imports_do_not_import_torch():
     import subprocess
 
-    code = ("import sys, lorad.training.job, lorad.commands.doctor; "
+    code = ("import sys, lorad.training.jobdir, lorad.commands.doctor; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lorad.training import job as jobfile
+from lorad.training import jobdir as jobfile
 from lorad.training.base_model import smollm2_gguf
 from training_helpers import run_worker, sft_row
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from lorad.training import job as jobfile
+from lorad.training import jobdir as jobfile
 
 SPECS = [
     ("is_even(n)", "def is_even(n):\n    return n % 2 == 0"),

@@ -247,7 +247,7 @@ def _jobs_call(settings, command: str, **arguments) -> dict:
     except CommandError as e:
         if e.code != EX_UNAVAILABLE or not settings.buffer_path.exists():
             raise
-    from lorad.buffer.jobs import JobNotFound, JobStore
+    from lorad.buffer.job_table import JobNotFound, JobStore
     from lorad.buffer.store import Buffer, BufferError
 
     try:
@@ -286,7 +286,7 @@ def train_now(args, settings) -> int:
         return 0
     if not args.json:
         print(f"queued {job_id}", flush=True)
-    from lorad.buffer.jobs import FINAL
+    from lorad.buffer.job_table import FINAL
 
     tty = sys.stdout.isatty() and not args.json
     last = ""

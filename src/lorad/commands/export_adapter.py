@@ -24,8 +24,8 @@ def register(sub, common) -> None:
 
 
 def export_adapter(args, settings) -> int:
-    from lorad.gguf_export import ExportRefused, export_version, publish_base
-    from lorad.registry import RegistryError
+    from lorad.release.gguf import ExportRefused, export_version, publish_base
+    from lorad.release.registry import RegistryError
     from lorad.release import open_registry
 
     base = args.base or publish_base(settings.publish, settings.training.base_model)

@@ -15,7 +15,7 @@ def run(args, settings) -> int:
     from lorad.buffer.store import Buffer, BufferError
     from lorad.config import EX_CONFIG
     from lorad.daemon.preflight import unwritable
-    from lorad.ingest import ingest
+    from lorad.sources.ingest import ingest
     from lorad.sources import open_sources
 
     if not settings.store.sources:

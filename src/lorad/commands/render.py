@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def outcome(o) -> str:
-    """A cycle's :class:`lorad.pipeline.Outcome`: the verdict with its reasons, the metrics side by side."""
+    """A cycle's :class:`lorad.cycle.Outcome`: the verdict with its reasons, the metrics side by side."""
     head = f"job {o.job_id}: {o.status.upper()}"
     if o.version:
         head += f" {o.version}"

@@ -43,9 +43,9 @@ def run(args, settings) -> int:
 def collect(settings, limit: int = 10) -> dict:
     """Jobs with their loss curves, and versions with their metrics, from the state directory."""
     from lorad.cli import CommandError
-    from lorad.buffer.jobs import JobStore
-    from lorad.registry import Registry, RegistryError
-    from lorad.training.job import iter_progress
+    from lorad.buffer.job_table import JobStore
+    from lorad.release.registry import Registry, RegistryError
+    from lorad.training.jobdir import iter_progress
 
     jobs = []
     path = settings.buffer_path
@@ -66,7 +66,7 @@ def collect(settings, limit: int = 10) -> dict:
             jobs.append({**job, "curve": curve})
     elif not (settings.state_dir / "adapters").exists():
         raise CommandError(f"nothing to report: no buffer at {path} and no adapters in {settings.state_dir}")
-    from lorad.live import live_rates
+    from lorad.evaluation.live import live_rates
 
     reg = Registry(settings.state_dir / "adapters")
     versions = []

@@ -1,6 +1,6 @@
 """`lorad train`: one whole training cycle in the foreground, without the daemon.
 
-The cycle is the daemon's (:mod:`lorad.pipeline`), recorded as a job of trigger ``cli``:
+The cycle is the daemon's (:mod:`lorad.cycle`), recorded as a job of trigger ``cli``:
 `lorad jobs` and `lorad report` show it beside the daemon's.
 """
 
@@ -24,7 +24,7 @@ def register(sub, common) -> None:
 
 
 def run(args, settings) -> int:
-    from lorad import pipeline
+    from lorad import cycle
     from lorad.buffer.store import BufferError
     from lorad.commands import CommandError, render
     from lorad.config import EX_CONFIG
@@ -35,7 +35,7 @@ def run(args, settings) -> int:
         raise CommandError("cannot train: " + "; ".join(problems), EX_CONFIG)
     bar = render.ProgressBar(enabled=not (args.no_progress or args.json))
     try:
-        outcome = pipeline.run_now(settings, ingest_first=not args.no_ingest, on_progress=bar.update)
+        outcome = cycle.run_now(settings, ingest_first=not args.no_ingest, on_progress=bar.update)
     except BufferError as e:
         raise CommandError(str(e)) from None
     finally:

@@ -35,9 +35,9 @@ def register(sub, common) -> None:
 def history(args, settings) -> int:
     from lorad.cli import CommandError
     from lorad.commands.render import metrics_table
-    from lorad.live import live_rates
+    from lorad.evaluation.live import live_rates
     from lorad.release import open_registry
-    from lorad.registry import RegistryError
+    from lorad.release.registry import RegistryError
 
     reg = open_registry(settings)
     if args.version:
@@ -188,7 +188,7 @@ def _change(args, settings, action: str) -> int:
     from lorad import release
     from lorad.buffer.store import Buffer
     from lorad.cli import CommandError
-    from lorad.registry import RegistryError
+    from lorad.release.registry import RegistryError
 
     done = _through_daemon(settings, action, args.version, args.reason)
     if done is None:  # no daemon running: change the registry here

@@ -66,8 +66,8 @@ def cycle_values(conn: sqlite3.Connection, state_dir: Path) -> dict:
         finished_at, tokens_per_s} | None, last_success: ts | None, promotions, rollbacks,
         scores: {active|candidate: {version, nll, epsilon}}}
     """
-    from lorad.registry import Registry, RegistryError
-    from lorad.training.job import JobError, read_result
+    from lorad.release.registry import Registry, RegistryError
+    from lorad.training.jobdir import JobError, read_result
 
     q = conn.execute
     marks = ", ".join("?" for _ in FINAL_STATES)

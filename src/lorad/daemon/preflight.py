@@ -28,7 +28,7 @@ def problems(settings) -> list[str]:
     if problem:
         found.append(f"{key_of_socket}: {problem}")
     found += unwritable(settings, [] if problem else [(key_of_socket, socket.parent)])
-    from lorad.gguf_export import PUBLISH_KINDS, base_problem, publish_base
+    from lorad.release.gguf import PUBLISH_KINDS, base_problem, publish_base
 
     for i, table in enumerate(settings.publish):
         if table.kind in PUBLISH_KINDS and (problem := base_problem(publish_base([table], settings.training.base_model))):

@@ -24,13 +24,14 @@ from datetime import datetime, timezone
 import structlog
 
 from lorad import config as config_mod
-from lorad import events, gpu_share, release
-from lorad.buffer.jobs import FINAL, JobNotFound, JobStore
+from lorad import events, release
+from lorad.release import gpu_share
+from lorad.buffer.job_table import FINAL, JobNotFound, JobStore
 from lorad.buffer.store import Buffer
 from lorad.config import ConfigError, Settings
 from lorad.daemon import protocol
 from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
-from lorad.daemon.jobs import JobRunner
+from lorad.daemon.runner import JobRunner
 from lorad.daemon.metrics import ListenFailed, Metrics, cycle_values
 from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
 from lorad.daemon.systemd import Notifier
@@ -103,7 +104,7 @@ class Service:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = Buffer(s.buffer_path, s.buffer.synchronous)  # migrations run here
         self.jobs = JobStore(self.db.conn)
-        from lorad.pipeline import recover
+        from lorad.cycle import recover
 
         # Jobs a dead daemon left running become paused; one whose worker had finished is
         # concluded as soon as the daemon is up.
@@ -529,7 +530,7 @@ class Service:
                                           "was made")
 
     def _run_change(self, command: str, version: str | None, reason: str | None, future: Future) -> None:
-        from lorad.registry import RegistryError
+        from lorad.release.registry import RegistryError
 
         try:
             with Buffer(self.settings.buffer_path, self.settings.buffer.synchronous) as buffer:

@@ -18,14 +18,14 @@ log = structlog.get_logger()
 
 def active_version(state_dir: Path) -> str | None:
     """The name ``adapters/current`` points at (a readlink; no lock, no file reads)."""
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     return Registry(Path(state_dir) / "adapters").current()
 
 
 def registry_problems(state_dir: Path) -> list[str]:
     """Why ``current`` or ``previous`` is not believed (a pointer bent outside lorad); empty when sound."""
-    from lorad.registry import Registry
+    from lorad.release.registry import Registry
 
     return Registry(Path(state_dir) / "adapters").pointer_problems()
 
@@ -44,7 +44,7 @@ def buffer_counts(reader: Buffer, state_dir: Path | None = None) -> dict:
     try:
         counts |= reader.counts() | examples.counts(reader)
         if state_dir is not None:
-            from lorad.registry import Registry
+            from lorad.release.registry import Registry
             from lorad.release import since_seq, trained_seq
 
             registry = Registry(Path(state_dir) / "adapters")

@@ -1,8 +1,8 @@
 """The daemon's waker thread: no vLLM server stays asleep because a cycle ended badly.
 
-A record in ``daemon_state`` (:mod:`lorad.gpu_share`) says a server was put to sleep and not
+A record in ``daemon_state`` (:mod:`lorad.release.gpu_share`) says a server was put to sleep and not
 seen awake again: the daemon (or a ``lorad train``) died while its worker trained, or the
-wake after the worker failed. At start (after :func:`lorad.pipeline.recover` stopped any
+wake after the worker failed. At start (after :func:`lorad.cycle.recover` stopped any
 orphaned worker) and every ``RETRY_EVERY`` seconds while such a record exists, this thread
 takes the training lock, so it never wakes a server beside a running worker, and wakes the
 recorded servers. It has its own buffer connection and never holds up the main loop. A round
@@ -16,10 +16,11 @@ import threading
 
 import structlog
 
-from lorad import events, gpu_share
-from lorad.buffer.jobs import JobStore
+from lorad import events
+from lorad.release import gpu_share
+from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
-from lorad.pipeline import TrainingBusy, training_lock
+from lorad.cycle import TrainingBusy, training_lock
 
 log = structlog.get_logger()
 

@@ -2,7 +2,7 @@
 
 :class:`Watcher` turns watchdog (inotify) events into a set of changed paths. :class:`IngestLoop`
 is the one thread that writes artifacts into the buffer: it waits for paths, lets them settle
-for ``debounce`` seconds, and feeds them to the same idempotent :func:`lorad.ingest.ingest`
+for ``debounce`` seconds, and feeds them to the same idempotent :func:`lorad.sources.ingest.ingest`
 as ``lorad ingest``. inotify drops events when its queue overflows (a burst of some 20,000
 files on a busy machine): watchdog rebuilds its watches and says so only in its log, so the
 watcher listens to that log and the loop scans everything at once. Every ``reconcile_interval``
@@ -29,7 +29,7 @@ from watchdog.observers.api import ObservedWatch
 
 from lorad import events
 from lorad.daemon import memory
-from lorad.ingest import IngestReport, ingest
+from lorad.sources.ingest import IngestReport, ingest
 
 log = structlog.get_logger()
 

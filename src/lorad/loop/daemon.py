@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from lorad.buffer.jobs import FINAL
+from lorad.buffer.job_table import FINAL
 
 
 class LoopError(Exception):

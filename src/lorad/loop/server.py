@@ -4,7 +4,7 @@ vLLM lives in a virtual environment of its own (``make vllm`` builds ``.venv-vll
 a transformers older than lorad's. :class:`VllmServer` starts it on the plain checkpoint lorad
 converted from the GGUF, with runtime LoRA loading on, so lorad's ``vllm`` publish hook loads
 each promoted version under its versioned name (``lorad-<version>``) while it serves. Every
-request here has a whole-request deadline (:mod:`lorad.http_client`).
+request here has a whole-request deadline (:mod:`lorad.release.http_client`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorad import http_client
+from lorad.release import http_client
 
 # What a generator that sets no max_tokens gets (atomicguard's does not): the server's default.
 MAX_NEW_TOKENS = 384

@@ -2,7 +2,7 @@
 
 A reader turns one configured store into :class:`~lorad.buffer.store.Batch` es of normalised
 artifact rows (the columns of ``artifacts``) plus quarantine entries. It never writes to the
-buffer itself: :func:`lorad.ingest.ingest_source` commits each batch in one transaction, with
+buffer itself: :func:`lorad.sources.ingest.ingest_source` commits each batch in one transaction, with
 the reader's resume state, so a crash between batches loses nothing and repeats nothing.
 """
 

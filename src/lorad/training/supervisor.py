@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from lorad import events
-from lorad.training.job import RESULT_FILE, iter_progress, read_job, worker_command
+from lorad.training.jobdir import RESULT_FILE, iter_progress, read_job, worker_command
 
 WORKER_LOG = "worker.log"
 WORKER_PID = "worker.pid"

@@ -1,6 +1,6 @@
 """The training worker: ``python -m lorad.training.worker JOB_DIR``.
 
-Reads the job directory the parent wrote (see :mod:`lorad.training.job`), then, top to bottom:
+Reads the job directory the parent wrote (see :mod:`lorad.training.jobdir`), then, top to bottom:
 
 1. setup: resolve the base model (converting a GGUF once), check the learning rate and the
    memory estimate before any step, load the model, attach a fresh or warm-started LoRA;
@@ -35,8 +35,8 @@ import traceback
 from pathlib import Path
 
 from lorad import durable
-from lorad.training import job as jobfile
-from lorad.training.job import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, STATUS_BY_EXIT
+from lorad.training import jobdir as jobfile
+from lorad.training.jobdir import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, STATUS_BY_EXIT
 
 STAGING = ".staging"
 CHECKPOINT_MARKER = "lorad-checkpoint.json"

@@ -343,7 +343,7 @@ def write_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, o
         durable.fsync(output.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    from lorad.registry import sha256_file
+    from lorad.release.registry import sha256_file
 
     return Export(output, sha256_file(output), arch, alpha, int(tensors[0][1].shape[0]), 2 * len(tensors))
 
@@ -375,13 +375,13 @@ def export_into_version(adapter_dir: str | os.PathLike, base_dir: str | os.PathL
         ExportRefused: as :func:`write_adapter`; neither file is left behind.
         OSError: neither could be written (a full disk); neither is left behind.
     """
-    from lorad.training import job
+    from lorad.training import jobdir
 
     adapter_dir = Path(adapter_dir)
     base_gguf = base if base.endswith(".gguf") else None
     try:
         done = write_adapter(adapter_dir, base_dir, adapter_dir / ADAPTER_FILE, base_gguf=base_gguf, name=name)
-        job.atomic_write(adapter_dir / MODELFILE, modelfile(str(Path(base).resolve()) if base_gguf else base))
+        jobdir.atomic_write(adapter_dir / MODELFILE, modelfile(str(Path(base).resolve()) if base_gguf else base))
     except BaseException:
         for leftover in (ADAPTER_FILE, MODELFILE):
             (adapter_dir / leftover).unlink(missing_ok=True)
@@ -434,7 +434,7 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
     """``lorad export-adapter``: write a registry version's adapter as GGUF at ``output``.
 
     Args:
-        registry: a :class:`lorad.registry.Registry`.
+        registry: a :class:`lorad.release.registry.Registry`.
         version: a version name or number.
         output: the .gguf file to write.
         base: the base it will be applied to (a .gguf path is checked against), or None; when
@@ -444,7 +444,7 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
         ExportRefused: as :func:`write_adapter`, or the version fails its sha256 or has no
             base model directory recorded, or ``output`` (or the Modelfile beside it) is a place
             it must not write (:func:`_refuse_output`), before anything is written.
-        lorad.registry.RegistryError: no such version.
+        lorad.release.registry.RegistryError: no such version.
         OSError: the output could not be written.
     """
     output = Path(output)
@@ -466,7 +466,7 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
     done = write_adapter(v.path, base_dir, output, base_gguf=base_gguf, name=f"lorad {v.name}")
     if mf is None:
         return done, None
-    from lorad.training.job import atomic_write
+    from lorad.training.jobdir import atomic_write
 
     atomic_write(mf, modelfile(str(Path(base).resolve()) if base_gguf else base, f"./{output.name}"))
     return done, mf

@@ -8,7 +8,7 @@ dropped) and checks ``GET /is_sleeping``; after the worker exits, however it exi
 adapter) runs after the wake.
 
 "Asleep" is recorded durably before the sleep request goes out (the buffer's
-``daemon_state``, key ``gpu_share:<url>``, through :class:`lorad.buffer.jobs.JobStore`) and
+``daemon_state``, key ``gpu_share:<url>``, through :class:`lorad.buffer.job_table.JobStore`) and
 removed only once the server says it is awake, so a process that dies in between (a killed
 daemon, a killed ``lorad train``) leaves a record the next one acts on:
 :meth:`GpuShare.wake_recorded` at the start of every cycle and the daemon's waker thread
@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import structlog
 
-from lorad import events, http_client
+from lorad import events
+from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
 
 log = structlog.get_logger()
@@ -153,7 +154,7 @@ class GpuShare:
 
     Args:
         servers: from :func:`servers_from_settings` (none: every method does nothing).
-        store: a :class:`lorad.buffer.jobs.JobStore` (its ``daemon_state`` holds the record).
+        store: a :class:`lorad.buffer.job_table.JobStore` (its ``daemon_state`` holds the record).
         audit: ``audit(event, job_id=..., **detail)`` for failed wakes (``Buffer.record_event``).
     """
 

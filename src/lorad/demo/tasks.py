@@ -253,12 +253,12 @@ def loop_rounds(rounds: int, per_round: int, families: tuple[str, ...] = LOOP_FA
     return out
 
 
-def check(content: str, task: Task, timeout_s: float = 5.0) -> tuple[bool, str]:
+def check(content: str, task: Task, timeout_s: float = 30.0) -> tuple[bool, str]:
     """Run a task's tests on an answer in a fresh interpreter: (accepted, feedback)."""
     import subprocess
 
     proc = subprocess.run(
-        [sys.executable, "-m", "lorad.demo_tasks", "--run-tests", task.name],
+        [sys.executable, "-m", "lorad.demo.tasks", "--run-tests", task.name],
         input=content, capture_output=True, text=True, timeout=timeout_s,
     )
     return proc.returncode == 0, (proc.stdout.strip() or proc.stderr.strip())[-500:]

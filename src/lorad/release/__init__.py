@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from lorad import events
-from lorad.registry import Change, Registry, RegistryError
+from lorad.release.registry import Change, Registry, RegistryError
 
 log = structlog.get_logger()
 
@@ -64,7 +64,7 @@ def publish(settings, buffer, change: Change, cancel: threading.Event | None = N
     Returns:
         ``PublishReport.as_dict()``.
     """
-    from lorad import publish as hooks
+    from lorad.release import hooks
 
     tables = hooks.hooks_from_settings(settings.publish, settings.training.base_model)
     report = hooks.publish(open_registry(settings, buffer), change, tables,
@@ -85,7 +85,7 @@ def check_live(settings, buffer) -> dict | None:
         None when there is no active and previous version to compare; else the counts, the
         reasons and whether it rolled back.
     """
-    from lorad.live import decide_live, live_counts
+    from lorad.evaluation.live import decide_live, live_counts
 
     e = settings.evaluation
     registry = open_registry(settings)

@@ -1,6 +1,6 @@
-"""The daemon's job thread: one training cycle (:func:`lorad.pipeline.run`) beside the main loop.
+"""The daemon's job thread: one training cycle (:func:`lorad.cycle.run`) beside the main loop.
 
-The job's record lives in the buffer (:mod:`lorad.buffer.jobs`); the pipeline moves it. This
+The job's record lives in the buffer (:mod:`lorad.buffer.job_table`); the pipeline moves it. This
 thread only keeps what the main loop reads without waiting (:meth:`JobRunner.info`, memory
 only) and passes on its requests to pause or cancel, which stop the worker at its next step
 (it checkpoints first). The thread has its own buffer connection, so its writes never hold up
@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lorad import pipeline
+from lorad import cycle
 from lorad.training import supervisor
-from lorad.training.job import STAGE_EVALUATING
+from lorad.training.jobdir import STAGE_EVALUATING
 
 
 class JobRunner(threading.Thread):
@@ -42,9 +42,9 @@ class JobRunner(threading.Thread):
         self.state = "preparing" if not job.get("job_dir") else "training"
         self.concluding = False  # the pipeline concludes (its publish hooks may wait on a server)
         self.progress: dict | None = job.get("progress")
-        self.outcome: pipeline.Outcome | None = None
+        self.outcome: cycle.Outcome | None = None
         self.started = time.time()
-        self._stop_request = pipeline.StopRequest()  # (not _stop: Thread.join calls its own _stop)
+        self._stop_request = cycle.StopRequest()  # (not _stop: Thread.join calls its own _stop)
         self._lock = threading.Lock()
 
     # -- from the main loop ---------------------------------------------------------------------
@@ -80,7 +80,7 @@ class JobRunner(threading.Thread):
 
     def kill(self) -> None:
         """Last resort at shutdown: the worker did not stop in time."""
-        supervisor.kill(pipeline.job_dir_of(self.settings, self.job_id))
+        supervisor.kill(cycle.job_dir_of(self.settings, self.job_id))
 
     # -- the job thread -------------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ class JobRunner(threading.Thread):
                 self.state = "evaluating"
 
     def run(self) -> None:
-        self.outcome = pipeline.run(
+        self.outcome = cycle.run(
             self.settings, self.job_id, holder=f"the daemon, job {self.job_id}", window_end=self.window_end,
             stop=self._stop_request, on_progress=self._on_progress, on_state=self._on_state,
             on_concluded=self.on_concluded)

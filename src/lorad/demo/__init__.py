@@ -24,7 +24,8 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from lorad import demo_tasks, synthetic
+from lorad.demo import tasks as demo_tasks
+from lorad.demo import synthetic
 from lorad.loop.daemon import Daemon, LoopError
 
 # The loop: rounds of traffic (each answered by the version the last cycle promoted), tasks a
@@ -74,7 +75,7 @@ def open_window(now: datetime) -> str:
 
 def write_config(directory: Path, base_model: str, tiny: bool) -> Path:
     """The one-cycle demo's config."""
-    guard = [sys.executable, "-m", "lorad.demo_tasks", "--guard"]
+    guard = [sys.executable, "-m", "lorad.demo.tasks", "--guard"]
     steps, seq, tokens = (60, 256, 48) if tiny else (24, 320, 96)
     text = f"""# Written by `lorad demo`: the documented defaults, with a window open now and a short run.
 [daemon]
@@ -421,7 +422,7 @@ class Demo:
 
     def _follow(self, job_id: str) -> dict:
         """Show the job's progress until it ends."""
-        from lorad.buffer.jobs import FINAL
+        from lorad.buffer.job_table import FINAL
 
         view = JobView(self.out)
         while True:

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorad import events, http_client, log
+from lorad import events, log
+from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
-from lorad.registry import Change, Registry
+from lorad.release.registry import Change, Registry
 
 OUTPUT_CHARS = http_client.OUTPUT_CHARS
 
@@ -152,7 +153,7 @@ class GgufHook:
     name: str = "gguf"
 
     def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
-        from lorad.gguf_export import check_version
+        from lorad.release.gguf import check_version
 
         ok, detail = check_version(root, change.version)
         return HookResult(self.name, ok, self.required, detail)
@@ -177,7 +178,7 @@ class OllamaHook:
         return f"ollama {self.url}"
 
     def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
-        from lorad.ollama import Ollama, OllamaError
+        from lorad.release.ollama import Ollama, OllamaError
 
         server = Ollama(self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep,
                         cancel)
@@ -204,7 +205,7 @@ def hooks_from_settings(tables, training_base_model: str = "") -> list[Hook]:
 
     ``training_base_model`` is the base of gguf/ollama tables that name none (a .gguf file).
     """
-    from lorad.gguf_export import publish_base
+    from lorad.release.gguf import publish_base
 
     hooks: list[Hook] = []
     for t in tables:
@@ -271,7 +272,7 @@ def publish(registry: Registry, change: Change, hooks: list[Hook],
         cancel: once set, a hook still waiting stops and fails as cancelled (so does the
             revert's run of the hooks); the report's ``cancelled`` says so.
     """
-    logger = log.get("lorad.publish")
+    logger = log.get("lorad.release.hooks")
     report = PublishReport(run_all(hooks, change, registry.root, cancel))
     if cancel is not None and cancel.is_set():
         report.cancelled = True

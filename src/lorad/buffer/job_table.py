@@ -4,7 +4,7 @@ States: queued → preparing → training → evaluating → promoted | rejected
 cancelled | paused | skipped (nothing to train on). A paused job (window end, shutdown) keeps
 its job directory and checkpoints; resuming runs the worker again on the same directory.
 Every transition is a ``job_events`` row. The daemon's jobs and ``lorad train``'s are kept
-alike (trigger ``window``, ``manual`` or ``cli``); :mod:`lorad.pipeline` moves them along.
+alike (trigger ``window``, ``manual`` or ``cli``); :mod:`lorad.cycle` moves them along.
 Also ``daemon_state``: small daemon state that must survive restarts (``scheduling_paused``,
 ``failures``, ``backoff_until``, and one ``gpu_share:<url>`` record per vLLM server put to sleep).
 """

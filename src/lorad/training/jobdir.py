@@ -14,7 +14,7 @@ Torch-free: the daemon and the CLI import this module. Layout of ``state_dir/job
                       a job of phases (SFT+GRPO) keeps checkpoints/<phase>/step-N per phase and
                       checkpoints/<phase>/adapter once an earlier phase is done
     adapter/          adapter_config.json, adapter_model.safetensors
-    plan.json         the parent's own record of what it compared (see lorad.pipeline)
+    plan.json         the parent's own record of what it compared (see lorad.cycle)
 
 The worker runs as ``python -m lorad.training.worker JOB_DIR`` (see :func:`worker_command`)
 and exits with one of the EXIT_* codes; result.json always says which, with the reason.

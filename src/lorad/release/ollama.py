@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorad import http_client
+from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
-from lorad.gguf_export import ADAPTER_FILE
-from lorad.registry import VERSION_RE
+from lorad.release.gguf import ADAPTER_FILE
+from lorad.release.registry import VERSION_RE
 
 _VERSION_ANY_CASE = re.compile(VERSION_RE.pattern, re.IGNORECASE)  # Ollama may list names lowercased
 
