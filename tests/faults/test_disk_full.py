@@ -129,7 +129,7 @@ def test_disk_full_during_a_checkpoint_save_fails_the_job_with_the_reason_and_se
     assert d.proc.poll() is None
     filler.unlink()
     # The checkpoints a resume would trust are all complete (the failed save left none half-made).
-    from lorad.training.worker import complete_checkpoints
+    from lorad.training.checkpoints import complete_checkpoints
 
     assert complete_checkpoints(Path(job["job_dir"]))
     for ckpt in complete_checkpoints(Path(job["job_dir"])):

@@ -26,7 +26,7 @@ from lorad.buffer.store import Buffer
 from lorad.sources.ingest import ingest
 from lorad.sources import open_sources
 from lorad.training import jobdir as jobfile
-from lorad.training.worker import CHECKPOINT_MARKER, complete_checkpoints
+from lorad.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

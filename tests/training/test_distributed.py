@@ -63,6 +63,6 @@ def test_two_process_run_pauses_on_sigterm_with_the_paused_exit_code(make_job):
     assert proc.returncode == jobfile.EXIT_PAUSED, output(job_dir)
     result = jobfile.read_result(job_dir)
     assert result.status == "paused" and result.processes == 2
-    from lorad.training.worker import complete_checkpoints
+    from lorad.training.checkpoints import complete_checkpoints
 
     assert [p.name for p in complete_checkpoints(job_dir)] == [f"step-{result.steps}"]

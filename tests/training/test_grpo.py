@@ -11,7 +11,7 @@ import pytest
 from lorad.training import jobdir as jobfile
 from lorad.evaluation.metrics import closes_first_block
 from lorad.training.grpo import GuardReward
-from lorad.training.worker import complete_checkpoints
+from lorad.training.checkpoints import complete_checkpoints
 
 from training_helpers import output, run_worker, start_worker, training_starts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorad.training import lora
-from lorad.training.worker import save_adapter
+from lorad.training.checkpoints import save_adapter
 from training_helpers import sft_row
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from lorad.training import jobdir as jobfile
-from lorad.training.worker import CHECKPOINT_MARKER, complete_checkpoints
+from lorad.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 
 from training_helpers import dpo_row, kto_row, output, run_worker, start_worker, training_starts
 

@@ -13,6 +13,10 @@ Reads the job directory the parent wrote (see :mod:`lorad.training.jobdir`), the
 4. evaluate: held-out metrics of the candidate beside the active adapter (or the bare base);
 5. result.json, and the exit code.
 
+:func:`run` reads as those steps (:func:`setup`, :func:`train`, :func:`save`,
+:func:`evaluate_candidate`); the checkpoint and adapter protocol is :mod:`lorad.training.checkpoints`,
+the Trainer callback, signal flags and rank agreement :mod:`lorad.training.callback`.
+
 Signal handlers only set flags; the training callback acts on them at the next step end.
 Under ``accelerate launch`` every rank trains; rank 0 alone writes progress, checkpoints'
 markers, the adapter, the metrics and the result.
@@ -21,313 +25,26 @@ markers, the adapter, the metrics and the result.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import resource
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from lorad import durable
+from lorad.training import checkpoints
 from lorad.training import jobdir as jobfile
+from lorad.training.callback import Flags, Progress, barrier, broadcast, make_callback
 from lorad.training.jobdir import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, STATUS_BY_EXIT
 
-STAGING = ".staging"
-CHECKPOINT_MARKER = "lorad-checkpoint.json"
-DISCARDED = ".discarded-"  # prefix of directories being deleted (see discard())
-KEEP_CHECKPOINTS = 2
-# A job of phases: checkpoints/<phase>/adapter is the phase's adapter once the phase is done,
-# with its figures in PHASE_RECORD; the next phase starts from it (and a resume skips the phase).
-PHASE_ADAPTER = "adapter"
-PHASE_RECORD = "lorad-phase.json"
 METHODS = ("sft", "dpo", "kto", "grpo", "sft+grpo")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EARLIER_PHASE = "sft_phase"  # the label (and adapter name) SFT+GRPO's SFT adapter is scored under
 
 
 class JobFailed(Exception):
     "The job cannot succeed; the message is the reason written to result.json."
-
-
-class Flags:
-    """Set by signal handlers, read by the training callback at step ends."""
-
-    def __init__(self):
-        self.stop: str | None = None  # "pause" or "cancel"
-        self.reason = ""
-
-    def on_sigterm(self, signum, frame):
-        self.stop, self.reason = "pause", "paused on SIGTERM"
-
-    def on_sigint(self, signum, frame):
-        self.stop, self.reason = "cancel", "cancelled on SIGINT"
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-
-def checkpoint_root(job_dir, phase: str | None = None) -> Path:
-    """``checkpoints/``, or ``checkpoints/<phase>/`` for a phase of a job of several."""
-    root = Path(job_dir) / jobfile.CHECKPOINTS_DIR
-    return root / phase if phase else root
-
-
-def complete_checkpoints(job_dir, phase: str | None = None) -> list[Path]:
-    """Checkpoints a resume may trust, oldest first: ``checkpoints/[<phase>/]step-N`` with the marker.
-
-    A directory is only ever renamed to step-N after every file in it was fsynced and the
-    marker written, so a worker killed at any moment leaves either a complete checkpoint or
-    a staging directory that is never looked at.
-    """
-    return _checkpoints_in(checkpoint_root(job_dir, phase))
-
-
-def _checkpoints_in(root: Path) -> list[Path]:
-    found = []
-    for d in root.glob("step-*") if root.is_dir() else ():
-        try:
-            step = int(d.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        if (d / CHECKPOINT_MARKER).is_file():
-            found.append((step, d))
-    return [d for _, d in sorted(found)]
-
-
-def publish_checkpoint(staged: Path, root: Path, step: int) -> Path:
-    """Make a checkpoint the Trainer wrote in staging complete: fsync, marker, rename into
-    ``root`` (a :func:`checkpoint_root`)."""
-    (staged / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "ts": time.time()}) + "\n")
-    durable.fsync_tree(staged)
-    final = root / f"step-{step}"
-    if final.exists():  # a stale one from before a resume at an earlier step
-        discard(final)
-    os.rename(staged, final)
-    durable.fsync(final.parent)
-    for old in _checkpoints_in(root)[:-KEEP_CHECKPOINTS]:
-        discard(old)
-    return final
-
-
-def discard(path: Path) -> None:
-    """Remove a directory so that a kill at any moment leaves it whole or gone from view.
-
-    Why rename first: rmtree deletes file by file, and a kill half way would leave a
-    checkpoint with its marker but without its weights (the fault suite caught exactly that).
-    """
-    doomed = path.with_name(DISCARDED + path.name)
-    if doomed.exists():
-        shutil.rmtree(doomed, ignore_errors=True)
-    os.rename(path, doomed)
-    durable.fsync(path.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _finished(checkpoint: Path) -> bool:
-    """The checkpoint is the run's last step (training itself is done)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
-
-
-def _load_finished_checkpoint(trainer, checkpoint: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import TrainerState
-
-    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
-
-
-# -- progress and result -----------------------------------------------------------------------
-
-
-class Progress:
-    """Appends one JSON line per record to progress.jsonl (flushed; rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
-
-    def write(self, **record) -> None:
-        if self.file is None:
-            return
-        record.setdefault("ts", time.time())
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _peak_memory_bytes() -> int:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return int(torch.cuda.max_memory_allocated())
-    except Exception:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def save_adapter(model, final: Path, record: dict[str, dict] | None = None) -> Path:
-    """``final``/ with adapter_config.json and adapter_model.safetensors (and ``record``'s
-    JSON files, by name), appearing whole or not at all. (The registry hashes the files when
-    the adapter becomes a version.)"""
-    tmp = _staged_adapter(final)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
-    for name, data in (record or {}).items():
-        (tmp / name).write_text(json.dumps(data) + "\n")
-    return _install_adapter(tmp, final)
-
-
-def adopt_adapter(source: Path, final: Path) -> Path:
-    """``final``/ as a copy of the adapter files in ``source``/, whole or not at all."""
-    tmp = _staged_adapter(final)
-    for name in ADAPTER_FILES:
-        shutil.copy2(source / name, tmp / name)
-    return _install_adapter(tmp, final)
-
-
-def _staged_adapter(final: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=final.parent))
-    os.chmod(tmp, 0o750)  # mkdtemp's 0700, opened to the group (a vLLM server in the lorad group)
-    return tmp
-
-
-def _install_adapter(tmp: Path, final: Path) -> Path:
-    durable.fsync_tree(tmp)
-    if final.exists():
-        discard(final)
-    os.rename(tmp, final)
-    durable.fsync(final.parent)
-    return final
-
-
-# -- the training callback ---------------------------------------------------------------------
-
-
-def make_callback(flags: Flags, progress: Progress, root: Path, window_end: float | None,
-                  is_main: bool, phase: str | None = None):
-    """The Trainer callback of one phase; checkpoints are published into ``root`` (a
-    :func:`checkpoint_root`), and ``phase``, when set, is written on its progress records."""
-    from transformers import TrainerCallback
-
-    write = functools.partial(progress.write, phase=phase) if phase else progress.write
-
-    class Control(TrainerCallback):
-        """Progress lines, NaN/Inf detection, pause/cancel at step ends, checkpoint publishing."""
-
-        def __init__(self):
-            self.failure: str | None = None
-            self.stopped: str | None = None  # "pause" or "cancel"
-            self.reason = ""
-            self.final_loss: float | None = None
-            self.t0 = time.monotonic()
-            self.step0: int | None = None
-            self.tokens0 = 0
-
-        def on_step_begin(self, args, state, control, **kw):
-            # Why here and not in on_train_begin: on a resume the Trainer restores its state
-            # (step, tokens seen) only after on_train_begin has run.
-            if self.step0 is None:
-                self.t0 = time.monotonic()
-                self.step0 = state.global_step
-                self.tokens0 = state.num_input_tokens_seen
-                write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
-                      loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
-                      resumed=state.global_step > 0)
-            return control
-
-        def on_step_end(self, args, state, control, **kw):
-            if flags.stop is None and window_end is not None and time.time() >= window_end:
-                flags.stop, flags.reason = "pause", "paused at the end of the training window"
-            _agree_on_stop(flags, args.device)
-            if state.global_step >= state.max_steps and flags.stop is None:
-                # Why no checkpoint at the last step: the adapter is saved right after, and a
-                # checkpoint there would only cost time (optimizer state, fsync).
-                control.should_save = False
-            if flags.stop is not None and self.stopped is None:
-                self.stopped, self.reason = flags.stop, flags.reason
-                control.should_training_stop = True
-                # Why save on cancel too: it costs one checkpoint and lets an operator resume.
-                control.should_save = True
-            return control
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" not in logs:
-                return control
-            loss = float(logs["loss"])
-            grad = logs.get("grad_norm")
-            if not math.isfinite(loss) or (grad is not None and not math.isfinite(float(grad))):
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                value = loss if what == "loss" else float(grad)
-                self.failure = f"{what} became {value} at step {state.global_step}"
-                control.should_training_stop = True
-                control.should_save = False  # never checkpoint a diverged state
-                return control
-            self.final_loss = loss
-            elapsed = max(time.monotonic() - self.t0, 1e-9)
-            done = state.global_step - (self.step0 or 0)
-            tokens = state.num_input_tokens_seen - self.tokens0
-            eta = (state.max_steps - state.global_step) * elapsed / done if done else None
-            extra = {"reward": logs["reward"]} if "reward" in logs else {}  # GRPO: mean guard verdict
-            write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
-                  loss=loss, learning_rate=logs.get("learning_rate"), tokens_per_s=tokens / elapsed, eta_s=eta,
-                  tokens=state.num_input_tokens_seen, **extra)
-            return control
-
-        def on_save(self, args, state, control, **kw):
-            staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            _barrier()  # every rank has written its RNG state into the staged directory
-            if is_main and staged.is_dir():
-                publish_checkpoint(staged, root, state.global_step)
-                write(stage=jobfile.STAGE_CHECKPOINTED, step=state.global_step, total_steps=state.max_steps)
-            _barrier()
-            return control
-
-    return Control()
-
-
-_STOP_CODES = {None: 0, "pause": 1, "cancel": 2}
-
-
-def _agree_on_stop(flags: Flags, device) -> None:
-    """Every rank stops at the same step: the strongest request of any rank wins.
-
-    Why: ranks get a signal at slightly different moments; a rank that stopped a step
-    earlier than the others would leave them waiting forever in the gradient all-reduce.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    code = torch.tensor([_STOP_CODES[flags.stop]], device=device)
-    dist.all_reduce(code, op=dist.ReduceOp.MAX)
-    agreed = {v: k for k, v in _STOP_CODES.items()}[int(code.item())]
-    if agreed != flags.stop and agreed is not None:
-        flags.stop = agreed
-        flags.reason = "paused on SIGTERM" if agreed == "pause" else "cancelled on SIGINT"
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-# -- the run -----------------------------------------------------------------------------------
 
 
 def run(job_dir) -> int:
@@ -343,7 +60,7 @@ def run(job_dir) -> int:
     started = time.time()
     result = jobfile.Result(job_id=spec.job_id, method=spec.method)
     try:
-        code = _run(spec, job_dir, flags, progress, result, is_main)
+        code = _steps(spec, job_dir, flags, progress, result, is_main)
     except JobFailed as e:
         code, result.error = EXIT_FAILED, str(e)
     except Exception as e:  # the worker always reports; the parent decides what next
@@ -362,15 +79,59 @@ def run(job_dir) -> int:
     return code
 
 
-def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.Result, is_main: bool) -> int:
-    import torch
+def _steps(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.Result, is_main: bool) -> int:
+    """setup -> train -> save -> evaluate; an exit code other than EXIT_OK from train stops there."""
+    progress.write(stage=jobfile.STAGE_PREPARING, step=0, total_steps=None)
+    ctx = setup(spec, job_dir, flags, progress, result, is_main)
+    trained = train(ctx, result)
+    if isinstance(trained, int):
+        return trained
+    if not is_main:
+        return EXIT_OK
+    save(ctx, trained, result)
+    evaluate_candidate(ctx, trained, result)
+    return EXIT_OK
 
-    from lorad.evaluation.health import check_finite_logits
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every step of one worker run shares (made by :func:`setup`)."""
+
+    spec: jobfile.JobSpec
+    job_dir: Path
+    flags: Flags
+    progress: Progress
+    is_main: bool
+    model_dir: str
+    prec: object  # lora.Precision
+    liger: bool
+    threads: int
+    phases: tuple[str, ...]
+    rows: dict  # phase -> its training rows (train.jsonl, or prompts.jsonl for GRPO)
+    heldout: list[dict]
+
+    @property
+    def split(self) -> bool:
+        """More than one phase (SFT+GRPO): checkpoints and progress are kept per phase."""
+        return len(self.phases) > 1
+
+
+@dataclasses.dataclass
+class _Trained:
+    """The last phase's trainer, its tokenizer, and SFT+GRPO's SFT adapter (where GRPO began)."""
+
+    trainer: object
+    tokenizer: object
+    earlier: str | None
+
+
+def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.Result, is_main: bool) -> _Run:
+    """Everything that can refuse the run, before the first step: the method and its guard, the
+    learning rates, the base model (rank 0 converts a GGUF), device and precision, Liger, the
+    memory estimate, and the rows to train on."""
     from lorad.training import lora, resources, speed
     from lorad.training.base_model import BaseModelError, resolve
 
-    # -- setup: everything that can refuse the run comes before the first step
-    progress.write(stage=jobfile.STAGE_PREPARING, step=0, total_steps=None)
     threads = speed.configure_threads()  # every core this process may run on, not a constant
     try:
         resources.check_learning_rate(spec.learning_rate)
@@ -391,7 +152,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         model_dir = resolve(spec.base_model, spec.state_dir, offline=True) if is_main else None
     except BaseModelError as e:
         raise JobFailed(str(e)) from None
-    model_dir = _broadcast(model_dir)  # rank 0 converts a GGUF; the others wait and reuse it
+    model_dir = broadcast(model_dir)  # rank 0 converts a GGUF; the others wait and reuse it
     device = resources.detect_device()
     dtype = resources.training_dtype(device, spec.quantization)
     if spec.quantization == "4bit" and dtype != "4bit":
@@ -401,8 +162,7 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
         liger = speed.use_liger(spec.liger_kernel, device.kind)
     except speed.Refused as e:
         raise JobFailed(str(e)) from None
-    shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules,
-                                  local_files_only=True)
+    shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules, local_files_only=True)
     fit = dict(batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
                headroom=spec.memory_headroom, lora_dropout=spec.lora_dropout > 0)
     checkpointing = resources.use_checkpointing(shape, device, requested=spec.gradient_checkpointing, **fit)
@@ -416,63 +176,88 @@ def _run(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.
     result.processes = int(os.environ.get("WORLD_SIZE", "1"))
     result.base_model = model_dir
 
-    phase_rows = {phase: jobfile.read_jsonl(job_dir / (jobfile.PROMPTS_FILE if phase == "grpo" else jobfile.TRAIN_FILE))
-                  for phase in phases}
-    heldout_rows = jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE)
-    for phase, rows in phase_rows.items():
-        if not rows:
+    rows = {phase: jobfile.read_jsonl(job_dir / (jobfile.PROMPTS_FILE if phase == "grpo" else jobfile.TRAIN_FILE))
+            for phase in phases}
+    for phase, phase_rows in rows.items():
+        if not phase_rows:
             raise JobFailed("there are no prompts to train on" if phase == "grpo" else "the training set is empty")
-    ctx = _Run(spec, job_dir, flags, progress, is_main, prec, liger, threads, split=len(phases) > 1)
+    return _Run(spec, job_dir, flags, progress, is_main, model_dir, prec, liger, threads, phases, rows,
+                jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE))
 
-    # -- train, phase by phase (SFT+GRPO: the GRPO phase starts from the SFT phase's adapter)
-    parent, records = spec.parent_adapter, []
-    for phase in phases:
-        root = checkpoint_root(job_dir, phase if ctx.split else None)
-        finished = root / PHASE_ADAPTER
-        if phase != phases[-1] and finished.is_dir():  # done in an earlier run of this job
-            records.append(json.loads((finished / PHASE_RECORD).read_text()))
-            parent = str(finished)
-            continue
-        torch.manual_seed(spec.seed)
-        model, tokenizer = lora.load_model(model_dir, prec, local_files_only=True)
-        model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                                    target_modules=spec.target_modules, parent_adapter=parent)
-        trainer, record, stop = _train_phase(ctx, phase, root, model, tokenizer, phase_rows[phase])
-        records.append(record)
-        _fold(result, records, ctx.split)
-        if "failure" in record:
-            raise JobFailed(record["failure"])
+
+def train(ctx: _Run, result: jobfile.Result) -> _Trained | int:
+    """Every phase in turn, each starting from the adapter the one before left (SFT+GRPO: the
+    GRPO phase from the SFT phase's). Returns the last phase's trainer, or the exit code of a
+    phase a signal or the window's end stopped (EXIT_PAUSED, EXIT_CANCELLED)."""
+    parent, records = ctx.spec.parent_adapter, []
+    for phase in ctx.phases[:-1]:
+        stop, parent = _earlier_phase(ctx, phase, parent, records, result)
         if stop is not None:
             return stop
-        if phase != phases[-1]:
-            if is_main:
-                save_adapter(trainer.model, finished, record={PHASE_RECORD: record})
-            _barrier()
-            parent = str(finished)
-            del trainer, model
-    if not is_main:
-        return EXIT_OK
-    earlier = parent if ctx.split else None  # the SFT phase's adapter, where the GRPO phase began
+    trainer, tokenizer, record, stop = _train_phase(ctx, ctx.phases[-1], parent, ctx.rows[ctx.phases[-1]])
+    _account(result, records, record, ctx.split)
+    if stop is not None:
+        return stop
+    return _Trained(trainer, tokenizer, parent if ctx.split else None)
 
-    # -- save: only a healthy adapter is written
-    model, state = trainer.model, trainer.state
+
+def _earlier_phase(ctx: _Run, phase: str, parent: str | None, records: list[dict],
+                   result: jobfile.Result) -> tuple[int | None, str | None]:
+    """A phase before the last: trained (or found done by an earlier run of this job) and kept
+    whole in ``checkpoints/<phase>/adapter`` for the next phase to start from.
+
+    Returns:
+        (stop, the adapter the next phase starts from): stop is an exit code when the phase
+        was stopped early, else None. The phase's model goes with this frame.
+    """
+    finished = checkpoints.checkpoint_root(ctx.job_dir, phase) / checkpoints.PHASE_ADAPTER
+    if finished.is_dir():  # done in an earlier run of this job
+        records.append(json.loads((finished / checkpoints.PHASE_RECORD).read_text()))
+        return None, str(finished)
+    trainer, _, record, stop = _train_phase(ctx, phase, parent, ctx.rows[phase])
+    _account(result, records, record, ctx.split)
+    if stop is not None:
+        return stop, parent
+    if ctx.is_main:
+        checkpoints.save_adapter(trainer.model, finished, record={checkpoints.PHASE_RECORD: record})
+    barrier()
+    return None, str(finished)
+
+
+def _account(result: jobfile.Result, records: list[dict], record: dict, split: bool) -> None:
+    """A phase's record into the job's figures; a phase whose loss diverged fails the job."""
+    records.append(record)
+    _fold(result, records, split)
+    if "failure" in record:
+        raise JobFailed(record["failure"])
+
+
+def save(ctx: _Run, trained: _Trained, result: jobfile.Result) -> None:
+    """Only a healthy adapter is written (finite logits on a held-out batch), whole or not at all."""
+    from lorad.evaluation.health import check_finite_logits
+
+    model, state = trained.trainer.model, trained.trainer.state
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # GRPO's frozen reference (beta > 0) is no part of the result
-    health = check_finite_logits(model, tokenizer, heldout_rows or phase_rows[phases[-1]],
-                                 batch_size=spec.eval_batch_size, max_seq_length=spec.max_seq_length)
+    health = check_finite_logits(model, trained.tokenizer, ctx.heldout or ctx.rows[ctx.phases[-1]],
+                                 batch_size=ctx.spec.eval_batch_size, max_seq_length=ctx.spec.max_seq_length)
     result.health = {"ok": health.ok, "reason": health.reason}
     if not health.ok:
         raise JobFailed(f"health check failed: {health.reason}")
-    progress.write(stage=jobfile.STAGE_SAVING, step=state.global_step, total_steps=state.max_steps)
-    result.adapter = str(save_adapter(model, job_dir / jobfile.ADAPTER_DIR))
+    ctx.progress.write(stage=jobfile.STAGE_SAVING, step=state.global_step, total_steps=state.max_steps)
+    result.adapter = str(checkpoints.save_adapter(model, ctx.job_dir / jobfile.ADAPTER_DIR))
 
-    # -- evaluate the candidate beside what serves now, on the same held-out rows
-    if spec.evaluate and heldout_rows:
-        progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
-        result.metrics = evaluate(model, tokenizer, heldout_rows, spec, earlier_phase=earlier)
-        if earlier:
-            _choose_phase(result, model, tokenizer, heldout_rows, spec, Path(earlier), job_dir)
-    return EXIT_OK
+
+def evaluate_candidate(ctx: _Run, trained: _Trained, result: jobfile.Result) -> None:
+    """The candidate beside what serves now, on the same held-out rows (SFT+GRPO: and the SFT
+    phase's adapter, which becomes the candidate unless GRPO gained)."""
+    if not (ctx.spec.evaluate and ctx.heldout):
+        return
+    model, state = trained.trainer.model, trained.trainer.state
+    ctx.progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
+    result.metrics = evaluate(model, trained.tokenizer, ctx.heldout, ctx.spec, earlier_phase=trained.earlier)
+    if trained.earlier:
+        _choose_phase(result, model, trained.tokenizer, ctx.heldout, ctx.spec, Path(trained.earlier), ctx.job_dir)
 
 
 def _choose_phase(result: jobfile.Result, model, tokenizer, heldout_rows, spec, earlier: Path, job_dir: Path) -> None:
@@ -494,22 +279,7 @@ def _choose_phase(result: jobfile.Result, model, tokenizer, heldout_rows, spec, 
         raise JobFailed(f"health check of the SFT phase's adapter failed: {health.reason}")
     result.health = {"ok": health.ok, "reason": health.reason}
     result.metrics["candidate"] = sft
-    result.adapter = str(adopt_adapter(earlier, job_dir / jobfile.ADAPTER_DIR))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """What every phase of one worker run shares."""
-
-    spec: jobfile.JobSpec
-    job_dir: Path
-    flags: Flags
-    progress: Progress
-    is_main: bool
-    prec: object  # lora.Precision
-    liger: bool
-    threads: int
-    split: bool  # more than one phase (SFT+GRPO): checkpoints and progress are kept per phase
+    result.adapter = str(checkpoints.adopt_adapter(earlier, job_dir / jobfile.ADAPTER_DIR))
 
 
 def phase_schedule(spec, phase: str, split: bool) -> tuple[int, float]:
@@ -519,20 +289,31 @@ def phase_schedule(spec, phase: str, split: bool) -> tuple[int, float]:
     return spec.max_steps, spec.learning_rate
 
 
-def _train_phase(ctx: _Run, phase: str, root: Path, model, tokenizer, rows: list[dict]):
-    """Train one phase to its end (resuming from its last complete checkpoint).
+def _train_phase(ctx: _Run, phase: str, parent: str | None, rows: list[dict]):
+    """Train one phase to its end on a fresh load of the base with the adapter to start from
+    (``parent``), resuming from the phase's last complete checkpoint.
+
+    Why a fresh load per phase: SFTTrainer patches the model's forward (its chunked LM head, then
+    lorad's completion-only head), which GRPO's sampling must not inherit.
 
     Returns:
-        (trainer, record, stop): record is the phase's figures for result.json (with
+        (trainer, tokenizer, record, stop): record is the phase's figures for result.json (with
         "failure" when the loss or gradient norm became NaN/Inf); stop is EXIT_PAUSED or
         EXIT_CANCELLED when a signal or the window ended the phase early, else None.
 
     Raises:
         JobFailed: packing refused.
     """
+    import torch
+
     from lorad.training import lora, speed
 
     spec = ctx.spec
+    root = checkpoints.checkpoint_root(ctx.job_dir, phase if ctx.split else None)
+    torch.manual_seed(spec.seed)
+    model, tokenizer = lora.load_model(ctx.model_dir, ctx.prec, local_files_only=True)
+    model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                                target_modules=spec.target_modules, parent_adapter=parent)
     max_steps, learning_rate = phase_schedule(spec, phase, ctx.split)
     # packing = true is the SFT phase's; SFT+GRPO's GRPO phase decides as "auto" would.
     setting = "auto" if ctx.split and phase != "sft" else spec.packing
@@ -541,14 +322,10 @@ def _train_phase(ctx: _Run, phase: str, root: Path, model, tokenizer, rows: list
     except speed.Refused as e:
         raise JobFailed(str(e)) from None
     train_dataset = lora.dataset(rows, phase)
-    staging = root / STAGING
+    staging = root / checkpoints.STAGING
     if ctx.is_main:
-        shutil.rmtree(staging, ignore_errors=True)  # a killed save leaves only this behind
-        for doomed in (*root.glob(DISCARDED + "*"), *root.glob(".adapter.*"), *ctx.job_dir.glob(DISCARDED + "*"),
-                       *ctx.job_dir.glob(".adapter.*")):
-            shutil.rmtree(doomed, ignore_errors=True)  # and a killed discard() or adapter save this
-        staging.mkdir(parents=True, exist_ok=True)
-    _barrier()
+        checkpoints.clear_leftovers(root, ctx.job_dir)
+    barrier()
     args = lora.training_arguments(
         phase, output_dir=str(staging), prec=ctx.prec, learning_rate=learning_rate,
         max_steps=max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
@@ -565,14 +342,14 @@ def _train_phase(ctx: _Run, phase: str, root: Path, model, tokenizer, rows: list
     trainer = lora.trainer(phase, model, tokenizer, train_dataset, args, [callback], reward=reward)
     # Why after the trainer: trl installs its own LM head in the constructor; this one replaces it.
     completion_head = phase == "sft" and speed.completion_head(trainer.model)
-    checkpoints = _checkpoints_in(root)
-    resume = str(checkpoints[-1]) if checkpoints else None
+    complete = checkpoints.checkpoints_in(root)
+    resume = str(complete[-1]) if complete else None
     t0 = time.monotonic()
-    if resume and _finished(Path(resume)):
+    if resume and checkpoints.finished(Path(resume)):
         # Why not trainer.train(): resumed at its last step, the Trainer still runs one more step
         # (past max_steps, on the next epoch's first batch). A worker killed during the adapter
         # save or the evaluation lands here: take the trained weights as they were.
-        _load_finished_checkpoint(trainer, Path(resume))
+        checkpoints.load_finished(trainer, Path(resume))
         callback.on_step_begin(args, trainer.state, trainer.control)  # records where this run starts
         callback.final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
     else:
@@ -592,7 +369,7 @@ def _train_phase(ctx: _Run, phase: str, root: Path, model, tokenizer, rows: list
     stop = {"pause": EXIT_PAUSED, "cancel": EXIT_CANCELLED}.get(callback.stopped)
     if stop is not None:
         record["reason"] = callback.reason
-    return trainer, record, stop
+    return trainer, tokenizer, record, stop
 
 
 def _fold(result: jobfile.Result, records: list[dict], split: bool) -> None:
@@ -641,20 +418,16 @@ def evaluate(model, tokenizer, heldout_rows: list[dict], spec, earlier_phase: st
                  max_new_tokens=spec.max_new_tokens)
 
 
-def _broadcast(value):
-    """Rank 0's value on every rank (a no-op in a single process)."""
-    import torch.distributed as dist
+def _peak_memory_bytes() -> int:
+    try:
+        import torch
 
-    if not (dist.is_available() and dist.is_initialized()):
-        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-            from accelerate import PartialState
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated())
+    except Exception:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-            PartialState()  # initialises the process group from the launcher's environment
-        else:
-            return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def launch(job_dir) -> int:
