@@ -89,6 +89,7 @@ CONFIG_RELOADED = "config_reloaded"
 EXAMPLES_REFRESH_FAILED = "examples_refresh_failed"
 CONTROL_COMMAND_RECEIVED = "control_command_received"
 SCHEDULING_PAUSED = "scheduling_paused"
+SCHEDULING_RESUMED = "scheduling_resumed"
 
 # lorad.daemon.views
 EXAMPLE_COUNTS_FAILED = "example_counts_failed"

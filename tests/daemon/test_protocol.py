@@ -121,3 +121,28 @@ def test_clients_beyond_the_thread_limit_wait_instead_of_being_refused(tmp_path)
     finally:
         server.stop()
     assert answers == [{"ok": True}] * 6
+
+
+def test_every_command_of_the_table_has_its_handler_where_the_table_says():
+    from lorad.daemon.service import Service
+
+    for name, command in protocol.COMMANDS.items():
+        assert command.where in ("memory", "reader", "ingest", "main", "release"), name
+        assert command.where == "release" or callable(getattr(Service, f"_on_{name}", None)), name
+
+
+def test_arguments_are_parsed_into_their_dataclass_or_refused_naming_the_argument():
+    assert protocol.parse_arguments({"command": "jobs"}) == protocol.JobsArguments(limit=20)
+    assert protocol.parse_arguments({"command": "rollback", "version": None}).version is None
+    refusals = [
+        ("jobs", "limit", 0, "jobs: limit must be a positive integer, got 0"),
+        ("jobs", "limit", True, "jobs: limit must be an integer, got True"),
+        ("promote", "version", 7, "promote: version must be a string or null, got 7"),
+        ("feedback", "record", [], "feedback: record must be a JSON object, got []"),
+    ]
+    for name, key, value, message in refusals:
+        with pytest.raises(protocol.BadArguments) as e:
+            protocol.parse_arguments({"command": name, key: value})
+        assert str(e.value) == message
+    with pytest.raises(protocol.BadArguments, match='cancel: needs "job_id"'):
+        protocol.parse_arguments({"command": "cancel"})

@@ -102,7 +102,7 @@ def test_feedback_is_validated_and_acknowledged_after_commit(daemon_factory):
     other = {"id": "fb1", "prompt": "p", "completion": "c", "status": "accepted"}
     r = d.request("feedback", record=other)
     assert (r["ok"], r["conflict"]) == (False, True)
-    assert d.request("feedback", record=other, update="yes")["error"] == 'feedback: "update" must be true or false'
+    assert d.request("feedback", record=other, update="yes")["error"] == "feedback: update must be true or false, got 'yes'"
     updated = d.cli(*flipped, "--update")
     assert updated.returncode == 0 and "(rejected, updated)" in updated.stdout, updated.stderr
     with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:

@@ -52,7 +52,7 @@ log = structlog.get_logger()
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
-QUICK_COMMANDS = frozenset({"status", "ping"})  # answered from memory, by their own workers
+QUICK_COMMANDS = frozenset(name for name, c in protocol.COMMANDS.items() if c.where == "memory")
 QUICK_WORKERS = 2
 INLINE_DECODE = 64 << 10  # request lines up to this size are parsed in the accept thread
 DRAIN_SECONDS = 1.0  # how long a refused client may go on sending before it is closed

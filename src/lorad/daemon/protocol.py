@@ -3,22 +3,138 @@
 A request is ``{"command": "status", ...arguments}``. A response is ``{"ok": true, ...}`` or
 ``{"ok": false, "error": "why"}``. A request line longer than :data:`MAX_REQUEST` bytes is
 refused without being read further.
+
+:data:`COMMANDS` is the one table of the protocol: each command's argument dataclass (its
+fields are the request's arguments, typed and checked by :func:`parse_arguments`) and where the
+daemon runs it (:class:`Command`). The daemon dispatches through it; the fuzz tests draw from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import time
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 MAX_REQUEST = 1 << 20  # bytes, newline included
 MAX_RESPONSE = 64 << 20
 
-COMMANDS = ("status", "jobs", "job", "train_now", "cancel", "pause", "resume", "reload", "feedback",
-            "history", "promote", "rollback", "ping")
+
+class BadArguments(ValueError):
+    "A request's arguments are missing or of the wrong type; the message names the argument."
+
+
+def _positive(v) -> str | None:
+    return None if v >= 1 else f"must be a positive integer, got {v!r}"
+
+
+@dataclass(frozen=True)
+class NoArguments:
+    pass
+
+
+@dataclass(frozen=True)
+class JobsArguments:
+    limit: int = field(default=20, metadata={"check": _positive})
+
+
+@dataclass(frozen=True)
+class JobArguments:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class FeedbackArguments:
+    record: dict
+    update: bool = False
+
+
+@dataclass(frozen=True)
+class ChangeArguments:
+    """promote (a version is required) and rollback (to the previous version when none)."""
+
+    version: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: its arguments, and where the daemon runs it.
+
+    ``where``: "memory" (status, ping: answered from memory by their own workers), "reader"
+    (read-only queries on a read-only connection), "ingest" (feedback: written by the ingest
+    thread), "main" (state changes, in the main loop), "release" (promote/rollback: a thread of
+    their own, their hooks may wait on a server).
+    """
+
+    arguments: type
+    where: Literal["memory", "reader", "ingest", "main", "release"]
+
+
+COMMANDS: dict[str, Command] = {
+    "ping": Command(NoArguments, "memory"),
+    "status": Command(NoArguments, "memory"),
+    "jobs": Command(JobsArguments, "reader"),
+    "job": Command(JobArguments, "reader"),
+    "history": Command(NoArguments, "reader"),
+    "feedback": Command(FeedbackArguments, "ingest"),
+    "train_now": Command(NoArguments, "main"),
+    "cancel": Command(JobArguments, "main"),
+    "pause": Command(NoArguments, "main"),
+    "resume": Command(NoArguments, "main"),
+    "reload": Command(NoArguments, "main"),
+    "promote": Command(ChangeArguments, "release"),
+    "rollback": Command(ChangeArguments, "release"),
+}
+
+
+def parse_arguments(request: dict):
+    """The request's arguments as its command's dataclass.
+
+    Raises:
+        BadArguments: a required argument is missing or one has the wrong type or value.
+    """
+    name = request["command"]
+    cls = COMMANDS[name].arguments
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in request:
+            if f.default is dataclasses.MISSING:
+                raise BadArguments(f'{name}: needs "{f.name}"')
+            continue
+        value = request[f.name]
+        if not _is(value, hints[f.name]):
+            raise BadArguments(f"{name}: {f.name} must be {_describe(hints[f.name])}, got {value!r}"[:200])
+        why = f.metadata["check"](value) if "check" in f.metadata and value is not None else None
+        if why:
+            raise BadArguments(f"{name}: {f.name} {why}"[:200])
+        values[f.name] = value
+    return cls(**values)
+
+
+def _is(value, hint) -> bool:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if option in (int, str, dict) and isinstance(value, option) and not isinstance(value, bool):
+            return True
+    return False
+
+
+def _describe(hint) -> str:
+    names = {int: "an integer", str: "a string", dict: "a JSON object", bool: "true or false", type(None): "null"}
+    options = typing.get_args(hint) or (hint,)
+    return " or ".join(names[o] for o in options)
 
 
 class ProtocolError(Exception):
@@ -71,7 +187,7 @@ def decode_request(line: bytes) -> dict:
     if not isinstance(command, str):
         raise ProtocolError('request needs a "command" string')
     if command not in COMMANDS:
-        raise ProtocolError(f"unknown command {command[:64]!r}; expected one of {list(COMMANDS)}")
+        raise ProtocolError(f"unknown command {command[:64]!r}; expected one of {sorted(COMMANDS)}")
     return message
 
 

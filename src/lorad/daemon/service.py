@@ -459,38 +459,107 @@ class Service:
     # -- requests -------------------------------------------------------------------------------
 
     def _handle(self, request: dict, peer: Peer, gone) -> dict:
-        command = request["command"]
-        if command == "ping":
-            return {"ok": True, "pid": os.getpid()}
-        if command == "status":
-            return self.status()
-        if command in ("jobs", "job", "history"):
-            from lorad.daemon import views
-
+        """One request, dispatched by :data:`protocol.COMMANDS`: its arguments parsed into their
+        dataclass, then its handler (``_on_<command>``) run where the table says."""
+        name = request["command"]
+        command = protocol.COMMANDS[name]
+        try:
+            args = protocol.parse_arguments(request)
+        except protocol.BadArguments as e:
+            return protocol.error(str(e))
+        if command.where in ("main", "release"):  # the ones that change something are logged
+            log.info(events.CONTROL_COMMAND_RECEIVED, command=name, uid=peer.uid)
+        if command.where == "release":
+            return self._change_version(name, args, gone)
+        handler = getattr(self, f"_on_{name}")
+        if command.where == "main":
+            return self._call(lambda: handler(args))
+        if command.where == "reader":
             with Buffer(self.settings.buffer_path, readonly=True) as ro:
-                if command == "jobs":
-                    limit = request.get("limit", 20)
-                    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-                        return protocol.error(f"jobs: limit must be a positive integer, got {limit!r}"[:200])
-                    return {"ok": True, "jobs": JobStore(ro.conn).list(limit)}
-                if command == "history":
-                    return {"ok": True, **views.history(self.settings)}
-                try:
-                    job = JobStore(ro.conn).get(str(request.get("job_id")))
-                except JobNotFound as e:
-                    return protocol.error(str(e))
-                if self.runner is not None and self.runner.job_id == job["job_id"]:
-                    job.update(self.runner.info())
-                job["events"] = JobStore(ro.conn).events(job["job_id"])
-                return {"ok": True, "job": job}
-        if command == "feedback":
-            return self._feedback(request)
-        log.info(events.CONTROL_COMMAND_RECEIVED, command=command, uid=peer.uid)
-        if command in ("promote", "rollback"):
-            return self._change_version(command, request, gone)
-        return self._call(lambda: self._act(command, request))
+                return handler(args, ro)
+        return handler(args)
 
-    def _change_version(self, command: str, request: dict, gone) -> dict:
+    # -- answered from memory, or read-only -------------------------------------------------
+
+    def _on_ping(self, args) -> dict:
+        return {"ok": True, "pid": os.getpid()}
+
+    def _on_status(self, args) -> dict:
+        return self.status()
+
+    def _on_jobs(self, args: protocol.JobsArguments, ro: Buffer) -> dict:
+        return {"ok": True, "jobs": JobStore(ro.conn).list(args.limit)}
+
+    def _on_job(self, args: protocol.JobArguments, ro: Buffer) -> dict:
+        try:
+            job = JobStore(ro.conn).get(args.job_id)
+        except JobNotFound as e:
+            return protocol.error(str(e))
+        if self.runner is not None and self.runner.job_id == job["job_id"]:
+            job.update(self.runner.info())
+        job["events"] = JobStore(ro.conn).events(job["job_id"])
+        return {"ok": True, "job": job}
+
+    def _on_history(self, args, ro: Buffer) -> dict:
+        from lorad.daemon import views
+
+        return {"ok": True, **views.history(self.settings)}
+
+    def _on_feedback(self, args: protocol.FeedbackArguments) -> dict:
+        from lorad.daemon import feedback
+
+        def task(buffer):
+            response = feedback.write_feedback(buffer, args.record, update=args.update)
+            self.ingest.mark_changed()
+            return response
+
+        # Acknowledged only after the commit; a write still queued past FEEDBACK_WAIT is
+        # answered as pending (it will commit) before the client's default 30 s run out.
+        return feedback.acknowledge(self.ingest.submit(task), FEEDBACK_WAIT)
+
+    # -- state changes, in the main loop ------------------------------------------------------
+
+    def _on_train_now(self, args) -> dict:
+        job = self.jobs.create("manual")
+        self._decide_now = True
+        log.info(events.JOB_QUEUED, job_id=job["job_id"], trigger="manual")
+        return {"ok": True, "job": job}
+
+    def _on_cancel(self, args: protocol.JobArguments) -> dict:
+        job_id = args.job_id
+        try:
+            job = self.jobs.get(job_id)
+        except JobNotFound as e:
+            return protocol.error(str(e))
+        if self.runner is not None and self.runner.job_id == job_id and self.runner.is_alive():
+            self.runner.cancel("cancelled by request")
+            return {"ok": True, "job_id": job_id, "state": "cancelling"}
+        if job["state"] in FINAL:
+            return protocol.error(f"job {job_id} already ended ({job['state']})")
+        self.jobs.transition(job_id, "cancelled", "cancelled by request")
+        log.info(events.JOB_CANCELLED, job_id=job_id, reason="cancelled by request")
+        return {"ok": True, "job_id": job_id, "state": "cancelled"}
+
+    def _on_pause(self, args) -> dict:
+        return self._set_paused(True)
+
+    def _on_resume(self, args) -> dict:
+        return self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> dict:
+        self.scheduling_paused = paused
+        self.jobs.set_state("scheduling_paused", paused)
+        self._decide_now = True
+        log.info(events.SCHEDULING_PAUSED if paused else events.SCHEDULING_RESUMED)
+        self._refresh_snapshot()
+        return {"ok": True, "scheduling_paused": paused}
+
+    def _on_reload(self, args) -> dict:
+        return self.reload()
+
+    # -- promote and rollback, in a thread of their own ---------------------------------------
+
+    def _change_version(self, command: str, args: protocol.ChangeArguments, gone) -> dict:
         """promote/rollback in a thread of its own (``lorad-release``), one at a time.
 
         Why a thread: the publish hooks may wait on a hung server (timeout x attempts); the
@@ -500,10 +569,7 @@ class Service:
         at once, so hand changes never hold more than one worker. The registry's own lock
         serialises pointer changes with a concluding job.
         """
-        reason, version = request.get("reason"), request.get("version")
-        if version is not None and not isinstance(version, str):  # the protocol fuzz found this
-            return protocol.error(f"{command}: version must be a version name string, got {version!r}"[:200])
-        reason = reason if isinstance(reason, str) and reason else None
+        version, reason = args.version, args.reason or None
         if command == "promote" and not version:
             return protocol.error("promote needs a VERSION")
         concluding = self._call(lambda: self.runner is not None and self.runner.is_alive()
@@ -546,57 +612,6 @@ class Service:
         except Exception as e:  # the daemon outlives any one request
             log.exception(events.REQUEST_FAILED, command=command)
             future.set_result(protocol.error(f"internal error: {type(e).__name__}: {e}"))
-
-    def _act(self, command: str, request: dict) -> dict:
-        """State-changing commands, in the main loop."""
-        if command == "train_now":
-            job = self.jobs.create("manual")
-            self._decide_now = True
-            log.info(events.JOB_QUEUED, job_id=job["job_id"], trigger="manual")
-            return {"ok": True, "job": job}
-        if command == "cancel":
-            job_id = str(request.get("job_id"))
-            try:
-                job = self.jobs.get(job_id)
-            except JobNotFound as e:
-                return protocol.error(str(e))
-            if self.runner is not None and self.runner.job_id == job_id and self.runner.is_alive():
-                self.runner.cancel("cancelled by request")
-                return {"ok": True, "job_id": job_id, "state": "cancelling"}
-            if job["state"] in FINAL:
-                return protocol.error(f"job {job_id} already ended ({job['state']})")
-            self.jobs.transition(job_id, "cancelled", "cancelled by request")
-            log.info(events.JOB_CANCELLED, job_id=job_id, reason="cancelled by request")
-            return {"ok": True, "job_id": job_id, "state": "cancelled"}
-        if command in ("pause", "resume"):
-            self.scheduling_paused = command == "pause"
-            self.jobs.set_state("scheduling_paused", self.scheduling_paused)
-            self._decide_now = True
-            log.info(events.SCHEDULING_PAUSED if self.scheduling_paused else "scheduling_resumed")
-            self._refresh_snapshot()
-            return {"ok": True, "scheduling_paused": self.scheduling_paused}
-        if command == "reload":
-            return self.reload()
-        return protocol.error(f"unknown command {command!r}")  # pragma: no cover - protocol checks
-
-    def _feedback(self, request: dict) -> dict:
-        from lorad.daemon import feedback
-
-        record = request.get("record")
-        if not isinstance(record, dict):
-            return protocol.error('feedback needs a "record" object')
-        update = request.get("update", False)
-        if not isinstance(update, bool):
-            return protocol.error('feedback: "update" must be true or false')
-
-        def task(buffer):
-            response = feedback.write_feedback(buffer, record, update=update)
-            self.ingest.mark_changed()
-            return response
-
-        # Acknowledged only after the commit; a write still queued past FEEDBACK_WAIT is
-        # answered as pending (it will commit) before the client's default 30 s run out.
-        return feedback.acknowledge(self.ingest.submit(task), FEEDBACK_WAIT)
 
 
 def _schedule(settings: Settings) -> Schedule:
