@@ -244,6 +244,7 @@ def test_deleted_current_is_noticed_and_rollback_refuses_instead_of_publishing_p
 def test_history_and_status_agree_on_a_bent_current(tmp_path):
     from lorad.config import loads
     from lorad.daemon import views
+    from lorad.release.history import history as history_view
 
     settings = loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
     reg = Registry(settings.state_dir / "adapters")
@@ -251,7 +252,7 @@ def test_history_and_status_agree_on_a_bent_current(tmp_path):
     reg.promote(a)
     (reg.root / "current").unlink()
     (reg.root / "current").symlink_to(tmp_path / "nowhere" / a)
-    history = views.history(settings)
+    history = history_view(settings)
     assert history["current"] is None and views.active_version(settings.state_dir) is None
     assert history["problems"] == views.registry_problems(settings.state_dir) != []
 

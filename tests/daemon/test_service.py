@@ -271,6 +271,9 @@ def test_promote_and_rollback_go_through_the_running_daemon(daemon_factory, shor
     assert bad.returncode == 1 and "v0099" in bad.stderr
     history = d.request("history")
     assert history["current"] == v1 and [v["version"] for v in history["versions"]] == [v2, v1]
+    # One view: the socket answers what `lorad history --json` prints.
+    printed = json.loads(d.cli("history", "--json").stdout)
+    assert {k: v for k, v in history.items() if k != "ok"} == printed
 
 
 def test_a_version_named_with_a_non_ascii_digit_is_no_such_version_through_the_daemon(daemon_factory, short_root):

@@ -36,6 +36,7 @@ def history(args, settings) -> int:
     from lorad.cli import CommandError
     from lorad.commands.render import metrics_table
     from lorad.evaluation.live import live_rates
+    from lorad.release.history import history as history_view
     from lorad.release import open_registry
     from lorad.release.registry import RegistryError
 
@@ -73,24 +74,10 @@ def history(args, settings) -> int:
         emit(args, payload, "\n".join(lines))
         return 0 if not problems else 1
 
-    cur, prev = reg.current(), reg.previous()
-    rows = []
-    listed = list(reversed(reg.versions()))[:args.limit]
-    live = live_rates(settings, [v.name for v in listed])
-    for v in listed:
-        r = v.record
-        metrics = r.get("metrics") or {}
-        label = (r.get("compared_with") or {}).get("label", "active")
-        cand, base = metrics.get("candidate") or {}, metrics.get(label) or {}
-        rows.append({"version": v.name, "current": v.name == cur, "previous": v.name == prev,
-                     "created_at": r.get("created_at"), "job_id": r.get("job_id"), "parent": r.get("parent"),
-                     "verdict": v.verdict, "nll": cand.get("nll"), "baseline_nll": base.get("nll"),
-                     "epsilon": cand.get("epsilon"), "baseline_epsilon": base.get("epsilon"),
-                     "examples": (r.get("examples") or {}).get("count"), "record_ok": reg.record_ok(v.name),
-                     "live": live[v.name].as_dict() if v.name in live else None})
-    events = _events(settings)
+    view = history_view(settings, limit=args.limit)
+    cur, prev, rows, events = view["current"], view["previous"], view["versions"], view["events"]
     lines = [f"current {cur or '- (base model)'}   previous {prev or '-'}"]
-    lines += [f"WARNING {p} (refused; lorad promote VERSION repairs it)" for p in reg.pointer_problems()]
+    lines += [f"WARNING {p} (refused; lorad promote VERSION repairs it)" for p in view["problems"]]
     if not rows:
         lines.append("no adapter versions yet")
     else:
@@ -100,9 +87,9 @@ def history(args, settings) -> int:
         mark = "*" if row["current"] else "p" if row["previous"] else " "
         verdict = "promote" if row["verdict"].get("promote") else "reject"
         reason = _headline(row["verdict"]) if row["record_ok"] else "lorad.json EDITED since it was made: not to be trusted"
-        rate = live.get(row["version"])
-        first = f"{rate.value:.0%} ({rate.accepted}/{rate.attempts})" if rate and rate.attempts else "-"
-        tries = f"{rate.mean_attempts:.2f}" if rate and rate.attempts else "-"
+        rate = row["live"]
+        first = f"{rate['first_try']:.0%} ({rate['accepted']}/{rate['attempts']})" if rate and rate["attempts"] else "-"
+        tries = f"{rate['mean_attempts']:.2f}" if rate and rate["attempts"] else "-"
         lines.append(f"{mark} {row['version']:<24} {verdict:<9} {_f(row['nll']):>8} {_f(row['baseline_nll']):>9} "
                      f"{_pct(row['epsilon']):>7} {_pct(row['baseline_epsilon']):>7} {first:>13} {tries:>8}  {reason}")
     if events:
@@ -112,8 +99,7 @@ def history(args, settings) -> int:
             why = e["detail"].get("reason") or "; ".join(e["detail"].get("reasons") or [])
             why = why if len(why) <= 110 else why[:107] + "..."
             lines.append(f"  {when} {e['event']:<24} {e['version'] or '-'}  {why}")
-    emit(args, {"current": cur, "previous": prev, "problems": reg.pointer_problems(), "versions": rows,
-                "events": events}, "\n".join(lines))
+    emit(args, view, "\n".join(lines))
     return 0
 
 
@@ -149,23 +135,6 @@ def _flip_lines(flips: dict, baseline_version: str | None) -> list[str]:
         for t in group:
             lines.append(f"  {mark} {t['task_key'][:8]}  {t['task'][:90]}")
     return lines
-
-
-def _events(settings) -> list[dict]:
-    """Registry events from the audit table, read-only (an absent buffer gives none)."""
-    from lorad.buffer.store import Buffer, BufferError
-
-    if not settings.buffer_path.exists():
-        return []
-    try:
-        with Buffer(settings.buffer_path, readonly=True) as reader:
-            out = []
-            for name in ("adapter_promoted", "adapter_rolled_back", "candidate_rejected",
-                         "adapter_change_reverted", "publish_failed"):
-                out += reader.events(name, limit=20)
-    except BufferError:
-        return []
-    return sorted(out, key=lambda e: e["id"], reverse=True)
 
 
 def _headline(verdict: dict) -> str:

@@ -501,9 +501,9 @@ class Service:
         return {"ok": True, "job": job}
 
     def _on_history(self, args, ro: Buffer) -> dict:
-        from lorad.daemon import views
+        from lorad.release.history import history
 
-        return {"ok": True, **views.history(self.settings)}
+        return {"ok": True, **history(self.settings)}
 
     def _on_feedback(self, args: protocol.FeedbackArguments) -> dict:
         from lorad.daemon import feedback

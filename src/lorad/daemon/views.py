@@ -53,19 +53,3 @@ def buffer_counts(reader: Buffer, state_dir: Path | None = None) -> dict:
     except sqlite3.Error as e:  # e.g. a table not migrated yet by the writer: report zeros
         log.debug(events.EXAMPLE_COUNTS_FAILED, error=str(e))
     return counts
-
-
-def history(settings) -> dict:
-    """Versions (newest first) with their verdicts and metrics, and the pointers."""
-    from lorad.release import open_registry
-
-    reg = open_registry(settings)
-    versions = []
-    for v in reversed(reg.versions()):
-        r = v.record
-        versions.append({"version": v.name, "created_at": r.get("created_at"), "job_id": r.get("job_id"),
-                         "parent": r.get("parent"), "verdict": v.verdict, "metrics": r.get("metrics"),
-                         "record_ok": reg.record_ok(v.name)})
-    return {"current": reg.current(), "previous": reg.previous(), "problems": reg.pointer_problems(),
-            "versions": versions}
-
