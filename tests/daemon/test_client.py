@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from lorad.commands.client import progress_line, status_text
+from lorad.commands.client import status_text
+from lorad.commands.render import JobProgress, progress_line
 
 
 def test_progress_line_shows_bar_step_loss_and_eta():
@@ -82,3 +83,23 @@ def test_status_text_never_says_a_server_sleeps_for_a_job_that_is_not_running():
     training = status_text({**base, "state": "training", "job": {"job_id": "20261201-a", "state": "training"},
                             "gpu_share": [server]})
     assert "vllm http://127.0.0.1:8000: asleep while job 20261201-a trains" in training
+
+
+def test_one_progress_renderer_prints_state_changes_and_every_few_steps_off_a_terminal():
+    import io
+
+    out = io.StringIO()
+    view = JobProgress(out, every=5)
+    job = {"job_id": "job-1", "state": "preparing", "progress": None}
+    view.update(job)
+    for step in range(0, 11):
+        view.update(job | {"state": "training", "progress": {"step": step, "total_steps": 10, "loss": 1.0 / (step + 1)}})
+    view.update(job | {"state": "evaluating", "progress": {"step": 10, "total_steps": 10}})
+    JobProgress(out).update({"stage": "training", "step": 3, "total_steps": 10})  # a bare record (lorad train)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  preparing" and lines[-2] == "  evaluating"
+    assert [line.split("step ")[1].split("/")[0] for line in lines if "step " in line] == ["0", "5", "10", "3"]
+    quiet = io.StringIO()
+    JobProgress(quiet, enabled=False).update(job | {"state": "training", "progress": {"step": 1, "total_steps": 2}})
+    JobProgress(quiet, lines=False).update(job | {"state": "training", "progress": {"step": 1, "total_steps": 2}})
+    assert quiet.getvalue() == ""

@@ -19,12 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorad.commands import emit
+from lorad.commands.render import JobProgress, duration, progress_line
 
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 DEFAULT_TIMEOUT = 30.0
-BAR_WIDTH = 30
 
 
 def register(sub, common) -> None:
@@ -133,43 +133,12 @@ def call(settings, command: str, *, timeout: float = DEFAULT_TIMEOUT, **argument
 # -- formatting ---------------------------------------------------------------------------------
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(max(0, seconds))
-    d, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    if d:
-        return f"{d}d {h}h"
-    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s" if m else f"{s}s"
-
-
-def progress_line(job: dict) -> str:
-    p = job.get("progress") or {}
-    line = f"job {job['job_id']}: {job['state']}"
-    if job.get("stopping"):
-        line += f" ({'cancelling' if job['stopping'] == 'cancel' else 'pausing'})"
-    step, total = p.get("step"), p.get("total_steps")
-    if isinstance(step, int) and isinstance(total, int) and total > 0:
-        done = min(1.0, step / total)
-        filled = int(done * BAR_WIDTH)
-        line += f"  [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:4.0%} step {step}/{total}"
-        if p.get("phase"):
-            line += f" of the {p['phase']} phase"
-    if isinstance(p.get("loss"), (int, float)):
-        line += f"  loss {p['loss']:.4f}"
-    if p.get("eta_s") is not None:
-        line += f"  ETA {_duration(p['eta_s'])}"
-    return line
-
-
 def _when(iso: str) -> datetime:
     return datetime.fromisoformat(iso)
 
 
 def status_text(r: dict) -> str:
-    lines = [f"lorad: {r['state']} (pid {r['pid']}, up {_duration(r.get('uptime_s'))})"]
+    lines = [f"lorad: {r['state']} (pid {r['pid']}, up {duration(r.get('uptime_s'))})"]
     lines.append(f"active version: {r.get('active_version') or 'none (base model)'}")
     lines += [f"registry: WARNING {p} (refused; lorad promote VERSION repairs it)"
               for p in r.get("registry_problems") or []]
@@ -188,10 +157,10 @@ def status_text(r: dict) -> str:
         start, end = _when(w["start"]), _when(w["end"])
         now = datetime.now(timezone.utc)
         if w.get("open") or start <= now:
-            lines.append(f"window: open until {end:%Y-%m-%d %H:%M %Z} ({_duration((end - now).total_seconds())} left)")
+            lines.append(f"window: open until {end:%Y-%m-%d %H:%M %Z} ({duration((end - now).total_seconds())} left)")
         else:
             lines.append(f"next window: {start:%Y-%m-%d %H:%M}-{end:%H:%M %Z} "
-                         f"(opens in {_duration((start - now).total_seconds())})")
+                         f"(opens in {duration((start - now).total_seconds())})")
     else:
         lines.append("next window: none configured")
     running = (r.get("job") or {}).get("job_id")
@@ -288,22 +257,14 @@ def train_now(args, settings) -> int:
         print(f"queued {job_id}", flush=True)
     from lorad.buffer.job_table import FINAL
 
-    tty = sys.stdout.isatty() and not args.json
-    last = ""
+    view = JobProgress(sys.stdout, enabled=not args.json)
     while True:
         job = call(settings, "job", job_id=job_id, timeout=args.timeout)["job"]
         if job["state"] in FINAL or job["state"] == "paused":
             break
-        if not args.json:
-            line = progress_line(job)
-            if tty:
-                print("\r" + line[:150].ljust(150), end="", flush=True)
-            elif line.split("  ")[0] != last:
-                print(line, flush=True)
-            last = line.split("  ")[0]
+        view.update(job)
         time.sleep(0.5)
-    if tty:
-        print()
+    view.close()
     state = "skipped, nothing to train on" if job["state"] == "skipped" else job["state"]
     text = f"job {job_id}: {state}" + (f" {job['version']}" if job.get("version") else "") + \
         (f" ({job['reason']})" if job.get("reason") else "")

@@ -1,4 +1,4 @@
-"""How the CLI shows a training cycle: its outcome, the metrics side by side, a progress bar."""
+"""How the CLI shows a training cycle: its outcome, the metrics side by side, its progress."""
 
 from __future__ import annotations
 
@@ -70,29 +70,84 @@ def _secs(x) -> str:
     return f"{x:.1f}s" if isinstance(x, (int, float)) else "-"
 
 
-class ProgressBar:
-    """A tqdm bar over the worker's progress records (only on a terminal)."""
+BAR_WIDTH = 30
 
-    def __init__(self, enabled: bool, stream=None):
+
+def duration(seconds: float | None) -> str:
+    """``1h 05m``, ``3m 09s``, ``12s``, ``2d 4h`` (``?`` for None)."""
+    if seconds is None:
+        return "?"
+    seconds = int(max(0, seconds))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    if d:
+        return f"{d}d {h}h"
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def progress_line(job: dict) -> str:
+    """One line for a job: its state, a text bar of its steps, loss and ETA."""
+    p = job.get("progress") or {}
+    line = f"job {job['job_id']}: {job['state']}"
+    if job.get("stopping"):
+        line += f" ({'cancelling' if job['stopping'] == 'cancel' else 'pausing'})"
+    step, total = p.get("step"), p.get("total_steps")
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        done = min(1.0, step / total)
+        filled = int(done * BAR_WIDTH)
+        line += f"  [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:4.0%} step {step}/{total}"
+        if p.get("phase"):
+            line += f" of the {p['phase']} phase"
+    if isinstance(p.get("loss"), (int, float)):
+        line += f"  loss {p['loss']:.4f}"
+    if p.get("eta_s") is not None:
+        line += f"  ETA {duration(p['eta_s'])}"
+    return line
+
+
+class JobProgress:
+    """A job's progress as it runs, however it is watched (`lorad train`, `lorad train-now
+    --wait`, the demo): a tqdm bar on a terminal; elsewhere, with ``lines``, a line when the
+    state changes and every ``every`` steps (logs and pipes).
+
+    Fed job rows (``state`` and ``progress``) or the worker's bare progress records.
+    """
+
+    def __init__(self, stream=None, *, enabled: bool = True, lines: bool = True, every: int = 5):
         import sys
 
         self.stream = stream or sys.stderr
-        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
+        self.tty = enabled and getattr(self.stream, "isatty", lambda: False)()
+        self.lines = enabled and lines and not self.tty
+        self.every = every
         self.bar = None
+        self.shown, self.last_step = "", -every
 
-    def update(self, record: dict) -> None:
-        if not self.enabled:
-            return
+    def update(self, job: dict) -> None:
+        record = job.get("progress") or {} if "state" in job else job
+        state = job.get("state") or record.get("stage") or "training"
+        step, total = record.get("step") or 0, record.get("total_steps")
+        training = state == "training" and total
+        if self.tty and training:
+            self._bar(record, step, total)
+        elif self.lines and training and (step >= self.last_step + self.every or step == total != self.last_step):
+            print("  " + progress_line({"job_id": job.get("job_id", "-"), "state": state, "progress": record}),
+                  file=self.stream, flush=True)
+            self.last_step = step
+        if not training and state != self.shown:
+            self.close()
+            if self.lines or self.tty:
+                print(f"  {state}", file=self.stream, flush=True)
+        self.shown = state
+
+    def _bar(self, record: dict, step: int, total: int) -> None:
         from tqdm import tqdm
 
-        total, step = record.get("total_steps"), record.get("step") or 0
-        if self.bar is None and total:
-            self.bar = tqdm(total=total, desc="training", unit="step", file=self.stream)
         if self.bar is None:
-            return
-        stage = record.get("stage") or "training"
-        self.bar.set_description(f"{stage} ({record['phase']})" if record.get("phase") else stage)
-        if total and self.bar.total != total:
+            self.bar = tqdm(total=total, desc="training", unit="step", file=self.stream, dynamic_ncols=True)
+        self.bar.set_description(f"training ({record['phase']})" if record.get("phase") else "training")
+        if self.bar.total != total:
             self.bar.total = total
         self.bar.n = step
         post = {}
@@ -106,3 +161,4 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -33,7 +33,7 @@ def run(args, settings) -> int:
     problems = unwritable(settings)  # a read-only state directory: one line, as `lorad serve` says it
     if problems:
         raise CommandError("cannot train: " + "; ".join(problems), EX_CONFIG)
-    bar = render.ProgressBar(enabled=not (args.no_progress or args.json))
+    bar = render.JobProgress(enabled=not (args.no_progress or args.json), lines=False)
     try:
         outcome = cycle.run_now(settings, ingest_first=not args.no_ingest, on_progress=bar.update)
     except BufferError as e:

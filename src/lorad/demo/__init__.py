@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lorad.demo import tasks as demo_tasks
 from lorad.demo import synthetic
+from lorad.commands.render import JobProgress
 from lorad.loop.daemon import Daemon, LoopError
 
 # The loop: rounds of traffic (each answered by the version the last cycle promoted), tasks a
@@ -185,41 +186,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class JobView:
-    """A job's progress as it runs: a bar on a terminal, a line every few steps otherwise."""
-
-    def __init__(self, out):
-        self.out, self.tty = out, getattr(out, "isatty", lambda: False)()
-        self.bar, self.shown, self.last_step = None, "", -10
-
-    def update(self, job: dict) -> None:
-        from tqdm import tqdm
-
-        state = job.get("state", "?")
-        p = job.get("progress") or {}
-        step, total = p.get("step") or 0, p.get("total_steps")
-        loss = f"loss {p['loss']:.3f}" if isinstance(p.get("loss"), (int, float)) else ""
-        if state == "training" and total:
-            if self.tty:
-                if self.bar is None:
-                    self.bar = tqdm(total=total, desc="training", unit="step", file=self.out, dynamic_ncols=True)
-                self.bar.update(step - self.bar.n)
-                self.bar.set_postfix_str(loss)
-            elif step >= self.last_step + 5 or (step == total and step != self.last_step):
-                eta = f"  eta {p['eta_s']:.0f}s" if isinstance(p.get("eta_s"), (int, float)) else ""
-                print(f"  training step {step}/{total}  {loss}{eta}", file=self.out, flush=True)
-                self.last_step = step
-        elif state != self.shown:
-            self.close()
-            print(f"  {state}", file=self.out, flush=True)
-        self.shown = state
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 class Demo:
     def __init__(self, directory: Path, tiny: bool, out=sys.stdout):
         self.dir = directory
@@ -310,7 +276,7 @@ class Demo:
                 if k == len(rounds):
                     break
                 self.section(f"{2 * k + 2}. Cycle {k}: lorad trains on its store and gates the candidate")
-                view = JobView(self.out)
+                view = JobProgress(self.out)
                 job = self.daemon.cycle(self.dir / "store", on_job=view.update)
                 view.close()
                 self.say(f"job {job['job_id']}: {job['state'].upper()}" + (f" {job['version']}" if job.get("version") else "")
@@ -424,7 +390,7 @@ class Demo:
         """Show the job's progress until it ends."""
         from lorad.buffer.job_table import FINAL
 
-        view = JobView(self.out)
+        view = JobProgress(self.out)
         while True:
             job = self.daemon.request("job", job_id=job_id).get("job") or {}
             if job.get("state") in FINAL or job.get("state") == "paused":
