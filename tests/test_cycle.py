@@ -457,6 +457,7 @@ def test_a_cycle_with_nothing_to_train_ends_skipped_in_the_buffer_and_stays_so(t
     """The job ended "skipped" for the caller but stayed "preparing" in the buffer (the state
     was refused), so `lorad jobs` never saw it end and every daemon start resumed it."""
     from lorad.daemon.metrics import cycle_values
+    from lorad.release.registry import Registry
 
     s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
     cfg = _write_config(tmp_path, s)
@@ -470,7 +471,7 @@ def test_a_cycle_with_nothing_to_train_ends_skipped_in_the_buffer_and_stays_so(t
         assert [e["state"] for e in store.events(job["job_id"])] == ["queued", "preparing", "skipped"]
         assert cycle.recover(s, store) == []  # a daemon starting now leaves it alone
         assert store.get(job["job_id"])["state"] == "skipped"
-        assert cycle_values(b.conn, s.state_dir)["jobs"] == {"skipped": 1}  # lorad_jobs_total{state="skipped"}
+        assert cycle_values(b.conn, Registry(s.state.adapters))["jobs"] == {"skipped": 1}  # lorad_jobs_total{state="skipped"}
     assert cli.main(["--config", str(cfg), "--json", "jobs"]) == 0  # no daemon: read from the buffer
     assert [j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]] == ["skipped"]
 

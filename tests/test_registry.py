@@ -243,7 +243,7 @@ def test_deleted_current_is_noticed_and_rollback_refuses_instead_of_publishing_p
 
 def test_history_and_status_agree_on_a_bent_current(tmp_path):
     from lorad.config import loads
-    from lorad.daemon import views
+    from lorad.daemon.service import Service
     from lorad.release.history import history as history_view
 
     settings = loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
@@ -253,8 +253,9 @@ def test_history_and_status_agree_on_a_bent_current(tmp_path):
     (reg.root / "current").unlink()
     (reg.root / "current").symlink_to(tmp_path / "nowhere" / a)
     history = history_view(settings)
-    assert history["current"] is None and views.active_version(settings.state_dir) is None
-    assert history["problems"] == views.registry_problems(settings.state_dir) != []
+    status_registry = Service(settings).registry  # what lorad status reads
+    assert history["current"] is None and status_registry.current() is None
+    assert history["problems"] == status_registry.pointer_problems() != []
 
 
 def test_lorad_history_warns_of_a_bent_pointer_and_an_edited_record(tmp_path, capsys):

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lorad.state import StateDir
+
 EX_CONFIG = 78
 
 DEFAULT_PATHS = (Path("/etc/lorad/config.toml"), Path("config.toml"))
@@ -571,8 +573,13 @@ class Settings:
         return self.daemon.state_dir
 
     @property
+    def state(self) -> StateDir:
+        """The state directory's paths (:class:`lorad.state.StateDir`)."""
+        return StateDir(self.daemon.state_dir)
+
+    @property
     def buffer_path(self) -> Path:
-        return Path(self.buffer.path) if self.buffer.path else self.state_dir / "buffer.sqlite3"
+        return Path(self.buffer.path) if self.buffer.path else self.state.buffer
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ def test_a_rejected_candidate_is_not_retrained_on_the_same_examples(tmp_path, fi
         total = examples.count_new(buffer, 0)
         assert total > 0
         reg = Registry(state / "adapters")
-        counts = views.buffer_counts(buffer, state)
+        counts = views.buffer_counts(buffer, reg)
         assert counts["new_examples"] == counts["untrained_examples"] == total
 
         top = buffer.conn.execute("SELECT max(seq) FROM examples").fetchone()[0]
         _version(reg, tmp_path, top, promote=False)  # trained on everything, rejected
-        counts = views.buffer_counts(buffer, state)
+        counts = views.buffer_counts(buffer, reg)
         assert counts["new_examples"] == total  # nothing promoted since: all still new
         assert counts["untrained_examples"] == 0  # but nothing to train on that was not tried

@@ -64,11 +64,11 @@ def collect(settings, limit: int = 10) -> dict:
                     if isinstance(rec.get("step"), int) and _finite(rec.get("loss")):
                         curve.append((rec["step"], float(rec["loss"])))
             jobs.append({**job, "curve": curve})
-    elif not (settings.state_dir / "adapters").exists():
+    elif not settings.state.adapters.exists():
         raise CommandError(f"nothing to report: no buffer at {path} and no adapters in {settings.state_dir}")
     from lorad.evaluation.live import live_rates
 
-    reg = Registry(settings.state_dir / "adapters")
+    reg = Registry(settings.state.adapters)
     versions = []
     live = live_rates(settings, reg.names())
     for name in reg.names():

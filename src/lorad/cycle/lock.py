@@ -8,9 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lorad.cycle.outcome import CycleError
-
-LOCK_FILE = "training.lock"
-
+from lorad.state import StateDir
 
 class TrainingBusy(CycleError):
     "Another training cycle (the daemon's, or a `lorad train`) is running on this state directory."
@@ -28,7 +26,7 @@ def training_lock(state_dir, holder: str):
     Args:
         holder: who holds it, written into the file for the one that finds it taken.
     """
-    path = Path(state_dir) / LOCK_FILE
+    path = StateDir(Path(state_dir)).training_lock
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:

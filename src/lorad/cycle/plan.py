@@ -51,7 +51,7 @@ class Plan:
 
 
 def job_dir_of(settings, job_id: str) -> Path:
-    return Path(settings.state_dir) / "jobs" / job_id
+    return settings.state.job(job_id)
 
 
 def _digest(values) -> str:

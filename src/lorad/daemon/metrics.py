@@ -31,7 +31,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import unquote
 
 import structlog
@@ -39,6 +38,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, exposition
 from prometheus_client import core as families
 
 from lorad import events
+from lorad.release.registry import Registry
 
 log = structlog.get_logger()
 
@@ -57,7 +57,7 @@ class ListenFailed(Exception):
     "The metrics listener could not bind its address."
 
 
-def cycle_values(conn: sqlite3.Connection, state_dir: Path) -> dict:
+def cycle_values(conn: sqlite3.Connection, registry: Registry) -> dict:
     """The values that change only when a cycle ends or a version moves (the jobs and audit
     tables are small; each query uses an index or reads a few hundred rows).
 
@@ -66,7 +66,7 @@ def cycle_values(conn: sqlite3.Connection, state_dir: Path) -> dict:
         finished_at, tokens_per_s} | None, last_success: ts | None, promotions, rollbacks,
         scores: {active|candidate: {version, nll, epsilon}}}
     """
-    from lorad.release.registry import Registry, RegistryError
+    from lorad.release.registry import RegistryError
     from lorad.training.jobdir import JobError, read_result
 
     q = conn.execute
@@ -91,7 +91,6 @@ def cycle_values(conn: sqlite3.Connection, state_dir: Path) -> dict:
     last_success = q("SELECT max(finished_at) FROM jobs WHERE state IN ('promoted', 'rejected')").fetchone()[0]
     moves = dict(q("SELECT event, count(*) FROM audit WHERE event IN (?, ?) GROUP BY event",
                    (events.ADAPTER_PROMOTED, events.ADAPTER_ROLLED_BACK)))
-    registry = Registry(Path(state_dir) / "adapters")
     scores: dict = {}
     try:
         names = registry.names()

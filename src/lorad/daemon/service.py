@@ -33,6 +33,7 @@ from lorad.daemon import protocol
 from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
 from lorad.daemon.runner import JobRunner
 from lorad.daemon.metrics import ListenFailed, Metrics, cycle_values
+from lorad.release.registry import Registry
 from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
 from lorad.daemon.systemd import Notifier
 from lorad.daemon.waker import Waker
@@ -59,6 +60,9 @@ class Service:
 
     def __init__(self, settings: Settings, environ=None):
         self.settings = settings
+        # One registry for the daemon's reads (status twice a second, metrics): its caches of
+        # pointer logs and verified versions live on it. (A reload cannot move state_dir.)
+        self.registry = Registry(settings.state.adapters)
         self.notifier = Notifier(environ, watchdog=settings.daemon.watchdog)
         self.schedule = _schedule(settings)
         self._signals: set[int] = set()
@@ -119,7 +123,7 @@ class Service:
         self.waker = Waker(s)
         self.waker.start()
         self.metrics = Metrics(self.status, [src.key for src in s.store.sources])
-        self.metrics.set_cycle_values(cycle_values(self.db.conn, s.state_dir))
+        self.metrics.set_cycle_values(cycle_values(self.db.conn, self.registry))
         if s.metrics.listen:  # bound before the start-up scan: a taken port fails at once
             self.metrics.listen(s.metrics.host, s.metrics.port)
         self._start_ingest()
@@ -331,7 +335,7 @@ class Service:
     def _refresh_cycle_metrics(self) -> None:
         """The metrics that change only when a cycle ends or a version moves (main loop)."""
         try:
-            self.metrics.set_cycle_values(cycle_values(self.db.conn, self.settings.state_dir))
+            self.metrics.set_cycle_values(cycle_values(self.db.conn, self.registry))
         except Exception:  # a metric a cycle late is no reason to stop serving
             log.exception(events.STATUS_REFRESH_FAILED)
 
@@ -394,7 +398,7 @@ class Service:
         from lorad.daemon import views
 
         begun = time.monotonic()
-        counts = views.buffer_counts(reader or self.reader, self.settings.state_dir)
+        counts = views.buffer_counts(reader or self.reader, self.registry)
         now = datetime.now(timezone.utc)
         nxt = self.schedule.next_window(now)
         running = self.runner.info() if self.runner is not None and self.runner.is_alive() else None
@@ -406,8 +410,8 @@ class Service:
             "state": state,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "active_version": views.active_version(self.settings.state_dir),
-            "registry_problems": views.registry_problems(self.settings.state_dir),
+            "active_version": self.registry.current(),
+            "registry_problems": self.registry.pointer_problems(),
             "buffer": counts,
             "job": running,
             "scheduling_paused": self.scheduling_paused,

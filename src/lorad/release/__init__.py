@@ -10,7 +10,6 @@ and status read (:func:`since_seq`, :func:`trained_seq`). Torch-free.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,7 +22,7 @@ log = structlog.get_logger()
 
 def open_registry(settings, buffer=None) -> Registry:
     """The registry under ``settings.state_dir``; its changes go to ``buffer``'s audit table when given."""
-    return Registry(Path(settings.state_dir) / "adapters", settings.registry.keep, settings.registry.keep_best,
+    return Registry(settings.state.adapters, settings.registry.keep, settings.registry.keep_best,
                     audit=buffer.record_event if buffer is not None else None)
 
 

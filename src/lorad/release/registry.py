@@ -59,10 +59,6 @@ VERSION_RE = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$", re.ASCII)  # ASCII: int()
 POINTER_ACTIONS = ("promoted", "rolled_back", "reverted")
 POINTERS = ("current", "previous")
 
-_verified: dict[str, tuple[tuple, list[str]]] = {}  # version dir -> (file signature, problems)
-_warned: set[tuple[str, str]] = set()  # (registry root, problem) already logged
-_logs: dict[str, tuple[tuple, list[dict]]] = {}  # pointers.jsonl -> (stat signature, entries)
-
 Audit = Callable[..., None]
 
 
@@ -145,6 +141,11 @@ class Registry:
         self.keep_best = keep_best
         self.audit = audit
         self._holding = False  # this instance holds the registry lock (no shared lock then)
+        # Caches of what is slow to read and cheap to check: the daemon keeps one Registry and
+        # reads its pointers twice a second. Each entry is used only while its file signature holds.
+        self._verified: dict[str, tuple[tuple, list[str]]] = {}  # version dir -> (signature, problems)
+        self._warned: set[str] = set()  # pointer problems already logged
+        self._log_cache: tuple[tuple, list[dict]] | None = None  # pointers.jsonl (stat signature, entries)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -198,8 +199,8 @@ class Registry:
 
     def _pointer(self, which: str) -> str | None:
         name, problem = self._read_pointer(which)
-        if problem and (str(self.root), problem) not in _warned:
-            _warned.add((str(self.root), problem))
+        if problem and problem not in self._warned:
+            self._warned.add(problem)
             log.warning(events.REGISTRY_POINTER_REFUSED, registry=str(self.root), pointer=which, problem=problem)
         return name
 
@@ -262,14 +263,14 @@ class Registry:
         except OSError:
             signature = None
         signature = (signature, self.record_digest(name))
-        cached = _verified.get(str(path))
+        cached = self._verified.get(str(path))
         if cached is not None and cached[0] == signature:
             return cached[1]
         try:
             problems = self.verify(name)
         except RegistryError as e:
             problems = [str(e)]
-        _verified[str(path)] = (signature, problems)
+        self._verified[str(path)] = (signature, problems)
         return problems
 
     def made(self) -> set[str]:
@@ -317,7 +318,7 @@ class Registry:
         path = self.root / POINTER_LOG
         try:
             st = path.stat()
-            cached = _logs.get(str(path))
+            cached = self._log_cache
             if cached is not None and cached[0] == (st.st_size, st.st_mtime_ns, st.st_ino):
                 entries = cached[1]
             else:
@@ -329,7 +330,7 @@ class Registry:
                         continue
                     if isinstance(entry, dict):
                         entries.append(entry)
-                _logs[str(path)] = ((st.st_size, st.st_mtime_ns, st.st_ino), entries)
+                self._log_cache = ((st.st_size, st.st_mtime_ns, st.st_ino), entries)
         except FileNotFoundError:
             return []
         return [dict(e) for e in entries if all_entries or e.get("action") in POINTER_ACTIONS]

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from lorad import durable
+from lorad.state import StateDir
 
 COMPLETE_MARKER = "lorad-converted.json"
 
@@ -41,7 +42,7 @@ def resolve(base_model: str, state_dir, *, offline: bool = True, convert: bool =
     if base_model.endswith(".gguf"):
         if not path.is_file():
             raise BaseModelError(f"base model GGUF file not found: {path}")
-        target = Path(state_dir) / "base" / gguf_digest(path)
+        target = StateDir(Path(state_dir)).base_models / gguf_digest(path)
         if (target / COMPLETE_MARKER).is_file():
             return str(target)
         if not convert:
