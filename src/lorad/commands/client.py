@@ -108,7 +108,7 @@ def socket_path(settings) -> Path:
 
 def call(settings, command: str, *, timeout: float = DEFAULT_TIMEOUT, **arguments) -> dict:
     """One request; daemon errors, absence and silence become CommandError (exit 1, 69, 75)."""
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
     from lorad.config import EX_CONFIG
     from lorad.daemon.preflight import socket_key
     from lorad.daemon.protocol import (DaemonTimeout, DaemonUnavailable, ProtocolError,
@@ -209,7 +209,7 @@ def status(args, settings) -> int:
 def _jobs_call(settings, command: str, **arguments) -> dict:
     """The daemon's answer, or with no daemon running the same read from the buffer itself
     (`lorad train` records its jobs there too)."""
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
 
     try:
         return call(settings, command, **arguments)
@@ -289,7 +289,7 @@ def simple(args, settings, command: str) -> int:
 
 
 def feedback(args, settings) -> int:
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
 
     record: dict = {}
     if args.record:

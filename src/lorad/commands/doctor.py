@@ -34,7 +34,7 @@ def probe_command(training, state_dir) -> list[str]:
 
 
 def run(args, settings) -> int:
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
 
     try:
         proc = subprocess.run(probe_command(settings.training, settings.state_dir), capture_output=True,

@@ -13,7 +13,7 @@ def register(sub, common) -> None:
 
 
 def run(args, settings) -> int:
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
 
     if "sqlite_utils" not in sys.modules:
         # sqlite-utils imports pandas (and with it pyarrow) whenever it is installed, only to

@@ -33,7 +33,7 @@ def register(sub, common) -> None:
 
 
 def history(args, settings) -> int:
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
     from lorad.commands.render import metrics_table
     from lorad.evaluation.live import live_rates
     from lorad.release.history import history as history_view
@@ -156,7 +156,7 @@ def _pct(x) -> str:
 def _change(args, settings, action: str) -> int:
     from lorad import release
     from lorad.buffer.store import Buffer
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
     from lorad.release.registry import RegistryError
 
     done = _through_daemon(settings, action, args.version, args.reason)
@@ -184,7 +184,7 @@ PROMOTE_TIMEOUT = 600.0  # seconds lorad promote/rollback wait for the daemon's 
 
 def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
     """With a daemon running, it makes the change (so it never races its own job's conclusion)."""
-    from lorad.cli import CommandError
+    from lorad.commands import CommandError
     from lorad.commands.client import EX_TEMPFAIL, socket_path
     from lorad.daemon.protocol import DaemonTimeout, DaemonUnavailable, ProtocolError, SocketPathTooLong, request
 
