@@ -35,7 +35,7 @@ def test_fixture_store_holds_10_first_try_25_refinements_and_5_exhausted_chains(
 
 def test_policies_on_the_fixture_store_select_what_the_store_holds(store_chains):
     def n(text, **ctx):
-        return len(select(store_chains, parse_policy(text), PolicyContext(**ctx)))
+        return len(select(store_chains, parse_policy(text), PolicyContext(**({"min_retries": 2} | ctx))))
 
     assert n("refinement") == 25
     assert n("all_successes") == 35

@@ -281,7 +281,7 @@ class PolicyContext:
         action_pairs: when not empty, only chains of these action pairs are selected at all.
     """
 
-    min_retries: int = 2
+    min_retries: int
     since: float = 0.0
     action_pairs: tuple[str, ...] = ()
 
@@ -309,8 +309,8 @@ _TOKEN = re.compile(r"\s*(?:(\()|(\))|([^\s()]+))")
 class Policy:
     """A parsed filter policy: atoms combined with and / or / not and parentheses.
 
-    Atoms: refinement (accepted after at least one rejected attempt; the default),
-    all_successes (first-attempt successes too), first_try, exhausted (never accepted),
+    Atoms: refinement (accepted after at least one rejected attempt), all_successes (first-attempt
+    successes too; ``selection.policy``'s default), first_try, exhausted (never accepted),
     generator_only (every attempt came from the generator), human_only (the accepted answer
     was written by a human), high_value (at least ``min_retries`` retries), recent (created at
     or after ``since``), all, and ``action_pair:<id>``.
@@ -319,12 +319,12 @@ class Policy:
     text: str
     tree: tuple
 
-    def matches(self, fact: dict, ctx: PolicyContext = PolicyContext()) -> bool:
+    def matches(self, fact: dict, ctx: PolicyContext) -> bool:
         if ctx.action_pairs and fact["action_pair_id"] not in ctx.action_pairs:
             return False
         return _eval(self.tree, fact, ctx)
 
-    def where(self, ctx: PolicyContext = PolicyContext()) -> tuple[str, list]:
+    def where(self, ctx: PolicyContext) -> tuple[str, list]:
         """The policy as an SQL condition over the examples table, with its parameters."""
         sql, params = _sql(self.tree, ctx)
         if ctx.action_pairs:
@@ -456,6 +456,6 @@ def _sql(node: tuple, ctx: PolicyContext) -> tuple[str, list]:
     return f"({sql})", params
 
 
-def select(chains: Iterable[Chain], policy: Policy, ctx: PolicyContext = PolicyContext()) -> list[Chain]:
+def select(chains: Iterable[Chain], policy: Policy, ctx: PolicyContext) -> list[Chain]:
     """The chains a policy selects (pure)."""
     return [c for c in chains if policy.matches(facts(c), ctx)]

@@ -28,6 +28,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
 from lorad import events
+from lorad.config import BufferSettings
 from lorad.daemon import memory
 from lorad.sources.ingest import IngestReport, ingest
 
@@ -236,7 +237,7 @@ class IngestLoop:
             the first change): derived tables are refreshed once per burst, not per file.
     """
 
-    def __init__(self, buffer, readers: list, watcher: Watcher, batch_size: int = 500,
+    def __init__(self, buffer, readers: list, watcher: Watcher, batch_size: int = BufferSettings.batch_size,
                  debounce: float = 0.1, reconcile_interval: float = 300.0, settle: float = 2.0,
                  on_ingest: Callable[[IngestReport], None] | None = None,
                  on_quiet: Callable | None = None, quiet: float = 1.0):

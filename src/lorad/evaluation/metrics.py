@@ -28,6 +28,8 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from lorad.config import EvaluationSettings
+
 # Feedback kept per guard run in the metrics (the full text is not needed to decide).
 FEEDBACK_CHARS = 2000
 # The head of the specification kept per guard run, to name the task where outcomes are shown.
@@ -39,7 +41,8 @@ _CLOSED_BLOCK = re.compile(r"```[^\n`]*\n.*?```", re.DOTALL)
 
 def evaluate(model, tokenizer, heldout_rows: list[dict], *, adapters: dict[str, str | None],
              batch_size: int, max_seq_length: int, guard_command: list[str] | tuple = (),
-             guard_timeout: float = 30.0, max_new_tokens: int = 256) -> dict[str, dict]:
+             guard_timeout: float = EvaluationSettings.guard_timeout,
+             max_new_tokens: int = EvaluationSettings.max_new_tokens) -> dict[str, dict]:
     """Score several adapters of one model on the same held-out rows.
 
     Args:

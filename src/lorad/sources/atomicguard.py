@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from lorad.buffer.batch import Batch, Gone, Quarantined
+from lorad.config import BufferSettings, StoreSettings
 from lorad.sources import pool
 from lorad.sources.base import (
     ORIGINS, STATUSES, ParseError, content_hash, decode_json, json_text, kind, safe_name, text, timestamp,
@@ -191,7 +192,8 @@ class AtomicGuardSource:
             files are read in the scanning process.
     """
 
-    def __init__(self, key: str, root: Path, max_file_bytes: int = 8 << 20, settle_seconds: float = 2.0,
+    def __init__(self, key: str, root: Path, max_file_bytes: int = StoreSettings.max_file_bytes,
+                 settle_seconds: float = StoreSettings.settle_seconds,
                  parse_workers: int = 0):
         self.key = key
         self.root = Path(root)
@@ -257,7 +259,8 @@ class AtomicGuardSource:
             real = folders[parts[1]] = os.path.realpath(folder) == os.path.join(real_objects, parts[1])
         return "/".join(parts) if real else None
 
-    def scan(self, buffer: Buffer, batch_size: int = 500, paths: Iterable[str] | None = None) -> Iterator[Batch]:
+    def scan(self, buffer: Buffer, batch_size: int = BufferSettings.batch_size,
+             paths: Iterable[str] | None = None) -> Iterator[Batch]:
         """Files seen before are statted and read only if they changed (a rescan is mostly
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""

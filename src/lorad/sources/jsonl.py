@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorad.config import BufferSettings
 from lorad.buffer.batch import Batch, Quarantined
 from lorad.sources.base import (
     ORIGINS, ParseError, content_hash, decode_json, finite_number, json_text, kind, text, timestamp,
@@ -163,7 +164,8 @@ class JsonlSource:
     def watch_paths(self) -> list[Path]:
         return [self.path.parent]
 
-    def scan(self, buffer: Buffer, batch_size: int = 500, paths: Iterable[str] | None = None) -> Iterator[Batch]:
+    def scan(self, buffer: Buffer, batch_size: int = BufferSettings.batch_size,
+             paths: Iterable[str] | None = None) -> Iterator[Batch]:
         if paths is not None and not any(self._names_log(p) for p in paths):
             return
         state = buffer.source_state(self.key)
