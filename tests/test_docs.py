@@ -142,9 +142,9 @@ def _anchors(page: Path) -> set[str]:
 
 
 def _links(page: Path):
+    """The targets of a page's markdown links, outside code."""
     for line in _outside_code(page.read_text()):
-        for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", line):
-            yield target
+        yield from re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", line)
 
 
 def test_every_relative_link_resolves():
