@@ -68,8 +68,15 @@ def test_a_wake_that_never_succeeds_is_logged_audited_recorded_and_retried_later
         [record] = gpu_share.records(store)
         assert record["state"] == "wake_failed" and "after 3 attempts" in record["error"]
         states = gpu_share.server_states([], gpu_share.records(store))
-        assert states == [{"url": fake.url, "state": "wake_failed", "since": record["since"], "job_id": "job-1",
-                           "error": record["error"]}]
+        assert states == [
+            {
+                "url": fake.url,
+                "state": "wake_failed",
+                "since": record["since"],
+                "job_id": "job-1",
+                "error": record["error"],
+            }
+        ]
 
         # Later (the daemon's waker, or the next cycle): the server answers again, and is woken
         # from the record alone, with the settings the record kept.
@@ -78,8 +85,16 @@ def test_a_wake_that_never_succeeds_is_logged_audited_recorded_and_retried_later
         assert not fake.sleeping and gpu_share.records(store) == []
 
 
-@pytest.mark.parametrize("path,how", [("/wake_up", "cut"), ("/is_sleeping", "cut"), ("/is_sleeping", "nested"),
-                                      ("/is_sleeping", "list"), ("/is_sleeping", "garbage")])
+@pytest.mark.parametrize(
+    "path,how",
+    [
+        ("/wake_up", "cut"),
+        ("/is_sleeping", "cut"),
+        ("/is_sleeping", "nested"),
+        ("/is_sleeping", "list"),
+        ("/is_sleeping", "garbage"),
+    ],
+)
 def test_a_broken_reply_to_the_wake_is_a_recorded_wake_failure_never_an_exception(buffer, store, path, how):
     """A reply cut mid-body (IncompleteRead), nested past the JSON parser, not an object or not
     JSON: the body still ends normally, and the wake failure is recorded, logged and audited."""
@@ -125,12 +140,15 @@ def test_an_unreachable_server_fails_the_sleep_and_stays_recorded_until_it_is_wo
 def test_sleep_during_training_is_only_for_vllm_hooks():
     with pytest.raises(config.ConfigError, match=r'publish\[0\].sleep_during_training: only a kind = "vllm"'):
         config.loads("[[publish]]\nargv = ['x']\nsleep_during_training = true\n")
-    s = config.loads("[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8000'\nsleep_during_training = true\n"
-                     "[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8001'\n")
+    s = config.loads(
+        "[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8000'\nsleep_during_training = true\n"
+        "[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8001'\n"
+    )
     assert [x.url for x in gpu_share.servers_from_settings(s.publish)] == ["http://127.0.0.1:8000"]
 
 
 # -- around a real worker (tiny model) ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
@@ -147,7 +165,12 @@ def tiny_model(tmp_path_factory):
 def cycle_settings(root, base_model, url: str, steps: int = 8) -> config.Settings:
     """test_cycle's settings (no guard), promoting on any held-out loss drop, with a vLLM server
     that sleeps while the worker trains."""
-    return settings_for(root, str(base_model), steps=steps, guard=False, evaluation=f"""min_improvement = 0.0
+    return settings_for(
+        root,
+        str(base_model),
+        steps=steps,
+        guard=False,
+        evaluation=f"""min_improvement = 0.0
 [[publish]]
 kind = "vllm"
 url = "{url}"
@@ -155,7 +178,8 @@ retries = 1
 backoff = 0.0
 timeout = 10.0
 sleep_during_training = true
-""")
+""",
+    )
 
 
 def _progress_times(job_dir) -> list[float]:
@@ -168,8 +192,13 @@ def test_a_promoted_cycle_trains_while_the_server_sleeps_and_loads_the_adapter_a
     with SleepyVllm() as fake:
         outcome = cycle.run_now(cycle_settings(tmp_path, tiny_model, fake.url))
         assert outcome.status == "promoted", outcome.reason
-        assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping",
-                                "POST /v1/load_lora_adapter"]
+        assert fake.calls() == [
+            "POST /sleep?level=1",
+            "GET /is_sleeping",
+            "POST /wake_up",
+            "GET /is_sleeping",
+            "POST /v1/load_lora_adapter",
+        ]
         assert list(fake.loaded) == [f"lorad-{outcome.version}"]
         slept, woke = fake.log[0][0], fake.log[2][0]
         times = _progress_times(cycle.job_dir_of(cycle_settings(tmp_path, tiny_model, fake.url), outcome.job_id))

@@ -19,10 +19,10 @@ def grpo_settings(root: Path, base_model: str, steps: int = 2, method: str = "gr
     sft_phase = "grpo_steps = 2\ngrpo_learning_rate = 0.005" if method == "sft+grpo" else ""
     return config.loads(f"""
 [daemon]
-state_dir = "{root / 'state'}"
+state_dir = "{root / "state"}"
 [[store.sources]]
 kind = "atomicguard"
-path = "{FIXTURES / 'atomicguard-store'}"
+path = "{FIXTURES / "atomicguard-store"}"
 [selection]
 heldout_fraction = 0.3
 [training]
@@ -53,8 +53,11 @@ def test_prepare_writes_first_attempt_prompts_of_every_training_task_for_grpo(tm
 
         ingest(buffer, open_sources(settings.store), 100)
         job_dir = cycle.prepare(settings, buffer, "j1")
-        outcomes = dict(buffer.conn.execute(
-            "SELECT outcome, count(*) FROM examples WHERE split = 'train' AND duplicate_of IS NULL GROUP BY 1"))
+        outcomes = dict(
+            buffer.conn.execute(
+                "SELECT outcome, count(*) FROM examples WHERE split = 'train' AND duplicate_of IS NULL GROUP BY 1"
+            )
+        )
     prompts = read_jsonl(job_dir / PROMPTS_FILE)
     assert read_jsonl(job_dir / TRAIN_FILE) == []
     got: dict[str, int] = {}

@@ -56,14 +56,22 @@ def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", so
     n[0] += 1
     aid = str(uuid.UUID(int=n[0]))
     doc = {
-        "artifact_id": aid, "workflow_id": str(uuid.UUID(int=10**6 + n[0])), "content": "def f():\n    return 1\n",
-        "previous_attempt_id": None if attempt == 1 else str(uuid.uuid4()), "parent_action_pair_id": None,
-        "action_pair_id": "g_coder", "created_at": (T0 + timedelta(seconds=n[0])).isoformat(),
-        "attempt_number": attempt, "status": "accepted" if accepted else "rejected",
-        "guard_result": {"passed": accepted, "feedback": "" if accepted else "failed", "fatal": False,
-                         "sub_results": []},
-        "context": {"specification": "Write f.", "constraints": "", "feedback_history": [],
-                    "dependency_artifacts": {}},
+        "artifact_id": aid,
+        "workflow_id": str(uuid.UUID(int=10**6 + n[0])),
+        "content": "def f():\n    return 1\n",
+        "previous_attempt_id": None if attempt == 1 else str(uuid.uuid4()),
+        "parent_action_pair_id": None,
+        "action_pair_id": "g_coder",
+        "created_at": (T0 + timedelta(seconds=n[0])).isoformat(),
+        "attempt_number": attempt,
+        "status": "accepted" if accepted else "rejected",
+        "guard_result": {
+            "passed": accepted,
+            "feedback": "" if accepted else "failed",
+            "fatal": False,
+            "sub_results": [],
+        },
+        "context": {"specification": "Write f.", "constraints": "", "feedback_history": [], "dependency_artifacts": {}},
         "metadata": {key: tag} if tag else {},
     }
     if source:
@@ -79,7 +87,7 @@ def world(tmp_path):
     (store / "objects").mkdir(parents=True)
     s = config.loads(f"""
 [daemon]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [[store.sources]]
 kind = "atomicguard"
 path = "{store}"
@@ -164,7 +172,12 @@ def test_history_and_report_show_each_versions_live_first_try_rate_and_attempts(
     assert any(v2 in line and "0% (0/20)" in line and "2.00" in line for line in listing.splitlines())
     assert main(["--config", str(config_path), "history", v2, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["live"] == {
-        "accepted": 0, "attempts": 20, "generated": 40, "first_try": 0.0, "mean_attempts": 2.0}
+        "accepted": 0,
+        "attempts": 20,
+        "generated": 40,
+        "first_try": 0.0,
+        "mean_attempts": 2.0,
+    }
     report = tmp_path / "report.html"
     assert main(["--config", str(config_path), "report", "--output", str(report)]) == 0
     page = report.read_text()

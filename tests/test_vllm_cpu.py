@@ -19,9 +19,14 @@ from lorad.training.base_model import convert_gguf, smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["Write a Python function that returns the sum of a list.", "What is the capital of France?",
-           "def fib(n):", "List three prime numbers.", "Explain recursion in one sentence.",
-           "Fix: for i in range(1, len(xs)): print(xs[i])"]
+PROMPTS = [
+    "Write a Python function that returns the sum of a list.",
+    "What is the capital of France?",
+    "def fib(n):",
+    "List three prime numbers.",
+    "Explain recursion in one sentence.",
+    "Fix: for i in range(1, len(xs)): print(xs[i])",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,10 @@ def served(tmp_path_factory):
     adapters, first_tokens = [], []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                               LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
+        )
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.2)  # strong enough to change every answer
@@ -48,8 +55,12 @@ def served(tmp_path_factory):
         picks = []
         with torch.no_grad():
             for prompt in PROMPTS:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                    return_tensors="pt", return_dict=True)["input_ids"]
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                )["input_ids"]
                 picks.append(tokenizer.decode([int(model(input_ids=ids).logits[0, -1].argmax())]))
         first_tokens.append(picks)
         model.save_pretrained(root / f"adapter-{seed}")

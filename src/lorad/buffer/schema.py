@@ -27,8 +27,18 @@ MIGRATIONS: list[tuple[str, Migration]] = []
 UNUSABLE_CHAINS = "outcome = 'open' OR trim(specification) = ''"
 
 # skipped: the cycle found nothing to train on (admitted since 0011_skipped_job_state).
-JOB_STATES = ("queued", "preparing", "training", "evaluating", "promoted", "rejected", "failed",
-              "cancelled", "paused", "skipped")
+JOB_STATES = (
+    "queued",
+    "preparing",
+    "training",
+    "evaluating",
+    "promoted",
+    "rejected",
+    "failed",
+    "cancelled",
+    "paused",
+    "skipped",
+)
 # window: the scheduler; manual: `lorad train-now` over the socket; cli: `lorad train`.
 JOB_TRIGGERS = ("window", "manual", "cli")
 
@@ -219,8 +229,10 @@ def _examples(db) -> None:
     )
     db.execute("CREATE INDEX examples_split_seq ON examples (split, seq)")
     # Covers the replay draw's lookups by seq with every column a policy tests: no table reads.
-    db.execute("CREATE INDEX examples_probe ON examples (seq, split, duplicate_of, outcome, retries, "
-               "generated_only, origin, created_ts, action_pair_id)")
+    db.execute(
+        "CREATE INDEX examples_probe ON examples (seq, split, duplicate_of, outcome, retries, "
+        "generated_only, origin, created_ts, action_pair_id)"
+    )
     db.execute("CREATE INDEX examples_group ON examples (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX examples_task ON examples (task_key)")
     db.execute("CREATE INDEX examples_answer ON examples (answer_key)")
@@ -316,9 +328,12 @@ def _rebuild(conn: sqlite3.Connection, tables: dict[str, str]) -> None:
     """
     names = list(tables)
     marks = ", ".join("?" for _ in names)
-    indexes = [sql for (sql,) in conn.execute(
-        f"SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN ({marks}) AND sql IS NOT NULL",
-        names)]
+    indexes = [
+        sql
+        for (sql,) in conn.execute(
+            f"SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN ({marks}) AND sql IS NOT NULL", names
+        )
+    ]
     for name in names:
         conn.execute(f"CREATE TABLE _rebuild_{name} AS SELECT * FROM {name}")
     for name in reversed(names):
@@ -379,9 +394,7 @@ def _split_families(db: sqlite_utils.Database) -> None:
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction. Returns their names."""
     conn = db.conn
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
     done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
     applied = []
     for name, fn in MIGRATIONS:

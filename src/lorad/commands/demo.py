@@ -6,10 +6,12 @@ from pathlib import Path
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("demo", parents=[common],
-                       help="run the whole loop end to end: store, daemon, training, gate, status, history")
-    p.add_argument("--tiny", action="store_true",
-                   help="a tiny model built on the spot instead of SmolLM2-135M (under a minute)")
+    p = sub.add_parser(
+        "demo", parents=[common], help="run the whole loop end to end: store, daemon, training, gate, status, history"
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="a tiny model built on the spot instead of SmolLM2-135M (under a minute)"
+    )
     p.add_argument("--dir", type=Path, help="where to put everything (default: ./lorad-demo-<time>, must not exist)")
     p.set_defaults(func=run)
 

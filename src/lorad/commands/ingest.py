@@ -33,16 +33,20 @@ def run(args, settings) -> int:
     payload = report.as_dict() | {"buffer": totals}
     if args.quarantine:
         payload["quarantine"] = held
-    lines = [f"new {report.new}  updated {report.updated}  unchanged {report.unchanged}  "
-             f"quarantined {report.quarantined}"]
+    lines = [
+        f"new {report.new}  updated {report.updated}  unchanged {report.unchanged}  quarantined {report.quarantined}"
+    ]
     for name, c in report.per_source.items():
-        lines.append(f"  {name}: new {c['new']}, updated {c['updated']}, unchanged {c['unchanged']}, "
-                     f"quarantined {c['quarantined']}")
+        lines.append(
+            f"  {name}: new {c['new']}, updated {c['updated']}, unchanged {c['unchanged']}, "
+            f"quarantined {c['quarantined']}"
+        )
     lines.append(
         f"buffer: {totals['artifacts']} artifacts in {totals['chains']} chains "
         f"({totals.get('chains_first_try', 0)} first-try, {totals.get('chains_refined', 0)} refined, "
         f"{totals.get('chains_exhausted', 0)} exhausted, {totals.get('chains_open', 0)} open); "
-        f"{totals['quarantined']} quarantined")
+        f"{totals['quarantined']} quarantined"
+    )
     for q in held:
         lines.append(f"  quarantined {q['source']}:{q['locator']}: {q['reason']}")
     for err in report.errors:

@@ -11,12 +11,18 @@ def outcome(o) -> str:
     lines = [head]
     if o.training:
         t = o.training
-        lines.append(f"trained {t.get('steps')} steps on {t.get('train_rows')} rows "
-                     f"({t.get('new')} new, {t.get('replayed')} replayed) in "
-                     f"{_secs(t.get('train_seconds'))}; final loss {_num(t.get('final_loss'))}")
+        lines.append(
+            f"trained {t.get('steps')} steps on {t.get('train_rows')} rows "
+            f"({t.get('new')} new, {t.get('replayed')} replayed) in "
+            f"{_secs(t.get('train_seconds'))}; final loss {_num(t.get('final_loss'))}"
+        )
         if t.get("phases"):
-            lines.append("  phases: " + "; ".join(f"{p['method']} {p['steps']} steps, final loss {_num(p['final_loss'])}"
-                                                 for p in t["phases"]))
+            lines.append(
+                "  phases: "
+                + "; ".join(
+                    f"{p['method']} {p['steps']} steps, final loss {_num(p['final_loss'])}" for p in t["phases"]
+                )
+            )
             lines += [f"  {p['decision']}" for p in t["phases"] if p.get("decision")]
     for r in (o.live, o.rollback):
         if r and r.get("reasons"):
@@ -47,9 +53,15 @@ def metrics_table(metrics: dict, baseline: str = "active", baseline_version: str
     rows.append(("perplexity", [_num(c[1].get("perplexity"), 2) for c in cols]))
     rows.append(("tokens/examples", [f"{c[1].get('tokens', '-')}/{c[1].get('examples', '-')}" for c in cols]))
     if any("epsilon" in c[1] for c in cols):
-        rows.append(("first-attempt ε", [
-            f"{c[1]['epsilon']:.1%} ({c[1]['accepted']}/{c[1]['generated']})" if "epsilon" in c[1] else "-"
-            for c in cols]))
+        rows.append(
+            (
+                "first-attempt ε",
+                [
+                    f"{c[1]['epsilon']:.1%} ({c[1]['accepted']}/{c[1]['generated']})" if "epsilon" in c[1] else "-"
+                    for c in cols
+                ],
+            )
+        )
     out = []
     for name, values in rows:
         out.append(f"  {name:<16}" + "".join(f"{v:>{width}}" for v in values))
@@ -132,8 +144,11 @@ class JobProgress:
         if self.tty and training:
             self._bar(record, step, total)
         elif self.lines and training and (step >= self.last_step + self.every or step == total != self.last_step):
-            print("  " + progress_line({"job_id": job.get("job_id", "-"), "state": state, "progress": record}),
-                  file=self.stream, flush=True)
+            print(
+                "  " + progress_line({"job_id": job.get("job_id", "-"), "state": state, "progress": record}),
+                file=self.stream,
+                flush=True,
+            )
             self.last_step = step
         if not training and state != self.shown:
             self.close()

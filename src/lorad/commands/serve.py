@@ -7,8 +7,9 @@ import sys
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("serve", parents=[common],
-                       help="run the daemon: watch the stores, schedule training, answer the other commands")
+    p = sub.add_parser(
+        "serve", parents=[common], help="run the daemon: watch the stores, schedule training, answer the other commands"
+    )
     p.set_defaults(func=run)
 
 

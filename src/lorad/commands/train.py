@@ -14,10 +14,15 @@ EXIT_BY_STATUS = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "paus
 
 def register(sub, common) -> None:
     p = sub.add_parser(
-        "train", parents=[common],
-        help="run one training cycle now in the foreground (ingest, select, train, evaluate, decide)")
-    p.add_argument("--once", action="store_true",
-                   help="accepted for scripts written for older versions; `lorad train` always runs one cycle")
+        "train",
+        parents=[common],
+        help="run one training cycle now in the foreground (ingest, select, train, evaluate, decide)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="accepted for scripts written for older versions; `lorad train` always runs one cycle",
+    )
     p.add_argument("--no-ingest", action="store_true", help="do not scan the sources first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

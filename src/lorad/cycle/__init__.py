@@ -26,6 +26,21 @@ from lorad.cycle.outcome import CycleError, Outcome, StopRequest
 from lorad.cycle.plan import NothingToTrain, Plan, job_dir_of, prepare, set_window_end
 from lorad.cycle.driver import KILLED_REASON, STALE_REASON, recover, run, run_now
 
-__all__ = ["CycleError", "KILLED_REASON", "NothingToTrain", "Outcome", "Plan", "STALE_REASON", "StopRequest",
-           "TrainingBusy", "conclude", "job_dir_of", "prepare", "recover", "run", "run_now", "set_window_end",
-           "training_lock"]
+__all__ = [
+    "CycleError",
+    "KILLED_REASON",
+    "NothingToTrain",
+    "Outcome",
+    "Plan",
+    "STALE_REASON",
+    "StopRequest",
+    "TrainingBusy",
+    "conclude",
+    "job_dir_of",
+    "prepare",
+    "recover",
+    "run",
+    "run_now",
+    "set_window_end",
+    "training_lock",
+]

@@ -147,10 +147,17 @@ class ControlServer:
             cap may close it (a burst of clients, connected but not yet scheduled to send).
     """
 
-    def __init__(self, path: Path, handler: Handler, access: Access, max_clients: int = 16,
-                 client_timeout: float = 10.0,
-                 max_per_uid: int = DaemonSettings.max_connections_per_uid, max_connections: int = 1024,
-                 idle_grace: float = 1.0):
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        access: Access,
+        max_clients: int = 16,
+        client_timeout: float = 10.0,
+        max_per_uid: int = DaemonSettings.max_connections_per_uid,
+        max_connections: int = 1024,
+        idle_grace: float = 1.0,
+    ):
         self.path = Path(path)
         self.handler = handler
         self.access = access
@@ -204,8 +211,10 @@ class ControlServer:
         self._sock = sock
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ, None)
-        for jobs, n, name in ((self._quick, QUICK_WORKERS, "lorad-control-quick"),
-                              (self._general, self._n_workers, "lorad-control-worker")):
+        for jobs, n, name in (
+            (self._quick, QUICK_WORKERS, "lorad-control-quick"),
+            (self._general, self._n_workers, "lorad-control-worker"),
+        ):
             for _ in range(n):
                 t = threading.Thread(target=self._work, args=(jobs,), name=name, daemon=True)
                 t.start()
@@ -270,8 +279,11 @@ class ControlServer:
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._warn(("fds",), "control_connections_limited", reason=os.strerror(e.errno))
-                    if not self._make_room(None, "closed: the daemon ran out of file descriptors; "
-                                                 "this connection waited longest for its request"):
+                    if not self._make_room(
+                        None,
+                        "closed: the daemon ran out of file descriptors; "
+                        "this connection waited longest for its request",
+                    ):
                         time.sleep(0.05)  # nothing to close: let the workers finish some
                 return
             self._admit(sock)
@@ -285,15 +297,21 @@ class ControlServer:
             return
         peer = Peer(pid, uid, gid)
         if self._idle[uid] >= self.max_per_uid:
-            self._make_room(uid, f"closed: uid {uid} has more than {self.max_per_uid} connections open "
-                                 "at once (daemon.max_connections_per_uid); this one waited longest "
-                                 "for its request")
+            self._make_room(
+                uid,
+                f"closed: uid {uid} has more than {self.max_per_uid} connections open "
+                "at once (daemon.max_connections_per_uid); this one waited longest "
+                "for its request",
+            )
         with self._lock:
             over_all = self._total >= self.max_connections
-        if over_all and not self._make_room(None, f"closed: the daemon holds {self.max_connections} "
-                                                  "connections; this one waited longest for its request"):
-            _send_now(sock, protocol.error(f"refused: the daemon is serving {self.max_connections} "
-                                           "connections; try again"))
+        if over_all and not self._make_room(
+            None,
+            f"closed: the daemon holds {self.max_connections} connections; this one waited longest for its request",
+        ):
+            _send_now(
+                sock, protocol.error(f"refused: the daemon is serving {self.max_connections} connections; try again")
+            )
             sock.close()
             return
         with self._lock:
@@ -304,8 +322,9 @@ class ControlServer:
         self._idle[uid] += 1
         if not self.access.allows(peer):
             log.warning(events.CLIENT_REFUSED, uid=uid, gid=gid, pid=pid)
-            self._refuse(conn, f"uid {uid} is not allowed to use this daemon "
-                               "(see daemon.allowed_uids and daemon.allowed_group)")
+            self._refuse(
+                conn, f"uid {uid} is not allowed to use this daemon (see daemon.allowed_uids and daemon.allowed_group)"
+            )
             return
         self._waiting[conn.fd] = conn
 

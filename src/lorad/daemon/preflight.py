@@ -31,7 +31,9 @@ def problems(settings) -> list[str]:
     from lorad.release.gguf import PUBLISH_KINDS, base_problem, publish_base
 
     for i, table in enumerate(settings.publish):
-        if table.kind in PUBLISH_KINDS and (problem := base_problem(publish_base([table], settings.training.base_model))):
+        if table.kind in PUBLISH_KINDS and (
+            problem := base_problem(publish_base([table], settings.training.base_model))
+        ):
             found.append(f"publish[{i}].base: {problem}")
     return found
 

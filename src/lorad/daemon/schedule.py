@@ -105,8 +105,12 @@ class Schedule:
         if current:
             return current
         day = now.astimezone(self.tz).date()
-        starts = [self.bounds(w, day + timedelta(days=ahead)) for w in self.windows for ahead in range(8)
-                  if self._allowed(day + timedelta(days=ahead))]
+        starts = [
+            self.bounds(w, day + timedelta(days=ahead))
+            for w in self.windows
+            for ahead in range(8)
+            if self._allowed(day + timedelta(days=ahead))
+        ]
         later = [b for b in starts if _utc(b[0]) > _utc(now)]
         return min(later, key=lambda b: _utc(b[0])) if later else None
 
@@ -133,9 +137,19 @@ class Decision:
     job_id: str | None = None
 
 
-def decide(*, window_open: bool, running: dict | None, queued: list[dict], paused: list[dict],
-           scheduling_paused: bool, new_examples: int, min_new_examples: int,
-           gpu_busy: bool | None, now_ts: float, backoff_until: float) -> Decision:
+def decide(
+    *,
+    window_open: bool,
+    running: dict | None,
+    queued: list[dict],
+    paused: list[dict],
+    scheduling_paused: bool,
+    new_examples: int,
+    min_new_examples: int,
+    gpu_busy: bool | None,
+    now_ts: float,
+    backoff_until: float,
+) -> Decision:
     """The scheduler's choice at one instant, from plain values.
 
     Args:

@@ -132,8 +132,11 @@ class Watcher(FileSystemEventHandler):
                 del self._watched[root]
                 self._gone[root] = None
                 if identity is None:
-                    log.warning(events.SOURCE_NOT_WATCHED, path=str(root),
-                                reason="directory was deleted; watched again once it is back")
+                    log.warning(
+                        events.SOURCE_NOT_WATCHED,
+                        path=str(root),
+                        reason="directory was deleted; watched again once it is back",
+                    )
             if identity is None or identity == self._gone[root]:
                 continue
             if self._schedule(root, recursive):
@@ -237,10 +240,19 @@ class IngestLoop:
             the first change): derived tables are refreshed once per burst, not per file.
     """
 
-    def __init__(self, buffer, readers: list, watcher: Watcher, batch_size: int = BufferSettings.batch_size,
-                 debounce: float = 0.1, reconcile_interval: float = 300.0, settle: float = 2.0,
-                 on_ingest: Callable[[IngestReport], None] | None = None,
-                 on_quiet: Callable | None = None, quiet: float = 1.0):
+    def __init__(
+        self,
+        buffer,
+        readers: list,
+        watcher: Watcher,
+        batch_size: int = BufferSettings.batch_size,
+        debounce: float = 0.1,
+        reconcile_interval: float = 300.0,
+        settle: float = 2.0,
+        on_ingest: Callable[[IngestReport], None] | None = None,
+        on_quiet: Callable | None = None,
+        quiet: float = 1.0,
+    ):
         self.buffer = buffer
         self.readers = readers
         self.watcher = watcher

@@ -40,8 +40,12 @@ class Daemon:
 
     def start(self, timeout: float = 120.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen([sys.executable, "-m", "lorad", "--config", str(self.config), "serve"],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=self.work)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lorad", "--config", str(self.config), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.work,
+        )
         log.close()
         self.wait_for(lambda status: True, timeout, "the daemon to answer")
 

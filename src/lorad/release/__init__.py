@@ -22,8 +22,12 @@ log = structlog.get_logger()
 
 def open_registry(settings, buffer=None) -> Registry:
     """The registry under ``settings.state_dir``; its changes go to ``buffer``'s audit table when given."""
-    return Registry(settings.state.adapters, settings.registry.keep, settings.registry.keep_best,
-                    audit=buffer.record_event if buffer is not None else None)
+    return Registry(
+        settings.state.adapters,
+        settings.registry.keep,
+        settings.registry.keep_best,
+        audit=buffer.record_event if buffer is not None else None,
+    )
 
 
 def promote(settings, buffer, version: str, reason: str = "promoted by hand", **detail: Any) -> dict:
@@ -41,8 +45,7 @@ def promote(settings, buffer, version: str, reason: str = "promoted by hand", **
     return {"change": change.as_dict(), "publish": publish(settings, buffer, change)}
 
 
-def rollback(settings, buffer, version: str | None = None, reason: str = "rolled back by hand",
-             **detail: Any) -> dict:
+def rollback(settings, buffer, version: str | None = None, reason: str = "rolled back by hand", **detail: Any) -> dict:
     """Roll back to ``version`` (default: the previous blessed one), record it, run the hooks.
 
     Raises:
@@ -66,8 +69,13 @@ def publish(settings, buffer, change: Change, cancel: threading.Event | None = N
     from lorad.release import hooks
 
     tables = hooks.hooks_from_settings(settings.publish, settings.training.base_model)
-    report = hooks.publish(open_registry(settings, buffer), change, tables,
-                           audit=buffer.record_event if buffer is not None else None, cancel=cancel)
+    report = hooks.publish(
+        open_registry(settings, buffer),
+        change,
+        tables,
+        audit=buffer.record_event if buffer is not None else None,
+        cancel=cancel,
+    )
     return report.as_dict()
 
 
@@ -93,9 +101,14 @@ def check_live(settings, buffer) -> dict | None:
         return None
     counts = live_counts(buffer.conn, e.live_metadata_key, [cur, prev])
     decision = decide_live(counts[cur], counts[prev], e.live_confidence, e.live_min_attempts)
-    out = {"kind": "live", "active": cur, "previous": prev, "rolled_back": False,
-           "counts": {v: {"accepted": r.accepted, "attempts": r.attempts} for v, r in counts.items()},
-           "reasons": decision.reasons}
+    out = {
+        "kind": "live",
+        "active": cur,
+        "previous": prev,
+        "rolled_back": False,
+        "counts": {v: {"accepted": r.accepted, "attempts": r.attempts} for v, r in counts.items()},
+        "reasons": decision.reasons,
+    }
     if decision.roll_back:
         done = rollback(settings, buffer, None, reason="live: " + decision.reasons[0], live=out["counts"])
         out |= {"rolled_back": True, "to": done["change"]["version"], "publish": done["publish"]}

@@ -29,14 +29,31 @@ def history(settings, limit: int | None = None) -> dict:
         metrics = r.get("metrics") or {}
         label = (r.get("compared_with") or {}).get("label", "active")
         cand, base = metrics.get("candidate") or {}, metrics.get(label) or {}
-        rows.append({"version": v.name, "current": v.name == cur, "previous": v.name == prev,
-                     "created_at": r.get("created_at"), "job_id": r.get("job_id"), "parent": r.get("parent"),
-                     "verdict": v.verdict, "nll": cand.get("nll"), "baseline_nll": base.get("nll"),
-                     "epsilon": cand.get("epsilon"), "baseline_epsilon": base.get("epsilon"),
-                     "examples": (r.get("examples") or {}).get("count"), "record_ok": reg.record_ok(v.name),
-                     "live": live[v.name].as_dict() if v.name in live else None})
-    return {"current": cur, "previous": prev, "problems": reg.pointer_problems(), "versions": rows,
-            "events": _events(settings)}
+        rows.append(
+            {
+                "version": v.name,
+                "current": v.name == cur,
+                "previous": v.name == prev,
+                "created_at": r.get("created_at"),
+                "job_id": r.get("job_id"),
+                "parent": r.get("parent"),
+                "verdict": v.verdict,
+                "nll": cand.get("nll"),
+                "baseline_nll": base.get("nll"),
+                "epsilon": cand.get("epsilon"),
+                "baseline_epsilon": base.get("epsilon"),
+                "examples": (r.get("examples") or {}).get("count"),
+                "record_ok": reg.record_ok(v.name),
+                "live": live[v.name].as_dict() if v.name in live else None,
+            }
+        )
+    return {
+        "current": cur,
+        "previous": prev,
+        "problems": reg.pointer_problems(),
+        "versions": rows,
+        "events": _events(settings),
+    }
 
 
 def _events(settings) -> list[dict]:
@@ -51,5 +68,3 @@ def _events(settings) -> list[dict]:
     except BufferError:
         return []
     return sorted(out, key=lambda e: e["id"], reverse=True)
-
-

@@ -74,9 +74,16 @@ def bearer(api_key_env: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def send(url: str, method: str, path: str, body: dict | bytes | Path | None = None, *,
-         headers: dict[str, str] | None = None, timeout: float,
-         cancel: threading.Event | None = None) -> str:
+def send(
+    url: str,
+    method: str,
+    path: str,
+    body: dict | bytes | Path | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float,
+    cancel: threading.Event | None = None,
+) -> str:
     """One request, whole within ``timeout`` seconds; the response text (at most MAX_BODY bytes).
 
     Args:
@@ -118,8 +125,9 @@ def send(url: str, method: str, path: str, body: dict | bytes | Path | None = No
     except _CancelledNow:
         raise Cancelled(f"{what}: cancelled after {deadline.elapsed():.1f} s") from None
     except http.client.IncompleteRead as e:
-        raise HttpError(f"{what}: the answer was cut short ({len(e.partial)} bytes of "
-                        f"{len(e.partial) + (e.expected or 0)})") from None
+        raise HttpError(
+            f"{what}: the answer was cut short ({len(e.partial)} bytes of {len(e.partial) + (e.expected or 0)})"
+        ) from None
     except (http.client.HTTPException, ssl.SSLError, OSError) as e:
         raise HttpError(f"{what}: {type(e).__name__}: {e}"[:OUTPUT_CHARS]) from None
     finally:
@@ -136,14 +144,19 @@ def _read(response: http.client.HTTPResponse, what: str) -> bytes:
     MAX_BODY, else after MAX_BODY + 1 bytes. IncompleteRead for a cut body."""
     length = response.getheader("Content-Length") or ""
     if length.strip().isdigit() and int(length) > MAX_BODY:
-        raise BodyTooLarge(f"{what}: HTTP {response.status} with a body of {int(length)} bytes, "
-                           f"over the {MAX_BODY >> 20} MiB cap; not read", response.status)
+        raise BodyTooLarge(
+            f"{what}: HTTP {response.status} with a body of {int(length)} bytes, "
+            f"over the {MAX_BODY >> 20} MiB cap; not read",
+            response.status,
+        )
     if response.length is not None:
         return response.read()  # a known length: IncompleteRead when the server stops short
     data = response.read(MAX_BODY + 1)  # chunked (a cut chunk raises) or up to the close
     if len(data) > MAX_BODY:
-        raise BodyTooLarge(f"{what}: HTTP {response.status} with a body over the {MAX_BODY >> 20} MiB cap; "
-                           "not read further", response.status)
+        raise BodyTooLarge(
+            f"{what}: HTTP {response.status} with a body over the {MAX_BODY >> 20} MiB cap; not read further",
+            response.status,
+        )
     return data
 
 
@@ -207,7 +220,7 @@ class _Bounded:
     def sendall(self, data, flags=0):
         view = memoryview(data).cast("B")
         while view:
-            view = view[self._bounded(super().send, view, flags):]
+            view = view[self._bounded(super().send, view, flags) :]
 
 
 class _Socket(_Bounded, socket.socket):
@@ -263,15 +276,22 @@ class _TlsConnection(http.client.HTTPSConnection):
         context = ssl.create_default_context()
         context.sslsocket_class = _TlsSocket
         plain = _connect(self.host, self.port, self.deadline)
-        sock = context.wrap_socket(socket.socket(fileno=plain.detach()), server_hostname=self.host,
-                                   do_handshake_on_connect=False)
+        sock = context.wrap_socket(
+            socket.socket(fileno=plain.detach()), server_hostname=self.host, do_handshake_on_connect=False
+        )
         sock.deadline = self.deadline
         sock._bounded(sock.do_handshake)
         self.sock = sock
 
 
-def retrying(call: Callable[[], T], *, retries: int, backoff: float,
-             sleep: Callable[[float], None] | None = None, cancel: threading.Event | None = None) -> T:
+def retrying(
+    call: Callable[[], T],
+    *,
+    retries: int,
+    backoff: float,
+    sleep: Callable[[float], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> T:
     """``call()``, again after backoff * 2**n seconds while it raises a HttpError that is not
     final, ``retries`` times at most.
 

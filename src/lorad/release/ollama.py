@@ -114,9 +114,13 @@ class Ollama:
         doomed = []
         for name in self._model_names():
             base, _, tag = name.partition(":")
-            version = base[len(self.name_prefix) + 1:] if base.startswith(self.name_prefix + "-") else ""
-            if (tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() in made
-                    and version.lower() not in kept):
+            version = base[len(self.name_prefix) + 1 :] if base.startswith(self.name_prefix + "-") else ""
+            if (
+                tag in ("", "latest")
+                and _VERSION_ANY_CASE.match(version)
+                and version.lower() in made
+                and version.lower() not in kept
+            ):
                 doomed.append(name)
         for name in doomed:
             self.request("DELETE", "/api/delete", {"model": name}, missing_ok=True)
@@ -166,8 +170,9 @@ class Ollama:
             self.request("POST", f"/api/blobs/{digest}", path)
         return digest
 
-    def request(self, method: str, path: str, body: dict | Path | None = None, *,
-                missing_ok: bool = False) -> str | None:
+    def request(
+        self, method: str, path: str, body: dict | Path | None = None, *, missing_ok: bool = False
+    ) -> str | None:
         """The response text of one request, retried on connection errors and 5xx.
 
         Args:
@@ -180,7 +185,11 @@ class Ollama:
         try:
             return http_client.retrying(
                 lambda: http_client.send(self.url, method, path, body, timeout=self.timeout, cancel=self.cancel),
-                retries=self.retries, backoff=self.backoff, sleep=self.sleep, cancel=self.cancel)
+                retries=self.retries,
+                backoff=self.backoff,
+                sleep=self.sleep,
+                cancel=self.cancel,
+            )
         except http_client.HttpError as e:
             if e.status == 404 and missing_ok:
                 return None

@@ -107,8 +107,14 @@ class Change:
     reason: str = ""
 
     def as_dict(self) -> dict:
-        return {"action": self.action, "version": self.version, "replaced": self.replaced,
-                "previous": self.previous, "before": list(self.before), "reason": self.reason}
+        return {
+            "action": self.action,
+            "version": self.version,
+            "replaced": self.replaced,
+            "previous": self.previous,
+            "before": list(self.before),
+            "reason": self.reason,
+        }
 
 
 def sha256_file(path: Path) -> str:
@@ -134,8 +140,13 @@ class Registry:
             rollback and revert (``Buffer.record_event`` fits); None = no audit trail.
     """
 
-    def __init__(self, root: str | Path, keep: int = RegistrySettings.keep,
-                 keep_best: bool = RegistrySettings.keep_best, audit: Audit | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int = RegistrySettings.keep,
+        keep_best: bool = RegistrySettings.keep_best,
+        audit: Audit | None = None,
+    ):
         self.root = Path(root)
         self.keep = keep
         self.keep_best = keep_best
@@ -240,8 +251,10 @@ class Registry:
         if not (self.root / target).is_dir():
             return None, f"{which} points at {target}, which does not exist"
         if logged and target != logged[which]:
-            return None, (f"{which} points at {target}, but the pointer log says {logged[which]}: "
-                          "changed outside lorad (or lorad was killed while moving it)")
+            return None, (
+                f"{which} points at {target}, but the pointer log says {logged[which]}: "
+                "changed outside lorad (or lorad was killed while moving it)"
+            )
         problems = self._verify_cached(target)
         if problems:
             return target, f"{which} points at {target}, which fails verification: {problems[0]}"
@@ -258,8 +271,13 @@ class Registry:
         """verify(), skipped while no file of the version changed (status reads pointers twice a second)."""
         path = self.root / name
         try:
-            signature = tuple(sorted((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                                     for p in path.rglob("*") if (st := p.stat()) and p.is_file()))
+            signature = tuple(
+                sorted(
+                    (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    for p in path.rglob("*")
+                    if (st := p.stat()) and p.is_file()
+                )
+            )
         except OSError:
             signature = None
         signature = (signature, self.record_digest(name))
@@ -276,8 +294,11 @@ class Registry:
     def made(self) -> set[str]:
         """Every version this registry created, pruned ones included (pointers.jsonl's "created"
         entries; versions made before those entries existed are not among them)."""
-        return {e["version"] for e in self.pointer_log(all_entries=True)
-                if e.get("action") == "created" and isinstance(e.get("version"), str)}
+        return {
+            e["version"]
+            for e in self.pointer_log(all_entries=True)
+            if e.get("action") == "created" and isinstance(e.get("version"), str)
+        }
 
     def record_digest(self, name: str) -> str | None:
         """The sha256 of ``name``'s lorad.json as logged when it was made (None before digests)."""
@@ -349,8 +370,7 @@ class Registry:
                 self._holding = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def create(self, adapter_dir: str | Path, record: dict[str, Any],
-               now: datetime | None = None) -> Version:
+    def create(self, adapter_dir: str | Path, record: dict[str, Any], now: datetime | None = None) -> Version:
         """Store the files of ``adapter_dir`` as a new immutable version.
 
         Args:
@@ -373,10 +393,12 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(adapter_dir, tmp)
             (tmp / RECORD).unlink(missing_ok=True)
-            files = {str(p.relative_to(tmp)): sha256_file(p)
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            full = dict(record) | {"version": name, "created_at": now.astimezone(timezone.utc)
-                                   .isoformat(timespec="seconds"), "files": files}
+            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            full = dict(record) | {
+                "version": name,
+                "created_at": now.astimezone(timezone.utc).isoformat(timespec="seconds"),
+                "files": files,
+            }
             (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8")
             for p in tmp.rglob("*"):
                 if p.is_file():
@@ -384,8 +406,9 @@ class Registry:
                     p.chmod(0o440)  # read-only; the group (lorad) may read, others not
             durable.fsync(tmp)
             # lorad.json's own digest, kept outside the version (which holds the other digests)
-            self._append({"ts": time.time(), "action": "created", "version": name,
-                          "record_sha256": sha256_file(tmp / RECORD)})
+            self._append(
+                {"ts": time.time(), "action": "created", "version": name, "record_sha256": sha256_file(tmp / RECORD)}
+            )
             os.rename(tmp, self.root / name)
             durable.fsync(self.root)
         return self.get(name)
@@ -438,8 +461,10 @@ class Registry:
             for which in POINTERS:
                 found, problem = self._read_pointer(which)
                 if problem and found is None and (which == "current" or not name):
-                    raise RegistryError(f"refusing to roll back: {problem}; promote a version by name "
-                                        "(lorad promote VERSION) to repair the pointers")
+                    raise RegistryError(
+                        f"refusing to roll back: {problem}; promote a version by name "
+                        "(lorad promote VERSION) to repair the pointers"
+                    )
             cur, prev = self.current(), self.previous()
             target = self.resolve(name) if name else prev
             if target is None:
@@ -506,15 +531,21 @@ class Registry:
 
     def _audit(self, event: str, change: Change, detail: dict) -> None:
         if self.audit is not None:
-            self.audit(event, version=change.version, replaced=change.replaced,
-                       previous=change.previous, reason=change.reason, **detail)
+            self.audit(
+                event,
+                version=change.version,
+                replaced=change.replaced,
+                previous=change.previous,
+                reason=change.reason,
+                **detail,
+            )
 
     # -- retention ------------------------------------------------------------------------------
 
     def retained(self) -> set[str]:
         """The versions pruning keeps: current, previous, the newest ``keep``, and the best."""
         names = self.names()
-        keep = set(names[-self.keep:]) if self.keep > 0 else set()
+        keep = set(names[-self.keep :]) if self.keep > 0 else set()
         keep |= {n for n in (self.current(), self.previous()) if n}
         # and what a bent pointer still names, or the log says: a repair may need them
         keep |= {n for n in self._logged().values() if n}
@@ -558,5 +589,3 @@ def _remove_tree(path: Path) -> None:
             p.chmod(0o755)
     path.chmod(0o755)
     shutil.rmtree(path)
-
-

@@ -22,7 +22,16 @@ from lorad.buffer.batch import Batch, Gone, Quarantined
 from lorad.config import BufferSettings, StoreSettings
 from lorad.sources import pool
 from lorad.sources.base import (
-    ORIGINS, STATUSES, ParseError, content_hash, decode_json, json_text, kind, safe_name, text, timestamp,
+    ORIGINS,
+    STATUSES,
+    ParseError,
+    content_hash,
+    decode_json,
+    json_text,
+    kind,
+    safe_name,
+    text,
+    timestamp,
 )
 
 if TYPE_CHECKING:
@@ -65,11 +74,7 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
     elif not isinstance(context, dict):
         raise ParseError(f"context: must be an object, got {kind(context)}")
 
-    workflow_id = (
-        text(obj, "workflow_id")
-        or text(context, "workflow_id", where="context.")
-        or ""
-    )
+    workflow_id = text(obj, "workflow_id") or text(context, "workflow_id", where="context.") or ""
     created_at, created_ts = timestamp(obj.get("created_at"))
 
     passed, fatal, feedback, sub_results = _guard_result(obj)
@@ -192,9 +197,14 @@ class AtomicGuardSource:
             files are read in the scanning process.
     """
 
-    def __init__(self, key: str, root: Path, max_file_bytes: int = StoreSettings.max_file_bytes,
-                 settle_seconds: float = StoreSettings.settle_seconds,
-                 parse_workers: int = 0):
+    def __init__(
+        self,
+        key: str,
+        root: Path,
+        max_file_bytes: int = StoreSettings.max_file_bytes,
+        settle_seconds: float = StoreSettings.settle_seconds,
+        parse_workers: int = 0,
+    ):
         self.key = key
         self.root = Path(root)
         self.abs_root = os.path.abspath(self.root)
@@ -259,8 +269,9 @@ class AtomicGuardSource:
             real = folders[parts[1]] = os.path.realpath(folder) == os.path.join(real_objects, parts[1])
         return "/".join(parts) if real else None
 
-    def scan(self, buffer: Buffer, batch_size: int = BufferSettings.batch_size,
-             paths: Iterable[str] | None = None) -> Iterator[Batch]:
+    def scan(
+        self, buffer: Buffer, batch_size: int = BufferSettings.batch_size, paths: Iterable[str] | None = None
+    ) -> Iterator[Batch]:
         """Files seen before are statted and read only if they changed (a rescan is mostly
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""
@@ -271,8 +282,14 @@ class AtomicGuardSource:
             unmet = buffer.quarantined_locators(self.key)
         else:  # a few changed paths: only their signatures
             files = list(files)
-            known = buffer.file_signatures(self.key, [name for locator, _ in files for name in (
-                (locator, safe_name(locator)) if _undecodable(locator) else (locator,))])
+            known = buffer.file_signatures(
+                self.key,
+                [
+                    name
+                    for locator, _ in files
+                    for name in ((locator, safe_name(locator)) if _undecodable(locator) else (locator,))
+                ],
+            )
         out = _Scan(self.key, batch_size, self._index)
         seen, unseen = [], []
         for locator, path in files:
@@ -307,8 +324,9 @@ class AtomicGuardSource:
         # the writer takes a batch's worth at once, then commits it while they go on
         # (measured: with two chunks ahead they sat idle half the time).
         per_batch = max(1, out.batch_size // CHUNK_FILES)
-        for outcomes, unchanged in pool.ordered_map(read_files, tasks, workers, __name__,
-                                                    ahead=3 * per_batch, head=per_batch):
+        for outcomes, unchanged in pool.ordered_map(
+            read_files, tasks, workers, __name__, ahead=3 * per_batch, head=per_batch
+        ):
             batch = out.batch
             batch.unchanged += unchanged
             for outcome in outcomes:
@@ -430,7 +448,7 @@ class _Scan:
 
 def _artifact_id(locator: str) -> str:
     """The artifact id an object file is named after (its stem): index.json's key for it."""
-    return locator[locator.rfind("/") + 1:-5]
+    return locator[locator.rfind("/") + 1 : -5]
 
 
 def _index_entry(index: dict[str, dict], locator: str) -> dict | None:
@@ -451,8 +469,11 @@ def _chain_order(index: dict[str, dict]) -> Callable[[_File], str]:
     (A stable sort keeps the walk's order inside a group; linking does not need time order.)
     Each entry's key is made once, up front: a third faster than looking it up per file.
     """
-    groups = {artifact_id: f"{entry.get('workflow_id')}\0{entry.get('action_pair_id')}"
-              for artifact_id, entry in index.items() if type(entry) is dict}
+    groups = {
+        artifact_id: f"{entry.get('workflow_id')}\0{entry.get('action_pair_id')}"
+        for artifact_id, entry in index.items()
+        if type(entry) is dict
+    }
     unknown = "\U0010ffff"
 
     def key(item: _File) -> str:

@@ -48,19 +48,30 @@ def train_tokenizer(vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    chat = [f"<|im_start|>user\n{a}<|im_end|>\n<|im_start|>assistant\n{b}<|im_end|>\n"
-            for a, b in zip(_CORPUS, reversed(_CORPUS))]
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    chat = [
+        f"<|im_start|>user\n{a}<|im_end|>\n<|im_start|>assistant\n{b}<|im_end|>\n"
+        for a, b in zip(_CORPUS, reversed(_CORPUS))
+    ]
     tok.train_from_iterator((_CORPUS + chat) * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        pad_token="<pad>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
-        model_max_length=2048)
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
 
 
-def build_tiny_model(directory, *, hidden_size: int = 32, layers: int = 2, vocab_size: int = 512,
-                     seed: int = 0) -> Path:
+def build_tiny_model(
+    directory, *, hidden_size: int = 32, layers: int = 2, vocab_size: int = 512, seed: int = 0
+) -> Path:
     """Write a randomly initialised tiny Llama and its tokenizer to ``directory``.
 
     Args:
@@ -79,11 +90,18 @@ def build_tiny_model(directory, *, hidden_size: int = 32, layers: int = 2, vocab
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
