@@ -49,7 +49,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import learning_tasks  # noqa: E402
-
 from lorad.loop import agent, score, server  # noqa: E402
 from lorad.loop.daemon import Daemon  # noqa: E402
 from lorad.loop.tasks import Task, write_tasks  # noqa: E402

@@ -88,8 +88,8 @@ def direct_ingest_ms(store: Path, scratch: Path, n: int = 20) -> float:
     import structlog
 
     from lorad.buffer.store import Buffer
-    from lorad.sources.ingest import ingest
     from lorad.sources import AtomicGuardSource
+    from lorad.sources.ingest import ingest
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     times = []

@@ -32,8 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorad import log
-from lorad.demo import synthetic
 from lorad.config import BufferSettings
+from lorad.demo import synthetic
 
 
 def build_store(root: Path, n: int, seed: int = 0) -> list[Path]:
@@ -80,8 +80,8 @@ def main(argv=None) -> dict:
     # script again (multiprocessing's rule for a __main__ module), and the buffer's imports
     # (sqlite-utils, which imports pandas) would make it start half a second late.
     from lorad.buffer.store import Buffer
-    from lorad.sources.ingest import ingest
     from lorad.sources import AtomicGuardSource
+    from lorad.sources.ingest import ingest
 
     log.configure("warning")
     with tempfile.TemporaryDirectory() as tmp:

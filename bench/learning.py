@@ -237,8 +237,7 @@ level = "warning"
 
 def lorad_cycle(config_path: Path, label: str) -> dict:
     """One ``lorad train`` cycle; returns its outcome and the version's adapter directory."""
-    from lorad import config, release
-    from lorad import cycle
+    from lorad import config, cycle, release
 
     settings = config.load(config_path)
     started_from = release.open_registry(settings).current()

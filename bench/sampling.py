@@ -17,7 +17,6 @@ into the artifacts/chains tables, then materialised by `examples.refresh` for th
 
 from __future__ import annotations
 
-
 import argparse
 import dataclasses
 import json

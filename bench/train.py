@@ -57,9 +57,9 @@ def rows(n: int, seed: int = 0) -> list[dict]:
 
 def baseline(job_dir: str, packing: bool) -> dict:
     import torch
+    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     spec = json.loads(Path(job_dir, "job.json").read_text())
@@ -162,9 +162,9 @@ def run_baseline(job_dir: Path, packing: bool = False) -> dict:
 
 
 def run_lorad(job_dir: Path) -> dict:
-    from lorad.training.jobdir import read_job, read_result, worker_command
-
     import shutil
+
+    from lorad.training.jobdir import read_job, read_result, worker_command
 
     # Each run starts the job afresh (a checkpoint left behind would be resumed instead).
     for leftover in ("result.json", "progress.jsonl"):

@@ -40,7 +40,7 @@ class DrippingHandler(JsonHandler):
     where = "body"
 
     @classmethod
-    def every(cls, interval: float, where: str = "body") -> type["DrippingHandler"]:
+    def every(cls, interval: float, where: str = "body") -> type[DrippingHandler]:
         return type("Dripping", (cls,), {"interval": interval, "where": where})
 
     def _drip(self):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorad import config
-from lorad.config import ConfigError, EX_CONFIG
+from lorad.config import EX_CONFIG, ConfigError
 
 ROOT = Path(__file__).parent.parent
 

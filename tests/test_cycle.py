@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from lorad import cli, config, release
-from lorad import cycle
+from lorad import cli, config, cycle, release
 from lorad.buffer.job_table import JobStore
+from lorad.buffer.store import Buffer
 from lorad.commands import render
 from lorad.training import supervisor
-from lorad.buffer.store import Buffer
 from lorad.training.jobdir import EXIT_PAUSED, TRAIN_FILE, read_job, read_jsonl, read_result, write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -282,8 +281,8 @@ def test_supervise_pauses_the_worker_on_stop_event(tiny_dir, tmp_path):
     s = settings_for(tmp_path, str(tiny_dir), steps=400, guard=False)
     stop = threading.Event()
     with Buffer(s.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(s.store), 500)
         job_dir = cycle.prepare(s, buffer, "pausing")
@@ -410,8 +409,8 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
     a.mkdir()
     (a / "adapter_model.safetensors").write_bytes(b"weights")
     with Buffer(s.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(s.store), 500)
         reg = release.open_registry(s, buffer)
@@ -436,8 +435,8 @@ def test_without_warm_start_a_cycle_trains_from_the_base_on_the_whole_buffer(tmp
         (a / "adapter_model.safetensors").write_bytes(b"weights")
         with Buffer(s.buffer_path) as buffer:
             from lorad.buffer import examples
-            from lorad.sources.ingest import ingest
             from lorad.sources import open_sources
+            from lorad.sources.ingest import ingest
 
             ingest(buffer, open_sources(s.store), 500)
             examples.refresh(buffer, s.selection)
@@ -460,8 +459,8 @@ def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):
     a.mkdir()
     (a / "adapter_model.safetensors").write_bytes(b"weights")
     with Buffer(s.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(s.store), 500)
         reg = release.open_registry(s, buffer)
@@ -517,8 +516,8 @@ def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_work
 
     monkeypatch.setattr(supervisor, "supervise", killed)
     with Buffer(s.buffer_path) as b:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(b, open_sources(s.store))
         job_id = JobStore(b.conn).create("manual")["job_id"]
@@ -565,9 +564,9 @@ def test_the_training_lock_goes_with_a_killed_holder(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(cycle.TrainingBusy, match=f"a cycle that gets killed, pid {holder.pid}"):
-            with cycle.training_lock(s.state_dir, "me"):
-                pass
+        busy = f"a cycle that gets killed, pid {holder.pid}"
+        with pytest.raises(cycle.TrainingBusy, match=busy), cycle.training_lock(s.state_dir, "me"):
+            pass
     finally:
         holder.kill()
         holder.wait()

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 from lorad import config, demo
-from lorad.demo import tasks as demo_tasks
 from lorad.buffer import examples, split
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
+from lorad.demo import tasks as demo_tasks
 from lorad.sources.atomicguard import AtomicGuardSource
+from lorad.sources.ingest import ingest
 
 
 def test_demo_tasks_answers_pass_their_tests_and_wrong_attempts_fail():

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from lorad import cli, config, cycle, release
+from lorad.buffer.store import Buffer
 from test_cycle import config_text
 from test_gguf_export import read, write_base_gguf
 from test_ollama import FakeOllama
-
-from lorad import cli, config, release
-from lorad import cycle
-from lorad.buffer.store import Buffer
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lorad import config
-from lorad import cycle
+from lorad import config, cycle
 from lorad.buffer.formatting import HISTORY_HEADING
 from lorad.buffer.store import Buffer
 from lorad.training.jobdir import PROMPTS_FILE, TRAIN_FILE, read_job, read_jsonl
@@ -48,8 +47,8 @@ def test_prepare_writes_first_attempt_prompts_of_every_training_task_for_grpo(tm
     """First-try, refined and exhausted tasks all give prompts, without history, whatever the policy."""
     settings = grpo_settings(tmp_path, "unused")
     with Buffer(settings.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(settings.store), 100)
         job_dir = cycle.prepare(settings, buffer, "j1")
@@ -88,8 +87,8 @@ def test_an_sft_then_grpo_cycle_writes_both_sets_and_records_both_phases(tmp_pat
 
     settings = grpo_settings(tmp_path, str(build_tiny_model(tmp_path / "tiny")), steps=3, method="sft+grpo")
     with Buffer(settings.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(settings.store), 100)
         job_dir = cycle.prepare(settings, buffer, "j1")

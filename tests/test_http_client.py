@@ -43,9 +43,8 @@ def test_an_error_reply_keeps_only_an_excerpt_in_its_message():
             self.read_body()
             self.reply(503, {"error": "x" * 50_000})
 
-    with FakeServer(Handler) as server:
-        with pytest.raises(HttpError) as e:
-            http_client.send(server.url, "POST", "/v1/load_lora_adapter", {"a": 1}, timeout=5)
+    with FakeServer(Handler) as server, pytest.raises(HttpError) as e:
+        http_client.send(server.url, "POST", "/v1/load_lora_adapter", {"a": 1}, timeout=5)
     assert e.value.status == 503 and not e.value.final
     assert len(str(e.value)) < http_client.OUTPUT_CHARS + 100
 
@@ -134,9 +133,8 @@ def test_a_reply_cut_short_is_an_error_that_is_retried():
             self.wfile.write(b'{"is_sleep')
             self.close_connection = True
 
-    with FakeServer(Cut) as server:
-        with pytest.raises(HttpError, match="cut short") as e:
-            http_client.send(server.url, "POST", "/wake_up", b"", timeout=5)
+    with FakeServer(Cut) as server, pytest.raises(HttpError, match="cut short") as e:
+        http_client.send(server.url, "POST", "/wake_up", b"", timeout=5)
     assert not e.value.final
 
 

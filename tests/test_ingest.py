@@ -101,10 +101,10 @@ def test_the_cycle_collector_is_paused_during_a_scan_and_back_on_after(buffer):
 def test_a_lone_surrogate_or_a_nan_score_is_quarantined_with_a_reason_and_the_rest_ingested(tmp_path):
     """A JSONL line or an artifact file holding a lone surrogate (``"\\ud800"``) stopped the
     whole scan, on every pass (SQLite cannot store it); a NaN score was stored as "rejected"."""
-    from lorad.demo import synthetic
     from lorad.buffer.store import Buffer
-    from lorad.sources.ingest import ingest
+    from lorad.demo import synthetic
     from lorad.sources.atomicguard import AtomicGuardSource
+    from lorad.sources.ingest import ingest
     from lorad.sources.jsonl import JsonlSource
 
     good = {"id": "ok", "prompt": "Write f.", "completion": "def f(): pass", "status": "accepted"}

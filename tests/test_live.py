@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from lorad import config, release
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
 from lorad.evaluation.live import Rate, decide_live, live_counts, two_proportion_test
 from lorad.sources import open_sources
+from lorad.sources.ingest import ingest
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=timezone.utc)
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from lorad.buffer import examples, formatting
 from lorad.config import ATOMICGUARD_SYSTEM, SelectionSettings
-from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource
-
-from pathlib import Path
+from lorad.sources.ingest import ingest
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "atomicguard-prompts"
 

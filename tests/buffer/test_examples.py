@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorad.demo import synthetic
 from lorad.buffer import examples, split
 from lorad.buffer.store import Buffer
 from lorad.config import SelectionSettings
-from lorad.sources.ingest import ingest
+from lorad.demo import synthetic
 from lorad.sources.atomicguard import AtomicGuardSource
+from lorad.sources.ingest import ingest
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 SEL = SelectionSettings(heldout_fraction=0.3, dedup_similarity=0.9)

@@ -12,8 +12,8 @@ from lorad.buffer import traces
 from lorad.buffer.traces import PolicyContext, PolicyError, facts, link, parse_policy, select
 from lorad.cli import main
 from lorad.config import EX_CONFIG
-from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource
+from lorad.sources.ingest import ingest
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from daemon_helpers import Daemon, config_text
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"

@@ -159,8 +159,7 @@ def test_train_now_wait_ends_for_a_job_with_nothing_to_train_and_a_restart_leave
 
 
 def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, short_root):
-    from lorad import config
-    from lorad import cycle
+    from lorad import config, cycle
 
     sections = training_sections(short_root / "never-loaded", min_new_examples=1)
     sections["schedule"].update(windows=[closed_window_now()])  # no job of its own meanwhile
@@ -174,8 +173,7 @@ def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, s
 
 
 def test_a_daemon_starting_beside_a_running_lorad_train_leaves_its_job_alone(daemon_factory, short_root):
-    from lorad import config
-    from lorad import cycle
+    from lorad import config, cycle
     from lorad.buffer.job_table import JobStore
     from lorad.buffer.store import Buffer
 

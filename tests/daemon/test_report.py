@@ -6,9 +6,9 @@ import json
 import re
 import xml.etree.ElementTree as ET
 
+from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
 from lorad.cli import main
-from lorad.buffer.job_table import JobStore
 from lorad.release.registry import Registry
 
 

@@ -9,10 +9,9 @@ import socket
 import sqlite3
 
 import pytest
+from daemon_helpers import Daemon, as_uid, write_artifact
 
 from lorad.daemon import protocol
-
-from daemon_helpers import Daemon, as_uid, write_artifact
 
 
 def artifacts(d) -> int:

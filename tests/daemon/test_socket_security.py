@@ -12,10 +12,9 @@ import threading
 import time
 
 import pytest
+from daemon_helpers import WORKER_ENV, as_uid, training_sections
 
 from lorad.daemon import protocol
-
-from daemon_helpers import WORKER_ENV, as_uid, training_sections
 
 NOBODY = 65534
 FINAL = ("promoted", "rejected", "failed", "cancelled")

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from daemon_helpers import config_text
 from test_unit_file import directives
 
-from daemon_helpers import config_text
 from lorad.config import EX_CONFIG
 
 

@@ -9,15 +9,15 @@ import time
 from pathlib import Path
 
 from daemon_helpers import WORKER_ENV, training_sections, worker_processes
-from sleepy_vllm import SleepyVllm  # (tests/, on the path through tests/conftest.py)
 
 from lorad import config, events
-from lorad.release import gpu_share
 from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
-from lorad.daemon.waker import Waker
-from lorad.release.gpu_share import GpuShare, SleepingServer
 from lorad.cycle import training_lock
+from lorad.daemon.waker import Waker
+from lorad.release import gpu_share
+from lorad.release.gpu_share import GpuShare, SleepingServer
+from sleepy_vllm import SleepyVllm  # (tests/, on the path through tests/conftest.py)
 
 
 def record_asleep(state: Path, url: str, **server) -> None:

@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import write_artifact
 
 KILLS = 50

@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import WORKER_ENV, training_sections, write_artifact
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import WORKER_ENV, config_text, training_sections
-from fake_http import DrippingHandler, FakeServer  # (tests/, on the path through tests/conftest.py)
 
+from fake_http import DrippingHandler, FakeServer  # (tests/, on the path through tests/conftest.py)
 from lorad.buffer.store import Buffer
 from lorad.daemon import protocol
 from lorad.release.registry import Registry

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import WORKER_ENV, training_sections
 
 BACKOFF = 3.0  # seconds: schedule.backoff_initial

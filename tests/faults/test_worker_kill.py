@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 from daemon_helpers import training_sections
 
-from lorad import config, release
-from lorad import cycle
+from lorad import config, cycle, release
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
 from lorad.sources import open_sources
+from lorad.sources.ingest import ingest
 from lorad.training import jobdir as jobfile
 from lorad.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 

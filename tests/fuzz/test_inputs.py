@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorad import config
-from lorad.demo import synthetic
 from lorad.buffer.store import ARTIFACT_COLUMNS, Buffer
-from lorad.sources.ingest import ingest
+from lorad.demo import synthetic
 from lorad.sources.atomicguard import parse_artifact
 from lorad.sources.base import ParseError
+from lorad.sources.ingest import ingest
 from lorad.sources.jsonl import JsonlSource, parse_record
 
 EXAMPLES = int(os.environ.get("LORAD_FUZZ_EXAMPLES", "300"))

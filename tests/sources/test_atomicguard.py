@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from structlog.testing import capture_logs
 
 from lorad.demo import synthetic
-from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource, parse_artifact
 from lorad.sources.base import ParseError
+from lorad.sources.ingest import ingest
 
 KEY = "ag"
 

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
 from lorad.sources.base import ParseError
+from lorad.sources.ingest import ingest
 from lorad.sources.jsonl import JsonlSource, parse_record
 
 KEY = "log"

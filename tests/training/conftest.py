@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from training_helpers import make_spec, sft_row
 
 from lorad.training import jobdir as jobfile
-from training_helpers import make_spec, sft_row
 
 
 @pytest.fixture(scope="session")

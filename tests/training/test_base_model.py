@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import sft_row, write_tiny_gguf
 
 from lorad.training.base_model import COMPLETE_MARKER, BaseModelError, resolve, smollm2_gguf
-from training_helpers import sft_row, write_tiny_gguf
 
 torch.set_num_threads(1)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
+from training_helpers import run_worker
 
 from lorad.training import jobdir as jobfile
-from training_helpers import run_worker
 
 torch.set_num_threads(1)
 

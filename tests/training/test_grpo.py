@@ -7,13 +7,12 @@ import stat
 import time
 
 import pytest
-
-from lorad.training import jobdir as jobfile
-from lorad.evaluation.metrics import closes_first_block
-from lorad.training.grpo import GuardReward
-from lorad.training.checkpoints import complete_checkpoints
-
 from training_helpers import output, run_worker, start_worker, training_starts
+
+from lorad.evaluation.metrics import closes_first_block
+from lorad.training import jobdir as jobfile
+from lorad.training.checkpoints import complete_checkpoints
+from lorad.training.grpo import GuardReward
 
 # The tiny model samples from a 512-token BPE vocabulary; about one completion in eight
 # starts with one of these letters, so groups of 8 nearly always hold both verdicts.

@@ -6,11 +6,11 @@ import json
 import sys
 
 import pytest
+from training_helpers import make_spec
 
 from lorad import config
 from lorad.training import jobdir as jobfile
 from lorad.training.jobdir import JobError, Result
-from training_helpers import make_spec
 
 
 def test_job_spec_round_trips_through_job_json(tmp_path):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from training_helpers import sft_row
 
 from lorad.training import lora
 from lorad.training.checkpoints import save_adapter
-from training_helpers import sft_row
 
 torch.set_num_threads(1)
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from training_helpers import run_worker, sft_row
 
 from lorad.training import jobdir as jobfile
 from lorad.training.base_model import smollm2_gguf
-from training_helpers import run_worker, sft_row
 
 torch.set_num_threads(1)
 

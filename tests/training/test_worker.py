@@ -8,11 +8,10 @@ import signal
 import time
 
 import pytest
+from training_helpers import dpo_row, kto_row, output, run_worker, start_worker, training_starts
 
 from lorad.training import jobdir as jobfile
 from lorad.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
-
-from training_helpers import dpo_row, kto_row, output, run_worker, start_worker, training_starts
 
 
 def _losses(job_dir) -> dict[int, float]:

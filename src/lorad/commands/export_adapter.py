@@ -30,9 +30,9 @@ def register(sub, common) -> None:
 
 
 def export_adapter(args, settings) -> int:
+    from lorad.release import open_registry
     from lorad.release.gguf import ExportRefused, export_version, publish_base
     from lorad.release.registry import RegistryError
-    from lorad.release import open_registry
 
     base = args.base or publish_base(settings.publish, settings.training.base_model)
     if base is None and settings.training.base_model.endswith(".gguf"):

@@ -15,8 +15,8 @@ def run(args, settings) -> int:
     from lorad.buffer.store import Buffer, BufferError
     from lorad.config import EX_CONFIG
     from lorad.daemon.preflight import unwritable
-    from lorad.sources.ingest import ingest
     from lorad.sources import open_sources
+    from lorad.sources.ingest import ingest
 
     if not settings.store.sources:
         raise CommandError("no sources configured: add a [[store.sources]] table (kind, path) to the config", 78)

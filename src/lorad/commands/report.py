@@ -44,8 +44,8 @@ def run(args, settings) -> int:
 
 def collect(settings, limit: int = 10) -> dict:
     """Jobs with their loss curves, and versions with their metrics, from the state directory."""
-    from lorad.commands import CommandError
     from lorad.buffer.job_table import JobStore
+    from lorad.commands import CommandError
     from lorad.release.registry import Registry, RegistryError
     from lorad.training.jobdir import iter_progress
 

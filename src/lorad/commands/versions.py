@@ -39,8 +39,8 @@ def history(args, settings) -> int:
     from lorad.commands import CommandError
     from lorad.commands.render import metrics_table
     from lorad.evaluation.live import live_rates
-    from lorad.release.history import history as history_view
     from lorad.release import open_registry
+    from lorad.release.history import history as history_view
     from lorad.release.registry import RegistryError
 
     reg = open_registry(settings)

@@ -21,10 +21,10 @@ Front ends add rendering and threads, never steps. Torch is never imported here.
 """
 
 from lorad.cycle.conclusion import conclude
+from lorad.cycle.driver import KILLED_REASON, STALE_REASON, recover, run, run_now
 from lorad.cycle.lock import TrainingBusy, training_lock
 from lorad.cycle.outcome import CycleError, Outcome, StopRequest
 from lorad.cycle.plan import NothingToTrain, Plan, job_dir_of, prepare, set_window_end
-from lorad.cycle.driver import KILLED_REASON, STALE_REASON, recover, run, run_now
 
 __all__ = [
     "CycleError",

@@ -262,8 +262,8 @@ def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict]
 
     with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
         if ingest_first and settings.store.sources:
-            from lorad.sources.ingest import ingest
             from lorad.sources import open_sources
+            from lorad.sources.ingest import ingest
 
             ingest(buffer, open_sources(settings.store), settings.buffer.batch_size)
         try:

@@ -41,7 +41,7 @@ class Plan:
         atomic_write(Path(job_dir) / PLAN_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def read(cls, job_dir) -> "Plan":
+    def read(cls, job_dir) -> Plan:
         path = Path(job_dir) / PLAN_FILE
         try:
             return cls(**json.loads(path.read_text(encoding="utf-8")))

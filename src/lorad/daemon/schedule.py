@@ -24,7 +24,7 @@ class Window:
     end: int
 
     @classmethod
-    def parse(cls, text: str) -> "Window":
+    def parse(cls, text: str) -> Window:
         a, b = text.split("-")
         (h1, m1), (h2, m2) = (map(int, a.split(":")), map(int, b.split(":")))
         return cls(h1 * 60 + m1, h2 * 60 + m2)

@@ -25,19 +25,19 @@ import structlog
 
 from lorad import config as config_mod
 from lorad import events, release
-from lorad.release import gpu_share
 from lorad.buffer.job_table import FINAL, JobNotFound, JobStore
 from lorad.buffer.store import Buffer
 from lorad.config import ConfigError, Settings
 from lorad.daemon import protocol
 from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
-from lorad.daemon.runner import JobRunner
 from lorad.daemon.metrics import ListenFailed, Metrics, cycle_values
-from lorad.release.registry import Registry
+from lorad.daemon.runner import JobRunner
 from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
 from lorad.daemon.systemd import Notifier
 from lorad.daemon.waker import Waker
 from lorad.daemon.watcher import IngestLoop, Watcher
+from lorad.release import gpu_share
+from lorad.release.registry import Registry
 
 log = structlog.get_logger()
 

@@ -17,10 +17,10 @@ import threading
 import structlog
 
 from lorad import events
-from lorad.release import gpu_share
 from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
 from lorad.cycle import TrainingBusy, training_lock
+from lorad.release import gpu_share
 
 log = structlog.get_logger()
 

@@ -24,9 +24,9 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from lorad.demo import tasks as demo_tasks
-from lorad.demo import synthetic
 from lorad.commands.render import JobProgress
+from lorad.demo import synthetic
+from lorad.demo import tasks as demo_tasks
 from lorad.loop.daemon import Daemon, LoopError
 
 # The loop: rounds of traffic (each answered by the version the last cycle promoted), tasks a

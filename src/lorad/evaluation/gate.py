@@ -43,7 +43,7 @@ class Verdict:
         return {"promote": self.promote, "reasons": list(self.reasons)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Verdict":
+    def from_dict(cls, d: dict) -> Verdict:
         return cls(bool(d["promote"]), list(d.get("reasons", [])))
 
 

@@ -134,7 +134,7 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         self.start()
         return self
 

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 import structlog
 
 from lorad import events
-from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
+from lorad.release import http_client
 
 log = structlog.get_logger()
 

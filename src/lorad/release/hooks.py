@@ -25,13 +25,13 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from lorad import events, log
-from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
+from lorad.release import http_client
 from lorad.release.registry import Change, Registry
 
 OUTPUT_CHARS = http_client.OUTPUT_CHARS

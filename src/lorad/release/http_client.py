@@ -23,8 +23,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 OUTPUT_CHARS = 2000  # of a response kept in a message or a hook's detail

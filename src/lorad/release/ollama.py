@@ -21,12 +21,12 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
+from lorad.release import http_client
 from lorad.release.gguf import ADAPTER_FILE
 from lorad.release.registry import VERSION_RE
 

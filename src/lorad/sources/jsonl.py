@@ -40,8 +40,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorad.config import BufferSettings
 from lorad.buffer.batch import Batch, Quarantined
+from lorad.config import BufferSettings
 from lorad.sources.base import (
     ORIGINS,
     ParseError,

@@ -27,9 +27,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lorad import durable
 
@@ -159,7 +159,7 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "JobSpec":
+    def from_dict(cls, data: dict) -> JobSpec:
         """Raises JobError on another schema version, an unknown key or a missing one."""
         _check_version(data, "job.json")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -253,7 +253,7 @@ class Result:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Result":
+    def from_dict(cls, data: dict) -> Result:
         """Raises JobError on another schema version or an unknown key."""
         _check_version(data, "result.json")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -102,9 +102,8 @@ def linear_module_names(model) -> list[str]:
     output = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not output:
-            names.add(name.rsplit(".", 1)[-1])
-        elif type(module).__name__ in ("Linear4bit", "Linear8bitLt") and module is not output:
+        quantized = type(module).__name__ in ("Linear4bit", "Linear8bitLt")  # bitsandbytes' linears
+        if (isinstance(module, torch.nn.Linear) or quantized) and module is not output:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
