@@ -55,13 +55,16 @@ def test_wilson_interval_matches_hand_computed_values():
 
 def test_guard_command_judges_by_the_specification():
     task = learning_tasks.all_tasks()[0]
-    run = lambda code: subprocess.run(
-        learning.guard_command(),
-        input=code,
-        capture_output=True,
-        text=True,
-        env={"LORAD_SPECIFICATION": task.specification, "PATH": ""},
-    )
+
+    def run(code):
+        return subprocess.run(
+            learning.guard_command(),
+            input=code,
+            capture_output=True,
+            text=True,
+            env={"LORAD_SPECIFICATION": task.specification, "PATH": ""},
+        )
+
     assert run(task.solution).returncode == 0
     wrong = run(task.wrong[2][1])
     assert wrong.returncode == 1 and "failed" in wrong.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_config_is_found_through_the_environment(tmp_path, monkeypatch):
 
 def test_settings_are_frozen():
     s = config.Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.training.lora_r = 8  # type: ignore[misc]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import uuid
@@ -52,17 +53,20 @@ def test_rolls_back_only_when_significantly_worse():
 # -- on a synthetic AtomicGuard store whose artifacts name the adapter that produced them ----------
 
 
-def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", source=None, n=[0]):
-    n[0] += 1
-    aid = str(uuid.UUID(int=n[0]))
+_ARTIFACTS = itertools.count(1)  # unique ids across the module's tests
+
+
+def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", source=None):
+    n = next(_ARTIFACTS)
+    aid = str(uuid.UUID(int=n))
     doc = {
         "artifact_id": aid,
-        "workflow_id": str(uuid.UUID(int=10**6 + n[0])),
+        "workflow_id": str(uuid.UUID(int=10**6 + n)),
         "content": "def f():\n    return 1\n",
         "previous_attempt_id": None if attempt == 1 else str(uuid.uuid4()),
         "parent_action_pair_id": None,
         "action_pair_id": "g_coder",
-        "created_at": (T0 + timedelta(seconds=n[0])).isoformat(),
+        "created_at": (T0 + timedelta(seconds=n)).isoformat(),
         "attempt_number": attempt,
         "status": "accepted" if accepted else "rejected",
         "guard_result": {

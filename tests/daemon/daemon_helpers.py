@@ -86,7 +86,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Daemon:
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it; stop() closes it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lorad", "--config", str(self.config), "serve"],
             stdout=self._log,
@@ -151,12 +151,12 @@ class Daemon:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as e:
                 for child in psutil.Process(self.proc.pid).children(recursive=True):
                     child.kill()
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_text()[-4000:]}")
+                raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_text()[-4000:]}") from e
         self._log.close()
         code = self.proc.returncode
         self.proc = None

@@ -110,7 +110,9 @@ def test_worker_exception_nan_and_oom_fail_the_job_with_reason_back_off_and_leav
                 trigger.touch()
             assert d.request("reload")["ok"], d.log_text()[-2000:]
         job = d.wait_for(
-            lambda: (f := failed_jobs(d)) and len(f) >= n and f[0], timeout=240, what=f"job {n} ({what}) to fail"
+            lambda: (f := failed_jobs(d)) and len(f) >= n and f[0],  # noqa: B023 - wait_for calls it now
+            timeout=240,
+            what=f"job {n} ({what}) to fail",
         )
         assert job["job_id"] not in {j["job_id"] for j in seen}
         if reason:
@@ -119,7 +121,7 @@ def test_worker_exception_nan_and_oom_fail_the_job_with_reason_back_off_and_leav
             assert "config" in job["reason"].lower() or "json" in job["reason"].lower(), job["reason"]
         assert not job["reason"].startswith("worker exited with code"), job["reason"]  # the worker said why
         status = d.wait_for(
-            lambda: (st := d.request("status"))["schedule"]["failures"] == n and st,
+            lambda: (st := d.request("status"))["schedule"]["failures"] == n and st,  # noqa: B023 - called now
             timeout=10,
             what=f"the failure count to reach {n}",
         )

@@ -165,11 +165,14 @@ def test_worker_killed_at_random_moments_resumes_from_complete_checkpoints_and_n
             try:
                 if what == "step":
                     target = rng.randint(newest_before + 1, min(newest_before + 3, MAX_STEPS))
-                    match = lambda r, t=target: (
-                        r.get("stage") == "training" and r.get("loss") is not None and r["step"] >= t
-                    )  # noqa: E731
+
+                    def match(r, t=target):
+                        return r.get("stage") == "training" and r.get("loss") is not None and r["step"] >= t
                 else:
-                    match = lambda r, w=what: r.get("stage") == w  # noqa: E731
+
+                    def match(r, w=what):
+                        return r.get("stage") == w
+
                 first = wait_for_record(job_dir, proc, since, lambda r: r.get("stage") == "training")
                 assert first is not None, (job_dir / "worker.log").read_text()[-3000:]
                 # The run starts from the newest complete checkpoint there was when it started.

@@ -117,8 +117,8 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):
             # Probability that a pair at similarity s shares at least one band: 1-(1-s^r)^b.
-            false_positive = area(lambda s: 1 - (1 - s**rows) ** bands, 0.0, threshold)
-            false_negative = area(lambda s: (1 - s**rows) ** bands, threshold, 1.0)
+            false_positive = area(lambda s: 1 - (1 - s**rows) ** bands, 0.0, threshold)  # noqa: B023 - integrated here
+            false_negative = area(lambda s: (1 - s**rows) ** bands, threshold, 1.0)  # noqa: B023 - integrated here
             error = 0.05 * false_positive + 0.95 * false_negative
             if error < best_error:
                 best, best_error = (bands, rows), error

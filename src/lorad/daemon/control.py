@@ -27,6 +27,7 @@ handler's own exceptions become an error response too, so no request can disturb
 from __future__ import annotations
 
 import errno
+import functools
 import grp
 import os
 import pwd
@@ -462,7 +463,7 @@ class ControlServer:
                     request, response = _decode(line, conn.peer)
                 if response is None:
                     try:
-                        response = self.handler(request, conn.peer, lambda: _gone(conn.sock))
+                        response = self.handler(request, conn.peer, functools.partial(_gone, conn.sock))
                     except Exception as e:  # the daemon outlives any one request
                         log.exception(events.REQUEST_FAILED, command=request.get("command"))
                         response = protocol.error(f"internal error: {type(e).__name__}: {e}")

@@ -94,9 +94,9 @@ class Schedule:
             for back in (0, 1):  # today's window, or yesterday's crossing midnight
                 opens = day - timedelta(days=back)
                 start, end = self.bounds(w, opens)
-                if _utc(start) <= _utc(now) < _utc(end) and self._allowed(opens):
-                    if best is None or _utc(end) > _utc(best[1]):
-                        best = (start, end)
+                is_open = _utc(start) <= _utc(now) < _utc(end) and self._allowed(opens)
+                if is_open and (best is None or _utc(end) > _utc(best[1])):
+                    best = (start, end)
         return best
 
     def next_window(self, now: datetime) -> tuple[datetime, datetime] | None:

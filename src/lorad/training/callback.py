@@ -33,7 +33,7 @@ class Progress:
 
     def __init__(self, path: Path, enabled: bool):
         self.enabled = enabled
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.file = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 - closed by close()
 
     def write(self, **record) -> None:
         if self.file is None:

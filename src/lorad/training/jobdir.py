@@ -373,7 +373,7 @@ def iter_progress(job_dir, offset: int = 0) -> Iterator[tuple[dict, int]]:
     """
     path = Path(job_dir) / PROGRESS_FILE
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - the with below closes it; only the open may be missing
     except FileNotFoundError:
         return
     with f:

@@ -66,7 +66,8 @@ def supervise(
 
     def tail():
         nonlocal offset
-        for record, offset in iter_progress(job_dir, offset):
+        for record, after in iter_progress(job_dir, offset):
+            offset = after  # where the next tail resumes
             if on_progress is not None:
                 on_progress(record)
 
