@@ -159,7 +159,7 @@ def baseline(job_dir: str, packing: bool, checkpointing: bool) -> dict:
 
     spec = json.loads(Path(job_dir, "job.json").read_text())
     model_dir = (Path(job_dir) / MODEL_DIR_FILE).read_text()
-    data = [json.loads(line) for line in open(Path(job_dir, "train.jsonl"))]
+    data = [json.loads(line) for line in Path(job_dir, "train.jsonl").read_text().splitlines()]
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -284,7 +284,7 @@ def flops_per_token(model_dir: Path, data: list[dict], seq: int, lora_r: int) ->
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n_matmul = n_lora = 0
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             n_matmul += module.in_features * module.out_features
             if module is not model.get_output_embeddings():

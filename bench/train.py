@@ -64,7 +64,7 @@ def baseline(job_dir: str, packing: bool) -> dict:
 
     spec = json.loads(Path(job_dir, "job.json").read_text())
     model_dir = (Path(job_dir) / MODEL_DIR_FILE).read_text()
-    data = [json.loads(line) for line in open(Path(job_dir, "train.jsonl"))]
+    data = [json.loads(line) for line in Path(job_dir, "train.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     targets = sorted(
