@@ -446,7 +446,7 @@ class Loop:
                     f"mean attempts {s['mean_attempts']:.2f} ({s['seconds']:.0f} s)"
                 )
                 # What GRPO could learn from on the tasks never solved: any of 8 samples passing.
-                never = [t for t, r in zip(tasks, traffic) if not r.accepted and not r.error]
+                never = [t for t, r in zip(tasks, traffic, strict=True) if not r.accepted and not r.error]
                 # (the first and last rounds, 12 tasks at most: 8 samples of each cost minutes on a CPU)
                 never = random.Random(k).sample(never, min(12, len(never)))
                 if never and plan.grpo_probe and k in (1, len(w.rounds)):

@@ -102,7 +102,7 @@ def main() -> int:
                 model, tok, prompts, batch_size=1, max_new_tokens=args.new_tokens, max_seq_length=512
             )
         )
-        same = sum(a == b for a, b in zip(batched, single))
+        same = sum(a == b for a, b in zip(batched, single, strict=True))
         print(
             f"generation  one at a time {t_single:7.2f} s   batched {t_batched:7.2f} s   "
             f"speed-up x{t_single / t_batched:.2f}   identical answers {same}/{len(prompts)}"

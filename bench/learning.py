@@ -362,7 +362,7 @@ def first_attempts(model_dir: str, adapters: dict[str, str | None], tasks: list[
             "ci95": [lo, hi],
             "seconds": time.monotonic() - t0,
             "passed": sorted(g["chain_id"] for g in verdict["guard"] if g["accepted"]),
-            "examples": [{"task": t.name, "answer": a[:300]} for t, a in list(zip(tasks, answers))[:3]],
+            "examples": [{"task": t.name, "answer": a[:300]} for t, a in list(zip(tasks, answers, strict=True))[:3]],
         }
     return out
 

@@ -163,13 +163,14 @@ def parse_train(out: str) -> list[Row]:
                 ratio >= 0.95,
             )
         )
-    for m, label in zip(
+    for m, label in zip(  # a packing line for each model measured above, in its order
         re.finditer(
             rf"lorad defaults \(packing, completion-only LM head\): {NUM} tokens/s vs the "
             rf"padded default before them {NUM}: x{NUM}",
             out,
         ),
         labels,
+        strict=False,
     ):
         new, padded, speedup = (float(m.group(i).replace(",", "")) for i in (1, 2, 3))
         smollm2 = "SmolLM2" in label

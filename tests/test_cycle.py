@@ -87,7 +87,7 @@ def poison(job_dir: Path, seed: int = 1) -> None:
     rng = random.Random(seed)
     answers = [r["completion"][0]["content"] for r in rows]
     rng.shuffle(answers)
-    for row, text in zip(rows, answers):
+    for row, text in zip(rows, answers, strict=True):
         chars = list(text)
         rng.shuffle(chars)
         row["completion"] = [{"role": "assistant", "content": "".join(chars)}]

@@ -87,9 +87,9 @@ def test_the_vllm_hook_serves_each_promoted_version_and_follows_a_rollback(serve
     assert f"lorad-{v1}" in server.models(url)
 
     base, adapted = answers(url, "base"), answers(url, f"lorad-{v1}")
-    assert sum(a != b for a, b in zip(base, adapted)) >= 5, (base, adapted)
+    assert sum(a != b for a, b in zip(base, adapted, strict=True)) >= 5, (base, adapted)
     firsts = [server.chat(url, f"lorad-{v1}", [{"role": "user", "content": p}], max_tokens=1) for p in PROMPTS]
-    agree = sum(a.strip() == b.strip() for a, b in zip(firsts, served["first_tokens"][0]))
+    agree = sum(a.strip() == b.strip() for a, b in zip(firsts, served["first_tokens"][0], strict=True))
     print(f"first greedy token, vLLM vs peft: {agree}/{len(PROMPTS)} agree ({firsts} vs {served['first_tokens'][0]})")
     assert agree >= 4
 

@@ -64,7 +64,7 @@ def rows(buffer) -> dict[str, dict]:
         "SELECT chain_id, seq, split, duplicate_of, duplicate, task_key, outcome, retries FROM examples"
     )
     names = [d[0] for d in cur.description]
-    return {r[0]: dict(zip(names, r)) for r in cur}
+    return {r[0]: dict(zip(names, r, strict=True)) for r in cur}
 
 
 def test_migration_builds_the_examples_tables_on_a_fresh_in_memory_database():

@@ -94,7 +94,7 @@ def test_export_follows_the_conditioning_setting(config, tmp_path, capsys, condi
     chat, _ = export(config, tmp_path, "chat", "--filter", "refinement", "--conditioning", conditioning)
     alpaca, _ = export(config, tmp_path, "alpaca", "--filter", "refinement", "--conditioning", conditioning)
     assert chat and len(chat) == len(alpaca) == len({r["metadata"]["chain_id"] for r in chat})
-    for c, a in zip(chat, alpaca):
+    for c, a in zip(chat, alpaca, strict=True):
         shows = "Previous attempts and feedback" in c["messages"][-2]["content"]
         assert shows == (conditioning == "history") == bool(a["input"])
         assert c["metadata"]["conditioning"] == a["metadata"]["conditioning"] == conditioning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sqlite3
@@ -370,7 +371,7 @@ def test_chains_do_not_depend_on_how_rows_are_split_into_batches(rows, data):
         whole.write_batch(batch)
         order = data.draw(st.permutations(rows))
         cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(rows) - 1)), max_size=4)))
-        for a, b in zip([0, *cuts], [*cuts, len(order)]):
+        for a, b in itertools.pairwise([0, *cuts, len(order)]):
             part = Batch("s")
             part.artifacts = [dict(r) for r in order[a:b]]
             pieces.write_batch(part)

@@ -5,6 +5,7 @@ required hook that fails puts `current` back where it was."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -132,7 +133,7 @@ def test_publish_target_down_retries_with_backoff_records_the_failure_and_daemon
     # The 503 server saw every attempt, each gap at least the doubling back-off.
     times = [t for t, path in failing_server.seen if path == "/v1/load_lora_adapter"]
     assert len(times) == RETRIES + 1
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     for k, gap in enumerate(gaps):
         assert gap >= BACKOFF * 2**k * 0.95, gaps
     assert took >= 2 * sum(BACKOFF * 2**k for k in range(RETRIES)) * 0.95  # both hooks backed off
@@ -222,5 +223,5 @@ def test_main_loop_keeps_pinging_the_watchdog_while_a_hung_publish_target_times_
         thread.join(5)
     assert done and done[0]["ok"] and done[0]["publish"]["results"][0]["ok"] is False, done
     assert len(server.seen) == 2  # both attempts reached the hung server and timed out
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert pings and max(gaps) < 1.0, f"watchdog silent for {max(gaps):.1f} s (WatchdogSec=1 s)"

@@ -57,7 +57,7 @@ def test_batched_generation_on_cuda_gives_the_answers_of_one_at_a_time(tiny_mode
     single = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=8, max_seq_length=128)[0] for p in prompts]
     assert len(batched) == 6
     # bf16 rounding may flip a near-tie in a random model; most answers must agree exactly.
-    assert sum(a == b for a, b in zip(batched, single)) >= 4
+    assert sum(a == b for a, b in zip(batched, single, strict=True)) >= 4
 
 
 def test_finite_logit_check_passes_in_bf16_on_cuda(tiny_model_dir):

@@ -116,6 +116,6 @@ def test_sft_loss_counts_only_the_assistant_answer(tiny_model_dir, tmp_path):
     rows = [sft_row(0), sft_row(2)]
     trainer = lora.trainer("sft", model, tokenizer, lora.dataset(rows, "sft"), args, [])
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
-    for labels, row in zip(batch["labels"], rows):
+    for labels, row in zip(batch["labels"], rows, strict=True):
         counted = tokenizer.decode([i for i in labels.tolist() if i != -100])
         assert counted == row["completion"][0]["content"] + "<|im_end|>\n"

@@ -439,7 +439,7 @@ def _deduplicate(conn, touched: list[int], threshold: float, report: RefreshRepo
         ).fetchall()
         scores = dedup.similarities(x_sig, [c[3] for c in candidates])
         similar: dict[int, tuple] = {}  # id -> (order, how)
-        for (y_id, y_ts, y_seq, _, y_text), score in zip(candidates, scores):
+        for (y_id, y_ts, y_seq, _, y_text), score in zip(candidates, scores, strict=True):
             if y_text == x_text:
                 similar[y_id] = ((y_ts, y_seq), "exact")
             elif score >= threshold:

@@ -52,7 +52,7 @@ _COLUMNS = (
 
 
 def _row(values) -> dict:
-    job = dict(zip(_COLUMNS, values))
+    job = dict(zip(_COLUMNS, values, strict=True))
     job["progress"] = json.loads(job["progress"]) if job["progress"] else None
     return job
 

@@ -460,7 +460,7 @@ class Buffer:
         cur = self.conn.execute(sql, tuple(params))
         names = [d[0] for d in cur.description]
         for row in cur:
-            yield dict(zip(names, row))
+            yield dict(zip(names, row, strict=True))
 
     def counts(self) -> dict[str, int]:
         """Headline counts for status displays."""
@@ -479,7 +479,7 @@ class Buffer:
             "SELECT source, locator, reason, size, first_seen, last_seen, seen FROM quarantine ORDER BY id"
         )
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur]
+        return [dict(zip(names, r, strict=True)) for r in cur]
 
     def record_event(self, event: str, *, version: str | None = None, job_id: str | None = None, **detail: Any) -> None:
         """Append one event to the audit table (its own transaction)."""

@@ -9,6 +9,7 @@ groups a batch touches and write their chains back inside the ingest transaction
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -77,7 +78,7 @@ def _split(rows: Sequence[dict]) -> list[list[dict]]:
     ordered = sorted(rows, key=_order_key)
     if not ordered[0].get("previous_attempt_id") and all(
         b.get("previous_attempt_id") == a["artifact_id"] and b["artifact_id"] != a["artifact_id"]
-        for a, b in zip(ordered, ordered[1:])
+        for a, b in itertools.pairwise(ordered)
     ):
         return [ordered]  # the usual case: one chain, each attempt naming the one before
     n = len(rows)
@@ -225,7 +226,7 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
                 if group is not None:
                     stored.add(key)
                     if values[2] not in group:  # the batch's version of a row wins over the stored one
-                        group[values[2]] = dict(zip(_LINK_COLUMNS, values))
+                        group[values[2]] = dict(zip(_LINK_COLUMNS, values, strict=True))
     moved, chains = [], []
     for (source, workflow_id, action_pair_id), by_locator in members.items():
         for ordered in _split(list(by_locator.values())):

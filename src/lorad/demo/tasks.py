@@ -575,7 +575,7 @@ def loop_rounds(rounds: int, per_round: int, families: tuple[str, ...] = LOOP_FA
         out.append(
             [
                 LoopTask(t.name, f, t.specification, t.name, tests=t.tests, solution=t.solution)
-                for t, f in zip(tasks, [f for _ in range(per_round // len(families)) for f in families])
+                for t, f in zip(tasks, [f for _ in range(per_round // len(families)) for f in families], strict=True)
             ]
         )
     return out

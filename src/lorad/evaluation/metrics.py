@@ -108,7 +108,7 @@ def encode_example(tokenizer, row: dict, max_seq_length: int) -> tuple[list[int]
     prompt_ids = _chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)
     full_ids = _chat_ids(tokenizer, row["prompt"] + row["completion"])
     start = 0
-    for a, b in zip(prompt_ids, full_ids):
+    for a, b in zip(prompt_ids, full_ids, strict=False):  # the common prefix
         if a != b:
             break
         start += 1
@@ -273,7 +273,7 @@ def guard_answers(
         verdicts = list(
             pool.map(
                 lambda pair: run_guard(command, extract_code(pair[1]), pair[0].get("specification", ""), timeout),
-                zip(rows, answers),
+                zip(rows, answers, strict=True),
             )
         )
     accepted = sum(ok for ok, _ in verdicts)
@@ -289,6 +289,6 @@ def guard_answers(
                 "accepted": ok,
                 "feedback": fb,
             }
-            for row, (ok, fb) in zip(rows, verdicts)
+            for row, (ok, fb) in zip(rows, verdicts, strict=True)
         ],
     }

@@ -55,7 +55,7 @@ def train_tokenizer(vocab_size: int = 512):
     )
     chat = [
         f"<|im_start|>user\n{a}<|im_end|>\n<|im_start|>assistant\n{b}<|im_end|>\n"
-        for a, b in zip(_CORPUS, reversed(_CORPUS))
+        for a, b in zip(_CORPUS, reversed(_CORPUS), strict=True)
     ]
     tok.train_from_iterator((_CORPUS + chat) * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
