@@ -532,7 +532,8 @@ def table(report: dict) -> str:
         f"{report['unseen_tasks']} unseen tasks, greedy, asked as atomicguard asks; base ε "
         f"{base['epsilon']:.3f} [{base['ci95'][0]:.2f}, {base['ci95'][1]:.2f}]",
         "",
-        "| round | asked | first try | after retries | never | mean attempts | gate | held-out (active -> cand, +/-, p) "
+        "| round | asked | first try | after retries | never | mean attempts | gate "
+        "| held-out (active -> cand, +/-, p) "
         "| unseen ε lorad [95%] | plain [95%] | lorad vs base | cycle s (train, eval) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -552,7 +553,8 @@ def table(report: dict) -> str:
             f"{sec.get('total') or 0:.0f} ({sec.get('train') or 0:.0f}, {sec.get('evaluate') or 0:.0f})" if sec else "-"
         )
         lines.append(
-            f"| {r['round']} | {_short(t.get('model', '-'))} | {_pct(t.get('first_try'))} | {_pct(t.get('after_retries'))} | "
+            f"| {r['round']} | {_short(t.get('model', '-'))} | {_pct(t.get('first_try'))} | "
+            f"{_pct(t.get('after_retries'))} | "
             f"{_pct(t.get('never'))} | {_pct(t.get('mean_attempts'))} | {c.get('state', '-')} | {held} | "
             + (f"{lo['all']['epsilon']:.3f} [{lo['all']['ci95'][0]:.2f}, {lo['all']['ci95'][1]:.2f}]" if lo else "-")
             + " | "

@@ -214,16 +214,19 @@ def main(argv=None) -> dict:
     )
     print(
         f"  status round-trip while training: p50 {figures['status_training_p50_ms']:6.2f} ms  "
-        f"p99 {figures['status_training_p99_ms']:6.2f} ms  (p99 ratio to idle {figures['status_training_ratio_p99']:.2f}; "
+        f"p99 {figures['status_training_p99_ms']:6.2f} ms  "
+        f"(p99 ratio to idle {figures['status_training_ratio_p99']:.2f}; "
         f"job at step {step})"
     )
     print(
         f"  daemon RSS idle: {figures['daemon_rss_mb']:.1f} MB (target < 100 MB; bare python "
-        f"{figures['bare_python_rss_mb']:.1f} MB, ratio {figures['daemon_rss_mb'] / figures['bare_python_rss_mb']:.1f}); "
+        f"{figures['bare_python_rss_mb']:.1f} MB, "
+        f"ratio {figures['daemon_rss_mb'] / figures['bare_python_rss_mb']:.1f}); "
         f"torch imported in the daemon: {torch_loaded}"
     )
     print(
-        f"  artifact -> buffer latency: p50 {figures['artifact_p50_ms']:.0f} ms  p99 {figures['artifact_p99_ms']:.0f} ms "
+        f"  artifact -> buffer latency: p50 {figures['artifact_p50_ms']:.0f} ms  "
+        f"p99 {figures['artifact_p99_ms']:.0f} ms "
         f"(target p99 < 1000 ms; in-process ingest of one file {direct:.1f} ms, "
         f"p50 ratio {figures['artifact_p50_ms'] / direct:.1f})"
     )

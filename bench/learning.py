@@ -505,7 +505,8 @@ def table(report: dict) -> str:
     e = scores[best]["epsilon"]
     lines += [
         "",
-        f"best lorad method (of the versions its gate promoted): {best}, {margin * 100:+.1f} points over the plain recipe "
+        f"best lorad method (of the versions its gate promoted): {best}, "
+        f"{margin * 100:+.1f} points over the plain recipe "
         f"(target >= +5: {'met' if margin >= 0.05 else f'missed by {(0.05 - margin) * 100:.1f}'}); "
         f"ε {e:.3f} (target >= 0.85: {'met' if e >= 0.85 else f'missed by {(0.85 - e) * 100:.1f} points'})",
         f"run: {report['seconds'] / 60:.1f} min",

@@ -225,7 +225,8 @@ def parse_daemon(out: str) -> list[Row]:
     ] + (
         [
             Row(
-                f"daemon resident memory after a burst of {f['burst_files']:,} artifact files (settled; peak during it)",
+                f"daemon resident memory after a burst of {f['burst_files']:,} artifact files "
+                "(settled; peak during it)",
                 f"{f['burst_settled_rss_mb']:.1f} MB (peak {f['burst_peak_rss_mb']:.1f} MB)",
                 f"idle before: {f['daemon_rss_mb']:.1f} MB",
                 f"{f['burst_settled_rss_mb'] / f['daemon_rss_mb']:.1f}",

@@ -13,8 +13,9 @@ non-padding tokens the trainer consumed over the wall time of ``trainer.train()`
 best run of each is compared. Target: lorad / baseline >= 0.95 (the orchestration costs
 nothing; lorad with ``packing = false``, the baseline's padded batches). Then lorad with its
 defaults (packing where exact, the LM head on completion tokens only) against the same padded
-baseline, which is how lorad trained before those were its defaults (target for SmolLM2: 1.3x). On CUDA it also prints MFU (6 x parameters x tokens/s
-over the device's peak bf16 FLOP/s given with --peak-tflops).
+baseline, which is how lorad trained before those were its defaults (target for SmolLM2: 1.3x).
+On CUDA it also prints MFU (6 x parameters x tokens/s over the device's peak bf16 FLOP/s given
+with --peak-tflops).
 
     .venv/bin/python bench/train.py [--steps 15] [--repeats 5] [--threads 1] [--no-smollm2]
 """

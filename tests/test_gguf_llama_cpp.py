@@ -39,7 +39,8 @@ SLOPE = (0.8, 1.25)
 
 
 def agreement(peft_logits: dict, llama_logits: dict) -> dict:
-    """Correlation and slope of the deltas (worst prompt); the share of prompts whose adapted top-1 agrees, for the log."""
+    """Correlation and slope of the deltas (worst prompt); the share of prompts whose adapted top-1
+    agrees, for the log."""
     corr, slope, top1 = [], [], []
     for p in PROMPTS:
         dp = peft_logits["adapted"][p] - peft_logits["base"][p]

@@ -147,7 +147,7 @@ _OLD_JOBS = """CREATE TABLE jobs (
             version TEXT,
             reason TEXT,
             progress TEXT
-        )"""
+        )"""  # noqa: E501 - the table's text as an old database holds it
 
 
 @pytest.mark.parametrize("first", ["lorad ingest", "lorad serve"])

@@ -120,7 +120,7 @@ def _initial(db: sqlite_utils.Database) -> None:
             updated_at REAL NOT NULL,
             UNIQUE (source, locator)
         )
-        """
+        """  # noqa: E501 - the table as migration 0001 created it; its text is kept
     )
     db.execute("CREATE INDEX artifacts_group ON artifacts (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX artifacts_artifact_id ON artifacts (source, artifact_id)")
@@ -142,7 +142,7 @@ def _initial(db: sqlite_utils.Database) -> None:
             last_ts REAL,
             updated_at REAL NOT NULL
         )
-        """
+        """  # noqa: E501 - the table as migration 0001 created it; its text is kept
     )
     db.execute("CREATE INDEX chains_group ON chains (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX chains_outcome ON chains (outcome)")
@@ -291,7 +291,8 @@ def _signatures_on_rows(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE quarantine ADD COLUMN mtime_ns INTEGER")
     db.execute(
         "UPDATE artifacts SET (file_size, file_mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "
-        "WHERE f.source = artifacts.source AND f.locator = artifacts.locator AND f.content_hash = artifacts.content_hash)"
+        "WHERE f.source = artifacts.source AND f.locator = artifacts.locator "
+        "AND f.content_hash = artifacts.content_hash)"
     )
     db.execute(
         "UPDATE quarantine SET (size, mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "

@@ -414,7 +414,8 @@ class Buffer:
                 )
             if batch.quarantined:
                 conn.executemany(
-                    "INSERT INTO quarantine (source, locator, reason, content_hash, size, mtime_ns, first_seen, last_seen) "
+                    "INSERT INTO quarantine "
+                    "(source, locator, reason, content_hash, size, mtime_ns, first_seen, last_seen) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (source, locator) DO UPDATE SET reason = excluded.reason, "
                     "content_hash = excluded.content_hash, size = excluded.size, mtime_ns = excluded.mtime_ns, "

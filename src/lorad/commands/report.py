@@ -249,7 +249,10 @@ def render(data: dict) -> str:
         f"<tr><td>{e(v['version'])}{' (current)' if v['version'] == data['current'] else ''}</td>"
         f"<td>{_fmt(v['candidate_nll'])}</td><td>{_fmt(v['reference_nll'])}</td><td>{_fmt(v['improvement'])}</td>"
         f"<td>{_fmt(v['candidate_epsilon'])}</td>"
-        f"<td>{_live_cell(v['live'])}</td><td>{'promote' if v['promoted'] else 'reject'}: {e('; '.join((v['verdict'] or {}).get('reasons', []))[:200])}</td></tr>"
+        f"<td>{_live_cell(v['live'])}</td>"
+        f"<td>{'promote' if v['promoted'] else 'reject'}: "
+        f"{e('; '.join((v['verdict'] or {}).get('reasons', []))[:200])}</td>"
+        "</tr>"
         for v in reversed(versions)
     )
     parts = [
@@ -303,11 +306,13 @@ def render(data: dict) -> str:
     ]
     parts += [
         "<h2>Jobs</h2>",
-        f"<table><tr><th>job</th><th>state</th><th>trigger</th><th>created (UTC)</th><th>version</th><th>reason</th></tr>{rows}</table>"
+        "<table><tr><th>job</th><th>state</th><th>trigger</th><th>created (UTC)</th><th>version</th>"
+        f"<th>reason</th></tr>{rows}</table>"
         if rows
         else '<p class="empty">No jobs yet.</p>',
         "<h2>Versions</h2>",
-        f"<table><tr><th>version</th><th>NLL</th><th>reference NLL</th><th>improvement</th><th>ε</th><th>live first try, attempts</th><th>verdict</th></tr>{vrows}</table>"
+        "<table><tr><th>version</th><th>NLL</th><th>reference NLL</th><th>improvement</th><th>ε</th>"
+        f"<th>live first try, attempts</th><th>verdict</th></tr>{vrows}</table>"
         if vrows
         else '<p class="empty">No versions yet.</p>',
         "<script type=application/json id=data>"

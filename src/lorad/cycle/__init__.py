@@ -12,9 +12,9 @@ through the same steps by :func:`run`:
 4. the worker subprocess (:func:`lorad.training.supervisor.supervise`), which trains,
    checkpoints, saves the adapter and scores it (result.json), while any vLLM server that
    shares the GPU sleeps (:class:`lorad.release.gpu_share.GpuShare`; woken however the worker ends);
-5. :func:`conclude` (:mod:`lorad.cycle.conclusion`, named steps): automatic rollback when the active adapter now scores worse than the
-   previous one, the gate's verdict, a new registry version (rejected ones too), promotion
-   and publishing or the ``candidate_rejected`` event, pruning;
+5. :func:`conclude` (:mod:`lorad.cycle.conclusion`, named steps): automatic rollback when the
+   active adapter now scores worse than the previous one, the gate's verdict, a new registry
+   version (rejected ones too), promotion and publishing or the ``candidate_rejected`` event, pruning;
 6. the job's final state, and its checkpoints removed once they can serve no resume.
 
 Front ends add rendering and threads, never steps. Torch is never imported here.

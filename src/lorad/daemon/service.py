@@ -505,7 +505,10 @@ class Service:
                 step += f" ({p['phase']})"
             return f"job {job['job_id']} {job['state']}{step}"
         b = snap.get("buffer", {})
-        return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('untrained_examples', 0)} examples not yet trained on"
+        return (
+            f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, "
+            f"{b.get('untrained_examples', 0)} examples not yet trained on"
+        )
 
     def status(self) -> dict:
         with self._snap_lock:

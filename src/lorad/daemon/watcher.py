@@ -6,8 +6,9 @@ for ``debounce`` seconds, and feeds them to the same idempotent :func:`lorad.sou
 as ``lorad ingest``. inotify drops events when its queue overflows (a burst of some 20,000
 files on a busy machine): watchdog rebuilds its watches and says so only in its log, so the
 watcher listens to that log and the loop scans everything at once. Every ``reconcile_interval``
-seconds the loop also scans everything; a scan of an unchanged store only stats files. Other buffer writes the daemon must serialise with
-ingest (``lorad feedback``) are submitted to the same thread.
+seconds the loop also scans everything; a scan of an unchanged store only stats files. Other
+buffer writes the daemon must serialise with ingest (``lorad feedback``) are submitted to the
+same thread.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ _CORPUS = [
     "def is_even(n):\n    return n % 2 == 0\n",
     "def add(a, b):\n    return a + b\n",
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n        self.items.append(x)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n"
+    "    def push(self, x):\n        self.items.append(x)\n",
     "Write a function that returns the sum of a list of numbers.",
     "The guard rejected the attempt: AssertionError: expected 4, got 5. Fix the off-by-one error.",
     "Previous attempt failed with feedback: SyntaxError: invalid syntax on line 3.",
