@@ -21,7 +21,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from lorad.buffer import dedup, formatting, sampling, split, traces
 from lorad.buffer.schema import UNUSABLE_CHAINS
@@ -93,6 +93,10 @@ class RefreshReport:
         }
 
 
+@overload
+def _state(conn, key: str) -> str | None: ...
+@overload
+def _state(conn, key: str, default: str) -> str: ...
 def _state(conn, key: str, default: str | None = None) -> str | None:
     row = conn.execute("SELECT value FROM examples_state WHERE key = ?", (key,)).fetchone()
     return row[0] if row else default
@@ -259,7 +263,7 @@ def refresh(buffer: Buffer, selection: SelectionSettings, now: float | None = No
                 touched.extend(_forget(conn, example_id))
             report.removed += len(gone)
 
-        existing = {}
+        existing: dict[str, tuple[int, str]] = {}  # chain_id -> (example id, chain_key)
         ids = [c[0] for c in changed]
         for i in range(0, len(ids), 5000):
             existing.update(
@@ -359,7 +363,10 @@ def family_of(chain: traces.Chain, family_key: str = "") -> str:
 def _example_row(chain: traces.Chain, chain_key: str, now: float) -> dict:
     """The chain's row of ``examples``, but for its ``split`` (assigned once all are read)."""
     fact = traces.facts(chain)
-    answer = traces.target(chain)["content"]
+    target = traces.target(chain)
+    if target is None:
+        raise ValueError(f"chain {chain.chain_id} has no attempts")
+    answer = target["content"]
     kind = fact["outcome"]
     text = dedup.text_of(chain.specification, answer)
     task = split.task_key(chain.specification)
@@ -698,7 +705,7 @@ def build_snapshot(
     chains = chains_of(conn, by_seq.values(), selection.max_text_chars)
     train = []
     for s in seqs:
-        chain = chains.get(by_seq.get(s))
+        chain = chains.get(by_seq.get(s, ""))
         if chain is not None:  # None only if its artifacts vanished under us
             train.extend(
                 method_rows(

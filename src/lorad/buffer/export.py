@@ -97,6 +97,8 @@ def lines_for(
             ]
         ]
     if fmt == "alpaca":
+        if chain.accepted is None:  # export() counts such chains as unfit and never asks
+            raise ValueError(f"chain {chain.chain_id}: alpaca needs an accepted attempt")
         past = formatting.history_text(chain, max_history, max_artifact_chars)
         instruction = "\n\n".join(p for p in (formatting.system_text(chain, template.role), chain.specification) if p)
         return [

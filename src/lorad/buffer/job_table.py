@@ -11,6 +11,7 @@ Also ``daemon_state``: small daemon state that must survive restarts (``scheduli
 
 from __future__ import annotations
 
+import builtins
 import json
 import secrets
 import sqlite3
@@ -133,11 +134,11 @@ class JobStore:
         sql += " ORDER BY created_at DESC, job_id DESC LIMIT ?"
         return [_row(r) for r in self.conn.execute(sql, (*params, limit))]
 
-    def events(self, job_id: str) -> list[dict]:
+    def events(self, job_id: str) -> builtins.list[dict]:  # (list: the method above)
         rows = self.conn.execute("SELECT ts, state, reason FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
         return [{"ts": ts, "state": s, "reason": r} for ts, s, r in rows]
 
-    def waiting(self) -> tuple[list[dict], list[dict]]:
+    def waiting(self) -> tuple[builtins.list[dict], builtins.list[dict]]:
         """(queued, paused) jobs, oldest first."""
         rows = self.list(limit=1000, states=("queued", "paused"))[::-1]
         return [j for j in rows if j["state"] == "queued"], [j for j in rows if j["state"] == "paused"]

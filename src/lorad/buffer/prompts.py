@@ -57,9 +57,9 @@ def build_prompts(buffer: Buffer, selection: SelectionSettings, *, n: int) -> Pr
         ).fetchall()
     )
     chains = examples.chains_of(conn, by_seq.values(), selection.max_text_chars)
-    rows = []
+    rows: list[dict] = []
     for s in seqs:
-        chain = chains.get(by_seq.get(s))
+        chain = chains.get(by_seq.get(s, ""))
         if chain is None:  # its artifacts vanished under us
             continue
         rows.append(

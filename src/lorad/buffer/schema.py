@@ -357,8 +357,8 @@ def _checks_without_in_lists(db: sqlite_utils.Database) -> None:
     # A buffer made before this migration has IN lists in its CHECKs; a new one never had them.
     conn = db.conn
     old = {name: sql for name in _ORDER if (sql := _table_sql(conn, name)) and _or_checks(sql) != sql}
-    if "jobs" in old:
-        old["job_events"] = _table_sql(conn, "job_events")
+    if "jobs" in old and (job_events := _table_sql(conn, "job_events")):
+        old["job_events"] = job_events
     _rebuild(conn, {name: _or_checks(old[name]) for name in _ORDER if name in old})
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 
 from lorad.buffer.dedup import normalise
 
@@ -63,7 +64,7 @@ def choose(
 
 
 def assign(
-    conn, tasks: dict[str, str | None], fraction: float, seed: int = 0, *, min_tasks: int = 0, per_family: int = 0
+    conn, tasks: Mapping[str, str | None], fraction: float, seed: int = 0, *, min_tasks: int = 0, per_family: int = 0
 ) -> dict[str, str]:
     """The frozen side of each task key, assigning (and storing) those not seen before.
 

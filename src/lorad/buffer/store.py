@@ -228,7 +228,7 @@ class Buffer:
             self._commits += 1
             if self._checkpointer is not None:
                 self._checkpointer.wake()
-            elif self._commits == 2:  # a scan of more than one batch
+            elif self._commits == 2 and self.path is not None:  # a scan of more than one batch (on disk)
                 self._checkpointer = _Checkpointer(self.path)
 
     def checkpoint(self) -> bool:
@@ -313,7 +313,7 @@ class Buffer:
         else:
             wanted = sorted(set(locators))
             chunks = [tuple(wanted[i : i + 900]) for i in range(0, len(wanted), 900)]
-        signatures = {}
+        signatures: dict[str, tuple[int, int, str]] = {}
         for sql in (artifacts, quarantine):  # a quarantine entry wins over an older row of its file
             for chunk in chunks:
                 where = f" AND locator IN ({', '.join('?' for _ in chunk)})" if chunk else ""

@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 # Outcomes of a chain.
 FIRST_TRY = "first_try"  # accepted on the first attempt
@@ -212,8 +213,8 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
         workflows[source].add(workflow_id)
     stored = set()  # groups with rows already in the buffer (and maybe chains)
     cols = ", ".join(_LINK_COLUMNS)
-    for source, ids in workflows.items():
-        ids = sorted(ids)
+    for source, workflow_ids in workflows.items():
+        ids = sorted(workflow_ids)
         for i in range(0, len(ids), 900):
             chunk = ids[i : i + 900]
             cur = conn.execute(
@@ -399,7 +400,8 @@ def parse_policy(text: str) -> Policy:
         m = _TOKEN.match(text, pos)
         if not m:  # only trailing whitespace is left
             break
-        tokens.append((m.group(m.lastindex), m.start(m.lastindex)))
+        which = m.lastindex or 0  # every alternative of _TOKEN is a group of its own
+        tokens.append((m.group(which), m.start(which)))
         pos = m.end()
     if not tokens:
         raise PolicyError("empty policy; expected one of " + ", ".join(POLICY_NAMES))
@@ -408,7 +410,7 @@ def parse_policy(text: str) -> Policy:
     def peek() -> str | None:
         return tokens[i][0].lower() if i < len(tokens) else None
 
-    def fail(expected: str):
+    def fail(expected: str) -> NoReturn:
         if i >= len(tokens):
             raise PolicyError(f"policy {text!r} ends too early: expected {expected}")
         tok, at = tokens[i]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def outcome(o) -> str:
     """A cycle's :class:`lorad.cycle.Outcome`: the verdict with its reasons, the metrics side by side."""
@@ -133,14 +135,14 @@ class JobProgress:
         self.tty = enabled and getattr(self.stream, "isatty", lambda: False)()
         self.lines = enabled and lines and not self.tty
         self.every = every
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar while one is shown
         self.shown, self.last_step = "", -every
 
     def update(self, job: dict) -> None:
         record = job.get("progress") or {} if "state" in job else job
         state = job.get("state") or record.get("stage") or "training"
-        step, total = record.get("step") or 0, record.get("total_steps")
-        training = state == "training" and total
+        step, total = record.get("step") or 0, record.get("total_steps") or 0
+        training = state == "training" and total > 0
         if self.tty and training:
             self._bar(record, step, total)
         elif self.lines and training and (step >= self.last_step + self.every or step == total != self.last_step):

@@ -20,7 +20,9 @@ def run(args, settings) -> int:
         # sqlite-utils imports pandas (and with it pyarrow) whenever it is installed, only to
         # recognise pandas values; the daemon never passes any. Hiding it keeps ~100 MB out of
         # a process that stays resident (the training worker, a separate process, is unaffected).
-        sys.modules.setdefault("pandas", None)
+        # None in sys.modules makes `import pandas` raise ImportError (the import system's own
+        # way to block a module); typeshed types the mapping as modules only.
+        sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
     from lorad.buffer.store import BufferError
     from lorad.config import EX_CONFIG
     from lorad.daemon import memory, preflight

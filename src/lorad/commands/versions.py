@@ -105,11 +105,11 @@ def history(args, settings) -> int:
         )
     if events:
         lines.append("recent events:")
-        for e in events[:10]:
-            when = datetime.fromtimestamp(e["ts"]).strftime("%Y-%m-%d %H:%M:%S")
-            why = e["detail"].get("reason") or "; ".join(e["detail"].get("reasons") or [])
+        for event in events[:10]:
+            when = datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+            why = event["detail"].get("reason") or "; ".join(event["detail"].get("reasons") or [])
             why = why if len(why) <= 110 else why[:107] + "..."
-            lines.append(f"  {when} {e['event']:<24} {e['version'] or '-'}  {why}")
+            lines.append(f"  {when} {event['event']:<24} {event['version'] or '-'}  {why}")
     emit(args, view, "\n".join(lines))
     return 0
 

@@ -130,6 +130,7 @@ class Conclusion:
                         "check": check_out,
                     }
             if intent is not None:
+                scored = metrics or {}  # an intent is recorded only with both scores
                 change = move_once(
                     journal,
                     registry,
@@ -139,7 +140,7 @@ class Conclusion:
                         None,
                         reason=intent["reason"],
                         job_id=self.spec.job_id,
-                        metrics={"active": metrics["active"], "previous": metrics["previous"]},
+                        metrics={"active": scored["active"], "previous": scored["previous"]},
                     ),
                 )
                 report = publish_once(journal, self.settings, self.buffer, "rollback", change, self.cancel)

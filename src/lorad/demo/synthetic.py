@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 
 def artifact(
@@ -35,7 +36,7 @@ def artifact(
 ) -> dict:
     """One artifact as atomicguard serialises it (guard_result present unless pending)."""
     created_at = created_at or datetime.now(timezone.utc)
-    obj = {
+    obj: dict[str, Any] = {
         "artifact_id": artifact_id or str(uuid.uuid4()),
         "workflow_id": workflow_id,
         "content": content,
@@ -91,7 +92,7 @@ def write(root: Path, obj: dict, *, atomic: bool = True) -> Path:
 
 
 def write_index(root: Path, artifacts: Iterable[dict]) -> None:
-    index = {"version": "1.0", "artifacts": {}, "action_pairs": {}}
+    index: dict[str, Any] = {"version": "1.0", "artifacts": {}, "action_pairs": {}}
     for a in artifacts:
         index["artifacts"][a["artifact_id"]] = {
             "path": str(object_path(Path("."), a["artifact_id"])),

@@ -235,12 +235,14 @@ def decide_rollback(active: dict, previous: dict, threshold: float, confidence: 
     by more than ``threshold`` (relative).
     """
     pairs = paired_test(previous, active)
-    eps = pairs.sentence("previous", "active", confidence) if pairs is not None else None
-    if pairs is not None and pairs.worse(confidence):
-        return RollbackDecision(True, [eps + "; the active adapter is significantly worse"])
-    if pairs is not None and pairs.better(confidence):
-        return RollbackDecision(False, [eps + "; the active adapter is significantly better"])
-    tail = [eps + "; no significant difference"] if eps else []
+    tail = []
+    if pairs is not None:
+        eps = pairs.sentence("previous", "active", confidence)
+        if pairs.worse(confidence):
+            return RollbackDecision(True, [eps + "; the active adapter is significantly worse"])
+        if pairs.better(confidence):
+            return RollbackDecision(False, [eps + "; the active adapter is significantly better"])
+        tail = [eps + "; no significant difference"]
     a, p = active.get("nll", math.nan), previous.get("nll", math.nan)
     if not (_finite(a) and _finite(p)) or p <= 0:
         return RollbackDecision(False, [f"cannot compare held-out losses (active {a}, previous {p})"] + tail)

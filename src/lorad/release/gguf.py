@@ -26,8 +26,12 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorad import durable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ADAPTER_FILE = "adapter.gguf"
 MODELFILE = "Modelfile"
@@ -202,7 +206,7 @@ def permute_rows(b, n_head: int):
     return b.reshape(n_head, 2, out // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
 
 
-def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[tuple[str, object, object]]]:
+def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[tuple[str, np.ndarray, np.ndarray]]]:
     """The GGUF tensors of a peft adapter: (gguf architecture, alpha, [(name, lora_a, lora_b)]).
 
     Args:
@@ -384,8 +388,13 @@ def publish_base(tables, training_base_model: str) -> str | None:
     """The base the gguf/ollama publish tables name (their ``base``, else a .gguf training base), or None."""
     for t in tables:
         if t.kind in PUBLISH_KINDS:
-            return t.base or (training_base_model if training_base_model.endswith(".gguf") else "")
+            return table_base(t, training_base_model)
     return None
+
+
+def table_base(table, training_base_model: str) -> str:
+    """The base one gguf/ollama publish table names: its ``base``, else a .gguf training base, else ""."""
+    return table.base or (training_base_model if training_base_model.endswith(".gguf") else "")
 
 
 def export_into_version(
@@ -493,7 +502,7 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
         raise ExportRefused(f"{v.name}: lorad.json records no base_model_path (the checkpoint it was trained on)")
     base_gguf = base if base and base.endswith(".gguf") else None
     done = write_adapter(v.path, base_dir, output, base_gguf=base_gguf, name=f"lorad {v.name}")
-    if mf is None:
+    if mf is None or not base:  # no base named: no Modelfile
         return done, None
     from lorad.training.jobdir import atomic_write
 

@@ -287,7 +287,7 @@ def server_states(tables, recorded: list[dict]) -> list[dict]:
         tables: the ``[[publish]]`` tables; recorded: :func:`records`.
     """
     by_url = {r["url"]: r for r in recorded}
-    out = []
+    out: list[dict] = []
     for url in [t.url for t in tables if t.kind == "vllm" and t.sleep_during_training] + list(by_url):
         if any(o["url"] == url for o in out):
             continue

@@ -210,7 +210,7 @@ class OllamaHook:
         server = Ollama(
             self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep, cancel
         )
-        ok, detail = server.publish(change.version, root / change.version if change.version else None)
+        ok, detail = server.publish(change.version, root)
         if ok:
             # The alias serves; a model of a pruned version left behind costs disk, not
             # correctness, so nothing that goes wrong deleting it fails the hook.
@@ -233,7 +233,7 @@ def hooks_from_settings(tables, training_base_model: str = "") -> list[Hook]:
 
     ``training_base_model`` is the base of gguf/ollama tables that name none (a .gguf file).
     """
-    from lorad.release.gguf import publish_base
+    from lorad.release.gguf import table_base
 
     hooks: list[Hook] = []
     for t in tables:
@@ -245,7 +245,7 @@ def hooks_from_settings(tables, training_base_model: str = "") -> list[Hook]:
             hooks.append(
                 OllamaHook(
                     t.url,
-                    publish_base([t], training_base_model),
+                    table_base(t, training_base_model),
                     t.name_prefix,
                     t.timeout,
                     t.retries,

@@ -83,13 +83,13 @@ class Ollama:
     def alias(self) -> str:
         return f"{self.name_prefix}:latest"
 
-    def publish(self, version: str | None, version_dir: Path | None) -> tuple[bool, str]:
+    def publish(self, version: str | None, root: Path) -> tuple[bool, str]:
         """(ok, detail): make ``version`` the alias's model (None: the bare base)."""
         try:
             if version is None:
                 self.create(self.alias, adapter=None)
                 return True, f"{self.alias} is the base model {self.base}"
-            adapter = Path(version_dir) / ADAPTER_FILE
+            adapter = root / version / ADAPTER_FILE
             if not adapter.is_file():
                 return False, f"{version} has no {ADAPTER_FILE} to upload (see the gguf_export_refused event)"
             name = self.model_name(version)
@@ -155,7 +155,7 @@ class Ollama:
             body["from"] = self.base
         if adapter is not None:
             body["adapters"] = {adapter.name: self.upload(adapter)}
-        text = self.request("POST", "/api/create", body)
+        text = self.request("POST", "/api/create", body) or ""
         try:
             reply = json.loads(text) if text.strip() else {}
         except ValueError:

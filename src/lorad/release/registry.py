@@ -57,6 +57,20 @@ log = structlog.get_logger()
 RECORD = "lorad.json"
 POINTER_LOG = "pointers.jsonl"
 VERSION_RE = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$", re.ASCII)  # ASCII: int() takes "٣", not "²"
+
+
+def version_number(name: str) -> int:
+    """The N of a version name ``vNNNN-<time>``.
+
+    Raises:
+        ValueError: ``name`` is not a version name.
+    """
+    m = VERSION_RE.match(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a version name")
+    return int(m.group(1))
+
+
 POINTER_ACTIONS = ("promoted", "rolled_back", "reverted")
 POINTERS = ("current", "previous")
 
@@ -85,7 +99,7 @@ class Version:
 
     @property
     def number(self) -> int:
-        return int(VERSION_RE.match(self.name).group(1))
+        return version_number(self.name)
 
     @property
     def verdict(self) -> dict:
@@ -166,7 +180,7 @@ class Registry:
         if not self.root.is_dir():
             return []
         found = [p.name for p in self.root.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
-        return sorted(found, key=lambda n: int(VERSION_RE.match(n).group(1)))
+        return sorted(found, key=lambda n: version_number(n))
 
     def get(self, name: str) -> Version:
         """A version by name (or by its number alone: "v0007" or "7").
@@ -193,7 +207,7 @@ class Registry:
         # any version's is none of them (and int() refuses 4,300 digits).
         if digits.isascii() and digits.isdigit() and len(digits) <= 18:
             for n in names:
-                if int(VERSION_RE.match(n).group(1)) == int(digits):
+                if version_number(n) == int(digits):
                     return n
         raise UnknownVersion(f"no adapter version {name!r} in {self.root}")
 
@@ -271,8 +285,9 @@ class Registry:
     def _verify_cached(self, name: str) -> list[str]:
         """verify(), skipped while no file of the version changed (status reads pointers twice a second)."""
         path = self.root / name
+        files: tuple | None
         try:
-            signature = tuple(
+            files = tuple(
                 sorted(
                     (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                     for p in path.rglob("*")
@@ -280,8 +295,8 @@ class Registry:
                 )
             )
         except OSError:
-            signature = None
-        signature = (signature, self.record_digest(name))
+            files = None
+        signature = (files, self.record_digest(name))
         cached = self._verified.get(str(path))
         if cached is not None and cached[0] == signature:
             return cached[1]
@@ -421,7 +436,7 @@ class Registry:
         except (FileNotFoundError, ValueError):
             last = 0
         for n in self.names():
-            last = max(last, int(VERSION_RE.match(n).group(1)))
+            last = max(last, version_number(n))
         seq_file.write_text(f"{last + 1}\n")
         return last + 1
 

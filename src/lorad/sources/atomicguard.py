@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 
@@ -229,7 +229,8 @@ class AtomicGuardSource:
         """(locator, absolute path) of candidate artifact files."""
         objects = os.path.join(str(self.root), "objects")
         if paths is not None:
-            real_objects, folders = os.path.realpath(objects), {}
+            real_objects = os.path.realpath(objects)
+            folders: dict[str, bool] = {}
             for p in paths:
                 locator = self._confined(os.fspath(p), real_objects, folders)
                 if locator is not None:
@@ -291,7 +292,8 @@ class AtomicGuardSource:
                 ],
             )
         out = _Scan(self.key, batch_size, self._index)
-        seen, unseen = [], []
+        seen: list[_File] = []
+        unseen: list[_File] = []
         for locator, path in files:
             last = known.get(locator)
             if last is None and _undecodable(locator):
@@ -330,13 +332,13 @@ class AtomicGuardSource:
             batch = out.batch
             batch.unchanged += unchanged
             for outcome in outcomes:
-                if type(outcome) is dict:
+                if isinstance(outcome, dict):
                     if not outcome["workflow_id"]:  # older library versions kept it only in the index
                         outcome["workflow_id"] = _indexed_workflow(out.index(), outcome["locator"]) or ""
                     batch.artifacts.append(outcome)
-                elif type(outcome) is Quarantined:
+                elif isinstance(outcome, Quarantined):
                     batch.quarantined.append(outcome)
-                elif type(outcome) is Gone:
+                elif isinstance(outcome, Gone):
                     batch.gone.append(outcome.locator)
                 else:  # touched, same content
                     batch.touched.append(outcome)
@@ -352,7 +354,7 @@ _File = tuple[str, str, "tuple[int, int, str] | None"]
 # (locator, size, mtime_ns, hash) for a file touched without changing, or Gone for a file
 # handled before that is not there any more. A file unchanged since last time, still being
 # written, or never seen and gone already gives nothing.
-_Outcome = "dict | Quarantined | Gone | tuple[str, int, int, str]"
+_Outcome: TypeAlias = "dict | Quarantined | Gone | tuple[str, int, int, str]"
 
 
 def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int]:
@@ -371,7 +373,7 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
             if last is None and not _undecodable(locator):
                 # Never seen: opened first, which saves a lookup of the path; a symlink
                 # refuses to open this way and is looked at below.
-                fd = _open(path, os.O_NOFOLLOW)
+                fd = _open_unless_symlink(path)
             if fd is not None:
                 st = os.fstat(fd)
             else:
@@ -398,7 +400,7 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
                 outcomes.append(Quarantined(key, locator, refused, None, st.st_size, st.st_mtime_ns))
                 continue
             if fd is None:
-                fd = _open(path, 0)
+                fd = _open(path)
             data = _read(fd, st.st_size, max_file_bytes)
         except FileNotFoundError:  # removed since listed, or a watcher's delete event
             if last is not None:  # its quarantine entry, if it has one, goes
@@ -482,13 +484,17 @@ def _chain_order(index: dict[str, dict]) -> Callable[[_File], str]:
     return key
 
 
-def _open(path: str, flags: int) -> int | None:
-    """A file descriptor to read ``path`` (never blocking on a FIFO); None if ``flags`` hold
-    O_NOFOLLOW and the path is a symlink."""
+def _open(path: str, flags: int = 0) -> int:
+    """A file descriptor to read ``path`` (never blocking on a FIFO)."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
+
+
+def _open_unless_symlink(path: str) -> int | None:
+    """:func:`_open`, or None where ``path`` is a symlink (O_NOFOLLOW)."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
+        return _open(path, os.O_NOFOLLOW)
     except OSError as e:
-        if e.errno == errno.ELOOP and flags & os.O_NOFOLLOW:
+        if e.errno == errno.ELOOP:
             return None
         raise
 

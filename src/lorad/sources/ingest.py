@@ -79,8 +79,8 @@ def ingest_source(
             report.add(reader.key, new, updated, unchanged + batch.unchanged, len(batch.quarantined))
     except (OSError, sqlite3.OperationalError) as e:
         message = f"{reader.key}: {getattr(e, 'strerror', None) or e}"
-        if getattr(e, "filename", None):
-            message += f" ({e.filename})"
+        if filename := getattr(e, "filename", None):
+            message += f" ({filename})"
         report.errors.append(message)
         log.error(events.INGEST_FAILED, source=reader.key, error=message)
     return report

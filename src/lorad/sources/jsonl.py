@@ -304,7 +304,7 @@ class JsonlSource:
                     yield batch
                     batch = Batch(self.key)
         # The old file is done: the live file is read from its start next.
-        batch.state = _state(then, 0, b"") if final else _state(identity, pos, first)
+        batch.state = _state(then, 0, b"") if then is not None else _state(identity, pos, first)
         yield batch
 
 

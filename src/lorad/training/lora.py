@@ -8,6 +8,7 @@ device supports it (fp16 otherwise), gradient checkpointing, and 4-bit QLoRA whe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lorad.config import TrainingSettings
 
@@ -148,7 +149,7 @@ def training_arguments(
     """
     from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
 
-    common = dict(
+    common: dict[str, Any] = dict(
         output_dir=output_dir,
         learning_rate=learning_rate,
         max_steps=max_steps or -1,

@@ -33,11 +33,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lorad.training import checkpoints
 from lorad.training import jobdir as jobfile
 from lorad.training.callback import Flags, Progress, barrier, broadcast, make_callback
 from lorad.training.jobdir import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, STATUS_BY_EXIT
+
+if TYPE_CHECKING:
+    from lorad.training import lora
 
 METHODS = ("sft", "dpo", "kto", "grpo", "sft+grpo")
 EARLIER_PHASE = "sft_phase"  # the label (and adapter name) SFT+GRPO's SFT adapter is scored under
@@ -102,7 +106,7 @@ class _Run:
     progress: Progress
     is_main: bool
     model_dir: str
-    prec: object  # lora.Precision
+    prec: lora.Precision
     liger: bool
     threads: int
     phases: tuple[str, ...]
@@ -119,8 +123,8 @@ class _Run:
 class _Trained:
     """The last phase's trainer, its tokenizer, and SFT+GRPO's SFT adapter (where GRPO began)."""
 
-    trainer: object
-    tokenizer: object
+    trainer: Any  # a trl trainer (SFT, DPO, KTO or GRPO)
+    tokenizer: Any  # a transformers tokenizer
     earlier: str | None
 
 
@@ -208,7 +212,8 @@ def train(ctx: _Run, result: jobfile.Result) -> _Trained | int:
     """Every phase in turn, each starting from the adapter the one before left (SFT+GRPO: the
     GRPO phase from the SFT phase's). Returns the last phase's trainer, or the exit code of a
     phase a signal or the window's end stopped (EXIT_PAUSED, EXIT_CANCELLED)."""
-    parent, records = ctx.spec.parent_adapter, []
+    parent = ctx.spec.parent_adapter
+    records: list[dict] = []  # one a phase trained
     for phase in ctx.phases[:-1]:
         stop, parent = _earlier_phase(ctx, phase, parent, records, result)
         if stop is not None:
@@ -280,21 +285,26 @@ def evaluate_candidate(ctx: _Run, trained: _Trained, result: jobfile.Result) -> 
         return
     model, state = trained.trainer.model, trained.trainer.state
     ctx.progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
-    result.metrics = evaluate(model, trained.tokenizer, ctx.heldout, ctx.spec, earlier_phase=trained.earlier)
+    result.metrics = metrics = evaluate(model, trained.tokenizer, ctx.heldout, ctx.spec, earlier_phase=trained.earlier)
     if trained.earlier:
-        _choose_phase(result, model, trained.tokenizer, ctx.heldout, ctx.spec, Path(trained.earlier), ctx.job_dir)
+        _choose_phase(
+            result, metrics, model, trained.tokenizer, ctx.heldout, ctx.spec, Path(trained.earlier), ctx.job_dir
+        )
 
 
-def _choose_phase(result: jobfile.Result, model, tokenizer, heldout_rows, spec, earlier: Path, job_dir: Path) -> None:
+def _choose_phase(
+    result: jobfile.Result, metrics: dict, model, tokenizer, heldout_rows, spec, earlier: Path, job_dir: Path
+) -> None:
     """SFT+GRPO: the job's candidate is the GRPO phase's adapter only if it gained held-out
     first attempts over the SFT phase's (:func:`lorad.evaluation.gate.keep_last_phase`);
     otherwise the SFT phase's adapter becomes adapter/, with its metrics and health."""
     from lorad.evaluation.gate import keep_last_phase
     from lorad.evaluation.health import check_finite_logits
 
-    sft = result.metrics.pop(EARLIER_PHASE)
-    keep, why = keep_last_phase(sft, result.metrics["candidate"])
-    result.phases[-1] |= {"kept": keep, "decision": why}
+    sft = metrics.pop(EARLIER_PHASE)
+    keep, why = keep_last_phase(sft, metrics["candidate"])
+    if result.phases:  # one entry a phase trained
+        result.phases[-1] |= {"kept": keep, "decision": why}
     if keep:
         return
     model.set_adapter(EARLIER_PHASE)
@@ -304,7 +314,7 @@ def _choose_phase(result: jobfile.Result, model, tokenizer, heldout_rows, spec, 
     if not health.ok:
         raise JobFailed(f"health check of the SFT phase's adapter failed: {health.reason}")
     result.health = {"ok": health.ok, "reason": health.reason}
-    result.metrics["candidate"] = sft
+    metrics["candidate"] = sft
     result.adapter = str(checkpoints.adopt_adapter(earlier, job_dir / jobfile.ADAPTER_DIR))
 
 
@@ -520,8 +530,7 @@ def launch(job_dir) -> int:
     signal.signal(signal.SIGINT, forward)
     rc = proc.wait()
     result = jobfile.read_result(job_dir)
-    fresh = result is not None and result_path.stat().st_mtime_ns != before
-    if not fresh:
+    if result is None or result_path.stat().st_mtime_ns == before:  # none, or the earlier run's
         if rc != 0:  # no rank got as far as writing a result: say so where the parent looks
             jobfile.write_result(
                 job_dir,
