@@ -17,9 +17,13 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorad.commands import emit
 from lorad.commands.render import JobProgress, duration, progress_line
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
@@ -120,7 +124,7 @@ def _positive(text: str) -> int:
 SYSTEMD_SOCKET = Path("/run/lorad/lorad.sock")
 
 
-def socket_path(settings) -> Path:
+def socket_path(settings: Settings) -> Path:
     """Where the daemon listens, seen from a client.
 
     ``daemon.socket`` when set. Otherwise the daemon used $RUNTIME_DIRECTORY, which clients do
@@ -132,7 +136,7 @@ def socket_path(settings) -> Path:
     return SYSTEMD_SOCKET if SYSTEMD_SOCKET.exists() else path
 
 
-def call(settings, command: str, *, timeout: float = DEFAULT_TIMEOUT, **arguments) -> dict:
+def call(settings: Settings, command: str, *, timeout: float = DEFAULT_TIMEOUT, **arguments) -> dict:
     """One request; daemon errors, absence and silence become CommandError (exit 1, 69, 75)."""
     from lorad.commands import CommandError
     from lorad.config import EX_CONFIG
@@ -239,13 +243,13 @@ def _job_row(j: dict) -> str:
 # -- handlers -----------------------------------------------------------------------------------
 
 
-def status(args, settings) -> int:
+def status(args, settings: Settings) -> int:
     r = call(settings, "status", timeout=args.timeout)
     emit(args, r, status_text(r))
     return 0
 
 
-def _jobs_call(settings, command: str, **arguments) -> dict:
+def _jobs_call(settings: Settings, command: str, **arguments) -> dict:
     """The daemon's answer, or with no daemon running the same read from the buffer itself
     (`lorad train` records its jobs there too)."""
     from lorad.commands import CommandError
@@ -269,7 +273,7 @@ def _jobs_call(settings, command: str, **arguments) -> dict:
         raise CommandError(str(e)) from None
 
 
-def jobs(args, settings) -> int:
+def jobs(args, settings: Settings) -> int:
     if args.job_id:
         r = _jobs_call(settings, "job", job_id=args.job_id, timeout=args.timeout)
         j = r["job"]
@@ -286,7 +290,7 @@ def jobs(args, settings) -> int:
     return 0
 
 
-def train_now(args, settings) -> int:
+def train_now(args, settings: Settings) -> int:
     r = call(settings, "train_now", timeout=args.timeout)
     job_id = r["job"]["job_id"]
     if not args.wait:
@@ -315,13 +319,13 @@ def train_now(args, settings) -> int:
     return 0 if job["state"] in ("promoted", "rejected", "skipped") else 1
 
 
-def cancel(args, settings) -> int:
+def cancel(args, settings: Settings) -> int:
     r = call(settings, "cancel", job_id=args.job_id, timeout=args.timeout)
     emit(args, r, f"job {r['job_id']}: {r['state']}")
     return 0
 
 
-def simple(args, settings, command: str) -> int:
+def simple(args, settings: Settings, command: str) -> int:
     r = call(settings, command, timeout=args.timeout)
     texts = {
         "pause": "scheduled training paused",
@@ -333,7 +337,7 @@ def simple(args, settings, command: str) -> int:
     return 0
 
 
-def feedback(args, settings) -> int:
+def feedback(args, settings: Settings) -> int:
     from lorad.commands import CommandError
 
     record: dict = {}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
@@ -16,7 +20,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad import demo
     from lorad.commands import CommandError
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from lorad.commands import emit
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
@@ -54,7 +58,7 @@ def probe_command(training, state_dir) -> list[str]:
     return argv
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad.commands import CommandError
 
     try:

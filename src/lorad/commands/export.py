@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from lorad.commands import emit
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
@@ -60,7 +64,7 @@ def _since(text: str) -> float:
     return dt.timestamp()
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad.buffer import examples
     from lorad.buffer.export import export, export_file
     from lorad.buffer.formatting import TemplateError, load_template

@@ -8,7 +8,12 @@ beside it as ``<FILE stem>.Modelfile``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorad.commands import CommandError, emit
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
@@ -29,7 +34,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=export_adapter)
 
 
-def export_adapter(args, settings) -> int:
+def export_adapter(args, settings: Settings) -> int:
     from lorad.release import open_registry
     from lorad.release.gguf import ExportRefused, export_version, publish_base
     from lorad.release.registry import RegistryError

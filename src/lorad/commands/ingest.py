@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorad.commands import CommandError, emit
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
@@ -11,7 +16,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad.buffer.store import Buffer, BufferError
     from lorad.config import EX_CONFIG
     from lorad.daemon.preflight import unwritable

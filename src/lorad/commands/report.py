@@ -13,6 +13,10 @@ import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
@@ -28,7 +32,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad.commands import emit
 
     data = collect(settings, args.jobs)
@@ -42,7 +46,7 @@ def run(args, settings) -> int:
 # -- data ---------------------------------------------------------------------------------------
 
 
-def collect(settings, limit: int = 10) -> dict:
+def collect(settings: Settings, limit: int = 10) -> dict:
     """Jobs with their loss curves, and versions with their metrics, from the state directory."""
     from lorad.buffer.job_table import JobStore
     from lorad.commands import CommandError

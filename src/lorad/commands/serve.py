@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
@@ -13,7 +17,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad.commands import CommandError
 
     if "sqlite_utils" not in sys.modules:

@@ -6,7 +6,12 @@ The cycle is the daemon's (:mod:`lorad.cycle`), recorded as a job of trigger ``c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorad.commands import emit
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 # busy: another cycle (the daemon's) is training; 75 = EX_TEMPFAIL, try again later.
 EXIT_BY_STATUS = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "paused": 75, "busy": 75, "cancelled": 130}
@@ -28,7 +33,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad import cycle
     from lorad.buffer.store import BufferError
     from lorad.commands import CommandError, render

@@ -8,8 +8,12 @@ the version's sha256 first, run the ``[[publish]]`` hooks and write the buffer's
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from lorad.commands import emit
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
@@ -35,7 +39,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=rollback)
 
 
-def history(args, settings) -> int:
+def history(args, settings: Settings) -> int:
     from lorad.commands import CommandError
     from lorad.commands.render import metrics_table
     from lorad.evaluation.live import live_rates
@@ -174,7 +178,7 @@ def _pct(x) -> str:
     return f"{x:.1%}" if isinstance(x, (int, float)) else "-"
 
 
-def _change(args, settings, action: str) -> int:
+def _change(args, settings: Settings, action: str) -> int:
     from lorad import release
     from lorad.buffer.store import Buffer
     from lorad.commands import CommandError
@@ -205,7 +209,7 @@ def _change(args, settings, action: str) -> int:
 PROMOTE_TIMEOUT = 600.0  # seconds lorad promote/rollback wait for the daemon's answer
 
 
-def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
+def _through_daemon(settings: Settings, action: str, version, reason: str) -> dict | None:
     """With a daemon running, it makes the change (so it never races its own job's conclusion)."""
     from lorad.commands import CommandError
     from lorad.commands.client import EX_TEMPFAIL, socket_path
@@ -223,9 +227,9 @@ def _through_daemon(settings, action: str, version, reason: str) -> dict | None:
     return {"change": r["change"], "publish": r["publish"]}
 
 
-def promote(args, settings) -> int:
+def promote(args, settings: Settings) -> int:
     return _change(args, settings, "promote")
 
 
-def rollback(args, settings) -> int:
+def rollback(args, settings: Settings) -> int:
     return _change(args, settings, "rollback")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -25,11 +26,15 @@ from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback
 from lorad.release import gguf
 from lorad.training.jobdir import ADAPTER_DIR, JobError, JobSpec, Result, read_job, read_result
 
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
+    from lorad.config import Settings
+
 log = structlog.get_logger()
 
 
 def conclude(
-    settings, buffer, job_dir, *, now: datetime | None = None, cancel: threading.Event | None = None
+    settings: Settings, buffer: Buffer, job_dir, *, now: datetime | None = None, cancel: threading.Event | None = None
 ) -> Outcome:
     """Decide on a finished job: rollback check, gate, new version, promote or reject, publish, prune.
 
@@ -87,8 +92,8 @@ class Conclusion:
 
     def __init__(
         self,
-        settings,
-        buffer,
+        settings: Settings,
+        buffer: Buffer,
         job_dir: Path,
         spec: JobSpec,
         plan: Plan,

@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,6 +28,9 @@ from lorad.training.jobdir import (
     JobError,
     read_result,
 )
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 log = structlog.get_logger()
 
@@ -83,7 +87,7 @@ class _Job:
 
 
 def run(
-    settings,
+    settings: Settings,
     job_id: str,
     *,
     holder: str,
@@ -253,7 +257,9 @@ def _no_result(job_dir: Path, code: int) -> str:
     return reason
 
 
-def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict], None] | None = None) -> Outcome:
+def run_now(
+    settings: Settings, *, ingest_first: bool = True, on_progress: Callable[[dict], None] | None = None
+) -> Outcome:
     """``lorad train``: ingest, then one whole cycle in this process, recorded as a ``cli`` job.
 
     Returns an Outcome of status ``busy`` (and records no job) when another cycle holds the lock.
@@ -275,7 +281,7 @@ def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict]
     return run(settings, job_id, holder=f"lorad train, job {job_id}", on_progress=on_progress)
 
 
-def recover(settings, store: JobStore) -> list[dict]:
+def recover(settings: Settings, store: JobStore) -> list[dict]:
     """At daemon start: jobs left active by a process that died.
 
     A worker that outlived its parent (killed with SIGKILL) is stopped first, so a job never

@@ -6,12 +6,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from lorad import events, release
 from lorad.cycle.outcome import CycleError
 from lorad.training.jobdir import JOB_FILE, atomic_write, build_spec, read_job, write_job
+
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
+    from lorad.config import Settings
 
 log = structlog.get_logger()
 
@@ -49,7 +54,7 @@ class Plan:
             raise CycleError(f"{path}: cannot read the job's plan: {e}") from None
 
 
-def job_dir_of(settings, job_id: str) -> Path:
+def job_dir_of(settings: Settings, job_id: str) -> Path:
     return settings.state.job(job_id)
 
 
@@ -58,8 +63,8 @@ def _digest(values) -> str:
 
 
 def prepare(
-    settings,
-    buffer,
+    settings: Settings,
+    buffer: Buffer,
     job_id: str,
     *,
     window_end: float | None = None,

@@ -12,11 +12,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorad import cycle
 from lorad.training import supervisor
 from lorad.training.jobdir import STAGE_EVALUATING
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 class JobRunner(threading.Thread):
@@ -32,7 +35,11 @@ class JobRunner(threading.Thread):
     """
 
     def __init__(
-        self, settings, job: dict, window_end: float | None = None, on_concluded: Callable[[Any], None] | None = None
+        self,
+        settings: Settings,
+        job: dict,
+        window_end: float | None = None,
+        on_concluded: Callable[[Any], None] | None = None,
     ):
         super().__init__(name=f"lorad-job-{job['job_id']}", daemon=True)
         self.settings = settings

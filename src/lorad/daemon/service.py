@@ -434,7 +434,7 @@ class Service:
 
     # -- status ---------------------------------------------------------------------------------
 
-    def _refresh_examples(self, buffer) -> None:
+    def _refresh_examples(self, buffer: Buffer) -> None:
         """In the ingest thread, once a burst of changes is over: keep the examples current."""
         from lorad.buffer import examples
 
@@ -573,7 +573,7 @@ class Service:
     def _on_feedback(self, args: protocol.FeedbackArguments) -> dict:
         from lorad.daemon import feedback
 
-        def task(buffer):
+        def task(buffer: Buffer):
             response = feedback.write_feedback(buffer, args.record, update=args.update)
             self.ingest.mark_changed()
             return response

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -32,6 +33,9 @@ from lorad import events
 from lorad.config import BufferSettings
 from lorad.daemon import memory
 from lorad.sources.ingest import IngestReport, ingest
+
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
 
 log = structlog.get_logger()
 
@@ -247,7 +251,7 @@ class IngestLoop:
 
     def __init__(
         self,
-        buffer,
+        buffer: Buffer,
         readers: list,
         watcher: Watcher,
         batch_size: int = BufferSettings.batch_size,

@@ -17,8 +17,12 @@ from __future__ import annotations
 import math
 import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lorad.evaluation.gate import RollbackDecision
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ def live_counts(conn: sqlite3.Connection, metadata_key: str, versions: list[str]
     return {v: Rate(a, n, g) for v, (a, n, g) in counts.items()}
 
 
-def live_rates(settings, versions: list[str]) -> dict[str, Rate]:
+def live_rates(settings: Settings, versions: list[str]) -> dict[str, Rate]:
     """version -> Rate from the state directory's buffer, for `lorad history` and `lorad report`;
     {} without a buffer or a live_metadata_key. Read-only: safe beside a running daemon."""
     from lorad.buffer.store import Buffer, BufferError

@@ -33,6 +33,8 @@ from lorad import durable
 if TYPE_CHECKING:
     import numpy as np
 
+    from lorad.release.registry import Registry
+
 ADAPTER_FILE = "adapter.gguf"
 MODELFILE = "Modelfile"
 PUBLISH_KINDS = ("gguf", "ollama")  # the [[publish]] kinds that need the GGUF in the version
@@ -466,7 +468,9 @@ def check_version(root: str | os.PathLike, version: str | None) -> tuple[bool, s
     return False, f"{version} has no {ADAPTER_FILE}: {why}"
 
 
-def export_version(registry, version: str, output: str | os.PathLike, base: str | None) -> tuple[Export, Path | None]:
+def export_version(
+    registry: Registry, version: str, output: str | os.PathLike, base: str | None
+) -> tuple[Export, Path | None]:
     """``lorad export-adapter``: write a registry version's adapter as GGUF at ``output``.
 
     Args:

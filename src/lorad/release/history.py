@@ -8,12 +8,17 @@ the registry's files and a read-only buffer connection; safe beside a running da
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorad.buffer.store import Buffer, BufferError
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 EVENTS = ("adapter_promoted", "adapter_rolled_back", "candidate_rejected", "adapter_change_reverted", "publish_failed")
 
 
-def history(settings, limit: int | None = None) -> dict:
+def history(settings: Settings, limit: int | None = None) -> dict:
     """``{current, previous, problems, versions: [...], events: [...]}`` (versions newest first,
     at most ``limit``)."""
     from lorad import release
@@ -56,7 +61,7 @@ def history(settings, limit: int | None = None) -> dict:
     }
 
 
-def _events(settings) -> list[dict]:
+def _events(settings: Settings) -> list[dict]:
     """Registry events from the audit table, read-only (an absent buffer gives none)."""
     if not settings.buffer_path.exists():
         return []
