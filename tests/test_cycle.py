@@ -333,6 +333,7 @@ def _toml_value(v) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a whole SmolLM2 cycle on a CPU, as the worker test allows
 def test_train_once_with_smollm2_saves_a_loadable_adapter_and_prints_the_verdict(tmp_path, capsys, one_thread):
     """`lorad train --once` with SmolLM2-135M-Instruct (from its GGUF) on the fixture store."""
     import torch

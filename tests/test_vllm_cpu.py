@@ -17,7 +17,7 @@ from lorad.release.hooks import hooks_from_settings, publish
 from lorad.release.registry import Registry
 from lorad.training.base_model import convert_gguf, smollm2_gguf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # vLLM's start alone may take 600 s
 
 PROMPTS = [
     "Write a Python function that returns the sum of a list.",

@@ -15,6 +15,7 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the worker is given 900 s
 def test_worker_trains_smollm2_from_gguf_and_saves_a_loadable_adapter(make_job):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
