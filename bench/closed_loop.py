@@ -49,7 +49,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import learning_tasks  # noqa: E402
-
 from lorad.loop import agent, score, server  # noqa: E402
 from lorad.loop.daemon import Daemon  # noqa: E402
 from lorad.loop.tasks import Task, write_tasks  # noqa: E402
@@ -80,8 +79,17 @@ class Plan:
     lorad: tuple[tuple[str, str], ...] = ()  # extra config lines: (section, "key = value")
 
 
-QUICK = Plan(rounds=2, steps=4, templated_per_round=12, templated_unseen_per_family=2, shifting_per_family=4,
-             shifting_unseen_per_family=2, humaneval_unseen=8, humaneval_per_round=6, min_new_examples=1)
+QUICK = Plan(
+    rounds=2,
+    steps=4,
+    templated_per_round=12,
+    templated_unseen_per_family=2,
+    shifting_per_family=4,
+    shifting_unseen_per_family=2,
+    humaneval_unseen=8,
+    humaneval_per_round=6,
+    min_new_examples=1,
+)
 
 
 # -- workloads ------------------------------------------------------------------------------------
@@ -142,16 +150,20 @@ def templated(plan: Plan) -> Workload:
 
 def shifting(plan: Plan) -> Workload:
     rng, taken = random.Random(plan.seed + 1), set()
-    groups = SHIFTING[:plan.rounds]
+    groups = SHIFTING[: plan.rounds]
     unseen = [t for group in groups for key in group for t in _draw(key, plan.shifting_unseen_per_family, rng, taken)]
     rounds = []
     for group in groups:
         tasks = [t for key in group for t in _draw(key, plan.shifting_per_family, rng, taken)]
         rng.shuffle(tasks)
         rounds.append(tasks)
-    return Workload("shifting", rounds, unseen,
-                    note="round k's traffic only from its own families: " + "; ".join(
-                        f"{k + 1}: {', '.join(g)}" for k, g in enumerate(groups)))
+    return Workload(
+        "shifting",
+        rounds,
+        unseen,
+        note="round k's traffic only from its own families: "
+        + "; ".join(f"{k + 1}: {', '.join(g)}" for k, g in enumerate(groups)),
+    )
 
 
 def humaneval(plan: Plan) -> Workload:
@@ -161,17 +173,37 @@ def humaneval(plan: Plan) -> Workload:
     tasks = []
     for p in problems:
         imports = "".join(line + "\n" for line in p["prompt"].splitlines() if line.startswith(("import ", "from ")))
-        spec = ("Complete this Python function; answer with the whole function, its imports included.\n\n"
-                + p["prompt"].strip() + "\n")
-        tasks.append(Task(p["task_id"].replace("/", "_"), "humaneval", spec, p["entry_point"], check=p["test"],
-                          preamble=imports, solution=p["prompt"] + p["canonical_solution"]))
-    unseen, rest = tasks[:plan.humaneval_unseen], tasks[plan.humaneval_unseen:]
+        spec = (
+            "Complete this Python function; answer with the whole function, its imports included.\n\n"
+            + p["prompt"].strip()
+            + "\n"
+        )
+        tasks.append(
+            Task(
+                p["task_id"].replace("/", "_"),
+                "humaneval",
+                spec,
+                p["entry_point"],
+                check=p["test"],
+                preamble=imports,
+                solution=p["prompt"] + p["canonical_solution"],
+            )
+        )
+    unseen, rest = tasks[: plan.humaneval_unseen], tasks[plan.humaneval_unseen :]
     random.Random(plan.seed).shuffle(rest)
-    rounds = [rest[k * plan.humaneval_per_round:(k + 1) * plan.humaneval_per_round] for k in range(plan.rounds)]
-    return Workload("humaneval", rounds, unseen, human_answers=plan.human_answers,
-                    note=f"{len(unseen)} unseen (HumanEval/0-{len(unseen) - 1}), {plan.humaneval_per_round} new a round; "
-                         + ("never-solved traffic gets the canonical answer as a human amendment" if plan.human_answers
-                            else "no human answers"))
+    rounds = [rest[k * plan.humaneval_per_round : (k + 1) * plan.humaneval_per_round] for k in range(plan.rounds)]
+    return Workload(
+        "humaneval",
+        rounds,
+        unseen,
+        human_answers=plan.human_answers,
+        note=f"{len(unseen)} unseen (HumanEval/0-{len(unseen) - 1}), {plan.humaneval_per_round} new a round; "
+        + (
+            "never-solved traffic gets the canonical answer as a human amendment"
+            if plan.human_answers
+            else "no human answers"
+        ),
+    )
 
 
 WORKLOADS = {"templated": templated, "shifting": shifting, "humaneval": humaneval}
@@ -186,18 +218,18 @@ def write_config(work: Path, base_gguf: str, plan: Plan, server_url: str, prefix
     guard = [sys.executable, "-m", "lorad.loop.tasks", "--guard", str(work / "tasks.json")]
     text = f"""# Written by bench/closed_loop.py
 [daemon]
-state_dir = "{work / 'state'}"
-socket = "{work / 'lorad.sock'}"
+state_dir = "{work / "state"}"
+socket = "{work / "lorad.sock"}"
 
 [[store.sources]]
 kind = "atomicguard"
-path = "{work / 'store'}"
+path = "{work / "store"}"
 
 [store]
 settle_seconds = 0.5
 
 [selection]
-prompt_template = "{work / 'prompts.json'}:{agent.ACTION_PAIR}"
+prompt_template = "{work / "prompts.json"}:{agent.ACTION_PAIR}"
 prompt_format = "atomicguard"
 family_key = "family"
 [schedule]
@@ -260,8 +292,9 @@ def cycle_record(work: Path, job: dict) -> dict:
     if job["job_id"] is None:  # no cycle started (too few new examples)
         return out
     with sqlite3.connect(f"file:{work / 'state' / 'buffer.sqlite3'}?mode=ro", uri=True) as conn:
-        transitions = conn.execute("SELECT state, ts FROM job_events WHERE job_id = ? ORDER BY id",
-                                   (job["job_id"],)).fetchall()
+        transitions = conn.execute(
+            "SELECT state, ts FROM job_events WHERE job_id = ? ORDER BY id", (job["job_id"],)
+        ).fetchall()
     first = {}
     for state, ts in transitions:
         first.setdefault(state, ts)
@@ -275,12 +308,14 @@ def cycle_record(work: Path, job: dict) -> dict:
     started = first.get("preparing")
     training = result.get("train_seconds")
     worker_done = first.get("evaluating")
-    seconds = {"prepare": _span(started, first.get("training")),
-               "train": training,
-               "evaluate": _span(stages.get("evaluating"), worker_done),
-               "worker_other": None,
-               "conclude_publish": _span(worker_done, end),
-               "total": _span(started, end)}
+    seconds = {
+        "prepare": _span(started, first.get("training")),
+        "train": training,
+        "evaluate": _span(stages.get("evaluating"), worker_done),
+        "worker_other": None,
+        "conclude_publish": _span(worker_done, end),
+        "total": _span(started, end),
+    }
     if seconds["total"] is not None and training:
         known = sum(v for k, v in seconds.items() if k not in ("total", "worker_other") and v)
         seconds["worker_other"] = max(0.0, seconds["total"] - known)
@@ -294,9 +329,18 @@ def cycle_record(work: Path, job: dict) -> dict:
         from lorad.evaluation.gate import paired_test
 
         pairs = paired_test(metrics.get(record["compared_with"]["label"], {}), metrics.get("candidate", {}))
-        out["heldout"] = None if pairs is None else {
-            "tasks": pairs.tasks, "active": pairs.first, "candidate": pairs.second, "gained": pairs.gained,
-            "lost": pairs.lost, "p": pairs.p}
+        out["heldout"] = (
+            None
+            if pairs is None
+            else {
+                "tasks": pairs.tasks,
+                "active": pairs.first,
+                "candidate": pairs.second,
+                "gained": pairs.gained,
+                "lost": pairs.lost,
+                "p": pairs.p,
+            }
+        )
         out["nll"] = {k: (metrics.get(k) or {}).get("nll") for k in ("active", "candidate")}
         out["examples"] = (record.get("examples") or {}).get("stats", {})
     return out
@@ -317,8 +361,12 @@ def accepted_rows(store: Path) -> list[dict]:
         a = json.loads(path.read_text())
         if a.get("status") == "accepted":
             task = Task("", "", a["context"]["specification"], "")
-            rows.append({"prompt": score.first_attempt_messages(task),
-                         "completion": [{"role": "assistant", "content": a["content"]}]})
+            rows.append(
+                {
+                    "prompt": score.first_attempt_messages(task),
+                    "completion": [{"role": "assistant", "content": a["content"]}],
+                }
+            )
     return rows
 
 
@@ -337,9 +385,15 @@ class Loop:
         self.work, self.workload, self.plan, self.url = work, workload, plan, url
         self.base_gguf, self.model_dir = base_gguf, model_dir
         self.prefix = f"lorad-{workload.name}"
-        self.report: dict = {"workload": workload.name, "note": workload.note, "plan": dataclasses.asdict(plan),
-                             "unseen_tasks": len(workload.unseen), "rounds": [],
-                             "server": "vLLM (CPU build) " + url, "date": datetime.now(timezone.utc).isoformat()}
+        self.report: dict = {
+            "workload": workload.name,
+            "note": workload.note,
+            "plan": dataclasses.asdict(plan),
+            "unseen_tasks": len(workload.unseen),
+            "rounds": [],
+            "server": "vLLM (CPU build) " + url,
+            "date": datetime.now(timezone.utc).isoformat(),
+        }
 
     def save(self) -> None:
         (self.work / "closed_loop.json").write_text(json.dumps(self.report, indent=2) + "\n")
@@ -348,16 +402,18 @@ class Loop:
         print(f"[{self.workload.name} {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     def unseen(self, model: str) -> dict:
-        return score.first_attempts(self.url, model, self.workload.unseen, workers=self.plan.workers,
-                                    max_tokens=self.plan.max_new_tokens)
+        return score.first_attempts(
+            self.url, model, self.workload.unseen, workers=self.plan.workers, max_tokens=self.plan.max_new_tokens
+        )
 
     def run(self) -> dict:
         w, plan = self.workload, self.plan
         self.work.mkdir(parents=True, exist_ok=True)
         write_tasks(self.work / "tasks.json", [t for r in w.rounds for t in r] + w.unseen)
         agent.write_prompts(self.work / "prompts.json")
-        daemon = Daemon(self.work, write_config(self.work, self.base_gguf, plan, self.url, self.prefix),
-                        self.work / "lorad.sock")
+        daemon = Daemon(
+            self.work, write_config(self.work, self.base_gguf, plan, self.url, self.prefix), self.work / "lorad.sock"
+        )
         t0 = time.monotonic()
         base = self.unseen("base")
         self.report["base"] = score.rates(base, w.unseen) | {"seconds": time.monotonic() - t0}
@@ -374,37 +430,53 @@ class Loop:
                 if model not in server.models(self.url):
                     raise SystemExit(f"round {k}: the active version's adapter {model} is not loaded in the server")
                 t = time.monotonic()
-                traffic = agent.run_round(tasks, store=self.work / "store", url=self.url, model=model,
-                                          version=active or "base", workers=plan.workers,
-                                          human_answers=w.human_answers)
+                traffic = agent.run_round(
+                    tasks,
+                    store=self.work / "store",
+                    url=self.url,
+                    model=model,
+                    version=active or "base",
+                    workers=plan.workers,
+                    human_answers=w.human_answers,
+                )
                 entry["traffic"] = agent.summary(traffic) | {"model": model, "seconds": time.monotonic() - t}
                 s = entry["traffic"]
-                self.say(f"round {k} traffic ({model}): first try {s['first_try']:.2f}, never {s['never']:.2f}, "
-                         f"mean attempts {s['mean_attempts']:.2f} ({s['seconds']:.0f} s)")
+                self.say(
+                    f"round {k} traffic ({model}): first try {s['first_try']:.2f}, never {s['never']:.2f}, "
+                    f"mean attempts {s['mean_attempts']:.2f} ({s['seconds']:.0f} s)"
+                )
                 # What GRPO could learn from on the tasks never solved: any of 8 samples passing.
-                never = [t for t, r in zip(tasks, traffic) if not r.accepted and not r.error]
+                never = [t for t, r in zip(tasks, traffic, strict=True) if not r.accepted and not r.error]
                 # (the first and last rounds, 12 tasks at most: 8 samples of each cost minutes on a CPU)
                 never = random.Random(k).sample(never, min(12, len(never)))
                 if never and plan.grpo_probe and k in (1, len(w.rounds)):
                     t = time.monotonic()
                     passes = score.any_pass(self.url, model, never, max_tokens=plan.max_new_tokens)
-                    entry["never_solved_probe"] = {"tasks": len(never), "any_of_8": sum(v > 0 for v in passes.values()),
-                                                   "seconds": time.monotonic() - t}
+                    entry["never_solved_probe"] = {
+                        "tasks": len(never),
+                        "any_of_8": sum(v > 0 for v in passes.values()),
+                        "seconds": time.monotonic() - t,
+                    }
                 self.save()
                 # The cycle: once the daemon holds every attempt, scheduling resumes; it starts the job.
                 t = time.monotonic()
                 job = daemon.cycle(self.work / "store")
                 entry["cycle"] = cycle_record(self.work, job) | {"wall": time.monotonic() - t}
                 c = entry["cycle"]
-                self.say(f"round {k} cycle: {c['state']} {c.get('version') or ''} "
-                         f"{(c.get('heldout') or {})} ({c['wall']:.0f} s)")
+                self.say(
+                    f"round {k} cycle: {c['state']} {c.get('version') or ''} "
+                    f"{(c.get('heldout') or {})} ({c['wall']:.0f} s)"
+                )
                 self.save()
                 # Unseen tasks: lorad's active version now, and the plain recipe retrained on everything.
                 t = time.monotonic()
                 active = daemon.status().get("active_version")
                 now = self.unseen(f"{self.prefix}-{active}" if active else "base")
                 entry["lorad"] = score.rates(now, w.unseen) | {
-                    "version": active, "vs_base": score.paired(base, now), "vs_previous": score.paired(previous_lorad, now)}
+                    "version": active,
+                    "vs_base": score.paired(base, now),
+                    "vs_previous": score.paired(previous_lorad, now),
+                }
                 entry["seconds_unseen"] = time.monotonic() - t
                 previous_lorad = now
                 if not plan.plain:
@@ -421,17 +493,23 @@ class Loop:
                 previous_plain_name = name
                 plain = self.unseen(name)
                 entry["plain"] = score.rates(plain, w.unseen) | {
-                    "rows": len(rows), "train_seconds": trained["seconds"], "vs_base": score.paired(base, plain),
-                    "lorad_vs_plain": score.paired(plain, now)}
+                    "rows": len(rows),
+                    "train_seconds": trained["seconds"],
+                    "vs_base": score.paired(base, plain),
+                    "lorad_vs_plain": score.paired(plain, now),
+                }
                 entry["seconds_plain"] = time.monotonic() - t
-                self.say(f"round {k}: unseen ε lorad {entry['lorad']['all']['epsilon']:.3f}, plain "
-                         f"{entry['plain']['all']['epsilon']:.3f}, base {self.report['base']['all']['epsilon']:.3f}")
+                self.say(
+                    f"round {k}: unseen ε lorad {entry['lorad']['all']['epsilon']:.3f}, plain "
+                    f"{entry['plain']['all']['epsilon']:.3f}, base {self.report['base']['all']['epsilon']:.3f}"
+                )
                 self.save()
         finally:
             daemon.stop()
         self.report["seconds"] = time.monotonic() - t0
         self.save()
         return self.report
+
 
 # -- the table ------------------------------------------------------------------------------------
 
@@ -448,39 +526,64 @@ def _pct(x) -> str:
 
 def table(report: dict) -> str:
     base = report["base"]["all"]
-    lines = [f"### {report['workload']}: {report['note']}", "",
-             f"{report['unseen_tasks']} unseen tasks, greedy, asked as atomicguard asks; base ε "
-             f"{base['epsilon']:.3f} [{base['ci95'][0]:.2f}, {base['ci95'][1]:.2f}]", "",
-             "| round | asked | first try | after retries | never | mean attempts | gate | held-out (active -> cand, +/-, p) "
-             "| unseen ε lorad [95%] | plain [95%] | lorad vs base | cycle s (train, eval) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {report['workload']}: {report['note']}",
+        "",
+        f"{report['unseen_tasks']} unseen tasks, greedy, asked as atomicguard asks; base ε "
+        f"{base['epsilon']:.3f} [{base['ci95'][0]:.2f}, {base['ci95'][1]:.2f}]",
+        "",
+        "| round | asked | first try | after retries | never | mean attempts | gate "
+        "| held-out (active -> cand, +/-, p) "
+        "| unseen ε lorad [95%] | plain [95%] | lorad vs base | cycle s (train, eval) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rounds"]:
         t, c, lo, pl = r.get("traffic", {}), r.get("cycle", {}), r.get("lorad"), r.get("plain")
         h = c.get("heldout") or {}
-        held = (f"{h['active']}/{h['tasks']} -> {h['candidate']}/{h['tasks']}, +{h['gained']}/-{h['lost']}, "
-                f"p={h['p']:.3g}") if h else "-"
+        held = (
+            (
+                f"{h['active']}/{h['tasks']} -> {h['candidate']}/{h['tasks']}, +{h['gained']}/-{h['lost']}, "
+                f"p={h['p']:.3g}"
+            )
+            if h
+            else "-"
+        )
         sec = c.get("seconds") or {}
-        cyc = (f"{sec.get('total') or 0:.0f} ({sec.get('train') or 0:.0f}, {sec.get('evaluate') or 0:.0f})"
-               if sec else "-")
+        cyc = (
+            f"{sec.get('total') or 0:.0f} ({sec.get('train') or 0:.0f}, {sec.get('evaluate') or 0:.0f})" if sec else "-"
+        )
         lines.append(
-            f"| {r['round']} | {_short(t.get('model', '-'))} | {_pct(t.get('first_try'))} | {_pct(t.get('after_retries'))} | "
+            f"| {r['round']} | {_short(t.get('model', '-'))} | {_pct(t.get('first_try'))} | "
+            f"{_pct(t.get('after_retries'))} | "
             f"{_pct(t.get('never'))} | {_pct(t.get('mean_attempts'))} | {c.get('state', '-')} | {held} | "
             + (f"{lo['all']['epsilon']:.3f} [{lo['all']['ci95'][0]:.2f}, {lo['all']['ci95'][1]:.2f}]" if lo else "-")
             + " | "
             + (f"{pl['all']['epsilon']:.3f} [{pl['all']['ci95'][0]:.2f}, {pl['all']['ci95'][1]:.2f}]" if pl else "-")
             + " | "
             + (f"+{lo['vs_base']['gained']}/-{lo['vs_base']['lost']} p={lo['vs_base']['p']:.3g}" if lo else "-")
-            + f" | {cyc} |")
+            + f" | {cyc} |"
+        )
     families = sorted(report["base"]["per_family"])
     if len(families) > 1:
-        lines += ["", "Unseen ε per family (lorad after each round; base; plain after the last):", "",
-                  "| family | base | " + " | ".join(f"r{r['round']}" for r in report["rounds"]) + " | plain |",
-                  "|---" * (len(report["rounds"]) + 3) + "|"]
+        lines += [
+            "",
+            "Unseen ε per family (lorad after each round; base; plain after the last):",
+            "",
+            "| family | base | " + " | ".join(f"r{r['round']}" for r in report["rounds"]) + " | plain |",
+            "|---" * (len(report["rounds"]) + 3) + "|",
+        ]
         for f in families:
-            cells = [f"{r['lorad']['per_family'][f]['epsilon']:.2f}" if r.get("lorad") else "-" for r in report["rounds"]]
+            cells = [
+                f"{r['lorad']['per_family'][f]['epsilon']:.2f}" if r.get("lorad") else "-" for r in report["rounds"]
+            ]
             last_plain = next((r["plain"] for r in reversed(report["rounds"]) if r.get("plain")), None)
-            lines.append(f"| {f} | {report['base']['per_family'][f]['epsilon']:.2f} | " + " | ".join(cells)
-                         + f" | {last_plain['per_family'][f]['epsilon']:.2f} |" if last_plain else " | - |")
+            lines.append(
+                f"| {f} | {report['base']['per_family'][f]['epsilon']:.2f} | "
+                + " | ".join(cells)
+                + f" | {last_plain['per_family'][f]['epsilon']:.2f} |"
+                if last_plain
+                else " | - |"
+            )
     return "\n".join(lines)
 
 
@@ -494,49 +597,84 @@ def targets(reports: dict[str, dict]) -> list[str]:
     t = reports.get("templated")
     if t and len(t["rounds"]) >= 3 and all("traffic" in r for r in t["rounds"][:3]):
         gain = t["rounds"][2]["traffic"]["first_try"] - t["rounds"][0]["traffic"]["first_try"]
-        judged("templated: traffic first-try gain by round 3", f"{gain * 100:+.1f}", ">= +40 points", gain >= 0.40,
-               " points")
+        judged(
+            "templated: traffic first-try gain by round 3",
+            f"{gain * 100:+.1f}",
+            ">= +40 points",
+            gain >= 0.40,
+            " points",
+        )
     if t and t["rounds"] and t["rounds"][-1].get("lorad"):
         e = t["rounds"][-1]["lorad"]["all"]["epsilon"]
         judged("templated: unseen ε after the last round", f"{e:.3f}", ">= 0.95", e >= 0.95)
     sh = reports.get("shifting")
     if sh and sh["rounds"]:
-        groups = SHIFTING[:len(sh["rounds"])]
+        groups = SHIFTING[: len(sh["rounds"])]
         last = sh["rounds"][-1].get("lorad")
         for k, group in enumerate(groups[:-1]):
             seen = [r["lorad"] for r in sh["rounds"][k:] if r.get("lorad")]
             if not seen or not last:
                 continue
-            pooled = [sum(x["per_family"][f]["accepted"] for f in group) / sum(x["per_family"][f]["n"] for f in group)
-                      for x in seen]
+            pooled = [
+                sum(x["per_family"][f]["accepted"] for f in group) / sum(x["per_family"][f]["n"] for f in group)
+                for x in seen
+            ]
             drop = max(pooled) - pooled[-1]
-            judged(f"shifting: round-{k + 1} families ({', '.join(group)}) after the traffic moved on",
-                   f"{pooled[-1]:.3f} (best {max(pooled):.3f}, {-drop * 100:+.1f} points)", "within 3 points of best",
-                   drop <= 0.03)
+            judged(
+                f"shifting: round-{k + 1} families ({', '.join(group)}) after the traffic moved on",
+                f"{pooled[-1]:.3f} (best {max(pooled):.3f}, {-drop * 100:+.1f} points)",
+                "within 3 points of best",
+                drop <= 0.03,
+            )
     h = reports.get("humaneval")
     if h and h["rounds"] and h["rounds"][-1].get("lorad"):
         vs = h["rounds"][-1]["lorad"]["vs_base"]
-        judged("humaneval: unseen first attempts vs the base after the last round",
-               f"+{vs['gained']}/-{vs['lost']}, p = {vs['p']:.3g}", "significant (p < 0.05)",
-               vs["gained"] > vs["lost"] and vs["p"] < 0.05)
-        worse = [r["round"] for r in h["rounds"] if r.get("lorad") and r["lorad"]["vs_previous"]["lost"]
-                 > r["lorad"]["vs_previous"]["gained"] and r["lorad"]["vs_previous"]["p"] < 0.05]
-        judged("humaneval: promoted versions significantly worse than their predecessor", worse or "none",
-               "none", not worse)
+        judged(
+            "humaneval: unseen first attempts vs the base after the last round",
+            f"+{vs['gained']}/-{vs['lost']}, p = {vs['p']:.3g}",
+            "significant (p < 0.05)",
+            vs["gained"] > vs["lost"] and vs["p"] < 0.05,
+        )
+        worse = [
+            r["round"]
+            for r in h["rounds"]
+            if r.get("lorad")
+            and r["lorad"]["vs_previous"]["lost"] > r["lorad"]["vs_previous"]["gained"]
+            and r["lorad"]["vs_previous"]["p"] < 0.05
+        ]
+        judged(
+            "humaneval: promoted versions significantly worse than their predecessor",
+            worse or "none",
+            "none",
+            not worse,
+        )
     for name, r in reports.items():
         last = next((x for x in reversed(r["rounds"]) if x.get("plain") and x.get("lorad")), None)
         if last is None:
             continue
         margin = last["lorad"]["all"]["epsilon"] - last["plain"]["all"]["epsilon"]
         saturated = last["plain"]["all"]["epsilon"] >= 0.95
-        judged(f"{name}: lorad over the plain recipe (unseen ε, last round)", f"{margin * 100:+.1f}",
-               ">= +5 points" + (" (plain saturates)" if saturated else ""), margin >= 0.05, " points")
-    ratios = [(name, r["round"], r["cycle"]["seconds"]["total_over_train"]) for name, rep in reports.items()
-              for r in rep["rounds"] if (r.get("cycle") or {}).get("seconds", {}).get("total_over_train")]
+        judged(
+            f"{name}: lorad over the plain recipe (unseen ε, last round)",
+            f"{margin * 100:+.1f}",
+            ">= +5 points" + (" (plain saturates)" if saturated else ""),
+            margin >= 0.05,
+            " points",
+        )
+    ratios = [
+        (name, r["round"], r["cycle"]["seconds"]["total_over_train"])
+        for name, rep in reports.items()
+        for r in rep["rounds"]
+        if (r.get("cycle") or {}).get("seconds", {}).get("total_over_train")
+    ]
     if ratios:
         worst = max(ratios, key=lambda x: x[2])
-        judged("a round's cycle over its training (worst)", f"{worst[2]:.2f}x ({worst[0]} round {worst[1]})",
-               "<= 1.5x", worst[2] <= 1.5)
+        judged(
+            "a round's cycle over its training (worst)",
+            f"{worst[2]:.2f}x ({worst[0]} round {worst[1]})",
+            "<= 1.5x",
+            worst[2] <= 1.5,
+        )
     return out
 
 
@@ -560,18 +698,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--quick", action="store_true", help="two rounds of a few tasks and steps")
     parser.add_argument("--out", type=Path, help="work directory (default: a new temporary one)")
-    parser.add_argument("--server-url", help="use this running vLLM (serving the base as 'base') instead of starting one")
+    parser.add_argument(
+        "--server-url", help="use this running vLLM (serving the base as 'base') instead of starting one"
+    )
     parser.add_argument("--port", type=int, default=8071)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-recipe baseline (ablations)")
-    parser.add_argument("--no-human", action="store_true", help="humaneval: no human answer after the generator gives up")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="an extra lorad config line, e.g. training.warm_start=false (repeatable)")
+    parser.add_argument(
+        "--no-human", action="store_true", help="humaneval: no human answer after the generator gives up"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="an extra lorad config line, e.g. training.warm_start=false (repeatable)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     extra = tuple((s.split(".", 1)[0], s.split(".", 1)[1].replace("=", " = ", 1)) for s in args.set)
-    plan = dataclasses.replace(plan, lorad=extra, plain=not args.no_plain, human_answers=not args.no_human,
-                               **{k: v for k, v in (
-        ("rounds", args.rounds), ("steps", args.steps), ("learning_rate", args.learning_rate)) if v is not None})
+    plan = dataclasses.replace(
+        plan,
+        lorad=extra,
+        plain=not args.no_plain,
+        human_answers=not args.no_human,
+        **{
+            k: v
+            for k, v in (("rounds", args.rounds), ("steps", args.steps), ("learning_rate", args.learning_rate))
+            if v is not None
+        },
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = (args.out or Path(tempfile.mkdtemp(prefix="lorad-loop-"))).resolve()

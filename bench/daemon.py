@@ -88,8 +88,8 @@ def direct_ingest_ms(store: Path, scratch: Path, n: int = 20) -> float:
     import structlog
 
     from lorad.buffer.store import Buffer
-    from lorad.sources.ingest import ingest
     from lorad.sources import AtomicGuardSource
+    from lorad.sources.ingest import ingest
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     times = []
@@ -132,8 +132,13 @@ def burst_rss(d: Daemon, store: Path, db: Path, n: int, settle: float = 30.0) ->
         settled = proc.memory_info().rss
     finally:
         conn.close()
-    return {"burst_files": n, "burst_written_s": written, "burst_ingested_s": ingested,
-            "burst_peak_rss_mb": peak / 2**20, "burst_settled_rss_mb": settled / 2**20}
+    return {
+        "burst_files": n,
+        "burst_written_s": written,
+        "burst_ingested_s": ingested,
+        "burst_peak_rss_mb": peak / 2**20,
+        "burst_settled_rss_mb": settled / 2**20,
+    }
 
 
 def main(argv=None) -> dict:
@@ -188,32 +193,54 @@ def main(argv=None) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
     figures = {
-        "status_idle_p50_ms": percentile(idle, 50), "status_idle_p99_ms": percentile(idle, 99),
-        "status_training_p50_ms": percentile(training, 50), "status_training_p99_ms": percentile(training, 99),
-        "daemon_rss_mb": rss / 2**20, "bare_python_rss_mb": baseline_rss / 2**20, "torch_loaded": torch_loaded,
-        "artifact_p50_ms": percentile(latencies, 50), "artifact_p99_ms": percentile(latencies, 99),
-        "direct_ingest_ms": direct, "job_step_during_measurement": step, **burst,
+        "status_idle_p50_ms": percentile(idle, 50),
+        "status_idle_p99_ms": percentile(idle, 99),
+        "status_training_p50_ms": percentile(training, 50),
+        "status_training_p99_ms": percentile(training, 99),
+        "daemon_rss_mb": rss / 2**20,
+        "bare_python_rss_mb": baseline_rss / 2**20,
+        "torch_loaded": torch_loaded,
+        "artifact_p50_ms": percentile(latencies, 50),
+        "artifact_p99_ms": percentile(latencies, 99),
+        "direct_ingest_ms": direct,
+        "job_step_during_measurement": step,
+        **burst,
     }
     figures["status_training_ratio_p99"] = figures["status_training_p99_ms"] / figures["status_idle_p99_ms"]
     print(f"daemon benchmark ({args.requests} status requests per phase, {args.artifacts} artifacts)")
-    print(f"  status round-trip idle:          p50 {figures['status_idle_p50_ms']:6.2f} ms  "
-          f"p99 {figures['status_idle_p99_ms']:6.2f} ms")
-    print(f"  status round-trip while training: p50 {figures['status_training_p50_ms']:6.2f} ms  "
-          f"p99 {figures['status_training_p99_ms']:6.2f} ms  (p99 ratio to idle {figures['status_training_ratio_p99']:.2f}; "
-          f"job at step {step})")
-    print(f"  daemon RSS idle: {figures['daemon_rss_mb']:.1f} MB (target < 100 MB; bare python "
-          f"{figures['bare_python_rss_mb']:.1f} MB, ratio {figures['daemon_rss_mb'] / figures['bare_python_rss_mb']:.1f}); "
-          f"torch imported in the daemon: {torch_loaded}")
-    print(f"  artifact -> buffer latency: p50 {figures['artifact_p50_ms']:.0f} ms  p99 {figures['artifact_p99_ms']:.0f} ms "
-          f"(target p99 < 1000 ms; in-process ingest of one file {direct:.1f} ms, "
-          f"p50 ratio {figures['artifact_p50_ms'] / direct:.1f})")
+    print(
+        f"  status round-trip idle:          p50 {figures['status_idle_p50_ms']:6.2f} ms  "
+        f"p99 {figures['status_idle_p99_ms']:6.2f} ms"
+    )
+    print(
+        f"  status round-trip while training: p50 {figures['status_training_p50_ms']:6.2f} ms  "
+        f"p99 {figures['status_training_p99_ms']:6.2f} ms  "
+        f"(p99 ratio to idle {figures['status_training_ratio_p99']:.2f}; "
+        f"job at step {step})"
+    )
+    print(
+        f"  daemon RSS idle: {figures['daemon_rss_mb']:.1f} MB (target < 100 MB; bare python "
+        f"{figures['bare_python_rss_mb']:.1f} MB, "
+        f"ratio {figures['daemon_rss_mb'] / figures['bare_python_rss_mb']:.1f}); "
+        f"torch imported in the daemon: {torch_loaded}"
+    )
+    print(
+        f"  artifact -> buffer latency: p50 {figures['artifact_p50_ms']:.0f} ms  "
+        f"p99 {figures['artifact_p99_ms']:.0f} ms "
+        f"(target p99 < 1000 ms; in-process ingest of one file {direct:.1f} ms, "
+        f"p50 ratio {figures['artifact_p50_ms'] / direct:.1f})"
+    )
     if burst:
-        print(f"  daemon RSS through a burst of {burst['burst_files']:,} files (written in "
-              f"{burst['burst_written_s']:.1f} s, all in the buffer {burst['burst_ingested_s']:.1f} s after the first): "
-              f"peak {burst['burst_peak_rss_mb']:.1f} MB, settled {burst['burst_settled_rss_mb']:.1f} MB "
-              f"(target settled < 150 MB; idle before {figures['daemon_rss_mb']:.1f} MB)")
+        print(
+            f"  daemon RSS through a burst of {burst['burst_files']:,} files (written in "
+            f"{burst['burst_written_s']:.1f} s, all in the buffer {burst['burst_ingested_s']:.1f} s after the first): "
+            f"peak {burst['burst_peak_rss_mb']:.1f} MB, settled {burst['burst_settled_rss_mb']:.1f} MB "
+            f"(target settled < 150 MB; idle before {figures['daemon_rss_mb']:.1f} MB)"
+        )
     return figures
 
 
 if __name__ == "__main__":
-    json.dump(main(), sys.stdout if os.environ.get("BENCH_JSON") else open(os.devnull, "w"))
+    figures = main()
+    if os.environ.get("BENCH_JSON"):
+        json.dump(figures, sys.stdout)

@@ -36,10 +36,17 @@ def rows(k: int) -> list[dict]:
     for i in range(k):
         spec = SPECS[i % len(SPECS)].format(n=i + 2)
         name = spec.split("`")[1].split("(")[0]
-        out.append({"prompt": [{"role": "system", "content": "Return only Python code."},
-                               {"role": "user", "content": spec}],
-                    "completion": [{"role": "assistant", "content": f"def {name}(x):\n    return x\n"}],
-                    "specification": spec, "chain_id": f"c{i}"})
+        out.append(
+            {
+                "prompt": [
+                    {"role": "system", "content": "Return only Python code."},
+                    {"role": "user", "content": spec},
+                ],
+                "completion": [{"role": "assistant", "content": f"def {name}(x):\n    return x\n"}],
+                "specification": spec,
+                "chain_id": f"c{i}",
+            }
+        )
     return out
 
 
@@ -80,30 +87,44 @@ def main() -> int:
         model.eval()
         data = rows(args.samples)
         prompts = [r["prompt"] for r in data]
-        print(f"model: {label}; {args.samples} prompts, {args.new_tokens} new tokens, batch {args.batch}, "
-              f"{args.threads} thread(s)")
+        print(
+            f"model: {label}; {args.samples} prompts, {args.new_tokens} new tokens, batch {args.batch}, "
+            f"{args.threads} thread(s)"
+        )
 
-        batched, t_batched = timed(lambda: metrics.generate(
-            model, tok, prompts, batch_size=args.batch, max_new_tokens=args.new_tokens, max_seq_length=512))
-        single, t_single = timed(lambda: metrics.generate(
-            model, tok, prompts, batch_size=1, max_new_tokens=args.new_tokens, max_seq_length=512))
-        same = sum(a == b for a, b in zip(batched, single))
-        print(f"generation  one at a time {t_single:7.2f} s   batched {t_batched:7.2f} s   "
-              f"speed-up x{t_single / t_batched:.2f}   identical answers {same}/{len(prompts)}")
+        batched, t_batched = timed(
+            lambda: metrics.generate(
+                model, tok, prompts, batch_size=args.batch, max_new_tokens=args.new_tokens, max_seq_length=512
+            )
+        )
+        single, t_single = timed(
+            lambda: metrics.generate(
+                model, tok, prompts, batch_size=1, max_new_tokens=args.new_tokens, max_seq_length=512
+            )
+        )
+        same = sum(a == b for a, b in zip(batched, single, strict=True))
+        print(
+            f"generation  one at a time {t_single:7.2f} s   batched {t_batched:7.2f} s   "
+            f"speed-up x{t_single / t_batched:.2f}   identical answers {same}/{len(prompts)}"
+        )
 
         encoded = [metrics.encode_example(tok, r, 512) for r in data]
         (_, t_loss_b) = timed(lambda: metrics.score_loss(model, tok, encoded, args.batch))
         (_, t_loss_1) = timed(lambda: metrics.score_loss(model, tok, encoded, 1))
-        print(f"loss        one at a time {t_loss_1:7.2f} s   batched {t_loss_b:7.2f} s   "
-              f"speed-up x{t_loss_1 / t_loss_b:.2f}")
+        print(
+            f"loss        one at a time {t_loss_1:7.2f} s   batched {t_loss_b:7.2f} s   "
+            f"speed-up x{t_loss_1 / t_loss_b:.2f}"
+        )
 
         guard = [sys.executable, str(GUARD)]
         answers = [r["completion"][0]["content"] for r in data]
         par, t_par = timed(lambda: metrics.guard_answers(data, answers, guard, 30))
         seq, t_seq = timed(lambda: metrics.guard_answers(data, answers, guard, 30, workers=1))
         assert par["accepted"] == seq["accepted"]
-        print(f"guards      one at a time {t_seq:7.2f} s   parallel {t_par:7.2f} s   "
-              f"speed-up x{t_seq / t_par:.2f}   (ε = {par['epsilon']:.2f} on placeholder answers)")
+        print(
+            f"guards      one at a time {t_seq:7.2f} s   parallel {t_par:7.2f} s   "
+            f"speed-up x{t_seq / t_par:.2f}   (ε = {par['epsilon']:.2f} on placeholder answers)"
+        )
     return 0
 
 

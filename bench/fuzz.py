@@ -36,17 +36,39 @@ def seeds(target: str) -> list[bytes]:
 
     if target == "artifact":
         files = sorted((ROOT / "tests" / "fixtures" / "atomicguard-store" / "objects").rglob("*.json"))[:8]
-        return [p.read_bytes() for p in files] + [json.dumps(synthetic.artifact(
-            workflow_id="w", content="def f(): pass", status="rejected", feedback="no",
-            feedback_history=[("a0", "SyntaxError")])).encode()]
+        return [p.read_bytes() for p in files] + [
+            json.dumps(
+                synthetic.artifact(
+                    workflow_id="w",
+                    content="def f(): pass",
+                    status="rejected",
+                    feedback="no",
+                    feedback_history=[("a0", "SyntaxError")],
+                )
+            ).encode()
+        ]
     if target == "jsonl":
-        return [json.dumps({"id": "r1", "prompt": "Write f.", "completion": "def f(): pass", "status": "accepted"}).encode(),
-                json.dumps({"id": "r2", "parent_id": "r1", "messages": [{"role": "user", "content": "x"}],
-                            "score": 0.2, "created_at": "2026-01-01T00:00:00Z"}).encode()]
+        return [
+            json.dumps(
+                {"id": "r1", "prompt": "Write f.", "completion": "def f(): pass", "status": "accepted"}
+            ).encode(),
+            json.dumps(
+                {
+                    "id": "r2",
+                    "parent_id": "r1",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "score": 0.2,
+                    "created_at": "2026-01-01T00:00:00Z",
+                }
+            ).encode(),
+        ]
     if target == "config":
         return [(ROOT / "config.toml").read_bytes(), b'[daemon]\nstate_dir = "/tmp/x"\n[training]\nlora_r = 8\n']
-    return [b'{"command": "status"}', b'{"command": "jobs", "limit": 5}',
-            b'{"command": "feedback", "record": {"id": "a", "prompt": "p", "completion": "c", "status": "accepted"}}']
+    return [
+        b'{"command": "status"}',
+        b'{"command": "jobs", "limit": 5}',
+        b'{"command": "feedback", "record": {"id": "a", "prompt": "p", "completion": "c", "status": "accepted"}}',
+    ]
 
 
 def one_input(target: str):
@@ -103,8 +125,17 @@ def run_atheris_target(target: str, runs: int, corpus: Path, artifacts: Path) ->
         import lorad.sources.base  # noqa: F401
         import lorad.sources.jsonl  # noqa: F401
     fn = one_input(target)
-    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=8192", f"-artifact_prefix={artifacts}/",
-                   "-print_final_stats=1", str(corpus)], fn)
+    atheris.Setup(
+        [
+            sys.argv[0],
+            f"-runs={runs}",
+            "-max_len=8192",
+            f"-artifact_prefix={artifacts}/",
+            "-print_final_stats=1",
+            str(corpus),
+        ],
+        fn,
+    )
     atheris.Fuzz()
     return 0
 
@@ -124,18 +155,43 @@ def fuzz_with_atheris(targets, runs: int, artifacts: Path) -> list[dict]:
         for i, seed in enumerate(seeds(target)):
             (corpus / f"seed-{i}").write_bytes(seed)
         t = time.monotonic()
-        proc = subprocess.run([sys.executable, __file__, "--child", target, "--runs", str(runs),
-                               "--artifacts-dir", str(artifacts), "--corpus", str(corpus)],
-                              capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                target,
+                "--runs",
+                str(runs),
+                "--artifacts-dir",
+                str(artifacts),
+                "--corpus",
+                str(corpus),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         seconds = time.monotonic() - t
         done = re.findall(r"Done (\d+) runs", proc.stderr)
         execs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", proc.stderr)
         tried = int(done[-1]) if done else int(execs[-1]) if execs else 0
         ok = proc.returncode == 0
-        results.append({"engine": "atheris", "target": target, "inputs": tried, "seconds": seconds, "ok": ok,
-                        "detail": "" if ok else proc.stderr[-3000:]})
-        print(f"atheris   {target:<9} {tried:>10,} inputs in {seconds:6.1f} s  "
-              f"({tried / max(seconds, 1e-9):,.0f}/s)  {'ok' if ok else 'CRASH'}", flush=True)
+        results.append(
+            {
+                "engine": "atheris",
+                "target": target,
+                "inputs": tried,
+                "seconds": seconds,
+                "ok": ok,
+                "detail": "" if ok else proc.stderr[-3000:],
+            }
+        )
+        print(
+            f"atheris   {target:<9} {tried:>10,} inputs in {seconds:6.1f} s  "
+            f"({tried / max(seconds, 1e-9):,.0f}/s)  {'ok' if ok else 'CRASH'}",
+            flush=True,
+        )
         if not ok:
             print(proc.stderr[-3000:], file=sys.stderr)
     return results
@@ -145,8 +201,13 @@ def fuzz_with_hypothesis(examples: int) -> list[dict]:
     """The property tests under tests/fuzz/ at ``examples`` examples each."""
     t = time.monotonic()
     env = dict(os.environ, LORAD_FUZZ_EXAMPLES=str(examples))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/fuzz", "-q", "-p", "no:cacheprovider",
-                           "--hypothesis-show-statistics"], capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/fuzz", "-q", "-p", "no:cacheprovider", "--hypothesis-show-statistics"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     seconds = time.monotonic() - t
     counts: dict[str, int] = {}
     name = None
@@ -160,14 +221,20 @@ def fuzz_with_hypothesis(examples: int) -> list[dict]:
     total = sum(counts.values())
     for name, n in sorted(counts.items()):
         print(f"hypothesis {name.split('::')[1]:<75} {n:>7,} inputs")
-    print(f"hypothesis total: {total:,} inputs over {len(counts)} property tests in {seconds:.0f} s  "
-          f"{'ok' if ok else 'FAILED'}", flush=True)
+    print(
+        f"hypothesis total: {total:,} inputs over {len(counts)} property tests in {seconds:.0f} s  "
+        f"{'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
     if not ok:  # the failures with their assertion lines, not the statistics
-        print("\n".join(line for line in proc.stdout.splitlines() if line.startswith(("E ", "FAILED", "ERROR"))),
-              file=sys.stderr)
-    return [{"engine": "hypothesis", "target": name, "inputs": n, "seconds": seconds, "ok": name not in failed}
-            for name, n in sorted(counts.items())] or [{"engine": "hypothesis", "target": "tests/fuzz",
-                                                       "inputs": 0, "seconds": seconds, "ok": ok}]
+        print(
+            "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("E ", "FAILED", "ERROR"))),
+            file=sys.stderr,
+        )
+    return [
+        {"engine": "hypothesis", "target": name, "inputs": n, "seconds": seconds, "ok": name not in failed}
+        for name, n in sorted(counts.items())
+    ] or [{"engine": "hypothesis", "target": "tests/fuzz", "inputs": 0, "seconds": seconds, "ok": ok}]
 
 
 def main(argv=None) -> int:

@@ -58,15 +58,36 @@ GiB = 2**30
 # Llama-architecture shapes (those of Qwen2.5-0.5B and -1.5B: grouped-query attention, a tied
 # 151,936-entry vocabulary), random weights.
 MODELS = {
-    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "0.5B": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.5B": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 # --tiny: one model standing in for both, with the whole matrix (the test's mode, on a CPU).
 TINY_MODELS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+    ),
 }
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0}
 
@@ -82,9 +103,15 @@ def build_model(directory: Path, shape: dict, cuda: bool) -> Path:
     from lorad.training.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(512)
-    config = LlamaConfig(**shape, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -111,8 +138,12 @@ def rows(n: int, seq: int, seed: int = 0) -> list[dict]:
         lines = rng.choice([2, 4, 8, 16, 32, 48, 64])
         lines = max(1, min(lines, seq // 16))
         body = "\n".join(f"    x{j} = x{j - 1} + {rng.randint(0, 99)}" if j else "    x0 = n" for j in range(lines))
-        out.append({"prompt": [{"role": "user", "content": f"Write f{i}(n). {history}"}],
-                    "completion": [{"role": "assistant", "content": f"def f{i}(n):\n{body}\n    return x{lines - 1}"}]})
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"Write f{i}(n). {history}"}],
+                "completion": [{"role": "assistant", "content": f"def f{i}(n):\n{body}\n    return x{lines - 1}"}],
+            }
+        )
     return out
 
 
@@ -128,20 +159,41 @@ def baseline(job_dir: str, packing: bool, checkpointing: bool) -> dict:
 
     spec = json.loads(Path(job_dir, "job.json").read_text())
     model_dir = (Path(job_dir) / MODEL_DIR_FILE).read_text()
-    data = [json.loads(line) for line in open(Path(job_dir, "train.jsonl"))]
+    data = [json.loads(line) for line in Path(job_dir, "train.jsonl").read_text().splitlines()]
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
-    peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
-                             target_modules="all-linear", task_type="CAUSAL_LM")
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=spec["max_steps"],
-                     per_device_train_batch_size=spec["batch_size"], learning_rate=spec["learning_rate"],
-                     max_length=spec["max_seq_length"], seed=spec["seed"], save_strategy="no", report_to=[],
-                     disable_tqdm=True, use_cpu=not cuda, bf16=cuda, packing=packing,
-                     gradient_checkpointing=checkpointing, include_num_input_tokens_seen="non_padding",
-                     logging_steps=1)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
-                         processing_class=tokenizer, peft_config=peft_config)
+    peft_config = LoraConfig(
+        r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=spec["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=spec["max_steps"],
+        per_device_train_batch_size=spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        max_length=spec["max_seq_length"],
+        seed=spec["seed"],
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=cuda,
+        packing=packing,
+        gradient_checkpointing=checkpointing,
+        include_num_input_tokens_seen="non_padding",
+        logging_steps=1,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
@@ -177,14 +229,24 @@ def run_baseline(job_dir: Path, *, packing: bool, checkpointing: bool) -> dict:
 # -- lorad ------------------------------------------------------------------------------------
 
 
-def make_job(root: Path, name: str, model_dir: Path, data: list[dict], *, steps: int, batch: int, seq: int,
-             **training) -> Path:
+def make_job(
+    root: Path, name: str, model_dir: Path, data: list[dict], *, steps: int, batch: int, seq: int, **training
+) -> Path:
     from lorad.config import EvaluationSettings, TrainingSettings
     from lorad.training.jobdir import build_spec, write_job
 
-    settings = TrainingSettings(base_model=str(model_dir), max_steps=steps, batch_size=batch, max_seq_length=seq,
-                                lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4,
-                                save_steps=steps * 10, **training)
+    settings = TrainingSettings(
+        base_model=str(model_dir),
+        max_steps=steps,
+        batch_size=batch,
+        max_seq_length=seq,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        learning_rate=2e-4,
+        save_steps=steps * 10,
+        **training,
+    )
     spec = build_spec(name, root / "state", settings, EvaluationSettings(eval_batch_size=4), evaluate=False)
     job_dir = write_job(root / name, spec, data, data[:4])
     (job_dir / MODEL_DIR_FILE).write_text(str(model_dir))
@@ -199,9 +261,15 @@ def run_lorad(job_dir: Path) -> dict:
     if proc.returncode != 0 or result is None or not result.succeeded:
         why = (result.error or result.reason) if result else proc.stderr.strip()[-1500:]
         return {"error": why}
-    return {"tokens": result.tokens, "seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s,
-            "peak": result.peak_memory_bytes, "speed": result.speed, "health": result.health,
-            "adapter": result.adapter}
+    return {
+        "tokens": result.tokens,
+        "seconds": result.train_seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "peak": result.peak_memory_bytes,
+        "speed": result.speed,
+        "health": result.health,
+        "adapter": result.adapter,
+    }
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -216,15 +284,23 @@ def flops_per_token(model_dir: Path, data: list[dict], seq: int, lora_r: int) ->
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n_matmul = n_lora = 0
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             n_matmul += module.in_features * module.out_features
             if module is not model.get_output_embeddings():
                 n_lora += lora_r * (module.in_features + module.out_features)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [min(seq, len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True,
-                                                          return_dict=True)["input_ids"]))
-               for r in data]
+    lengths = [
+        min(
+            seq,
+            len(
+                tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+            ),
+        )
+        for r in data
+    ]
     # Mean attended context per token within its row: sum over rows of len(len+1)/2, over the tokens.
     context = sum(n * (n + 1) / 2 for n in lengths) / max(sum(lengths), 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -241,8 +317,13 @@ def check_adapter(model_dir: Path, adapter: str, cuda: bool) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
     model = PeftModel.from_pretrained(base.to("cuda" if cuda else "cpu"), adapter)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Write add(a, b)."}], tokenize=True,
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write add(a, b)."}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         logits = model(**{k: v.to(model.device) for k, v in ids.items()}).logits
     finite = bool(torch.isfinite(logits).all())
@@ -284,9 +365,11 @@ def main() -> int:
     bnb = resources.bitsandbytes_available()
     liger = speed.liger_available()
     root = Path(tempfile.mkdtemp(prefix="lorad-bench-gpu-"))
-    print(f"device: {device.name} ({device.kind}); {'bf16' if cuda else 'fp32'}, seq {seq}, batch {batch}, "
-          f"{steps} steps, LoRA r 16 on every linear layer; liger-kernel {'installed' if liger else 'absent'}, "
-          f"bitsandbytes {'installed' if bnb else 'absent'}; peak {peak_tflops or 'unknown'} TFLOP/s")
+    print(
+        f"device: {device.name} ({device.kind}); {'bf16' if cuda else 'fp32'}, seq {seq}, batch {batch}, "
+        f"{steps} steps, LoRA r 16 on every linear layer; liger-kernel {'installed' if liger else 'absent'}, "
+        f"bitsandbytes {'installed' if bnb else 'absent'}; peak {peak_tflops or 'unknown'} TFLOP/s"
+    )
     table: list[dict] = []
     skipped: list[str] = []
     last_lorad: tuple[Path, dict] | None = None
@@ -311,8 +394,10 @@ def main() -> int:
             if cuda:
                 runs += [("lorad, checkpointing off", {"gradient_checkpointing": False}, {})]
             else:
-                skipped.append(f"{size} checkpointing off: on the CPU lorad checkpoints only a run that would not "
-                               f"fit otherwise, so the default row is already without it")
+                skipped.append(
+                    f"{size} checkpointing off: on the CPU lorad checkpoints only a run that would not "
+                    f"fit otherwise, so the default row is already without it"
+                )
             if cuda and bnb:
                 runs += [("lorad, 4-bit QLoRA", {"quantization": "4bit"}, {})]
             else:
@@ -323,8 +408,17 @@ def main() -> int:
                 job = make_job(root, f"{size}-{i}", model_dir, data, steps=steps, batch=batch, seq=seq)
                 out = run_baseline(job, **base_settings)
             else:
-                job = make_job(root, f"{size}-{i}", model_dir, data, steps=steps, batch=batch, seq=seq,
-                               quantization="none", **lorad_settings)
+                job = make_job(
+                    root,
+                    f"{size}-{i}",
+                    model_dir,
+                    data,
+                    steps=steps,
+                    batch=batch,
+                    seq=seq,
+                    quantization="none",
+                    **lorad_settings,
+                )
                 out = run_lorad(job)
                 if "error" not in out and not lorad_settings:
                     last_lorad = (model_dir, out)
@@ -363,6 +457,7 @@ def main() -> int:
 
 def targets(table: list[dict], large: str) -> list[str]:
     """The issue's targets, each judged on this run's rows."""
+
     def row(model, run):
         return next((r for r in table if r["model"] == model and r["run"] == run and "error" not in r), None)
 
@@ -371,17 +466,23 @@ def targets(table: list[dict], large: str) -> list[str]:
         lorad = row(model, "lorad (defaults)")
         if lorad and "vs_plain" in lorad:
             ok = lorad["vs_plain"] >= 0.95
-            lines.append(f"target {model}: lorad / plain trl tokens/s = {lorad['vs_plain']:.2f} (>= 0.95: "
-                         f"{'met' if ok else 'MISSED'})")
+            lines.append(
+                f"target {model}: lorad / plain trl tokens/s = {lorad['vs_plain']:.2f} (>= 0.95: "
+                f"{'met' if ok else 'MISSED'})"
+            )
     lorad, plain = row(large, "lorad (defaults)"), row(large, "plain trl, no checkpointing")
     if lorad and lorad.get("mfu") is not None:
-        lines.append(f"target {large}: MFU with packing = {lorad['mfu']:.1%} (>= 35%: "
-                     f"{'met' if lorad['mfu'] >= 0.35 else 'MISSED'})")
+        lines.append(
+            f"target {large}: MFU with packing = {lorad['mfu']:.1%} (>= 35%: "
+            f"{'met' if lorad['mfu'] >= 0.35 else 'MISSED'})"
+        )
     if lorad and plain:
         ratio = lorad["peak"] / plain["peak"]
-        lines.append(f"target {large}: peak memory, lorad (liger {lorad['speed'].get('liger_kernel')}, checkpointing "
-                     f"{lorad['speed'].get('gradient_checkpointing')}) / plain trl without checkpointing = "
-                     f"{ratio:.2f} (<= 0.5: {'met' if ratio <= 0.5 else 'MISSED'})")
+        lines.append(
+            f"target {large}: peak memory, lorad (liger {lorad['speed'].get('liger_kernel')}, checkpointing "
+            f"{lorad['speed'].get('gradient_checkpointing')}) / plain trl without checkpointing = "
+            f"{ratio:.2f} (<= 0.5: {'met' if ratio <= 0.5 else 'MISSED'})"
+        )
     return lines
 
 
@@ -399,19 +500,25 @@ def print_table(table: list[dict], peak_tflops: float | None, cuda: bool) -> Non
     print(f"| model | run | tokens/s | vs plain trl | {memory} | memory vs plain | MFU | notes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
-        name = f"{r['model']} ({r['parameters'] / 1e9:.2f}B)" if r["parameters"] >= 1e8 else \
-            f"{r['model']} ({r['parameters'] / 1e6:.1f}M)"
+        name = (
+            f"{r['model']} ({r['parameters'] / 1e9:.2f}B)"
+            if r["parameters"] >= 1e8
+            else f"{r['model']} ({r['parameters'] / 1e6:.1f}M)"
+        )
         if "error" in r:
             print(f"| {name} | {r['run']} | failed |  |  |  |  | {r['error'].splitlines()[-1][:160]} |")
             continue
         s = r.get("speed") or {}
-        notes = ", ".join(f"{k}={s[k]}" for k in ("packing", "liger_kernel", "gradient_checkpointing",
-                                                   "completion_head") if k in s)
+        notes = ", ".join(
+            f"{k}={s[k]}" for k in ("packing", "liger_kernel", "gradient_checkpointing", "completion_head") if k in s
+        )
         vs = f"{r['vs_plain']:.2f}" if "vs_plain" in r else ""
         mem_vs = f"{r['memory_vs_plain']:.2f}" if "memory_vs_plain" in r else ""
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
-        print(f"| {name} | {r['run']} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak'] / GiB:.2f} | {mem_vs} | {mfu} "
-              f"| {notes} |")
+        print(
+            f"| {name} | {r['run']} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak'] / GiB:.2f} | {mem_vs} | {mfu} "
+            f"| {notes} |"
+        )
     if peak_tflops is None:
         print("MFU: n/a (unknown device peak; pass --peak-tflops)")
 

@@ -32,8 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorad import log
-from lorad.demo import synthetic
 from lorad.config import BufferSettings
+from lorad.demo import synthetic
 
 
 def build_store(root: Path, n: int, seed: int = 0) -> list[Path]:
@@ -44,12 +44,18 @@ def build_store(root: Path, n: int, seed: int = 0) -> list[Path]:
     while len(written) < n:
         task += 1
         tries = min(rng.choice([1, 1, 2, 3, 4]), n - len(written))
-        attempts = [(f"def f{task}(xs):\n    return sum(xs[:{k}])  # attempt {k}\n" * 3,
-                     "rejected", f"AssertionError: f{task}([1,2,3]) returned {k}, expected 6")
-                    for k in range(tries - 1)]
+        attempts = [
+            (
+                f"def f{task}(xs):\n    return sum(xs[:{k}])  # attempt {k}\n" * 3,
+                "rejected",
+                f"AssertionError: f{task}([1,2,3]) returned {k}, expected 6",
+            )
+            for k in range(tries - 1)
+        ]
         attempts.append((f"def f{task}(xs):\n    return sum(xs)\n", rng.choice(["accepted", "rejected"]), "ok"))
-        for a in synthetic.chain(specification=f"Write f{task}(xs) returning the sum of xs. " * 4,
-                                 attempts=attempts, start=start):
+        for a in synthetic.chain(
+            specification=f"Write f{task}(xs) returning the sum of xs. " * 4, attempts=attempts, start=start
+        ):
             written.append(synthetic.write(root, a, atomic=False))
             everything.append(a)
     synthetic.write_index(root, everything)
@@ -74,8 +80,8 @@ def main(argv=None) -> dict:
     # script again (multiprocessing's rule for a __main__ module), and the buffer's imports
     # (sqlite-utils, which imports pandas) would make it start half a second late.
     from lorad.buffer.store import Buffer
-    from lorad.sources.ingest import ingest
     from lorad.sources import AtomicGuardSource
+    from lorad.sources.ingest import ingest
 
     log.configure("warning")
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,11 +139,15 @@ def main(argv=None) -> dict:
     print(f"  ceiling (read + json.loads, no database): {figures['ceiling_per_s']:>10,.0f} artifacts/s")
     print(f"  lorad ingest (first scan, synchronous=full): {figures['ingest_per_s']:>7,.0f} artifacts/s")
     print(f"  ratio to ceiling: {figures['ratio']:.2f}  (target >= 0.50)")
-    print(f"  with synchronous=normal (safe from crashes, not power loss): "
-          f"{figures['normal_per_s']:,.0f} artifacts/s, {figures['normal_ratio']:.2f} of the ceiling")
+    print(
+        f"  with synchronous=normal (safe from crashes, not power loss): "
+        f"{figures['normal_per_s']:,.0f} artifacts/s, {figures['normal_ratio']:.2f} of the ceiling"
+    )
     print(f"  rescan of the unchanged store:            {figures['rescan_per_s']:>10,.0f} artifacts/s")
-    print(f"  the database alone (pre-parsed batches written, linked, committed): "
-          f"{figures['write_only_per_s']:,.0f} artifacts/s, {figures['write_only_ratio']:.2f} of the ceiling")
+    print(
+        f"  the database alone (pre-parsed batches written, linked, committed): "
+        f"{figures['write_only_per_s']:,.0f} artifacts/s, {figures['write_only_ratio']:.2f} of the ceiling"
+    )
     return figures
 
 

@@ -72,13 +72,40 @@ class Plan:
 
 # Sized for a shared 2-core CPU: one SmolLM2 step of batch 4 takes 5-10 s on an idle one, and
 # several times that while other work runs.
-FULL = Plan(tiny=False, families=len(learning_tasks.FAMILIES), unseen_per_family=3, store_per_family=0,
-            steps=12, grpo_steps=6, batch_size=4, grpo_batch_size=8, num_generations=4,
-            learning_rate=3e-3, grpo_learning_rate=1e-3, max_seq_length=384, max_new_tokens=48,
-            max_heldout=24, eval_batch_size=8)
-QUICK = Plan(tiny=True, families=3, unseen_per_family=3, store_per_family=8, steps=3, grpo_steps=2,
-             batch_size=4, grpo_batch_size=4, num_generations=2, learning_rate=1e-2, grpo_learning_rate=1e-2,
-             max_seq_length=128, max_new_tokens=16, max_heldout=8, eval_batch_size=8)
+FULL = Plan(
+    tiny=False,
+    families=len(learning_tasks.FAMILIES),
+    unseen_per_family=3,
+    store_per_family=0,
+    steps=12,
+    grpo_steps=6,
+    batch_size=4,
+    grpo_batch_size=8,
+    num_generations=4,
+    learning_rate=3e-3,
+    grpo_learning_rate=1e-3,
+    max_seq_length=384,
+    max_new_tokens=48,
+    max_heldout=24,
+    eval_batch_size=8,
+)
+QUICK = Plan(
+    tiny=True,
+    families=3,
+    unseen_per_family=3,
+    store_per_family=8,
+    steps=3,
+    grpo_steps=2,
+    batch_size=4,
+    grpo_batch_size=4,
+    num_generations=2,
+    learning_rate=1e-2,
+    grpo_learning_rate=1e-2,
+    max_seq_length=128,
+    max_new_tokens=16,
+    max_heldout=8,
+    eval_batch_size=8,
+)
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -92,7 +119,7 @@ def chain_attempts(task: Task, rng: random.Random) -> tuple[str, list[tuple[str,
     if u < 0.35:
         contents, outcome = [task.solution], "first_try"
     elif u < 0.85:
-        contents, outcome = [c for _, c in wrong[:rng.randint(1, 3)]] + [task.solution], "refined"
+        contents, outcome = [c for _, c in wrong[: rng.randint(1, 3)]] + [task.solution], "refined"
     else:
         contents, outcome = [c for _, c in wrong[:3]], "exhausted"
     attempts = []
@@ -110,8 +137,13 @@ def write_store(root: Path, tasks: list[Task], seed: int) -> dict:
     everything, counts = [], {"tasks": len(tasks), "first_try": 0, "refined": 0, "exhausted": 0}
     for i, task in enumerate(tasks):
         outcome, attempts = chain_attempts(task, rng)
-        chain = synthetic.chain(specification=task.specification, attempts=attempts, constraints=CONSTRAINTS,
-                                start=start + timedelta(seconds=10 * i), rng=rng)
+        chain = synthetic.chain(
+            specification=task.specification,
+            attempts=attempts,
+            constraints=CONSTRAINTS,
+            start=start + timedelta(seconds=10 * i),
+            rng=rng,
+        )
         for artifact in chain:
             synthetic.write(root, artifact)
         everything += chain
@@ -133,9 +165,15 @@ def accepted_rows(store_root: Path) -> list[dict]:
         a = json.loads(path.read_text())
         if a["status"] == "accepted":
             ctx = a["context"]
-            rows.append({"prompt": [{"role": "system", "content": ctx["constraints"]},
-                                    {"role": "user", "content": ctx["specification"]}],
-                         "completion": [{"role": "assistant", "content": a["content"]}]})
+            rows.append(
+                {
+                    "prompt": [
+                        {"role": "system", "content": ctx["constraints"]},
+                        {"role": "user", "content": ctx["specification"]},
+                    ],
+                    "completion": [{"role": "assistant", "content": a["content"]}],
+                }
+            )
     return rows
 
 
@@ -150,15 +188,17 @@ def write_config(work: Path, base_model: str, plan: Plan, *, method: str, state:
     grpo = method == "grpo"
     phases = ""
     if method == "sft+grpo":  # the GRPO cycle's completions, in steps of the shared batch_size
-        phases = (f"grpo_steps = {plan.grpo_steps * plan.grpo_batch_size // plan.batch_size}\n"
-                  f"grpo_learning_rate = {plan.grpo_learning_rate}\n")
+        phases = (
+            f"grpo_steps = {plan.grpo_steps * plan.grpo_batch_size // plan.batch_size}\n"
+            f"grpo_learning_rate = {plan.grpo_learning_rate}\n"
+        )
     text = f"""# Written by bench/learning.py
 [daemon]
 state_dir = "{work / state}"
 
 [[store.sources]]
 kind = "atomicguard"
-path = "{work / 'store'}"
+path = "{work / "store"}"
 
 [selection]
 policy = "all_successes"
@@ -197,8 +237,7 @@ level = "warning"
 
 def lorad_cycle(config_path: Path, label: str) -> dict:
     """One ``lorad train`` cycle; returns its outcome and the version's adapter directory."""
-    from lorad import config, release
-    from lorad import cycle
+    from lorad import config, cycle, release
 
     settings = config.load(config_path)
     started_from = release.open_registry(settings).current()
@@ -207,20 +246,30 @@ def lorad_cycle(config_path: Path, label: str) -> dict:
     def progress(p: dict) -> None:
         if p.get("stage") == "training" and p.get("loss") is not None and p["step"] % 5 == 0:
             reward = f" reward {p['reward']:.2f}" if "reward" in p else ""
-            print(f"  {label} step {p['step']}/{p['total_steps']} loss {p['loss']:.3f}{reward}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {label} step {p['step']}/{p['total_steps']} loss {p['loss']:.3f}{reward}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     outcome = cycle.run_now(settings, on_progress=progress)
     if not outcome.version:
         raise SystemExit(f"{label}: the cycle made no version ({outcome.status}: {outcome.reason})")
     registry = release.open_registry(settings)
-    return {"status": outcome.status, "version": outcome.version, "reason": outcome.reason,
-            "started_from": started_from,
-            "adapter": str(registry.path_of(outcome.version)), "seconds": time.monotonic() - t0,
-            "steps": (outcome.training or {}).get("steps"), "phases": (outcome.training or {}).get("phases"),
-            "metrics": {
-                k: {m: v for m, v in (outcome.metrics or {}).get(k, {}).items() if m != "guard"}
-                for k in ("candidate", "active")}}
+    return {
+        "status": outcome.status,
+        "version": outcome.version,
+        "reason": outcome.reason,
+        "started_from": started_from,
+        "adapter": str(registry.path_of(outcome.version)),
+        "seconds": time.monotonic() - t0,
+        "steps": (outcome.training or {}).get("steps"),
+        "phases": (outcome.training or {}).get("phases"),
+        "metrics": {
+            k: {m: v for m, v in (outcome.metrics or {}).get(k, {}).items() if m != "guard"}
+            for k in ("candidate", "active")
+        },
+    }
 
 
 def plain_sft(model_dir: str, rows: list[dict], out: Path, plan: Plan) -> dict:
@@ -235,18 +284,35 @@ def plain_sft(model_dir: str, rows: list[dict], out: Path, plan: Plan) -> dict:
     torch.manual_seed(plan.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = SFTConfig(output_dir=str(out / "plain-run"), max_steps=plan.steps, per_device_train_batch_size=plan.batch_size,
-                     learning_rate=plan.learning_rate, max_length=plan.max_seq_length, logging_steps=5,
-                     save_strategy="no", report_to=[], seed=plan.seed, use_cpu=not torch.cuda.is_available(),
-                     disable_tqdm=True)
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear",
-                             task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft_config)
+    args = SFTConfig(
+        output_dir=str(out / "plain-run"),
+        max_steps=plan.steps,
+        per_device_train_batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        max_length=plan.max_seq_length,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        seed=plan.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     trainer.model.save_pretrained(out / "plain-adapter")
-    return {"adapter": str(out / "plain-adapter"), "seconds": time.monotonic() - t0, "rows": len(rows),
-            "steps": trainer.state.global_step}
+    return {
+        "adapter": str(out / "plain-adapter"),
+        "seconds": time.monotonic() - t0,
+        "rows": len(rows),
+        "steps": trainer.state.global_step,
+    }
 
 
 def first_attempts(model_dir: str, adapters: dict[str, str | None], tasks: list[Task], plan: Plan) -> dict:
@@ -278,14 +344,26 @@ def first_attempts(model_dir: str, adapters: dict[str, str | None], tasks: list[
     for label, name in names.items():
         t0 = time.monotonic()
         with metrics._active(model, name):
-            answers = metrics.generate(model, tokenizer, prompts, batch_size=plan.eval_batch_size,
-                                       max_new_tokens=plan.max_new_tokens, max_seq_length=plan.max_seq_length)
+            answers = metrics.generate(
+                model,
+                tokenizer,
+                prompts,
+                batch_size=plan.eval_batch_size,
+                max_new_tokens=plan.max_new_tokens,
+                max_seq_length=plan.max_seq_length,
+            )
         verdict = metrics.guard_answers(rows, answers, guard_command(), timeout=20.0)
         k, n = verdict["accepted"], verdict["generated"]
         lo, hi = wilson(k, n)
-        out[label] = {"epsilon": k / n, "accepted": k, "n": n, "ci95": [lo, hi], "seconds": time.monotonic() - t0,
-                      "passed": sorted(g["chain_id"] for g in verdict["guard"] if g["accepted"]),
-                      "examples": [{"task": t.name, "answer": a[:300]} for t, a in list(zip(tasks, answers))[:3]]}
+        out[label] = {
+            "epsilon": k / n,
+            "accepted": k,
+            "n": n,
+            "ci95": [lo, hi],
+            "seconds": time.monotonic() - t0,
+            "passed": sorted(g["chain_id"] for g in verdict["guard"] if g["accepted"]),
+            "examples": [{"task": t.name, "answer": a[:300]} for t, a in list(zip(tasks, answers, strict=True))[:3]],
+        }
     return out
 
 
@@ -319,20 +397,28 @@ def base_model(work: Path, tiny: bool) -> tuple[str, str]:
 
 def run(work: Path, plan: Plan) -> dict:
     t0 = time.monotonic()
-    tasks = learning_tasks.all_tasks(learning_tasks.FAMILIES[:plan.families])
+    tasks = learning_tasks.all_tasks(learning_tasks.FAMILIES[: plan.families])
     store_tasks, unseen = learning_tasks.split_tasks(tasks, plan.unseen_per_family, plan.seed)
     if plan.store_per_family:
         kept: dict[str, int] = {}
-        store_tasks = [t for t in store_tasks if kept.setdefault(t.family, 0) < plan.store_per_family
-                       and not kept.__setitem__(t.family, kept[t.family] + 1)]
+        store_tasks = [
+            t
+            for t in store_tasks
+            if kept.setdefault(t.family, 0) < plan.store_per_family
+            and not kept.__setitem__(t.family, kept[t.family] + 1)
+        ]
     store = write_store(work / "store", store_tasks, plan.seed)
     print(f"store: {store}; unseen tasks: {len(unseen)}", file=sys.stderr, flush=True)
     named, model_dir = base_model(work, plan.tiny)
 
     stages: dict = {"store": store, "unseen_tasks": len(unseen)}
     scores: dict = {}
-    report = {"plan": dataclasses.asdict(plan), "stages": stages, "scores": scores,
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    report = {
+        "plan": dataclasses.asdict(plan),
+        "stages": stages,
+        "scores": scores,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
     def score(label: str, adapter: str | None) -> None:
         # Each model is scored as soon as it exists, and the report rewritten: a run cut
@@ -340,25 +426,42 @@ def run(work: Path, plan: Plan) -> dict:
         scores.update(first_attempts(model_dir, {label: adapter}, unseen, plan))
         report["seconds"] = time.monotonic() - t0
         (work / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"{label}: ε {scores[label]['epsilon']:.3f} ({scores[label]['accepted']}/{scores[label]['n']}), "
-              f"{report['seconds'] / 60:.1f} min so far", file=sys.stderr, flush=True)
+        print(
+            f"{label}: ε {scores[label]['epsilon']:.3f} ({scores[label]['accepted']}/{scores[label]['n']}), "
+            f"{report['seconds'] / 60:.1f} min so far",
+            file=sys.stderr,
+            flush=True,
+        )
 
     score("base", None)
     stages["lorad_sft"] = lorad_cycle(write_config(work, named, plan, method="sft"), "lorad sft")
-    print(f"lorad sft: {stages['lorad_sft']['version']} {stages['lorad_sft']['status']} "
-          f"({stages['lorad_sft']['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"lorad sft: {stages['lorad_sft']['version']} {stages['lorad_sft']['status']} "
+        f"({stages['lorad_sft']['seconds']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     score("lorad SFT", stages["lorad_sft"]["adapter"])
     stages["plain_sft"] = plain_sft(model_dir, accepted_rows(work / "store"), work, plan)
     print(f"plain trl sft: {stages['plain_sft']['seconds']:.0f} s", file=sys.stderr, flush=True)
     score("plain trl SFT", stages["plain_sft"]["adapter"])
     stages["lorad_grpo"] = lorad_cycle(write_config(work, named, plan, method="grpo"), "lorad grpo")
-    print(f"lorad grpo: {stages['lorad_grpo']['version']} {stages['lorad_grpo']['status']} "
-          f"({stages['lorad_grpo']['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"lorad grpo: {stages['lorad_grpo']['version']} {stages['lorad_grpo']['status']} "
+        f"({stages['lorad_grpo']['seconds']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     score("lorad GRPO", stages["lorad_grpo"]["adapter"])
-    stages["lorad_sft_grpo"] = lorad_cycle(write_config(work, named, plan, method="sft+grpo", state="state-sft-grpo"),
-                                           "lorad sft+grpo")
-    print(f"lorad sft+grpo: {stages['lorad_sft_grpo']['version']} {stages['lorad_sft_grpo']['status']} "
-          f"({stages['lorad_sft_grpo']['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    stages["lorad_sft_grpo"] = lorad_cycle(
+        write_config(work, named, plan, method="sft+grpo", state="state-sft-grpo"), "lorad sft+grpo"
+    )
+    print(
+        f"lorad sft+grpo: {stages['lorad_sft_grpo']['version']} {stages['lorad_sft_grpo']['status']} "
+        f"({stages['lorad_sft_grpo']['seconds']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     score("lorad SFT+GRPO", stages["lorad_sft_grpo"]["adapter"])
 
     lorad = {"lorad SFT": "lorad_sft", "lorad GRPO": "lorad_grpo", "lorad SFT+GRPO": "lorad_sft_grpo"}
@@ -375,28 +478,39 @@ def run(work: Path, plan: Plan) -> dict:
 
 def table(report: dict) -> str:
     stages, scores = report["stages"], report["scores"]
-    notes = {"base": "no training",
-             "plain trl SFT": f"{stages['plain_sft']['rows']} accepted answers, first-attempt prompt",
-             "lorad SFT": f"{stages['lorad_sft']['version']} {stages['lorad_sft']['status']}",
-             "lorad GRPO": f"{stages['lorad_grpo']['version']} {stages['lorad_grpo']['status']}, "
-                           f"warm-started from {stages['lorad_grpo']['started_from'] or 'nothing (the base)'}",
-             "lorad SFT+GRPO": f"{stages['lorad_sft_grpo']['version']} {stages['lorad_sft_grpo']['status']}, "
-                               f"one job from the base: " + ", ".join(
-                                   f"{p['method']} {p['steps']} steps" for p in stages["lorad_sft_grpo"]["phases"])}
-    lines = [f"First-attempt acceptance on {stages['unseen_tasks']} tasks never in the store "
-             f"({stages['store']['tasks']} store tasks: {stages['store']['first_try']} first-try, "
-             f"{stages['store']['refined']} refined, {stages['store']['exhausted']} exhausted)", "",
-             "| model | ε | 95% Wilson | accepted | note |", "|---|---|---|---|---|"]
+    notes = {
+        "base": "no training",
+        "plain trl SFT": f"{stages['plain_sft']['rows']} accepted answers, first-attempt prompt",
+        "lorad SFT": f"{stages['lorad_sft']['version']} {stages['lorad_sft']['status']}",
+        "lorad GRPO": f"{stages['lorad_grpo']['version']} {stages['lorad_grpo']['status']}, "
+        f"warm-started from {stages['lorad_grpo']['started_from'] or 'nothing (the base)'}",
+        "lorad SFT+GRPO": f"{stages['lorad_sft_grpo']['version']} {stages['lorad_sft_grpo']['status']}, "
+        f"one job from the base: "
+        + ", ".join(f"{p['method']} {p['steps']} steps" for p in stages["lorad_sft_grpo"]["phases"]),
+    }
+    lines = [
+        f"First-attempt acceptance on {stages['unseen_tasks']} tasks never in the store "
+        f"({stages['store']['tasks']} store tasks: {stages['store']['first_try']} first-try, "
+        f"{stages['store']['refined']} refined, {stages['store']['exhausted']} exhausted)",
+        "",
+        "| model | ε | 95% Wilson | accepted | note |",
+        "|---|---|---|---|---|",
+    ]
     for label, s in scores.items():
         lo, hi = s["ci95"]
-        lines.append(f"| {label} | {s['epsilon']:.3f} | {lo:.3f}-{hi:.3f} | {s['accepted']}/{s['n']} | "
-                     f"{notes[label]} |")
+        lines.append(
+            f"| {label} | {s['epsilon']:.3f} | {lo:.3f}-{hi:.3f} | {s['accepted']}/{s['n']} | {notes[label]} |"
+        )
     best, margin = report["best_lorad"], report["margin_over_plain"]
     e = scores[best]["epsilon"]
-    lines += ["", f"best lorad method (of the versions its gate promoted): {best}, {margin * 100:+.1f} points over the plain recipe "
-                  f"(target >= +5: {'met' if margin >= 0.05 else f'missed by {(0.05 - margin) * 100:.1f}'}); "
-                  f"ε {e:.3f} (target >= 0.85: {'met' if e >= 0.85 else f'missed by {(0.85 - e) * 100:.1f} points'})",
-              f"run: {report['seconds'] / 60:.1f} min"]
+    lines += [
+        "",
+        f"best lorad method (of the versions its gate promoted): {best}, "
+        f"{margin * 100:+.1f} points over the plain recipe "
+        f"(target >= +5: {'met' if margin >= 0.05 else f'missed by {(0.05 - margin) * 100:.1f}'}); "
+        f"ε {e:.3f} (target >= 0.85: {'met' if e >= 0.85 else f'missed by {(0.85 - e) * 100:.1f} points'})",
+        f"run: {report['seconds'] / 60:.1f} min",
+    ]
     return "\n".join(lines)
 
 
@@ -412,9 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON after the table")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    overrides = {k: v for k, v in (("steps", args.steps), ("grpo_steps", args.grpo_steps),
-                                   ("learning_rate", args.learning_rate),
-                                   ("grpo_learning_rate", args.grpo_learning_rate)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("steps", args.steps),
+            ("grpo_steps", args.grpo_steps),
+            ("learning_rate", args.learning_rate),
+            ("grpo_learning_rate", args.grpo_learning_rate),
+        )
+        if v is not None
+    }
     plan = dataclasses.replace(plan, **overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -54,8 +54,12 @@ def rows(n: int, prompt_words: int, answer_lines: int, seed: int = 0) -> list[di
         words = " ".join(f"w{rng.randint(0, 999)}" for _ in range(rng.randint(prompt_words // 2, prompt_words)))
         lines = rng.randint(max(1, answer_lines // 3), answer_lines)
         body = "\n".join(f"    x{j} = x{j - 1} + {rng.randint(0, 99)}" if j else "    x0 = n" for j in range(lines))
-        out.append({"prompt": [{"role": "user", "content": f"Write f{i}(n). Earlier attempts failed: {words}"}],
-                    "completion": [{"role": "assistant", "content": f"def f{i}(n):\n{body}\n    return x{lines - 1}"}]})
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"Write f{i}(n). Earlier attempts failed: {words}"}],
+                "completion": [{"role": "assistant", "content": f"def f{i}(n):\n{body}\n    return x{lines - 1}"}],
+            }
+        )
     return out
 
 
@@ -92,8 +96,7 @@ def main() -> int:
     if args.model == "tiny":
         from lorad.training.tiny import build_tiny_model
 
-        model_dir = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", hidden_size=64, layers=2,
-                                         vocab_size=512))
+        model_dir = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", hidden_size=64, layers=2, vocab_size=512))
     else:
         from lorad.training.base_model import resolve, smollm2_gguf
 
@@ -108,9 +111,19 @@ def main() -> int:
     packing = not args.no_packing
     data = rows(args.batch * (args.steps + 2), prompt_words=args.seq // 5, answer_lines=args.seq // 30)
     train_args = lora.training_arguments(
-        "sft", output_dir=tempfile.mkdtemp(), prec=prec, learning_rate=2e-4, max_steps=args.steps,
-        epochs=1.0, batch_size=args.batch, grad_accum=1, max_seq_length=args.seq, save_steps=10**6,
-        seed=0, packing=packing)
+        "sft",
+        output_dir=tempfile.mkdtemp(),
+        prec=prec,
+        learning_rate=2e-4,
+        max_steps=args.steps,
+        epochs=1.0,
+        batch_size=args.batch,
+        grad_accum=1,
+        max_seq_length=args.seq,
+        save_steps=10**6,
+        seed=0,
+        packing=packing,
+    )
     steps: list[dict] = []
 
     class Probe(transformers.TrainerCallback):
@@ -121,8 +134,15 @@ def main() -> int:
 
         def on_step_end(self, a, state, control, **kw):
             s = status()
-            steps.append({"step": state.global_step, "rss_start": self.start, "peak": s["VmHWM"],
-                          "backbone_forward": self.backbone, "rss_end": s["VmRSS"]})
+            steps.append(
+                {
+                    "step": state.global_step,
+                    "rss_start": self.start,
+                    "peak": s["VmHWM"],
+                    "backbone_forward": self.backbone,
+                    "rss_end": s["VmRSS"],
+                }
+            )
 
     probe = Probe()
     trainer = lora.trainer("sft", model, tokenizer, lora.dataset(data, "sft"), train_args, [probe])
@@ -149,30 +169,51 @@ def main() -> int:
         encoded = [encode_example(tokenizer, r, args.seq) for r in heldout]
         score_loss(model, tokenizer, encoded, batch_size=args.eval_batch)
         mark("held-out loss")
-        generate(model, tokenizer, [r["prompt"] for r in heldout], batch_size=args.eval_batch, max_new_tokens=64,
-                 max_seq_length=args.seq)
+        generate(
+            model,
+            tokenizer,
+            [r["prompt"] for r in heldout],
+            batch_size=args.eval_batch,
+            max_new_tokens=64,
+            max_seq_length=args.seq,
+        )
         mark("generation (64 new tokens)")
         evaluated = {"eval_batch": args.eval_batch}
 
-    report = {"model": args.model, "batch": args.batch, "seq": args.seq, "packing": packing,
-              "checkpointing": args.checkpointing, "completion_head": head, "threads": threads, "tokens": tokens,
-              "tokens_per_s": tokens / seconds, "phases": [
-                  {"phase": n, "rss": r, "peak": h} for n, r, h in phases], "steps": steps,
-              **evaluated, "process_peak": status()["VmHWM"]}
+    report = {
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "packing": packing,
+        "checkpointing": args.checkpointing,
+        "completion_head": head,
+        "threads": threads,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "phases": [{"phase": n, "rss": r, "peak": h} for n, r, h in phases],
+        "steps": steps,
+        **evaluated,
+        "process_peak": status()["VmHWM"],
+    }
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{args.model}: batch {args.batch}, seq {args.seq}, packing {packing}, gradient checkpointing "
-          f"{args.checkpointing}, completion head {head}, {threads} torch thread(s); {tokens / seconds:.0f} tokens/s")
+    print(
+        f"{args.model}: batch {args.batch}, seq {args.seq}, packing {packing}, gradient checkpointing "
+        f"{args.checkpointing}, completion head {head}, {threads} torch thread(s); {tokens / seconds:.0f} tokens/s"
+    )
     before = 0
     for name, rss, peak in phases:
-        print(f"  {name:52s} rss {rss / MiB:7.0f} MiB (+{(rss - before) / MiB:6.0f})  peak during "
-              f"{peak / MiB:7.0f} MiB")
+        print(
+            f"  {name:52s} rss {rss / MiB:7.0f} MiB (+{(rss - before) / MiB:6.0f})  peak during {peak / MiB:7.0f} MiB"
+        )
         before = rss
     for s in steps:
         bb = (s["backbone_forward"] - s["rss_start"]) / MiB if s["backbone_forward"] else float("nan")
-        print(f"  step {s['step']}: start {s['rss_start'] / MiB:.0f} MiB, after the backbone forward +{bb:.0f} MiB, "
-              f"peak +{(s['peak'] - s['rss_start']) / MiB:.0f} MiB, end {s['rss_end'] / MiB:.0f} MiB")
+        print(
+            f"  step {s['step']}: start {s['rss_start'] / MiB:.0f} MiB, after the backbone forward +{bb:.0f} MiB, "
+            f"peak +{(s['peak'] - s['rss_start']) / MiB:.0f} MiB, end {s['rss_end'] / MiB:.0f} MiB"
+        )
     return 0
 
 

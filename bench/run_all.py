@@ -57,6 +57,7 @@ NUM = r"([\d,]+(?:\.\d+)?)"
 
 # -- one parser per script: its stdout -> rows ---------------------------------------------------
 
+
 def parse_ingest(out: str) -> list[Row]:
     (ceiling,) = grab(rf"ceiling .*?:\s+{NUM} artifacts/s", out)
     (rate,) = grab(rf"lorad ingest .*?:\s+{NUM} artifacts/s", out)
@@ -66,55 +67,123 @@ def parse_ingest(out: str) -> list[Row]:
     (n,) = grab(rf"ingest benchmark: {NUM} AtomicGuard", out)
     ratio = rate / ceiling
     return [
-        Row(f"ingest throughput, first scan of {n:,.0f} artifact files (synchronous=full)",
-            f"{rate:,.0f} artifacts/s", f"parse ceiling (read + json.loads, no DB): {ceiling:,.0f} artifacts/s",
-            f"{ratio:.2f}", ">= 0.50 of the ceiling", ratio >= 0.5),
-        Row("the same first scan with synchronous=normal (its end not synced either)", f"{normal:,.0f} artifacts/s",
-            f"parse ceiling: {ceiling:,.0f} artifacts/s", f"{normal / ceiling:.2f}", "", None),
-        Row("rescan of the unchanged store", f"{rescan:,.0f} artifacts/s",
-            f"parse ceiling: {ceiling:,.0f} artifacts/s", f"{rescan / ceiling:.1f}", "", None),
-        Row("the database alone: the same batches parsed beforehand, only written (the bound on ingest)",
-            f"{written:,.0f} artifacts/s", f"parse ceiling: {ceiling:,.0f} artifacts/s",
-            f"{written / ceiling:.2f}", "", None),
+        Row(
+            f"ingest throughput, first scan of {n:,.0f} artifact files (synchronous=full)",
+            f"{rate:,.0f} artifacts/s",
+            f"parse ceiling (read + json.loads, no DB): {ceiling:,.0f} artifacts/s",
+            f"{ratio:.2f}",
+            ">= 0.50 of the ceiling",
+            ratio >= 0.5,
+        ),
+        Row(
+            "the same first scan with synchronous=normal (its end not synced either)",
+            f"{normal:,.0f} artifacts/s",
+            f"parse ceiling: {ceiling:,.0f} artifacts/s",
+            f"{normal / ceiling:.2f}",
+            "",
+            None,
+        ),
+        Row(
+            "rescan of the unchanged store",
+            f"{rescan:,.0f} artifacts/s",
+            f"parse ceiling: {ceiling:,.0f} artifacts/s",
+            f"{rescan / ceiling:.1f}",
+            "",
+            None,
+        ),
+        Row(
+            "the database alone: the same batches parsed beforehand, only written (the bound on ingest)",
+            f"{written:,.0f} artifacts/s",
+            f"parse ceiling: {ceiling:,.0f} artifacts/s",
+            f"{written / ceiling:.2f}",
+            "",
+            None,
+        ),
     ]
 
 
 def parse_sampling(out: str) -> list[Row]:
-    mix, total, base = grab(rf"replay mix of 2,000 from {NUM} examples: {NUM} ms.*ORDER BY RANDOM\(\): {NUM} ms",
-                            out, 2, 1, 3)
+    mix, total, base = grab(
+        rf"replay mix of 2,000 from {NUM} examples: {NUM} ms.*ORDER BY RANDOM\(\): {NUM} ms", out, 2, 1, 3
+    )
     (snap,) = grab(rf"build_snapshot, 2,000 SFT rows .*?: {NUM} ms", out)
     lines, exp_s, floor_s = grab(rf"export of {NUM} chat examples: {NUM} s .*floor .*?: {NUM} s", out, 1, 2, 3)
-    n_refresh, refresh_s, per_us = grab(rf"refresh: {NUM} chains -> examples in {NUM} s \({NUM} us per example",
-                                        out, 1, 2, 3)
+    n_refresh, refresh_s, per_us = grab(
+        rf"refresh: {NUM} chains -> examples in {NUM} s \({NUM} us per example", out, 1, 2, 3
+    )
     return [
-        Row(f"replay mix: 2,000 examples drawn from {total:,.0f}", f"{mix:.1f} ms",
-            f"ORDER BY RANDOM() over the same pool: {base:.1f} ms", f"{base / mix:.1f}x faster", "< 100 ms",
-            mix < 100),
-        Row(f"build_snapshot of 2,000 SFT rows from {total:,.0f} (draw + load + format)", f"{snap:.0f} ms",
-            f"replay draw alone: {mix:.1f} ms", f"{snap / mix:.1f}x the draw", "", None),
-        Row(f"export of {lines:,.0f} chat examples to JSONL", f"{exp_s:.1f} s ({lines / exp_s:,.0f}/s)",
-            f"floor (read rows + json.dumps, no formatting): {floor_s:.1f} s", f"{exp_s / floor_s:.1f}x the floor",
-            "", None),
-        Row(f"examples refresh (MinHash, LSH, split, dedup) of {n_refresh:,.0f} chains", f"{per_us:.0f} us/example",
-            "", "", "", None),
+        Row(
+            f"replay mix: 2,000 examples drawn from {total:,.0f}",
+            f"{mix:.1f} ms",
+            f"ORDER BY RANDOM() over the same pool: {base:.1f} ms",
+            f"{base / mix:.1f}x faster",
+            "< 100 ms",
+            mix < 100,
+        ),
+        Row(
+            f"build_snapshot of 2,000 SFT rows from {total:,.0f} (draw + load + format)",
+            f"{snap:.0f} ms",
+            f"replay draw alone: {mix:.1f} ms",
+            f"{snap / mix:.1f}x the draw",
+            "",
+            None,
+        ),
+        Row(
+            f"export of {lines:,.0f} chat examples to JSONL",
+            f"{exp_s:.1f} s ({lines / exp_s:,.0f}/s)",
+            f"floor (read rows + json.dumps, no formatting): {floor_s:.1f} s",
+            f"{exp_s / floor_s:.1f}x the floor",
+            "",
+            None,
+        ),
+        Row(
+            f"examples refresh (MinHash, LSH, split, dedup) of {n_refresh:,.0f} chains",
+            f"{per_us:.0f} us/example",
+            "",
+            "",
+            "",
+            None,
+        ),
     ]
 
 
 def parse_train(out: str) -> list[Row]:
     rows, labels = [], []
-    pattern = (rf"^(.+?): baseline trl script {NUM} tokens/s .*?lorad worker {NUM} tokens/s .*?; ratio {NUM}")
+    pattern = rf"^(.+?): baseline trl script {NUM} tokens/s .*?lorad worker {NUM} tokens/s .*?; ratio {NUM}"
     for m in re.finditer(pattern, out, re.M):
         label, base, mine, ratio = m.group(1), *(float(m.group(i).replace(",", "")) for i in (2, 3, 4))
         labels.append(label)
-        rows.append(Row(f"training tokens/s, {label}, lorad worker (CPU)", f"{mine:,.0f} tokens/s",
-                        f"plain trl SFTTrainer script: {base:,.0f} tokens/s", f"{ratio:.3f}", ">= 0.95", ratio >= 0.95))
-    for m, label in zip(re.finditer(rf"lorad defaults \(packing, completion-only LM head\): {NUM} tokens/s vs the "
-                                    rf"padded default before them {NUM}: x{NUM}", out), labels):
+        rows.append(
+            Row(
+                f"training tokens/s, {label}, lorad worker (CPU)",
+                f"{mine:,.0f} tokens/s",
+                f"plain trl SFTTrainer script: {base:,.0f} tokens/s",
+                f"{ratio:.3f}",
+                ">= 0.95",
+                ratio >= 0.95,
+            )
+        )
+    for m, label in zip(  # a packing line for each model measured above, in its order
+        re.finditer(
+            rf"lorad defaults \(packing, completion-only LM head\): {NUM} tokens/s vs the "
+            rf"padded default before them {NUM}: x{NUM}",
+            out,
+        ),
+        labels,
+        strict=False,
+    ):
         new, padded, speedup = (float(m.group(i).replace(",", "")) for i in (1, 2, 3))
         smollm2 = "SmolLM2" in label
-        rows.append(Row(f"lorad defaults (packing, completion-only LM head) on mixed-length rows, {label}",
-                        f"{new:,.0f} tokens/s", f"padded batches, the default before: {padded:,.0f} tokens/s",
-                        f"{speedup:.2f}", ">= 1.3" if smollm2 else "", speedup >= 1.3 if smollm2 else None))
+        rows.append(
+            Row(
+                f"lorad defaults (packing, completion-only LM head) on mixed-length rows, {label}",
+                f"{new:,.0f} tokens/s",
+                f"padded batches, the default before: {padded:,.0f} tokens/s",
+                f"{speedup:.2f}",
+                ">= 1.3" if smollm2 else "",
+                speedup >= 1.3 if smollm2 else None,
+            )
+        )
     if not rows:
         raise Missing("no training comparison in the output")
     return rows
@@ -129,22 +198,45 @@ def parse_daemon(out: str) -> list[Row]:
     tr50, tr99 = f["status_training_p50_ms"], f["status_training_p99_ms"]
     return [
         Row("`lorad status` round-trip, idle daemon", f"p50 {idle50:.2f} ms, p99 {idle99:.2f} ms", "", "", "", None),
-        Row("`lorad status` round-trip while a job trains", f"p50 {tr50:.2f} ms, p99 {tr99:.2f} ms",
-            f"idle: p99 {idle99:.2f} ms", f"{tr99 / idle99:.2f} (p99)", "p99 < 50 ms", tr99 < 50),
-        Row("daemon resident memory, idle", f"{f['daemon_rss_mb']:.1f} MB",
+        Row(
+            "`lorad status` round-trip while a job trains",
+            f"p50 {tr50:.2f} ms, p99 {tr99:.2f} ms",
+            f"idle: p99 {idle99:.2f} ms",
+            f"{tr99 / idle99:.2f} (p99)",
+            "p99 < 50 ms",
+            tr99 < 50,
+        ),
+        Row(
+            "daemon resident memory, idle",
+            f"{f['daemon_rss_mb']:.1f} MB",
             f"bare python interpreter: {f['bare_python_rss_mb']:.1f} MB",
-            f"{f['daemon_rss_mb'] / f['bare_python_rss_mb']:.1f}", "< 100 MB, torch not imported",
-            f["daemon_rss_mb"] < 100 and not f["torch_loaded"]),
-        Row("artifact-to-buffer latency (file renamed into the store -> row in SQLite)",
+            f"{f['daemon_rss_mb'] / f['bare_python_rss_mb']:.1f}",
+            "< 100 MB, torch not imported",
+            f["daemon_rss_mb"] < 100 and not f["torch_loaded"],
+        ),
+        Row(
+            "artifact-to-buffer latency (file renamed into the store -> row in SQLite)",
             f"p50 {f['artifact_p50_ms']:.0f} ms, p99 {f['artifact_p99_ms']:.0f} ms",
             f"in-process ingest of one file: {f['direct_ingest_ms']:.1f} ms",
-            f"{f['artifact_p50_ms'] / f['direct_ingest_ms']:.1f} (p50)", "p99 < 1000 ms", f["artifact_p99_ms"] < 1000),
-    ] + ([
-        Row(f"daemon resident memory after a burst of {f['burst_files']:,} artifact files (settled; peak during it)",
-            f"{f['burst_settled_rss_mb']:.1f} MB (peak {f['burst_peak_rss_mb']:.1f} MB)",
-            f"idle before: {f['daemon_rss_mb']:.1f} MB", f"{f['burst_settled_rss_mb'] / f['daemon_rss_mb']:.1f}",
-            f"settled < {BURST_RSS_TARGET_MB} MB", f["burst_settled_rss_mb"] < BURST_RSS_TARGET_MB),
-    ] if "burst_files" in f else [])
+            f"{f['artifact_p50_ms'] / f['direct_ingest_ms']:.1f} (p50)",
+            "p99 < 1000 ms",
+            f["artifact_p99_ms"] < 1000,
+        ),
+    ] + (
+        [
+            Row(
+                f"daemon resident memory after a burst of {f['burst_files']:,} artifact files "
+                "(settled; peak during it)",
+                f"{f['burst_settled_rss_mb']:.1f} MB (peak {f['burst_peak_rss_mb']:.1f} MB)",
+                f"idle before: {f['daemon_rss_mb']:.1f} MB",
+                f"{f['burst_settled_rss_mb'] / f['daemon_rss_mb']:.1f}",
+                f"settled < {BURST_RSS_TARGET_MB} MB",
+                f["burst_settled_rss_mb"] < BURST_RSS_TARGET_MB,
+            ),
+        ]
+        if "burst_files" in f
+        else []
+    )
 
 
 def parse_evaluation(out: str) -> list[Row]:
@@ -154,13 +246,30 @@ def parse_evaluation(out: str) -> list[Row]:
     l1, lb = grab(rf"loss\s+one at a time\s+{NUM} s\s+batched\s+{NUM} s", out, 1, 2)
     g1, gp = grab(rf"guards\s+one at a time\s+{NUM} s\s+parallel\s+{NUM} s", out, 1, 2)
     return [
-        Row(f"held-out generation, {n} prompts, batched ({model})", f"{batched:.2f} s",
-            f"one prompt at a time: {single:.2f} s", f"{single / batched:.2f}x faster",
-            f"same greedy answers ({same})", same.split("/")[0] == same.split("/")[1]),
-        Row(f"held-out loss, {n} examples, batched", f"{lb:.2f} s", f"one at a time: {l1:.2f} s",
-            f"{l1 / lb:.2f}x faster", "", None),
-        Row(f"guards on {n} answers, parallel", f"{gp:.2f} s", f"one after another: {g1:.2f} s",
-            f"{g1 / gp:.2f}x faster", "", None),
+        Row(
+            f"held-out generation, {n} prompts, batched ({model})",
+            f"{batched:.2f} s",
+            f"one prompt at a time: {single:.2f} s",
+            f"{single / batched:.2f}x faster",
+            f"same greedy answers ({same})",
+            same.split("/")[0] == same.split("/")[1],
+        ),
+        Row(
+            f"held-out loss, {n} examples, batched",
+            f"{lb:.2f} s",
+            f"one at a time: {l1:.2f} s",
+            f"{l1 / lb:.2f}x faster",
+            "",
+            None,
+        ),
+        Row(
+            f"guards on {n} answers, parallel",
+            f"{gp:.2f} s",
+            f"one after another: {g1:.2f} s",
+            f"{g1 / gp:.2f}x faster",
+            "",
+            None,
+        ),
     ]
 
 
@@ -175,11 +284,20 @@ class Bench:
 
 BENCHES = [
     Bench("ingest", ["bench/ingest.py"], ["--artifacts", "2000", "--repeat", "1"], parse_ingest),
-    Bench("sampling", ["bench/sampling.py"], ["--examples", "50000", "--export", "5000", "--refresh", "2000"],
-          parse_sampling),
+    Bench(
+        "sampling",
+        ["bench/sampling.py"],
+        ["--examples", "50000", "--export", "5000", "--refresh", "2000"],
+        parse_sampling,
+    ),
     Bench("train", ["bench/train.py"], ["--steps", "4", "--repeats", "1", "--no-smollm2"], parse_train),
-    Bench("daemon", ["bench/daemon.py"], ["--requests", "100", "--artifacts", "10", "--burst", "2000"], parse_daemon,
-          {"BENCH_JSON": "1"}),
+    Bench(
+        "daemon",
+        ["bench/daemon.py"],
+        ["--requests", "100", "--artifacts", "10", "--burst", "2000"],
+        parse_daemon,
+        {"BENCH_JSON": "1"},
+    ),
     Bench("evaluation", ["bench/evaluation.py"], ["--samples", "8", "--new-tokens", "8"], parse_evaluation),
 ]
 
@@ -195,14 +313,29 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    versions = subprocess.run([sys.executable, "-c", "import torch, transformers, trl, peft; print(torch.__version__,"
-                               " transformers.__version__, trl.__version__, peft.__version__)"],
-                              capture_output=True, text=True).stdout.split()
+    versions = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, transformers, trl, peft; print(torch.__version__,"
+            " transformers.__version__, trl.__version__, peft.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     torch_v, tf_v, trl_v, peft_v = (versions + ["?"] * 4)[:4]
-    return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": torch_v, "transformers": tf_v, "trl": trl_v, "peft": peft_v,
-            "load_at_start": os.getloadavg()[0]}
+    return {
+        "cpu": cpu or "unknown",
+        "cores": os.cpu_count(),
+        "memory_gib": psutil.virtual_memory().total / 2**30,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch_v,
+        "transformers": tf_v,
+        "trl": trl_v,
+        "peft": peft_v,
+        "load_at_start": os.getloadavg()[0],
+    }
 
 
 def run(bench: Bench, quick: bool) -> dict:
@@ -214,8 +347,14 @@ def run(bench: Bench, quick: bool) -> dict:
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - t
     sys.stdout.write(proc.stdout if not bench.env else "\n".join(proc.stdout.splitlines()[:-1]) + "\n")
-    entry = {"name": bench.name, "command": ("BENCH_JSON=1 " if bench.env else "") + shown, "seconds": seconds,
-             "rows": [], "error": None, "output": proc.stdout}
+    entry = {
+        "name": bench.name,
+        "command": ("BENCH_JSON=1 " if bench.env else "") + shown,
+        "seconds": seconds,
+        "rows": [],
+        "error": None,
+        "output": proc.stdout,
+    }
     if proc.returncode != 0:
         entry["error"] = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}"
         sys.stderr.write(proc.stderr[-3000:])
@@ -241,24 +380,35 @@ def kept_sections(path: Path) -> str:
         if start < 0:
             continue
         end = text.find("\n## ", start + 1)
-        kept.append(text[start + 1:end + 1] if end > 0 else text[start + 1:] + "\n")
+        kept.append(text[start + 1 : end + 1] if end > 0 else text[start + 1 :] + "\n")
     return "".join(kept)
 
 
 def render(results: list[dict], info: dict, quick: bool, started: datetime) -> str:
-    out = ["# lorad benchmarks", "",
-           f"Generated by `make bench` (`{PY} bench/run_all.py{' --quick' if quick else ''}`) on "
-           f"{started:%Y-%m-%d %H:%M} UTC. Every ratio compares lorad with a baseline measured in the same "
-           "process run, on the same machine, at the same time; tests check behaviour, these check cost.",
-           "", "## Machine", "",
-           f"- CPU: {info['cpu']}, {info['cores']} cores; memory {info['memory_gib']:.1f} GiB; no GPU used",
-           f"- {info['os']}; Python {info['python']}; torch {info['torch']}, transformers {info['transformers']}, "
-           f"trl {info['trl']}, peft {info['peft']}",
-           f"- load average when the run started: {info['load_at_start']:.1f} (the machine is shared: other work "
-           "running at the same time slows both sides of each comparison)", ""]
+    out = [
+        "# lorad benchmarks",
+        "",
+        f"Generated by `make bench` (`{PY} bench/run_all.py{' --quick' if quick else ''}`) on "
+        f"{started:%Y-%m-%d %H:%M} UTC. Every ratio compares lorad with a baseline measured in the same "
+        "process run, on the same machine, at the same time; tests check behaviour, these check cost.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {info['cpu']}, {info['cores']} cores; memory {info['memory_gib']:.1f} GiB; no GPU used",
+        f"- {info['os']}; Python {info['python']}; torch {info['torch']}, transformers {info['transformers']}, "
+        f"trl {info['trl']}, peft {info['peft']}",
+        f"- load average when the run started: {info['load_at_start']:.1f} (the machine is shared: other work "
+        "running at the same time slows both sides of each comparison)",
+        "",
+    ]
     if quick:
         out += ["**Quick run: shrunken workloads, not the published figures.**", ""]
-    out += ["## Figures", "", "| figure | lorad | baseline (same run) | ratio | target | met |", "|---|---|---|---|---|---|"]
+    out += [
+        "## Figures",
+        "",
+        "| figure | lorad | baseline (same run) | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         for row in r["rows"]:
             met = "" if row.met is None else ("yes" if row.met else "**no**")
@@ -271,12 +421,23 @@ def render(results: list[dict], info: dict, quick: bool, started: datetime) -> s
     missed = [row for r in results for row in r["rows"] if row.met is False]
     out += ["", "## Targets missed", ""]
     out += [f"- {row.figure}: {row.value} (target {row.target})" for row in missed] or ["None among the rows above."]
-    out += ["", "The hand-measured sections (" + ", ".join(HAND_SECTIONS) + ") state their own targets "
-            "and whether they were met."]
+    out += [
+        "",
+        "The hand-measured sections (" + ", ".join(HAND_SECTIONS) + ") state their own targets "
+        "and whether they were met.",
+    ]
     out += ["", "## Raw output", ""]
     for r in results:
-        out += [f"### {r['name']}", "", "```", r["output"].rstrip() if not r["command"].startswith("BENCH_JSON")
-                else "\n".join(r["output"].rstrip().splitlines()[:-1]), "```", ""]
+        out += [
+            f"### {r['name']}",
+            "",
+            "```",
+            r["output"].rstrip()
+            if not r["command"].startswith("BENCH_JSON")
+            else "\n".join(r["output"].rstrip().splitlines()[:-1]),
+            "```",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -291,8 +452,9 @@ def main(argv=None) -> int:
     chosen = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
     results = [run(b, args.quick) for b in chosen]
     text = render(results, info, args.quick, started)
-    Path(args.output).write_text(text.replace("\n## Reproduce", kept_sections(Path(args.output)) + "## Reproduce", 1)
-                                 + "\n")
+    Path(args.output).write_text(
+        text.replace("\n## Reproduce", kept_sections(Path(args.output)) + "## Reproduce", 1) + "\n"
+    )
     print(f"wrote {args.output}")
     failed = [r["name"] for r in results if r["error"]]
     if failed:

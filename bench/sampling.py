@@ -17,7 +17,6 @@ into the artifacts/chains tables, then materialised by `examples.refresh` for th
 
 from __future__ import annotations
 
-
 import argparse
 import dataclasses
 import json
@@ -47,18 +46,55 @@ def fill(buffer: Buffer, n_chains: int, start: int = 0) -> None:
         words = " ".join(rng.choice(VOCAB) for _ in range(8))  # tasks differ in more than a number
         spec = f"Write f{c}(xs) that returns the sum of the first {c % 97} items of xs ({words})."
         ts = 1.7e9 + c
-        for k, (status, body, feedback) in enumerate((
-                ("rejected", f"def f{c}(xs):\n    return sum(xs[:{c % 97 + 1}])\n", f"f{c}([1]*200) returned {c % 97 + 1}"),
-                ("accepted", f"def f{c}(xs):\n    return sum(xs[:{c % 97}])\n", "All tests passed"))):
-            art.append(("bench", f"{chain_id}/{k}", f"{chain_id}-{k}", f"w{c}", "g_coder", None,
-                        f"{chain_id}-{k - 1}" if k else None, k + 1, status, None, ts + k, body,
-                        int(status == "accepted"), 0, feedback, None, spec, "Return only Python code.",
-                        None, None, "generated", None, None, None, f"h{c}-{k}", chain_id, now, now))
+        for k, (status, body, feedback) in enumerate(
+            (
+                (
+                    "rejected",
+                    f"def f{c}(xs):\n    return sum(xs[:{c % 97 + 1}])\n",
+                    f"f{c}([1]*200) returned {c % 97 + 1}",
+                ),
+                ("accepted", f"def f{c}(xs):\n    return sum(xs[:{c % 97}])\n", "All tests passed"),
+            )
+        ):
+            art.append(
+                (
+                    "bench",
+                    f"{chain_id}/{k}",
+                    f"{chain_id}-{k}",
+                    f"w{c}",
+                    "g_coder",
+                    None,
+                    f"{chain_id}-{k - 1}" if k else None,
+                    k + 1,
+                    status,
+                    None,
+                    ts + k,
+                    body,
+                    int(status == "accepted"),
+                    0,
+                    feedback,
+                    None,
+                    spec,
+                    "Return only Python code.",
+                    None,
+                    None,
+                    "generated",
+                    None,
+                    None,
+                    None,
+                    f"h{c}-{k}",
+                    chain_id,
+                    now,
+                    now,
+                )
+            )
         chains.append((chain_id, "bench", f"w{c}", "g_coder", 2, 1, None, "refined", spec, ts, ts + 1, now))
-    cols = ("source, locator, artifact_id, workflow_id, action_pair_id, parent_action_pair_id, previous_attempt_id, "
-            "attempt_number, status, created_at, created_ts, content, passed, fatal, feedback, sub_results, "
-            "specification, constraints, feedback_history, dependency_artifacts, origin, metadata, messages, score, "
-            "content_hash, chain_id, ingested_at, updated_at")
+    cols = (
+        "source, locator, artifact_id, workflow_id, action_pair_id, parent_action_pair_id, previous_attempt_id, "
+        "attempt_number, status, created_at, created_ts, content, passed, fatal, feedback, sub_results, "
+        "specification, constraints, feedback_history, dependency_artifacts, origin, metadata, messages, score, "
+        "content_hash, chain_id, ingested_at, updated_at"
+    )
     with buffer.transaction() as conn:
         conn.executemany(f"INSERT INTO artifacts ({cols}) VALUES ({', '.join('?' * 28)})", art)
         conn.executemany("INSERT INTO chains VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", chains)
@@ -74,13 +110,35 @@ def bulk_examples(buffer: Buffer, first_chain: int, n: int) -> None:
         for c in range(first_chain, first_chain + n):
             task = f"t{c}"
             side = split.side(task, SEL["heldout_fraction"])
-            rows.append((next_seq, f"c{c:08d}", "bench", f"w{c}", "g_coder", "refined", 1 + c % 4, 2, "generated", 1,
-                         1.7e9 + c, task, f"a{c}", f"x{c}", f"k{c}", side, b"", time.time()))
+            rows.append(
+                (
+                    next_seq,
+                    f"c{c:08d}",
+                    "bench",
+                    f"w{c}",
+                    "g_coder",
+                    "refined",
+                    1 + c % 4,
+                    2,
+                    "generated",
+                    1,
+                    1.7e9 + c,
+                    task,
+                    f"a{c}",
+                    f"x{c}",
+                    f"k{c}",
+                    side,
+                    b"",
+                    time.time(),
+                )
+            )
             next_seq += 1
         conn.executemany(
             "INSERT INTO examples (seq, chain_id, source, workflow_id, action_pair_id, outcome, retries, attempts, "
             "origin, generated_only, created_ts, task_key, answer_key, text_key, chain_key, split, minhash, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
         examples._set_state(conn, "next_seq", str(next_seq))
         examples._set_state(conn, "chains_seen", repr(time.time() + 1))
 
@@ -113,10 +171,14 @@ def main() -> int:
                 fill(buffer, count, start)
                 bulk_examples(buffer, start, count)
             built = time.perf_counter() - t
-            print(f"refresh: {n_refresh:,} chains -> examples in {refresh_s:.1f} s "
-                  f"({refresh_s / max(n_refresh, 1) * 1e6:.0f} us per example: MinHash, LSH, split, dedup)")
-            print(f"buffer: {args.examples:,} examples ({2 * args.examples:,} artifacts); the rest bulk-written "
-                  f"in {built:.1f} s")
+            print(
+                f"refresh: {n_refresh:,} chains -> examples in {refresh_s:.1f} s "
+                f"({refresh_s / max(n_refresh, 1) * 1e6:.0f} us per example: MinHash, LSH, split, dedup)"
+            )
+            print(
+                f"buffer: {args.examples:,} examples ({2 * args.examples:,} artifacts); the rest bulk-written "
+                f"in {built:.1f} s"
+            )
 
             total = buffer.conn.execute("SELECT count(*) FROM examples").fetchone()[0]
             max_seq = buffer.conn.execute("SELECT max(seq) FROM examples").fetchone()[0]
@@ -126,12 +188,17 @@ def main() -> int:
             conn = buffer.conn
 
             def probe(seqs):
-                return dict(conn.execute(f"SELECT seq, retries FROM examples WHERE seq IN "
-                                         f"(SELECT value FROM json_each(?)) AND {where}", (json.dumps(seqs), *params)))
+                return dict(
+                    conn.execute(
+                        f"SELECT seq, retries FROM examples WHERE seq IN (SELECT value FROM json_each(?)) AND {where}",
+                        (json.dumps(seqs), *params),
+                    )
+                )
 
             def scan(lo, hi):
-                return conn.execute(f"SELECT seq, retries FROM examples WHERE seq > ? AND seq <= ? AND {where}",
-                                    (lo, hi, *params)).fetchall()
+                return conn.execute(
+                    f"SELECT seq, retries FROM examples WHERE seq > ? AND seq <= ? AND {where}", (lo, hi, *params)
+                ).fetchall()
 
             def mix():  # as build_snapshot draws
                 rng = random.Random(1)
@@ -141,22 +208,38 @@ def main() -> int:
                 return new + old
 
             def order_by_random():
-                new = conn.execute(f"SELECT seq FROM examples WHERE seq > ? AND {where} ORDER BY RANDOM() LIMIT 1000",
-                                   (since, *params)).fetchall()
-                old = conn.execute(f"SELECT seq FROM examples WHERE seq <= ? AND {where} ORDER BY RANDOM() LIMIT 1000",
-                                   (since, *params)).fetchall()
+                new = conn.execute(
+                    f"SELECT seq FROM examples WHERE seq > ? AND {where} ORDER BY RANDOM() LIMIT 1000", (since, *params)
+                ).fetchall()
+                old = conn.execute(
+                    f"SELECT seq FROM examples WHERE seq <= ? AND {where} ORDER BY RANDOM() LIMIT 1000",
+                    (since, *params),
+                ).fetchall()
                 return new + old
 
             mix_s, drawn = best(mix)
             assert len(set(drawn)) == 2000
             base_s, _ = best(order_by_random, 3)
-            print(f"replay mix of 2,000 from {total:,} examples: {mix_s * 1e3:.1f} ms "
-                  f"(target < 100 ms); ORDER BY RANDOM(): {base_s * 1e3:.1f} ms; ratio {base_s / mix_s:.1f}x faster")
-            snap_s, snap = best(lambda: examples.build_snapshot(
-                buffer, dataclasses.replace(SEL, seed=1, replay_weighting="retries"), method="sft", n=2000,
-                replay_ratio=0.5, since_seq=since, max_heldout=0), 3)
-            print(f"build_snapshot, 2,000 SFT rows (draw + load + format): {snap_s * 1e3:.0f} ms "
-                  f"(new {snap.stats['new']}, replayed {snap.stats['replayed']})")
+            print(
+                f"replay mix of 2,000 from {total:,} examples: {mix_s * 1e3:.1f} ms "
+                f"(target < 100 ms); ORDER BY RANDOM(): {base_s * 1e3:.1f} ms; ratio {base_s / mix_s:.1f}x faster"
+            )
+            snap_s, snap = best(
+                lambda: examples.build_snapshot(
+                    buffer,
+                    dataclasses.replace(SEL, seed=1, replay_weighting="retries"),
+                    method="sft",
+                    n=2000,
+                    replay_ratio=0.5,
+                    since_seq=since,
+                    max_heldout=0,
+                ),
+                3,
+            )
+            print(
+                f"build_snapshot, 2,000 SFT rows (draw + load + format): {snap_s * 1e3:.0f} ms "
+                f"(new {snap.stats['new']}, replayed {snap.stats['replayed']})"
+            )
 
         with Buffer(Path(tmp) / "export.sqlite3", synchronous="normal") as small:
             fill(small, args.export)
@@ -176,9 +259,11 @@ def main() -> int:
 
             floor_s, _ = best(floor, 1)
             size = out.stat().st_size
-            print(f"export of {report.lines:,} chat examples: {exp_s:.1f} s ({report.lines / exp_s:,.0f}/s, "
-                  f"{size / 1e6:.0f} MB); floor (read + json.dumps of the raw rows): {floor_s:.1f} s; "
-                  f"ratio {exp_s / floor_s:.1f}x the floor")
+            print(
+                f"export of {report.lines:,} chat examples: {exp_s:.1f} s ({report.lines / exp_s:,.0f}/s, "
+                f"{size / 1e6:.0f} MB); floor (read + json.dumps of the raw rows): {floor_s:.1f} s; "
+                f"ratio {exp_s / floor_s:.1f}x the floor"
+            )
     return 0
 
 

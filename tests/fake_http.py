@@ -40,7 +40,7 @@ class DrippingHandler(JsonHandler):
     where = "body"
 
     @classmethod
-    def every(cls, interval: float, where: str = "body") -> type["DrippingHandler"]:
+    def every(cls, interval: float, where: str = "body") -> type[DrippingHandler]:
         return type("Dripping", (cls,), {"interval": interval, "where": where})
 
     def _drip(self):
@@ -73,13 +73,14 @@ def huge_body_handler(size: int, declared: bool = True) -> type[JsonHandler]:
         def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length" if declared else "Transfer-Encoding",
-                             str(size) if declared else "chunked")
+            self.send_header(
+                "Content-Length" if declared else "Transfer-Encoding", str(size) if declared else "chunked"
+            )
             self.end_headers()
             chunk, sent = b"[" + b"0," * (1 << 15), 0
             try:
                 while sent < size and not self.stopping.is_set():
-                    piece = chunk[:size - sent]
+                    piece = chunk[: size - sent]
                     self.wfile.write(piece if declared else b"%x\r\n%s\r\n" % (len(piece), piece))
                     sent += len(piece)
                 if not declared:

@@ -29,8 +29,13 @@ class SleepyVllm(FakeServer):
         "garbage": "<html>Bad Gateway</html>",
     }
 
-    def __init__(self, wake_failures: int = 0, sleep_mode: bool = True, sleeping: bool = False,
-                 broken: dict[str, str] | None = None):
+    def __init__(
+        self,
+        wake_failures: int = 0,
+        sleep_mode: bool = True,
+        sleeping: bool = False,
+        broken: dict[str, str] | None = None,
+    ):
         self.sleeping = sleeping
         self.wake_failures = wake_failures
         self.sleep_mode = sleep_mode
@@ -94,4 +99,3 @@ class SleepyVllm(FakeServer):
 
     def calls(self) -> list[str]:
         return [f"{m} {p}" for _, m, p in self.log]
-

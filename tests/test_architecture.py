@@ -12,8 +12,8 @@ SRC = ROOT / "src" / "lorad"
 def drawn() -> set[str]:
     """``pkg/name.py`` (or ``name.py`` at the top) for every module the layout block names."""
     text = (ROOT / "docs" / "architecture.md").read_text()
-    block = text[text.index("```\nsrc/lorad/"):]
-    block = block[:block.index("\n```", 4)]
+    block = text[text.index("```\nsrc/lorad/") :]
+    block = block[: block.index("\n```", 4)]
     names, package = set(), ""
     for line in block.splitlines()[2:]:
         head = re.match(r"^  (\w+)/", line)

@@ -11,16 +11,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_benchmark_runs_end_to_end_in_tiny_mode_and_prints_its_table():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
-                                                                            os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny"], capture_output=True,
-                          text=True, env=env, timeout=900)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny"], capture_output=True, text=True, env=env, timeout=900
+    )
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-4000:]
     table = [line for line in out.splitlines() if line.startswith("| tiny")]
     runs = [line.split("|")[2].strip() for line in table]
-    assert runs == ["plain trl (same settings)", "lorad (defaults)", "plain trl, no checkpointing",
-                    "lorad, packing off"]
+    assert runs == [
+        "plain trl (same settings)",
+        "lorad (defaults)",
+        "plain trl, no checkpointing",
+        "lorad, packing off",
+    ]
     assert "packing=True" in table[1] and "completion_head=True" in table[1]
     assert "packing=False" in table[3]
     for line in table:

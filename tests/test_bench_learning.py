@@ -55,17 +55,29 @@ def test_wilson_interval_matches_hand_computed_values():
 
 def test_guard_command_judges_by_the_specification():
     task = learning_tasks.all_tasks()[0]
-    run = lambda code: subprocess.run(learning.guard_command(), input=code, capture_output=True, text=True,
-                                      env={"LORAD_SPECIFICATION": task.specification, "PATH": ""})
+
+    def run(code):
+        return subprocess.run(
+            learning.guard_command(),
+            input=code,
+            capture_output=True,
+            text=True,
+            env={"LORAD_SPECIFICATION": task.specification, "PATH": ""},
+        )
+
     assert run(task.solution).returncode == 0
     wrong = run(task.wrong[2][1])
     assert wrong.returncode == 1 and "failed" in wrong.stdout
 
 
 def test_quick_run_prints_one_table_of_five_models(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning.py"), "--quick", "--out",
-                           str(tmp_path / "work"), "--json"], capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "learning.py"), "--quick", "--out", str(tmp_path / "work"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert list(report["scores"]) == ["base", "plain trl SFT", "lorad SFT", "lorad GRPO", "lorad SFT+GRPO"]
@@ -73,7 +85,10 @@ def test_quick_run_prints_one_table_of_five_models(tmp_path):
     for s in report["scores"].values():
         assert s["n"] == n and s["ci95"][0] <= s["epsilon"] <= s["ci95"][1]
     assert report["stages"]["lorad_grpo"]["steps"] == 2 and report["stages"]["lorad_sft"]["steps"] == 3
-    assert [(p["method"], p["steps"]) for p in report["stages"]["lorad_sft_grpo"]["phases"]] == [("sft", 3), ("grpo", 2)]
+    assert [(p["method"], p["steps"]) for p in report["stages"]["lorad_sft_grpo"]["phases"]] == [
+        ("sft", 3),
+        ("grpo", 2),
+    ]
     assert "| lorad GRPO |" in proc.stdout and "| lorad SFT+GRPO |" in proc.stdout and "target >= 0.85" in proc.stdout
 
 
@@ -87,4 +102,6 @@ def test_the_store_written_twice_with_one_seed_is_the_same_store(tmp_path):
         return sorted(p.relative_to(root) for p in root.rglob("*.json"))
 
     assert written(tmp_path / "a") == written(tmp_path / "b")
-    assert written(tmp_path / "c") != [] and learning.accepted_rows(tmp_path / "a") == learning.accepted_rows(tmp_path / "c")
+    assert written(tmp_path / "c") != [] and learning.accepted_rows(tmp_path / "a") == learning.accepted_rows(
+        tmp_path / "c"
+    )

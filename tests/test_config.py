@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lorad import config
-from lorad.config import ConfigError, EX_CONFIG
+from lorad.config import EX_CONFIG, ConfigError
 
 ROOT = Path(__file__).parent.parent
 
@@ -18,8 +19,17 @@ def test_documented_example_loads_and_matches_the_defaults():
     """config.toml documents every key with its default: loading it must equal the built-in settings."""
     loaded = config.load(ROOT / "config.toml")
     defaults = config.Settings()
-    for section in ("daemon", "buffer", "selection", "schedule", "training", "evaluation", "registry", "metrics",
-                    "logging"):
+    for section in (
+        "daemon",
+        "buffer",
+        "selection",
+        "schedule",
+        "training",
+        "evaluation",
+        "registry",
+        "metrics",
+        "logging",
+    ):
         assert getattr(loaded, section) == getattr(defaults, section), section
     assert loaded.store.max_file_bytes == defaults.store.max_file_bytes
     assert loaded.store.settle_seconds == defaults.store.settle_seconds
@@ -36,51 +46,69 @@ def test_every_settings_key_is_documented_in_the_example():
                 continue
             yield f.name
 
-    for cls in (config.DaemonSettings, config.StoreSettings, config.BufferSettings, config.SelectionSettings,
-                config.ScheduleSettings, config.TrainingSettings, config.EvaluationSettings,
-                config.RegistrySettings, config.PublishSettings, config.MetricsSettings, config.LoggingSettings,
-                config.SourceSettings):
+    for cls in (
+        config.DaemonSettings,
+        config.StoreSettings,
+        config.BufferSettings,
+        config.SelectionSettings,
+        config.ScheduleSettings,
+        config.TrainingSettings,
+        config.EvaluationSettings,
+        config.RegistrySettings,
+        config.PublishSettings,
+        config.MetricsSettings,
+        config.LoggingSettings,
+        config.SourceSettings,
+    ):
         for key in keys(cls):
             if key == "sources":
                 continue
             assert f"{key} =" in text, f"{cls.__name__}.{key} is not documented in config.toml"
 
 
-@pytest.mark.parametrize("toml, expected", [
-    ("[training]\nlora_r = -4", "training.lora_r: must be positive, got -4"),
-    ("[training]\nlora_r = 'four'", "training.lora_r: must be an integer, got a string 'four'"),
-    ("[training]\nlearning_rate = 3.0", "training.learning_rate: must be between 1e-07 and 0.01"),
-    ("[training]\nmethod = 'ppo'", "training.method: must be one of ['sft', 'dpo', 'kto', 'grpo', 'sft+grpo'], got 'ppo'"),
-    ("[trainin]\nlora_r = 4", "trainin: unknown key"),
-    ("[training]\nlora_rank = 4", "training.lora_rank: unknown key"),
-    ("[[store.sources]]\nkind = 'atomicguard'", "store.sources[0].path: required key is missing"),
-    ("[[store.sources]]\nkind = 'git'\npath = '/x'", "store.sources[0].kind: must be one of"),
-    ("[schedule]\nwindows = ['2am-6am']", 'schedule.windows: each window must look like "HH:MM-HH:MM"'),
-    ("[schedule]\nweekdays = ['monday']", "schedule.weekdays: unknown weekday(s) ['monday']"),
-    ("[schedule]\ntimezone = 'Mars/Olympus'", "schedule.timezone: must be \"local\" or an IANA zone"),
-    ("[selection]\nheldout_fraction = 1.5", "selection.heldout_fraction: must be strictly between 0 and 1"),
-    ("[daemon]\nallowed_uids = [1000, 'bob']", "daemon.allowed_uids[1]: must be an integer"),
-    ("[evaluation]\nrescore_active = 'yes'", "evaluation.rescore_active: must be true or false"),
-    ("[[publish]]\nkind = 'webhook'", "publish[0].kind: must be one of ['command', 'vllm', 'gguf', 'ollama']"),
-    ("[[publish]]\nargv = []", "publish[0].argv: must be a non-empty list of strings"),
-    ("[[publish]]\nargv = ''", "publish[0].argv: must be a non-empty list of strings"),
-    ("[[publish]]\nargv = ['x']\n[[publish]]\nkind = 'command'", "publish[1].argv: must be a non-empty list"),
-    ("[[publish]]\nargv = ['', '{version}']", "publish[0].argv[0]: must name the program to run, got ''"),
-    ("[[publish]]\nargv = ['x', '--v={versoin}']",
-     "publish[0].argv[1]: unknown placeholder {versoin}; expected {version}, {path} or {previous}"),
-    ("[[publish]]\nargv = ['x', '{0}']", "publish[0].argv[1]: unknown placeholder {0}"),
-    ("[[publish]]\nargv = ['x', 'a}b']", "publish[0].argv[1]: not a valid template: Single '}' encountered"),
-    ("[[publish]]\nkind = 'vllm'", "publish[0].url: must be an http:// or https:// URL with a host, got ''"),
-    ("[[publish]]\nkind = 'vllm'\nurl = '127.0.0.1:8000'", "publish[0].url: must be an http:// or https:// URL"),
-    ("[[publish]]\nkind = 'vllm'\nurl = 'http://'", "publish[0].url: must be an http:// or https:// URL"),
-    ("[evaluation]\nguard_command = ['', 'x']", "evaluation.guard_command[0]: must name the program to run"),
-    ("daemon = 3", "daemon: must be a table"),
-    ("[training]\npacking = 1", 'training.packing: must be "auto", true or false, got 1'),
-    ("[training]\npacking = 'yes'", "training.packing: must be one of ['auto', True, False]"),
-    ("[training]\nmethod = 'dpo'\npacking = true", "training.packing: true packs SFT rows only"),
-    ("[training]\nliger_kernel = 0", 'training.liger_kernel: must be "auto", true or false, got 0'),
-    ("[training\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ("[training]\nlora_r = -4", "training.lora_r: must be positive, got -4"),
+        ("[training]\nlora_r = 'four'", "training.lora_r: must be an integer, got a string 'four'"),
+        ("[training]\nlearning_rate = 3.0", "training.learning_rate: must be between 1e-07 and 0.01"),
+        (
+            "[training]\nmethod = 'ppo'",
+            "training.method: must be one of ['sft', 'dpo', 'kto', 'grpo', 'sft+grpo'], got 'ppo'",
+        ),
+        ("[trainin]\nlora_r = 4", "trainin: unknown key"),
+        ("[training]\nlora_rank = 4", "training.lora_rank: unknown key"),
+        ("[[store.sources]]\nkind = 'atomicguard'", "store.sources[0].path: required key is missing"),
+        ("[[store.sources]]\nkind = 'git'\npath = '/x'", "store.sources[0].kind: must be one of"),
+        ("[schedule]\nwindows = ['2am-6am']", 'schedule.windows: each window must look like "HH:MM-HH:MM"'),
+        ("[schedule]\nweekdays = ['monday']", "schedule.weekdays: unknown weekday(s) ['monday']"),
+        ("[schedule]\ntimezone = 'Mars/Olympus'", 'schedule.timezone: must be "local" or an IANA zone'),
+        ("[selection]\nheldout_fraction = 1.5", "selection.heldout_fraction: must be strictly between 0 and 1"),
+        ("[daemon]\nallowed_uids = [1000, 'bob']", "daemon.allowed_uids[1]: must be an integer"),
+        ("[evaluation]\nrescore_active = 'yes'", "evaluation.rescore_active: must be true or false"),
+        ("[[publish]]\nkind = 'webhook'", "publish[0].kind: must be one of ['command', 'vllm', 'gguf', 'ollama']"),
+        ("[[publish]]\nargv = []", "publish[0].argv: must be a non-empty list of strings"),
+        ("[[publish]]\nargv = ''", "publish[0].argv: must be a non-empty list of strings"),
+        ("[[publish]]\nargv = ['x']\n[[publish]]\nkind = 'command'", "publish[1].argv: must be a non-empty list"),
+        ("[[publish]]\nargv = ['', '{version}']", "publish[0].argv[0]: must name the program to run, got ''"),
+        (
+            "[[publish]]\nargv = ['x', '--v={versoin}']",
+            "publish[0].argv[1]: unknown placeholder {versoin}; expected {version}, {path} or {previous}",
+        ),
+        ("[[publish]]\nargv = ['x', '{0}']", "publish[0].argv[1]: unknown placeholder {0}"),
+        ("[[publish]]\nargv = ['x', 'a}b']", "publish[0].argv[1]: not a valid template: Single '}' encountered"),
+        ("[[publish]]\nkind = 'vllm'", "publish[0].url: must be an http:// or https:// URL with a host, got ''"),
+        ("[[publish]]\nkind = 'vllm'\nurl = '127.0.0.1:8000'", "publish[0].url: must be an http:// or https:// URL"),
+        ("[[publish]]\nkind = 'vllm'\nurl = 'http://'", "publish[0].url: must be an http:// or https:// URL"),
+        ("[evaluation]\nguard_command = ['', 'x']", "evaluation.guard_command[0]: must name the program to run"),
+        ("daemon = 3", "daemon: must be a table"),
+        ("[training]\npacking = 1", 'training.packing: must be "auto", true or false, got 1'),
+        ("[training]\npacking = 'yes'", "training.packing: must be one of ['auto', True, False]"),
+        ("[training]\nmethod = 'dpo'\npacking = true", "training.packing: true packs SFT rows only"),
+        ("[training]\nliger_kernel = 0", 'training.liger_kernel: must be "auto", true or false, got 0'),
+        ("[training\n", "not valid TOML"),
+    ],
+)
 def test_bad_value_names_the_key_path(toml, expected):
     with pytest.raises(ConfigError) as err:
         config.loads(toml)
@@ -111,15 +139,16 @@ def test_config_is_found_through_the_environment(tmp_path, monkeypatch):
 
 def test_settings_are_frozen():
     s = config.Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.training.lora_r = 8  # type: ignore[misc]
 
 
 def test_cli_exits_78_with_the_key_path(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[training]\nlora_r = -4\n")
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"], capture_output=True, text=True
+    )
     assert proc.returncode == EX_CONFIG == 78
     assert "training.lora_r: must be positive, got -4" in proc.stderr
 
@@ -128,21 +157,27 @@ def test_a_publish_hook_that_could_not_run_is_refused_at_load_with_exit_78(tmp_p
     """`argv = []` used to pass and fail the job at its promotion, after `current` had moved."""
     cfg = tmp_path / "bad.toml"
     cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[publish]]\nargv = []\n')
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "serve"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == EX_CONFIG
     assert proc.stderr.strip() == f"lorad: config error: {cfg}: publish[0].argv: must be a non-empty list of strings"
 
 
 def test_publish_tables_that_can_run_are_accepted():
-    s = config.loads("[[publish]]\nargv = ['systemctl', 'reload', 'x@{version}', '{path}', '{previous}']\n"
-                     "[[publish]]\nkind = 'vllm'\nurl = 'https://vllm.internal:8000'\n")
+    s = config.loads(
+        "[[publish]]\nargv = ['systemctl', 'reload', 'x@{version}', '{path}', '{previous}']\n"
+        "[[publish]]\nkind = 'vllm'\nurl = 'https://vllm.internal:8000'\n"
+    )
     assert [p.kind for p in s.publish] == ["command", "vllm"]
 
 
 def test_cli_exits_78_when_the_config_file_is_missing(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(tmp_path / "nope.toml"), "ingest"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(tmp_path / "nope.toml"), "ingest"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 78
     assert "cannot read config file" in proc.stderr
 
@@ -151,8 +186,11 @@ def test_sharded_accelerate_configs_are_refused_at_load_with_the_reason(tmp_path
     """FSDP and DeepSpeed shard the model; lorad saves and scores the adapter on rank 0 alone."""
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n")
-    with pytest.raises(ConfigError, match=r"training.accelerate_config: .*distributed_type: FSDP.*only "
-                                          r"data-parallel configs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"training.accelerate_config: .*distributed_type: FSDP.*only "
+        r"data-parallel configs",
+    ):
         config.loads(f'[training]\nprocesses = 2\naccelerate_config = "{fsdp}"\n')
     with pytest.raises(ConfigError, match=r"training.accelerate_config: cannot read"):
         config.loads(f'[training]\naccelerate_config = "{tmp_path / "missing.yaml"}"\n')
@@ -161,20 +199,29 @@ def test_sharded_accelerate_configs_are_refused_at_load_with_the_reason(tmp_path
     assert config.loads(f'[training]\naccelerate_config = "{ddp}"\n').training.accelerate_config == str(ddp)
 
 
-@pytest.mark.parametrize("key, says", [("max_regression = 0.0", "exact McNemar test at evaluation.confidence"),
-                                       ("generation_samples = 32", "evaluation.max_heldout caps")])
+@pytest.mark.parametrize(
+    "key, says",
+    [
+        ("max_regression = 0.0", "exact McNemar test at evaluation.confidence"),
+        ("generation_samples = 32", "evaluation.max_heldout caps"),
+    ],
+)
 def test_removed_evaluation_keys_are_refused_with_what_replaced_them(tmp_path, key, says):
     path = tmp_path / "config.toml"
     path.write_text(f"[evaluation]\n{key}\n")
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(path), "ingest"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(path), "ingest"], capture_output=True, text=True
+    )
     assert proc.returncode == EX_CONFIG
     assert f"evaluation.{key.split()[0]}: removed: " in proc.stderr and says in proc.stderr
 
 
 def test_conditioning_and_the_paired_gate_keys_are_validated():
-    with pytest.raises(ConfigError, match=r"selection.conditioning: must be one of \['both', 'first_attempt', "
-                                          r"'history'\], got 'all'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"selection.conditioning: must be one of \['both', 'first_attempt', "
+        r"'history'\], got 'all'",
+    ):
         config.loads('[selection]\nconditioning = "all"\n')
     with pytest.raises(ConfigError, match="evaluation.confidence: must be strictly between 0 and 1"):
         config.loads("[evaluation]\nconfidence = 1.0\n")
@@ -185,11 +232,15 @@ def test_conditioning_and_the_paired_gate_keys_are_validated():
 def test_grpo_without_a_guard_command_names_training_method(tmp_path):
     cfg = tmp_path / "grpo.toml"
     cfg.write_text('[training]\nmethod = "grpo"\n')
-    with pytest.raises(ConfigError, match=r"training\.method: method \"grpo\" takes its GRPO reward from "
-                                          r"evaluation\.guard_command, which is not set"):
+    with pytest.raises(
+        ConfigError,
+        match=r"training\.method: method \"grpo\" takes its GRPO reward from "
+        r"evaluation\.guard_command, which is not set",
+    ):
         config.load(cfg)
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"], capture_output=True, text=True
+    )
     assert proc.returncode == EX_CONFIG
     assert "training.method" in proc.stderr
 
@@ -197,8 +248,10 @@ def test_grpo_without_a_guard_command_names_training_method(tmp_path):
 def test_sft_then_grpo_needs_a_guard_and_its_grpo_keys_belong_to_it_alone():
     with pytest.raises(ConfigError, match=r"training\.method: method \"sft\+grpo\" takes its GRPO reward"):
         config.loads('[training]\nmethod = "sft+grpo"\n')
-    s = config.loads('[training]\nmethod = "sft+grpo"\ngrpo_steps = 6\ngrpo_learning_rate = 1e-3\n'
-                     '[evaluation]\nguard_command = ["guard"]\n')
+    s = config.loads(
+        '[training]\nmethod = "sft+grpo"\ngrpo_steps = 6\ngrpo_learning_rate = 1e-3\n'
+        '[evaluation]\nguard_command = ["guard"]\n'
+    )
     assert s.training.phases == ("sft", "grpo") and (s.training.grpo_steps, s.training.grpo_learning_rate) == (6, 1e-3)
     with pytest.raises(ConfigError, match=r"training\.grpo_steps: applies to method \"sft\+grpo\" only"):
         config.loads("[training]\ngrpo_steps = 6\n")
@@ -209,15 +262,19 @@ def test_sft_then_grpo_needs_a_guard_and_its_grpo_keys_belong_to_it_alone():
 
 
 def test_grpo_with_a_guard_command_loads():
-    s = config.loads('[training]\nmethod = "grpo"\nbatch_size = 8\nnum_generations = 4\n'
-                     '[evaluation]\nguard_command = ["python3", "guard.py"]\n')
+    s = config.loads(
+        '[training]\nmethod = "grpo"\nbatch_size = 8\nnum_generations = 4\n'
+        '[evaluation]\nguard_command = ["python3", "guard.py"]\n'
+    )
     assert (s.training.method, s.training.num_generations, s.training.beta) == ("grpo", 4, 0.0)
 
 
 def test_grpo_batch_that_splits_a_group_of_completions_names_num_generations():
     with pytest.raises(ConfigError, match=r"training\.num_generations: must divide batch_size \* grad_accum"):
-        config.loads('[training]\nmethod = "grpo"\nbatch_size = 6\nnum_generations = 4\n'
-                     '[evaluation]\nguard_command = ["guard"]\n')
+        config.loads(
+            '[training]\nmethod = "grpo"\nbatch_size = 6\nnum_generations = 4\n'
+            '[evaluation]\nguard_command = ["guard"]\n'
+        )
     with pytest.raises(ConfigError, match=r"training\.num_generations: must be at least 2, got 1"):
         config.loads("[training]\nnum_generations = 1\n")
 

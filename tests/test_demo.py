@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 from lorad import config, demo
-from lorad.demo import tasks as demo_tasks
 from lorad.buffer import examples, split
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
+from lorad.demo import tasks as demo_tasks
 from lorad.sources.atomicguard import AtomicGuardSource
+from lorad.sources.ingest import ingest
 
 
 def test_demo_tasks_answers_pass_their_tests_and_wrong_attempts_fail():
@@ -31,8 +31,14 @@ def test_demo_store_holds_at_least_16_heldout_tasks_of_every_outcome(tmp_path):
     with Buffer(tmp_path / "buffer.sqlite3") as buffer:
         ingest(buffer, [AtomicGuardSource("demo", tmp_path / "store", settle_seconds=0)])
         examples.refresh(buffer, settings.selection)
-        snap = examples.build_snapshot(buffer, settings.selection, method="sft", n=100, replay_ratio=0.5,
-                                       max_heldout=settings.evaluation.max_heldout)
+        snap = examples.build_snapshot(
+            buffer,
+            settings.selection,
+            method="sft",
+            n=100,
+            replay_ratio=0.5,
+            max_heldout=settings.evaluation.max_heldout,
+        )
         sides = dict(buffer.conn.execute("SELECT task_key, split FROM splits"))
     assert len(snap.heldout) >= 16
     outcomes = Counter(r["metadata"]["outcome"] for r in snap.heldout)
@@ -41,8 +47,9 @@ def test_demo_store_holds_at_least_16_heldout_tasks_of_every_outcome(tmp_path):
     for row in snap.heldout:
         assert sides[row["task_key"]] == split.HELDOUT
         assert row["specification"] in by_spec  # the demo's guard finds the task by it
-    assert snap.train and all(r["metadata"]["task_key"] not in {h["task_key"] for h in snap.heldout}
-                              for r in snap.train)
+    assert snap.train and all(
+        r["metadata"]["task_key"] not in {h["task_key"] for h in snap.heldout} for r in snap.train
+    )
 
 
 def test_loop_demo_rounds_are_new_tasks_of_its_families_and_its_config_is_valid(tmp_path):
@@ -53,8 +60,10 @@ def test_loop_demo_rounds_are_new_tasks_of_its_families_and_its_config_is_valid(
     names = [t.name for r in rounds for t in r]
     assert [len(r) for r in rounds] == [demo.TASKS_PER_ROUND] * demo.ROUNDS and len(set(names)) == len(names)
     assert not set(names) & {t.name for t in demo_tasks.ALL_TASKS}  # never a task of the store demo
-    assert all(Counter(t.family for t in r) == Counter({f: demo.TASKS_PER_ROUND // 3 for f in demo_tasks.LOOP_FAMILIES})
-               for r in rounds)
+    assert all(
+        Counter(t.family for t in r) == Counter({f: demo.TASKS_PER_ROUND // 3 for f in demo_tasks.LOOP_FAMILIES})
+        for r in rounds
+    )
     assert all(judge(t, t.solution)[0] for t in rounds[0][:3])
     agent.write_prompts(tmp_path / "prompts.json")
     settings = config.load(demo.write_loop_config(tmp_path, "/models/base.gguf", "http://127.0.0.1:8000"))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from lorad import cli, config, cycle, release
+from lorad.buffer.store import Buffer
 from test_cycle import config_text
 from test_gguf_export import read, write_base_gguf
 from test_ollama import FakeOllama
 
-from lorad import cli, config, release
-from lorad import cycle
-from lorad.buffer.store import Buffer
 
 @pytest.fixture
 def one_thread(monkeypatch):
@@ -26,7 +26,12 @@ def test_a_cycle_writes_adapter_gguf_into_the_version_and_publishes_it_to_ollama
     tiny = build_tiny_model(tmp_path / "tiny", hidden_size=32, vocab_size=512)
     base_gguf = write_base_gguf(tmp_path / "tiny.gguf", tiny)
     with FakeOllama() as server:
-        text = config_text(tmp_path, str(tiny), steps=20, guard=False, evaluation=f"""
+        text = config_text(
+            tmp_path,
+            str(tiny),
+            steps=20,
+            guard=False,
+            evaluation=f"""
 [[publish]]
 kind = "gguf"
 base = "{base_gguf}"
@@ -36,7 +41,8 @@ kind = "ollama"
 url = "{server.url}"
 base = "{base_gguf}"
 retries = 0
-""")
+""",
+        )
         settings = config.loads(text)
         outcome = cycle.run_now(settings)
         reg = release.open_registry(settings)
@@ -54,15 +60,28 @@ retries = 0
         else:
             assert [r["ok"] for r in outcome.publish] == [True, True]
         assert server.models["lorad:latest"] == server.models[f"lorad-{version.name}:latest"]
-        assert server.models["lorad:latest"]["adapters"] == {"adapter.gguf": "sha256:" + version.record["files"]["adapter.gguf"]}
+        assert server.models["lorad:latest"]["adapters"] == {
+            "adapter.gguf": "sha256:" + version.record["files"]["adapter.gguf"]
+        }
 
     # by hand: the same tensors, and a Modelfile beside the output
     out = tmp_path / "exported" / "v.gguf"
     out.parent.mkdir()
     (tmp_path / "config.toml").write_text(text)
     capsys.readouterr()
-    code = cli.main(["--config", str(tmp_path / "config.toml"), "--json", "export-adapter", version.name,
-                     "--format", "gguf", "--output", str(out)])
+    code = cli.main(
+        [
+            "--config",
+            str(tmp_path / "config.toml"),
+            "--json",
+            "export-adapter",
+            version.name,
+            "--format",
+            "gguf",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["tensors"] == 28 and printed["modelfile"] == str(tmp_path / "exported" / "v.Modelfile")
@@ -71,6 +90,17 @@ retries = 0
     # a version whose files were changed is refused, and exits 1 with the reason
     (version.path / "adapter_config.json").chmod(0o640)
     (version.path / "adapter_config.json").write_text("{}")
-    assert cli.main(["--config", str(tmp_path / "config.toml"), "export-adapter", version.name,
-                     "--output", str(tmp_path / "x.gguf")]) == 1
+    assert (
+        cli.main(
+            [
+                "--config",
+                str(tmp_path / "config.toml"),
+                "export-adapter",
+                version.name,
+                "--output",
+                str(tmp_path / "x.gguf"),
+            ]
+        )
+        == 1
+    )
     assert "sha256 does not match" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()

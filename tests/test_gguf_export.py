@@ -14,9 +14,15 @@ from lorad import config
 from lorad.release import gguf as gguf_export
 from lorad.release.gguf import ExportRefused, write_adapter
 
-MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-           "mlp.down_proj": "ffn_down"}
+MODULES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +37,9 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     base = build_tiny_model(root / "base", hidden_size=32, vocab_size=512)
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -54,9 +61,15 @@ def write_base_gguf(path: Path, base: Path, arch: str = "llama", q_out: int | No
     hp = json.loads((base / "config.json").read_text())
     hidden, inter = hp["hidden_size"], hp["intermediate_size"]
     kv = hp["num_key_value_heads"] * hidden // hp["num_attention_heads"]
-    shapes = {"attn_q": (q_out or hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
-              "attn_output": (hidden, hidden), "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden),
-              "ffn_down": (hidden, inter)}
+    shapes = {
+        "attn_q": (q_out or hidden, hidden),
+        "attn_k": (kv, hidden),
+        "attn_v": (kv, hidden),
+        "attn_output": (hidden, hidden),
+        "ffn_gate": (inter, hidden),
+        "ffn_up": (inter, hidden),
+        "ffn_down": (hidden, inter),
+    }
     writer = gguf.GGUFWriter(path, arch)
     for i in range(hp["num_hidden_layers"]):
         for name, shape in shapes.items():
@@ -157,13 +170,16 @@ def test_base_gguf_of_another_architecture_is_refused(tiny, tmp_path):
     assert not (tmp_path / "a.gguf").exists()
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
-    ({"peft_type": "ADALORA"}, "plain LoRA"),
-    ({"bias": "all"}, "bias"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
+        ({"peft_type": "ADALORA"}, "plain LoRA"),
+        ({"bias": "all"}, "bias"),
+    ],
+)
 def test_refuses_adapter_configs_llama_cpp_would_apply_differently(tiny, tmp_path, change, match):
     base, adapter = tiny
     bad = copy_adapter(adapter, tmp_path / "bad", **change)
@@ -173,8 +189,12 @@ def test_refuses_adapter_configs_llama_cpp_would_apply_differently(tiny, tmp_pat
 
 
 def test_refuses_embedding_lm_head_and_extra_tensors():
-    hp = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 2,
-          "num_hidden_layers": 2}
+    hp = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+    }
     cfg = {"peft_type": "LORA", "lora_alpha": 8}
     a, b = np.zeros((4, 32), np.float32), np.zeros((32, 4), np.float32)
     for tensors, match in [
@@ -198,12 +218,16 @@ def test_an_adapter_peft_trained_on_the_embedding_or_lm_head_is_refused_naming_t
     from transformers import AutoModelForCausalLM
 
     base, _ = tiny
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=modules))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules=modules)
+    )
     model.save_pretrained(tmp_path / "adapter")
     module = modules[-1]
-    with pytest.raises(ExportRefused, match=rf"LoRA on {module} \((an embedding|the output) layer\) is not exported.*"
-                                            r"leave it out of training.target_modules"):
+    with pytest.raises(
+        ExportRefused,
+        match=rf"LoRA on {module} \((an embedding|the output) layer\) is not exported.*"
+        r"leave it out of training.target_modules",
+    ):
         write_adapter(tmp_path / "adapter", base, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
 
@@ -211,11 +235,17 @@ def test_an_adapter_peft_trained_on_the_embedding_or_lm_head_is_refused_naming_t
 def test_rslora_scaling_is_carried_in_alpha_and_mixed_scalings_are_refused():
     hp = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 4, "num_hidden_layers": 1}
     key = "base_model.model.model.layers.0.self_attn.{}.lora_{}.weight"
-    tensors = {key.format("v_proj", "A"): np.ones((4, 8), np.float32), key.format("v_proj", "B"): np.ones((8, 4), np.float32)}
+    tensors = {
+        key.format("v_proj", "A"): np.ones((4, 8), np.float32),
+        key.format("v_proj", "B"): np.ones((8, 4), np.float32),
+    }
     arch, alpha, out = gguf_export.plan({"lora_alpha": 8, "use_rslora": True}, tensors, hp)
     # llama.cpp scales by alpha / rank; peft's rsLoRA by lora_alpha / sqrt(rank)
     assert arch == "qwen2" and alpha == pytest.approx(8 * math.sqrt(4)) and out[0][0] == "blk.0.attn_v.weight"
-    tensors |= {key.format("o_proj", "A"): np.ones((2, 8), np.float32), key.format("o_proj", "B"): np.ones((8, 2), np.float32)}
+    tensors |= {
+        key.format("o_proj", "A"): np.ones((2, 8), np.float32),
+        key.format("o_proj", "B"): np.ones((8, 2), np.float32),
+    }
     with pytest.raises(ExportRefused, match="one adapter.lora.alpha"):
         gguf_export.plan({"lora_alpha": 8, "use_rslora": True}, tensors, hp)
     # without rsLoRA a per-module rank still has one alpha: llama.cpp divides by each tensor's rank
@@ -245,12 +275,16 @@ def test_config_refuses_gguf_publishing_it_cannot_do():
     assert "publish[0].base: must be an absolute path" in problems('[[publish]]\nkind = "gguf"\nbase = "x.gguf"\n')
     assert "publish[0].url" in problems('[[publish]]\nkind = "ollama"\nbase = "smollm2:135m"\n')
     assert "training.target_modules: ['lm_head']" in problems(
-        '[training]\ntarget_modules = ["q_proj", "lm_head"]\n[[publish]]\nkind = "gguf"\nbase = "/m.gguf"\n')
+        '[training]\ntarget_modules = ["q_proj", "lm_head"]\n[[publish]]\nkind = "gguf"\nbase = "/m.gguf"\n'
+    )
     assert "publish[1].base: every gguf and ollama table must name the same base" in problems(
         '[[publish]]\nkind = "gguf"\nbase = "/m.gguf"\n'
-        '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\nbase = "/n.gguf"\n')
-    ok = config.loads('[training]\nbase_model = "/models/base.gguf"\n[[publish]]\nkind = "gguf"\n'
-                      '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\n')
+        '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\nbase = "/n.gguf"\n'
+    )
+    ok = config.loads(
+        '[training]\nbase_model = "/models/base.gguf"\n[[publish]]\nkind = "gguf"\n'
+        '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\n'
+    )
     assert [t.kind for t in ok.publish] == ["gguf", "ollama"]
     assert gguf_export.publish_base(ok.publish, ok.training.base_model) == "/models/base.gguf"
 
@@ -263,15 +297,19 @@ def test_serve_preflight_refuses_a_missing_or_foreign_base_gguf(tiny, tmp_path):
     foreign = write_base_gguf(tmp_path / "phi.gguf", base, arch="phi3")
 
     def problems(path):
-        s = config.loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
-                         f'[[publish]]\nkind = "command"\nargv = ["true"]\n[[publish]]\nkind = "gguf"\nbase = "{path}"\n')
+        s = config.loads(
+            f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+            f'[[publish]]\nkind = "command"\nargv = ["true"]\n[[publish]]\nkind = "gguf"\nbase = "{path}"\n'
+        )
         return [p for p in preflight.problems(s) if p.startswith("publish")]
 
     assert problems(good) == []
-    assert problems(tmp_path / "gone.gguf") == [f"publish[1].base: {tmp_path / 'gone.gguf'} is not a readable GGUF "
-                                               "file (No such file or directory)"]
-    assert problems(foreign) == [f"publish[1].base: {foreign} is architecture 'phi3'; GGUF adapters are written "
-                                 "for llama, qwen2"]
+    assert problems(tmp_path / "gone.gguf") == [
+        f"publish[1].base: {tmp_path / 'gone.gguf'} is not a readable GGUF file (No such file or directory)"
+    ]
+    assert problems(foreign) == [
+        f"publish[1].base: {foreign} is architecture 'phi3'; GGUF adapters are written for llama, qwen2"
+    ]
 
 
 # -- misuse of export-adapter and of the export into a version ---------------------------------------
@@ -354,7 +392,8 @@ def test_a_truncated_base_gguf_is_refused_in_one_line(tiny, tmp_path, size):
         write_adapter(adapter, base, tmp_path / "a.gguf", base_gguf=cut)
     s = config.loads(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[publish]]\nkind = "gguf"\nbase = "{cut}"\n')
     assert [p for p in preflight.problems(s) if p.startswith("publish")] == [
-        f"publish[0].base: {gguf_export.base_problem(str(cut))}"]
+        f"publish[0].base: {gguf_export.base_problem(str(cut))}"
+    ]
 
 
 def test_serve_exits_78_on_a_truncated_base_gguf(tiny, tmp_path):
@@ -365,10 +404,17 @@ def test_serve_exits_78_on_a_truncated_base_gguf(tiny, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(write_base_gguf(tmp_path / "whole.gguf", base).read_bytes()[:24])
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "s.sock"}"\n'
-                   f'[[publish]]\nkind = "gguf"\nbase = "{cut}"\n')
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True,
-                          text=True, timeout=120, check=False)
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "s.sock"}"\n'
+        f'[[publish]]\nkind = "gguf"\nbase = "{cut}"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(cfg), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 78, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert f"publish[0].base: {cut} is not a readable GGUF file" in proc.stdout + proc.stderr
@@ -394,8 +440,9 @@ def test_a_full_disk_during_the_export_into_a_version_is_recorded_as_a_refusal(t
         monkeypatch.setattr(jobdir, "atomic_write", full)
     else:
         monkeypatch.setattr(gguf.GGUFWriter, failing, full)
-    record = gguf_export.version_export([config.PublishSettings(kind="gguf", base=str(base_gguf))], work, base,
-                                        "HuggingFaceTB/x", name="job-1")
+    record = gguf_export.version_export(
+        [config.PublishSettings(kind="gguf", base=str(base_gguf))], work, base, "HuggingFaceTB/x", name="job-1"
+    )
     assert "No space left on device" in record["refused"]
     assert sorted(p.name for p in work.iterdir()) == sorted(p.name for p in adapter.iterdir())
 

@@ -26,18 +26,21 @@ from lorad.training.base_model import convert_gguf, smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["Write a Python function that returns the sum of a list.",
-           "What is the capital of France?",
-           "Fix the off-by-one error: for i in range(1, len(xs)): print(xs[i])",
-           "Explain recursion in one sentence.",
-           "def fib(n):",
-           "List three prime numbers."]
+PROMPTS = [
+    "Write a Python function that returns the sum of a list.",
+    "What is the capital of France?",
+    "Fix the off-by-one error: for i in range(1, len(xs)): print(xs[i])",
+    "Explain recursion in one sentence.",
+    "def fib(n):",
+    "List three prime numbers.",
+]
 MIN_CORRELATION = 0.9
 SLOPE = (0.8, 1.25)
 
 
 def agreement(peft_logits: dict, llama_logits: dict) -> dict:
-    """Correlation and slope of the deltas (worst prompt); the share of prompts whose adapted top-1 agrees, for the log."""
+    """Correlation and slope of the deltas (worst prompt); the share of prompts whose adapted top-1
+    agrees, for the log."""
     corr, slope, top1 = [], [], []
     for p in PROMPTS:
         dp = peft_logits["adapted"][p] - peft_logits["base"][p]
@@ -57,7 +60,8 @@ def passes(m: dict) -> bool:
 def smollm2(tmp_path_factory):
     """SmolLM2's GGUF, its dequantized checkpoint, a random LoRA on every linear layer, the prompts' ids."""
     llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf-test]' (.ci/run does)")
+        "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf-test]' (.ci/run does)"
+    )
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,11 +72,17 @@ def smollm2(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-gguf")
     base_dir = convert_gguf(gguf, root / "base")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    ids = {p: tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"] for p in PROMPTS}
+    ids = {
+        p: tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for p in PROMPTS
+    }
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)  # strong enough to move most top-1 tokens
@@ -85,13 +95,19 @@ def smollm2(tmp_path_factory):
             with model.disable_adapter():
                 peft_logits["base"][p] = model(input_ids=x).logits[0, -1].double().numpy()
     model.save_pretrained(root / "adapter")
-    return {"llama_cpp": llama_cpp, "gguf": gguf, "base_dir": base_dir, "root": root, "ids": ids,
-            "peft": peft_logits}
+    return {"llama_cpp": llama_cpp, "gguf": gguf, "base_dir": base_dir, "root": root, "ids": ids, "peft": peft_logits}
 
 
 def llama_logits(s, lora_path=None) -> dict:
-    llm = s["llama_cpp"].Llama(model_path=str(s["gguf"]), lora_path=str(lora_path) if lora_path else None,
-                               logits_all=True, n_ctx=256, n_threads=2, seed=0, verbose=False)
+    llm = s["llama_cpp"].Llama(
+        model_path=str(s["gguf"]),
+        lora_path=str(lora_path) if lora_path else None,
+        logits_all=True,
+        n_ctx=256,
+        n_threads=2,
+        seed=0,
+        verbose=False,
+    )
     out = {}
     for p, seq in s["ids"].items():
         llm.reset()
@@ -108,8 +124,9 @@ def base_logits(smollm2):
 
 def test_exported_adapter_changes_llama_cpp_logits_as_peft_does(smollm2, base_logits):
     s = smollm2
-    done = gguf_export.write_adapter(s["root"] / "adapter", s["base_dir"], s["root"] / "adapter.gguf",
-                                     base_gguf=s["gguf"])
+    done = gguf_export.write_adapter(
+        s["root"] / "adapter", s["base_dir"], s["root"] / "adapter.gguf", base_gguf=s["gguf"]
+    )
     m = agreement(s["peft"], {"base": base_logits, "adapted": llama_logits(s, done.path)})
     print("right export:", json.dumps(m))
     # the adapter matters: it moves the top-1 token of most prompts in peft

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from sleepy_vllm import SleepyVllm
 from structlog.testing import capture_logs
-from test_cycle import settings_for
 
 from lorad import config, events
-from lorad.release import gpu_share
 from lorad.buffer.job_table import JobStore
+from lorad.release import gpu_share
 from lorad.release.gpu_share import GpuShare, ShareError, SleepingServer
+from sleepy_vllm import SleepyVllm
+from test_cycle import settings_for
 
 
 @pytest.fixture
@@ -40,9 +40,8 @@ def test_the_server_sleeps_while_the_body_runs_and_wakes_after_it(store):
 
 def test_the_server_is_woken_when_the_body_raises(store):
     with SleepyVllm() as fake:
-        with pytest.raises(RuntimeError):
-            with GpuShare([server(fake)], store).asleep("job-1"):
-                raise RuntimeError("the worker could not start")
+        with pytest.raises(RuntimeError), GpuShare([server(fake)], store).asleep("job-1"):
+            raise RuntimeError("the worker could not start")
         assert not fake.sleeping and gpu_share.records(store) == []
 
 
@@ -68,8 +67,15 @@ def test_a_wake_that_never_succeeds_is_logged_audited_recorded_and_retried_later
         [record] = gpu_share.records(store)
         assert record["state"] == "wake_failed" and "after 3 attempts" in record["error"]
         states = gpu_share.server_states([], gpu_share.records(store))
-        assert states == [{"url": fake.url, "state": "wake_failed", "since": record["since"], "job_id": "job-1",
-                           "error": record["error"]}]
+        assert states == [
+            {
+                "url": fake.url,
+                "state": "wake_failed",
+                "since": record["since"],
+                "job_id": "job-1",
+                "error": record["error"],
+            }
+        ]
 
         # Later (the daemon's waker, or the next cycle): the server answers again, and is woken
         # from the record alone, with the settings the record kept.
@@ -78,13 +84,22 @@ def test_a_wake_that_never_succeeds_is_logged_audited_recorded_and_retried_later
         assert not fake.sleeping and gpu_share.records(store) == []
 
 
-@pytest.mark.parametrize("path,how", [("/wake_up", "cut"), ("/is_sleeping", "cut"), ("/is_sleeping", "nested"),
-                                      ("/is_sleeping", "list"), ("/is_sleeping", "garbage")])
+@pytest.mark.parametrize(
+    "path,how",
+    [
+        ("/wake_up", "cut"),
+        ("/is_sleeping", "cut"),
+        ("/is_sleeping", "nested"),
+        ("/is_sleeping", "list"),
+        ("/is_sleeping", "garbage"),
+    ],
+)
 def test_a_broken_reply_to_the_wake_is_a_recorded_wake_failure_never_an_exception(buffer, store, path, how):
     """A reply cut mid-body (IncompleteRead), nested past the JSON parser, not an object or not
     JSON: the body still ends normally, and the wake failure is recorded, logged and audited."""
-    with SleepyVllm() as fake:
-        with capture_logs() as logs, GpuShare([server(fake, retries=1)], store, buffer.record_event).asleep("job-1"):
+    with SleepyVllm() as fake, capture_logs() as logs:
+        share = GpuShare([server(fake, retries=1)], store, buffer.record_event)
+        with share.asleep("job-1"):
             fake.broken = {path: how}  # while the worker runs
     [failed] = [e for e in logs if e["event"] == events.SERVER_WAKE_FAILED]
     assert failed["log_level"] == "error" and "after 2 attempts" in failed["error"]
@@ -95,17 +110,16 @@ def test_a_broken_reply_to_the_wake_is_a_recorded_wake_failure_never_an_exceptio
 
 def test_a_broken_reply_to_the_sleep_fails_the_sleep_with_a_reason(store):
     with SleepyVllm(broken={"/is_sleeping": "nested"}) as fake:
-        with pytest.raises(ShareError, match="is_sleeping"):
-            with GpuShare([server(fake, retries=0)], store).asleep("job-1"):
-                pass
+        share = GpuShare([server(fake, retries=0)], store)
+        with pytest.raises(ShareError, match="is_sleeping"), share.asleep("job-1"):
+            pass
 
 
 def test_a_server_that_will_not_sleep_stops_the_worker_from_starting(store):
     with SleepyVllm(sleep_mode=False) as fake:
         ran = []
-        with pytest.raises(ShareError, match="VLLM_SERVER_DEV_MODE=1"):
-            with GpuShare([server(fake)], store).asleep("job-1"):
-                ran.append(True)
+        with pytest.raises(ShareError, match="VLLM_SERVER_DEV_MODE=1"), GpuShare([server(fake)], store).asleep("job-1"):
+            ran.append(True)
         assert ran == []
         assert gpu_share.records(store) == []  # no sleep endpoints: it cannot be asleep
 
@@ -114,9 +128,8 @@ def test_an_unreachable_server_fails_the_sleep_and_stays_recorded_until_it_is_wo
     with SleepyVllm() as fake:
         url = fake.url
     gone = SleepingServer(url, timeout=1, retries=1, backoff=0, sleep=lambda s: None)
-    with pytest.raises(ShareError, match="after 2 attempts"):
-        with GpuShare([gone], store).asleep("job-1"):
-            pass
+    with pytest.raises(ShareError, match="after 2 attempts"), GpuShare([gone], store).asleep("job-1"):
+        pass
     # It may have gone to sleep before it stopped answering: the record stays for the waker.
     [record] = gpu_share.records(store)
     assert record["state"] == "wake_failed" and record["url"] == url
@@ -125,12 +138,15 @@ def test_an_unreachable_server_fails_the_sleep_and_stays_recorded_until_it_is_wo
 def test_sleep_during_training_is_only_for_vllm_hooks():
     with pytest.raises(config.ConfigError, match=r'publish\[0\].sleep_during_training: only a kind = "vllm"'):
         config.loads("[[publish]]\nargv = ['x']\nsleep_during_training = true\n")
-    s = config.loads("[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8000'\nsleep_during_training = true\n"
-                     "[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8001'\n")
+    s = config.loads(
+        "[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8000'\nsleep_during_training = true\n"
+        "[[publish]]\nkind = 'vllm'\nurl = 'http://127.0.0.1:8001'\n"
+    )
     assert [x.url for x in gpu_share.servers_from_settings(s.publish)] == ["http://127.0.0.1:8000"]
 
 
 # -- around a real worker (tiny model) ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
@@ -147,7 +163,12 @@ def tiny_model(tmp_path_factory):
 def cycle_settings(root, base_model, url: str, steps: int = 8) -> config.Settings:
     """test_cycle's settings (no guard), promoting on any held-out loss drop, with a vLLM server
     that sleeps while the worker trains."""
-    return settings_for(root, str(base_model), steps=steps, guard=False, evaluation=f"""min_improvement = 0.0
+    return settings_for(
+        root,
+        str(base_model),
+        steps=steps,
+        guard=False,
+        evaluation=f"""min_improvement = 0.0
 [[publish]]
 kind = "vllm"
 url = "{url}"
@@ -155,7 +176,8 @@ retries = 1
 backoff = 0.0
 timeout = 10.0
 sleep_during_training = true
-""")
+""",
+    )
 
 
 def _progress_times(job_dir) -> list[float]:
@@ -168,8 +190,13 @@ def test_a_promoted_cycle_trains_while_the_server_sleeps_and_loads_the_adapter_a
     with SleepyVllm() as fake:
         outcome = cycle.run_now(cycle_settings(tmp_path, tiny_model, fake.url))
         assert outcome.status == "promoted", outcome.reason
-        assert fake.calls() == ["POST /sleep?level=1", "GET /is_sleeping", "POST /wake_up", "GET /is_sleeping",
-                                "POST /v1/load_lora_adapter"]
+        assert fake.calls() == [
+            "POST /sleep?level=1",
+            "GET /is_sleeping",
+            "POST /wake_up",
+            "GET /is_sleeping",
+            "POST /v1/load_lora_adapter",
+        ]
         assert list(fake.loaded) == [f"lorad-{outcome.version}"]
         slept, woke = fake.log[0][0], fake.log[2][0]
         times = _progress_times(cycle.job_dir_of(cycle_settings(tmp_path, tiny_model, fake.url), outcome.job_id))
@@ -193,8 +220,8 @@ def test_a_failed_worker_a_paused_one_and_a_cancelled_one_leave_the_server_awake
 
         s = cycle_settings(tmp_path / "b", tiny_model, fake.url, steps=500)
         with Buffer(s.buffer_path) as buffer:
-            from lorad.sources.ingest import ingest
             from lorad.sources import open_sources
+            from lorad.sources.ingest import ingest
 
             ingest(buffer, open_sources(s.store), s.buffer.batch_size)
             job_id = JobStore(buffer.conn).create("manual")["job_id"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lorad import config
-from lorad import cycle
+from lorad import config, cycle
 from lorad.buffer.formatting import HISTORY_HEADING
 from lorad.buffer.store import Buffer
 from lorad.training.jobdir import PROMPTS_FILE, TRAIN_FILE, read_job, read_jsonl
@@ -19,10 +18,10 @@ def grpo_settings(root: Path, base_model: str, steps: int = 2, method: str = "gr
     sft_phase = "grpo_steps = 2\ngrpo_learning_rate = 0.005" if method == "sft+grpo" else ""
     return config.loads(f"""
 [daemon]
-state_dir = "{root / 'state'}"
+state_dir = "{root / "state"}"
 [[store.sources]]
 kind = "atomicguard"
-path = "{FIXTURES / 'atomicguard-store'}"
+path = "{FIXTURES / "atomicguard-store"}"
 [selection]
 heldout_fraction = 0.3
 [training]
@@ -48,13 +47,16 @@ def test_prepare_writes_first_attempt_prompts_of_every_training_task_for_grpo(tm
     """First-try, refined and exhausted tasks all give prompts, without history, whatever the policy."""
     settings = grpo_settings(tmp_path, "unused")
     with Buffer(settings.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(settings.store), 100)
         job_dir = cycle.prepare(settings, buffer, "j1")
-        outcomes = dict(buffer.conn.execute(
-            "SELECT outcome, count(*) FROM examples WHERE split = 'train' AND duplicate_of IS NULL GROUP BY 1"))
+        outcomes = dict(
+            buffer.conn.execute(
+                "SELECT outcome, count(*) FROM examples WHERE split = 'train' AND duplicate_of IS NULL GROUP BY 1"
+            )
+        )
     prompts = read_jsonl(job_dir / PROMPTS_FILE)
     assert read_jsonl(job_dir / TRAIN_FILE) == []
     got: dict[str, int] = {}
@@ -85,8 +87,8 @@ def test_an_sft_then_grpo_cycle_writes_both_sets_and_records_both_phases(tmp_pat
 
     settings = grpo_settings(tmp_path, str(build_tiny_model(tmp_path / "tiny")), steps=3, method="sft+grpo")
     with Buffer(settings.buffer_path) as buffer:
-        from lorad.sources.ingest import ingest
         from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
 
         ingest(buffer, open_sources(settings.store), 100)
         job_dir = cycle.prepare(settings, buffer, "j1")

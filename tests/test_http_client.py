@@ -20,8 +20,12 @@ from lorad.release.http_client import HttpError
 
 def test_a_long_json_reply_comes_back_whole():
     """Not cut to 2,000 characters: an /api/tags of 59 models (10 kB) must still parse."""
-    tags = {"models": [{"name": f"lorad-v{i:04d}-20261201T0300{i:02d}Z:latest", "size": 123456789,
-                        "digest": "0" * 64} for i in range(1, 60)]}
+    tags = {
+        "models": [
+            {"name": f"lorad-v{i:04d}-20261201T0300{i:02d}Z:latest", "size": 123456789, "digest": "0" * 64}
+            for i in range(1, 60)
+        ]
+    }
 
     class Handler(JsonHandler):
         def do_GET(self):
@@ -39,9 +43,8 @@ def test_an_error_reply_keeps_only_an_excerpt_in_its_message():
             self.read_body()
             self.reply(503, {"error": "x" * 50_000})
 
-    with FakeServer(Handler) as server:
-        with pytest.raises(HttpError) as e:
-            http_client.send(server.url, "POST", "/v1/load_lora_adapter", {"a": 1}, timeout=5)
+    with FakeServer(Handler) as server, pytest.raises(HttpError) as e:
+        http_client.send(server.url, "POST", "/v1/load_lora_adapter", {"a": 1}, timeout=5)
     assert e.value.status == 503 and not e.value.final
     assert len(str(e.value)) < http_client.OUTPUT_CHARS + 100
 
@@ -121,6 +124,7 @@ def test_a_connect_that_never_completes_ends_at_the_deadline_or_at_a_cancel():
 
 def test_a_reply_cut_short_is_an_error_that_is_retried():
     """Content-Length 100, ten bytes, then the server closes (IncompleteRead): a HttpError, not a crash."""
+
     class Cut(JsonHandler):
         def do_POST(self):
             self.send_response(200)
@@ -129,9 +133,8 @@ def test_a_reply_cut_short_is_an_error_that_is_retried():
             self.wfile.write(b'{"is_sleep')
             self.close_connection = True
 
-    with FakeServer(Cut) as server:
-        with pytest.raises(HttpError, match="cut short") as e:
-            http_client.send(server.url, "POST", "/wake_up", b"", timeout=5)
+    with FakeServer(Cut) as server, pytest.raises(HttpError, match="cut short") as e:
+        http_client.send(server.url, "POST", "/wake_up", b"", timeout=5)
     assert not e.value.final
 
 
@@ -150,8 +153,13 @@ def test_a_cancel_ends_the_wait_at_once():
         # and no retry after a cancel
         waits = []
         with pytest.raises(http_client.Cancelled):
-            http_client.retrying(lambda: http_client.send(server.url, "POST", "/x", {}, timeout=30, cancel=cancel),
-                                 retries=3, backoff=1.0, sleep=waits.append, cancel=cancel)
+            http_client.retrying(
+                lambda: http_client.send(server.url, "POST", "/x", {}, timeout=30, cancel=cancel),
+                retries=3,
+                backoff=1.0,
+                sleep=waits.append,
+                cancel=cancel,
+            )
     assert e.value.final and took < 1.5, took
     assert waits == []
 
@@ -161,9 +169,28 @@ def tls_files(tmp_path, monkeypatch):
     if not shutil.which("openssl"):
         pytest.skip("needs the openssl command for a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # what the client's default context trusts
     return cert, key
 

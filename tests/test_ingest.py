@@ -13,8 +13,10 @@ def run_cli(*args):
 
 def write_config(tmp_path, store, extra=""):
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
-                   f'[[store.sources]]\nkind = "atomicguard"\npath = "{store}"\n' + extra)
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[[store.sources]]\nkind = "atomicguard"\npath = "{store}"\n' + extra
+    )
     return cfg
 
 
@@ -34,7 +36,7 @@ def test_ingest_lists_quarantined_inputs_with_reasons(tmp_path, fixture_store):
     bad = fixture_store / "objects" / "zz" / "zz-broken.json"
     bad.parent.mkdir()
     bad.write_text('{"artifact_id": 1}')
-    cfg = write_config(tmp_path, fixture_store, '[store]\nsettle_seconds = 0.0\n')
+    cfg = write_config(tmp_path, fixture_store, "[store]\nsettle_seconds = 0.0\n")
     out = run_cli("--config", str(cfg), "ingest", "--quarantine")
     assert out.returncode == 0
     assert "quarantined 1" in out.stdout
@@ -99,26 +101,31 @@ def test_the_cycle_collector_is_paused_during_a_scan_and_back_on_after(buffer):
 def test_a_lone_surrogate_or_a_nan_score_is_quarantined_with_a_reason_and_the_rest_ingested(tmp_path):
     """A JSONL line or an artifact file holding a lone surrogate (``"\\ud800"``) stopped the
     whole scan, on every pass (SQLite cannot store it); a NaN score was stored as "rejected"."""
-    from lorad.demo import synthetic
     from lorad.buffer.store import Buffer
-    from lorad.sources.ingest import ingest
+    from lorad.demo import synthetic
     from lorad.sources.atomicguard import AtomicGuardSource
+    from lorad.sources.ingest import ingest
     from lorad.sources.jsonl import JsonlSource
 
     good = {"id": "ok", "prompt": "Write f.", "completion": "def f(): pass", "status": "accepted"}
     scored = {k: v for k, v in good.items() if k != "status"}
     log = tmp_path / "feedback.jsonl"
-    log.write_text("".join(json.dumps(r) + "\n" for r in (
-        good | {"id": "surrogate", "prompt": "Write f.\ud800"},  # json.dumps writes it as the escape \ud800
-        scored | {"id": "nan", "score": float("nan")},  # written as the literal NaN
-        scored | {"id": "inf", "score": float("inf")},
-        good)))
+    log.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in (
+                good | {"id": "surrogate", "prompt": "Write f.\ud800"},  # json.dumps writes it as the escape \ud800
+                scored | {"id": "nan", "score": float("nan")},  # written as the literal NaN
+                scored | {"id": "inf", "score": float("inf")},
+                good,
+            )
+        )
+    )
     store = tmp_path / "store"
     for name, content in (("aa/bad.json", "def f():\udfff pass"), ("bb/fine.json", "def f(): pass")):
         path = store / "objects" / name
         path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(synthetic.artifact(workflow_id="w-" + name[:2], content=content,
-                                                      status="accepted")))
+        path.write_text(json.dumps(synthetic.artifact(workflow_id="w-" + name[:2], content=content, status="accepted")))
     with Buffer(tmp_path / "b.sqlite3") as b:
         report = ingest(b, [JsonlSource("jsonl", log), AtomicGuardSource("ag", store, settle_seconds=0.0)])
         assert report.errors == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import uuid
@@ -13,9 +14,9 @@ from hypothesis import strategies as st
 
 from lorad import config, release
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
 from lorad.evaluation.live import Rate, decide_live, live_counts, two_proportion_test
 from lorad.sources import open_sources
+from lorad.sources.ingest import ingest
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=timezone.utc)
 
@@ -52,18 +53,29 @@ def test_rolls_back_only_when_significantly_worse():
 # -- on a synthetic AtomicGuard store whose artifacts name the adapter that produced them ----------
 
 
-def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", source=None, n=[0]):
-    n[0] += 1
-    aid = str(uuid.UUID(int=n[0]))
+_ARTIFACTS = itertools.count(1)  # unique ids across the module's tests
+
+
+def write_artifact(store, *, tag, accepted, attempt=1, key="adapter_version", source=None):
+    n = next(_ARTIFACTS)
+    aid = str(uuid.UUID(int=n))
     doc = {
-        "artifact_id": aid, "workflow_id": str(uuid.UUID(int=10**6 + n[0])), "content": "def f():\n    return 1\n",
-        "previous_attempt_id": None if attempt == 1 else str(uuid.uuid4()), "parent_action_pair_id": None,
-        "action_pair_id": "g_coder", "created_at": (T0 + timedelta(seconds=n[0])).isoformat(),
-        "attempt_number": attempt, "status": "accepted" if accepted else "rejected",
-        "guard_result": {"passed": accepted, "feedback": "" if accepted else "failed", "fatal": False,
-                         "sub_results": []},
-        "context": {"specification": "Write f.", "constraints": "", "feedback_history": [],
-                    "dependency_artifacts": {}},
+        "artifact_id": aid,
+        "workflow_id": str(uuid.UUID(int=10**6 + n)),
+        "content": "def f():\n    return 1\n",
+        "previous_attempt_id": None if attempt == 1 else str(uuid.uuid4()),
+        "parent_action_pair_id": None,
+        "action_pair_id": "g_coder",
+        "created_at": (T0 + timedelta(seconds=n)).isoformat(),
+        "attempt_number": attempt,
+        "status": "accepted" if accepted else "rejected",
+        "guard_result": {
+            "passed": accepted,
+            "feedback": "" if accepted else "failed",
+            "fatal": False,
+            "sub_results": [],
+        },
+        "context": {"specification": "Write f.", "constraints": "", "feedback_history": [], "dependency_artifacts": {}},
         "metadata": {key: tag} if tag else {},
     }
     if source:
@@ -79,7 +91,7 @@ def world(tmp_path):
     (store / "objects").mkdir(parents=True)
     s = config.loads(f"""
 [daemon]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [[store.sources]]
 kind = "atomicguard"
 path = "{store}"
@@ -164,7 +176,12 @@ def test_history_and_report_show_each_versions_live_first_try_rate_and_attempts(
     assert any(v2 in line and "0% (0/20)" in line and "2.00" in line for line in listing.splitlines())
     assert main(["--config", str(config_path), "history", v2, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["live"] == {
-        "accepted": 0, "attempts": 20, "generated": 40, "first_try": 0.0, "mean_attempts": 2.0}
+        "accepted": 0,
+        "attempts": 20,
+        "generated": 40,
+        "first_try": 0.0,
+        "mean_attempts": 2.0,
+    }
     report = tmp_path / "report.html"
     assert main(["--config", str(config_path), "report", "--output", str(report)]) == 0
     page = report.read_text()

@@ -25,10 +25,21 @@ def _tagged(name: str) -> str:
 
 def listed(name: str) -> dict:
     """A model as Ollama's GET /api/tags lists it (about 470 bytes each)."""
-    return {"name": name, "model": name, "modified_at": "2026-12-01T03:00:00.123456789+00:00", "size": 145000000,
-            "digest": hashlib.sha256(name.encode()).hexdigest(),
-            "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                        "parameter_size": "134.52M", "quantization_level": "Q8_0"}}
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "2026-12-01T03:00:00.123456789+00:00",
+        "size": 145000000,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "134.52M",
+            "quantization_level": "Q8_0",
+        },
+    }
 
 
 class FakeOllama(FakeServer):
@@ -115,14 +126,15 @@ class FakeOllama(FakeServer):
                     return self.reply(400, {"error": "neither 'from' nor 'files' was specified"})
                 fake.models[_tagged(body["model"])] = {k: body[k] for k in ("from", "files", "adapters") if k in body}
                 if body.get("stream", True):  # a stream of JSON objects, as Ollama answers by default
-                    return self.reply(200, "\n".join(json.dumps({"status": s}) for s in ("writing manifest", "success")))
+                    return self.reply(
+                        200, "\n".join(json.dumps({"status": s}) for s in ("writing manifest", "success"))
+                    )
                 return self.reply(200, {"status": "success"})
 
         super().__init__(Handler)
 
     def posts(self, prefix: str) -> int:
         return sum(1 for m, p in self.requests if m == "POST" and p.startswith(prefix))
-
 
 
 def closed_port_url() -> str:
@@ -164,8 +176,10 @@ def test_creates_the_versioned_model_from_uploaded_blobs_and_moves_latest(tmp_pa
         hook = OllamaHook(server.url, str(base_gguf), retries=0)
         assert publish(reg, reg.promote(a), [hook]).ok
         adapter_a = digest((reg.root / a / "adapter.gguf").read_bytes())
-        assert server.models[f"lorad-{a}:latest"] == {"files": {"base.gguf": digest(base_gguf.read_bytes())},
-                                                      "adapters": {"adapter.gguf": adapter_a}}
+        assert server.models[f"lorad-{a}:latest"] == {
+            "files": {"base.gguf": digest(base_gguf.read_bytes())},
+            "adapters": {"adapter.gguf": adapter_a},
+        }
         assert server.models["lorad:latest"] == server.models[f"lorad-{a}:latest"]
         report = publish(reg, reg.promote(b), [hook])
         assert report.ok and f"lorad:latest -> lorad-{b}" in report.results[0].detail
@@ -189,13 +203,20 @@ def test_models_of_pruned_versions_are_deleted_at_the_next_publish_and_nothing_e
         shutil.rmtree(reg.root / a)  # what Registry.prune does to a version it no longer retains
         report = publish(reg, reg.rollback(), [hook])
         assert report.ok and f"deleted lorad-{a}:latest (pruned versions)" in report.results[0].detail
-        assert set(server.models) == {"smollm2:135m", "lorad-experiment:latest", f"lorad-{b}:latest",
-                                      f"lorad-{c}:latest", "lorad:latest"}
+        assert set(server.models) == {
+            "smollm2:135m",
+            "lorad-experiment:latest",
+            f"lorad-{b}:latest",
+            f"lorad-{c}:latest",
+            "lorad:latest",
+        }
         # a failing listing is reported, and the publish still counts: the alias serves
         server.fail["/api/tags"] = 1
         report = publish(reg, reg.promote(c), [hook])
-        assert report.ok and "deleting the models of pruned versions failed: GET /api/tags: HTTP 500" in \
-            report.results[0].detail
+        assert (
+            report.ok
+            and "deleting the models of pruned versions failed: GET /api/tags: HTTP 500" in report.results[0].detail
+        )
         assert server.models["lorad:latest"] == server.models[f"lorad-{c}:latest"]
 
 
@@ -246,7 +267,7 @@ def test_required_ollama_hook_that_keeps_failing_reverts_the_promotion_through_r
     with FakeOllama() as server:
         settings = config.loads(f"""
 [daemon]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [[publish]]
 kind = "ollama"
 url = "{server.url}"
@@ -273,8 +294,9 @@ required = true
 def test_a_version_without_adapter_gguf_fails_both_kinds_with_the_reason(tmp_path, base_gguf):
     reg = make_versions(tmp_path / "adapters", n=1, gguf=False)
     with FakeOllama() as server:
-        report = publish(reg, reg.promote(reg.names()[0]),
-                         [GgufHook(), OllamaHook(server.url, str(base_gguf), retries=0)])
+        report = publish(
+            reg, reg.promote(reg.names()[0]), [GgufHook(), OllamaHook(server.url, str(base_gguf), retries=0)]
+        )
         assert server.requests == []
     gguf, ollama = report.results
     assert not gguf.ok and "made before a gguf or ollama publish table" in gguf.detail
@@ -293,12 +315,18 @@ def test_reverting_to_no_version_points_latest_at_the_bare_base(tmp_path, base_g
 
 
 def test_hooks_are_built_from_gguf_and_ollama_tables():
-    s = config.loads('[training]\nbase_model = "/m/base.gguf"\n[[publish]]\nkind = "gguf"\nrequired = true\n'
-                     '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\nname_prefix = "coder"\n')
+    s = config.loads(
+        '[training]\nbase_model = "/m/base.gguf"\n[[publish]]\nkind = "gguf"\nrequired = true\n'
+        '[[publish]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\nname_prefix = "coder"\n'
+    )
     gguf, ollama = hooks_from_settings(s.publish, s.training.base_model)
     assert gguf == GgufHook(required=True)
     assert (ollama.url, ollama.base, ollama.name_prefix, ollama.required) == (
-        "http://127.0.0.1:11434", "/m/base.gguf", "coder", False)
+        "http://127.0.0.1:11434",
+        "/m/base.gguf",
+        "coder",
+        False,
+    )
 
 
 def remove_version(reg, name) -> None:
@@ -325,16 +353,25 @@ def test_a_server_with_many_models_is_listed_whole_and_a_required_hook_keeps_the
         assert reg.current() == c and f"lorad-{a}:latest" not in server.models
 
 
-@pytest.mark.parametrize("tags", ['{"models": [{"name": "lorad-v', "[1, 2, 3]", '{"models": {"a": 1}}',
-                                  '{"models": ["lorad-x", 7, null]}', "[" * 100_000 + "]" * 100_000],
-                         ids=["cut", "a list", "models not a list", "models not objects", "deeply nested"])
+@pytest.mark.parametrize(
+    "tags",
+    [
+        '{"models": [{"name": "lorad-v',
+        "[1, 2, 3]",
+        '{"models": {"a": 1}}',
+        '{"models": ["lorad-x", 7, null]}',
+        "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=["cut", "a list", "models not a list", "models not objects", "deeply nested"],
+)
 def test_a_broken_model_listing_only_shows_in_the_detail(tmp_path, base_gguf, tags):
     """The README's promise: a failed delete of old models never fails the hook."""
     reg = make_versions(tmp_path / "adapters", n=1)
     with FakeOllama() as server:
         server.tags = tags
-        report = publish(reg, reg.promote(reg.names()[0]), [OllamaHook(server.url, str(base_gguf), retries=0,
-                                                                         required=True)])
+        report = publish(
+            reg, reg.promote(reg.names()[0]), [OllamaHook(server.url, str(base_gguf), retries=0, required=True)]
+        )
     [result] = report.results
     assert result.ok and report.reverted is None, result.detail
     assert "deleting the models of pruned versions failed" in result.detail

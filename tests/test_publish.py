@@ -39,9 +39,13 @@ class FakeVllm(FakeServer):
                 name = body.get("lora_name")
                 if self.path == "/v1/load_lora_adapter":
                     if not name or not body.get("lora_path"):
-                        return self.reply(400, {"error": {"message": "Both 'lora_name' and 'lora_path' must be provided."}})
+                        return self.reply(
+                            400, {"error": {"message": "Both 'lora_name' and 'lora_path' must be provided."}}
+                        )
                     if name in fake.loaded:
-                        return self.reply(400, {"error": {"message": f"The lora adapter '{name}' has already been loaded."}})
+                        return self.reply(
+                            400, {"error": {"message": f"The lora adapter '{name}' has already been loaded."}}
+                        )
                     fake.loaded[name] = body["lora_path"]
                     return self.reply(200, f"Success: LoRA adapter '{name}' added successfully.")
                 if self.path == "/v1/unload_lora_adapter":
@@ -52,7 +56,6 @@ class FakeVllm(FakeServer):
                 return self.reply(404, {"detail": "Not Found"})
 
         super().__init__(Handler)
-
 
 
 @pytest.fixture
@@ -77,7 +80,10 @@ def test_vllm_hook_loads_new_versioned_name_then_unloads_the_old(reg, monkeypatc
         assert r1.ok and r2.ok
         assert server.loaded == {f"lorad-{b}": str((reg.root / b).resolve())}
         assert [p for p, _ in server.requests] == [
-            "/v1/load_lora_adapter", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+            "/v1/load_lora_adapter",
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+        ]
         # rollback: the old name comes back (same immutable files), the bad one is unloaded
         r3 = publish(reg, reg.rollback(), [hook])
         assert r3.ok and server.loaded == {f"lorad-{a}": str((reg.root / a).resolve())}
@@ -110,9 +116,11 @@ def test_failing_required_hook_reverts_the_pointer(reg, tmp_path):
     reg.promote(a)
     log = tmp_path / "calls.txt"
     script = tmp_path / "hook.py"
-    script.write_text("import os, sys\n"
-                      f"open({str(log)!r}, 'a').write(os.environ['LORAD_ACTION'] + ' ' + ' '.join(sys.argv[1:]) + '\\n')\n"
-                      "sys.exit(3 if os.environ['LORAD_ACTION'] == 'promoted' else 0)\n")
+    script.write_text(
+        "import os, sys\n"
+        f"open({str(log)!r}, 'a').write(os.environ['LORAD_ACTION'] + ' ' + ' '.join(sys.argv[1:]) + '\\n')\n"
+        "sys.exit(3 if os.environ['LORAD_ACTION'] == 'promoted' else 0)\n"
+    )
     hook = CommandHook((sys.executable, str(script), "{version}", "{previous}"), timeout=20, required=True)
     report = publish(reg, reg.promote(b), [hook])
     assert report.reverted is not None
@@ -125,8 +133,17 @@ def test_failing_required_hook_reverts_the_pointer(reg, tmp_path):
 def test_command_hook_fills_placeholders_and_times_out(reg, tmp_path):
     a = reg.names()[0]
     out = tmp_path / "out.txt"
-    ok = CommandHook((sys.executable, "-c", f"import sys; open({str(out)!r}, 'w').write(repr(sys.argv[1:]))",
-                      "{version}", "{path}", "{previous}"), timeout=20)
+    ok = CommandHook(
+        (
+            sys.executable,
+            "-c",
+            f"import sys; open({str(out)!r}, 'w').write(repr(sys.argv[1:]))",
+            "{version}",
+            "{path}",
+            "{previous}",
+        ),
+        timeout=20,
+    )
     change = reg.promote(a)
     (result,) = publish(reg, change, [ok]).results
     assert result.ok
@@ -136,8 +153,12 @@ def test_command_hook_fills_placeholders_and_times_out(reg, tmp_path):
 
 
 def test_hooks_are_built_from_publish_tables():
-    hooks = hooks_from_settings([PublishSettings(kind="command", argv=("x", "{version}"), required=True),
-                                 PublishSettings(kind="vllm", url="http://h:8000", retries=5)])
+    hooks = hooks_from_settings(
+        [
+            PublishSettings(kind="command", argv=("x", "{version}"), required=True),
+            PublishSettings(kind="vllm", url="http://h:8000", retries=5),
+        ]
+    )
     assert isinstance(hooks[0], CommandHook) and hooks[0].required
     assert isinstance(hooks[1], VllmHook) and hooks[1].retries == 5
 
@@ -170,8 +191,10 @@ def test_a_cancel_ends_hooks_waiting_on_a_server_and_is_recorded(reg):
     buffer = Buffer(":memory:")
     cancel = threading.Event()
     with FakeServer(DrippingHandler.every(0.2)) as server:
-        hooks = [VllmHook(server.url, retries=3, timeout=60, required=True),
-                 CommandHook((sys.executable, "-c", "import time; time.sleep(60)"), timeout=60)]
+        hooks = [
+            VllmHook(server.url, retries=3, timeout=60, required=True),
+            CommandHook((sys.executable, "-c", "import time; time.sleep(60)"), timeout=60),
+        ]
         threading.Timer(0.5, cancel.set).start()
         started = time.monotonic()
         report = publish(reg, reg.promote(b), hooks, audit=buffer.record_event, cancel=cancel)

@@ -24,8 +24,12 @@ def adapter(tmp_path, tag: str):
 
 
 def make(reg, tmp_path, i, promote=True, nll=None):
-    record = {"base_model": "tiny", "method": "sft", "metrics": {"candidate": {"nll": nll or 3.0 - i * 0.1}},
-              "verdict": {"promote": promote, "reasons": ["test"]}}
+    record = {
+        "base_model": "tiny",
+        "method": "sft",
+        "metrics": {"candidate": {"nll": nll or 3.0 - i * 0.1}},
+        "verdict": {"promote": promote, "reasons": ["test"]},
+    }
     return reg.create(adapter(tmp_path, str(i)), record, now=T0 + timedelta(minutes=i)).name
 
 
@@ -210,8 +214,10 @@ def test_current_repointed_by_hand_to_another_version_is_refused(reg, tmp_path):
     os.symlink(a, reg.root / "tmp-link")
     os.replace(reg.root / "tmp-link", reg.root / "current")
     assert reg.current() is None
-    assert reg.pointer_problems() == [f"current points at {a}, but the pointer log says {b}: changed outside lorad "
-                                     "(or lorad was killed while moving it)"]
+    assert reg.pointer_problems() == [
+        f"current points at {a}, but the pointer log says {b}: changed outside lorad "
+        "(or lorad was killed while moving it)"
+    ]
 
 
 def test_current_whose_files_fail_their_sha256_is_reported_and_can_be_rolled_back_from(reg, tmp_path):
@@ -222,7 +228,8 @@ def test_current_whose_files_fail_their_sha256_is_reported_and_can_be_rolled_bac
     _edit(reg.root / b / "adapter_model.safetensors", "poisoned")
     assert reg.current() == b
     assert reg.pointer_problems() == [
-        f"current points at {b}, which fails verification: adapter_model.safetensors: sha256 does not match lorad.json"]
+        f"current points at {b}, which fails verification: adapter_model.safetensors: sha256 does not match lorad.json"
+    ]
     assert reg.rollback().version == a and reg.pointer_problems() == []
 
 
@@ -292,8 +299,9 @@ def test_a_version_named_with_non_ascii_digits_is_no_such_version(tmp_path, name
         reg.rollback(name)
 
 
-@pytest.mark.parametrize("command", [["export-adapter", "²", "--output", "x.gguf"], ["promote", "²"],
-                                     ["rollback", "²"], ["history", "²"]])
+@pytest.mark.parametrize(
+    "command", [["export-adapter", "²", "--output", "x.gguf"], ["promote", "²"], ["rollback", "²"], ["history", "²"]]
+)
 def test_the_commands_say_no_such_version_for_a_non_ascii_digit(tmp_path, capsys, command):
     from lorad.cli import main
 

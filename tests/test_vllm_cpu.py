@@ -17,11 +17,16 @@ from lorad.release.hooks import hooks_from_settings, publish
 from lorad.release.registry import Registry
 from lorad.training.base_model import convert_gguf, smollm2_gguf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # vLLM's start alone may take 600 s
 
-PROMPTS = ["Write a Python function that returns the sum of a list.", "What is the capital of France?",
-           "def fib(n):", "List three prime numbers.", "Explain recursion in one sentence.",
-           "Fix: for i in range(1, len(xs)): print(xs[i])"]
+PROMPTS = [
+    "Write a Python function that returns the sum of a list.",
+    "What is the capital of France?",
+    "def fib(n):",
+    "List three prime numbers.",
+    "Explain recursion in one sentence.",
+    "Fix: for i in range(1, len(xs)): print(xs[i])",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,10 @@ def served(tmp_path_factory):
     adapters, first_tokens = [], []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                               LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
+        )
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.2)  # strong enough to change every answer
@@ -48,8 +55,12 @@ def served(tmp_path_factory):
         picks = []
         with torch.no_grad():
             for prompt in PROMPTS:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                    return_tensors="pt", return_dict=True)["input_ids"]
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                )["input_ids"]
                 picks.append(tokenizer.decode([int(model(input_ids=ids).logits[0, -1].argmax())]))
         first_tokens.append(picks)
         model.save_pretrained(root / f"adapter-{seed}")
@@ -76,9 +87,9 @@ def test_the_vllm_hook_serves_each_promoted_version_and_follows_a_rollback(serve
     assert f"lorad-{v1}" in server.models(url)
 
     base, adapted = answers(url, "base"), answers(url, f"lorad-{v1}")
-    assert sum(a != b for a, b in zip(base, adapted)) >= 5, (base, adapted)
+    assert sum(a != b for a, b in zip(base, adapted, strict=True)) >= 5, (base, adapted)
     firsts = [server.chat(url, f"lorad-{v1}", [{"role": "user", "content": p}], max_tokens=1) for p in PROMPTS]
-    agree = sum(a.strip() == b.strip() for a, b in zip(firsts, served["first_tokens"][0]))
+    agree = sum(a.strip() == b.strip() for a, b in zip(firsts, served["first_tokens"][0], strict=True))
     print(f"first greedy token, vLLM vs peft: {agree}/{len(PROMPTS)} agree ({firsts} vs {served['first_tokens'][0]})")
     assert agree >= 4
 

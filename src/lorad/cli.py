@@ -18,7 +18,18 @@ from lorad.commands import CommandError
 from lorad.config import EX_CONFIG, ConfigError
 
 # Modules under lorad.commands, in the order their commands appear in --help.
-COMMAND_MODULES = ("ingest", "export", "serve", "client", "report", "train", "versions", "export_adapter", "doctor", "demo")
+COMMAND_MODULES = (
+    "ingest",
+    "export",
+    "serve",
+    "client",
+    "report",
+    "train",
+    "versions",
+    "export_adapter",
+    "doctor",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,17 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
         # Accepted before and after the command; SUPPRESS keeps a subcommand from resetting a
         # value given before it.
         p = argparse.ArgumentParser(add_help=False)
-        p.add_argument("--config", metavar="PATH", default=default(None),
-                       help="config file (default: $LORAD_CONFIG, /etc/lorad/config.toml, ./config.toml)")
-        p.add_argument("--json", action="store_true", default=default(False),
-                       help="print machine-readable JSON")
+        p.add_argument(
+            "--config",
+            metavar="PATH",
+            default=default(None),
+            help="config file (default: $LORAD_CONFIG, /etc/lorad/config.toml, ./config.toml)",
+        )
+        p.add_argument("--json", action="store_true", default=default(False), help="print machine-readable JSON")
         return p
 
     top = options(lambda value: value)
     common = options(lambda value: argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
-        prog="lorad", parents=[top],
-        description="Continuous LoRA learning from guard verdicts: watch, buffer, train, gate, promote.")
+        prog="lorad",
+        parents=[top],
+        description="Continuous LoRA learning from guard verdicts: watch, buffer, train, gate, promote.",
+    )
     parser.add_argument("--version", action="version", version=f"lorad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
@@ -54,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lorad: config error: {e}", file=sys.stderr)
         return EX_CONFIG
-    log.configure(settings.logging.level, settings.logging.format, stream=sys.stderr
-                  if args.command not in ("serve",) else None)
+    log.configure(
+        settings.logging.level, settings.logging.format, stream=sys.stderr if args.command not in ("serve",) else None
+    )
     try:
         return int(args.func(args, settings) or 0)
     except ConfigError as e:

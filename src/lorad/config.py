@@ -27,8 +27,10 @@ DEFAULT_PATHS = (Path("/etc/lorad/config.toml"), Path("config.toml"))
 
 # The system message atomicguard's OpenAI-protocol generators (OllamaGenerator,
 # HuggingFaceGenerator) send with every request: [selection] system_message's default.
-ATOMICGUARD_SYSTEM = ("You are a Python programming assistant. Provide complete, runnable code in a markdown "
-                      "block:\n```python\n# code\n```")
+ATOMICGUARD_SYSTEM = (
+    "You are a Python programming assistant. Provide complete, runnable code in a markdown "
+    "block:\n```python\n# code\n```"
+)
 
 
 class ConfigError(Exception):
@@ -120,7 +122,11 @@ def learning_rate_or_zero(v):
 
 def auto_or_bool(v):
     # Literal["auto", True, False] alone would let 1 and 0 through (1 == True in Python).
-    return None if isinstance(v, bool) or (isinstance(v, str) and v == "auto") else f'must be "auto", true or false, got {v!r}'
+    return (
+        None
+        if isinstance(v, bool) or (isinstance(v, str) and v == "auto")
+        else f'must be "auto", true or false, got {v!r}'
+    )
 
 
 def filter_policy(v):
@@ -153,9 +159,11 @@ def accelerate_config_file(v):
         return f"{v!r} is not a valid accelerate config file: {str(e)[:120]}"
     kind = str((data or {}).get("distributed_type", "")).upper() if isinstance(data, dict) else ""
     if kind in _SHARDED:
-        return (f"{v!r} sets distributed_type: {kind}, which shards the model across ranks; lorad saves and "
-                f"evaluates the adapter on rank 0 alone, so only data-parallel configs (MULTI_GPU, MULTI_CPU) "
-                f"are supported")
+        return (
+            f"{v!r} sets distributed_type: {kind}, which shards the model across ranks; lorad saves and "
+            f"evaluates the adapter on rank 0 alone, so only data-parallel configs (MULTI_GPU, MULTI_CPU) "
+            f"are supported"
+        )
     return None
 
 
@@ -171,8 +179,10 @@ def _template(part: str) -> str | None:
         return f"not a valid template: {e} (write {{{{ and }}}} for literal braces)"
     for f in fields:
         if f not in PLACEHOLDERS:
-            return (f"unknown placeholder {{{f}}}; expected {{version}}, {{path}} or {{previous}} "
-                    "(write {{ and }} for literal braces)")
+            return (
+                f"unknown placeholder {{{f}}}; expected {{version}}, {{path}} or {{previous}} "
+                "(write {{ and }} for literal braces)"
+            )
     return None
 
 
@@ -280,8 +290,13 @@ class SelectionSettings:
     def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run."""
         if self.prompt_format == "atomicguard" and not self.prompt_template:
-            return [("prompt_template", 'prompt_format "atomicguard" renders the generator\'s prompt template: '
-                                        "name its prompts.json entry as FILE:KEY")]
+            return [
+                (
+                    "prompt_template",
+                    'prompt_format "atomicguard" renders the generator\'s prompt template: '
+                    "name its prompts.json entry as FILE:KEY",
+                )
+            ]
         return []
 
 
@@ -360,22 +375,37 @@ class TrainingSettings:
         """(key, why) for values that type-check but could not run, judged with ``method``."""
         found = []
         if "grpo" in self.phases and (self.batch_size * self.grad_accum) % self.num_generations:
-            found.append(("num_generations", f"must divide batch_size * grad_accum ({self.batch_size} * "
-                          f"{self.grad_accum}) for method \"{self.method}\": a GRPO step holds whole "
-                          f"groups of completions, got {self.num_generations}"))
+            found.append(
+                (
+                    "num_generations",
+                    f"must divide batch_size * grad_accum ({self.batch_size} * "
+                    f'{self.grad_accum}) for method "{self.method}": a GRPO step holds whole '
+                    f"groups of completions, got {self.num_generations}",
+                )
+            )
         if self.method != "sft+grpo":
-            found += [(key, f"applies to method \"sft+grpo\" only, and method = {self.method!r}; "
-                            f"remove it (max_steps and learning_rate set a single-method job)")
-                      for key in ("grpo_steps", "grpo_learning_rate") if getattr(self, key)]
+            found += [
+                (
+                    key,
+                    f'applies to method "sft+grpo" only, and method = {self.method!r}; '
+                    f"remove it (max_steps and learning_rate set a single-method job)",
+                )
+                for key in ("grpo_steps", "grpo_learning_rate")
+                if getattr(self, key)
+            ]
         if self.packing is True and "sft" not in self.phases:
-            found.append(("packing", f"true packs SFT rows only, and method = {self.method!r}; "
-                                     f"use \"auto\" or false"))
+            found.append(("packing", f'true packs SFT rows only, and method = {self.method!r}; use "auto" or false'))
         if self.liger_kernel is True:
             import importlib.util
 
             if importlib.util.find_spec("liger_kernel") is None:
-                found.append(("liger_kernel", "true needs the liger-kernel package (pip install liger-kernel) "
-                                              "and CUDA; it is not installed (use \"auto\" or false)"))
+                found.append(
+                    (
+                        "liger_kernel",
+                        "true needs the liger-kernel package (pip install liger-kernel) "
+                        'and CUDA; it is not installed (use "auto" or false)',
+                    )
+                )
         return found
 
 
@@ -405,9 +435,9 @@ class EvaluationSettings:
     # Keys this section no longer has, and what replaced them (refused at load with the text).
     REMOVED: typing.ClassVar[dict[str, str]] = {
         "max_regression": "removed: the gate tests first-attempt acceptance as pairs (exact McNemar "
-                          "test at evaluation.confidence) instead of allowing a fixed fall; delete the key",
+        "test at evaluation.confidence) instead of allowing a fixed fall; delete the key",
         "generation_samples": "removed: every held-out task is generated for; evaluation.max_heldout "
-                              "caps the held-out set; delete the key",
+        "caps the held-out set; delete the key",
     }
 
     def invalid(self) -> list[tuple[str, str]]:
@@ -449,7 +479,9 @@ class PublishSettings:
         if self.sleep_during_training and self.kind != "vllm":
             return [("sleep_during_training", f'only a kind = "vllm" hook can sleep, not kind = "{self.kind}"')]
         if self.kind in ("gguf", "ollama") and self.base.endswith(".gguf") and not Path(self.base).is_absolute():
-            found.append(("base", f"must be an absolute path to a .gguf file (or an Ollama model name), got {self.base!r}"))
+            found.append(
+                ("base", f"must be an absolute path to a .gguf file (or an Ollama model name), got {self.base!r}")
+            )
         if self.kind in ("vllm", "ollama"):
             from urllib.parse import urlsplit
 
@@ -458,7 +490,9 @@ class PublishSettings:
                 ok = parts.scheme in ("http", "https") and bool(parts.hostname)
             except ValueError:
                 ok = False
-            return found + ([] if ok else [("url", f"must be an http:// or https:// URL with a host, got {self.url!r}")])
+            return found + (
+                [] if ok else [("url", f"must be an http:// or https:// URL with a host, got {self.url!r}")]
+            )
         if self.kind == "gguf":
             return found
         if not self.argv:
@@ -510,8 +544,13 @@ class MetricsSettings:
 
     def invalid(self) -> list[tuple[str, str]]:
         if self.listen and not self.allow_remote and not is_loopback(self.host):
-            return [("listen", f"{self.host!r} is not a loopback address; set metrics.allow_remote = true "
-                               f"(and widen the unit's IPAddressAllow) to listen beyond this machine")]
+            return [
+                (
+                    "listen",
+                    f"{self.host!r} is not a loopback address; set metrics.allow_remote = true "
+                    f"(and widen the unit's IPAddressAllow) to listen beyond this machine",
+                )
+            ]
         if self.textfile and not self.textfile.endswith(".prom"):
             return [("textfile", f"node_exporter reads only files named *.prom, got {self.textfile!r}")]
         if self.textfile and not Path(self.textfile).is_absolute():
@@ -546,26 +585,46 @@ class Settings:
         """(key path, why) for sections that are valid alone but not together."""
         found = []
         if "grpo" in self.training.phases and not self.evaluation.guard_command:
-            found.append(("training.method", f'method "{self.training.method}" takes its GRPO reward from '
-                          "evaluation.guard_command, which is not set; set the guard command or choose "
-                          "another method"))
+            found.append(
+                (
+                    "training.method",
+                    f'method "{self.training.method}" takes its GRPO reward from '
+                    "evaluation.guard_command, which is not set; set the guard command or choose "
+                    "another method",
+                )
+            )
         exporting = [(i, t) for i, t in enumerate(self.publish) if t.kind in ("gguf", "ollama")]
         bases = set()
         for i, t in exporting:
             base = t.base or (self.training.base_model if self.training.base_model.endswith(".gguf") else "")
             if not base:
-                found.append((f"publish[{i}].base", f"required for kind {t.kind!r}: training.base_model "
-                              f"({self.training.base_model!r}) is not a .gguf file; name the base GGUF file "
-                              "(or an Ollama model) the adapter applies to"))
+                found.append(
+                    (
+                        f"publish[{i}].base",
+                        f"required for kind {t.kind!r}: training.base_model "
+                        f"({self.training.base_model!r}) is not a .gguf file; name the base GGUF file "
+                        "(or an Ollama model) the adapter applies to",
+                    )
+                )
             bases.add(base)
         if len(bases) > 1:
-            found.append((f"publish[{exporting[-1][0]}].base", "every gguf and ollama table must name the same "
-                          f"base (one adapter.gguf and Modelfile per version), got {sorted(bases)}"))
+            found.append(
+                (
+                    f"publish[{exporting[-1][0]}].base",
+                    "every gguf and ollama table must name the same "
+                    f"base (one adapter.gguf and Modelfile per version), got {sorted(bases)}",
+                )
+            )
         untied = [m for m in self.training.target_modules if m.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")]
         if exporting and untied:
-            found.append(("training.target_modules", f"{untied} cannot be exported as a GGUF LoRA adapter "
-                          f"(publish[{exporting[0][0]}] is kind {exporting[0][1].kind!r}): llama.cpp takes "
-                          "no LoRA on embeddings or lm_head"))
+            found.append(
+                (
+                    "training.target_modules",
+                    f"{untied} cannot be exported as a GGUF LoRA adapter "
+                    f"(publish[{exporting[0][0]}] is kind {exporting[0][1].kind!r}): llama.cpp takes "
+                    "no LoRA on embeddings or lm_head",
+                )
+            )
         return found
 
     @property
@@ -724,5 +783,11 @@ def _convert(tp, value, keypath: str, problems: list[str], base: Path):
 
 
 def _tname(value) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

@@ -14,7 +14,7 @@ def fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str | os.PathLike) -> None:
+def fsync_tree(root: str | os.PathLike[str]) -> None:
     """fsync every file under ``root``, then each folder (so their entries are durable too)."""
     for dirpath, _, files in os.walk(root):
         for name in files:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from lorad.buffer import examples, formatting
 from lorad.config import ATOMICGUARD_SYSTEM, SelectionSettings
-from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource
-
-from pathlib import Path
+from lorad.sources.ingest import ingest
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "atomicguard-prompts"
 
@@ -63,8 +62,13 @@ def test_default_system_message_is_the_one_atomicguard_sends():
 
 
 def test_snapshot_trains_and_scores_under_atomicguard_prompts(buffer, chains, template):
-    sel = SelectionSettings(prompt_template=f"{GOLDEN / 'prompts.json'}:g_coder", prompt_format="atomicguard",
-                            heldout_min_tasks=0, heldout_per_family=0, heldout_fraction=0.01)
+    sel = SelectionSettings(
+        prompt_template=f"{GOLDEN / 'prompts.json'}:g_coder",
+        prompt_format="atomicguard",
+        heldout_min_tasks=0,
+        heldout_per_family=0,
+        heldout_fraction=0.01,
+    )
     examples.refresh(buffer, sel)
     snap = examples.build_snapshot(buffer, sel, method="sft", n=10, replay_ratio=0.0)
     prompts = [row["prompt"] for row in snap.train]

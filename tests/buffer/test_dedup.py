@@ -6,13 +6,15 @@ import random
 
 from lorad.buffer.dedup import Item, dedup, exact_key, lsh_params, signature, similarity
 
-BASE = ("Write a Python function `parse_duration(text)` that turns strings like '1h30m' or '45s' into a number "
-        "of seconds, raising ValueError on anything else.\n\n"
-        "def parse_duration(text: str) -> int:\n    units = {'h': 3600, 'm': 60, 's': 1}\n    total = 0\n"
-        "    number = ''\n    for ch in text:\n        if ch.isdigit():\n            number += ch\n"
-        "        elif ch in units and number:\n            total += int(number) * units[ch]\n            number = ''\n"
-        "        else:\n            raise ValueError(text)\n    if number:\n        raise ValueError(text)\n"
-        "    return total\n")
+BASE = (
+    "Write a Python function `parse_duration(text)` that turns strings like '1h30m' or '45s' into a number "
+    "of seconds, raising ValueError on anything else.\n\n"
+    "def parse_duration(text: str) -> int:\n    units = {'h': 3600, 'm': 60, 's': 1}\n    total = 0\n"
+    "    number = ''\n    for ch in text:\n        if ch.isdigit():\n            number += ch\n"
+    "        elif ch in units and number:\n            total += int(number) * units[ch]\n            number = ''\n"
+    "        else:\n            raise ValueError(text)\n    if number:\n        raise ValueError(text)\n"
+    "    return total\n"
+)
 
 
 def test_exact_duplicates_differ_only_in_whitespace():

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorad.demo import synthetic
 from lorad.buffer import examples, split
 from lorad.buffer.store import Buffer
 from lorad.config import SelectionSettings
-from lorad.sources.ingest import ingest
+from lorad.demo import synthetic
 from lorad.sources.atomicguard import AtomicGuardSource
+from lorad.sources.ingest import ingest
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 SEL = SelectionSettings(heldout_fraction=0.3, dedup_similarity=0.9)
@@ -25,17 +24,33 @@ def snapshot(buffer, selection=SEL, *, method="sft", n=100, replay_ratio=0.5, **
     return examples.build_snapshot(buffer, selection, method=method, n=n, replay_ratio=replay_ratio, **kw)
 
 
-def add_task(store, i: int, *, spec: str | None = None, answer: str | None = None, retries: int = 1,
-             accepted: bool = True, day: int = 0, workflow: str | None = None, family: str | None = None) -> None:
+def add_task(
+    store,
+    i: int,
+    *,
+    spec: str | None = None,
+    answer: str | None = None,
+    retries: int = 1,
+    accepted: bool = True,
+    day: int = 0,
+    workflow: str | None = None,
+    family: str | None = None,
+) -> None:
     spec = spec or f"Write a Python function `f{i}(x)` that returns x times {i} plus {i * 7 % 11}."
-    answer = answer or f"def f{i}(x: int) -> int:\n    \"\"\"Task {i}.\"\"\"\n    return x * {i} + {i * 7 % 11}\n"
-    attempts = [(f"def f{i}(x):\n    return x * {i} + {r}  # try {r}\n", "rejected", f"f{i}(1) wrong, try {r}")
-                for r in range(retries)]
+    answer = answer or f'def f{i}(x: int) -> int:\n    """Task {i}."""\n    return x * {i} + {i * 7 % 11}\n'
+    attempts = [
+        (f"def f{i}(x):\n    return x * {i} + {r}  # try {r}\n", "rejected", f"f{i}(1) wrong, try {r}")
+        for r in range(retries)
+    ]
     if accepted:
         attempts.append((answer, "accepted", "All tests passed"))
-    for obj in synthetic.chain(workflow_id=workflow or f"wf-{i}-{day}", specification=spec, attempts=attempts,
-                               start=T0 + timedelta(days=day, minutes=i),
-                               metadata={"family": family} if family else None):
+    for obj in synthetic.chain(
+        workflow_id=workflow or f"wf-{i}-{day}",
+        specification=spec,
+        attempts=attempts,
+        start=T0 + timedelta(days=day, minutes=i),
+        metadata={"family": family} if family else None,
+    ):
         synthetic.write(store, obj)
 
 
@@ -45,10 +60,11 @@ def sync(buffer, store, selection=SEL):
 
 
 def rows(buffer) -> dict[str, dict]:
-    cur = buffer.conn.execute("SELECT chain_id, seq, split, duplicate_of, duplicate, task_key, outcome, retries "
-                              "FROM examples")
+    cur = buffer.conn.execute(
+        "SELECT chain_id, seq, split, duplicate_of, duplicate, task_key, outcome, retries FROM examples"
+    )
     names = [d[0] for d in cur.description]
-    return {r[0]: dict(zip(names, r)) for r in cur}
+    return {r[0]: dict(zip(names, r, strict=True)) for r in cur}
 
 
 def test_migration_builds_the_examples_tables_on_a_fresh_in_memory_database():
@@ -80,18 +96,27 @@ def test_chain_with_empty_specification_is_skipped_with_that_reason(buffer, tmp_
 def test_pending_chain_waits_and_becomes_an_example_with_a_new_seq_when_decided(buffer, tmp_path):
     store = tmp_path / "store"
     add_task(store, 1)
-    objs = synthetic.chain(workflow_id="wf-p", specification="Write p(x) returning x.",
-                           attempts=[("def p(x): return 0", "rejected", "p(1) returned 0"), ("def p(x): return x", "pending", "")],
-                           start=T0)
+    objs = synthetic.chain(
+        workflow_id="wf-p",
+        specification="Write p(x) returning x.",
+        attempts=[("def p(x): return 0", "rejected", "p(1) returned 0"), ("def p(x): return x", "pending", "")],
+        start=T0,
+    )
     for o in objs:
         synthetic.write(store, o)
     report = sync(buffer, store)
     assert report.skipped == {"open": 1} and report.added == 1
     first_max = max(r["seq"] for r in rows(buffer).values())
-    accepted = synthetic.artifact(workflow_id="wf-p", content="def p(x): return x", status="accepted",
-                                  attempt_number=2, previous_attempt_id=objs[0]["artifact_id"],
-                                  specification="Write p(x) returning x.", artifact_id=objs[1]["artifact_id"],
-                                  created_at=T0 + timedelta(seconds=1))
+    accepted = synthetic.artifact(
+        workflow_id="wf-p",
+        content="def p(x): return x",
+        status="accepted",
+        attempt_number=2,
+        previous_attempt_id=objs[0]["artifact_id"],
+        specification="Write p(x) returning x.",
+        artifact_id=objs[1]["artifact_id"],
+        created_at=T0 + timedelta(seconds=1),
+    )
     synthetic.write(store, accepted)
     report = sync(buffer, store)
     assert report.added == 1 and report.skipped == {}
@@ -141,8 +166,11 @@ def test_contamination_check_reports_a_heldout_task_also_in_training(buffer, tmp
     held = buffer.conn.execute("SELECT chain_id, task_key FROM examples WHERE split = 'heldout' LIMIT 1").fetchone()
     assert held is not None
     with buffer.transaction() as conn:  # simulate a leak: the same task also in training
-        conn.execute("UPDATE examples SET task_key = ? WHERE chain_id = "
-                     "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)", (held[1],))
+        conn.execute(
+            "UPDATE examples SET task_key = ? WHERE chain_id = "
+            "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)",
+            (held[1],),
+        )
     leaks = split.contamination(buffer.conn)
     assert [(x["chain_id"], x["leak"]) for x in leaks] == [(held[0], "specification")]
 
@@ -159,8 +187,12 @@ def test_split_is_frozen_when_the_fraction_changes_and_the_buffer_grows(buffer, 
     sync(buffer, store, SelectionSettings(heldout_fraction=0.9))
     later = rows(buffer)
     assert all(later[c]["split"] == side for c, side in first.items())
-    repeat = next(r for r in later.values() if r["task_key"] == split.task_key(
-        "Write a Python function `f3(x)` that returns x times 3 plus 10.") and r["chain_id"] not in first)
+    repeat = next(
+        r
+        for r in later.values()
+        if r["task_key"] == split.task_key("Write a Python function `f3(x)` that returns x times 3 plus 10.")
+        and r["chain_id"] not in first
+    )
     original = next(r for c, r in later.items() if c in first and r["task_key"] == repeat["task_key"])
     assert repeat["split"] == original["split"]
 
@@ -173,8 +205,13 @@ def test_a_newer_duplicate_replaces_the_older_and_the_outcome_matches_a_fresh_bu
         sync(grown, store)
         assert examples.totals(grown.conn)["duplicates"] == 0
         add_task(store, 5, workflow="dup-exact", day=3)  # same task, same answer: exact duplicate
-        add_task(store, 7, workflow="dup-near", day=3,  # same task, answer with a comment: near duplicate
-                 answer="def f7(x: int) -> int:\n    \"\"\"Task 7.\"\"\"\n    return x * 7 + 5  # ok\n")
+        add_task(
+            store,
+            7,
+            workflow="dup-near",
+            day=3,  # same task, answer with a comment: near duplicate
+            answer='def f7(x: int) -> int:\n    """Task 7."""\n    return x * 7 + 5  # ok\n',
+        )
         for i in range(25, 35):
             add_task(store, i, day=3)
         report = sync(grown, store)
@@ -193,7 +230,8 @@ def test_a_newer_duplicate_replaces_the_older_and_the_outcome_matches_a_fresh_bu
     assert {c: r["split"] for c, r in grown_rows.items()} == {c: r["split"] for c, r in fresh_rows.items()}
     with Buffer(tmp_path / "grown.sqlite3") as grown:  # the older copy points at the newer one
         kept = grown.conn.execute(
-            "SELECT d.workflow_id, k.workflow_id FROM examples d JOIN examples k ON k.id = d.duplicate_of").fetchall()
+            "SELECT d.workflow_id, k.workflow_id FROM examples d JOIN examples k ON k.id = d.duplicate_of"
+        ).fetchall()
     assert sorted(kept) == [("wf-5-0", "dup-exact"), ("wf-7-0", "dup-near")]
 
 
@@ -223,8 +261,10 @@ def test_snapshot_rows_have_the_documented_shapes(buffer, fixture_store):
     assert any(r["metadata"]["outcome"] == "exhausted" for r in kto.train)
 
 
-@pytest.mark.parametrize("conditioning, refined_rows", [
-    ("both", ["first_attempt", "history"]), ("first_attempt", ["first_attempt"]), ("history", ["history"])])
+@pytest.mark.parametrize(
+    "conditioning, refined_rows",
+    [("both", ["first_attempt", "history"]), ("first_attempt", ["first_attempt"]), ("history", ["history"])],
+)
 def test_conditioning_chooses_the_prompts_a_refinement_trains_under(buffer, tmp_path, conditioning, refined_rows):
     """A refinement gives a first-attempt row, a history row, or both; a first-try success one row."""
     store = tmp_path / "store"
@@ -257,8 +297,12 @@ def test_heldout_scores_every_task_first_try_and_exhausted_too_whatever_the_poli
         add_task(store, i, retries=i % 3, accepted=i % 5 != 0)  # first-try, refined and exhausted
     sel = dataclasses.replace(SEL, policy="refinement")
     sync(buffer, store, sel)
-    held_tasks = {r[0]: r[1] for r in buffer.conn.execute(
-        "SELECT task_key, group_concat(outcome) FROM examples WHERE split = 'heldout' GROUP BY task_key")}
+    held_tasks = {
+        r[0]: r[1]
+        for r in buffer.conn.execute(
+            "SELECT task_key, group_concat(outcome) FROM examples WHERE split = 'heldout' GROUP BY task_key"
+        )
+    }
     snap = snapshot(buffer, sel)
     assert len(snap.heldout) == len(held_tasks) and {r["task_key"] for r in snap.heldout} == set(held_tasks)
     outcomes = {r["metadata"]["outcome"] for r in snap.heldout}
@@ -377,8 +421,11 @@ def test_snapshot_draws_from_a_large_pool_without_reading_it_whole(buffer):
             "INSERT INTO examples (seq, chain_id, source, workflow_id, action_pair_id, outcome, retries, attempts, "
             "origin, generated_only, created_ts, task_key, answer_key, text_key, chain_key, split, minhash, "
             "updated_at) VALUES (?, ?, 's', 'w', 'g', ?, ?, 2, 'generated', 1, 0, 't', 'a', 'x', 'c', ?, x'', 0)",
-            [(s, f"c{s}", "refined" if s % 3 else "first_try", s % 5, "heldout" if s % 7 == 0 else "train")
-             for s in range(1, n + 1)])
+            [
+                (s, f"c{s}", "refined" if s % 3 else "first_try", s % 5, "heldout" if s % 7 == 0 else "train")
+                for s in range(1, n + 1)
+            ],
+        )
     policy, ctx = examples.policy_and_context(dataclasses.replace(SEL, policy="refinement"))
     where, params = examples._pool_where(policy, ctx, "train", ("first_try", "refined"))
     probe_calls = []
@@ -387,10 +434,15 @@ def test_snapshot_draws_from_a_large_pool_without_reading_it_whole(buffer):
 
     def probe(seqs):
         probe_calls.append(len(seqs))
-        return dict(buffer.conn.execute(f"SELECT seq, retries FROM examples WHERE seq IN "
-                                        f"(SELECT value FROM json_each(?)) AND {where}", (str(seqs), *params)))
+        return dict(
+            buffer.conn.execute(
+                f"SELECT seq, retries FROM examples WHERE seq IN (SELECT value FROM json_each(?)) AND {where}",
+                (str(seqs), *params),
+            )
+        )
 
     import random
+
     got = sampling.draw(500, 0, n, probe, lambda lo, hi: pytest.fail("scanned"), random.Random(0), "retries")
     assert len(got) == len(set(got)) == 500
     assert all(s % 3 and s % 7 for s in got)  # refined and train only
@@ -403,7 +455,9 @@ def test_count_new_uses_the_policy_the_last_refresh_was_given(buffer, fixture_st
     assert examples.count_new(buffer, 0) == sum(1 for r in train if r["outcome"] != "exhausted")
     examples.refresh(buffer, SelectionSettings(policy="refinement"))
     assert examples.count_new(buffer, 0) == sum(1 for r in train if r["outcome"] == "refined")
-    assert examples.count_new(buffer, 0, SelectionSettings(policy="exhausted")) == sum(1 for r in train if r["outcome"] == "exhausted")
+    assert examples.count_new(buffer, 0, SelectionSettings(policy="exhausted")) == sum(
+        1 for r in train if r["outcome"] == "exhausted"
+    )
 
 
 def test_when_the_kept_copy_stops_being_an_example_the_older_duplicate_comes_back(buffer, tmp_path):
@@ -430,8 +484,13 @@ def test_a_new_dedup_similarity_rechecks_every_example(buffer, tmp_path):
     store = tmp_path / "store"
     for i in range(6):
         add_task(store, i)
-    add_task(store, 2, workflow="near", day=1,
-             answer="def f2(x: int) -> int:\n    \"\"\"Task 2.\"\"\"\n    return x * 2 + 3  # ok\n")
+    add_task(
+        store,
+        2,
+        workflow="near",
+        day=1,
+        answer='def f2(x: int) -> int:\n    """Task 2."""\n    return x * 2 + 3  # ok\n',
+    )
     sync(buffer, store, SelectionSettings(dedup_similarity=0.99))
     assert examples.totals(buffer.conn)["duplicates"] == 0
     report = examples.refresh(buffer, SelectionSettings(dedup_similarity=0.8))
@@ -454,17 +513,20 @@ def test_snapshot_counts_contaminated_heldout_rows(buffer, tmp_path):
         add_task(store, i)
     sync(buffer, store)
     assert snapshot(buffer, n=50).stats["contaminated"] == 0
-    held = buffer.conn.execute("SELECT task_key FROM examples WHERE split = 'heldout' AND outcome = 'refined' "
-                               "LIMIT 1").fetchone()
+    held = buffer.conn.execute(
+        "SELECT task_key FROM examples WHERE split = 'heldout' AND outcome = 'refined' LIMIT 1"
+    ).fetchone()
     with buffer.transaction() as conn:
-        conn.execute("UPDATE examples SET task_key = ? WHERE chain_id = "
-                     "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)", held)
+        conn.execute(
+            "UPDATE examples SET task_key = ? WHERE chain_id = "
+            "(SELECT chain_id FROM examples WHERE split = 'train' LIMIT 1)",
+            held,
+        )
     assert snapshot(buffer, n=50).stats["contaminated"] == 1
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(picks=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2)), min_size=2, max_size=12),
-       cut=st.integers(0, 12))
+@given(picks=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2)), min_size=2, max_size=12), cut=st.integers(0, 12))
 def test_incremental_dedup_and_split_equal_a_batch_build_of_the_same_chains(tmp_path_factory, picks, cut):
     """Tasks 0-5, each answered in one of 3 ways (two near-identical): grown in two steps or at once."""
     root = tmp_path_factory.mktemp("grow")
@@ -472,8 +534,13 @@ def test_incremental_dedup_and_split_equal_a_batch_build_of_the_same_chains(tmp_
     answers = ["return x * {i} + 1\n", "return x * {i} + 1  # ok\n", "return {i} - x\n"]
 
     def write(k, task, variant):
-        add_task(store, task, workflow=f"w{k}", day=k,
-                 answer=f"def f{task}(x: int) -> int:\n    \"\"\"Task {task}.\"\"\"\n    " + answers[variant].format(i=task))
+        add_task(
+            store,
+            task,
+            workflow=f"w{k}",
+            day=k,
+            answer=f'def f{task}(x: int) -> int:\n    """Task {task}."""\n    ' + answers[variant].format(i=task),
+        )
 
     with Buffer(root / "grown.sqlite3") as grown:
         for k, (task, variant) in enumerate(picks):
@@ -526,8 +593,14 @@ def test_a_refresh_read_in_chunks_equals_one_read_at_once(tmp_path, monkeypatch)
     store = tmp_path / "store"
     for i in range(14):
         add_task(store, i, retries=i % 3, day=13 - i)  # the newest tasks first in the chains table
-    add_task(store, 99, answer="def f3(x: int) -> int:\n    \"\"\"Task 3.\"\"\"\n    return x * 3 + 10\n", day=20,
-             spec="Write a Python function `f3(x)` that returns x times 3 plus 10.", workflow="again")
+    add_task(
+        store,
+        99,
+        answer='def f3(x: int) -> int:\n    """Task 3."""\n    return x * 3 + 10\n',
+        day=20,
+        spec="Write a Python function `f3(x)` that returns x times 3 plus 10.",
+        workflow="again",
+    )
     sel = dataclasses.replace(SEL, heldout_min_tasks=5)
     built = {}
     for chunk in (1000, 3):

@@ -28,8 +28,10 @@ def _structlog_back_to_defaults():
 @pytest.fixture
 def config(tmp_path, fixture_store):
     path = tmp_path / "config.toml"
-    path.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
-                    f'[[store.sources]]\nkind = "atomicguard"\npath = "{fixture_store}"\nname = "fixture"\n')
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[[store.sources]]\nkind = "atomicguard"\npath = "{fixture_store}"\nname = "fixture"\n'
+    )
     assert main(["--config", str(path), "ingest"]) == 0
     return path
 
@@ -72,10 +74,14 @@ def test_counts_name_the_skipped_chains_and_the_split(config, tmp_path, capsys):
     counts = _counts(capsys)
     assert counts["policy"] == "all_successes" and counts["conditioning"] == "both"
     assert counts["contamination"] == []
-    assert counts["skipped"]["not_selected"] + counts["skipped"].get("no_accepted_answer", 0) + \
-        counts["examples"] + counts["other_split"] == 40
-    assert all(r["metadata"]["outcome"] in ("refined", "first_try") and r["metadata"]["split"] == "train"
-               for r in rows)
+    assert (
+        counts["skipped"]["not_selected"]
+        + counts["skipped"].get("no_accepted_answer", 0)
+        + counts["examples"]
+        + counts["other_split"]
+        == 40
+    )
+    assert all(r["metadata"]["outcome"] in ("refined", "first_try") and r["metadata"]["split"] == "train" for r in rows)
     refined = {r["metadata"]["chain_id"] for r in rows if r["metadata"]["outcome"] == "refined"}
     assert counts["lines"] == counts["examples"] + len(refined)  # a refinement gives two lines
     with_history = [r for r in rows if "Previous attempts and feedback" in r["messages"][-2]["content"]]
@@ -88,7 +94,7 @@ def test_export_follows_the_conditioning_setting(config, tmp_path, capsys, condi
     chat, _ = export(config, tmp_path, "chat", "--filter", "refinement", "--conditioning", conditioning)
     alpaca, _ = export(config, tmp_path, "alpaca", "--filter", "refinement", "--conditioning", conditioning)
     assert chat and len(chat) == len(alpaca) == len({r["metadata"]["chain_id"] for r in chat})
-    for c, a in zip(chat, alpaca):
+    for c, a in zip(chat, alpaca, strict=True):
         shows = "Previous attempts and feedback" in c["messages"][-2]["content"]
         assert shows == (conditioning == "history") == bool(a["input"])
         assert c["metadata"]["conditioning"] == a["metadata"]["conditioning"] == conditioning
@@ -148,10 +154,17 @@ def test_trl_sft_trainer_prepares_the_chat_export(config, tmp_path, tiny):
     from trl import SFTConfig, SFTTrainer
 
     _, path = export(config, tmp_path, "chat")
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, report_to="none", max_length=64,
-                     per_device_train_batch_size=2, use_cpu=True)
-    trainer = SFTTrainer(model=str(tiny), args=args, train_dataset=_load(path),
-                         processing_class=AutoTokenizer.from_pretrained(tiny))
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=1,
+        report_to="none",
+        max_length=64,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(
+        model=str(tiny), args=args, train_dataset=_load(path), processing_class=AutoTokenizer.from_pretrained(tiny)
+    )
     assert "input_ids" in trainer.train_dataset.column_names
     trainer.train()
     assert trainer.state.global_step == 1
@@ -162,10 +175,17 @@ def test_trl_dpo_trainer_prepares_the_dpo_export(config, tmp_path, tiny):
     from trl import DPOConfig, DPOTrainer
 
     _, path = export(config, tmp_path, "dpo")
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, report_to="none", max_length=512,
-                     per_device_train_batch_size=2, use_cpu=True)
-    trainer = DPOTrainer(model=str(tiny), args=args, train_dataset=_load(path),
-                         processing_class=AutoTokenizer.from_pretrained(tiny))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=1,
+        report_to="none",
+        max_length=512,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+    )
+    trainer = DPOTrainer(
+        model=str(tiny), args=args, train_dataset=_load(path), processing_class=AutoTokenizer.from_pretrained(tiny)
+    )
     assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(trainer.train_dataset.column_names)
     trainer.train()
     assert trainer.state.global_step == 1
@@ -176,10 +196,17 @@ def test_trl_kto_trainer_prepares_the_kto_export(config, tmp_path, tiny):
     from trl import KTOConfig, KTOTrainer
 
     _, path = export(config, tmp_path, "kto", "--filter", "refinement or exhausted")
-    args = KTOConfig(output_dir=str(tmp_path / "kto"), max_steps=1, report_to="none", max_length=512,
-                     per_device_train_batch_size=4, use_cpu=True)
-    trainer = KTOTrainer(model=str(tiny), args=args, train_dataset=_load(path),
-                         processing_class=AutoTokenizer.from_pretrained(tiny))
+    args = KTOConfig(
+        output_dir=str(tmp_path / "kto"),
+        max_steps=1,
+        report_to="none",
+        max_length=512,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+    )
+    trainer = KTOTrainer(
+        model=str(tiny), args=args, train_dataset=_load(path), processing_class=AutoTokenizer.from_pretrained(tiny)
+    )
     assert {"prompt_ids", "completion_ids"} <= set(trainer.train_dataset.column_names)
     trainer.train()
     assert trainer.state.global_step == 1

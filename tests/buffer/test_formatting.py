@@ -7,8 +7,17 @@ import json
 import pytest
 
 from lorad.buffer import formatting
-from lorad.buffer.formatting import (HISTORY_HEADING, Template, TemplateError, chat, dpo_pairs, kto_rows, load_role,
-                                     load_template, prompt)
+from lorad.buffer.formatting import (
+    HISTORY_HEADING,
+    Template,
+    TemplateError,
+    chat,
+    dpo_pairs,
+    kto_rows,
+    load_role,
+    load_template,
+    prompt,
+)
 from lorad.buffer.traces import link
 
 
@@ -17,19 +26,39 @@ def make_chain(attempts, *, spec="Write add(a, b).", constraints="Return only co
     rows, prev = [], None
     for i, (content, status, feedback) in enumerate(attempts):
         aid = f"a{i}"
-        rows.append({"id": i + 1, "source": "s", "locator": aid, "artifact_id": aid, "workflow_id": "w",
-                     "action_pair_id": "g_coder", "previous_attempt_id": prev, "attempt_number": i + 1,
-                     "status": status, "created_ts": float(i), "content": content, "feedback": feedback,
-                     "specification": spec, "constraints": constraints, "origin": origin,
-                     "feedback_history": None, "content_hash": f"h{i}"})
+        rows.append(
+            {
+                "id": i + 1,
+                "source": "s",
+                "locator": aid,
+                "artifact_id": aid,
+                "workflow_id": "w",
+                "action_pair_id": "g_coder",
+                "previous_attempt_id": prev,
+                "attempt_number": i + 1,
+                "status": status,
+                "created_ts": float(i),
+                "content": content,
+                "feedback": feedback,
+                "specification": spec,
+                "constraints": constraints,
+                "origin": origin,
+                "feedback_history": None,
+                "content_hash": f"h{i}",
+            }
+        )
         prev = aid
     (c,) = link(rows)
     return c
 
 
-REFINED = make_chain([("def add(a, b): return a - b", "rejected", "add(1, 2) returned -1, expected 3"),
-                      ("def add(a, b) return a + b", "rejected", "SyntaxError: expected ':'"),
-                      ("def add(a, b): return a + b", "accepted", "All tests passed")])
+REFINED = make_chain(
+    [
+        ("def add(a, b): return a - b", "rejected", "add(1, 2) returned -1, expected 3"),
+        ("def add(a, b) return a + b", "rejected", "SyntaxError: expected ':'"),
+        ("def add(a, b): return a + b", "accepted", "All tests passed"),
+    ]
+)
 
 
 def test_chat_is_system_constraints_user_spec_with_history_then_the_accepted_answer():
@@ -38,15 +67,18 @@ def test_chat_is_system_constraints_user_spec_with_history_then_the_accepted_ans
     assert messages[0]["content"] == "Return only code."
     user = messages[1]["content"]
     assert user.startswith("Write add(a, b).\n\n" + HISTORY_HEADING + ":")
-    assert user.index("return a - b") < user.index("expected 3") < user.index("return a + b") \
-        < user.index("SyntaxError")
+    assert (
+        user.index("return a - b") < user.index("expected 3") < user.index("return a + b") < user.index("SyntaxError")
+    )
     assert messages[2]["content"] == "def add(a, b): return a + b"
 
 
 def test_first_attempt_prompt_has_no_history():
     messages = prompt(REFINED, history=False)
-    assert messages == [{"role": "system", "content": "Return only code."},
-                        {"role": "user", "content": "Write add(a, b)."}]
+    assert messages == [
+        {"role": "system", "content": "Return only code."},
+        {"role": "user", "content": "Write add(a, b)."},
+    ]
 
 
 def test_history_keeps_only_the_last_max_history_rejected_attempts():

@@ -29,5 +29,5 @@ def test_a_limit_past_sqlites_integers_lists_every_job():
     with Buffer(":memory:") as b:
         store = JobStore(b.conn)
         made = [store.create("manual", now=1000.0 + i)["job_id"] for i in range(3)]
-        assert [j["job_id"] for j in store.list(10 ** 20)] == made[::-1]
+        assert [j["job_id"] for j in store.list(10**20)] == made[::-1]
         assert [j["job_id"] for j in store.list(2)] == made[:0:-1]

@@ -22,14 +22,17 @@ def pool_of(members: dict[int, int]):
     return probe, scan, probes
 
 
-@pytest.mark.parametrize("n, ratio, new, expected", [
-    (2000, 0.5, 5000, (1000, 1000)),  # plenty of new: the ratio holds
-    (2000, 0.5, 20, (20, 20)),  # few new: the replayed share keeps the ratio to them
-    (2000, 0.25, 30, (30, 10)),
-    (2000, 0.0, 50, (50, 0)),
-    (2000, 1.0, 50, (0, 2000)),
-    (10, 0.5, 0, (0, 0)),
-])
+@pytest.mark.parametrize(
+    "n, ratio, new, expected",
+    [
+        (2000, 0.5, 5000, (1000, 1000)),  # plenty of new: the ratio holds
+        (2000, 0.5, 20, (20, 20)),  # few new: the replayed share keeps the ratio to them
+        (2000, 0.25, 30, (30, 10)),
+        (2000, 0.0, 50, (50, 0)),
+        (2000, 1.0, 50, (0, 2000)),
+        (10, 0.5, 0, (0, 0)),
+    ],
+)
 def test_split_sizes_keep_the_replay_ratio(n, ratio, new, expected):
     assert split_sizes(n, ratio, new) == expected
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sqlite3
@@ -40,20 +41,29 @@ def test_0008_moves_file_signatures_onto_the_rows_they_belong_to(tmp_path, monke
         b.conn.executemany(
             "INSERT INTO artifacts (source, locator, artifact_id, workflow_id, action_pair_id, status, content, "
             "content_hash, ingested_at, updated_at) VALUES ('s', ?, ?, 'w', 'a', 'accepted', 'x', ?, 0, 0)",
-            [("ok.json", "a1", "h1"), ("broken-now.json", "a2", "h2"), ("unsigned.json", "a3", "h3")])
+            [("ok.json", "a1", "h1"), ("broken-now.json", "a2", "h2"), ("unsigned.json", "a3", "h3")],
+        )
         b.conn.executemany(
             "INSERT INTO quarantine (source, locator, reason, content_hash, size, first_seen, last_seen) "
             "VALUES ('s', ?, 'bad', ?, ?, 0, 0)",
-            [("broken-now.json", "h9", 9), ("huge.json", None, 99), ("unreadable.json", None, None)])
-        b.conn.executemany("INSERT INTO files VALUES ('s', ?, ?, ?, ?)",
-                           [("ok.json", 1, 10, "h1"), ("broken-now.json", 9, 90, "h9"), ("huge.json", 99, 990, "-")])
+            [("broken-now.json", "h9", 9), ("huge.json", None, 99), ("unreadable.json", None, None)],
+        )
+        b.conn.executemany(
+            "INSERT INTO files VALUES ('s', ?, ?, ?, ?)",
+            [("ok.json", 1, 10, "h1"), ("broken-now.json", 9, 90, "h9"), ("huge.json", 99, 990, "-")],
+        )
     monkeypatch.undo()
     with Buffer(path) as b:
-        assert b.file_signatures("s") == {"ok.json": (1, 10, "h1"), "broken-now.json": (9, 90, "h9"),
-                                          "huge.json": (99, 990, "-")}
+        assert b.file_signatures("s") == {
+            "ok.json": (1, 10, "h1"),
+            "broken-now.json": (9, 90, "h9"),
+            "huge.json": (99, 990, "-"),
+        }
         # those of a few locators only (a scan of changed paths), the quarantine entry still winning
         assert b.file_signatures("s", ["broken-now.json", "huge.json", "gone.json"]) == {
-            "broken-now.json": (9, 90, "h9"), "huge.json": (99, 990, "-")}
+            "broken-now.json": (9, 90, "h9"),
+            "huge.json": (99, 990, "-"),
+        }
         assert b.file_signatures("s", []) == {}
         tables = {r[0] for r in b.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert "files" not in tables
@@ -64,9 +74,11 @@ _OR_CHECK = re.compile(r"CHECK \((\w+) = ('[^']*')((?: OR \1 = '[^']*')*)\)")
 
 def _in_lists(sql: str) -> str:
     """A CHECK as lorad wrote it before 0009: ``x IN ('a','b')``."""
+
     def one(m):
         values = [m.group(2)] + re.findall(r"= ('[^']*')", m.group(3))
         return f"CHECK ({m.group(1)} IN ({','.join(values)}))"
+
     return _OR_CHECK.sub(one, sql)
 
 
@@ -94,8 +106,9 @@ def test_0009_rebuilds_tables_with_in_list_checks_and_keeps_their_rows(tmp_path)
         batch = Batch("s")
         batch.artifacts = [_row("a"), _row("b", status="rejected")]
         b.write_batch(batch)
-        b.conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) "
-                       "VALUES ('j', 'queued', 'window', 0, 0)")
+        b.conn.execute(
+            "INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('j', 'queued', 'window', 0, 0)"
+        )
         b.conn.execute("INSERT INTO job_events (job_id, ts, state) VALUES ('j', 0, 'queued')")
         before = list(b.artifacts())
     _make_old(path, ["artifacts", "chains", "examples"], ["0009_checks_without_in_lists"])
@@ -134,7 +147,7 @@ _OLD_JOBS = """CREATE TABLE jobs (
             version TEXT,
             reason TEXT,
             progress TEXT
-        )"""
+        )"""  # noqa: E501 - the table's text as an old database holds it
 
 
 @pytest.mark.parametrize("first", ["lorad ingest", "lorad serve"])
@@ -144,7 +157,9 @@ def test_0010_brings_a_jobs_table_of_either_opening_order_to_one_schema(tmp_path
     old = _OLD_JOBS if first == "lorad ingest" else schema._or_checks(_OLD_JOBS)
     _make_old(path, [], ["0010_one_jobs_table"], jobs_sql=old)
     conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('j', 'paused', 'window', 1, 2)")
+    conn.execute(
+        "INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('j', 'paused', 'window', 1, 2)"
+    )
     conn.execute("INSERT INTO job_events (job_id, ts, state, reason) VALUES ('j', 1, 'paused', 'why')")
     conn.commit()
     conn.close()
@@ -152,7 +167,9 @@ def test_0010_brings_a_jobs_table_of_either_opening_order_to_one_schema(tmp_path
         assert b.conn.execute("SELECT job_id, state, trigger FROM jobs").fetchall() == [("j", "paused", "window")]
         assert b.conn.execute("SELECT reason FROM job_events").fetchall() == [("why",)]
         assert b.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        b.conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('c', 'queued', 'cli', 1, 1)")
+        b.conn.execute(
+            "INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES ('c', 'queued', 'cli', 1, 1)"
+        )
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             b.conn.execute("UPDATE jobs SET trigger = 'bogus'")
         migrated = _schema(b.conn)
@@ -171,8 +188,10 @@ def test_0011_lets_a_jobs_table_made_before_it_record_skipped_jobs(tmp_path):
     _make_old(path, [], ["0011_skipped_job_state"], jobs_sql=schema._or_checks(_JOBS_0010))
     conn = sqlite3.connect(path)
     assert "skipped" not in schema._table_sql(conn, "jobs")
-    conn.execute("INSERT INTO jobs (job_id, state, trigger, created_at, updated_at, started_at) "
-                 "VALUES ('j', 'preparing', 'cli', 1, 2, 2)")
+    conn.execute(
+        "INSERT INTO jobs (job_id, state, trigger, created_at, updated_at, started_at) "
+        "VALUES ('j', 'preparing', 'cli', 1, 2, 2)"
+    )
     conn.execute("INSERT INTO job_events (job_id, ts, state, reason) VALUES ('j', 1, 'queued', 'cli')")
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
         conn.execute("UPDATE jobs SET state = 'skipped' WHERE job_id = 'j'")
@@ -180,7 +199,8 @@ def test_0011_lets_a_jobs_table_made_before_it_record_skipped_jobs(tmp_path):
     conn.close()
     with Buffer(path) as b:
         assert b.conn.execute("SELECT job_id, state, trigger, started_at FROM jobs").fetchall() == [
-            ("j", "preparing", "cli", 2)]
+            ("j", "preparing", "cli", 2)
+        ]
         assert b.conn.execute("SELECT reason FROM job_events").fetchall() == [("cli",)]
         JobStore(b.conn).transition("j", "skipped", "nothing new")
         assert JobStore(b.conn).get("j")["state"] == "skipped"
@@ -237,17 +257,31 @@ def test_a_failing_migration_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def _row(locator: str, **kw) -> dict:
     row = {c: None for c in store.ARTIFACT_COLUMNS}
-    row.update(source="s", locator=locator, artifact_id=locator, workflow_id="w", action_pair_id="a",
-               attempt_number=1, status="accepted", content="x", fatal=0, specification="spec",
-               constraints="", origin="generated", content_hash=f"h-{locator}")
+    row.update(
+        source="s",
+        locator=locator,
+        artifact_id=locator,
+        workflow_id="w",
+        action_pair_id="a",
+        attempt_number=1,
+        status="accepted",
+        content="x",
+        fatal=0,
+        specification="spec",
+        constraints="",
+        origin="generated",
+        content_hash=f"h-{locator}",
+    )
     row.update(kw)
     return row
 
 
 def test_a_batch_that_fails_midway_writes_nothing(buffer):
     batch = Batch("s")
-    batch.artifacts = [_row("a", file_size=1, file_mtime_ns=1),
-                       _row("b", status="bogus")]  # CHECK constraint fails on the second
+    batch.artifacts = [
+        _row("a", file_size=1, file_mtime_ns=1),
+        _row("b", status="bogus"),
+    ]  # CHECK constraint fails on the second
     batch.quarantined = [Quarantined("s", "c", "bad", size=3, mtime_ns=1)]
     with pytest.raises(sqlite3.IntegrityError):
         buffer.write_batch(batch)
@@ -303,10 +337,18 @@ def attempt_rows(draw):
             previous = None
             for n in range(1, draw(st.integers(1, 4)) + 1):
                 aid = f"g{g}c{c}n{n}"
-                rows.append(_row(f"objects/{aid}.json", artifact_id=aid, workflow_id=f"w{g % 2}",
-                                 action_pair_id=f"a{g}", attempt_number=n, created_ts=float(len(rows)),
-                                 previous_attempt_id=previous if draw(st.booleans()) else None,
-                                 status=draw(st.sampled_from(STATUSES))))
+                rows.append(
+                    _row(
+                        f"objects/{aid}.json",
+                        artifact_id=aid,
+                        workflow_id=f"w{g % 2}",
+                        action_pair_id=f"a{g}",
+                        attempt_number=n,
+                        created_ts=float(len(rows)),
+                        previous_attempt_id=previous if draw(st.booleans()) else None,
+                        status=draw(st.sampled_from(STATUSES)),
+                    )
+                )
                 previous = aid
     return rows
 
@@ -314,7 +356,8 @@ def attempt_rows(draw):
 def _linked(buffer) -> tuple[list, list]:
     chains = buffer.conn.execute(
         "SELECT chain_id, workflow_id, action_pair_id, attempts, rejected, outcome, first_ts, last_ts, "
-        "(SELECT locator FROM artifacts WHERE id = c.accepted_id) FROM chains c ORDER BY chain_id").fetchall()
+        "(SELECT locator FROM artifacts WHERE id = c.accepted_id) FROM chains c ORDER BY chain_id"
+    ).fetchall()
     members = buffer.conn.execute("SELECT locator, chain_id FROM artifacts ORDER BY locator").fetchall()
     return chains, members
 
@@ -328,7 +371,7 @@ def test_chains_do_not_depend_on_how_rows_are_split_into_batches(rows, data):
         whole.write_batch(batch)
         order = data.draw(st.permutations(rows))
         cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(rows) - 1)), max_size=4)))
-        for a, b in zip([0, *cuts], [*cuts, len(order)]):
+        for a, b in itertools.pairwise([0, *cuts, len(order)]):
             part = Batch("s")
             part.artifacts = [dict(r) for r in order[a:b]]
             pieces.write_batch(part)

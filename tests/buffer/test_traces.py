@@ -12,8 +12,8 @@ from lorad.buffer import traces
 from lorad.buffer.traces import PolicyContext, PolicyError, facts, link, parse_policy, select
 from lorad.cli import main
 from lorad.config import EX_CONFIG
-from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource
+from lorad.sources.ingest import ingest
 
 
 @pytest.fixture
@@ -66,10 +66,23 @@ def chains(draw):
     rows, prev = [], None
     for i, status in enumerate(statuses):
         aid = f"{workflow}-{i}"
-        rows.append({"id": i + 1, "source": "s", "locator": aid, "artifact_id": aid, "workflow_id": workflow,
-                     "action_pair_id": pair, "previous_attempt_id": prev, "attempt_number": i + 1,
-                     "status": status, "created_ts": draw(st.floats(0, 2e9)), "origin": draw(st.sampled_from(ORIGINS)),
-                     "content": f"attempt {i}", "specification": "spec"})
+        rows.append(
+            {
+                "id": i + 1,
+                "source": "s",
+                "locator": aid,
+                "artifact_id": aid,
+                "workflow_id": workflow,
+                "action_pair_id": pair,
+                "previous_attempt_id": prev,
+                "attempt_number": i + 1,
+                "status": status,
+                "created_ts": draw(st.floats(0, 2e9)),
+                "origin": draw(st.sampled_from(ORIGINS)),
+                "content": f"attempt {i}",
+                "specification": "spec",
+            }
+        )
         prev = aid
     (chain,) = link(rows)
     return chain
@@ -95,8 +108,18 @@ def definition(name: str, chain, ctx: PolicyContext) -> bool:
     }[name]
 
 
-ATOMS = ["refinement", "all_successes", "first_try", "exhausted", "generator_only", "human_only", "high_value",
-         "recent", "all", "action_pair:g_coder"]
+ATOMS = [
+    "refinement",
+    "all_successes",
+    "first_try",
+    "exhausted",
+    "generator_only",
+    "human_only",
+    "high_value",
+    "recent",
+    "all",
+    "action_pair:g_coder",
+]
 contexts = st.builds(PolicyContext, min_retries=st.integers(1, 4), since=st.floats(0, 2e9))
 
 
@@ -110,8 +133,10 @@ expressions = st.recursive(
     st.sampled_from(ATOMS),
     lambda inner: st.one_of(
         st.tuples(inner, st.sampled_from(["and", "or"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        inner.map(lambda e: f"not {e}")),
-    max_leaves=6)
+        inner.map(lambda e: f"not {e}"),
+    ),
+    max_leaves=6,
+)
 
 
 def _evaluate(expr: str, chain, ctx) -> bool:
@@ -131,9 +156,10 @@ def test_combined_policies_agree_with_boolean_logic_in_python_and_in_sql(expr, c
     db.execute("CREATE TABLE examples (i, outcome, retries, origin, generated_only, action_pair_id, created_ts)")
     for i, chain in enumerate(chain_list):
         f = facts(chain)
-        db.execute("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (i, f["outcome"], f["retries"], f["origin"], f["generated_only"], f["action_pair_id"],
-                    f["created_ts"]))
+        db.execute(
+            "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (i, f["outcome"], f["retries"], f["origin"], f["generated_only"], f["action_pair_id"], f["created_ts"]),
+        )
     where, params = policy.where(ctx)
     in_sql = {i for (i,) in db.execute(f"SELECT i FROM examples WHERE {where}", params)}
     in_python = {i for i, c in enumerate(chain_list) if policy.matches(facts(c), ctx)}
@@ -144,20 +170,26 @@ def test_combined_policies_agree_with_boolean_logic_in_python_and_in_sql(expr, c
 
 def test_precedence_is_not_then_and_then_or():
     tree = parse_policy("refinement or first_try and not human_only").tree
-    assert tree == ("or", ("atom", "refinement", None),
-                    ("and", ("atom", "first_try", None), ("not", ("atom", "human_only", None))))
+    assert tree == (
+        "or",
+        ("atom", "refinement", None),
+        ("and", ("atom", "first_try", None), ("not", ("atom", "human_only", None))),
+    )
     assert parse_policy("REFINEMENT AND Generator_Only").tree[0] == "and"
 
 
-@pytest.mark.parametrize("text, token", [
-    ("refinment", "'refinment'"),
-    ("refinement and", "ends too early"),
-    ("(refinement or exhausted", "expected ')'"),
-    ("refinement exhausted", "'exhausted'"),
-    ("and refinement", "'and'"),
-    ("action_pair:", "needs an id"),
-    ("", "empty policy"),
-])
+@pytest.mark.parametrize(
+    "text, token",
+    [
+        ("refinment", "'refinment'"),
+        ("refinement and", "ends too early"),
+        ("(refinement or exhausted", "expected ')'"),
+        ("refinement exhausted", "'exhausted'"),
+        ("and refinement", "'and'"),
+        ("action_pair:", "needs an id"),
+        ("", "empty policy"),
+    ],
+)
 def test_a_bad_policy_error_names_the_offending_token(text, token):
     with pytest.raises(PolicyError, match=token.replace("(", r"\(").replace(")", r"\)")):
         parse_policy(text)
@@ -172,8 +204,20 @@ def test_invalid_policy_in_config_stops_with_exit_78_and_the_key_path(tmp_path, 
 
 
 def test_links_attempts_without_previous_ids_by_attempt_number():
-    rows = [{"id": i, "source": "s", "locator": f"l{i}", "artifact_id": f"a{i}", "workflow_id": "w",
-             "action_pair_id": "g", "previous_attempt_id": None, "attempt_number": i, "status": s,
-             "created_ts": float(i)} for i, s in ((1, "rejected"), (2, "rejected"), (3, "accepted"))]
+    rows = [
+        {
+            "id": i,
+            "source": "s",
+            "locator": f"l{i}",
+            "artifact_id": f"a{i}",
+            "workflow_id": "w",
+            "action_pair_id": "g",
+            "previous_attempt_id": None,
+            "attempt_number": i,
+            "status": s,
+            "created_ts": float(i),
+        }
+        for i, s in ((1, "rejected"), (2, "rejected"), (3, "accepted"))
+    ]
     (chain,) = link(rows)
     assert chain.outcome == traces.REFINED and chain.retries == 2 and chain.accepted["artifact_id"] == "a3"

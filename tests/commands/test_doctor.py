@@ -11,8 +11,10 @@ def test_doctor_reports_environment_and_whether_the_configured_run_fits(tmp_path
 
     model = build_tiny_model(tmp_path / "tiny")
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
-                   f'[training]\nbase_model = "{model}"\nbatch_size = 2\nmax_seq_length = 64\n')
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[training]\nbase_model = "{model}"\nbatch_size = 2\nmax_seq_length = 64\n'
+    )
     assert main(["--config", str(cfg), "--json", "doctor"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cuda_available"] is False and report["device"]["kind"] == "cpu"
@@ -21,8 +23,10 @@ def test_doctor_reports_environment_and_whether_the_configured_run_fits(tmp_path
     est = report["estimate"]
     assert est["fits"] is True and est["dtype"] == "float32" and est["parameters"] > 0
 
-    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
-                   f'[training]\nbase_model = "{model}"\nbatch_size = 4096\nmax_seq_length = 65536\n')
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[training]\nbase_model = "{model}"\nbatch_size = 4096\nmax_seq_length = 65536\n'
+    )
     assert main(["--config", str(cfg), "doctor"]) == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "suggestion: batch_size = " in text

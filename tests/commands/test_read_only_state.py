@@ -23,8 +23,13 @@ def _read_only(state: Path, argv: list[str]) -> subprocess.CompletedProcess:
     if os.geteuid() == 0:
         if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], check=False).returncode != 0:
             pytest.skip("as root this needs unshare -m for a private read-only mount")
-        wrap = ["unshare", "-m", "sh", "-c",
-                f'mount --bind "{state}" "{state}" && mount -o remount,bind,ro "{state}" && exec "$0" "$@"']
+        wrap = [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f'mount --bind "{state}" "{state}" && mount -o remount,bind,ro "{state}" && exec "$0" "$@"',
+        ]
     else:
         state.chmod(0o555)
     try:
@@ -38,8 +43,10 @@ def _read_only(state: Path, argv: list[str]) -> subprocess.CompletedProcess:
 def test_a_read_only_state_dir_is_one_line_naming_the_key_and_exit_78(tmp_path, command, buffer):
     state = tmp_path / "state"
     config = tmp_path / "config.toml"
-    config.write_text(f'[daemon]\nstate_dir = "{state}"\n[[store.sources]]\nkind = "atomicguard"\n'
-                      f'path = "{FIXTURES / "atomicguard-store"}"\n[training]\nbase_model = "never-loaded"\n')
+    config.write_text(
+        f'[daemon]\nstate_dir = "{state}"\n[[store.sources]]\nkind = "atomicguard"\n'
+        f'path = "{FIXTURES / "atomicguard-store"}"\n[training]\nbase_model = "never-loaded"\n'
+    )
     state.mkdir()
     lorad = [sys.executable, "-m", "lorad", "--config", str(config)]
     if buffer == "made before":

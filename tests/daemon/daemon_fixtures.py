@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from daemon_helpers import Daemon, config_text
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -30,8 +29,11 @@ def _no_leaks():
     deadline = time.monotonic() + 5
     while True:
         threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
-        children = [p for p in me.children(recursive=True) if p.pid not in children_before and p.is_running()
-                    and p.status() != psutil.STATUS_ZOMBIE]
+        children = [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in children_before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
         if not threads and not children or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -16,22 +16,49 @@ import psutil
 from lorad.daemon import protocol
 
 
-def write_artifact(store: Path, *, artifact_id: str | None = None, workflow_id: str | None = None,
-                   status: str = "accepted", attempt: int = 1, previous: str | None = None,
-                   content: str = "def f(x):\n    return x + 1\n", spec: str = "Write f(x) returning x + 1.",
-                   feedback: str = "All tests passed", feedback_history: list | None = None) -> str:
+def write_artifact(
+    store: Path,
+    *,
+    artifact_id: str | None = None,
+    workflow_id: str | None = None,
+    status: str = "accepted",
+    attempt: int = 1,
+    previous: str | None = None,
+    content: str = "def f(x):\n    return x + 1\n",
+    spec: str = "Write f(x) returning x + 1.",
+    feedback: str = "All tests passed",
+    feedback_history: list | None = None,
+) -> str:
     """Write one AtomicGuard artifact file the way the library does (temp file, then rename)."""
     artifact_id = artifact_id or str(uuid.uuid4())
     workflow_id = workflow_id or str(uuid.uuid4())
     obj = {
-        "artifact_id": artifact_id, "workflow_id": workflow_id, "content": content,
-        "previous_attempt_id": previous, "parent_action_pair_id": None, "action_pair_id": "g_coder",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "attempt_number": attempt, "status": status,
-        "guard_result": {"passed": status == "accepted", "feedback": feedback, "fatal": False,
-                         "guard_name": "TestGuard", "metadata": None, "sub_results": []},
-        "context": {"workflow_id": workflow_id, "specification": spec, "constraints": "Return only Python code.",
-                    "feedback_history": feedback_history or [], "dependency_artifacts": {}},
-        "source": "generated", "metadata": {},
+        "artifact_id": artifact_id,
+        "workflow_id": workflow_id,
+        "content": content,
+        "previous_attempt_id": previous,
+        "parent_action_pair_id": None,
+        "action_pair_id": "g_coder",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "attempt_number": attempt,
+        "status": status,
+        "guard_result": {
+            "passed": status == "accepted",
+            "feedback": feedback,
+            "fatal": False,
+            "guard_name": "TestGuard",
+            "metadata": None,
+            "sub_results": [],
+        },
+        "context": {
+            "workflow_id": workflow_id,
+            "specification": spec,
+            "constraints": "Return only Python code.",
+            "feedback_history": feedback_history or [],
+            "dependency_artifacts": {},
+        },
+        "source": "generated",
+        "metadata": {},
     }
     folder = store / "objects" / artifact_id[:2]
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,15 +77,23 @@ class Daemon:
         self.config.write_text(config_text)
         self.log_path = root / "daemon.log"
         self.socket = root / "lorad.sock"
-        inherited = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                                       "WATCHDOG_PID", "LORAD_CONFIG")}
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LORAD_CONFIG")
+        }
         self.env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> "Daemon":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lorad", "--config", str(self.config), "serve"],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
+    def start(self, wait: bool = True) -> Daemon:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it; stop() closes it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lorad", "--config", str(self.config), "serve"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.root,
+        )
         if wait:
             self.wait_ready()
         return self
@@ -79,8 +114,14 @@ class Daemon:
         return protocol.request(self.socket, command, timeout=timeout, **kw)
 
     def cli(self, *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "lorad", "--config", str(self.config), *args],
-                              capture_output=True, text=True, env=self.env, timeout=timeout, input=input)
+        return subprocess.run(
+            [sys.executable, "-m", "lorad", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            input=input,
+        )
 
     def wait_for(self, predicate, timeout: float = 10, what: str = "condition"):
         deadline = time.monotonic() + timeout
@@ -110,12 +151,12 @@ class Daemon:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as e:
                 for child in psutil.Process(self.proc.pid).children(recursive=True):
                     child.kill()
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_text()[-4000:]}")
+                raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_text()[-4000:]}") from e
         self._log.close()
         code = self.proc.returncode
         self.proc = None
@@ -144,16 +185,28 @@ def training_sections(model_dir: Path, max_steps: int = 6, save_steps: int = 2, 
     return {
         "schedule": {"timezone": "UTC", **schedule},
         "selection": {"policy": "all_successes", "heldout_fraction": 0.3},
-        "training": {"base_model": str(model_dir), "max_steps": max_steps, "save_steps": save_steps,
-                     "batch_size": 2, "max_seq_length": 256, "quantization": "none",
-                     "gradient_checkpointing": False, "learning_rate": 0.01, "train_examples": 40},
-        "evaluation": {"min_improvement": 0.0, "min_heldout_examples": 2,
-                       "eval_batch_size": 4},
+        "training": {
+            "base_model": str(model_dir),
+            "max_steps": max_steps,
+            "save_steps": save_steps,
+            "batch_size": 2,
+            "max_seq_length": 256,
+            "quantization": "none",
+            "gradient_checkpointing": False,
+            "learning_rate": 0.01,
+            "train_examples": 40,
+        },
+        "evaluation": {"min_improvement": 0.0, "min_heldout_examples": 2, "eval_batch_size": 4},
     }
 
 
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
 
 
 def worker_processes(job_dir) -> list:

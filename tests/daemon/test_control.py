@@ -87,8 +87,10 @@ def test_status_stays_fast_with_500_silent_and_16_dribbling_clients(daemon_facto
             assert d.request("status", timeout=5)["ok"]
             times.append(time.perf_counter() - t0)
         p99 = _p99(times)
-        print(f"status under 500 silent + 16 dribbling clients: p50 {sorted(times)[len(times) // 2] * 1000:.2f} ms, "
-              f"p99 {p99 * 1000:.2f} ms")
+        print(
+            f"status under 500 silent + 16 dribbling clients: p50 {sorted(times)[len(times) // 2] * 1000:.2f} ms, "
+            f"p99 {p99 * 1000:.2f} ms"
+        )
         assert p99 < 0.050
         assert all(_still_open(s) for s in silent + dribblers)
     finally:
@@ -187,8 +189,9 @@ def test_status_is_answered_while_every_worker_is_busy_with_a_slow_command(tmp_p
     path = tmp_path / "s.sock"
     server = ControlServer(path, handler, Access(), max_clients=2)
     server.start()
-    slow = [threading.Thread(target=protocol.request, args=(path, "feedback"), kwargs={"timeout": 10})
-            for _ in range(4)]
+    slow = [
+        threading.Thread(target=protocol.request, args=(path, "feedback"), kwargs={"timeout": 10}) for _ in range(4)
+    ]
     try:
         for t in slow:
             t.start()

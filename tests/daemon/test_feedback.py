@@ -10,8 +10,12 @@ from lorad.daemon.feedback import FeedbackConflict, FeedbackRejected, write_feed
 
 
 def record(**kw) -> dict:
-    return {"id": "fb1", "prompt": "Write add(a, b).", "completion": "def add(a, b): return a + b",
-            "status": "accepted"} | kw
+    return {
+        "id": "fb1",
+        "prompt": "Write add(a, b).",
+        "completion": "def add(a, b): return a + b",
+        "status": "accepted",
+    } | kw
 
 
 def stored(buffer) -> list[tuple]:
@@ -30,8 +34,12 @@ def test_a_different_record_under_a_known_id_is_refused_and_nothing_changes(tmp_
 def test_the_same_record_sent_again_is_an_idempotent_success(tmp_path):
     with Buffer(tmp_path / "b.sqlite3") as buffer:
         write_feedback(buffer, record())
-        again = {"status": "accepted", "completion": "def add(a, b): return a + b", "prompt": "Write add(a, b).",
-                 "id": "fb1"}  # the same record, its keys in another order
+        again = {
+            "status": "accepted",
+            "completion": "def add(a, b): return a + b",
+            "prompt": "Write add(a, b).",
+            "id": "fb1",
+        }  # the same record, its keys in another order
         assert write_feedback(buffer, again)["result"] == "unchanged"
         assert write_feedback(buffer, again, update=True)["result"] == "unchanged"
 
@@ -55,7 +63,7 @@ def test_a_record_with_a_lone_surrogate_is_refused_with_a_reason(tmp_path):
         assert write_feedback(buffer, record(prompt="Write add(a, b). \U0001f600"))["result"] == "new"  # a pair is fine
 
 
-@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf"), 10 ** 400])
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf"), 10**400])
 def test_a_score_that_is_not_a_finite_number_is_refused_not_stored_as_rejected(tmp_path, score):
     with Buffer(tmp_path / "b.sqlite3") as buffer:
         bad = {k: v for k, v in record(score=score).items() if k != "status"}

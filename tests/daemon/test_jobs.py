@@ -20,6 +20,7 @@ def at_step(d, job_id: str, step: int):
         j = job(d, job_id)
         p = j.get("progress") or {}
         return j if j["state"] == "training" and (p.get("step") or 0) >= step else None
+
     return check
 
 
@@ -84,8 +85,11 @@ def test_job_pauses_at_window_end_and_resumes_in_the_next_window(daemon_factory,
 
     d.config.write_text(open_config)  # the next window opens
     assert d.cli("reload").returncode == 0
-    ended = d.wait_for(lambda: (j := job(d, job_id))["state"] in ("promoted", "rejected", "failed") and j,
-                       timeout=240, what="the resumed job to finish")
+    ended = d.wait_for(
+        lambda: (j := job(d, job_id))["state"] in ("promoted", "rejected", "failed") and j,
+        timeout=240,
+        what="the resumed job to finish",
+    )
     assert ended["state"] == "promoted", ended
     assert ended["runs"] == 2
     progress = [json.loads(line) for line in Path(paused["job_dir"], "progress.jsonl").read_text().splitlines()]
@@ -104,8 +108,11 @@ def test_sigterm_pauses_the_running_job_and_leaves_no_orphan_worker(daemon_facto
     assert d.stop() == 0
     assert not worker_processes(running["job_dir"])
     d.start()  # a manual job paused by shutdown resumes at once
-    resumed = d.wait_for(lambda: (j := job(d, job_id))["state"] == "training" and j["runs"] == 2 and j,
-                         timeout=60, what="resume after restart")
+    resumed = d.wait_for(
+        lambda: (j := job(d, job_id))["state"] == "training" and j["runs"] == 2 and j,
+        timeout=60,
+        what="resume after restart",
+    )
     assert [e["state"] for e in resumed["events"]][-2:] == ["paused", "training"]
     assert d.cli("cancel", job_id).returncode == 0
     d.wait_for(lambda: job(d, job_id)["state"] == "cancelled", timeout=60, what="cancelled")
@@ -128,8 +135,9 @@ def test_failed_job_is_recorded_and_backs_off_window_jobs(daemon_factory, short_
     assert len(d.request("jobs")["jobs"]) == 1  # the open window started nothing
 
 
-def test_train_now_wait_ends_for_a_job_with_nothing_to_train_and_a_restart_leaves_it_skipped(daemon_factory,
-                                                                                             short_root):
+def test_train_now_wait_ends_for_a_job_with_nothing_to_train_and_a_restart_leaves_it_skipped(
+    daemon_factory, short_root
+):
     """Issue 23, finding 4: the job stayed "preparing" (the jobs table refused "skipped"), so
     --wait never returned and every start paused, resumed and skipped it again."""
     d = daemon_factory(config=config_text(short_root, None))  # no source: nothing to train on
@@ -151,8 +159,7 @@ def test_train_now_wait_ends_for_a_job_with_nothing_to_train_and_a_restart_leave
 
 
 def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, short_root):
-    from lorad import config
-    from lorad import cycle
+    from lorad import config, cycle
 
     sections = training_sections(short_root / "never-loaded", min_new_examples=1)
     sections["schedule"].update(windows=[closed_window_now()])  # no job of its own meanwhile
@@ -166,8 +173,7 @@ def test_a_job_does_not_train_beside_a_train_once_and_says_why(daemon_factory, s
 
 
 def test_a_daemon_starting_beside_a_running_lorad_train_leaves_its_job_alone(daemon_factory, short_root):
-    from lorad import config
-    from lorad import cycle
+    from lorad import config, cycle
     from lorad.buffer.job_table import JobStore
     from lorad.buffer.store import Buffer
 
@@ -197,7 +203,7 @@ def test_sigterm_right_after_train_now_leaves_the_job_paused_not_failed(daemon_f
     import sqlite3
 
     with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:
-        state, = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        (state,) = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     assert state == "paused"
 
 
@@ -215,11 +221,17 @@ def test_worker_that_outlived_a_killed_daemon_is_stopped_before_the_job_resumes(
     d.proc = None
     assert all(p.is_running() for p in orphans)  # the worker lives on in its own session
     d.start()
-    d.wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in orphans), timeout=60,
-               what="the orphan worker to stop")
+    d.wait_for(
+        lambda: not any(p.is_running() and p.status() != "zombie" for p in orphans),
+        timeout=60,
+        what="the orphan worker to stop",
+    )
     assert any(e.get("event") == "orphan_worker_stopped" for e in d.events())
-    resumed = d.wait_for(lambda: (j := job(d, job_id))["state"] == "training" and j["runs"] == 2 and j,
-                         timeout=60, what="the job to resume with one new worker")
+    resumed = d.wait_for(
+        lambda: (j := job(d, job_id))["state"] == "training" and j["runs"] == 2 and j,
+        timeout=60,
+        what="the job to resume with one new worker",
+    )
     assert len(worker_processes(resumed["job_dir"])) >= 1
     assert d.cli("cancel", job_id).returncode == 0
     d.wait_for(lambda: job(d, job_id)["state"] == "cancelled", timeout=60, what="cancelled")

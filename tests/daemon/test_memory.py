@@ -23,8 +23,9 @@ def sqlite_memory_used() -> int:
 def test_release_empties_the_page_cache_a_full_read_filled(tmp_path):
     with Buffer(tmp_path / "b.sqlite3") as buffer:
         with buffer.transaction() as conn:
-            conn.executemany("INSERT INTO audit (ts, event, detail) VALUES (?, 'e', ?)",
-                             [(i, "x" * 1000) for i in range(20_000)])
+            conn.executemany(
+                "INSERT INTO audit (ts, event, detail) VALUES (?, 'e', ?)", [(i, "x" * 1000) for i in range(20_000)]
+            )
         buffer.conn.execute("PRAGMA shrink_memory")
         base = sqlite_memory_used()
         assert buffer.conn.execute("SELECT sum(length(detail)) FROM audit").fetchone()[0] == 20_000_000
@@ -53,14 +54,21 @@ def test_the_ingest_loop_gives_the_page_cache_back_once_a_burst_is_over(tmp_path
     quiet = []
     watcher = Watcher([])
     with Buffer(tmp_path / "b.sqlite3") as buffer:
-        loop = IngestLoop(buffer, [AtomicGuardSource("ag", store)], watcher, reconcile_interval=3600,
-                          on_quiet=lambda b: quiet.append(sqlite_memory_used()), quiet=0.2)
+        loop = IngestLoop(
+            buffer,
+            [AtomicGuardSource("ag", store)],
+            watcher,
+            reconcile_interval=3600,
+            on_quiet=lambda b: quiet.append(sqlite_memory_used()),
+            quiet=0.2,
+        )
         watcher.start()
         try:
             loop.reconcile()
             with buffer.transaction() as conn:
-                conn.executemany("INSERT INTO audit (ts, event, detail) VALUES (?, 'e', ?)",
-                                 [(i, "x" * 1000) for i in range(20_000)])
+                conn.executemany(
+                    "INSERT INTO audit (ts, event, detail) VALUES (?, 'e', ?)", [(i, "x" * 1000) for i in range(20_000)]
+                )
             loop.start()
 
             def burst(b):  # reads the whole table, as a scan reads every signature, and changes the buffer

@@ -63,9 +63,15 @@ def test_metrics_are_served_and_change_after_an_ingest(daemon_factory, short_roo
     write_artifact(store)
     (store / "objects" / "zz").mkdir(exist_ok=True)
     (store / "objects" / "zz" / "broken.json").write_text("{not json")
-    after = d.wait_for(lambda: (m := scrape(port))[("lorad_buffer_artifacts", ())] == artifacts + 1
-                       and m[("lorad_artifacts_quarantined_total", (("source", source),))] == 1 and m,
-                       timeout=20, what="the ingest in the metrics")
+    after = d.wait_for(
+        lambda: (
+            (m := scrape(port))[("lorad_buffer_artifacts", ())] == artifacts + 1
+            and m[("lorad_artifacts_quarantined_total", (("source", source),))] == 1
+            and m
+        ),
+        timeout=20,
+        what="the ingest in the metrics",
+    )
     assert after[("lorad_artifacts_ingested_total", (("source", source),))] == artifacts + 1
 
     # The textfile was written at start (no process_* metrics: node_exporter has its own).
@@ -180,18 +186,22 @@ def test_the_textfile_is_rewritten_after_a_cycle_with_its_results(daemon_factory
     port = free_port()
     textfile = short_root / "lorad.prom"
     sections = training_sections(tiny_model, max_steps=6, save_steps=6, min_new_examples=1)
-    d = daemon_factory(env=WORKER_ENV, metrics={"listen": f"127.0.0.1:{port}", "textfile": str(textfile)},
-                       **sections)
+    d = daemon_factory(env=WORKER_ENV, metrics={"listen": f"127.0.0.1:{port}", "textfile": str(textfile)}, **sections)
     first = textfile.stat().st_ino
     old = short_root / "old.prom"
     os.link(textfile, old)  # the file as it was: a rewrite in place would change it too
     old_text = old.read_text()
-    job = d.wait_for(lambda: [j for j in d.request("jobs")["jobs"] if j["state"] in ("promoted", "rejected",
-                                                                                     "failed")],
-                     timeout=240, what="a finished cycle")[0]
+    job = d.wait_for(
+        lambda: [j for j in d.request("jobs")["jobs"] if j["state"] in ("promoted", "rejected", "failed")],
+        timeout=240,
+        what="a finished cycle",
+    )[0]
     assert job["state"] == "promoted", job["reason"]
-    m = d.wait_for(lambda: (m := samples(textfile.read_text()))[("lorad_jobs_total", (("state", "promoted"),))] == 1
-                   and m, timeout=10, what="the textfile after the cycle")
+    m = d.wait_for(
+        lambda: (m := samples(textfile.read_text()))[("lorad_jobs_total", (("state", "promoted"),))] == 1 and m,
+        timeout=10,
+        what="the textfile after the cycle",
+    )
     assert textfile.stat().st_ino != first and old.read_text() == old_text  # replaced by a rename, whole
     assert m[("lorad_promotions_total", ())] == 1
     assert m[("lorad_active_version_info", (("version", job["version"]),))] == 1
@@ -203,16 +213,22 @@ def test_the_textfile_is_rewritten_after_a_cycle_with_its_results(daemon_factory
     assert scrape(port)[("lorad_jobs_total", (("state", "promoted"),))] == 1
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"listen": "0.0.0.0:9464"}, "metrics.listen: '0.0.0.0' is not a loopback address; set metrics.allow_remote"),
-    ({"listen": "[::]:9464"}, "metrics.listen: '::' is not a loopback address"),
-    ({"listen": "9464"}, 'metrics.listen: must be "HOST:PORT"'),
-    ({"listen": "127.0.0.1:99999"}, 'metrics.listen: must be "HOST:PORT"'),
-    ({"listen": 9464}, "metrics.listen: must be a string"),
-    ({"textfile": "lorad.prom"}, "metrics.textfile: must be an absolute path"),
-    ({"textfile": "/var/lib/node_exporter/lorad.txt"}, "metrics.textfile: node_exporter reads only files named *.prom"),
-    ({"listen_on": "x"}, "metrics.listen_on: unknown key"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"listen": "0.0.0.0:9464"}, "metrics.listen: '0.0.0.0' is not a loopback address; set metrics.allow_remote"),
+        ({"listen": "[::]:9464"}, "metrics.listen: '::' is not a loopback address"),
+        ({"listen": "9464"}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"listen": "127.0.0.1:99999"}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"listen": 9464}, "metrics.listen: must be a string"),
+        ({"textfile": "lorad.prom"}, "metrics.textfile: must be an absolute path"),
+        (
+            {"textfile": "/var/lib/node_exporter/lorad.txt"},
+            "metrics.textfile: node_exporter reads only files named *.prom",
+        ),
+        ({"listen_on": "x"}, "metrics.listen_on: unknown key"),
+    ],
+)
 def test_bad_metrics_values_are_refused_naming_the_key(keys, message):
     text = "[metrics]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in keys.items())
     with pytest.raises(config.ConfigError) as e:
@@ -231,8 +247,9 @@ def test_loopback_is_accepted_and_a_remote_address_only_when_allowed():
 def test_serve_exits_78_on_a_bad_metrics_value_and_1_on_a_port_taken(short_root, store):
     cfg = short_root / "config.toml"
     cfg.write_text(config_text(short_root, store, metrics={"listen": "0.0.0.0:9464"}))
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 78
     assert "metrics.listen: '0.0.0.0' is not a loopback address" in proc.stderr
 
@@ -240,7 +257,8 @@ def test_serve_exits_78_on_a_bad_metrics_value_and_1_on_a_port_taken(short_root,
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         cfg.write_text(config_text(short_root, store, metrics={"listen": f"127.0.0.1:{taken.getsockname()[1]}"}))
-        proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lorad", "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60
+        )
     assert proc.returncode == 1
     assert "metrics.listen: cannot listen on 127.0.0.1" in proc.stdout + proc.stderr

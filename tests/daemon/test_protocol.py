@@ -15,8 +15,13 @@ from lorad.daemon.systemd import Notifier
 
 def test_decode_request_rejects_what_is_not_a_known_command():
     assert protocol.decode_request(b'{"command": "status"}') == {"command": "status"}
-    for line, why in ((b"{", "malformed JSON"), (b'"status"', "JSON object"), (b"{}", '"command"'),
-                      (b'{"command": "rm"}', "unknown command"), (b"\xff\xfe", "malformed JSON")):
+    for line, why in (
+        (b"{", "malformed JSON"),
+        (b'"status"', "JSON object"),
+        (b"{}", '"command"'),
+        (b'{"command": "rm"}', "unknown command"),
+        (b"\xff\xfe", "malformed JSON"),
+    ):
         with pytest.raises(protocol.ProtocolError, match=why):
             protocol.decode_request(line)
 
@@ -109,8 +114,10 @@ def test_clients_beyond_the_thread_limit_wait_instead_of_being_refused(tmp_path)
     server.start()
     answers = []
     try:
-        threads = [threading.Thread(target=lambda: answers.append(protocol.request(path, "status", timeout=10)))
-                   for _ in range(6)]
+        threads = [
+            threading.Thread(target=lambda: answers.append(protocol.request(path, "status", timeout=10)))
+            for _ in range(6)
+        ]
         for t in threads:
             t.start()
         time.sleep(0.3)

@@ -6,9 +6,9 @@ import json
 import re
 import xml.etree.ElementTree as ET
 
+from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
 from lorad.cli import main
-from lorad.buffer.job_table import JobStore
 from lorad.release.registry import Registry
 
 
@@ -23,8 +23,9 @@ def make_state(root):
             with open(job_dir / "progress.jsonl", "w") as f:
                 f.write(json.dumps({"stage": "preparing", "step": 0}) + "\n")
                 for step, loss in enumerate(losses, 1):
-                    f.write(json.dumps({"stage": "training", "step": step, "total_steps": len(losses),
-                                        "loss": loss}) + "\n")
+                    f.write(
+                        json.dumps({"stage": "training", "step": step, "total_steps": len(losses), "loss": loss}) + "\n"
+                    )
                 f.write('{"stage": "training", "step": 99, "loss": NaN}\n')  # never plotted
             store.transition(job["job_id"], "promoted", "better", job_dir=str(job_dir), version=f"v{n + 1:04d}")
     reg = Registry(state / "adapters")
@@ -32,10 +33,14 @@ def make_state(root):
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"x")
     for nll, ref, eps in ((2.2, 2.5, 0.4), (1.8, 2.2, 0.5)):
-        v = reg.create(adapter, {"metrics": {"candidate": {"nll": nll, "epsilon": eps},
-                                             "active": {"nll": ref, "epsilon": 0.4}},
-                                 "compared_with": {"label": "active"},
-                                 "verdict": {"promote": True, "reasons": ["held-out loss improved"]}})
+        v = reg.create(
+            adapter,
+            {
+                "metrics": {"candidate": {"nll": nll, "epsilon": eps}, "active": {"nll": ref, "epsilon": 0.4}},
+                "compared_with": {"label": "active"},
+                "verdict": {"promote": True, "reasons": ["held-out loss improved"]},
+            },
+        )
         reg.promote(v.name)
     config = root / "config.toml"
     config.write_text(f'[daemon]\nstate_dir = "{state}"\n')

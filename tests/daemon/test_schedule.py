@@ -62,8 +62,18 @@ def test_backoff_doubles_up_to_the_maximum():
 
 
 def base(**kw):
-    args = dict(window_open=True, running=None, queued=[], paused=[], scheduling_paused=False,
-                new_examples=50, min_new_examples=20, gpu_busy=None, now_ts=1000.0, backoff_until=0.0)
+    args = dict(
+        window_open=True,
+        running=None,
+        queued=[],
+        paused=[],
+        scheduling_paused=False,
+        new_examples=50,
+        min_new_examples=20,
+        gpu_busy=None,
+        now_ts=1000.0,
+        backoff_until=0.0,
+    )
     return args | kw
 
 
@@ -148,9 +158,11 @@ def test_a_window_the_clock_goes_back_through_opens_once():
 
 
 def test_every_window_next_window_reports_opens_at_its_start_through_a_year_of_dst_changes():
-    for zone, windows in (("Europe/Berlin", ("02:15-02:45", "01:30-02:30", "22:00-03:00", "00:00-24:00")),
-                          ("America/New_York", ("02:30-03:00", "01:00-01:30", "02:00-06:00")),
-                          ("Australia/Lord_Howe", ("02:00-02:20", "01:45-02:15"))):  # a half-hour change
+    for zone, windows in (
+        ("Europe/Berlin", ("02:15-02:45", "01:30-02:30", "22:00-03:00", "00:00-24:00")),
+        ("America/New_York", ("02:30-03:00", "01:00-01:30", "02:00-06:00")),
+        ("Australia/Lord_Howe", ("02:00-02:20", "01:45-02:15")),
+    ):  # a half-hour change
         for text in windows:
             s = Schedule((text,), zone)
             now = at(2026, 1, 1, 0, 7)

@@ -15,16 +15,16 @@ def schema_of(path) -> set[tuple]:
         conn.close()
 
 
-def test_a_buffer_made_by_lorad_ingest_and_one_made_by_lorad_serve_have_identical_schemas(daemon_factory,
-                                                                                          short_root):
+def test_a_buffer_made_by_lorad_ingest_and_one_made_by_lorad_serve_have_identical_schemas(daemon_factory, short_root):
     d = daemon_factory()
     d.stop()
     by_serve = schema_of(short_root / "state" / "buffer.sqlite3")
     other = short_root / "ingest.toml"
     other.write_text(d.config.read_text().replace(str(short_root / "state"), str(short_root / "state-ingest")))
     # A fresh process that imports only what `lorad ingest` needs (the daemon's modules never load).
-    done = subprocess.run([sys.executable, "-m", "lorad", "--config", str(other), "ingest"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(other), "ingest"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     by_ingest = schema_of(short_root / "state-ingest" / "buffer.sqlite3")
     assert by_ingest == by_serve

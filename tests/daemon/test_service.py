@@ -9,10 +9,9 @@ import socket
 import sqlite3
 
 import pytest
+from daemon_helpers import Daemon, as_uid, write_artifact
 
 from lorad.daemon import protocol
-
-from daemon_helpers import Daemon, as_uid, write_artifact
 
 
 def artifacts(d) -> int:
@@ -84,30 +83,63 @@ def test_malformed_unknown_and_oversized_requests_get_errors_and_daemon_keeps_se
 
 def test_feedback_is_validated_and_acknowledged_after_commit(daemon_factory):
     d = daemon_factory()
-    r = d.cli("feedback", "--id", "fb1", "--prompt", "Write add(a, b).", "--completion", "def add(a, b): return a + b",
-              "--status", "accepted", "--json")
+    r = d.cli(
+        "feedback",
+        "--id",
+        "fb1",
+        "--prompt",
+        "Write add(a, b).",
+        "--completion",
+        "def add(a, b): return a + b",
+        "--status",
+        "accepted",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["result"] == "new"
     with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:  # committed before the answer
-        assert db.execute("SELECT status FROM artifacts WHERE source = 'feedback' AND locator = 'fb1'").fetchall() \
-            == [("accepted",)]
-    again = d.cli("feedback", json.dumps({"id": "fb1", "prompt": "Write add(a, b).",
-                                          "completion": "def add(a, b): return a + b", "status": "accepted"}))
+        assert db.execute("SELECT status FROM artifacts WHERE source = 'feedback' AND locator = 'fb1'").fetchall() == [
+            ("accepted",)
+        ]
+    again = d.cli(
+        "feedback",
+        json.dumps(
+            {
+                "id": "fb1",
+                "prompt": "Write add(a, b).",
+                "completion": "def add(a, b): return a + b",
+                "status": "accepted",
+            }
+        ),
+    )
     assert again.returncode == 0 and "unchanged" in again.stdout
-    flipped = ["feedback", "--id", "fb1", "--prompt", "Write add(a, b).", "--completion", "def add(a, b): return a + b",
-               "--status", "rejected"]
+    flipped = [
+        "feedback",
+        "--id",
+        "fb1",
+        "--prompt",
+        "Write add(a, b).",
+        "--completion",
+        "def add(a, b): return a + b",
+        "--status",
+        "rejected",
+    ]
     conflict = d.cli(*flipped)
     assert conflict.returncode == 65, conflict.stderr
     assert "conflicts with the record stored under that id" in conflict.stderr and "--update" in conflict.stderr
     other = {"id": "fb1", "prompt": "p", "completion": "c", "status": "accepted"}
     r = d.request("feedback", record=other)
     assert (r["ok"], r["conflict"]) == (False, True)
-    assert d.request("feedback", record=other, update="yes")["error"] == "feedback: update must be true or false, got 'yes'"
+    assert (
+        d.request("feedback", record=other, update="yes")["error"]
+        == "feedback: update must be true or false, got 'yes'"
+    )
     updated = d.cli(*flipped, "--update")
     assert updated.returncode == 0 and "(rejected, updated)" in updated.stdout, updated.stderr
     with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:
-        assert db.execute("SELECT status FROM artifacts WHERE source = 'feedback' AND locator = 'fb1'").fetchall() \
-            == [("rejected",)]
+        assert db.execute("SELECT status FROM artifacts WHERE source = 'feedback' AND locator = 'fb1'").fetchall() == [
+            ("rejected",)
+        ]
     bad = d.cli("feedback", "--id", "fb2", "--completion", "x")
     assert bad.returncode == 1
     assert "prompt" in bad.stderr
@@ -132,17 +164,18 @@ def test_hostile_feedback_and_jobs_requests_are_answered_with_a_reason_not_an_in
                 data += chunk
         return json.loads(data)
 
-    surrogate = raw('{"command": "feedback", "record": {"id": "s1", "prompt": "p\\ud800", "completion": "c", '
-                    '"status": "accepted"}}')
+    surrogate = raw(
+        '{"command": "feedback", "record": {"id": "s1", "prompt": "p\\ud800", "completion": "c", "status": "accepted"}}'
+    )
     assert surrogate["ok"] is False and "lone surrogate" in surrogate["error"], surrogate
     nan = raw('{"command": "feedback", "record": {"id": "n1", "prompt": "p", "completion": "c", "score": NaN}}')
     assert nan["ok"] is False and "score: must be a finite number" in nan["error"], nan
     with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:
         assert db.execute("SELECT count(*) FROM artifacts WHERE source = 'feedback'").fetchone() == (0,)
     d.request("train_now")
-    listed = d.request("jobs", limit=10 ** 20)
+    listed = d.request("jobs", limit=10**20)
     assert listed["ok"] is True and len(listed["jobs"]) == 1, listed
-    r = d.cli("jobs", "--limit", str(10 ** 20))
+    r = d.cli("jobs", "--limit", str(10**20))
     assert r.returncode == 0 and listed["jobs"][0]["job_id"] in r.stdout, r.stderr
     zero = d.cli("jobs", "--limit", "0")
     assert zero.returncode == 2 and "--limit: must be a positive integer, got 0" in zero.stderr, zero.stderr

@@ -12,10 +12,9 @@ import threading
 import time
 
 import pytest
+from daemon_helpers import WORKER_ENV, as_uid, training_sections
 
 from lorad.daemon import protocol
-
-from daemon_helpers import WORKER_ENV, as_uid, training_sections
 
 NOBODY = 65534
 FINAL = ("promoted", "rejected", "failed", "cancelled")
@@ -63,12 +62,14 @@ def test_peer_credentials_refuse_another_uid_even_when_the_socket_file_is_opened
     assert {e["uid"] for e in refused} == {NOBODY, 4242} and len(refused) == 4
 
 
-def test_hundred_concurrent_clients_get_status_while_a_job_trains_and_state_stays_private(
-        daemon_factory, tiny_model):
+def test_hundred_concurrent_clients_get_status_while_a_job_trains_and_state_stays_private(daemon_factory, tiny_model):
     d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=60, save_steps=2))
     job_id = d.request("train_now")["job"]["job_id"]
-    d.wait_for(lambda: (d.request("job", job_id=job_id)["job"].get("progress") or {}).get("step", 0) >= 2,
-               timeout=180, what="the job to train and checkpoint")
+    d.wait_for(
+        lambda: (d.request("job", job_id=job_id)["job"].get("progress") or {}).get("step", 0) >= 2,
+        timeout=180,
+        what="the job to train and checkpoint",
+    )
 
     answers: list[dict] = []
     errors: list[str] = []
@@ -98,8 +99,11 @@ def test_hundred_concurrent_clients_get_status_while_a_job_trains_and_state_stay
     assert all(a["job"] and a["job"]["job_id"] == job_id and a["job"]["state"] == "training" for a in answers)
     assert elapsed < 60
 
-    done = d.wait_for(lambda: (j := d.request("job", job_id=job_id)["job"])["state"] in FINAL and j,
-                      timeout=300, what="the job to finish")
+    done = d.wait_for(
+        lambda: (j := d.request("job", job_id=job_id)["job"])["state"] in FINAL and j,
+        timeout=300,
+        what="the job to finish",
+    )
     assert done["state"] == "promoted", done
     state = d.root / "state"
     # the job left data, checkpoints, an adapter version and the current pointer to check

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from daemon_helpers import config_text
 from test_unit_file import directives
 
-from daemon_helpers import config_text
 from lorad.config import EX_CONFIG
 
 
@@ -19,8 +19,14 @@ def _serve(root, config: str, wrap: list[str] | None = None) -> subprocess.Compl
     path = root / "config.toml"
     path.write_text(config)
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LORAD_CONFIG", "RUNTIME_DIRECTORY")}
-    return subprocess.run([*(wrap or []), sys.executable, "-m", "lorad", "--config", str(path), "serve"],
-                          capture_output=True, text=True, timeout=60, env=env, cwd=root)
+    return subprocess.run(
+        [*(wrap or []), sys.executable, "-m", "lorad", "--config", str(path), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=root,
+    )
 
 
 def _one_line(proc: subprocess.CompletedProcess) -> str:
@@ -56,8 +62,9 @@ def test_serve_refuses_a_read_only_state_dir(short_root, store):
 
 def test_serve_refuses_a_socket_path_too_long_before_the_startup_scan(short_root, store):
     long_dir = short_root / ("d" * 100)
-    config = config_text(short_root, store).replace(f'socket = "{short_root / "lorad.sock"}"',
-                                                    f'socket = "{long_dir / "lorad.sock"}"')
+    config = config_text(short_root, store).replace(
+        f'socket = "{short_root / "lorad.sock"}"', f'socket = "{long_dir / "lorad.sock"}"'
+    )
     line = _one_line(_serve(short_root, config))
     assert line.startswith(f"lorad: cannot start: daemon.socket: {long_dir / 'lorad.sock'} is ")
     assert "at most 107 bytes" in line
@@ -68,8 +75,9 @@ def test_client_with_a_socket_path_too_long_says_so_and_exits_78(short_root):
     long_sock = short_root / ("d" * 100) / "lorad.sock"
     config = short_root / "config.toml"
     config.write_text(f'[daemon]\nsocket = "{long_sock}"\n')
-    proc = subprocess.run([sys.executable, "-m", "lorad", "--config", str(config), "status"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(config), "status"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == EX_CONFIG and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(f"lorad: config error: daemon.socket: {long_sock} is ")
 

@@ -25,10 +25,21 @@ def directives() -> dict[str, list[str]]:
 
 def test_unit_declares_notify_watchdog_restart_policy_and_directories():
     d = directives()
-    expected = {"Type": "notify", "User": "lorad", "StateDirectory": "lorad", "RuntimeDirectory": "lorad",
-                "ConfigurationDirectory": "lorad", "Restart": "on-failure", "RestartPreventExitStatus": "78",
-                "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
-                "KillMode": "mixed", "IOSchedulingClass": "idle"}
+    expected = {
+        "Type": "notify",
+        "User": "lorad",
+        "StateDirectory": "lorad",
+        "RuntimeDirectory": "lorad",
+        "ConfigurationDirectory": "lorad",
+        "Restart": "on-failure",
+        "RestartPreventExitStatus": "78",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "KillMode": "mixed",
+        "IOSchedulingClass": "idle",
+    }
     for key, value in expected.items():
         assert d.get(key) == [value], key
     assert "WatchdogSec" in d and int(d["WatchdogSec"][0]) > 0
@@ -53,8 +64,9 @@ def test_unit_passes_systemd_analyze_verify_and_security_when_installed(tmp_path
     unit = _unit_for_this_host(tmp_path)
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
-    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
-                              capture_output=True, text=True)
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True
+    )
     m = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout + security.stderr)
     assert m, security.stdout[-2000:] + security.stderr
     assert float(m.group(1)) <= 2.5, security.stdout

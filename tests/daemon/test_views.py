@@ -6,9 +6,9 @@ from lorad.buffer import examples
 from lorad.buffer.store import Buffer
 from lorad.config import SelectionSettings
 from lorad.daemon import views
-from lorad.sources.ingest import ingest
 from lorad.release.registry import Registry
 from lorad.sources import AtomicGuardSource
+from lorad.sources.ingest import ingest
 
 
 def _version(reg: Registry, tmp_path, max_seq: int, promote: bool) -> str:

@@ -9,15 +9,15 @@ import time
 from pathlib import Path
 
 from daemon_helpers import WORKER_ENV, training_sections, worker_processes
-from sleepy_vllm import SleepyVllm  # (tests/, on the path through tests/conftest.py)
 
 from lorad import config, events
-from lorad.release import gpu_share
 from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
-from lorad.daemon.waker import Waker
-from lorad.release.gpu_share import GpuShare, SleepingServer
 from lorad.cycle import training_lock
+from lorad.daemon.waker import Waker
+from lorad.release import gpu_share
+from lorad.release.gpu_share import GpuShare, SleepingServer
+from sleepy_vllm import SleepyVllm  # (tests/, on the path through tests/conftest.py)
 
 
 def record_asleep(state: Path, url: str, **server) -> None:
@@ -34,8 +34,10 @@ def records(state: Path) -> list[dict]:
 
 def sleeping_hook(url: str) -> str:
     """A config's [[publish]] table for a vLLM server that sleeps during training."""
-    return (f'[[publish]]\nkind = "vllm"\nurl = "{url}"\nretries = 1\nbackoff = 0.0\ntimeout = 5.0\n'
-            f"sleep_during_training = true\n")
+    return (
+        f'[[publish]]\nkind = "vllm"\nurl = "{url}"\nretries = 1\nbackoff = 0.0\ntimeout = 5.0\n'
+        f"sleep_during_training = true\n"
+    )
 
 
 def start_with_hook(daemon_factory, url: str, **kw):
@@ -98,8 +100,13 @@ def test_a_daemon_started_on_a_record_of_a_sleeping_server_wakes_it(daemon_facto
         record_asleep(short_root / "state", fake.url, retries=1, backoff=0.0)
         d = start_with_hook(daemon_factory, fake.url)
         d.wait_for(lambda: not fake.sleeping, what="the server woken")
-        d.wait_for(lambda: d.request("status")["gpu_share"] == [
-            {"url": fake.url, "state": "awake", "since": None, "job_id": None, "error": None}], what="status awake")
+        d.wait_for(
+            lambda: (
+                d.request("status")["gpu_share"]
+                == [{"url": fake.url, "state": "awake", "since": None, "job_id": None, "error": None}]
+            ),
+            what="status awake",
+        )
         assert [e for e in d.events() if e.get("event") == events.SERVER_WOKEN][0]["url"] == fake.url
         out = d.cli("status")
         assert f"vllm {fake.url}: awake" in out.stdout
@@ -110,8 +117,10 @@ def test_a_server_that_will_not_wake_is_shown_loudly_in_status_and_the_audit(dae
     with SleepyVllm(sleeping=True, wake_failures=-1) as fake:
         record_asleep(short_root / "state", fake.url, retries=1, backoff=0.0)
         d = start_with_hook(daemon_factory, fake.url)
-        server = d.wait_for(lambda: [x for x in d.request("status")["gpu_share"] if x["state"] == "wake_failed"],
-                            what="wake_failed in status")[0]
+        server = d.wait_for(
+            lambda: [x for x in d.request("status")["gpu_share"] if x["state"] == "wake_failed"],
+            what="wake_failed in status",
+        )[0]
         assert "HTTP 503" in server["error"] and server["job_id"] == "job-killed"
         out = d.cli("status")
         assert f"vllm {fake.url}: WARNING still asleep" in out.stdout and "HTTP 503" in out.stdout
@@ -124,15 +133,23 @@ def test_a_server_that_will_not_wake_is_shown_loudly_in_status_and_the_audit(dae
 
 
 def test_a_daemon_killed_while_its_worker_trains_beside_a_sleeping_server_wakes_it_at_restart(
-        daemon_factory, short_root, store, tiny_model):
+    daemon_factory, short_root, store, tiny_model
+):
     """SIGKILL leaves the worker running (its own process group) and the server asleep; the next
     daemon stops the orphaned worker first, then wakes the server, then resumes the job."""
     with SleepyVllm() as fake:
         sections = training_sections(tiny_model, max_steps=5000, save_steps=5000, min_new_examples=1)
         d = start_with_hook(daemon_factory, fake.url, env=WORKER_ENV, **sections)
         # in its steps (its SIGTERM handler installed: stopped at restart in a step, not after 30 s)
-        job = d.wait_for(lambda: ((d.request("status")["job"] or {}).get("progress") or {}).get("step")
-                         and fake.sleeping and d.request("status")["job"], timeout=120, what="training asleep")
+        job = d.wait_for(
+            lambda: (
+                ((d.request("status")["job"] or {}).get("progress") or {}).get("step")
+                and fake.sleeping
+                and d.request("status")["job"]
+            ),
+            timeout=120,
+            what="training asleep",
+        )
         job_dir = short_root / "state" / "jobs" / job["job_id"]
         assert worker_processes(job_dir)
         d.stop(signal.SIGKILL)
@@ -148,7 +165,10 @@ def test_a_daemon_killed_while_its_worker_trains_beside_a_sleeping_server_wakes_
         # the orphaned worker was stopped before the server was woken (never awake beside it)
         assert names.index(events.ORPHAN_WORKER_STOPPED) < names.index(events.SERVER_WOKEN)
         d.request("cancel", job_id=job["job_id"])
-        d.wait_for(lambda: d.request("job", job_id=job["job_id"])["job"]["state"] == "cancelled", timeout=120,
-                   what="the resumed job cancelled")
+        d.wait_for(
+            lambda: d.request("job", job_id=job["job_id"])["job"]["state"] == "cancelled",
+            timeout=120,
+            what="the resumed job cancelled",
+        )
         d.wait_for(lambda: not fake.sleeping, timeout=30, what="awake after the cancel")
         assert records(short_root / "state") == []

@@ -83,7 +83,8 @@ def test_an_inotify_queue_overflow_scans_everything_at_once(tmp_path, store):
         with capture_logs() as logs:
             # What watchdog's inotify emitter logs when the kernel reports IN_Q_OVERFLOW.
             logging.getLogger("watchdog.observers.inotify_c").warning(
-                "Inotify queue overflowed; filesystem events were lost")
+                "Inotify queue overflowed; filesystem events were lost"
+            )
             assert wait(lambda: count(ro) == 103, timeout=3.0)
         assert any(e["event"] == "watch_events_lost" for e in logs)
     assert blind._listener not in logging.getLogger("watchdog.observers").handlers
@@ -109,9 +110,16 @@ def test_a_burst_of_events_is_ingested_in_few_batches(tmp_path, store):
     batches = []
     with Buffer(tmp_path / "b.sqlite3") as buffer, Buffer(tmp_path / "b.sqlite3", readonly=True) as ro:
         quiet = []
-        loop = IngestLoop(buffer, [reader], watcher, debounce=0.2, reconcile_interval=3600,
-                          on_ingest=lambda report: batches.append(report.new),
-                          on_quiet=lambda b: quiet.append(count(b)), quiet=0.5)
+        loop = IngestLoop(
+            buffer,
+            [reader],
+            watcher,
+            debounce=0.2,
+            reconcile_interval=3600,
+            on_ingest=lambda report: batches.append(report.new),
+            on_quiet=lambda b: quiet.append(count(b)),
+            quiet=0.5,
+        )
         watcher.start()
         try:
             loop.reconcile()
@@ -167,12 +175,15 @@ def test_a_directory_symlink_loop_in_the_store_ingests_nothing_twice(tmp_path, s
         artifact_id = write_artifact(store)
         assert wait(lambda: count(ro) == 103, timeout=2.0)
         time.sleep(0.6)  # the settle pass looks at every path once more
-        rows = ro.conn.execute("SELECT count(*), count(DISTINCT artifact_id), sum(locator LIKE '%dirloop%') "
-                               "FROM artifacts").fetchone()
+        rows = ro.conn.execute(
+            "SELECT count(*), count(DISTINCT artifact_id), sum(locator LIKE '%dirloop%') FROM artifacts"
+        ).fetchone()
         assert rows == (103, 103, 0)
         assert chains(ro) == {**first, "first_try": first.get("first_try", 0) + 1}  # no fake chains
-        assert ro.conn.execute("SELECT locator FROM artifacts WHERE artifact_id = ?", (artifact_id,)
-                               ).fetchone()[0] == f"objects/{artifact_id[:2]}/{artifact_id}.json"
+        assert (
+            ro.conn.execute("SELECT locator FROM artifacts WHERE artifact_id = ?", (artifact_id,)).fetchone()[0]
+            == f"objects/{artifact_id[:2]}/{artifact_id}.json"
+        )
 
 
 @pytest.mark.parametrize("replace", ["rm -rf, then mkdir", "mv aside, then mkdir", "rm -rf and mkdir at once"])

@@ -8,16 +8,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorad.evaluation.gate import (Thresholds, Verdict, decide, decide_rollback, keep_last_phase, mcnemar_p,
-                                   paired_test)
+from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback, keep_last_phase, mcnemar_p, paired_test
 
 T = Thresholds(min_improvement=0.01, confidence=0.95, min_heldout_examples=5)
 
 
 def m(nll, examples=10, passes=None, **extra):
     """Metrics as evaluate returns them; ``passes`` is one bool per task (t0, t1, ...)."""
-    d = {"nll": nll, "perplexity": math.exp(nll) if math.isfinite(nll) else nll,
-         "tokens": examples * 20, "examples": examples}
+    d = {
+        "nll": nll,
+        "perplexity": math.exp(nll) if math.isfinite(nll) else nll,
+        "tokens": examples * 20,
+        "examples": examples,
+    }
     if passes is not None:
         d["guard"] = [{"task_key": f"t{i}", "chain_id": f"c{i}", "accepted": ok} for i, ok in enumerate(passes)]
         d["epsilon"] = sum(passes) / len(passes) if passes else float("nan")
@@ -31,17 +34,20 @@ def pairs(both: int, gained: int, lost: int, neither: int) -> tuple[list[bool], 
     return active, candidate
 
 
-@pytest.mark.parametrize("b, c, p", [
-    (0, 0, 1.0),
-    (5, 0, 2 / 32),            # 2 * C(5,0) / 2^5
-    (0, 6, 2 / 64),
-    (8, 2, 2 * (1 + 10 + 45) / 1024),          # 0.109375
-    (10, 2, 2 * (1 + 12 + 66) / 4096),         # 0.0385742...
-    (2, 10, 2 * (1 + 12 + 66) / 4096),
-    (3, 3, 1.0),               # 2 * 42/64 > 1
-    (1, 2, 1.0),               # 2 * 4/8
-    (7, 1, 2 * (1 + 8) / 256),                 # 0.0703125
-])
+@pytest.mark.parametrize(
+    "b, c, p",
+    [
+        (0, 0, 1.0),
+        (5, 0, 2 / 32),  # 2 * C(5,0) / 2^5
+        (0, 6, 2 / 64),
+        (8, 2, 2 * (1 + 10 + 45) / 1024),  # 0.109375
+        (10, 2, 2 * (1 + 12 + 66) / 4096),  # 0.0385742...
+        (2, 10, 2 * (1 + 12 + 66) / 4096),
+        (3, 3, 1.0),  # 2 * 42/64 > 1
+        (1, 2, 1.0),  # 2 * 4/8
+        (7, 1, 2 * (1 + 8) / 256),  # 0.0703125
+    ],
+)
 def test_mcnemar_p_is_the_exact_two_sided_binomial_tail(b, c, p):
     assert mcnemar_p(b, c) == pytest.approx(p, rel=1e-12)
 
@@ -153,8 +159,11 @@ def test_promotion_follows_the_relative_loss_drop_exactly(a, c):
     assert decide(m(a), m(c), T).promote == ((a - c) / a >= T.min_improvement)
 
 
-@given(outcomes=st.lists(st.tuples(st.booleans(), st.booleans()), min_size=5, max_size=60),
-       nll_a=st.floats(0.1, 5), nll_c=st.floats(0.1, 5))
+@given(
+    outcomes=st.lists(st.tuples(st.booleans(), st.booleans()), min_size=5, max_size=60),
+    nll_a=st.floats(0.1, 5),
+    nll_c=st.floats(0.1, 5),
+)
 def test_swapping_candidate_and_active_flips_a_significant_decision(outcomes, nll_a, nll_c):
     """Never both promote; when the paired test is significant, exactly one of the two does."""
     a = m(nll_a, passes=[x for x, _ in outcomes])
@@ -189,8 +198,9 @@ def test_rollback_follows_the_paired_test_where_acceptance_was_measured():
     assert not decide_rollback(m(2.0, passes=active), m(2.0, passes=previous), 0.02, 0.95).roll_back
 
 
-@pytest.mark.parametrize("gained, lost, keep", [(4, 0, True), (2, 1, True), (1, 1, False), (0, 0, False),
-                                                (0, 5, False)])
+@pytest.mark.parametrize(
+    "gained, lost, keep", [(4, 0, True), (2, 1, True), (1, 1, False), (0, 0, False), (0, 5, False)]
+)
 def test_sft_then_grpo_keeps_the_grpo_phase_only_when_it_gains_more_tasks_than_it_loses(gained, lost, keep):
     sft, grpo = pairs(both=10, gained=gained, lost=lost, neither=4)
     kept, reason = keep_last_phase(m(0.1, passes=sft), m(0.5, passes=grpo))  # GRPO's loss is higher: irrelevant

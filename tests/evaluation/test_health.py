@@ -9,9 +9,13 @@ from lorad.evaluation.health import check_finite_logits
 
 torch.set_num_threads(1)
 
-ROWS = [{"prompt": [{"role": "user", "content": f"Write add{i}(a, b)."}],
-         "completion": [{"role": "assistant", "content": f"def add{i}(a, b):\n    return a + b"}]}
-        for i in range(3)]
+ROWS = [
+    {
+        "prompt": [{"role": "user", "content": f"Write add{i}(a, b)."}],
+        "completion": [{"role": "assistant", "content": f"def add{i}(a, b):\n    return a + b"}],
+    }
+    for i in range(3)
+]
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,14 @@ def _rows(n: int = 6) -> list[dict]:
     rows = []
     for i in range(n):
         spec = f"Write add{i}(a, b) returning a + b + {i}." if i % 2 == 0 else f"spec-{i}"
-        rows.append({
-            "prompt": [{"role": "user", "content": spec}],
-            "completion": [{"role": "assistant", "content": f"def add{i}(a, b):\n    return a + b + {i}\n"}],
-            "specification": "yes" if i % 3 == 0 else "no",
-            "chain_id": f"c{i}",
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": spec}],
+                "completion": [{"role": "assistant", "content": f"def add{i}(a, b):\n    return a + b + {i}\n"}],
+                "specification": "yes" if i % 3 == 0 else "no",
+                "chain_id": f"c{i}",
+            }
+        )
     return rows
 
 
@@ -59,8 +61,9 @@ def tiny(tmp_path_factory):
 def test_fresh_adapter_scores_exactly_like_the_base_model(tiny):
     """A LoRA adapter initialised with B = 0 is the identity: same NLL as the bare base."""
     model, tok = tiny
-    out = metrics.evaluate(model, tok, _rows(), adapters={"base": None, "fresh": "fresh"},
-                           batch_size=4, max_seq_length=64)
+    out = metrics.evaluate(
+        model, tok, _rows(), adapters={"base": None, "fresh": "fresh"}, batch_size=4, max_seq_length=64
+    )
     assert out["base"]["tokens"] == out["fresh"]["tokens"] > 0
     assert out["base"]["examples"] == 6
     assert out["base"]["nll"] == pytest.approx(out["fresh"]["nll"], rel=1e-5)
@@ -70,8 +73,9 @@ def test_fresh_adapter_scores_exactly_like_the_base_model(tiny):
 
 def test_adapter_fitted_to_the_answers_has_lower_heldout_loss(tiny):
     model, tok = tiny
-    out = metrics.evaluate(model, tok, _rows(), adapters={"candidate": "fitted", "active": None},
-                           batch_size=4, max_seq_length=64)
+    out = metrics.evaluate(
+        model, tok, _rows(), adapters={"candidate": "fitted", "active": None}, batch_size=4, max_seq_length=64
+    )
     assert out["candidate"]["nll"] < out["active"]["nll"] - 0.2, out
 
 
@@ -81,8 +85,9 @@ def test_loss_counts_only_completion_tokens_and_batching_does_not_change_it(tiny
     expected = 0
     for r in rows:
         ids, start = metrics.encode_example(tok, r, 64)
-        prompt = tok.apply_chat_template(r["prompt"], tokenize=True, return_dict=True,
-                                         add_generation_prompt=True)["input_ids"]
+        prompt = tok.apply_chat_template(r["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True)[
+            "input_ids"
+        ]
         assert ids[:start] == list(prompt)
         expected += len(ids) - start  # every completion token is predicted once
     one = metrics.evaluate(model, tok, rows, adapters={"a": None}, batch_size=1, max_seq_length=64)["a"]
@@ -133,21 +138,31 @@ def test_guard_verdicts_give_epsilon_for_each_model_on_every_task(tiny, tmp_path
     generated for, a task without an accepted answer (exhausted) too; only rows with one
     count for the loss."""
     guard = tmp_path / "guard.py"
-    guard.write_text(textwrap.dedent("""
+    guard.write_text(
+        textwrap.dedent("""
         import os, sys
         sys.stdin.read()
         ok = os.environ["LORAD_SPECIFICATION"] == "yes"
         print("fine" if ok else "spec says no")
         sys.exit(0 if ok else 1)
-    """))
+    """)
+    )
     model, tok = tiny
     rows = _rows(6)  # specifications: yes, no, no, yes, no, no
     for i, r in enumerate(rows):
         r["task_key"] = f"task{i}"
     rows[5]["completion"] = None  # exhausted: no accepted answer
-    out = metrics.evaluate(model, tok, rows, adapters={"candidate": "fitted", "active": None},
-                           batch_size=4, max_seq_length=64, guard_command=[sys.executable, str(guard)],
-                           guard_timeout=20, max_new_tokens=8)
+    out = metrics.evaluate(
+        model,
+        tok,
+        rows,
+        adapters={"candidate": "fitted", "active": None},
+        batch_size=4,
+        max_seq_length=64,
+        guard_command=[sys.executable, str(guard)],
+        guard_timeout=20,
+        max_new_tokens=8,
+    )
     for label in ("candidate", "active"):
         m = out[label]
         assert m["examples"] == 5

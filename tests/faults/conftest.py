@@ -9,4 +9,3 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent / "daemon"))  # daemon_helpers, daemon_fixtures
 
 from daemon_fixtures import _no_leaks, daemon_factory, short_root, store, tiny_model  # noqa: E402,F401
-

@@ -77,14 +77,24 @@ print("RESULT", json.dumps({"recovered": recovered, "outcome": outcome.as_dict()
 """
 
 # (kill point, times the publish hook has run for the promotion when the job is done)
-POINTS = [("after-version", 1), ("before-pointer", 1), ("after-pointer", 1), ("during-hooks", 2),
-          ("after-hooks", 2), ("before-final-state", 1)]
+POINTS = [
+    ("after-version", 1),
+    ("before-pointer", 1),
+    ("after-pointer", 1),
+    ("during-hooks", 2),
+    ("after-hooks", 2),
+    ("before-final-state", 1),
+]
 
 
 def run(cfg: Path, point: str, job_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(cfg), point, job_id], capture_output=True,
-                          text=True, timeout=300, env={**WORKER_ENV, "PATH": "/usr/bin:/bin", "HOME": "/tmp",
-                                                       "PYTHONPATH": ":".join(sys.path)})
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(cfg), point, job_id],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**WORKER_ENV, "PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": ":".join(sys.path)},
+    )
 
 
 def test_a_kill_at_any_step_of_the_conclusion_is_finished_at_restart_exactly_once(short_root, store, tiny_model):
@@ -92,12 +102,17 @@ def test_a_kill_at_any_step_of_the_conclusion_is_finished_at_restart_exactly_onc
     hooks_log, flag = short_root / "hooks.log", short_root / "kill-during-hook"
     # The hook records each run; when the flag file exists it takes it and kills the process
     # running it, as a kill -9 of the daemon during a slow publish would.
-    hook = ["sh", "-c", f'echo "$0" >> {hooks_log}; if rm {flag} 2>/dev/null; then kill -9 $PPID; sleep 5; fi',
-            "{version}"]
+    hook = [
+        "sh",
+        "-c",
+        f'echo "$0" >> {hooks_log}; if rm {flag} 2>/dev/null; then kill -9 $PPID; sleep 5; fi',
+        "{version}",
+    ]
     sections = training_sections(tiny_model)
     cfg = short_root / "config.toml"
-    cfg.write_text(config_text(short_root, store, **sections)
-                   + "[[publish]]\nkind = \"command\"\nargv = " + json.dumps(hook) + "\n")
+    cfg.write_text(
+        config_text(short_root, store, **sections) + '[[publish]]\nkind = "command"\nargv = ' + json.dumps(hook) + "\n"
+    )
 
     first = run(cfg, "before-conclude", "new")
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]

@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import write_artifact
 
 KILLS = 50
@@ -45,11 +44,23 @@ class Streamer(threading.Thread):
             if self.rng.random() < 0.5:
                 self.written.append(write_artifact(self.store, workflow_id=workflow))
             else:
-                first = write_artifact(self.store, workflow_id=workflow, status="rejected",
-                                       content="def f(x):\n    return x\n", feedback="expected 2, got 1")
+                first = write_artifact(
+                    self.store,
+                    workflow_id=workflow,
+                    status="rejected",
+                    content="def f(x):\n    return x\n",
+                    feedback="expected 2, got 1",
+                )
                 self.written.append(first)
-                self.written.append(write_artifact(self.store, workflow_id=workflow, attempt=2, previous=first,
-                                                   feedback_history=[[first, "expected 2, got 1"]]))
+                self.written.append(
+                    write_artifact(
+                        self.store,
+                        workflow_id=workflow,
+                        attempt=2,
+                        previous=first,
+                        feedback_history=[[first, "expected 2, got 1"]],
+                    )
+                )
             time.sleep(self.rng.uniform(0.0, 0.03))
 
 
@@ -87,8 +98,11 @@ def test_every_artifact_is_buffered_exactly_once_after_fifty_random_sigkills(dae
     d.start()  # ready only after the reconciliation scan has caught up
     expected = store_ids(store)
     assert len(expected) == 102 + len(streamer.written)
-    d.wait_for(lambda: d.request("status")["buffer"]["artifacts"] == len(expected), timeout=60,
-               what="the buffer to hold every artifact")
+    d.wait_for(
+        lambda: d.request("status")["buffer"]["artifacts"] == len(expected),
+        timeout=60,
+        what="the buffer to hold every artifact",
+    )
     d.stop()
 
     with sqlite3.connect(d.root / "state" / "buffer.sqlite3") as db:

@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import WORKER_ENV, training_sections, write_artifact
 
 
@@ -26,8 +25,9 @@ def small_fs(short_root):
     """A 16 MiB tmpfs at short_root/state (a real filesystem that fills up)."""
     mount = short_root / "state"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs here ({done.stderr.strip()}); the disk-full tests need root")
     try:
@@ -53,8 +53,12 @@ def fill(fs: Path) -> Path:
 
 
 def feedback(d, i: int) -> dict:
-    record = {"id": f"fb-{i}", "prompt": f"Write f{i}(x).", "completion": f"def f{i}(x):\n    return {i}",
-              "status": "accepted"}
+    record = {
+        "id": f"fb-{i}",
+        "prompt": f"Write f{i}(x).",
+        "completion": f"def f{i}(x):\n    return {i}",
+        "status": "accepted",
+    }
     try:
         return d.request("feedback", record=record, timeout=60)
     except Exception as e:  # noqa: BLE001 - an answer-less failure is acceptable; a false ack is not
@@ -68,8 +72,7 @@ def stored_feedback(db_path: Path) -> set[str]:
 
 @pytest.mark.faults
 @pytest.mark.timeout(300)
-def test_disk_full_during_ingest_loses_nothing_acknowledged_and_status_keeps_answering(
-        daemon_factory, small_fs, store):
+def test_disk_full_during_ingest_loses_nothing_acknowledged_and_status_keeps_answering(daemon_factory, small_fs, store):
     d = daemon_factory(schedule={"reconcile_interval": 2})
     acked = {a["id"] for i in range(5) if (a := feedback(d, i))["ok"]}
     assert len(acked) == 5
@@ -77,8 +80,11 @@ def test_disk_full_during_ingest_loses_nothing_acknowledged_and_status_keeps_ans
     filler = fill(small_fs)
     big = "x = 1\n" * 20000  # 120 kB per artifact: far more than any slack left
     written = [write_artifact(store, content=big + f"# {i}\n") for i in range(20)]
-    d.wait_for(lambda: any(e.get("event") == "ingest_failed" for e in d.events()), timeout=30,
-               what="the ingest failure to be logged")
+    d.wait_for(
+        lambda: any(e.get("event") == "ingest_failed" for e in d.events()),
+        timeout=30,
+        what="the ingest failure to be logged",
+    )
     failure = next(e for e in d.events() if e.get("event") == "ingest_failed")
     assert "full" in failure["error"].lower() or "space" in failure["error"].lower(), failure
     during = [feedback(d, i) for i in range(5, 10)]
@@ -93,8 +99,11 @@ def test_disk_full_during_ingest_loses_nothing_acknowledged_and_status_keeps_ans
 
     filler.unlink()  # space is back: the periodic reconciliation catches up
     expected = 102 + 5 + len(written) + len([a for a in during if a["ok"]])
-    d.wait_for(lambda: d.request("status")["buffer"]["artifacts"] >= 102 + 5 + len(written), timeout=60,
-               what="the artifacts written while the disk was full")
+    d.wait_for(
+        lambda: d.request("status")["buffer"]["artifacts"] >= 102 + 5 + len(written),
+        timeout=60,
+        what="the artifacts written while the disk was full",
+    )
     d.proc.kill()  # and nothing acknowledged was only in memory
     d.proc.wait(30)
     d._log.close()
@@ -112,16 +121,22 @@ def test_disk_full_during_ingest_loses_nothing_acknowledged_and_status_keeps_ans
 @pytest.mark.faults
 @pytest.mark.timeout(400)
 def test_disk_full_during_a_checkpoint_save_fails_the_job_with_the_reason_and_serving_is_untouched(
-        daemon_factory, small_fs, tiny_model):
+    daemon_factory, small_fs, tiny_model
+):
     d = daemon_factory(env=WORKER_ENV, **training_sections(tiny_model, max_steps=400, save_steps=1))
     job_id = d.request("train_now")["job"]["job_id"]
-    d.wait_for(lambda: (d.request("job", job_id=job_id)["job"].get("progress") or {}).get("step", 0) >= 2,
-               timeout=180, what="training with a checkpoint every step")
+    d.wait_for(
+        lambda: (d.request("job", job_id=job_id)["job"].get("progress") or {}).get("step", 0) >= 2,
+        timeout=180,
+        what="training with a checkpoint every step",
+    )
     filler = fill(small_fs)
     # The job's own row may not be writable on the full disk; the log and the daemon say why.
-    failed = d.wait_for(lambda: next((e for e in d.events() if e.get("event") == "job_failed"
-                                      and e.get("job_id") == job_id), None), timeout=120,
-                        what="the job to fail on the full disk")
+    failed = d.wait_for(
+        lambda: next((e for e in d.events() if e.get("event") == "job_failed" and e.get("job_id") == job_id), None),
+        timeout=120,
+        what="the job to fail on the full disk",
+    )
     assert "No space left on device" in failed["reason"] or "is full" in failed["reason"], failed["reason"]
     job = d.request("job", job_id=job_id)["job"]
     status = d.request("status")

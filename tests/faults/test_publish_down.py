@@ -5,6 +5,7 @@ required hook that fails puts `current` back where it was."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -69,8 +70,10 @@ def make_versions(state: Path, model: Path) -> tuple[str, str]:
     names = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        m = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        m = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
         m.save_pretrained(state.parent / f"adapter-{seed}")
         names.append(registry.create(state.parent / f"adapter-{seed}", {"base_model": str(model)}).name)
     registry.promote(names[0], reason="serving before the test")
@@ -80,15 +83,18 @@ def make_versions(state: Path, model: Path) -> tuple[str, str]:
 def publish_config(url_503: str, url_closed: str, required: bool) -> str:
     tables = ""
     for url in (url_503, url_closed):
-        tables += (f'[[publish]]\nkind = "vllm"\nurl = "{url}"\nretries = {RETRIES}\nbackoff = {BACKOFF}\n'
-                   f"timeout = 2.0\nrequired = {'true' if required else 'false'}\n")
+        tables += (
+            f'[[publish]]\nkind = "vllm"\nurl = "{url}"\nretries = {RETRIES}\nbackoff = {BACKOFF}\n'
+            f"timeout = 2.0\nrequired = {'true' if required else 'false'}\n"
+        )
     return tables
 
 
 @pytest.mark.faults
 @pytest.mark.timeout(300)
 def test_publish_target_down_retries_with_backoff_records_the_failure_and_daemon_stays_healthy(
-        daemon_factory, short_root, store, tiny_model, failing_server):
+    daemon_factory, short_root, store, tiny_model, failing_server
+):
     from daemon_helpers import config_text
 
     state = short_root / "state"
@@ -127,10 +133,10 @@ def test_publish_target_down_retries_with_backoff_records_the_failure_and_daemon
     # The 503 server saw every attempt, each gap at least the doubling back-off.
     times = [t for t, path in failing_server.seen if path == "/v1/load_lora_adapter"]
     assert len(times) == RETRIES + 1
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     for k, gap in enumerate(gaps):
-        assert gap >= BACKOFF * 2 ** k * 0.95, gaps
-    assert took >= 2 * sum(BACKOFF * 2 ** k for k in range(RETRIES)) * 0.95  # both hooks backed off
+        assert gap >= BACKOFF * 2**k * 0.95, gaps
+    assert took >= 2 * sum(BACKOFF * 2**k for k in range(RETRIES)) * 0.95  # both hooks backed off
     assert latencies and max(latencies) < 2.0, max(latencies)
 
     with Buffer(state / "buffer.sqlite3", readonly=True) as b:
@@ -166,7 +172,8 @@ class Hanging(BaseHTTPRequestHandler):
 @pytest.mark.faults
 @pytest.mark.timeout(300)
 def test_main_loop_keeps_pinging_the_watchdog_while_a_hung_publish_target_times_out(
-        daemon_factory, short_root, store, tiny_model):
+    daemon_factory, short_root, store, tiny_model
+):
     """systemd kills a daemon whose watchdog pings stop for WatchdogSec; a promote whose hook
     waits on a hung server (timeout x attempts) must not stop them."""
     import socket
@@ -184,15 +191,21 @@ def test_main_loop_keeps_pinging_the_watchdog_while_a_hung_publish_target_times_
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(str(path))
             sock.settimeout(0.1)
-            hook = (f'[[publish]]\nkind = "vllm"\nurl = "http://127.0.0.1:{server.server_address[1]}"\n'
-                    "retries = 1\nbackoff = 0.2\ntimeout = 1.5\n")
-            d = daemon_factory(config=config_text(short_root, store) + hook, start=False,
-                               env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+            hook = (
+                f'[[publish]]\nkind = "vllm"\nurl = "http://127.0.0.1:{server.server_address[1]}"\n'
+                "retries = 1\nbackoff = 0.2\ntimeout = 1.5\n"
+            )
+            d = daemon_factory(
+                config=config_text(short_root, store) + hook,
+                start=False,
+                env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"},
+            )
             d.start()
             pings: list[float] = []
             done: list[dict] = []
-            promote = threading.Thread(target=lambda: done.append(d.request("promote", version=candidate, timeout=60)),
-                                       name="promote")
+            promote = threading.Thread(
+                target=lambda: done.append(d.request("promote", version=candidate, timeout=60)), name="promote"
+            )
             promote.start()
             try:
                 while promote.is_alive():
@@ -210,5 +223,5 @@ def test_main_loop_keeps_pinging_the_watchdog_while_a_hung_publish_target_times_
         thread.join(5)
     assert done and done[0]["ok"] and done[0]["publish"]["results"][0]["ok"] is False, done
     assert len(server.seen) == 2  # both attempts reached the hung server and timed out
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert pings and max(gaps) < 1.0, f"watchdog silent for {max(gaps):.1f} s (WatchdogSec=1 s)"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import WORKER_ENV, config_text, training_sections
-from fake_http import DrippingHandler, FakeServer  # (tests/, on the path through tests/conftest.py)
 
+from fake_http import DrippingHandler, FakeServer  # (tests/, on the path through tests/conftest.py)
 from lorad.buffer.store import Buffer
 from lorad.daemon import protocol
 from lorad.release.registry import Registry
@@ -42,8 +42,7 @@ class Hung(FakeServer):
 
 
 def hung_hook(url: str, timeout: float, retries: int) -> str:
-    return (f'[[publish]]\nkind = "vllm"\nurl = "{url}"\ntimeout = {timeout}\nretries = {retries}\n'
-            "backoff = 0.0\n")
+    return f'[[publish]]\nkind = "vllm"\nurl = "{url}"\ntimeout = {timeout}\nretries = {retries}\nbackoff = 0.0\n'
 
 
 def two_versions(state: Path) -> tuple[str, str]:
@@ -94,14 +93,23 @@ def test_promotes_whose_clients_gave_up_never_starve_the_other_commands(daemon_f
         assert not refused["ok"] and "another promote or rollback is still running" in refused["error"]
         assert answered_quickly(d, "jobs")["ok"]
         assert answered_quickly(d, "history")["ok"]
-        assert answered_quickly(d, "feedback", record={"id": "fb1", "prompt": "Write add(a, b).",
-                                                       "completion": "def add(a, b): return a + b",
-                                                       "status": "accepted"})["ok"]
+        assert answered_quickly(
+            d,
+            "feedback",
+            record={
+                "id": "fb1",
+                "prompt": "Write add(a, b).",
+                "completion": "def add(a, b): return a + b",
+                "status": "accepted",
+            },
+        )["ok"]
         assert answered_quickly(d, "pause")["scheduling_paused"] is True
         assert answered_quickly(d, "resume")["scheduling_paused"] is False
         assert answered_quickly(d, "train_now")["ok"]
-        d.wait_for(lambda: any(e.get("event") == "control_client_left" for e in d.events()),
-                   what="the promote's worker let go of its client")
+        d.wait_for(
+            lambda: any(e.get("event") == "control_client_left" for e in d.events()),
+            what="the promote's worker let go of its client",
+        )
 
         started = time.monotonic()
         assert d.stop(timeout=60) == 0
@@ -112,7 +120,8 @@ def test_promotes_whose_clients_gave_up_never_starve_the_other_commands(daemon_f
 
 
 def test_cancel_reaches_a_conclusion_waiting_on_a_hook_and_sigterm_leaves_it_to_the_restart(
-        daemon_factory, short_root, store, tiny_model):
+    daemon_factory, short_root, store, tiny_model
+):
     """A trained job whose conclusion hangs in the vLLM hook: SIGTERM stops the daemon within one
     request's deadline, the restart concludes it again (the hook hangs again), and `lorad cancel`
     ends that wait at once, recorded; the trained version is kept."""
@@ -121,8 +130,11 @@ def test_cancel_reaches_a_conclusion_waiting_on_a_hook_and_sigterm_leaves_it_to_
         d = daemon_factory(env=WORKER_ENV, start=False, **sections)
         d.config.write_text(d.config.read_text() + hung_hook(server.url, timeout=5, retries=3))
         d.start()
-        job = d.wait_for(lambda: server.seen and d.request("status")["job"], timeout=240,
-                         what="the job's conclusion waiting on the hung hook")
+        job = d.wait_for(
+            lambda: server.seen and d.request("status")["job"],
+            timeout=240,
+            what="the job's conclusion waiting on the hung hook",
+        )
         job_id = job["job_id"]
         assert job["state"] == "evaluating"
 
@@ -140,8 +152,11 @@ def test_cancel_reaches_a_conclusion_waiting_on_a_hook_and_sigterm_leaves_it_to_
 
         started = time.monotonic()
         assert answered_quickly(d, "cancel", job_id=job_id)["state"] == "cancelling"
-        done = d.wait_for(lambda: (j := d.request("job", job_id=job_id)["job"])["state"] in (
-            "promoted", "rejected") and j, timeout=10, what="the conclusion ended by the cancel")
+        done = d.wait_for(
+            lambda: (j := d.request("job", job_id=job_id)["job"])["state"] in ("promoted", "rejected") and j,
+            timeout=10,
+            what="the conclusion ended by the cancel",
+        )
         took = time.monotonic() - started
     assert took < 3, f"the cancel took {took:.1f} s to end the conclusion"
     assert done["version"] and "publish hooks were cancelled by request" in done["reason"]

@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import WORKER_ENV, training_sections
 
 BACKOFF = 3.0  # seconds: schedule.backoff_initial
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os, sys
 trigger = os.environ.get("LORAD_FAULT_OOM_TRIGGER")
 if trigger and os.path.exists(trigger) and "lorad.training.worker" in sys.orig_argv:
@@ -32,7 +31,7 @@ if trigger and os.path.exists(trigger) and "lorad.training.worker" in sys.orig_a
                                      "(GPU 0; 7.79 GiB total capacity; simulated by the fault suite)")
 
     torch.Tensor.backward = backward
-'''
+"""
 
 
 def served_version(state: Path, model: Path) -> str:
@@ -44,8 +43,9 @@ def served_version(state: Path, model: Path) -> str:
     from lorad.release.registry import Registry
 
     torch.set_num_threads(1)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     adapter = state.parent / "hand-adapter"
     peft_model.save_pretrained(adapter)
     registry = Registry(state / "adapters", keep=5, keep_best=True)
@@ -77,7 +77,8 @@ def failed_jobs(d) -> list[dict]:
 @pytest.mark.faults
 @pytest.mark.timeout(600)
 def test_worker_exception_nan_and_oom_fail_the_job_with_reason_back_off_and_leave_serving_untouched(
-        daemon_factory, short_root, tiny_model):
+    daemon_factory, short_root, tiny_model
+):
     state = short_root / "state"
     before = served_version(state, tiny_model)
     current = state / "adapters" / "current"
@@ -87,8 +88,9 @@ def test_worker_exception_nan_and_oom_fail_the_job_with_reason_back_off_and_leav
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     trigger = short_root / "oom-now"
 
-    sections = training_sections(corrupt, max_steps=4, save_steps=2, min_new_examples=1,
-                                 backoff_initial=BACKOFF, backoff_max=60.0)
+    sections = training_sections(
+        corrupt, max_steps=4, save_steps=2, min_new_examples=1, backoff_initial=BACKOFF, backoff_max=60.0
+    )
     sections["training"]["warm_start"] = False
     env = dict(WORKER_ENV, PYTHONPATH=str(hooks), LORAD_FAULT_OOM_TRIGGER=str(trigger))
     d = daemon_factory(env=env, **sections)
@@ -107,16 +109,22 @@ def test_worker_exception_nan_and_oom_fail_the_job_with_reason_back_off_and_leav
             if what == "CUDA out of memory":
                 trigger.touch()
             assert d.request("reload")["ok"], d.log_text()[-2000:]
-        job = d.wait_for(lambda: (f := failed_jobs(d)) and len(f) >= n and f[0], timeout=240,
-                         what=f"job {n} ({what}) to fail")
+        job = d.wait_for(
+            lambda: (f := failed_jobs(d)) and len(f) >= n and f[0],  # noqa: B023 - wait_for calls it now
+            timeout=240,
+            what=f"job {n} ({what}) to fail",
+        )
         assert job["job_id"] not in {j["job_id"] for j in seen}
         if reason:
             assert reason in job["reason"], (what, job["reason"])
         else:
             assert "config" in job["reason"].lower() or "json" in job["reason"].lower(), job["reason"]
         assert not job["reason"].startswith("worker exited with code"), job["reason"]  # the worker said why
-        status = d.wait_for(lambda: (st := d.request("status"))["schedule"]["failures"] == n and st, timeout=10,
-                            what=f"the failure count to reach {n}")
+        status = d.wait_for(
+            lambda: (st := d.request("status"))["schedule"]["failures"] == n and st,  # noqa: B023 - called now
+            timeout=10,
+            what=f"the failure count to reach {n}",
+        )
         assert status["ok"] and status["active_version"] == before
         assert status["schedule"]["backoff_until"] >= job["finished_at"] + BACKOFF * 2 ** (n - 1) - 1
         assert os.readlink(current) == before

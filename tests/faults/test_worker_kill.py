@@ -20,27 +20,32 @@ from pathlib import Path
 import pytest
 from daemon_helpers import training_sections
 
-from lorad import config, release
-from lorad import cycle
+from lorad import config, cycle, release
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
 from lorad.sources import open_sources
+from lorad.sources.ingest import ingest
 from lorad.training import jobdir as jobfile
 from lorad.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONUNBUFFERED": "1",
+}
 MAX_STEPS = 24
 
 
 def settings_for(root: Path, model: Path) -> config.Settings:
     return config.loads(f"""
 [daemon]
-state_dir = "{root / 'state'}"
+state_dir = "{root / "state"}"
 [[store.sources]]
 kind = "atomicguard"
-path = "{FIXTURES / 'atomicguard-store'}"
+path = "{FIXTURES / "atomicguard-store"}"
 [selection]
 policy = "all_successes"
 heldout_fraction = 0.3
@@ -68,8 +73,9 @@ eval_batch_size = 4
 def start(job_dir: Path) -> subprocess.Popen:
     argv = jobfile.worker_command(job_dir, jobfile.read_job(job_dir))
     with open(job_dir / "worker.log", "ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, **WORKER_ENV))
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, **WORKER_ENV)
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -140,7 +146,8 @@ def kill_moments(rng: random.Random) -> list[tuple[str, float]]:
 @pytest.mark.faults
 @pytest.mark.timeout(900)
 def test_worker_killed_at_random_moments_resumes_from_complete_checkpoints_and_never_promotes_a_partial_adapter(
-        tmp_path, tiny_model, monkeypatch):
+    tmp_path, tiny_model, monkeypatch
+):
     for k, v in WORKER_ENV.items():
         monkeypatch.setenv(k, v)
     rng = random.Random(3)
@@ -158,10 +165,14 @@ def test_worker_killed_at_random_moments_resumes_from_complete_checkpoints_and_n
             try:
                 if what == "step":
                     target = rng.randint(newest_before + 1, min(newest_before + 3, MAX_STEPS))
-                    match = lambda r, t=target: r.get("stage") == "training" and r.get("loss") is not None \
-                        and r["step"] >= t  # noqa: E731
+
+                    def match(r, t=target):
+                        return r.get("stage") == "training" and r.get("loss") is not None and r["step"] >= t
                 else:
-                    match = lambda r, w=what: r.get("stage") == w  # noqa: E731
+
+                    def match(r, w=what):
+                        return r.get("stage") == w
+
                 first = wait_for_record(job_dir, proc, since, lambda r: r.get("stage") == "training")
                 assert first is not None, (job_dir / "worker.log").read_text()[-3000:]
                 # The run starts from the newest complete checkpoint there was when it started.
@@ -231,7 +242,8 @@ def _runs(job_dir: Path) -> list[list[dict]]:
 @pytest.mark.faults
 @pytest.mark.timeout(600)
 def test_a_worker_killed_alone_in_the_grpo_phase_pauses_its_job_which_resumes_from_its_checkpoints(
-        daemon_factory, tiny_model):
+    daemon_factory, tiny_model
+):
     """Issue 23, finding 9: kill -9 of the worker alone under the daemon (sft+grpo, in GRPO).
 
     An earlier worker of the job had paused on SIGTERM (a daemon restart), so result.json said
@@ -240,16 +252,24 @@ def test_a_worker_killed_alone_in_the_grpo_phase_pauses_its_job_which_resumes_fr
     resumed on its directory: the SFT phase's adapter is reused and GRPO goes on from its
     newest checkpoint."""
     sections = training_sections(tiny_model, max_steps=6, save_steps=1)
-    sections["training"].update(method="sft+grpo", grpo_steps=30, num_generations=2, max_completion_length=8,
-                                warm_start=False)
-    sections["evaluation"].update(guard_command=[sys.executable, str(FIXTURES / "task_guard.py")],
-                                  max_new_tokens=8, min_heldout_examples=1)
+    sections["training"].update(
+        method="sft+grpo", grpo_steps=30, num_generations=2, max_completion_length=8, warm_start=False
+    )
+    sections["evaluation"].update(
+        guard_command=[sys.executable, str(FIXTURES / "task_guard.py")], max_new_tokens=8, min_heldout_examples=1
+    )
     d = daemon_factory(env=WORKER_ENV, **sections)
     job_id = d.request("train_now")["job"]["job_id"]
-    in_sft = d.wait_for(lambda: (j := _job(d, job_id))["state"] == "training"
-                        and (j.get("progress") or {}).get("phase") == "sft"
-                        and ((j.get("progress") or {}).get("step") or 0) >= 2 and j,
-                        timeout=180, what="the SFT phase to train")
+    in_sft = d.wait_for(
+        lambda: (
+            (j := _job(d, job_id))["state"] == "training"
+            and (j.get("progress") or {}).get("phase") == "sft"
+            and ((j.get("progress") or {}).get("step") or 0) >= 2
+            and j
+        ),
+        timeout=180,
+        what="the SFT phase to train",
+    )
     job_dir = Path(in_sft["job_dir"])
     assert d.stop() == 0  # the worker pauses on SIGTERM, and says so in result.json
     assert jobfile.read_result(job_dir).reason == "paused on SIGTERM"
@@ -257,15 +277,20 @@ def test_a_worker_killed_alone_in_the_grpo_phase_pauses_its_job_which_resumes_fr
     d.start()  # a manual job resumes at once
     deadline = time.monotonic() + 180
     # A GRPO checkpoint of this second run (read from the files, not the socket: GRPO steps are quick).
-    while not any(r.get("stage") == jobfile.STAGE_CHECKPOINTED and r.get("phase") == "grpo"
-                  for r, _ in jobfile.iter_progress(job_dir, since)):
+    while not any(
+        r.get("stage") == jobfile.STAGE_CHECKPOINTED and r.get("phase") == "grpo"
+        for r, _ in jobfile.iter_progress(job_dir, since)
+    ):
         assert time.monotonic() < deadline, d.log_text()[-3000:]
         time.sleep(0.01)
     os.killpg(int((job_dir / "worker.pid").read_text()), signal.SIGKILL)  # the worker alone; the daemon lives on
     killed_at = int(complete_checkpoints(job_dir, "grpo")[-1].name.split("-")[1])
     assert _job(d, job_id)["runs"] == 2
-    ended = d.wait_for(lambda: (j := _job(d, job_id))["state"] in ("promoted", "rejected", "failed") and j,
-                       timeout=300, what="the job to end")
+    ended = d.wait_for(
+        lambda: (j := _job(d, job_id))["state"] in ("promoted", "rejected", "failed") and j,
+        timeout=300,
+        what="the job to end",
+    )
     states = [(e["state"], e["reason"]) for e in ended["events"]]
     assert ("paused", "worker killed (signal 9)") in states, states
     assert ended["state"] in ("promoted", "rejected"), (ended["reason"], states)

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorad import config
-from lorad.demo import synthetic
 from lorad.daemon import protocol
+from lorad.demo import synthetic
 from lorad.sources.atomicguard import parse_artifact
 from lorad.sources.base import ParseError
 from lorad.sources.jsonl import parse_record
@@ -80,8 +80,11 @@ def test_jsonl_record_parser_rejects_hostile_values_with_a_reason(path, raw):
 
 
 @fuzz
-@given(st.sampled_from(["status", "jobs", "job", "feedback", "cancel", "promote"]),
-       st.sampled_from(["limit", "job_id", "record", "version", "pad"]), hostile_json)
+@given(
+    st.sampled_from(["status", "jobs", "job", "feedback", "cancel", "promote"]),
+    st.sampled_from(["limit", "job_id", "record", "version", "pad"]),
+    hostile_json,
+)
 def test_protocol_decoder_rejects_hostile_requests_with_a_reason(command, key, raw):
     line = splice({"command": command, key: 0}, [key], raw)
     try:
@@ -93,10 +96,15 @@ def test_protocol_decoder_rejects_hostile_requests_with_a_reason(command, key, r
 
 
 @fuzz
-@given(st.sampled_from(["daemon", "training", "schedule", "selection"]),
-       st.sampled_from(["lora_r", "max_steps", "keep", "min_new_examples", "bogus"]),
-       st.one_of(st.integers(4290, 6000).map(lambda n: "9" * n), st.sampled_from(["nan", "inf", "-inf", "1e999"]),
-                 st.integers(4290, 6000).map(lambda n: "0x" + "f" * n)))
+@given(
+    st.sampled_from(["daemon", "training", "schedule", "selection"]),
+    st.sampled_from(["lora_r", "max_steps", "keep", "min_new_examples", "bogus"]),
+    st.one_of(
+        st.integers(4290, 6000).map(lambda n: "9" * n),
+        st.sampled_from(["nan", "inf", "-inf", "1e999"]),
+        st.integers(4290, 6000).map(lambda n: "0x" + "f" * n),
+    ),
+)
 def test_config_loader_rejects_hostile_numbers_naming_the_problem(section, key, raw):
     try:
         config.loads(f"[{section}]\n{key} = {raw}\n")

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorad import config
-from lorad.demo import synthetic
 from lorad.buffer.store import ARTIFACT_COLUMNS, Buffer
-from lorad.sources.ingest import ingest
+from lorad.demo import synthetic
 from lorad.sources.atomicguard import parse_artifact
 from lorad.sources.base import ParseError
+from lorad.sources.ingest import ingest
 from lorad.sources.jsonl import JsonlSource, parse_record
 
 EXAMPLES = int(os.environ.get("LORAD_FUZZ_EXAMPLES", "300"))
@@ -30,8 +30,14 @@ json_values = st.recursive(
     max_leaves=20,
 )
 
-VALID = synthetic.artifact(workflow_id="w", content="def f(): pass", status="rejected", feedback="nope",
-                           feedback_history=[("a0", "SyntaxError")], metadata={"adapter_version": "v1"})
+VALID = synthetic.artifact(
+    workflow_id="w",
+    content="def f(): pass",
+    status="rejected",
+    feedback="nope",
+    feedback_history=[("a0", "SyntaxError")],
+    metadata={"adapter_version": "v1"},
+)
 
 
 def _check_row(row: dict) -> None:
@@ -84,9 +90,17 @@ def test_jsonl_record_parser_never_crashes(data):
 
 
 @settings(max_examples=max(20, EXAMPLES // 4), deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.binary(max_size=80) | st.builds(
-    lambda i, s: json.dumps({"id": f"r{i}", "prompt": "p", "completion": "c", "status": s}).encode(),
-    st.integers(0, 50), st.sampled_from(["accepted", "rejected", "maybe"])), max_size=12))
+@given(
+    st.lists(
+        st.binary(max_size=80)
+        | st.builds(
+            lambda i, s: json.dumps({"id": f"r{i}", "prompt": "p", "completion": "c", "status": s}).encode(),
+            st.integers(0, 50),
+            st.sampled_from(["accepted", "rejected", "maybe"]),
+        ),
+        max_size=12,
+    )
+)
 def test_jsonl_reader_accounts_for_every_line(tmp_path_factory, lines):
     """Every complete non-blank line ends up as a row or in quarantine; the offset covers them."""
     folder = tmp_path_factory.mktemp("log")
@@ -104,9 +118,14 @@ def test_jsonl_reader_accounts_for_every_line(tmp_path_factory, lines):
         assert buffer.source_state("log")["offset"] == len(body)
 
 
-toml_scalars = st.one_of(st.integers(-10, 10_000), st.floats(allow_nan=False, allow_infinity=False),
-                         st.booleans(), st.text(max_size=12), st.lists(st.integers(0, 5), max_size=3),
-                         st.lists(st.text(max_size=6), max_size=3))
+toml_scalars = st.one_of(
+    st.integers(-10, 10_000),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.text(max_size=12),
+    st.lists(st.integers(0, 5), max_size=3),
+    st.lists(st.text(max_size=6), max_size=3),
+)
 SECTIONS = ["daemon", "store", "buffer", "selection", "schedule", "training", "evaluation", "registry", "logging"]
 
 
@@ -121,20 +140,46 @@ def _toml(value) -> str:
 
 
 @fuzz
-@given(st.dictionaries(st.sampled_from(SECTIONS), st.dictionaries(
-    st.sampled_from(["state_dir", "lora_r", "windows", "policy", "level", "keep", "batch_size", "bogus",
-                     "timezone", "heldout_fraction", "learning_rate", "allowed_uids", "min_retries"]),
-    toml_scalars, max_size=4), max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(SECTIONS),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "state_dir",
+                    "lora_r",
+                    "windows",
+                    "policy",
+                    "level",
+                    "keep",
+                    "batch_size",
+                    "bogus",
+                    "timezone",
+                    "heldout_fraction",
+                    "learning_rate",
+                    "allowed_uids",
+                    "min_retries",
+                ]
+            ),
+            toml_scalars,
+            max_size=4,
+        ),
+        max_size=4,
+    )
+)
 def test_config_loader_accepts_or_names_the_key(doc):
-    text = "\n".join(f"[{section}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in keys.items())
-                     for section, keys in doc.items())
+    text = "\n".join(
+        f"[{section}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in keys.items()) for section, keys in doc.items()
+    )
     try:
         config.loads(text)
     except config.ConfigError as e:
         assert e.problems
         for problem in e.problems:
             head = problem.split(":")[0]
-            assert head.split(".")[0].split("[")[0] in SECTIONS or head == "<root>" or problem.startswith("not valid TOML"), problem
+            assert (
+                head.split(".")[0].split("[")[0] in SECTIONS or head == "<root>" or problem.startswith("not valid TOML")
+            ), problem
 
 
 @fuzz

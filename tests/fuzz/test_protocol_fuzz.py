@@ -39,25 +39,51 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=25,
 )
-feedback_records = st.fixed_dictionaries({}, optional={
-    "id": st.text(max_size=12) | st.integers(), "prompt": st.text(max_size=40) | json_values,
-    "completion": st.text(max_size=40) | json_values,
-    "status": st.sampled_from(["accepted", "rejected", "pending", "maybe"]) | json_values,
-    "score": st.floats() | st.integers(), "parent_id": st.text(max_size=8), "messages": json_values,
-    "created_at": st.text(max_size=25), "feedback": json_values})
+feedback_records = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(max_size=12) | st.integers(),
+        "prompt": st.text(max_size=40) | json_values,
+        "completion": st.text(max_size=40) | json_values,
+        "status": st.sampled_from(["accepted", "rejected", "pending", "maybe"]) | json_values,
+        "score": st.floats() | st.integers(),
+        "parent_id": st.text(max_size=8),
+        "messages": json_values,
+        "created_at": st.text(max_size=25),
+        "feedback": json_values,
+    },
+)
 requests = st.builds(
     lambda command, args: {"command": command, **args},
     st.sampled_from(COMMANDS),
-    st.fixed_dictionaries({}, optional={"job_id": json_values, "limit": json_values, "version": json_values,
-                                        "record": feedback_records | json_values, "pad": json_values}))
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "job_id": json_values,
+            "limit": json_values,
+            "version": json_values,
+            "record": feedback_records | json_values,
+            "pad": json_values,
+        },
+    ),
+)
 valid_feedback = st.builds(
-    lambda i, p, c, ok: {"command": "feedback", "record": {"id": f"fz-{i}", "prompt": p, "completion": c,
-                                                           "status": "accepted" if ok else "rejected"}},
-    st.integers(0, 10**6), st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40), st.booleans())
+    lambda i, p, c, ok: {
+        "command": "feedback",
+        "record": {"id": f"fz-{i}", "prompt": p, "completion": c, "status": "accepted" if ok else "rejected"},
+    },
+    st.integers(0, 10**6),
+    st.text(min_size=1, max_size=40),
+    st.text(min_size=1, max_size=40),
+    st.booleans(),
+)
 payloads = st.one_of(
     valid_feedback.map(lambda r: json.dumps(r).encode() + b"\n"),
-    st.builds(lambda c, v: json.dumps({"command": c, "limit": v, "job_id": v, "version": v}).encode() + b"\n",
-              st.sampled_from(["jobs", "job", "cancel", "promote", "rollback", "history"]), json_values),
+    st.builds(
+        lambda c, v: json.dumps({"command": c, "limit": v, "job_id": v, "version": v}).encode() + b"\n",
+        st.sampled_from(["jobs", "job", "cancel", "promote", "rollback", "history"]),
+        json_values,
+    ),
     st.binary(max_size=600),
     st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass") + b"\n"),
     json_values.map(lambda v: json.dumps(v).encode() + b"\n"),
@@ -168,5 +194,7 @@ def test_after_the_fuzzing_the_daemon_serves_and_stored_only_acknowledged_feedba
     assert stored <= daemon.counts["feedback_acked"], stored - daemon.counts["feedback_acked"]
     crashes = [e for e in daemon.events() if e.get("event") == "request_failed"]
     assert not crashes, [e.get("exception", "").splitlines()[-3:] for e in crashes[:2]]  # answered, but still a bug
-    print(f"protocol fuzz: {daemon.counts['sent']} random payloads, {daemon.counts['answered']} answered, "
-          f"{daemon.counts['refused']} refused with a reason, {len(stored)} feedback records stored")
+    print(
+        f"protocol fuzz: {daemon.counts['sent']} random payloads, {daemon.counts['answered']} answered, "
+        f"{daemon.counts['refused']} refused with a reason, {len(stored)} feedback records stored"
+    )

@@ -19,9 +19,14 @@ pytest.importorskip("atomicguard", reason="the loop's generator side: `make loop
 
 
 def add_task(k: int) -> Task:
-    return Task(f"add_{k}", "add", f"Write a Python function `add_{k}(x)` that returns x plus {k}.", f"add_{k}",
-                tests=(f"add_{k}(0) == {k}", f"add_{k}(10) == {10 + k}"),
-                solution=f"def add_{k}(x):\n    return x + {k}\n")
+    return Task(
+        f"add_{k}",
+        "add",
+        f"Write a Python function `add_{k}(x)` that returns x plus {k}.",
+        f"add_{k}",
+        tests=(f"add_{k}(0) == {k}", f"add_{k}(10) == {10 + k}"),
+        solution=f"def add_{k}(x):\n    return x + {k}\n",
+    )
 
 
 class ScriptedServer(FakeServer):
@@ -55,9 +60,22 @@ class ScriptedServer(FakeServer):
                 task = next(t for t in tasks if t.specification in prompt)
                 right = model != "base" or "# RETRY HISTORY" in prompt
                 code = task.solution if right else f"def {task.entry_point}(x):\n    return x\n"
-                return self.reply(200, {"id": "c", "object": "chat.completion", "created": 0, "model": model,
-                                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                            "role": "assistant", "content": f"```python\n{code}```\nDone."}}]})
+                return self.reply(
+                    200,
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": f"```python\n{code}```\nDone."},
+                            }
+                        ],
+                    },
+                )
 
         super().__init__(Handler)
 
@@ -66,15 +84,15 @@ def config_text(tmp_path, model_dir, url) -> str:
     guard = [sys.executable, "-m", "lorad.loop.tasks", "--guard", str(tmp_path / "tasks.json")]
     return f"""
 [daemon]
-state_dir = "{tmp_path / 'state'}"
-socket = "{tmp_path / 'lorad.sock'}"
+state_dir = "{tmp_path / "state"}"
+socket = "{tmp_path / "lorad.sock"}"
 [[store.sources]]
 kind = "atomicguard"
-path = "{tmp_path / 'store'}"
+path = "{tmp_path / "store"}"
 [store]
 settle_seconds = 0.2
 [selection]
-prompt_template = "{tmp_path / 'prompts.json'}:{agent.ACTION_PAIR}"
+prompt_template = "{tmp_path / "prompts.json"}:{agent.ACTION_PAIR}"
 prompt_format = "atomicguard"
 family_key = "family"
 heldout_min_tasks = 4
@@ -126,8 +144,9 @@ def test_a_round_fills_the_store_a_cycle_promotes_and_the_server_serves_the_new_
         daemon.start()
         try:
             daemon.request("pause")
-            done = agent.run_round(first, store=tmp_path / "store", url=server.url, model="base", version="base",
-                                   workers=4)
+            done = agent.run_round(
+                first, store=tmp_path / "store", url=server.url, model="base", version="base", workers=4
+            )
             traffic = agent.summary(done)
             assert traffic["errors"] == 0 and traffic["first_try"] == 0.0 and traffic["mean_attempts"] == 2.0
             stored = [json.loads(p.read_text()) for p in (tmp_path / "store" / "objects").rglob("*.json")]
@@ -140,10 +159,11 @@ def test_a_round_fills_the_store_a_cycle_promotes_and_the_server_serves_the_new_
             assert version == job["version"] and f"lorad-{version}" in server.loaded
             assert server.loaded[f"lorad-{version}"].endswith(version)
 
-            done = agent.run_round(second, store=tmp_path / "store", url=server.url, model=f"lorad-{version}",
-                                   version=version, workers=4)
+            done = agent.run_round(
+                second, store=tmp_path / "store", url=server.url, model=f"lorad-{version}", version=version, workers=4
+            )
             assert agent.summary(done)["first_try"] == 1.0
-            assert set(server.asked[-len(second):]) == {f"lorad-{version}"}
+            assert set(server.asked[-len(second) :]) == {f"lorad-{version}"}
             # The daemon sees the new version's traffic: lorad history shows it live.
             daemon.wait_for(lambda s: s["buffer"]["artifacts"] >= 30, 60, "the second round")
         finally:
@@ -158,11 +178,14 @@ def test_a_round_fills_the_store_a_cycle_promotes_and_the_server_serves_the_new_
 def test_a_human_answer_after_the_generator_gives_up_is_stored_as_atomicguard_records_an_amendment(tmp_path):
     task = add_task(7)
     with ScriptedServer([task]) as server:
-        done = agent.run_round([task], store=tmp_path / "store", url=server.url, model="base", version="base",
-                               rmax=0, human_answers=True)
+        done = agent.run_round(
+            [task], store=tmp_path / "store", url=server.url, model="base", version="base", rmax=0, human_answers=True
+        )
     assert done[0].human and not done[0].accepted and done[0].attempts == 1
-    stored = sorted((json.loads(p.read_text()) for p in (tmp_path / "store" / "objects").rglob("*.json")),
-                    key=lambda a: a["attempt_number"])
+    stored = sorted(
+        (json.loads(p.read_text()) for p in (tmp_path / "store" / "objects").rglob("*.json")),
+        key=lambda a: a["attempt_number"],
+    )
     assert [(a["source"], a["status"]) for a in stored] == [("generated", "rejected"), ("human", "accepted")]
     assert stored[1]["previous_attempt_id"] == stored[0]["artifact_id"]
     assert re.search(r"return x \+ 7", stored[1]["content"])

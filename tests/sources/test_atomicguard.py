@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from structlog.testing import capture_logs
 
 from lorad.demo import synthetic
-from lorad.sources.ingest import ingest
 from lorad.sources.atomicguard import AtomicGuardSource, parse_artifact
 from lorad.sources.base import ParseError
+from lorad.sources.ingest import ingest
 
 KEY = "ag"
 
@@ -204,7 +203,9 @@ def test_a_copy_of_an_artifact_under_another_name_is_stored_once(buffer, tmp_pat
     report = scan(buffer, store)
     assert (report.new, report.quarantined) == (0, 2)
     assert [r["locator"] for r in buffer.artifacts()] == ["objects/hh/hh-one.json"]
-    assert {q["reason"] for q in buffer.quarantine()} == {"artifact hh-one is already stored from objects/hh/hh-one.json"}
+    assert {q["reason"] for q in buffer.quarantine()} == {
+        "artifact hh-one is already stored from objects/hh/hh-one.json"
+    }
     assert buffer.counts()["chains"] == 1
     again = scan(buffer, store)  # judged once, while the copies stay the same
     assert (again.new, again.quarantined, again.unchanged) == (0, 0, 3)
@@ -220,9 +221,13 @@ def test_event_paths_through_a_symlinked_folder_or_out_of_the_store_name_nothing
     outside.mkdir(parents=True)
     (outside / "jj-two.json").write_text(json.dumps(_valid("jj-two")))
     reader = AtomicGuardSource(KEY, store)
-    through = [store / "objects" / "zz" / "loop" / "jj" / path.name, store / "objects" / "jk" / path.name,
-               store / "objects" / "jj" / ".." / ".." / ".." / "elsewhere" / "objects" / "jj" / "jj-two.json",
-               outside / "jj-two.json", store / "objects" / path.name]
+    through = [
+        store / "objects" / "zz" / "loop" / "jj" / path.name,
+        store / "objects" / "jk" / path.name,
+        store / "objects" / "jj" / ".." / ".." / ".." / "elsewhere" / "objects" / "jj" / "jj-two.json",
+        outside / "jj-two.json",
+        store / "objects" / path.name,
+    ]
     assert ingest(buffer, [reader], paths=[str(p) for p in through]).new == 0
     assert ingest(buffer, [reader], paths=[str(path)]).new == 1
     assert [r["locator"] for r in buffer.artifacts()] == ["objects/jj/jj-one.json"]
@@ -286,7 +291,10 @@ def test_quarantine_entries_of_files_that_no_longer_exist_are_dropped(buffer, tm
     bad[0].unlink()
     assert scan(buffer, store).quarantined == 0  # a full scan
     assert sorted(q["locator"] for q in buffer.quarantine()) == [
-        "objects/cc/cc-broken.json", "objects/dd/dd-broken.json", "objects/ee/bad-\\xff.json"]
+        "objects/cc/cc-broken.json",
+        "objects/dd/dd-broken.json",
+        "objects/ee/bad-\\xff.json",
+    ]
     bad[1].unlink()
     ingest(buffer, [AtomicGuardSource(KEY, store)], paths=[str(bad[1])])  # the watcher's delete event
     os.unlink(undecodable)
@@ -337,8 +345,12 @@ def test_a_file_broken_and_then_restored_leaves_quarantine_and_is_not_read_again
     assert (report.new, report.updated, report.unchanged, report.quarantined) == (0, 0, 1, 0)
     assert buffer.quarantine() == []
     st = path.stat()
-    assert buffer.file_signatures(KEY)["objects/" + path.parent.name + "/" + path.name][:2] == (st.st_size, st.st_mtime_ns)
+    assert buffer.file_signatures(KEY)["objects/" + path.parent.name + "/" + path.name][:2] == (
+        st.st_size,
+        st.st_mtime_ns,
+    )
     from lorad.sources import atomicguard
+
     read = []
     monkeypatch.setattr(atomicguard, "_read", lambda *a: read.append(a) or good)
     assert scan(buffer, store).unchanged == 1 and read == []  # skipped on its signature
@@ -346,12 +358,21 @@ def test_a_file_broken_and_then_restored_leaves_quarantine_and_is_not_read_again
 
 def test_reads_the_legacy_forms_atomicguard_still_reads():
     legacy = {
-        "artifact_id": "legacy-1", "content": "def f(): return 1", "previous_attempt_id": None,
-        "action_pair_id": "g_coder", "created_at": "2025-01-01T00:00:00", "attempt_number": 1,
-        "status": "rejected", "guard_result": False, "feedback": "AssertionError: f() != 2",
-        "context": {"specification": "Write f", "constraints": "",
-                    "feedback_history": [["old-1", "SyntaxError"]],
-                    "dependency_artifacts": [["g_plan", "plan-1"]]},
+        "artifact_id": "legacy-1",
+        "content": "def f(): return 1",
+        "previous_attempt_id": None,
+        "action_pair_id": "g_coder",
+        "created_at": "2025-01-01T00:00:00",
+        "attempt_number": 1,
+        "status": "rejected",
+        "guard_result": False,
+        "feedback": "AssertionError: f() != 2",
+        "context": {
+            "specification": "Write f",
+            "constraints": "",
+            "feedback_history": [["old-1", "SyntaxError"]],
+            "dependency_artifacts": [["g_plan", "plan-1"]],
+        },
         "unknown_future_field": {"ignored": True},
     }
     row = parse_artifact(json.dumps(legacy).encode(), source="s", locator="l")
@@ -364,23 +385,27 @@ def test_reads_the_legacy_forms_atomicguard_still_reads():
 
 def test_reads_source_metadata_and_pending_superseded_statuses():
     for status in ("pending", "superseded"):
-        obj = synthetic.artifact(workflow_id="w", content="c", status=status, source="human",
-                                 metadata={"adapter_version": "v0001"})
+        obj = synthetic.artifact(
+            workflow_id="w", content="c", status=status, source="human", metadata={"adapter_version": "v0001"}
+        )
         row = parse_artifact(json.dumps(obj).encode(), source="s", locator="l")
         assert row["status"] == status
         assert row["origin"] == "human"
         assert json.loads(row["metadata"]) == {"adapter_version": "v0001"}
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda o: o.update(source="robot"), "source: must be one of"),
-    (lambda o: o.update(guard_result="yes"), "guard_result: must be an object or a boolean"),
-    (lambda o: o.update(context=[]), "context: must be an object"),
-    (lambda o: o.update(created_at="yesterday"), "created_at: not an ISO 8601 timestamp"),
-    (lambda o: o.update(attempt_number=0), "attempt_number: must be an integer >= 1"),
-    (lambda o: o.update(artifact_id=""), "artifact_id: must not be empty"),
-    (lambda o: o["context"].update(feedback_history=[{"artifact_id": 1}]), "feedback_history[0]"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda o: o.update(source="robot"), "source: must be one of"),
+        (lambda o: o.update(guard_result="yes"), "guard_result: must be an object or a boolean"),
+        (lambda o: o.update(context=[]), "context: must be an object"),
+        (lambda o: o.update(created_at="yesterday"), "created_at: not an ISO 8601 timestamp"),
+        (lambda o: o.update(attempt_number=0), "attempt_number: must be an integer >= 1"),
+        (lambda o: o.update(artifact_id=""), "artifact_id: must not be empty"),
+        (lambda o: o["context"].update(feedback_history=[{"artifact_id": 1}]), "feedback_history[0]"),
+    ],
+)
 def test_each_schema_violation_names_the_field(mutate, reason):
     obj = synthetic.artifact(workflow_id="w", content="c", status="accepted")
     mutate(obj)
@@ -415,9 +440,12 @@ def _store_of_chains(root: Path, chains: int) -> list[dict]:
 def _stored(buffer) -> tuple[list, list]:
     skip = {"id", "ingested_at", "updated_at"}
     artifacts = sorted(tuple((k, v) for k, v in r.items() if k not in skip) for r in buffer.artifacts())
-    chains = sorted(buffer.conn.execute(
-        "SELECT chain_id, source, workflow_id, action_pair_id, attempts, rejected, outcome, specification, "
-        "first_ts, last_ts, (SELECT locator FROM artifacts WHERE id = c.accepted_id) FROM chains c").fetchall())
+    chains = sorted(
+        buffer.conn.execute(
+            "SELECT chain_id, source, workflow_id, action_pair_id, attempts, rejected, outcome, specification, "
+            "first_ts, last_ts, (SELECT locator FROM artifacts WHERE id = c.accepted_id) FROM chains c"
+        ).fetchall()
+    )
     return artifacts, chains
 
 
@@ -459,8 +487,9 @@ def test_new_files_are_read_chain_by_chain_in_index_order(tmp_path, buffer):
 
 def test_the_workflow_id_older_stores_keep_only_in_the_index_is_filled_in(tmp_path, buffer):
     store = tmp_path / "store"
-    legacy = synthetic.chain(workflow_id="wf-in-index", specification="Write f",
-                             attempts=[("x", "rejected", "no"), ("y", "accepted", "")])
+    legacy = synthetic.chain(
+        workflow_id="wf-in-index", specification="Write f", attempts=[("x", "rejected", "no"), ("y", "accepted", "")]
+    )
     store.mkdir()
     synthetic.write_index(store, legacy)
     for a in legacy:
@@ -476,8 +505,11 @@ def test_index_json_is_read_at_most_once_per_scan(tmp_path, buffer, monkeypatch)
     from lorad.sources import atomicguard
 
     store = tmp_path / "store"
-    legacy = synthetic.chain(workflow_id="wf-in-index", specification="Write f",
-                             attempts=[("x", "rejected", "no"), ("y", "rejected", "no"), ("z", "accepted", "")])
+    legacy = synthetic.chain(
+        workflow_id="wf-in-index",
+        specification="Write f",
+        attempts=[("x", "rejected", "no"), ("y", "rejected", "no"), ("z", "accepted", "")],
+    )
     store.mkdir()
     synthetic.write_index(store, legacy)
     for a in legacy:

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from lorad.buffer.store import Buffer
-from lorad.sources.ingest import ingest
 from lorad.sources.base import ParseError
+from lorad.sources.ingest import ingest
 from lorad.sources.jsonl import JsonlSource, parse_record
 
 KEY = "log"
@@ -131,8 +131,12 @@ def test_line_read_twice_changes_nothing(buffer, tmp_path):
 
 def test_retries_link_through_parent_id_into_one_chain(buffer, tmp_path):
     log = tmp_path / "feedback.jsonl"
-    append(log, rec(1, status="rejected", feedback="wrong"), rec(2, parent_id="r1", status="rejected"),
-           rec(3, parent_id="r2"))
+    append(
+        log,
+        rec(1, status="rejected", feedback="wrong"),
+        rec(2, parent_id="r1", status="rejected"),
+        rec(3, parent_id="r2"),
+    )
     scan(buffer, log)
     rows = list(buffer.artifacts())
     assert len({r["chain_id"] for r in rows}) == 1
@@ -141,26 +145,42 @@ def test_retries_link_through_parent_id_into_one_chain(buffer, tmp_path):
 
 
 def test_score_and_messages_forms():
-    row = parse_record(json.dumps({
-        "id": 7, "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Sum xs"}],
-        "completion": "sum(xs)", "score": 0.8, "source": "human", "created_at": "2026-01-01T00:00:00Z",
-    }).encode(), source="s", score_threshold=0.5)
+    row = parse_record(
+        json.dumps(
+            {
+                "id": 7,
+                "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Sum xs"}],
+                "completion": "sum(xs)",
+                "score": 0.8,
+                "source": "human",
+                "created_at": "2026-01-01T00:00:00Z",
+            }
+        ).encode(),
+        source="s",
+        score_threshold=0.5,
+    )
     assert (row["artifact_id"], row["status"], row["score"]) == ("7", "accepted", 0.8)
     assert (row["specification"], row["constraints"], row["origin"]) == ("Sum xs", "Be terse.", "human")
-    low = parse_record(json.dumps({"id": "x", "prompt": "p", "completion": "c", "score": 0.2}).encode(),
-                       source="s", score_threshold=0.5)
+    low = parse_record(
+        json.dumps({"id": "x", "prompt": "p", "completion": "c", "score": 0.2}).encode(),
+        source="s",
+        score_threshold=0.5,
+    )
     assert low["status"] == "rejected"
 
 
-@pytest.mark.parametrize("record, reason", [
-    ({"prompt": "p", "completion": "c", "status": "accepted"}, "id: required"),
-    ({"id": "a", "completion": "c", "status": "accepted"}, "prompt: required"),
-    ({"id": "a", "prompt": "p", "completion": "c"}, "status: required"),
-    ({"id": "a", "prompt": "p", "completion": "c", "status": "meh"}, "status: must be accepted or rejected"),
-    ({"id": "a", "prompt": "p", "completion": "c", "score": "high"}, "score: must be a number"),
-    ({"id": "a", "prompt": "p", "completion": 3, "status": "accepted"}, "completion: must be a string"),
-    ({"id": "a", "messages": "hi", "completion": "c", "status": "accepted"}, "messages: must be an array"),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"prompt": "p", "completion": "c", "status": "accepted"}, "id: required"),
+        ({"id": "a", "completion": "c", "status": "accepted"}, "prompt: required"),
+        ({"id": "a", "prompt": "p", "completion": "c"}, "status: required"),
+        ({"id": "a", "prompt": "p", "completion": "c", "status": "meh"}, "status: must be accepted or rejected"),
+        ({"id": "a", "prompt": "p", "completion": "c", "score": "high"}, "score: must be a number"),
+        ({"id": "a", "prompt": "p", "completion": 3, "status": "accepted"}, "completion: must be a string"),
+        ({"id": "a", "messages": "hi", "completion": "c", "status": "accepted"}, "messages: must be an array"),
+    ],
+)
 def test_each_bad_record_names_its_field(record, reason):
     with pytest.raises(ParseError, match=reason):
         parse_record(json.dumps(record).encode(), source="s")
@@ -173,8 +193,11 @@ def test_only_events_naming_the_log_beside_it_start_a_read(tmp_path):
     append(log, rec(1))
     reader = JsonlSource(KEY, log)
     with Buffer(tmp_path / "b.sqlite3") as buffer:
-        others = [tmp_path / "logs" / "deep" / "feedback.jsonl", tmp_path / "logs" / "loop" / "feedback.jsonl",
-                  tmp_path / "feedback.jsonl"]
+        others = [
+            tmp_path / "logs" / "deep" / "feedback.jsonl",
+            tmp_path / "logs" / "loop" / "feedback.jsonl",
+            tmp_path / "feedback.jsonl",
+        ]
         assert ingest(buffer, [reader], paths=[str(p) for p in others]).new == 0
         assert ingest(buffer, [reader], paths=[str(tmp_path / "logs" / "feedback.jsonl.1")]).new == 1
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from training_helpers import make_spec, sft_row
 
 from lorad.training import jobdir as jobfile
-from training_helpers import make_spec, sft_row
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +30,19 @@ def make_job(tmp_path, tiny_model_dir):
     def make(rows=None, heldout=None, **overrides) -> Path:
         n = next(counter)
         job_dir = tmp_path / f"job{n}"
-        values = dict(job_id=f"job{n}", base_model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                      max_steps=6, batch_size=2, max_seq_length=64, save_steps=2, learning_rate=5e-3,
-                      lora_dropout=0.0, evaluate=False, eval_batch_size=4)
+        values = dict(
+            job_id=f"job{n}",
+            base_model=str(tiny_model_dir),
+            state_dir=str(tmp_path / "state"),
+            max_steps=6,
+            batch_size=2,
+            max_seq_length=64,
+            save_steps=2,
+            learning_rate=5e-3,
+            lora_dropout=0.0,
+            evaluate=False,
+            eval_batch_size=4,
+        )
         values.update(overrides)
         rows = [sft_row(i) for i in range(16)] if rows is None else rows
         heldout = [sft_row(i + 100) for i in range(4)] if heldout is None else heldout

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import sft_row, write_tiny_gguf
 
 from lorad.training.base_model import COMPLETE_MARKER, BaseModelError, resolve, smollm2_gguf
-from training_helpers import sft_row, write_tiny_gguf
 
 torch.set_num_threads(1)
 
@@ -56,8 +56,10 @@ def test_gguf_is_converted_once_into_a_trainable_checkpoint_with_the_same_logits
     chat = sft_row(1)["prompt"] + sft_row(1)["completion"]
     assert tokenizer.chat_template == reference_tok.chat_template
     ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
-    assert ids["input_ids"].tolist() == reference_tok.apply_chat_template(
-        chat, return_tensors="pt", return_dict=True)["input_ids"].tolist()
+    assert (
+        ids["input_ids"].tolist()
+        == reference_tok.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"].tolist()
+    )
     with torch.no_grad():
         assert torch.allclose(model(**ids).logits, original(**ids).logits, atol=1e-5)
 
@@ -89,9 +91,10 @@ def test_smollm2_gguf_converts_into_a_model_that_answers_with_its_chat_template(
     model = AutoModelForCausalLM.from_pretrained(converted).eval()
     assert "<|im_start|>" in tokenizer.chat_template
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "4" in answer

@@ -13,8 +13,7 @@ from training_helpers import run_worker, sft_row  # noqa: E402
 from lorad.training import jobdir as jobfile  # noqa: E402
 from lorad.training import resources  # noqa: E402
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _adapter_changed(job_dir) -> bool:
@@ -55,19 +54,17 @@ def test_batched_generation_on_cuda_gives_the_answers_of_one_at_a_time(tiny_mode
     model, tokenizer = _cuda_model(tiny_model_dir)
     prompts = [sft_row(i)["prompt"] for i in range(6)]
     batched = generate(model, tokenizer, prompts, batch_size=6, max_new_tokens=8, max_seq_length=128)
-    single = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=8, max_seq_length=128)[0]
-              for p in prompts]
+    single = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=8, max_seq_length=128)[0] for p in prompts]
     assert len(batched) == 6
     # bf16 rounding may flip a near-tie in a random model; most answers must agree exactly.
-    assert sum(a == b for a, b in zip(batched, single)) >= 4
+    assert sum(a == b for a, b in zip(batched, single, strict=True)) >= 4
 
 
 def test_finite_logit_check_passes_in_bf16_on_cuda(tiny_model_dir):
     from lorad.evaluation.health import check_finite_logits
 
     model, tokenizer = _cuda_model(tiny_model_dir)
-    health = check_finite_logits(model, tokenizer, [sft_row(i) for i in range(4)], batch_size=4,
-                                 max_seq_length=128)
+    health = check_finite_logits(model, tokenizer, [sft_row(i) for i in range(4)], batch_size=4, max_seq_length=128)
     assert health.ok, health.reason
 
 
@@ -79,13 +76,26 @@ def test_memory_estimate_bounds_the_measured_peak_gpu_memory(tmp_path, make_job)
     from lorad.training.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(512)
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    job_dir = make_job(rows=[sft_row(i) for i in range(800)], base_model=str(tmp_path / "model"),
-                       quantization="none", batch_size=8, max_seq_length=512, max_steps=3)
+    job_dir = make_job(
+        rows=[sft_row(i) for i in range(800)],
+        base_model=str(tmp_path / "model"),
+        quantization="none",
+        batch_size=8,
+        max_seq_length=512,
+        max_steps=3,
+    )
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out
     est = result.memory_estimate

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
+from training_helpers import run_worker
 
 from lorad.training import jobdir as jobfile
-from training_helpers import run_worker
 
 torch.set_num_threads(1)
 
@@ -51,8 +51,13 @@ def test_two_process_run_pauses_on_sigterm_with_the_paused_exit_code(make_job):
 
     job_dir = make_job(max_steps=300, save_steps=1000, processes=2)
     with open(job_dir / "worker.log", "a") as log:
-        proc = subprocess.Popen(jobfile.worker_command(job_dir, jobfile.read_job(job_dir)), env=worker_env(),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            jobfile.worker_command(job_dir, jobfile.read_job(job_dir)),
+            env=worker_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 180
     while ((jobfile.last_progress(job_dir) or {}).get("step") or 0) < 3:
         assert proc.poll() is None, output(job_dir)

@@ -7,13 +7,12 @@ import stat
 import time
 
 import pytest
-
-from lorad.training import jobdir as jobfile
-from lorad.evaluation.metrics import closes_first_block
-from lorad.training.grpo import GuardReward
-from lorad.training.checkpoints import complete_checkpoints
-
 from training_helpers import output, run_worker, start_worker, training_starts
+
+from lorad.evaluation.metrics import closes_first_block
+from lorad.training import jobdir as jobfile
+from lorad.training.checkpoints import complete_checkpoints
+from lorad.training.grpo import GuardReward
 
 # The tiny model samples from a 512-token BPE vocabulary; about one completion in eight
 # starts with one of these letters, so groups of 8 nearly always hold both verdicts.
@@ -25,16 +24,17 @@ HEAD_SCALE = 10.0
 def guard(tmp_path):
     """A guard accepting any artifact that starts with a vowel (a shell script: quick to spawn)."""
     path = tmp_path / "vowel_guard.sh"
-    path.write_text('#!/bin/sh\nIFS= read -r line\ncase "$line" in [' + ACCEPTED_START + ']*) exit 0;; esac\n'
-                    'echo "does not start with a vowel"\nexit 1\n')
+    path.write_text(
+        '#!/bin/sh\nIFS= read -r line\ncase "$line" in [' + ACCEPTED_START + "]*) exit 0;; esac\n"
+        'echo "does not start with a vowel"\nexit 1\n'
+    )
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return (str(path),)
 
 
 def prompt_row(i: int) -> dict:
     spec = f"Say a word, {i}."
-    return {"prompt": [{"role": "user", "content": spec}], "specification": spec,
-            "metadata": {"chain_id": f"c{i}"}}
+    return {"prompt": [{"role": "user", "content": spec}], "specification": spec, "metadata": {"chain_id": f"c{i}"}}
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,22 @@ def grpo_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def make_grpo_job(make_job, guard, grpo_model_dir):
     def make(**overrides):
-        job_dir = make_job(**{"method": "grpo", "base_model": str(grpo_model_dir), "guard_command": guard, "batch_size": 8, "num_generations": 8,
-                              "max_completion_length": 2, "learning_rate": 1e-2, "max_steps": 40,
-                              "save_steps": 100, "temperature": 1.0, "seed": 1, **overrides})
+        job_dir = make_job(
+            **{
+                "method": "grpo",
+                "base_model": str(grpo_model_dir),
+                "guard_command": guard,
+                "batch_size": 8,
+                "num_generations": 8,
+                "max_completion_length": 2,
+                "learning_rate": 1e-2,
+                "max_steps": 40,
+                "save_steps": 100,
+                "temperature": 1.0,
+                "seed": 1,
+                **overrides,
+            }
+        )
         jobfile.write_jsonl(job_dir / jobfile.PROMPTS_FILE, [prompt_row(i) for i in range(8)])
         return job_dir
 
@@ -70,8 +83,9 @@ def make_grpo_job(make_job, guard, grpo_model_dir):
 
 
 def _rewards(job_dir) -> dict[int, float]:
-    return {r["step"]: r["reward"] for r, _ in jobfile.iter_progress(job_dir)
-            if r["stage"] == "training" and "reward" in r}
+    return {
+        r["step"]: r["reward"] for r, _ in jobfile.iter_progress(job_dir) if r["stage"] == "training" and "reward" in r
+    }
 
 
 def _pause_after_rewarded_steps(job_dir, steps: int) -> jobfile.Result:
@@ -133,15 +147,17 @@ def test_grpo_without_a_guard_fails_before_training(make_grpo_job):
 
 def test_guard_reward_scores_each_completion_by_the_guard_exit_code(guard):
     reward = GuardReward(guard, timeout=10)
-    completions = [[{"role": "assistant", "content": "apple"}], [{"role": "assistant", "content": "pear"}],
-                   [{"role": "assistant", "content": "```python\nok = 1\n```\nprose"}]]
+    completions = [
+        [{"role": "assistant", "content": "apple"}],
+        [{"role": "assistant", "content": "pear"}],
+        [{"role": "assistant", "content": "```python\nok = 1\n```\nprose"}],
+    ]
     assert reward(prompts=[None] * 3, completions=completions, specification=["s"] * 3) == [1.0, 0.0, 1.0]
 
 
 def test_guard_reward_passes_the_specification_and_scores_a_timeout_zero(tmp_path):
     script = tmp_path / "g.sh"
-    script.write_text('#!/bin/sh\n[ "$LORAD_SPECIFICATION" = slow ] && sleep 5\n'
-                      '[ "$LORAD_SPECIFICATION" = yes ]\n')
+    script.write_text('#!/bin/sh\n[ "$LORAD_SPECIFICATION" = slow ] && sleep 5\n[ "$LORAD_SPECIFICATION" = yes ]\n')
     script.chmod(0o755)
     reward = GuardReward((str(script),), timeout=0.5)
     done = [{"role": "assistant", "content": "x"}]
@@ -177,12 +193,17 @@ def test_generation_stops_after_the_first_code_block(tiny_model_dir):
             out[:, forced] = 0.0
             return out
 
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=len(script) + 5, do_sample=False,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    free = model.generate(input_ids=prompt, logits_processor=[Script()], **kwargs)[0, prompt.shape[1]:].tolist()
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=len(script) + 5,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    free = model.generate(input_ids=prompt, logits_processor=[Script()], **kwargs)[0, prompt.shape[1] :].tolist()
     assert free == script + [after] * 5  # without the stop the prose runs to the cap
     with stop_after_first_block(model, tok):
-        out = model.generate(input_ids=prompt, logits_processor=[Script()], **kwargs)[0, prompt.shape[1]:].tolist()
+        out = model.generate(input_ids=prompt, logits_processor=[Script()], **kwargs)[0, prompt.shape[1] :].tolist()
     assert out == script + [tok.eos_token_id], tok.decode(out)
     assert "generate" not in vars(model), "the wrapper outlived its context"
 
@@ -271,8 +292,9 @@ def test_sft_then_grpo_runs_under_two_processes(make_grpo_job):
 def test_sft_then_grpo_offers_the_sft_phase_adapter_when_grpo_gains_no_held_out_task(make_grpo_job):
     """GRPO at a rate that cannot change an answer: no task gained, so adapter/ is the SFT
     phase's (byte for byte), scored and health-checked as the candidate."""
-    job_dir = make_grpo_job(method="sft+grpo", max_steps=3, grpo_steps=2, grpo_learning_rate=1e-7, evaluate=True,
-                            max_new_tokens=2)
+    job_dir = make_grpo_job(
+        method="sft+grpo", max_steps=3, grpo_steps=2, grpo_learning_rate=1e-7, evaluate=True, max_new_tokens=2
+    )
     code, result, out = run_worker(job_dir)
     assert code == jobfile.EXIT_OK, out[-3000:]
     grpo = result.phases[-1]

@@ -6,17 +6,25 @@ import json
 import sys
 
 import pytest
+from training_helpers import make_spec
 
 from lorad import config
 from lorad.training import jobdir as jobfile
 from lorad.training.jobdir import JobError, Result
-from training_helpers import make_spec
 
 
 def test_job_spec_round_trips_through_job_json(tmp_path):
-    spec = make_spec(job_id="j1", base_model="/m", state_dir="/s", method="dpo",
-                     target_modules=("q_proj", "v_proj"), guard_command=("python", "guard.py"),
-                     parent_adapter="/a/v0001", reference_adapter="/a/v0001", window_end=123.5)
+    spec = make_spec(
+        job_id="j1",
+        base_model="/m",
+        state_dir="/s",
+        method="dpo",
+        target_modules=("q_proj", "v_proj"),
+        guard_command=("python", "guard.py"),
+        parent_adapter="/a/v0001",
+        reference_adapter="/a/v0001",
+        window_end=123.5,
+    )
     job_dir = jobfile.write_job(tmp_path / "j1", spec, [{"prompt": []}], [{"prompt": [], "x": 1}])
     assert jobfile.read_job(job_dir) == spec
     assert jobfile.read_jsonl(job_dir / "train.jsonl") == [{"prompt": []}]
@@ -49,8 +57,9 @@ def test_job_and_result_files_of_another_schema_version_are_refused_with_the_rea
 
 
 def test_result_round_trips_through_result_json(tmp_path):
-    result = Result(job_id="j", status="succeeded", steps=3, metrics={"candidate": {"nll": 0.5}},
-                    health={"ok": True, "reason": ""})
+    result = Result(
+        job_id="j", status="succeeded", steps=3, metrics={"candidate": {"nll": 0.5}}, health={"ok": True, "reason": ""}
+    )
     jobfile.write_result(tmp_path, result)
     assert jobfile.read_result(tmp_path) == result and result.succeeded
 
@@ -62,7 +71,7 @@ def test_iter_progress_leaves_a_partial_last_line_for_the_next_read(tmp_path):
     assert [r["step"] for r, _ in records] == [1, 2]
     offset = records[-1][1]
     with open(path, "a") as f:
-        f.write(': 3}\n')
+        f.write(": 3}\n")
     assert [r["step"] for r, _ in jobfile.iter_progress(tmp_path, offset)] == [3]
     assert jobfile.last_progress(tmp_path) == {"step": 3}
     assert jobfile.read_result(tmp_path) is None
@@ -70,29 +79,40 @@ def test_iter_progress_leaves_a_partial_last_line_for_the_next_read(tmp_path):
 
 def test_worker_command_is_a_plain_module_run_for_one_process(tmp_path):
     spec = make_spec()
-    assert jobfile.worker_command(tmp_path, spec) == [sys.executable, "-m", "lorad.training.worker",
-                                                      str(tmp_path)]
+    assert jobfile.worker_command(tmp_path, spec) == [sys.executable, "-m", "lorad.training.worker", str(tmp_path)]
 
 
 def test_worker_command_goes_through_accelerate_launch_for_several_processes(tmp_path):
     spec = make_spec(processes=2)
-    assert jobfile.worker_command(tmp_path, spec) == [sys.executable, "-m", "lorad.training.worker",
-                                                      "--launch", str(tmp_path)]
+    assert jobfile.worker_command(tmp_path, spec) == [
+        sys.executable,
+        "-m",
+        "lorad.training.worker",
+        "--launch",
+        str(tmp_path),
+    ]
     argv = jobfile.launch_command(tmp_path, spec)
     assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert argv[argv.index("--num_processes") + 1] == "2"
     assert argv[-3:] == ["-m", "lorad.training.worker", str(tmp_path)]
-    with_config = jobfile.launch_command(tmp_path, make_spec(processes=4,
-                                                                     accelerate_config="/etc/ddp.yaml"))
+    with_config = jobfile.launch_command(tmp_path, make_spec(processes=4, accelerate_config="/etc/ddp.yaml"))
     assert with_config[with_config.index("--config_file") + 1] == "/etc/ddp.yaml"
     assert "--multi_gpu" not in with_config
 
 
 def test_build_spec_takes_training_and_evaluation_keys():
-    settings = config.loads('[training]\nlora_r = 8\nwarm_start = false\nmethod = "kto"\n'
-                            '[evaluation]\nguard_command = "python guard.py"\nmax_new_tokens = 64\n')
-    spec = jobfile.build_spec("j9", settings.state_dir, settings.training, settings.evaluation,
-                              parent_adapter="/a/current", reference_adapter="/a/current")
+    settings = config.loads(
+        '[training]\nlora_r = 8\nwarm_start = false\nmethod = "kto"\n'
+        '[evaluation]\nguard_command = "python guard.py"\nmax_new_tokens = 64\n'
+    )
+    spec = jobfile.build_spec(
+        "j9",
+        settings.state_dir,
+        settings.training,
+        settings.evaluation,
+        parent_adapter="/a/current",
+        reference_adapter="/a/current",
+    )
     assert (spec.lora_r, spec.method, spec.max_new_tokens) == (8, "kto", 64)
     assert spec.guard_command == ("python", "guard.py")
     assert spec.parent_adapter is None  # warm_start = false: a fresh adapter on the base
@@ -103,6 +123,5 @@ def test_build_spec_takes_training_and_evaluation_keys():
 def test_training_modules_the_daemon_imports_do_not_import_torch():
     import subprocess
 
-    code = ("import sys, lorad.training.jobdir, lorad.commands.doctor; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = "import sys, lorad.training.jobdir, lorad.commands.doctor; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

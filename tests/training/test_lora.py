@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from training_helpers import sft_row
 
 from lorad.training import lora
 from lorad.training.checkpoints import save_adapter
-from training_helpers import sft_row
 
 torch.set_num_threads(1)
 
@@ -16,11 +16,20 @@ def _train(model_dir, tmp_path, steps=4):
     model, tokenizer = lora.load_model(str(model_dir), prec)
     model = lora.attach_adapter(model, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = lora.training_arguments("sft", output_dir=str(tmp_path / "out"), prec=prec,
-                                   learning_rate=5e-3, max_steps=steps, epochs=1, batch_size=2,
-                                   grad_accum=1, max_seq_length=64, save_steps=1000, seed=0)
-    trainer = lora.trainer("sft", model, tokenizer, lora.dataset([sft_row(i) for i in range(8)], "sft"),
-                           args, [])
+    args = lora.training_arguments(
+        "sft",
+        output_dir=str(tmp_path / "out"),
+        prec=prec,
+        learning_rate=5e-3,
+        max_steps=steps,
+        epochs=1,
+        batch_size=2,
+        grad_accum=1,
+        max_seq_length=64,
+        save_steps=1000,
+        seed=0,
+    )
+    trainer = lora.trainer("sft", model, tokenizer, lora.dataset([sft_row(i) for i in range(8)], "sft"), args, [])
     trainer.train()
     return trainer.model, tokenizer, before
 
@@ -46,8 +55,9 @@ def test_saved_adapter_reloads_and_gives_the_same_logits(tiny_model_dir, tmp_pat
     from transformers import AutoModelForCausalLM
 
     model, tokenizer, _ = _train(tiny_model_dir, tmp_path)
-    ids = tokenizer.apply_chat_template(sft_row(3)["prompt"] + sft_row(3)["completion"],
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        sft_row(3)["prompt"] + sft_row(3)["completion"], return_tensors="pt", return_dict=True
+    )
     model.eval()
     with torch.no_grad():
         expected = model(**ids).logits
@@ -74,8 +84,9 @@ def test_warm_start_continues_from_the_parent_adapter(tiny_model_dir, tmp_path):
     parent = save_adapter(model, job_dir)
     prec = lora.precision("cpu", "float32", gradient_checkpointing=False)
     base, _ = lora.load_model(str(tiny_model_dir), prec)
-    warm = lora.attach_adapter(base, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"],
-                               parent_adapter=str(parent))
+    warm = lora.attach_adapter(
+        base, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"], parent_adapter=str(parent)
+    )
     saved = load_file(parent / "adapter_model.safetensors")
     params = dict(warm.named_parameters())
     for key, value in saved.items():
@@ -89,12 +100,22 @@ def test_sft_loss_counts_only_the_assistant_answer(tiny_model_dir, tmp_path):
     prec = lora.precision("cpu", "float32", gradient_checkpointing=False)
     model, tokenizer = lora.load_model(str(tiny_model_dir), prec)
     model = lora.attach_adapter(model, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
-    args = lora.training_arguments("sft", output_dir=str(tmp_path / "out"), prec=prec, learning_rate=1e-3,
-                                   max_steps=1, epochs=1, batch_size=2, grad_accum=1, max_seq_length=64,
-                                   save_steps=10, seed=0)
+    args = lora.training_arguments(
+        "sft",
+        output_dir=str(tmp_path / "out"),
+        prec=prec,
+        learning_rate=1e-3,
+        max_steps=1,
+        epochs=1,
+        batch_size=2,
+        grad_accum=1,
+        max_seq_length=64,
+        save_steps=10,
+        seed=0,
+    )
     rows = [sft_row(0), sft_row(2)]
     trainer = lora.trainer("sft", model, tokenizer, lora.dataset(rows, "sft"), args, [])
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
-    for labels, row in zip(batch["labels"], rows):
+    for labels, row in zip(batch["labels"], rows, strict=True):
         counted = tokenizer.decode([i for i in labels.tolist() if i != -100])
         assert counted == row["completion"][0]["content"] + "<|im_end|>\n"

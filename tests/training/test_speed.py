@@ -87,9 +87,20 @@ def _one_step_loss_and_grads(model_dir, tmp_path, *, completion_head: bool, pack
     for name, p in model.named_parameters():  # B = 0 would give A no gradient: make both non-zero
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    args = lora.training_arguments("sft", output_dir=str(tmp_path / "out"), prec=prec, learning_rate=1e-3,
-                                   max_steps=1, epochs=1.0, batch_size=4, grad_accum=1, max_seq_length=64,
-                                   save_steps=100, seed=0, packing=packing)
+    args = lora.training_arguments(
+        "sft",
+        output_dir=str(tmp_path / "out"),
+        prec=prec,
+        learning_rate=1e-3,
+        max_steps=1,
+        epochs=1.0,
+        batch_size=4,
+        grad_accum=1,
+        max_seq_length=64,
+        save_steps=100,
+        seed=0,
+        packing=packing,
+    )
     trainer = lora.trainer("sft", model, tokenizer, lora.dataset([sft_row(i) for i in range(4)], "sft"), args, [])
     installed = completion_head and speed.completion_head(trainer.model)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -101,11 +112,13 @@ def _one_step_loss_and_grads(model_dir, tmp_path, *, completion_head: bool, pack
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_completion_head_gives_the_same_loss_and_gradients_scoring_only_completion_tokens(
-        tiny_model_dir, tmp_path, monkeypatch, packing):
+    tiny_model_dir, tmp_path, monkeypatch, packing
+):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-    _, loss_trl, grads_trl, _ = _one_step_loss_and_grads(tiny_model_dir, tmp_path, completion_head=False,
-                                                         packing=packing)
+    _, loss_trl, grads_trl, _ = _one_step_loss_and_grads(
+        tiny_model_dir, tmp_path, completion_head=False, packing=packing
+    )
     scored = []
     real_apply = ChunkedLogProbFunction.apply
 
@@ -114,8 +127,9 @@ def test_completion_head_gives_the_same_loss_and_gradients_scoring_only_completi
         return real_apply(hidden, *rest)
 
     monkeypatch.setattr(ChunkedLogProbFunction, "apply", counting_apply)
-    installed, loss, grads, batch = _one_step_loss_and_grads(tiny_model_dir, tmp_path, completion_head=True,
-                                                              packing=packing)
+    installed, loss, grads, batch = _one_step_loss_and_grads(
+        tiny_model_dir, tmp_path, completion_head=True, packing=packing
+    )
     assert installed
     assert loss == pytest.approx(loss_trl, rel=1e-5)
     for name, g in grads_trl.items():

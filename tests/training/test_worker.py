@@ -8,16 +8,18 @@ import signal
 import time
 
 import pytest
+from training_helpers import dpo_row, kto_row, output, run_worker, start_worker, training_starts
 
 from lorad.training import jobdir as jobfile
 from lorad.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 
-from training_helpers import dpo_row, kto_row, output, run_worker, start_worker, training_starts
-
 
 def _losses(job_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r, _ in jobfile.iter_progress(job_dir)
-            if r["stage"] == "training" and r.get("loss") is not None}
+    return {
+        r["step"]: r["loss"]
+        for r, _ in jobfile.iter_progress(job_dir)
+        if r["stage"] == "training" and r.get("loss") is not None
+    }
 
 
 def _progress_end(job_dir) -> int:
@@ -32,8 +34,7 @@ def _wait_for_step(job_dir, proc, step: int, since: int = 0, timeout: float = 12
         if proc.poll() is not None:
             raise AssertionError(f"worker ended early:\n{output(job_dir)}")
         for record, _ in jobfile.iter_progress(job_dir, since):
-            if record.get("stage") == "training" and record.get("loss") is not None \
-                    and record["step"] >= step:
+            if record.get("stage") == "training" and record.get("loss") is not None and record["step"] >= step:
                 return
         time.sleep(0.05)
     raise AssertionError(f"worker did not reach step {step}")
@@ -56,8 +57,15 @@ def test_worker_trains_saves_the_adapter_and_reports(make_job):
     config = json.loads((adapter / "adapter_config.json").read_text())
     # vLLM's --lora-modules needs the concrete module names, not the "all-linear" shorthand.
     assert config["r"] == 4 and config["lora_alpha"] == 8
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                             "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     # Candidate and the bare base model scored on the same held-out rows.
     assert set(result.metrics) == {"candidate", "active"}
     assert result.metrics["candidate"]["tokens"] == result.metrics["active"]["tokens"] > 0

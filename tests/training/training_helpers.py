@@ -23,16 +23,25 @@ SPECS = [
 
 def sft_row(i: int) -> dict:
     name, code = SPECS[i % len(SPECS)]
-    return {"prompt": [{"role": "system", "content": "Answer with code only."},
-                       {"role": "user", "content": f"Write {name}. Attempt {i}."}],
-            "completion": [{"role": "assistant", "content": code}],
-            "specification": f"Write {name}.", "chain_id": f"c{i}", "metadata": {"i": i}}
+    return {
+        "prompt": [
+            {"role": "system", "content": "Answer with code only."},
+            {"role": "user", "content": f"Write {name}. Attempt {i}."},
+        ],
+        "completion": [{"role": "assistant", "content": code}],
+        "specification": f"Write {name}.",
+        "chain_id": f"c{i}",
+        "metadata": {"i": i},
+    }
 
 
 def dpo_row(i: int) -> dict:
     r = sft_row(i)
-    return {"prompt": r["prompt"], "chosen": r["completion"],
-            "rejected": [{"role": "assistant", "content": "def f(x):\n    pass"}]}
+    return {
+        "prompt": r["prompt"],
+        "chosen": r["completion"],
+        "rejected": [{"role": "assistant", "content": "def f(x):\n    pass"}],
+    }
 
 
 def kto_row(i: int) -> dict:
@@ -44,8 +53,14 @@ def kto_row(i: int) -> dict:
 
 def worker_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -53,8 +68,9 @@ def start_worker(job_dir: Path) -> subprocess.Popen:
     """Start the worker; its output goes to JOB_DIR/worker.log (read it with :func:`output`)."""
     spec = jobfile.read_job(job_dir)
     with open(Path(job_dir) / "worker.log", "a") as log:
-        return subprocess.Popen(jobfile.worker_command(job_dir, spec), env=worker_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            jobfile.worker_command(job_dir, spec), env=worker_env(), stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def make_spec(job_id: str = "j", base_model: str = "m", state_dir: str = "s", **overrides) -> jobfile.JobSpec:
@@ -112,7 +128,9 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(
+        float(config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    )
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -121,8 +139,7 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt2")
     writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
-                            for t, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t, _ in vocab])
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     writer.add_token_merges(merges)
     writer.add_bos_token_id(config["bos_token_id"])
@@ -131,10 +148,17 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.add_add_bos_token(False)
     writer.add_chat_template(template)
 
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
     writer.add_tensor("output.weight", weights["lm_head.weight"])

@@ -16,8 +16,15 @@ class Quarantined:
 
     __slots__ = ("source", "locator", "reason", "content_hash", "size", "mtime_ns")
 
-    def __init__(self, source: str, locator: str, reason: str, content_hash: str | None = None,
-                 size: int | None = None, mtime_ns: int | None = None):
+    def __init__(
+        self,
+        source: str,
+        locator: str,
+        reason: str,
+        content_hash: str | None = None,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+    ):
         self.source, self.locator, self.reason = source, locator, reason
         self.content_hash, self.size, self.mtime_ns = content_hash, size, mtime_ns
 

@@ -41,15 +41,14 @@ def text_of(specification: str, answer: str) -> str:
 
 def exact_key(text: str, kind: str = "") -> str:
     """Hash of the normalised text; ``kind`` keeps different sorts of example apart."""
-    return hashlib.blake2b(f"{kind}\0{normalise(text)}".encode("utf-8", "surrogatepass"),
-                           digest_size=16).hexdigest()
+    return hashlib.blake2b(f"{kind}\0{normalise(text)}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def shingles(text: str, k: int = SHINGLE) -> set[bytes]:
     words = _WORD.findall(text.lower())
     if len(words) < k:
         return {" ".join(words).encode("utf-8", "surrogatepass")}
-    return {" ".join(words[i:i + k]).encode("utf-8", "surrogatepass") for i in range(len(words) - k + 1)}
+    return {" ".join(words[i : i + k]).encode("utf-8", "surrogatepass") for i in range(len(words) - k + 1)}
 
 
 _PRIME = (1 << 61) - 1  # a Mersenne prime: the universal-hash modulus
@@ -118,8 +117,8 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):
             # Probability that a pair at similarity s shares at least one band: 1-(1-s^r)^b.
-            false_positive = area(lambda s: 1 - (1 - s ** rows) ** bands, 0.0, threshold)
-            false_negative = area(lambda s: (1 - s ** rows) ** bands, threshold, 1.0)
+            false_positive = area(lambda s: 1 - (1 - s**rows) ** bands, 0.0, threshold)  # noqa: B023 - integrated here
+            false_negative = area(lambda s: (1 - s**rows) ** bands, threshold, 1.0)  # noqa: B023 - integrated here
             error = 0.05 * false_positive + 0.95 * false_negative
             if error < best_error:
                 best, best_error = (bands, rows), error
@@ -130,7 +129,7 @@ def band_keys(sig: bytes, bands: int, rows: int) -> list[int]:
     """One signed 64-bit key per band (SQLite INTEGER)."""
     out = []
     for b in range(bands):
-        chunk = sig[b * rows * 4:(b + 1) * rows * 4]
+        chunk = sig[b * rows * 4 : (b + 1) * rows * 4]
         digest = hashlib.blake2b(chunk, digest_size=8, person=b"lorad-lsh").digest()
         out.append(int.from_bytes(digest, "little", signed=True))
     return out

@@ -40,42 +40,91 @@ class ExportReport:
     other_split: int = 0  # examples left out by --split
 
     def as_dict(self) -> dict:
-        return {"lines": self.lines, "examples": self.examples, "skipped": dict(self.skipped),
-                "duplicates_dropped": dict(self.duplicates), "other_split": self.other_split}
+        return {
+            "lines": self.lines,
+            "examples": self.examples,
+            "skipped": dict(self.skipped),
+            "duplicates_dropped": dict(self.duplicates),
+            "other_split": self.other_split,
+        }
 
 
-def lines_for(chain: traces.Chain, fmt: str, meta: dict, *, max_history: int, max_artifact_chars: int,
-              template: formatting.Template, conditioning: str) -> list[dict]:
+def lines_for(
+    chain: traces.Chain,
+    fmt: str,
+    meta: dict,
+    *,
+    max_history: int,
+    max_artifact_chars: int,
+    template: formatting.Template,
+    conditioning: str,
+) -> list[dict]:
     """The JSONL objects of one chain in one format (pure); chat and alpaca follow ``conditioning``."""
     first = {"conditioning": formatting.FIRST_ATTEMPT}
     if fmt == "chat":
-        return [{"messages": formatting.chat(chain, history=kind == formatting.HISTORY, max_history=max_history,
-                                             max_artifact_chars=max_artifact_chars, template=template),
-                 "metadata": meta | {"conditioning": kind}}
-                for kind in formatting.conditionings(chain, conditioning, max_history)]
+        return [
+            {
+                "messages": formatting.chat(
+                    chain,
+                    history=kind == formatting.HISTORY,
+                    max_history=max_history,
+                    max_artifact_chars=max_artifact_chars,
+                    template=template,
+                ),
+                "metadata": meta | {"conditioning": kind},
+            }
+            for kind in formatting.conditionings(chain, conditioning, max_history)
+        ]
     if fmt == "alpaca" and template.format == formatting.ATOMICGUARD:
         # The messages atomicguard sends, flattened: the system message and the rendered prompt
         # (which holds the retry history) as the instruction.
-        return [{"instruction": "\n\n".join(m["content"] for m in messages[:-1] if m["content"]),
-                 "input": "", "output": messages[-1]["content"], "metadata": meta | {"conditioning": kind}}
-                for kind in formatting.conditionings(chain, conditioning, max_history)
-                for messages in [formatting.chat(chain, history=kind == formatting.HISTORY, max_history=max_history,
-                                                 max_artifact_chars=max_artifact_chars, template=template)]]
+        return [
+            {
+                "instruction": "\n\n".join(m["content"] for m in messages[:-1] if m["content"]),
+                "input": "",
+                "output": messages[-1]["content"],
+                "metadata": meta | {"conditioning": kind},
+            }
+            for kind in formatting.conditionings(chain, conditioning, max_history)
+            for messages in [
+                formatting.chat(
+                    chain,
+                    history=kind == formatting.HISTORY,
+                    max_history=max_history,
+                    max_artifact_chars=max_artifact_chars,
+                    template=template,
+                )
+            ]
+        ]
     if fmt == "alpaca":
+        if chain.accepted is None:  # export() counts such chains as unfit and never asks
+            raise ValueError(f"chain {chain.chain_id}: alpaca needs an accepted attempt")
         past = formatting.history_text(chain, max_history, max_artifact_chars)
         instruction = "\n\n".join(p for p in (formatting.system_text(chain, template.role), chain.specification) if p)
-        return [{"instruction": instruction,
-                 "input": f"{formatting.HISTORY_HEADING}:\n\n{past}" if kind == formatting.HISTORY else "",
-                 "output": chain.accepted["content"], "metadata": meta | {"conditioning": kind}}
-                for kind in formatting.conditionings(chain, conditioning, max_history)]
+        return [
+            {
+                "instruction": instruction,
+                "input": f"{formatting.HISTORY_HEADING}:\n\n{past}" if kind == formatting.HISTORY else "",
+                "output": chain.accepted["content"],
+                "metadata": meta | {"conditioning": kind},
+            }
+            for kind in formatting.conditionings(chain, conditioning, max_history)
+        ]
     if fmt == "dpo":
-        return [{"prompt": p, "chosen": c, "rejected": r,
-                 "metadata": meta | first | {"artifact_id": row["artifact_id"]}}
-                for p, c, r, row in formatting.dpo_pairs(chain, template=template)]
+        return [
+            {"prompt": p, "chosen": c, "rejected": r, "metadata": meta | first | {"artifact_id": row["artifact_id"]}}
+            for p, c, r, row in formatting.dpo_pairs(chain, template=template)
+        ]
     if fmt == "kto":
-        return [{"prompt": p, "completion": c, "label": label,
-                 "metadata": meta | first | {"artifact_id": row["artifact_id"]}}
-                for p, c, label, row in formatting.kto_rows(chain, template=template)]
+        return [
+            {
+                "prompt": p,
+                "completion": c,
+                "label": label,
+                "metadata": meta | first | {"artifact_id": row["artifact_id"]},
+            }
+            for p, c, label, row in formatting.kto_rows(chain, template=template)
+        ]
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -88,9 +137,20 @@ def _unfit(fmt: str, outcome: str) -> str | None:
     return None
 
 
-def export(buffer: Buffer, out: IO[str], *, fmt: str, policy: traces.Policy, ctx: traces.PolicyContext,
-           conditioning: str, split: str = "train", max_history: int = 3, max_artifact_chars: int = 4000,
-           template: formatting.Template = formatting.Template(), progress: bool = False) -> ExportReport:
+def export(
+    buffer: Buffer,
+    out: IO[str],
+    *,
+    fmt: str,
+    policy: traces.Policy,
+    ctx: traces.PolicyContext,
+    conditioning: str,
+    split: str = "train",
+    max_history: int = 3,
+    max_artifact_chars: int = 4000,
+    template: formatting.Template = formatting.Template(),
+    progress: bool = False,
+) -> ExportReport:
     """Write the selected examples of the examples table to ``out`` as JSONL.
 
     Call :func:`lorad.buffer.examples.refresh` first so the table reflects the buffer.
@@ -121,7 +181,9 @@ def export(buffer: Buffer, out: IO[str], *, fmt: str, policy: traces.Policy, ctx
         while True:
             page = conn.execute(
                 f"SELECT seq, chain_id, split, duplicate, outcome, ({where}) FROM examples WHERE seq > ? "
-                f"ORDER BY seq LIMIT {BATCH}", (*params, last)).fetchall()
+                f"ORDER BY seq LIMIT {BATCH}",
+                (*params, last),
+            ).fetchall()
             if not page:
                 break
             last = page[-1][0]
@@ -140,13 +202,27 @@ def export(buffer: Buffer, out: IO[str], *, fmt: str, policy: traces.Policy, ctx
             chains = examples.chains_of(conn, [c for _, c, _ in wanted])
             for seq, chain_id, side in wanted:
                 chain = chains[chain_id]
-                meta = {"chain_id": chain_id, "seq": seq, "split": side, "source": chain.source,
-                        "workflow_id": chain.workflow_id, "action_pair_id": chain.action_pair_id,
-                        "outcome": chain.outcome, "retries": chain.retries,
-                        "artifact_ids": [r["artifact_id"] for r in chain.rows],
-                        "accepted_id": chain.accepted["artifact_id"] if chain.accepted else None}
-                objs = lines_for(chain, fmt, meta, max_history=max_history, max_artifact_chars=max_artifact_chars,
-                                 template=template, conditioning=conditioning)
+                meta = {
+                    "chain_id": chain_id,
+                    "seq": seq,
+                    "split": side,
+                    "source": chain.source,
+                    "workflow_id": chain.workflow_id,
+                    "action_pair_id": chain.action_pair_id,
+                    "outcome": chain.outcome,
+                    "retries": chain.retries,
+                    "artifact_ids": [r["artifact_id"] for r in chain.rows],
+                    "accepted_id": chain.accepted["artifact_id"] if chain.accepted else None,
+                }
+                objs = lines_for(
+                    chain,
+                    fmt,
+                    meta,
+                    max_history=max_history,
+                    max_artifact_chars=max_artifact_chars,
+                    template=template,
+                    conditioning=conditioning,
+                )
                 for obj in objs:
                     out.write(json.dumps(obj, ensure_ascii=False) + "\n")
                 report.lines += len(objs)

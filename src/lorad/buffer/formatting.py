@@ -74,16 +74,23 @@ def load_template(reference: str, prompt_format: str = LORAD, system: str = "") 
     if prompt_format == LORAD:
         return Template(role=load_role(reference))
     if not reference:
-        raise TemplateError('prompt format "atomicguard" renders the generator\'s prompt template: name its '
-                            "prompts.json entry as FILE:KEY")
+        raise TemplateError(
+            'prompt format "atomicguard" renders the generator\'s prompt template: name its '
+            "prompts.json entry as FILE:KEY"
+        )
     entry = _entry(reference)
     if isinstance(entry, str):
         entry = {"role": entry}
     if entry.get("feedback_mode", "inline") != "inline":
-        raise TemplateError(f"prompt template {reference}: feedback_mode {entry['feedback_mode']!r} sends feedback "
-                            f"as chat turns, which lorad does not render; only \"inline\" is supported")
-    fields = {k: entry[k] for k in ("role", "constraints", "task", "feedback_wrapper")
-              if isinstance(entry.get(k), str) and entry[k]}
+        raise TemplateError(
+            f"prompt template {reference}: feedback_mode {entry['feedback_mode']!r} sends feedback "
+            f'as chat turns, which lorad does not render; only "inline" is supported'
+        )
+    fields = {
+        k: entry[k]
+        for k in ("role", "constraints", "task", "feedback_wrapper")
+        if isinstance(entry.get(k), str) and entry[k]
+    }
     return Template(format=ATOMICGUARD, system=system, **fields)
 
 
@@ -142,7 +149,7 @@ def truncate(text: str, limit: int, length: int | None = None) -> str:
         if note is None:
             length = len(text)
         else:
-            text, length = text[:note.start()], note.start() + int(note[1])
+            text, length = text[: note.start()], note.start() + int(note[1])
             if length <= limit:  # cut shorter when read than this limit would cut it
                 return f"{text}{note[0]}"
     if length <= limit:
@@ -170,8 +177,7 @@ def history_text(chain: Chain, max_history: int, max_artifact_chars: int) -> str
     first = len(rejected) - len(shown) + 1
     for k, row in enumerate(shown, start=first):
         feedback = truncate(feedback_for(chain, row), max_artifact_chars) or "(no feedback recorded)"
-        parts.append(f"Attempt {k}:\n```\n{truncate(row['content'], max_artifact_chars)}\n```\n"
-                     f"Feedback: {feedback}")
+        parts.append(f"Attempt {k}:\n```\n{truncate(row['content'], max_artifact_chars)}\n```\nFeedback: {feedback}")
     return "\n\n".join(parts)
 
 
@@ -185,8 +191,14 @@ def system_text(chain: Chain, role: str = "") -> str:
     return "\n\n".join(p for p in (role.strip(), constraints_of(chain).strip()) if p)
 
 
-def prompt(chain: Chain, *, history: bool = True, max_history: int = 3, max_artifact_chars: int = 4000,
-           template: Template = Template()) -> list[dict]:
+def prompt(
+    chain: Chain,
+    *,
+    history: bool = True,
+    max_history: int = 3,
+    max_artifact_chars: int = 4000,
+    template: Template = Template(),
+) -> list[dict]:
     """The prompt messages (system?, user); ``history=False`` gives the first-attempt prompt."""
     if template.format == ATOMICGUARD:
         return _atomicguard_prompt(chain, history, max_history, max_artifact_chars, template)
@@ -202,8 +214,9 @@ def prompt(chain: Chain, *, history: bool = True, max_history: int = 3, max_arti
     return messages
 
 
-def _atomicguard_prompt(chain: Chain, history: bool, max_history: int, max_artifact_chars: int,
-                        t: Template) -> list[dict]:
+def _atomicguard_prompt(
+    chain: Chain, history: bool, max_history: int, max_artifact_chars: int, t: Template
+) -> list[dict]:
     """What atomicguard's generator sends for this attempt: its PromptTemplate.render, section by section."""
     constraints = constraints_of(chain)
     rejected = chain.rejected_before if history and max_history > 0 else []
@@ -212,8 +225,11 @@ def _atomicguard_prompt(chain: Chain, history: bool, max_history: int, max_artif
     latest = feedback[-1] if feedback else ""
 
     def fill(text: str) -> str:
-        return (text.replace("{specification}", chain.specification).replace("{constraints}", constraints)
-                .replace("{feedback}", latest))
+        return (
+            text.replace("{specification}", chain.specification)
+            .replace("{constraints}", constraints)
+            .replace("{feedback}", latest)
+        )
 
     parts = [f"# ROLE\n{fill(t.role)}", f"# CONSTRAINTS\n{fill(t.constraints)}"]
     if constraints:
@@ -221,8 +237,10 @@ def _atomicguard_prompt(chain: Chain, history: bool, max_history: int, max_artif
     if feedback:
         parts.append(RETRY_HEADING)
         first = len(rejected) - len(shown) + 1
-        parts += [f"--- Attempt {k} ---\n{t.feedback_wrapper.format(feedback=text)}"
-                  for k, text in enumerate(feedback, start=first)]
+        parts += [
+            f"--- Attempt {k} ---\n{t.feedback_wrapper.format(feedback=text)}"
+            for k, text in enumerate(feedback, start=first)
+        ]
     parts.append(f"# TASK\n{fill(t.task)}")
     messages = [{"role": "system", "content": t.system}] if t.system else []
     return messages + [{"role": "user", "content": "\n\n".join(parts)}]
@@ -253,13 +271,20 @@ def answer(row: dict, template: Template = Template()) -> list[dict]:
     return [{"role": "assistant", "content": content}]
 
 
-def chat(chain: Chain, *, history: bool = True, max_history: int = 3, max_artifact_chars: int = 4000,
-         template: Template = Template()) -> list[dict]:
+def chat(
+    chain: Chain,
+    *,
+    history: bool = True,
+    max_history: int = 3,
+    max_artifact_chars: int = 4000,
+    template: Template = Template(),
+) -> list[dict]:
     """The whole conversation: prompt messages, then the accepted artifact as the assistant."""
     if chain.accepted is None:
         raise ValueError(f"chain {chain.chain_id} has no accepted attempt")
-    return prompt(chain, history=history, max_history=max_history, max_artifact_chars=max_artifact_chars,
-                  template=template) + answer(chain.accepted, template)
+    return prompt(
+        chain, history=history, max_history=max_history, max_artifact_chars=max_artifact_chars, template=template
+    ) + answer(chain.accepted, template)
 
 
 def dpo_pairs(chain: Chain, *, template: Template = Template()) -> list[tuple[list, list, list, dict]]:

@@ -11,6 +11,7 @@ Also ``daemon_state``: small daemon state that must survive restarts (``scheduli
 
 from __future__ import annotations
 
+import builtins
 import json
 import secrets
 import sqlite3
@@ -34,13 +35,25 @@ def new_job_id(now: float | None = None) -> str:
     return f"job-{stamp}-{secrets.token_hex(2)}"
 
 
-_SQLITE_MAX_INT = 2 ** 63 - 1
-_COLUMNS = ("job_id", "state", "trigger", "created_at", "updated_at", "started_at", "finished_at",
-            "runs", "job_dir", "version", "reason", "progress")
+_SQLITE_MAX_INT = 2**63 - 1
+_COLUMNS = (
+    "job_id",
+    "state",
+    "trigger",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "runs",
+    "job_dir",
+    "version",
+    "reason",
+    "progress",
+)
 
 
 def _row(values) -> dict:
-    job = dict(zip(_COLUMNS, values))
+    job = dict(zip(_COLUMNS, values, strict=True))
     job["progress"] = json.loads(job["progress"]) if job["progress"] else None
     return job
 
@@ -68,9 +81,11 @@ class JobStore:
         try:
             self.conn.execute(
                 "INSERT INTO jobs (job_id, state, trigger, created_at, updated_at) VALUES (?, 'queued', ?, ?, ?)",
-                (job_id, trigger, now, now))
-            self.conn.execute("INSERT INTO job_events (job_id, ts, state, reason) VALUES (?, ?, 'queued', ?)",
-                              (job_id, now, trigger))
+                (job_id, trigger, now, now),
+            )
+            self.conn.execute(
+                "INSERT INTO job_events (job_id, ts, state, reason) VALUES (?, ?, 'queued', ?)", (job_id, now, trigger)
+            )
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -91,10 +106,12 @@ class JobStore:
             sets["progress"] = json.dumps(sets["progress"])
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            self.conn.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in sets)} WHERE job_id = ?",
-                              (*sets.values(), job_id))
-            self.conn.execute("INSERT INTO job_events (job_id, ts, state, reason) VALUES (?, ?, ?, ?)",
-                              (job_id, now, state, reason))
+            self.conn.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in sets)} WHERE job_id = ?", (*sets.values(), job_id)
+            )
+            self.conn.execute(
+                "INSERT INTO job_events (job_id, ts, state, reason) VALUES (?, ?, ?, ?)", (job_id, now, state, reason)
+            )
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -117,11 +134,11 @@ class JobStore:
         sql += " ORDER BY created_at DESC, job_id DESC LIMIT ?"
         return [_row(r) for r in self.conn.execute(sql, (*params, limit))]
 
-    def events(self, job_id: str) -> list[dict]:
+    def events(self, job_id: str) -> builtins.list[dict]:  # (list: the method above)
         rows = self.conn.execute("SELECT ts, state, reason FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
         return [{"ts": ts, "state": s, "reason": r} for ts, s, r in rows]
 
-    def waiting(self) -> tuple[list[dict], list[dict]]:
+    def waiting(self) -> tuple[builtins.list[dict], builtins.list[dict]]:
         """(queued, paused) jobs, oldest first."""
         rows = self.list(limit=1000, states=("queued", "paused"))[::-1]
         return [j for j in rows if j["state"] == "queued"], [j for j in rows if j["state"] == "paused"]
@@ -131,14 +148,18 @@ class JobStore:
         return json.loads(row[0]) if row else default
 
     def set_state(self, key: str, value) -> None:
-        self._write("INSERT INTO daemon_state (key, value) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+        self._write(
+            "INSERT INTO daemon_state (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
 
     def delete_state(self, key: str) -> None:
         self._write("DELETE FROM daemon_state WHERE key = ?", (key,))
 
     def states(self, prefix: str) -> dict:
         """Every daemon_state entry whose key starts with ``prefix``: {key: value}."""
-        rows = self.conn.execute("SELECT key, value FROM daemon_state WHERE substr(key, 1, ?) = ?",
-                                 (len(prefix), prefix))
+        rows = self.conn.execute(
+            "SELECT key, value FROM daemon_state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        )
         return {k: json.loads(v) for k, v in rows}

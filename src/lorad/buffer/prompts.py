@@ -44,25 +44,34 @@ def build_prompts(buffer: Buffer, selection: SelectionSettings, *, n: int) -> Pr
     template = formatting.template_of(selection)
     conn = buffer.conn
     marks = ", ".join("?" for _ in OUTCOMES)
-    pool = conn.execute(f"SELECT seq, retries FROM examples WHERE split = ? AND duplicate_of IS NULL "
-                        f"AND outcome IN ({marks})", (split.TRAIN, *OUTCOMES)).fetchall()
+    pool = conn.execute(
+        f"SELECT seq, retries FROM examples WHERE split = ? AND duplicate_of IS NULL AND outcome IN ({marks})",
+        (split.TRAIN, *OUTCOMES),
+    ).fetchall()
     max_seq = conn.execute("SELECT max(seq) FROM examples WHERE split = 'train'").fetchone()[0] or 0
     rng = random.Random(selection.seed)
     seqs = sampling.sample_exact(pool, n, rng, selection.replay_weighting)
-    by_seq = dict(conn.execute("SELECT seq, chain_id FROM examples WHERE seq IN (SELECT value FROM json_each(?))",
-                               (json.dumps(seqs),)).fetchall())
+    by_seq = dict(
+        conn.execute(
+            "SELECT seq, chain_id FROM examples WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(seqs),)
+        ).fetchall()
+    )
     chains = examples.chains_of(conn, by_seq.values(), selection.max_text_chars)
-    rows = []
+    rows: list[dict] = []
     for s in seqs:
-        chain = chains.get(by_seq.get(s))
+        chain = chains.get(by_seq.get(s, ""))
         if chain is None:  # its artifacts vanished under us
             continue
-        rows.append({"prompt": formatting.prompt(chain, history=False, template=template),
-                     "specification": chain.specification, "chain_id": chain.chain_id,
-                     "metadata": examples.row_metadata(chain, s, split.TRAIN)})
+        rows.append(
+            {
+                "prompt": formatting.prompt(chain, history=False, template=template),
+                "specification": chain.specification,
+                "chain_id": chain.chain_id,
+                "metadata": examples.row_metadata(chain, s, split.TRAIN),
+            }
+        )
     outcomes: dict[str, int] = {}
     for r in rows:
         outcomes[r["metadata"]["outcome"]] = outcomes.get(r["metadata"]["outcome"], 0) + 1
     stats = {"prompts": len(rows), "pool": len(pool), "outcomes": outcomes, "method": "grpo"}
-    return PromptSet(rows=rows, seqs=sorted(s for s in seqs if by_seq.get(s) in chains), max_seq=max_seq,
-                     stats=stats)
+    return PromptSet(rows=rows, seqs=sorted(s for s in seqs if by_seq.get(s) in chains), max_seq=max_seq, stats=stats)

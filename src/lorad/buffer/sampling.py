@@ -52,8 +52,7 @@ def split_sizes(n: int, replay_ratio: float, new_available: int) -> tuple[int, i
     return n_new, n_replay
 
 
-def sample_exact(pool: Sequence[tuple[int, int]], k: int, rng: random.Random,
-                 weighting: str = "uniform") -> list[int]:
+def sample_exact(pool: Sequence[tuple[int, int]], k: int, rng: random.Random, weighting: str = "uniform") -> list[int]:
     """``k`` distinct keys of (key, retries) pairs: uniform, or weighted (Efraimidis-Spirakis)."""
     k = min(k, len(pool))
     if k <= 0:
@@ -64,8 +63,16 @@ def sample_exact(pool: Sequence[tuple[int, int]], k: int, rng: random.Random,
     return [key for _, key in heapq.nlargest(k, keyed)]
 
 
-def draw(k: int, lo: int, hi: int, probe: Probe, scan: Scan, rng: random.Random,
-         weighting: str = "uniform", max_retries: int = MAX_RETRY_WEIGHT) -> list[int]:
+def draw(
+    k: int,
+    lo: int,
+    hi: int,
+    probe: Probe,
+    scan: Scan,
+    rng: random.Random,
+    weighting: str = "uniform",
+    max_retries: int = MAX_RETRY_WEIGHT,
+) -> list[int]:
     """``k`` distinct sequence numbers from the pool within (lo, hi], fewer if the pool is smaller.
 
     Args:

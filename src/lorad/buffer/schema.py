@@ -27,8 +27,18 @@ MIGRATIONS: list[tuple[str, Migration]] = []
 UNUSABLE_CHAINS = "outcome = 'open' OR trim(specification) = ''"
 
 # skipped: the cycle found nothing to train on (admitted since 0011_skipped_job_state).
-JOB_STATES = ("queued", "preparing", "training", "evaluating", "promoted", "rejected", "failed",
-              "cancelled", "paused", "skipped")
+JOB_STATES = (
+    "queued",
+    "preparing",
+    "training",
+    "evaluating",
+    "promoted",
+    "rejected",
+    "failed",
+    "cancelled",
+    "paused",
+    "skipped",
+)
 # window: the scheduler; manual: `lorad train-now` over the socket; cli: `lorad train`.
 JOB_TRIGGERS = ("window", "manual", "cli")
 
@@ -110,7 +120,7 @@ def _initial(db: sqlite_utils.Database) -> None:
             updated_at REAL NOT NULL,
             UNIQUE (source, locator)
         )
-        """
+        """  # noqa: E501 - the table as migration 0001 created it; its text is kept
     )
     db.execute("CREATE INDEX artifacts_group ON artifacts (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX artifacts_artifact_id ON artifacts (source, artifact_id)")
@@ -132,7 +142,7 @@ def _initial(db: sqlite_utils.Database) -> None:
             last_ts REAL,
             updated_at REAL NOT NULL
         )
-        """
+        """  # noqa: E501 - the table as migration 0001 created it; its text is kept
     )
     db.execute("CREATE INDEX chains_group ON chains (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX chains_outcome ON chains (outcome)")
@@ -219,8 +229,10 @@ def _examples(db) -> None:
     )
     db.execute("CREATE INDEX examples_split_seq ON examples (split, seq)")
     # Covers the replay draw's lookups by seq with every column a policy tests: no table reads.
-    db.execute("CREATE INDEX examples_probe ON examples (seq, split, duplicate_of, outcome, retries, "
-               "generated_only, origin, created_ts, action_pair_id)")
+    db.execute(
+        "CREATE INDEX examples_probe ON examples (seq, split, duplicate_of, outcome, retries, "
+        "generated_only, origin, created_ts, action_pair_id)"
+    )
     db.execute("CREATE INDEX examples_group ON examples (source, workflow_id, action_pair_id)")
     db.execute("CREATE INDEX examples_task ON examples (task_key)")
     db.execute("CREATE INDEX examples_answer ON examples (answer_key)")
@@ -279,7 +291,8 @@ def _signatures_on_rows(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE quarantine ADD COLUMN mtime_ns INTEGER")
     db.execute(
         "UPDATE artifacts SET (file_size, file_mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "
-        "WHERE f.source = artifacts.source AND f.locator = artifacts.locator AND f.content_hash = artifacts.content_hash)"
+        "WHERE f.source = artifacts.source AND f.locator = artifacts.locator "
+        "AND f.content_hash = artifacts.content_hash)"
     )
     db.execute(
         "UPDATE quarantine SET (size, mtime_ns) = (SELECT f.size, f.mtime_ns FROM files f "
@@ -316,9 +329,12 @@ def _rebuild(conn: sqlite3.Connection, tables: dict[str, str]) -> None:
     """
     names = list(tables)
     marks = ", ".join("?" for _ in names)
-    indexes = [sql for (sql,) in conn.execute(
-        f"SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN ({marks}) AND sql IS NOT NULL",
-        names)]
+    indexes = [
+        sql
+        for (sql,) in conn.execute(
+            f"SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN ({marks}) AND sql IS NOT NULL", names
+        )
+    ]
     for name in names:
         conn.execute(f"CREATE TABLE _rebuild_{name} AS SELECT * FROM {name}")
     for name in reversed(names):
@@ -341,8 +357,8 @@ def _checks_without_in_lists(db: sqlite_utils.Database) -> None:
     # A buffer made before this migration has IN lists in its CHECKs; a new one never had them.
     conn = db.conn
     old = {name: sql for name in _ORDER if (sql := _table_sql(conn, name)) and _or_checks(sql) != sql}
-    if "jobs" in old:
-        old["job_events"] = _table_sql(conn, "job_events")
+    if "jobs" in old and (job_events := _table_sql(conn, "job_events")):
+        old["job_events"] = job_events
     _rebuild(conn, {name: _or_checks(old[name]) for name in _ORDER if name in old})
 
 
@@ -379,9 +395,7 @@ def _split_families(db: sqlite_utils.Database) -> None:
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction. Returns their names."""
     conn = db.conn
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
     done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
     applied = []
     for name, fn in MIGRATIONS:

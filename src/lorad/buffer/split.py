@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 
 from lorad.buffer.dedup import normalise
 
@@ -28,8 +29,7 @@ HELDOUT = "heldout"
 
 def task_key(specification: str) -> str:
     """The identity of a task: a hash of its normalised specification."""
-    return hashlib.blake2b(normalise(specification).encode("utf-8", "surrogatepass"),
-                           digest_size=16).hexdigest()
+    return hashlib.blake2b(normalise(specification).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def side(key: str, fraction: float, seed: int = 0) -> str:
@@ -38,8 +38,18 @@ def side(key: str, fraction: float, seed: int = 0) -> str:
     return HELDOUT if int.from_bytes(digest, "big") / 2**64 < fraction else TRAIN
 
 
-def choose(key: str, held: int, trained: int, family_held: int, family_trained: int, *, fraction: float,
-           seed: int = 0, min_tasks: int = 0, per_family: int = 0) -> str:
+def choose(
+    key: str,
+    held: int,
+    trained: int,
+    family_held: int,
+    family_trained: int,
+    *,
+    fraction: float,
+    seed: int = 0,
+    min_tasks: int = 0,
+    per_family: int = 0,
+) -> str:
     """A new task's side, given how many tasks each side holds already (pure).
 
     Args:
@@ -53,8 +63,9 @@ def choose(key: str, held: int, trained: int, family_held: int, family_trained: 
     return side(key, fraction, seed)
 
 
-def assign(conn, tasks: dict[str, str | None], fraction: float, seed: int = 0, *, min_tasks: int = 0,
-           per_family: int = 0) -> dict[str, str]:
+def assign(
+    conn, tasks: Mapping[str, str | None], fraction: float, seed: int = 0, *, min_tasks: int = 0, per_family: int = 0
+) -> dict[str, str]:
     """The frozen side of each task key, assigning (and storing) those not seen before.
 
     Args:
@@ -65,10 +76,12 @@ def assign(conn, tasks: dict[str, str | None], fraction: float, seed: int = 0, *
     out: dict[str, str] = {}
     keys = list(tasks)
     for i in range(0, len(keys), 500):
-        chunk = keys[i:i + 500]
-        out.update(conn.execute(
-            f"SELECT task_key, split FROM splits WHERE task_key IN ({', '.join('?' for _ in chunk)})",
-            chunk).fetchall())
+        chunk = keys[i : i + 500]
+        out.update(
+            conn.execute(
+                f"SELECT task_key, split FROM splits WHERE task_key IN ({', '.join('?' for _ in chunk)})", chunk
+            ).fetchall()
+        )
     fresh = [k for k in keys if k not in out]
     if not fresh:
         return out
@@ -80,16 +93,23 @@ def assign(conn, tasks: dict[str, str | None], fraction: float, seed: int = 0, *
     rows = []
     for key in fresh:
         family = tasks[key]
-        chosen = choose(key, totals[HELDOUT], totals[TRAIN], families.get((family, HELDOUT), 0),
-                        families.get((family, TRAIN), 0), fraction=fraction, seed=seed, min_tasks=min_tasks,
-                        per_family=per_family)
+        chosen = choose(
+            key,
+            totals[HELDOUT],
+            totals[TRAIN],
+            families.get((family, HELDOUT), 0),
+            families.get((family, TRAIN), 0),
+            fraction=fraction,
+            seed=seed,
+            min_tasks=min_tasks,
+            per_family=per_family,
+        )
         totals[chosen] += 1
         families[(family, chosen)] = families.get((family, chosen), 0) + 1
         rows.append((key, chosen, family))
         out[key] = chosen
     conn.executemany("INSERT INTO splits (task_key, split, family) VALUES (?, ?, ?)", rows)
     return out
-
 
 
 def contamination(conn, chain_ids: list[str] | None = None) -> list[dict]:
@@ -113,5 +133,6 @@ def contamination(conn, chain_ids: list[str] | None = None) -> list[dict]:
         f"SELECT h.chain_id, {spec}, 'answer' FROM examples h "
         f"WHERE h.split = 'heldout'{only} AND h.outcome != 'exhausted' AND EXISTS (SELECT 1 FROM examples t "
         "WHERE t.answer_key = h.answer_key AND t.split = 'train' AND t.outcome != 'exhausted')",
-        params * 2).fetchall()
+        params * 2,
+    ).fetchall()
     return [{"chain_id": c, "specification": s, "leak": what} for c, s, what in rows]

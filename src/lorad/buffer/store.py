@@ -43,11 +43,33 @@ __all__ = ["ARTIFACT_COLUMNS", "Batch", "Buffer", "BufferError", "Quarantined"]
 
 # Columns of ``artifacts`` that a source fills in, in insert order.
 ARTIFACT_COLUMNS = (
-    "source", "locator", "artifact_id", "workflow_id", "action_pair_id", "parent_action_pair_id",
-    "previous_attempt_id", "attempt_number", "status", "created_at", "created_ts", "content",
-    "passed", "fatal", "feedback", "sub_results", "specification", "constraints",
-    "feedback_history", "dependency_artifacts", "origin", "metadata", "messages", "score",
-    "content_hash", "file_size", "file_mtime_ns",
+    "source",
+    "locator",
+    "artifact_id",
+    "workflow_id",
+    "action_pair_id",
+    "parent_action_pair_id",
+    "previous_attempt_id",
+    "attempt_number",
+    "status",
+    "created_at",
+    "created_ts",
+    "content",
+    "passed",
+    "fatal",
+    "feedback",
+    "sub_results",
+    "specification",
+    "constraints",
+    "feedback_history",
+    "dependency_artifacts",
+    "origin",
+    "metadata",
+    "messages",
+    "score",
+    "content_hash",
+    "file_size",
+    "file_mtime_ns",
 )
 
 _ROW = operator.itemgetter(*ARTIFACT_COLUMNS)
@@ -120,8 +142,10 @@ def _check_schema(conn: sqlite3.Connection, path) -> None:
     applied = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
     missing = [name for name, _ in MIGRATIONS if name not in applied]
     if missing:
-        raise BufferError(f"buffer {path} was last opened by an older lorad (migrations {', '.join(missing)} "
-                          f"not applied); `lorad ingest` or the daemon brings it up to date")
+        raise BufferError(
+            f"buffer {path} was last opened by an older lorad (migrations {', '.join(missing)} "
+            f"not applied); `lorad ingest` or the daemon brings it up to date"
+        )
 
 
 class Buffer:
@@ -133,8 +157,7 @@ class Buffer:
         readonly: open for reading only (status, history); no migrations are run.
     """
 
-    def __init__(self, path: str | Path, synchronous: str = BufferSettings.synchronous,
-                 readonly: bool = False):
+    def __init__(self, path: str | Path, synchronous: str = BufferSettings.synchronous, readonly: bool = False):
         self.path = Path(path) if path != ":memory:" else None
         self.synchronous = synchronous
         self._deferring = False  # inside deferred_sync: commits do not wait for the disk
@@ -145,11 +168,11 @@ class Buffer:
             if self.path and not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             if readonly:
-                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                       check_same_thread=False, timeout=30)
+                conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30
+                )
             else:
-                conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
-                                       timeout=30)
+                conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA busy_timeout = 30000")
             if not readonly:
                 # 16 KiB pages for a new buffer (an existing one keeps its own): rows are about a
@@ -205,7 +228,7 @@ class Buffer:
             self._commits += 1
             if self._checkpointer is not None:
                 self._checkpointer.wake()
-            elif self._commits == 2:  # a scan of more than one batch
+            elif self._commits == 2 and self.path is not None:  # a scan of more than one batch (on disk)
                 self._checkpointer = _Checkpointer(self.path)
 
     def checkpoint(self) -> bool:
@@ -277,21 +300,26 @@ class Buffer:
         A file quarantined since it last parsed has the quarantine entry's signature (its hash
         "-" when it was refused unread).
         """
-        artifacts = ("SELECT locator, file_size, file_mtime_ns, content_hash FROM artifacts "
-                     "WHERE source = ? AND file_mtime_ns IS NOT NULL")
-        quarantine = ("SELECT locator, size, mtime_ns, coalesce(content_hash, '-') FROM quarantine "
-                      "WHERE source = ? AND mtime_ns IS NOT NULL")
+        artifacts = (
+            "SELECT locator, file_size, file_mtime_ns, content_hash FROM artifacts "
+            "WHERE source = ? AND file_mtime_ns IS NOT NULL"
+        )
+        quarantine = (
+            "SELECT locator, size, mtime_ns, coalesce(content_hash, '-') FROM quarantine "
+            "WHERE source = ? AND mtime_ns IS NOT NULL"
+        )
         if locators is None:
             chunks: list[tuple[str, ...]] = [()]
         else:
             wanted = sorted(set(locators))
-            chunks = [tuple(wanted[i:i + 900]) for i in range(0, len(wanted), 900)]
-        signatures = {}
+            chunks = [tuple(wanted[i : i + 900]) for i in range(0, len(wanted), 900)]
+        signatures: dict[str, tuple[int, int, str]] = {}
         for sql in (artifacts, quarantine):  # a quarantine entry wins over an older row of its file
             for chunk in chunks:
                 where = f" AND locator IN ({', '.join('?' for _ in chunk)})" if chunk else ""
-                signatures.update((loc, (size, mtime, h)) for loc, size, mtime, h in
-                                  self.conn.execute(sql + where, (source, *chunk)))
+                signatures.update(
+                    (loc, (size, mtime, h)) for loc, size, mtime, h in self.conn.execute(sql + where, (source, *chunk))
+                )
         return signatures
 
     def quarantined_locators(self, source: str) -> set[str]:
@@ -324,21 +352,31 @@ class Buffer:
                 existing = {}
                 locators = [row["locator"] for row in batch.artifacts]
                 for i in range(0, len(locators), 900):
-                    chunk = locators[i:i + 900]
-                    existing.update(conn.execute(
-                        f"SELECT locator, content_hash FROM artifacts WHERE source = ? AND locator IN "
-                        f"({', '.join('?' for _ in chunk)})", (source, *chunk)).fetchall())
-                owners = self._owners(conn, source, [row for row in batch.artifacts
-                                                     if row["locator"] not in existing])
+                    chunk = locators[i : i + 900]
+                    existing.update(
+                        conn.execute(
+                            f"SELECT locator, content_hash FROM artifacts WHERE source = ? AND locator IN "
+                            f"({', '.join('?' for _ in chunk)})",
+                            (source, *chunk),
+                        ).fetchall()
+                    )
+                owners = self._owners(conn, source, [row for row in batch.artifacts if row["locator"] not in existing])
                 changed: dict[str, dict] = {}
                 for row in batch.artifacts:
                     old = existing.get(row["locator"])
                     if old is None:
                         owner = owners.setdefault((row["workflow_id"], row["artifact_id"]), row["locator"])
                         if owner != row["locator"]:  # the same artifact, reached by another path
-                            batch.quarantined.append(Quarantined(
-                                source, row["locator"], f"artifact {row['artifact_id']} is already stored "
-                                f"from {owner}", row["content_hash"], row["file_size"], row["file_mtime_ns"]))
+                            batch.quarantined.append(
+                                Quarantined(
+                                    source,
+                                    row["locator"],
+                                    f"artifact {row['artifact_id']} is already stored from {owner}",
+                                    row["content_hash"],
+                                    row["file_size"],
+                                    row["file_mtime_ns"],
+                                )
+                            )
                             continue
                         new += 1
                     elif old != row["content_hash"]:
@@ -356,25 +394,36 @@ class Buffer:
                     traces.apply_links(conn, plan, now)
                 if conn.execute("SELECT 1 FROM quarantine WHERE source = ? LIMIT 1", (source,)).fetchone():
                     # A file that parses now leaves quarantine.
-                    conn.executemany("DELETE FROM quarantine WHERE source = ? AND locator = ?",
-                                     [(source, loc) for loc in locators])
+                    conn.executemany(
+                        "DELETE FROM quarantine WHERE source = ? AND locator = ?", [(source, loc) for loc in locators]
+                    )
             if signed:
-                conn.executemany("UPDATE artifacts SET file_size = ?, file_mtime_ns = ? "
-                                 "WHERE source = ? AND locator = ? AND content_hash = ?", signed)
-                conn.executemany("UPDATE quarantine SET size = ?, mtime_ns = ? "
-                                 "WHERE source = ? AND locator = ? AND coalesce(content_hash, '-') = ?", signed)
+                conn.executemany(
+                    "UPDATE artifacts SET file_size = ?, file_mtime_ns = ? "
+                    "WHERE source = ? AND locator = ? AND content_hash = ?",
+                    signed,
+                )
+                conn.executemany(
+                    "UPDATE quarantine SET size = ?, mtime_ns = ? "
+                    "WHERE source = ? AND locator = ? AND coalesce(content_hash, '-') = ?",
+                    signed,
+                )
             if batch.gone:
-                conn.executemany("DELETE FROM quarantine WHERE source = ? AND locator = ?",
-                                 [(source, loc) for loc in batch.gone])
+                conn.executemany(
+                    "DELETE FROM quarantine WHERE source = ? AND locator = ?", [(source, loc) for loc in batch.gone]
+                )
             if batch.quarantined:
                 conn.executemany(
-                    "INSERT INTO quarantine (source, locator, reason, content_hash, size, mtime_ns, first_seen, last_seen) "
+                    "INSERT INTO quarantine "
+                    "(source, locator, reason, content_hash, size, mtime_ns, first_seen, last_seen) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (source, locator) DO UPDATE SET reason = excluded.reason, "
                     "content_hash = excluded.content_hash, size = excluded.size, mtime_ns = excluded.mtime_ns, "
                     "last_seen = excluded.last_seen, seen = quarantine.seen + 1",
-                    [(q.source, q.locator, q.reason, q.content_hash, q.size, q.mtime_ns, now, now)
-                     for q in batch.quarantined],
+                    [
+                        (q.source, q.locator, q.reason, q.content_hash, q.size, q.mtime_ns, now, now)
+                        for q in batch.quarantined
+                    ],
                 )
             if batch.state is not None:
                 conn.execute(
@@ -395,10 +444,12 @@ class Buffer:
         workflows = sorted({row["workflow_id"] for row in rows})
         owners: dict[tuple[str, str], str] = {}
         for i in range(0, len(workflows), 900):
-            chunk = workflows[i:i + 900]
+            chunk = workflows[i : i + 900]
             for workflow_id, artifact_id, locator in conn.execute(
-                    f"SELECT workflow_id, artifact_id, locator FROM artifacts WHERE source = ? AND workflow_id IN "
-                    f"({', '.join('?' for _ in chunk)})", (source, *chunk)):
+                f"SELECT workflow_id, artifact_id, locator FROM artifacts WHERE source = ? AND workflow_id IN "
+                f"({', '.join('?' for _ in chunk)})",
+                (source, *chunk),
+            ):
                 owners.setdefault((workflow_id, artifact_id), locator)
         return owners
 
@@ -410,7 +461,7 @@ class Buffer:
         cur = self.conn.execute(sql, tuple(params))
         names = [d[0] for d in cur.description]
         for row in cur:
-            yield dict(zip(names, row))
+            yield dict(zip(names, row, strict=True))
 
     def counts(self) -> dict[str, int]:
         """Headline counts for status displays."""
@@ -425,12 +476,13 @@ class Buffer:
         return out
 
     def quarantine(self) -> list[dict]:
-        cur = self.conn.execute("SELECT source, locator, reason, size, first_seen, last_seen, seen FROM quarantine ORDER BY id")
+        cur = self.conn.execute(
+            "SELECT source, locator, reason, size, first_seen, last_seen, seen FROM quarantine ORDER BY id"
+        )
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur]
+        return [dict(zip(names, r, strict=True)) for r in cur]
 
-    def record_event(self, event: str, *, version: str | None = None, job_id: str | None = None,
-                     **detail: Any) -> None:
+    def record_event(self, event: str, *, version: str | None = None, job_id: str | None = None, **detail: Any) -> None:
         """Append one event to the audit table (its own transaction)."""
         with self.transaction() as conn:
             conn.execute(
@@ -450,4 +502,3 @@ class Buffer:
             {"id": i, "ts": ts, "event": ev, "version": v, "job_id": j, "detail": json.loads(d)}
             for i, ts, ev, v, j, d in rows
         ]
-

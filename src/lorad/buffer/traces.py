@@ -9,10 +9,12 @@ groups a batch touches and write their chains back inside the ingest transaction
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 # Outcomes of a chain.
 FIRST_TRY = "first_try"  # accepted on the first attempt
@@ -76,8 +78,9 @@ def _split(rows: Sequence[dict]) -> list[list[dict]]:
         return [list(rows)] if rows else []
     ordered = sorted(rows, key=_order_key)
     if not ordered[0].get("previous_attempt_id") and all(
-            b.get("previous_attempt_id") == a["artifact_id"] and b["artifact_id"] != a["artifact_id"]
-            for a, b in zip(ordered, ordered[1:])):
+        b.get("previous_attempt_id") == a["artifact_id"] and b["artifact_id"] != a["artifact_id"]
+        for a, b in itertools.pairwise(ordered)
+    ):
         return [ordered]  # the usual case: one chain, each attempt naming the one before
     n = len(rows)
     parent = list(range(n))
@@ -155,12 +158,31 @@ def _specification(ordered: Sequence[dict], accepted: dict | None) -> str:
 def _chain(ordered: list[dict], chain_id: str | None = None) -> Chain:
     first = ordered[0]
     outcome, accepted, _ = _outcome(ordered)
-    return Chain(chain_id or _chain_id(first), first["source"], first["workflow_id"], first["action_pair_id"],
-                 tuple(ordered), outcome, accepted)
+    return Chain(
+        chain_id or _chain_id(first),
+        first["source"],
+        first["workflow_id"],
+        first["action_pair_id"],
+        tuple(ordered),
+        outcome,
+        accepted,
+    )
 
 
-_LINK_COLUMNS = ("id", "source", "locator", "artifact_id", "workflow_id", "action_pair_id",
-                 "previous_attempt_id", "attempt_number", "status", "created_ts", "specification", "chain_id")
+_LINK_COLUMNS = (
+    "id",
+    "source",
+    "locator",
+    "artifact_id",
+    "workflow_id",
+    "action_pair_id",
+    "previous_attempt_id",
+    "attempt_number",
+    "status",
+    "created_ts",
+    "specification",
+    "chain_id",
+)
 
 
 @dataclass
@@ -191,10 +213,10 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
         workflows[source].add(workflow_id)
     stored = set()  # groups with rows already in the buffer (and maybe chains)
     cols = ", ".join(_LINK_COLUMNS)
-    for source, ids in workflows.items():
-        ids = sorted(ids)
+    for source, workflow_ids in workflows.items():
+        ids = sorted(workflow_ids)
         for i in range(0, len(ids), 900):
-            chunk = ids[i:i + 900]
+            chunk = ids[i : i + 900]
             cur = conn.execute(
                 f"SELECT {cols} FROM artifacts WHERE source = ? AND workflow_id IN ({', '.join('?' * len(chunk))})",
                 (source, *chunk),
@@ -205,7 +227,7 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
                 if group is not None:
                     stored.add(key)
                     if values[2] not in group:  # the batch's version of a row wins over the stored one
-                        group[values[2]] = dict(zip(_LINK_COLUMNS, values))
+                        group[values[2]] = dict(zip(_LINK_COLUMNS, values, strict=True))
     moved, chains = [], []
     for (source, workflow_id, action_pair_id), by_locator in members.items():
         for ordered in _split(list(by_locator.values())):
@@ -217,11 +239,22 @@ def plan_links(conn, batch_rows: Sequence[dict]) -> LinkPlan:
                     moved.append((chain_id, r["id"]))
             outcome, accepted, retries = _outcome(ordered)
             stamps = [r["created_ts"] or 0.0 for r in ordered]
-            chains.append((
-                chain_id, source, workflow_id, action_pair_id, len(ordered), retries,
-                source, accepted["locator"] if accepted else None, outcome,
-                _specification(ordered, accepted), min(stamps), max(stamps),
-            ))
+            chains.append(
+                (
+                    chain_id,
+                    source,
+                    workflow_id,
+                    action_pair_id,
+                    len(ordered),
+                    retries,
+                    source,
+                    accepted["locator"] if accepted else None,
+                    outcome,
+                    _specification(ordered, accepted),
+                    min(stamps),
+                    max(stamps),
+                )
+            )
     return LinkPlan(stored, moved, chains)
 
 
@@ -289,13 +322,17 @@ class PolicyContext:
 # name -> (python test over facts, SQL over the examples table's columns)
 _ATOMS = {
     "refinement": (lambda f, c: f["outcome"] == REFINED, lambda c: ("outcome = 'refined'", [])),
-    "all_successes": (lambda f, c: f["outcome"] in (FIRST_TRY, REFINED),
-                      lambda c: ("outcome IN ('first_try', 'refined')", [])),
+    "all_successes": (
+        lambda f, c: f["outcome"] in (FIRST_TRY, REFINED),
+        lambda c: ("outcome IN ('first_try', 'refined')", []),
+    ),
     "first_try": (lambda f, c: f["outcome"] == FIRST_TRY, lambda c: ("outcome = 'first_try'", [])),
     "exhausted": (lambda f, c: f["outcome"] == EXHAUSTED, lambda c: ("outcome = 'exhausted'", [])),
     "generator_only": (lambda f, c: bool(f["generated_only"]), lambda c: ("generated_only = 1", [])),
-    "human_only": (lambda f, c: f["origin"] == "human" and f["outcome"] in (FIRST_TRY, REFINED),
-                   lambda c: ("origin = 'human' AND outcome IN ('first_try', 'refined')", [])),
+    "human_only": (
+        lambda f, c: f["origin"] == "human" and f["outcome"] in (FIRST_TRY, REFINED),
+        lambda c: ("origin = 'human' AND outcome IN ('first_try', 'refined')", []),
+    ),
     "high_value": (lambda f, c: f["retries"] >= c.min_retries, lambda c: ("retries >= ?", [c.min_retries])),
     "recent": (lambda f, c: f["created_ts"] >= c.since, lambda c: ("created_ts >= ?", [c.since])),
     "all": (lambda f, c: True, lambda c: ("1", [])),
@@ -363,7 +400,8 @@ def parse_policy(text: str) -> Policy:
         m = _TOKEN.match(text, pos)
         if not m:  # only trailing whitespace is left
             break
-        tokens.append((m.group(m.lastindex), m.start(m.lastindex)))
+        which = m.lastindex or 0  # every alternative of _TOKEN is a group of its own
+        tokens.append((m.group(which), m.start(which)))
         pos = m.end()
     if not tokens:
         raise PolicyError("empty policy; expected one of " + ", ".join(POLICY_NAMES))
@@ -372,7 +410,7 @@ def parse_policy(text: str) -> Policy:
     def peek() -> str | None:
         return tokens[i][0].lower() if i < len(tokens) else None
 
-    def fail(expected: str):
+    def fail(expected: str) -> NoReturn:
         if i >= len(tokens):
             raise PolicyError(f"policy {text!r} ends too early: expected {expected}")
         tok, at = tokens[i]
@@ -417,8 +455,9 @@ def parse_policy(text: str) -> Policy:
             i += 1
             return ("atom", "action_pair", ident)
         if tok not in _ATOMS:
-            raise PolicyError(f"unknown policy {word!r} at position {at} in {text!r}; expected one of "
-                              + ", ".join(POLICY_NAMES))
+            raise PolicyError(
+                f"unknown policy {word!r} at position {at} in {text!r}; expected one of " + ", ".join(POLICY_NAMES)
+            )
         i += 1
         return ("atom", tok, None)
 

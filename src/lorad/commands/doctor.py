@@ -9,41 +9,68 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from lorad.commands import emit
 
+if TYPE_CHECKING:
+    from lorad.config import Settings
+
 
 def register(sub, common) -> None:
-    p = sub.add_parser("doctor", parents=[common],
-                       help="print the training environment (CUDA, memory, bitsandbytes, disk) and "
-                            "the memory estimate for the configured model")
+    p = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="print the training environment (CUDA, memory, bitsandbytes, disk) and "
+        "the memory estimate for the configured model",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the probe")
     p.set_defaults(func=run)
 
 
 def probe_command(training, state_dir) -> list[str]:
     t = training
-    argv = [sys.executable, "-m", "lorad.training.resources", "--model", t.base_model,
-            "--state-dir", str(state_dir), "--lora-r", str(t.lora_r), "--lora-dropout", str(t.lora_dropout),
-            "--batch-size", str(t.batch_size),
-            "--seq-length", str(t.max_seq_length), "--quantization", t.quantization,
-            "--headroom", str(t.memory_headroom), "--target-modules", *t.target_modules]
+    argv = [
+        sys.executable,
+        "-m",
+        "lorad.training.resources",
+        "--model",
+        t.base_model,
+        "--state-dir",
+        str(state_dir),
+        "--lora-r",
+        str(t.lora_r),
+        "--lora-dropout",
+        str(t.lora_dropout),
+        "--batch-size",
+        str(t.batch_size),
+        "--seq-length",
+        str(t.max_seq_length),
+        "--quantization",
+        t.quantization,
+        "--headroom",
+        str(t.memory_headroom),
+        "--target-modules",
+        *t.target_modules,
+    ]
     if not t.gradient_checkpointing:
         argv.append("--no-gradient-checkpointing")
     return argv
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad.commands import CommandError
 
     try:
-        proc = subprocess.run(probe_command(settings.training, settings.state_dir), capture_output=True,
-                              text=True, timeout=args.timeout)
+        proc = subprocess.run(
+            probe_command(settings.training, settings.state_dir), capture_output=True, text=True, timeout=args.timeout
+        )
     except subprocess.TimeoutExpired:
         raise CommandError(f"the environment probe did not finish within {args.timeout:g} s") from None
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise CommandError("the environment probe failed (is the training stack installed?):\n"
-                           + proc.stderr.strip()[-2000:])
+        raise CommandError(
+            "the environment probe failed (is the training stack installed?):\n" + proc.stderr.strip()[-2000:]
+        )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     emit(args, report, render(report))
     est = report.get("estimate") or {}
@@ -56,10 +83,12 @@ def _gib(n) -> str:
 
 def render(r: dict) -> str:
     d = r["device"]
-    lines = [f"python {r['python']}, torch {r['torch']}",
-             f"CUDA: {'yes, ' + str(r['cuda_version']) if r['cuda_available'] else 'no'}",
-             f"device: {d['kind']} {d['name']}: {_gib(d['free_bytes'])} free of {_gib(d['total_bytes'])}"
-             + (", bf16" if d["bf16"] else "")]
+    lines = [
+        f"python {r['python']}, torch {r['torch']}",
+        f"CUDA: {'yes, ' + str(r['cuda_version']) if r['cuda_available'] else 'no'}",
+        f"device: {d['kind']} {d['name']}: {_gib(d['free_bytes'])} free of {_gib(d['total_bytes'])}"
+        + (", bf16" if d["bf16"] else ""),
+    ]
     for dev in r.get("devices", []):
         lines.append(f"  cuda:{dev['index']} {dev['name']} {_gib(dev['total_bytes'])}")
     lines.append(f"bitsandbytes: {'installed' if r['bitsandbytes'] else 'not installed (no 4-bit QLoRA)'}")
@@ -69,15 +98,22 @@ def render(r: dict) -> str:
     if est and "error" in est:
         lines.append(f"model {est['model']}: {est['error']}")
     elif est:
-        lines.append(f"model {est['model']}: {est['parameters']:,} parameters, "
-                     f"{est['lora_parameters']:,} LoRA parameters ({est['dtype']})")
-        lines.append(f"estimate for batch {est['batch_size']} x seq {est['seq_length']}: {_gib(est['total'])} "
-                     f"(weights {_gib(est['weights'])}, LoRA + optimizer {_gib(est['lora'])}, activations "
-                     f"{_gib(est['activations'])}, framework {_gib(est['framework'])}"
-                     f"{', gradient checkpointing' if est.get('gradient_checkpointing') else ''}) of "
-                     f"{_gib(est['budget_bytes'])} usable: {'fits' if est['fits'] else 'DOES NOT FIT'}")
+        lines.append(
+            f"model {est['model']}: {est['parameters']:,} parameters, "
+            f"{est['lora_parameters']:,} LoRA parameters ({est['dtype']})"
+        )
+        lines.append(
+            f"estimate for batch {est['batch_size']} x seq {est['seq_length']}: {_gib(est['total'])} "
+            f"(weights {_gib(est['weights'])}, LoRA + optimizer {_gib(est['lora'])}, activations "
+            f"{_gib(est['activations'])}, framework {_gib(est['framework'])}"
+            f"{', gradient checkpointing' if est.get('gradient_checkpointing') else ''}) of "
+            f"{_gib(est['budget_bytes'])} usable: {'fits' if est['fits'] else 'DOES NOT FIT'}"
+        )
         if not est["fits"]:
             hint = est.get("suggestion")
-            lines.append(f"  suggestion: batch_size = {hint[0]}, max_seq_length = {hint[1]}" if hint
-                         else "  suggestion: use a smaller base model or a larger device")
+            lines.append(
+                f"  suggestion: batch_size = {hint[0]}, max_seq_length = {hint[1]}"
+                if hint
+                else "  suggestion: use a smaller base model or a larger device"
+            )
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def outcome(o) -> str:
     """A cycle's :class:`lorad.cycle.Outcome`: the verdict with its reasons, the metrics side by side."""
@@ -11,12 +13,18 @@ def outcome(o) -> str:
     lines = [head]
     if o.training:
         t = o.training
-        lines.append(f"trained {t.get('steps')} steps on {t.get('train_rows')} rows "
-                     f"({t.get('new')} new, {t.get('replayed')} replayed) in "
-                     f"{_secs(t.get('train_seconds'))}; final loss {_num(t.get('final_loss'))}")
+        lines.append(
+            f"trained {t.get('steps')} steps on {t.get('train_rows')} rows "
+            f"({t.get('new')} new, {t.get('replayed')} replayed) in "
+            f"{_secs(t.get('train_seconds'))}; final loss {_num(t.get('final_loss'))}"
+        )
         if t.get("phases"):
-            lines.append("  phases: " + "; ".join(f"{p['method']} {p['steps']} steps, final loss {_num(p['final_loss'])}"
-                                                 for p in t["phases"]))
+            lines.append(
+                "  phases: "
+                + "; ".join(
+                    f"{p['method']} {p['steps']} steps, final loss {_num(p['final_loss'])}" for p in t["phases"]
+                )
+            )
             lines += [f"  {p['decision']}" for p in t["phases"] if p.get("decision")]
     for r in (o.live, o.rollback):
         if r and r.get("reasons"):
@@ -47,9 +55,15 @@ def metrics_table(metrics: dict, baseline: str = "active", baseline_version: str
     rows.append(("perplexity", [_num(c[1].get("perplexity"), 2) for c in cols]))
     rows.append(("tokens/examples", [f"{c[1].get('tokens', '-')}/{c[1].get('examples', '-')}" for c in cols]))
     if any("epsilon" in c[1] for c in cols):
-        rows.append(("first-attempt ε", [
-            f"{c[1]['epsilon']:.1%} ({c[1]['accepted']}/{c[1]['generated']})" if "epsilon" in c[1] else "-"
-            for c in cols]))
+        rows.append(
+            (
+                "first-attempt ε",
+                [
+                    f"{c[1]['epsilon']:.1%} ({c[1]['accepted']}/{c[1]['generated']})" if "epsilon" in c[1] else "-"
+                    for c in cols
+                ],
+            )
+        )
     out = []
     for name, values in rows:
         out.append(f"  {name:<16}" + "".join(f"{v:>{width}}" for v in values))
@@ -121,19 +135,22 @@ class JobProgress:
         self.tty = enabled and getattr(self.stream, "isatty", lambda: False)()
         self.lines = enabled and lines and not self.tty
         self.every = every
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar while one is shown
         self.shown, self.last_step = "", -every
 
     def update(self, job: dict) -> None:
         record = job.get("progress") or {} if "state" in job else job
         state = job.get("state") or record.get("stage") or "training"
-        step, total = record.get("step") or 0, record.get("total_steps")
-        training = state == "training" and total
+        step, total = record.get("step") or 0, record.get("total_steps") or 0
+        training = state == "training" and total > 0
         if self.tty and training:
             self._bar(record, step, total)
         elif self.lines and training and (step >= self.last_step + self.every or step == total != self.last_step):
-            print("  " + progress_line({"job_id": job.get("job_id", "-"), "state": state, "progress": record}),
-                  file=self.stream, flush=True)
+            print(
+                "  " + progress_line({"job_id": job.get("job_id", "-"), "state": state, "progress": record}),
+                file=self.stream,
+                flush=True,
+            )
             self.last_step = step
         if not training and state != self.shown:
             self.close()

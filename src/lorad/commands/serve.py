@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("serve", parents=[common],
-                       help="run the daemon: watch the stores, schedule training, answer the other commands")
+    p = sub.add_parser(
+        "serve", parents=[common], help="run the daemon: watch the stores, schedule training, answer the other commands"
+    )
     p.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad.commands import CommandError
 
     if "sqlite_utils" not in sys.modules:
         # sqlite-utils imports pandas (and with it pyarrow) whenever it is installed, only to
         # recognise pandas values; the daemon never passes any. Hiding it keeps ~100 MB out of
         # a process that stays resident (the training worker, a separate process, is unaffected).
-        sys.modules.setdefault("pandas", None)
+        # None in sys.modules makes `import pandas` raise ImportError (the import system's own
+        # way to block a module); typeshed types the mapping as modules only.
+        sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
     from lorad.buffer.store import BufferError
     from lorad.config import EX_CONFIG
     from lorad.daemon import memory, preflight

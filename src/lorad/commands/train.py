@@ -6,7 +6,12 @@ The cycle is the daemon's (:mod:`lorad.cycle`), recorded as a job of trigger ``c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorad.commands import emit
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 # busy: another cycle (the daemon's) is training; 75 = EX_TEMPFAIL, try again later.
 EXIT_BY_STATUS = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "paused": 75, "busy": 75, "cancelled": 130}
@@ -14,16 +19,21 @@ EXIT_BY_STATUS = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "paus
 
 def register(sub, common) -> None:
     p = sub.add_parser(
-        "train", parents=[common],
-        help="run one training cycle now in the foreground (ingest, select, train, evaluate, decide)")
-    p.add_argument("--once", action="store_true",
-                   help="accepted for scripts written for older versions; `lorad train` always runs one cycle")
+        "train",
+        parents=[common],
+        help="run one training cycle now in the foreground (ingest, select, train, evaluate, decide)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="accepted for scripts written for older versions; `lorad train` always runs one cycle",
+    )
     p.add_argument("--no-ingest", action="store_true", help="do not scan the sources first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
+def run(args, settings: Settings) -> int:
     from lorad import cycle
     from lorad.buffer.store import BufferError
     from lorad.commands import CommandError, render

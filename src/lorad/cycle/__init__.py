@@ -12,20 +12,35 @@ through the same steps by :func:`run`:
 4. the worker subprocess (:func:`lorad.training.supervisor.supervise`), which trains,
    checkpoints, saves the adapter and scores it (result.json), while any vLLM server that
    shares the GPU sleeps (:class:`lorad.release.gpu_share.GpuShare`; woken however the worker ends);
-5. :func:`conclude` (:mod:`lorad.cycle.conclusion`, named steps): automatic rollback when the active adapter now scores worse than the
-   previous one, the gate's verdict, a new registry version (rejected ones too), promotion
-   and publishing or the ``candidate_rejected`` event, pruning;
+5. :func:`conclude` (:mod:`lorad.cycle.conclusion`, named steps): automatic rollback when the
+   active adapter now scores worse than the previous one, the gate's verdict, a new registry
+   version (rejected ones too), promotion and publishing or the ``candidate_rejected`` event, pruning;
 6. the job's final state, and its checkpoints removed once they can serve no resume.
 
 Front ends add rendering and threads, never steps. Torch is never imported here.
 """
 
 from lorad.cycle.conclusion import conclude
+from lorad.cycle.driver import KILLED_REASON, STALE_REASON, recover, run, run_now
 from lorad.cycle.lock import TrainingBusy, training_lock
 from lorad.cycle.outcome import CycleError, Outcome, StopRequest
 from lorad.cycle.plan import NothingToTrain, Plan, job_dir_of, prepare, set_window_end
-from lorad.cycle.driver import KILLED_REASON, STALE_REASON, recover, run, run_now
 
-__all__ = ["CycleError", "KILLED_REASON", "NothingToTrain", "Outcome", "Plan", "STALE_REASON", "StopRequest",
-           "TrainingBusy", "conclude", "job_dir_of", "prepare", "recover", "run", "run_now", "set_window_end",
-           "training_lock"]
+__all__ = [
+    "CycleError",
+    "KILLED_REASON",
+    "NothingToTrain",
+    "Outcome",
+    "Plan",
+    "STALE_REASON",
+    "StopRequest",
+    "TrainingBusy",
+    "conclude",
+    "job_dir_of",
+    "prepare",
+    "recover",
+    "run",
+    "run_now",
+    "set_window_end",
+    "training_lock",
+]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -25,11 +26,16 @@ from lorad.evaluation.gate import Thresholds, Verdict, decide, decide_rollback
 from lorad.release import gguf
 from lorad.training.jobdir import ADAPTER_DIR, JobError, JobSpec, Result, read_job, read_result
 
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
+    from lorad.config import Settings
+
 log = structlog.get_logger()
 
 
-def conclude(settings, buffer, job_dir, *, now: datetime | None = None,
-             cancel: threading.Event | None = None) -> Outcome:
+def conclude(
+    settings: Settings, buffer: Buffer, job_dir, *, now: datetime | None = None, cancel: threading.Event | None = None
+) -> Outcome:
     """Decide on a finished job: rollback check, gate, new version, promote or reject, publish, prune.
 
     Idempotent: run again on the same job (after a crash at any point) it finishes the
@@ -64,20 +70,37 @@ def _outcome_of(spec: JobSpec, plan: Plan, result: Result) -> Outcome:
     """The outcome as the worker left it: its status and what it trained."""
     stats = plan.examples.get("stats") or {}
     outcome = Outcome(spec.job_id, "failed" if result.status == "succeeded" else result.status, result.reason)
-    outcome.training = {"steps": result.steps, "final_loss": result.final_loss,
-                        "train_seconds": result.train_seconds, "tokens": result.tokens,
-                        "train_rows": stats.get("rows"), "new": stats.get("new"), "replayed": stats.get("replayed")}
+    outcome.training = {
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "train_seconds": result.train_seconds,
+        "tokens": result.tokens,
+        "train_rows": stats.get("rows"),
+        "new": stats.get("new"),
+        "replayed": stats.get("replayed"),
+    }
     if result.phases:
-        outcome.training["phases"] = [{k: p[k] for k in ("method", "steps", "final_loss", "train_seconds", "kept",
-                                                         "decision") if k in p} for p in result.phases]
+        outcome.training["phases"] = [
+            {k: p[k] for k in ("method", "steps", "final_loss", "train_seconds", "kept", "decision") if k in p}
+            for p in result.phases
+        ]
     return outcome
 
 
 class Conclusion:
     """The steps of one job's conclusion, sharing what they read; each is journaled."""
 
-    def __init__(self, settings, buffer, job_dir: Path, spec: JobSpec, plan: Plan, result: Result,
-                 outcome: Outcome, cancel: threading.Event | None):
+    def __init__(
+        self,
+        settings: Settings,
+        buffer: Buffer,
+        job_dir: Path,
+        spec: JobSpec,
+        plan: Plan,
+        result: Result,
+        outcome: Outcome,
+        cancel: threading.Event | None,
+    ):
         self.settings, self.buffer, self.job_dir = settings, buffer, job_dir
         self.spec, self.plan, self.result, self.outcome, self.cancel = spec, plan, result, outcome, cancel
         self.metrics = result.metrics
@@ -95,20 +118,42 @@ class Conclusion:
             intent = journal.get("rollback_intent")
             if intent is None and metrics and "previous" in metrics and cur and cur == plan.active:
                 check = decide_rollback(metrics["active"], metrics["previous"], e.rollback_threshold, e.confidence)
-                check_out = {"kind": "rescore", "active": cur, "previous": plan.previous, "rolled_back": False,
-                             "reasons": check.reasons}
+                check_out = {
+                    "kind": "rescore",
+                    "active": cur,
+                    "previous": plan.previous,
+                    "rolled_back": False,
+                    "reasons": check.reasons,
+                }
                 if check.roll_back and registry.previous() == plan.previous:
-                    intent = {"action": "rolled_back", "to": plan.previous, "from": cur, "previous": plan.previous,
-                              "reason": "re-scored: " + check.reasons[0], "check": check_out}
+                    intent = {
+                        "action": "rolled_back",
+                        "to": plan.previous,
+                        "from": cur,
+                        "previous": plan.previous,
+                        "reason": "re-scored: " + check.reasons[0],
+                        "check": check_out,
+                    }
             if intent is not None:
-                change = move_once(journal, registry, "rollback", intent, lambda: registry.rollback(
-                    None, reason=intent["reason"], job_id=self.spec.job_id,
-                    metrics={"active": metrics["active"], "previous": metrics["previous"]}))
+                scored = metrics or {}  # an intent is recorded only with both scores
+                change = move_once(
+                    journal,
+                    registry,
+                    "rollback",
+                    intent,
+                    lambda: registry.rollback(
+                        None,
+                        reason=intent["reason"],
+                        job_id=self.spec.job_id,
+                        metrics={"active": scored["active"], "previous": scored["previous"]},
+                    ),
+                )
                 report = publish_once(journal, self.settings, self.buffer, "rollback", change, self.cancel)
                 check_out = intent["check"] | {"rolled_back": True, "to": change.version, "publish": report}
                 baseline, baseline_version = "previous", change.version
-            journal.record("checked", {"rollback": check_out, "baseline": baseline,
-                                       "baseline_version": baseline_version})
+            journal.record(
+                "checked", {"rollback": check_out, "baseline": baseline, "baseline_version": baseline_version}
+            )
         checked = journal.get("checked")
         self.outcome.rollback = checked["rollback"]
         self.outcome.baseline, self.outcome.baseline_version = checked["baseline"], checked["baseline_version"]
@@ -128,39 +173,74 @@ class Conclusion:
         e, metrics = self.settings.evaluation, self.metrics
         baseline, baseline_version = self.outcome.baseline, self.outcome.baseline_version
         if not metrics or "candidate" not in metrics:
-            return Verdict(False, ["no held-out metrics (empty held-out set or evaluation off); "
-                                   f"at least {e.min_heldout_examples} held-out examples are needed to promote"])
+            return Verdict(
+                False,
+                [
+                    "no held-out metrics (empty held-out set or evaluation off); "
+                    f"at least {e.min_heldout_examples} held-out examples are needed to promote"
+                ],
+            )
         candidate = dict(metrics["candidate"])
         if self.result.health is not None:
             candidate["health"] = self.result.health
-        verdict = decide(metrics[baseline], candidate, Thresholds(e.min_improvement, e.confidence,
-                                                                  e.min_heldout_examples))
+        verdict = decide(
+            metrics[baseline], candidate, Thresholds(e.min_improvement, e.confidence, e.min_heldout_examples)
+        )
         cur = self.registry.current()
         if cur != baseline_version:
-            return Verdict(False, [f"the active adapter changed during the job ({baseline_version or 'base model'}"
-                                   f" -> {cur or 'base model'}); the comparison is stale"] + verdict.reasons)
+            return Verdict(
+                False,
+                [
+                    f"the active adapter changed during the job ({baseline_version or 'base model'}"
+                    f" -> {cur or 'base model'}); the comparison is stale"
+                ]
+                + verdict.reasons,
+            )
         return verdict
 
     def _record(self, verdict: Verdict) -> dict:
         """lorad.json of the new version (and its GGUF export, with a gguf or ollama hook)."""
         spec, plan, result = self.spec, self.plan, self.result
         record = {
-            "job_id": spec.job_id, "base_model": spec.base_model, "base_model_path": result.base_model,
+            "job_id": spec.job_id,
+            "base_model": spec.base_model,
+            "base_model_path": result.base_model,
             "method": spec.method,
-            "hyperparameters": {k: getattr(spec, k) for k in (
-                "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "max_steps",
-                "epochs", "batch_size", "grad_accum", "max_seq_length", "seed", "packing",
-                *(("grpo_steps", "grpo_learning_rate") if spec.method == "sft+grpo" else ()))},
+            "hyperparameters": {
+                k: getattr(spec, k)
+                for k in (
+                    "lora_r",
+                    "lora_alpha",
+                    "lora_dropout",
+                    "target_modules",
+                    "learning_rate",
+                    "max_steps",
+                    "epochs",
+                    "batch_size",
+                    "grad_accum",
+                    "max_seq_length",
+                    "seed",
+                    "packing",
+                    *(("grpo_steps", "grpo_learning_rate") if spec.method == "sft+grpo" else ()),
+                )
+            },
             "parent": Path(spec.parent_adapter).name if spec.parent_adapter else None,
             "training": self.outcome.training,
             "examples": {k: plan.examples.get(k) for k in ("max_seq", "count", "sha256", "seqs")}
-                        | {"stats": plan.examples.get("stats") or {}},
+            | {"stats": plan.examples.get("stats") or {}},
             "heldout": plan.heldout,
             "compared_with": {"label": self.outcome.baseline, "version": self.outcome.baseline_version},
-            "metrics": self.metrics, "health": result.health, "verdict": verdict.as_dict(),
+            "metrics": self.metrics,
+            "health": result.health,
+            "verdict": verdict.as_dict(),
         }
-        exported = gguf.version_export(self.settings.publish, self.job_dir / ADAPTER_DIR, result.base_model,
-                                       self.settings.training.base_model, name=f"lorad {spec.job_id}")
+        exported = gguf.version_export(
+            self.settings.publish,
+            self.job_dir / ADAPTER_DIR,
+            result.base_model,
+            self.settings.training.base_model,
+            name=f"lorad {spec.job_id}",
+        )
         if exported is not None:
             record["gguf"] = exported
             if "refused" in exported:
@@ -177,17 +257,35 @@ class Conclusion:
         reasons = "; ".join(verdict.reasons)
         if not verdict.promote:
             if "rejection_recorded" not in journal:
-                self.buffer.record_event(events.CANDIDATE_REJECTED, version=version.name, job_id=self.spec.job_id,
-                                         reasons=verdict.reasons, metrics=self.metrics)
-                log.info(events.CANDIDATE_REJECTED, version=version.name, job_id=self.spec.job_id,
-                         reasons=verdict.reasons)
+                self.buffer.record_event(
+                    events.CANDIDATE_REJECTED,
+                    version=version.name,
+                    job_id=self.spec.job_id,
+                    reasons=verdict.reasons,
+                    metrics=self.metrics,
+                )
+                log.info(
+                    events.CANDIDATE_REJECTED, version=version.name, job_id=self.spec.job_id, reasons=verdict.reasons
+                )
                 journal.record("rejection_recorded", True)
             outcome.status, outcome.reason = "rejected", reasons
             return
-        intent = {"action": "promoted", "to": version.name, "from": registry.current(),
-                  "previous": registry.previous(), "reason": reasons}
-        change = move_once(journal, registry, "promotion", intent, lambda: registry.promote(
-            version.name, reason=reasons, job_id=self.spec.job_id, reasons=verdict.reasons, metrics=self.metrics))
+        intent = {
+            "action": "promoted",
+            "to": version.name,
+            "from": registry.current(),
+            "previous": registry.previous(),
+            "reason": reasons,
+        }
+        change = move_once(
+            journal,
+            registry,
+            "promotion",
+            intent,
+            lambda: registry.promote(
+                version.name, reason=reasons, job_id=self.spec.job_id, reasons=verdict.reasons, metrics=self.metrics
+            ),
+        )
         report = publish_once(journal, self.settings, self.buffer, "promotion", change, self.cancel)
         outcome.publish = report["results"]
         if report["reverted"]:

@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,8 +19,18 @@ from lorad.cycle.outcome import CycleError, Outcome, StopRequest
 from lorad.cycle.plan import NothingToTrain, prepare, set_window_end
 from lorad.release import gpu_share
 from lorad.training import supervisor
-from lorad.training.jobdir import (ADAPTER_DIR, CHECKPOINTS_DIR, EXIT_CANCELLED, EXIT_OK, EXIT_PAUSED, JobError,
-                                   read_result)
+from lorad.training.jobdir import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    EXIT_CANCELLED,
+    EXIT_OK,
+    EXIT_PAUSED,
+    JobError,
+    read_result,
+)
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 log = structlog.get_logger()
 
@@ -27,8 +38,14 @@ STALE_REASON = "daemon restarted while the job was running"
 KILLED_REASON = "worker killed"  # "worker killed (signal 9)": a job paused because its worker died
 
 
-_FINAL_EVENTS = {"promoted": events.JOB_PROMOTED, "rejected": events.JOB_REJECTED, "failed": events.JOB_FAILED,
-                 "cancelled": events.JOB_CANCELLED, "paused": events.JOB_PAUSED, "skipped": events.JOB_SKIPPED}
+_FINAL_EVENTS = {
+    "promoted": events.JOB_PROMOTED,
+    "rejected": events.JOB_REJECTED,
+    "failed": events.JOB_FAILED,
+    "cancelled": events.JOB_CANCELLED,
+    "paused": events.JOB_PAUSED,
+    "skipped": events.JOB_SKIPPED,
+}
 
 
 class _Job:
@@ -58,8 +75,9 @@ class _Job:
             # job keeps them for a look at what went wrong, a paused one to resume from.
             shutil.rmtree(job_dir / CHECKPOINTS_DIR, ignore_errors=True)
         try:
-            self.store.transition(self.job_id, state, outcome.reason, progress=self.progress,
-                                  version=outcome.version, **fields)
+            self.store.transition(
+                self.job_id, state, outcome.reason, progress=self.progress, version=outcome.version, **fields
+            )
         except Exception:
             log.exception(events.JOB_STATE_NOT_SAVED, job_id=self.job_id, state=state)
         log.info(_FINAL_EVENTS[state], job_id=self.job_id, reason=outcome.reason, version=outcome.version)
@@ -68,10 +86,17 @@ class _Job:
         return outcome
 
 
-def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
-        stop: StopRequest | None = None, on_progress: Callable[[dict], None] | None = None,
-        on_state: Callable[[str], None] | None = None,
-        on_concluded: Callable[[object], None] | None = None) -> Outcome:
+def run(
+    settings: Settings,
+    job_id: str,
+    *,
+    holder: str,
+    window_end: float | None = None,
+    stop: StopRequest | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+    on_state: Callable[[str], None] | None = None,
+    on_concluded: Callable[[object], None] | None = None,
+) -> Outcome:
     """Drive the job ``job_id`` (queued, or paused to resume) to its final state.
 
     Args:
@@ -96,8 +121,9 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
         live = None
         try:
             with training_lock(settings.state_dir, holder):
-                share = gpu_share.GpuShare(gpu_share.servers_from_settings(settings.publish), job.store,
-                                           buffer.record_event)
+                share = gpu_share.GpuShare(
+                    gpu_share.servers_from_settings(settings.publish), job.store, buffer.record_event
+                )
                 share.wake_recorded()  # a cycle that died in training left a server asleep
                 job_dir = job.job_dir
                 if not (job_dir is not None and job_dir.is_dir() and _trained(job_dir)):
@@ -114,13 +140,25 @@ def run(settings, job_id: str, *, holder: str, window_end: float | None = None,
                     # A vLLM server on this GPU sleeps while the worker runs and wakes however
                     # it ends, before the conclusion publishes to it (lorad.release.gpu_share).
                     with share.asleep(job_id):
-                        code = supervisor.supervise(job_dir, stop.event if stop else None,
-                                                    (lambda: stop.mode == "cancel") if stop else None,
-                                                    on_progress=progress)
+                        code = supervisor.supervise(
+                            job_dir,
+                            stop.event if stop else None,
+                            (lambda: stop.mode == "cancel") if stop else None,
+                            on_progress=progress,
+                        )
                     if code != EXIT_OK:
                         kills = _kills_in_a_row(job.store.events(job_id))
-                        return job.finish(_stopped_or_failed(job_id, job_dir, code, stop, live, kills=kills,
-                                                             max_kills=settings.schedule.max_worker_kills))
+                        return job.finish(
+                            _stopped_or_failed(
+                                job_id,
+                                job_dir,
+                                code,
+                                stop,
+                                live,
+                                kills=kills,
+                                max_kills=settings.schedule.max_worker_kills,
+                            )
+                        )
                 # A worker that succeeded is concluded from its result, never run again (a
                 # restart during the conclusion lands here and finishes what conclusion.json says).
                 job.move("evaluating", progress=job.progress)
@@ -163,8 +201,9 @@ def _kills_in_a_row(events: list[dict]) -> int:
     return kills
 
 
-def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest | None, live, *,
-                       kills: int, max_kills: int) -> Outcome:
+def _stopped_or_failed(
+    job_id: str, job_dir: Path, code: int, stop: StopRequest | None, live, *, kills: int, max_kills: int
+) -> Outcome:
     """The state a job ends in when its worker did not succeed.
 
     Args:
@@ -179,14 +218,15 @@ def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest 
     else:
         unreadable = ""
     said = result.reason if result is not None else ""
-    asked = stop is not None and stop.requested
+    asked = stop if stop is not None and stop.requested else None  # the stop lorad asked for
     if code == EXIT_PAUSED or (code < 0 and asked):
         # (a worker signalled before its handlers were installed dies of the signal: asked to
         # stop, it stopped; a paused job without a checkpoint restarts from step 0)
-        return Outcome(job_id, stop.state if asked else "paused", (stop.reason if asked else "") or said or "paused",
-                       live=live)
+        return Outcome(
+            job_id, asked.state if asked else "paused", (asked.reason if asked else "") or said or "paused", live=live
+        )
     if code == EXIT_CANCELLED:
-        return Outcome(job_id, "cancelled", (stop.reason if asked else "") or said or "cancelled", live=live)
+        return Outcome(job_id, "cancelled", (asked.reason if asked else "") or said or "cancelled", live=live)
     if code < 0:
         # Killed by a signal lorad did not send (the OOM killer, kill -9): the checkpoints it
         # left are whole (only complete ones are trusted), so the job resumes from them, unless
@@ -195,8 +235,12 @@ def _stopped_or_failed(job_id: str, job_dir: Path, code: int, stop: StopRequest 
         n = kills + 1
         if n >= max_kills:
             hint = "; the kernel's OOM killer sends signal 9: is memory short?" if -code == signal.SIGKILL else ""
-            return Outcome(job_id, "failed", f"{why} in {n} run{'s' * (n > 1)} in a row "
-                           f"(schedule.max_worker_kills = {max_kills}){hint}", live=live)
+            return Outcome(
+                job_id,
+                "failed",
+                f"{why} in {n} run{'s' * (n > 1)} in a row (schedule.max_worker_kills = {max_kills}){hint}",
+                live=live,
+            )
         return Outcome(job_id, "paused", why, live=live)
     return Outcome(job_id, "failed", said or unreadable or _no_result(job_dir, code), live=live)
 
@@ -213,7 +257,9 @@ def _no_result(job_dir: Path, code: int) -> str:
     return reason
 
 
-def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict], None] | None = None) -> Outcome:
+def run_now(
+    settings: Settings, *, ingest_first: bool = True, on_progress: Callable[[dict], None] | None = None
+) -> Outcome:
     """``lorad train``: ingest, then one whole cycle in this process, recorded as a ``cli`` job.
 
     Returns an Outcome of status ``busy`` (and records no job) when another cycle holds the lock.
@@ -222,8 +268,8 @@ def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict]
 
     with Buffer(settings.buffer_path, settings.buffer.synchronous) as buffer:
         if ingest_first and settings.store.sources:
-            from lorad.sources.ingest import ingest
             from lorad.sources import open_sources
+            from lorad.sources.ingest import ingest
 
             ingest(buffer, open_sources(settings.store), settings.buffer.batch_size)
         try:
@@ -235,7 +281,7 @@ def run_now(settings, *, ingest_first: bool = True, on_progress: Callable[[dict]
     return run(settings, job_id, holder=f"lorad train, job {job_id}", on_progress=on_progress)
 
 
-def recover(settings, store: JobStore) -> list[dict]:
+def recover(settings: Settings, store: JobStore) -> list[dict]:
     """At daemon start: jobs left active by a process that died.
 
     A worker that outlived its parent (killed with SIGKILL) is stopped first, so a job never

@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -13,6 +14,10 @@ from lorad import events, release
 from lorad.cycle.outcome import CycleError
 from lorad.release.registry import Change, Registry
 from lorad.training.jobdir import atomic_write
+
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
+    from lorad.config import Settings
 
 log = structlog.get_logger()
 
@@ -62,8 +67,14 @@ def move_once(journal: Journal, registry: Registry, key: str, intent: dict, move
         journal.record(f"{key}_intent", intent)
     elif registry.current() == intent["to"]:
         # It moved (and was audited) before the crash; only the journal did not hear of it.
-        change = Change(intent["action"], intent["to"], intent["from"], registry.previous(),
-                        (intent["from"], intent["previous"]), intent["reason"])
+        change = Change(
+            intent["action"],
+            intent["to"],
+            intent["from"],
+            registry.previous(),
+            (intent["from"], intent["previous"]),
+            intent["reason"],
+        )
         journal.record(f"{key}_change", change.as_dict())
         return change
     change = move()
@@ -76,8 +87,9 @@ def move_once(journal: Journal, registry: Registry, key: str, intent: dict, move
 _EVENT = {"promoted": events.ADAPTER_PROMOTED, "rolled_back": events.ADAPTER_ROLLED_BACK}
 
 
-def publish_once(journal: Journal, settings, buffer, key: str, change: Change,
-                  cancel: threading.Event | None) -> dict:
+def publish_once(
+    journal: Journal, settings: Settings, buffer: Buffer, key: str, change: Change, cancel: threading.Event | None
+) -> dict:
     report = journal.get(f"{key}_published")
     if report is None:
         # Recorded even when cancelled: whoever cancelled asked not to wait for the server,

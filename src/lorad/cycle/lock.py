@@ -10,9 +10,9 @@ from pathlib import Path
 from lorad.cycle.outcome import CycleError
 from lorad.state import StateDir
 
+
 class TrainingBusy(CycleError):
     "Another training cycle (the daemon's, or a `lorad train`) is running on this state directory."
-
 
 
 @contextmanager

@@ -6,12 +6,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from lorad import events, release
 from lorad.cycle.outcome import CycleError
 from lorad.training.jobdir import JOB_FILE, atomic_write, build_spec, read_job, write_job
+
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
+    from lorad.config import Settings
 
 log = structlog.get_logger()
 
@@ -20,7 +25,6 @@ PLAN_FILE = "plan.json"
 
 class NothingToTrain(CycleError):
     "The snapshot has no training examples (nothing new, or the policy selects none)."
-
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Plan:
         atomic_write(Path(job_dir) / PLAN_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def read(cls, job_dir) -> "Plan":
+    def read(cls, job_dir) -> Plan:
         path = Path(job_dir) / PLAN_FILE
         try:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
@@ -50,7 +54,7 @@ class Plan:
             raise CycleError(f"{path}: cannot read the job's plan: {e}") from None
 
 
-def job_dir_of(settings, job_id: str) -> Path:
+def job_dir_of(settings: Settings, job_id: str) -> Path:
     return settings.state.job(job_id)
 
 
@@ -58,8 +62,15 @@ def _digest(values) -> str:
     return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()
 
 
-def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, since: int | None = None,
-            now: float | None = None) -> Path:
+def prepare(
+    settings: Settings,
+    buffer: Buffer,
+    job_id: str,
+    *,
+    window_end: float | None = None,
+    since: int | None = None,
+    now: float | None = None,
+) -> Path:
     """Draw the dataset snapshot and write the job directory ``state_dir/jobs/<job_id>``.
 
     The candidate warm-starts from the active adapter (when ``training.warm_start``) and is
@@ -90,8 +101,15 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
         raise NothingToTrain(f"no training examples for policy {sel.policy!r} new since the active version")
     # GRPO trains on prompts (prompts.jsonl) and is scored on the same held-out rows as SFT.
     snap = examples.build_snapshot(
-        buffer, sel, method="sft" if "grpo" in t.phases else t.method, n=t.train_examples,
-        replay_ratio=t.replay_ratio, since_seq=since, max_heldout=settings.evaluation.max_heldout, now=now)
+        buffer,
+        sel,
+        method="sft" if "grpo" in t.phases else t.method,
+        n=t.train_examples,
+        replay_ratio=t.replay_ratio,
+        since_seq=since,
+        max_heldout=settings.evaluation.max_heldout,
+        now=now,
+    )
     trains_rows = t.phases != ("grpo",)  # GRPO alone trains on prompts only
     if trains_rows and not snap.train:
         raise NothingToTrain(f"no training examples for policy {sel.policy!r} (snapshot: {snap.stats})")
@@ -112,27 +130,51 @@ def prepare(settings, buffer, job_id: str, *, window_end: float | None = None, s
     for name in filter(None, (cur, prev)):
         problems = registry.verify(name)
         if problems:
-            raise CycleError(f"adapter version {name} fails its sha256 check ({'; '.join(problems)}); "
-                             f"roll back or promote a sound version first")
+            raise CycleError(
+                f"adapter version {name} fails its sha256 check ({'; '.join(problems)}); "
+                f"roll back or promote a sound version first"
+            )
     bent = registry.pointer_problems()
     if bent:  # current reads as None: training would quietly start again from the base model
-        raise CycleError(f"the registry's pointers are not believed ({'; '.join(bent)}); "
-                         f"`lorad promote VERSION` repairs them")
+        raise CycleError(
+            f"the registry's pointers are not believed ({'; '.join(bent)}); `lorad promote VERSION` repairs them"
+        )
     rescore = settings.evaluation.rescore_active and cur is not None and prev is not None
     current_path = str(registry.path_of(cur)) if cur else None
-    spec = build_spec(job_id, settings.state_dir, t, settings.evaluation, parent_adapter=current_path,
-                      reference_adapter=current_path,
-                      previous_adapter=str(registry.path_of(prev)) if rescore else None, window_end=window_end)
+    spec = build_spec(
+        job_id,
+        settings.state_dir,
+        t,
+        settings.evaluation,
+        parent_adapter=current_path,
+        reference_adapter=current_path,
+        previous_adapter=str(registry.path_of(prev)) if rescore else None,
+        window_end=window_end,
+    )
     job_dir = job_dir_of(settings, job_id)
     write_job(job_dir, spec, snap.train, snap.heldout, prompts.rows if prompts else None)
-    Plan(active=cur, previous=prev if rescore else None, since_seq=since,
-         examples={"max_seq": snap.max_seq, "count": len(snap.example_seqs),
-                   "sha256": _digest(snap.example_seqs), "seqs": snap.example_seqs, "stats": snap.stats},
-         heldout={"count": len(snap.heldout), "sha256": _digest(r.get("chain_id") for r in snap.heldout)},
-         ).write(job_dir)
-    log.info(events.JOB_PREPARED, job_id=job_id, train_rows=len(snap.train), prompts=len(prompts.rows) if prompts else 0,
-             heldout=len(snap.heldout),
-             active=cur, rescore_previous=rescore)
+    Plan(
+        active=cur,
+        previous=prev if rescore else None,
+        since_seq=since,
+        examples={
+            "max_seq": snap.max_seq,
+            "count": len(snap.example_seqs),
+            "sha256": _digest(snap.example_seqs),
+            "seqs": snap.example_seqs,
+            "stats": snap.stats,
+        },
+        heldout={"count": len(snap.heldout), "sha256": _digest(r.get("chain_id") for r in snap.heldout)},
+    ).write(job_dir)
+    log.info(
+        events.JOB_PREPARED,
+        job_id=job_id,
+        train_rows=len(snap.train),
+        prompts=len(prompts.rows) if prompts else 0,
+        heldout=len(snap.heldout),
+        active=cur,
+        rescore_previous=rescore,
+    )
     return job_dir
 
 

@@ -27,6 +27,7 @@ handler's own exceptions become an error response too, so no request can disturb
 from __future__ import annotations
 
 import errno
+import functools
 import grp
 import os
 import pwd
@@ -147,10 +148,17 @@ class ControlServer:
             cap may close it (a burst of clients, connected but not yet scheduled to send).
     """
 
-    def __init__(self, path: Path, handler: Handler, access: Access, max_clients: int = 16,
-                 client_timeout: float = 10.0,
-                 max_per_uid: int = DaemonSettings.max_connections_per_uid, max_connections: int = 1024,
-                 idle_grace: float = 1.0):
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        access: Access,
+        max_clients: int = 16,
+        client_timeout: float = 10.0,
+        max_per_uid: int = DaemonSettings.max_connections_per_uid,
+        max_connections: int = 1024,
+        idle_grace: float = 1.0,
+    ):
         self.path = Path(path)
         self.handler = handler
         self.access = access
@@ -160,7 +168,7 @@ class ControlServer:
         self.idle_grace = idle_grace
         self._n_workers = max_clients
         self._sock: socket.socket | None = None
-        self._selector: selectors.BaseSelector | None = None
+        self._selector: selectors.BaseSelector  # made by start()
         self._thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._quick: queue.SimpleQueue = queue.SimpleQueue()
@@ -204,8 +212,10 @@ class ControlServer:
         self._sock = sock
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ, None)
-        for jobs, n, name in ((self._quick, QUICK_WORKERS, "lorad-control-quick"),
-                              (self._general, self._n_workers, "lorad-control-worker")):
+        for jobs, n, name in (
+            (self._quick, QUICK_WORKERS, "lorad-control-quick"),
+            (self._general, self._n_workers, "lorad-control-worker"),
+        ):
             for _ in range(n):
                 t = threading.Thread(target=self._work, args=(jobs,), name=name, daemon=True)
                 t.start()
@@ -262,16 +272,22 @@ class ControlServer:
         return max(0.0, wait)
 
     def _accept(self) -> None:
+        listener = self._sock
+        if listener is None:  # not started
+            return
         for _ in range(64):  # then read what is waiting, and come back
             try:
-                sock, _ = self._sock.accept()
+                sock, _ = listener.accept()
             except BlockingIOError:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._warn(("fds",), "control_connections_limited", reason=os.strerror(e.errno))
-                    if not self._make_room(None, "closed: the daemon ran out of file descriptors; "
-                                                 "this connection waited longest for its request"):
+                    if not self._make_room(
+                        None,
+                        "closed: the daemon ran out of file descriptors; "
+                        "this connection waited longest for its request",
+                    ):
                         time.sleep(0.05)  # nothing to close: let the workers finish some
                 return
             self._admit(sock)
@@ -285,15 +301,21 @@ class ControlServer:
             return
         peer = Peer(pid, uid, gid)
         if self._idle[uid] >= self.max_per_uid:
-            self._make_room(uid, f"closed: uid {uid} has more than {self.max_per_uid} connections open "
-                                 "at once (daemon.max_connections_per_uid); this one waited longest "
-                                 "for its request")
+            self._make_room(
+                uid,
+                f"closed: uid {uid} has more than {self.max_per_uid} connections open "
+                "at once (daemon.max_connections_per_uid); this one waited longest "
+                "for its request",
+            )
         with self._lock:
             over_all = self._total >= self.max_connections
-        if over_all and not self._make_room(None, f"closed: the daemon holds {self.max_connections} "
-                                                  "connections; this one waited longest for its request"):
-            _send_now(sock, protocol.error(f"refused: the daemon is serving {self.max_connections} "
-                                           "connections; try again"))
+        if over_all and not self._make_room(
+            None,
+            f"closed: the daemon holds {self.max_connections} connections; this one waited longest for its request",
+        ):
+            _send_now(
+                sock, protocol.error(f"refused: the daemon is serving {self.max_connections} connections; try again")
+            )
             sock.close()
             return
         with self._lock:
@@ -304,8 +326,9 @@ class ControlServer:
         self._idle[uid] += 1
         if not self.access.allows(peer):
             log.warning(events.CLIENT_REFUSED, uid=uid, gid=gid, pid=pid)
-            self._refuse(conn, f"uid {uid} is not allowed to use this daemon "
-                               "(see daemon.allowed_uids and daemon.allowed_group)")
+            self._refuse(
+                conn, f"uid {uid} is not allowed to use this daemon (see daemon.allowed_uids and daemon.allowed_group)"
+            )
             return
         self._waiting[conn.fd] = conn
 
@@ -345,7 +368,7 @@ class ControlServer:
         jobs = self._general
         if len(line) <= INLINE_DECODE:
             request, response = _decode(line, conn.peer)
-            if response is not None or request["command"] in QUICK_COMMANDS:
+            if request is None or request["command"] in QUICK_COMMANDS:  # an error answer is quick
                 jobs = self._quick
         jobs.put((conn, line, request, response))
 
@@ -443,7 +466,7 @@ class ControlServer:
                     request, response = _decode(line, conn.peer)
                 if response is None:
                     try:
-                        response = self.handler(request, conn.peer, lambda: _gone(conn.sock))
+                        response = self.handler(request, conn.peer, functools.partial(_gone, conn.sock))
                     except Exception as e:  # the daemon outlives any one request
                         log.exception(events.REQUEST_FAILED, command=request.get("command"))
                         response = protocol.error(f"internal error: {type(e).__name__}: {e}")
@@ -455,7 +478,7 @@ class ControlServer:
                 self._release(conn)
 
 
-def _decode(line: bytes, peer: Peer) -> tuple[dict | None, dict | None]:
+def _decode(line: bytes, peer: Peer) -> tuple[dict, None] | tuple[None, dict]:
     """(request, None), or (None, an error response) for a line that is not a valid request."""
     try:
         return protocol.decode_request(line), None

@@ -53,7 +53,8 @@ def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5, u
     if isinstance(pid, (str, int)) and not isinstance(pid, bool):
         row = buffer.conn.execute(
             "SELECT workflow_id, attempt_number FROM artifacts WHERE source = ? AND locator = ?",
-            (FEEDBACK_SOURCE, str(pid))).fetchone()
+            (FEEDBACK_SOURCE, str(pid)),
+        ).fetchone()
         if row:
             parents[str(pid)] = (row[0], row[1])
     try:
@@ -61,20 +62,27 @@ def write_feedback(buffer: Buffer, record: dict, score_threshold: float = 0.5, u
     except ParseError as e:
         raise FeedbackRejected(f"feedback record refused: {e}") from None
     stored = buffer.conn.execute(
-        "SELECT content_hash, status FROM artifacts WHERE source = ? AND locator = ?",
-        (FEEDBACK_SOURCE, row["locator"])).fetchone()
+        "SELECT content_hash, status FROM artifacts WHERE source = ? AND locator = ?", (FEEDBACK_SOURCE, row["locator"])
+    ).fetchone()
     if stored and stored[0] != row["content_hash"] and not update:
-        log.warning(events.FEEDBACK_CONFLICT_REFUSED, id=row["artifact_id"], stored_status=stored[1], status=row["status"])
+        log.warning(
+            events.FEEDBACK_CONFLICT_REFUSED, id=row["artifact_id"], stored_status=stored[1], status=row["status"]
+        )
         raise FeedbackConflict(
             f"feedback {row['artifact_id']!r} conflicts with the record stored under that id "
             f"(stored {stored[1]}, sent {row['status']}, other content); nothing was changed: "
-            f"send it as an update (lorad feedback --update, \"update\": true) to replace it")
+            f'send it as an update (lorad feedback --update, "update": true) to replace it'
+        )
     batch = Batch(FEEDBACK_SOURCE)
     batch.artifacts.append(row)
     new, updated, unchanged = buffer.write_batch(batch)
     log.info(events.FEEDBACK_RECORDED, id=row["artifact_id"], status=row["status"], new=bool(new))
-    return {"ok": True, "id": row["artifact_id"], "status": row["status"],
-            "result": "new" if new else "updated" if updated else "unchanged"}
+    return {
+        "ok": True,
+        "id": row["artifact_id"],
+        "status": row["status"],
+        "result": "new" if new else "updated" if updated else "unchanged",
+    }
 
 
 def acknowledge(queued: Future, wait: float) -> dict:
@@ -98,6 +106,11 @@ def acknowledge(queued: Future, wait: float) -> dict:
     except FeedbackRejected as e:
         return protocol.error(str(e))
     except TimeoutError:
-        return {**protocol.error(f"feedback not committed within {wait:g} s: the daemon's ingest thread is busy "
-                                 "(an examples refresh or a long scan); the record is queued and may still be "
-                                 "applied (check before sending it again)"), "pending": True}
+        return {
+            **protocol.error(
+                f"feedback not committed within {wait:g} s: the daemon's ingest thread is busy "
+                "(an examples refresh or a long scan); the record is queued and may still be "
+                "applied (check before sending it again)"
+            ),
+            "pending": True,
+        }

@@ -26,8 +26,9 @@ ARENAS = 2  # for `lorad serve`: the interpreter lock lets one thread allocate a
 def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.malloc_trim, libc.mallopt  # glibc only
-    except (OSError, AttributeError):
+    except OSError:
+        return None
+    if not (hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt")):  # glibc only
         return None
     return libc
 

@@ -72,10 +72,16 @@ def cycle_values(conn: sqlite3.Connection, registry: Registry) -> dict:
     q = conn.execute
     marks = ", ".join("?" for _ in FINAL_STATES)
     jobs = dict(q(f"SELECT state, count(*) FROM jobs WHERE state IN ({marks}) GROUP BY state", FINAL_STATES))
-    total, count = q(f"SELECT sum(finished_at - started_at), count(*) FROM jobs WHERE state IN ({marks}) "
-                     "AND started_at IS NOT NULL AND finished_at IS NOT NULL", FINAL_STATES).fetchone()
-    last = q(f"SELECT state, started_at, finished_at, job_dir FROM jobs WHERE state IN ({marks}) "
-             "AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1", FINAL_STATES).fetchone()
+    total, count = q(
+        f"SELECT sum(finished_at - started_at), count(*) FROM jobs WHERE state IN ({marks}) "
+        "AND started_at IS NOT NULL AND finished_at IS NOT NULL",
+        FINAL_STATES,
+    ).fetchone()
+    last = q(
+        f"SELECT state, started_at, finished_at, job_dir FROM jobs WHERE state IN ({marks}) "
+        "AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1",
+        FINAL_STATES,
+    ).fetchone()
     last_cycle = None
     if last is not None:
         state, started, finished, job_dir = last
@@ -86,11 +92,19 @@ def cycle_values(conn: sqlite3.Connection, registry: Registry) -> dict:
             except JobError:
                 result = None
             tokens_per_s = result.tokens_per_s if result is not None else None
-        last_cycle = {"state": state, "duration_s": (finished or started) - started, "finished_at": finished,
-                      "tokens_per_s": tokens_per_s}
+        last_cycle = {
+            "state": state,
+            "duration_s": (finished or started) - started,
+            "finished_at": finished,
+            "tokens_per_s": tokens_per_s,
+        }
     last_success = q("SELECT max(finished_at) FROM jobs WHERE state IN ('promoted', 'rejected')").fetchone()[0]
-    moves = dict(q("SELECT event, count(*) FROM audit WHERE event IN (?, ?) GROUP BY event",
-                   (events.ADAPTER_PROMOTED, events.ADAPTER_ROLLED_BACK)))
+    moves = dict(
+        q(
+            "SELECT event, count(*) FROM audit WHERE event IN (?, ?) GROUP BY event",
+            (events.ADAPTER_PROMOTED, events.ADAPTER_ROLLED_BACK),
+        )
+    )
     scores: dict = {}
     try:
         names = registry.names()
@@ -100,10 +114,15 @@ def cycle_values(conn: sqlite3.Connection, registry: Registry) -> dict:
                 scores[label] = {"version": name, "nll": own.get("nll"), "epsilon": own.get("epsilon")}
     except (RegistryError, OSError):
         pass  # status reports the registry's problems; the scores wait for the next cycle
-    return {"jobs": jobs, "cycle_seconds": {"sum": total or 0.0, "count": count},
-            "last_cycle": last_cycle, "last_success": last_success,
-            "promotions": moves.get(events.ADAPTER_PROMOTED, 0), "rollbacks": moves.get(events.ADAPTER_ROLLED_BACK, 0),
-            "scores": scores}
+    return {
+        "jobs": jobs,
+        "cycle_seconds": {"sum": total or 0.0, "count": count},
+        "last_cycle": last_cycle,
+        "last_success": last_success,
+        "promotions": moves.get(events.ADAPTER_PROMOTED, 0),
+        "rollbacks": moves.get(events.ADAPTER_ROLLED_BACK, 0),
+        "scores": scores,
+    }
 
 
 class Metrics:
@@ -138,8 +157,9 @@ class Metrics:
 
     # -- serving --------------------------------------------------------------------------------
 
-    def listen(self, host: str, port: int, *, max_connections: int = MAX_CONNECTIONS,
-               request_seconds: float = REQUEST_SECONDS) -> None:
+    def listen(
+        self, host: str, port: int, *, max_connections: int = MAX_CONNECTIONS, request_seconds: float = REQUEST_SECONDS
+    ) -> None:
         """Serve /metrics from threads of its own (the main loop never waits on a scrape).
 
         Args:
@@ -151,8 +171,13 @@ class Metrics:
         registry = CollectorRegistry()
         registry.register(self)
         registry.register(ProcessCollector(registry=None))
-        self._server = Listener(exposition.make_wsgi_app(registry), host, port,
-                                max_connections=max_connections, request_seconds=request_seconds)
+        self._server = Listener(
+            exposition.make_wsgi_app(registry),
+            host,
+            port,
+            max_connections=max_connections,
+            request_seconds=request_seconds,
+        )
         self._server.start()
         log.info(events.METRICS_LISTENING, address=f"{host}:{self._server.port}")
 
@@ -179,60 +204,120 @@ class Metrics:
         snap = self.status()
         with self._lock:
             ingested, quarantined, cyc = dict(self._ingested), dict(self._quarantined), dict(self._cycle)
-        yield _labelled(families.CounterMetricFamily, "lorad_artifacts_ingested", "source", ingested,
-                        "New artifacts written to the buffer since the daemon started, by source")
-        yield _labelled(families.CounterMetricFamily, "lorad_artifacts_quarantined", "source", quarantined,
-                        "Files quarantined since the daemon started, by source")
+        yield _labelled(
+            families.CounterMetricFamily,
+            "lorad_artifacts_ingested",
+            "source",
+            ingested,
+            "New artifacts written to the buffer since the daemon started, by source",
+        )
+        yield _labelled(
+            families.CounterMetricFamily,
+            "lorad_artifacts_quarantined",
+            "source",
+            quarantined,
+            "Files quarantined since the daemon started, by source",
+        )
 
         b = snap.get("buffer") or {}
         yield _gauge("lorad_buffer_artifacts", "Artifacts in the buffer", b.get("artifacts", 0))
         yield _gauge("lorad_buffer_quarantined", "Files in quarantine", b.get("quarantined", 0))
-        yield _labelled(families.GaugeMetricFamily, "lorad_buffer_examples", "split",
-                        {split: b.get(key, 0) for split, key in SPLITS},
-                        "Training examples in the buffer, by split")
-        yield _gauge("lorad_buffer_untrained_examples", "Training examples no version was trained on yet "
-                     "(what the scheduler waits for)", b.get("untrained_examples", 0))
+        yield _labelled(
+            families.GaugeMetricFamily,
+            "lorad_buffer_examples",
+            "split",
+            {split: b.get(key, 0) for split, key in SPLITS},
+            "Training examples in the buffer, by split",
+        )
+        yield _gauge(
+            "lorad_buffer_untrained_examples",
+            "Training examples no version was trained on yet (what the scheduler waits for)",
+            b.get("untrained_examples", 0),
+        )
 
         state = snap.get("state", "starting")
-        yield families.StateSetMetricFamily("lorad_scheduler_state", "What the daemon is doing",
-                                            value={name: name == state for name in SCHEDULER_STATES})
-        yield _gauge("lorad_scheduling_paused", "1 while scheduled training is paused (lorad pause)",
-                     1 if snap.get("scheduling_paused") else 0)
-        yield _gauge("lorad_backoff_failures", "Failed jobs in a row (the scheduler backs off)",
-                     (snap.get("schedule") or {}).get("failures") or 0)
-        yield _gauge("lorad_window_open", "1 while a training window is open",
-                     1 if (snap.get("next_window") or {}).get("open") else 0)
-        info = families.InfoMetricFamily("lorad_active_version", "The adapter version serving now (none: the base "
-                                         "model)", labels=["version"])
+        yield families.StateSetMetricFamily(
+            "lorad_scheduler_state",
+            "What the daemon is doing",
+            value={name: name == state for name in SCHEDULER_STATES},
+        )
+        yield _gauge(
+            "lorad_scheduling_paused",
+            "1 while scheduled training is paused (lorad pause)",
+            1 if snap.get("scheduling_paused") else 0,
+        )
+        yield _gauge(
+            "lorad_backoff_failures",
+            "Failed jobs in a row (the scheduler backs off)",
+            (snap.get("schedule") or {}).get("failures") or 0,
+        )
+        yield _gauge(
+            "lorad_window_open",
+            "1 while a training window is open",
+            1 if (snap.get("next_window") or {}).get("open") else 0,
+        )
+        info = families.InfoMetricFamily(
+            "lorad_active_version", "The adapter version serving now (none: the base model)", labels=["version"]
+        )
         info.add_metric([snap.get("active_version") or "none"], {})
         yield info
 
         jobs = cyc.get("jobs") or {}
-        yield _labelled(families.CounterMetricFamily, "lorad_jobs", "state",
-                        {name: jobs.get(name, 0) for name in FINAL_STATES}, "Training jobs that ended, by final state")
+        yield _labelled(
+            families.CounterMetricFamily,
+            "lorad_jobs",
+            "state",
+            {name: jobs.get(name, 0) for name in FINAL_STATES},
+            "Training jobs that ended, by final state",
+        )
         cs = cyc.get("cycle_seconds") or {}
-        yield families.SummaryMetricFamily("lorad_cycle_duration_seconds", "Wall time of ended jobs (first start "
-                                           "to final state)", count_value=cs.get("count", 0),
-                                           sum_value=cs.get("sum", 0.0))
+        yield families.SummaryMetricFamily(
+            "lorad_cycle_duration_seconds",
+            "Wall time of ended jobs (first start to final state)",
+            count_value=cs.get("count", 0),
+            sum_value=cs.get("sum", 0.0),
+        )
         last = cyc.get("last_cycle") or {}
-        yield _gauge("lorad_last_cycle_duration_seconds", "Wall time of the job that ended last",
-                     last.get("duration_s"))
-        yield _gauge("lorad_last_training_tokens_per_second", "Training throughput of the job that ended last "
-                     "(its result.json)", last.get("tokens_per_s"))
-        yield _gauge("lorad_last_success_timestamp_seconds", "When the last cycle with a verdict (promoted or "
-                     "rejected) ended", cyc.get("last_success"))
-        yield _labelled(families.CounterMetricFamily, "lorad_promotions", None, {"": cyc.get("promotions", 0)},
-                        "Adapter promotions (the audit table)")
-        yield _labelled(families.CounterMetricFamily, "lorad_rollbacks", None, {"": cyc.get("rollbacks", 0)},
-                        "Adapter rollbacks (the audit table)")
+        yield _gauge(
+            "lorad_last_cycle_duration_seconds", "Wall time of the job that ended last", last.get("duration_s")
+        )
+        yield _gauge(
+            "lorad_last_training_tokens_per_second",
+            "Training throughput of the job that ended last (its result.json)",
+            last.get("tokens_per_s"),
+        )
+        yield _gauge(
+            "lorad_last_success_timestamp_seconds",
+            "When the last cycle with a verdict (promoted or rejected) ended",
+            cyc.get("last_success"),
+        )
+        yield _labelled(
+            families.CounterMetricFamily,
+            "lorad_promotions",
+            None,
+            {"": cyc.get("promotions", 0)},
+            "Adapter promotions (the audit table)",
+        )
+        yield _labelled(
+            families.CounterMetricFamily,
+            "lorad_rollbacks",
+            None,
+            {"": cyc.get("rollbacks", 0)},
+            "Adapter rollbacks (the audit table)",
+        )
 
         scores = cyc.get("scores") or {}
-        nll = families.GaugeMetricFamily("lorad_heldout_nll", "Held-out NLL of the active version and of the last "
-                                         "candidate, each as scored when it was the candidate",
-                                         labels=["adapter", "version"])
-        eps = families.GaugeMetricFamily("lorad_heldout_epsilon", "First-attempt guard acceptance on the held-out "
-                                         "set, scored like lorad_heldout_nll (only with evaluation.guard_command)",
-                                         labels=["adapter", "version"])
+        nll = families.GaugeMetricFamily(
+            "lorad_heldout_nll",
+            "Held-out NLL of the active version and of the last candidate, each as scored when it was the candidate",
+            labels=["adapter", "version"],
+        )
+        eps = families.GaugeMetricFamily(
+            "lorad_heldout_epsilon",
+            "First-attempt guard acceptance on the held-out "
+            "set, scored like lorad_heldout_nll (only with evaluation.guard_command)",
+            labels=["adapter", "version"],
+        )
         for label in ADAPTERS:
             score = scores.get(label) or {}
             for family, key in ((nll, "nll"), (eps, "epsilon")):
@@ -240,9 +325,13 @@ class Metrics:
                     family.add_metric([label, score["version"]], score[key])
         yield nll
         yield eps
-        yield _labelled(families.GaugeMetricFamily, "lorad_vllm_asleep", "url",
-                        {s["url"]: int(s["state"] != "awake") for s in snap.get("gpu_share") or []},
-                        "1 while a vLLM server that shares the GPU is asleep (or was not woken)")
+        yield _labelled(
+            families.GaugeMetricFamily,
+            "lorad_vllm_asleep",
+            "url",
+            {s["url"]: int(s["state"] != "awake") for s in snap.get("gpu_share") or []},
+            "1 while a vLLM server that shares the GPU is asleep (or was not woken)",
+        )
 
 
 def _gauge(name: str, documentation: str, value):
@@ -291,15 +380,24 @@ class Listener:
         ListenFailed: the address cannot be bound.
     """
 
-    def __init__(self, app: Callable, host: str, port: int, *, max_connections: int = MAX_CONNECTIONS,
-                 request_seconds: float = REQUEST_SECONDS, workers: int = WORKERS):
+    def __init__(
+        self,
+        app: Callable,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_seconds: float = REQUEST_SECONDS,
+        workers: int = WORKERS,
+    ):
         self.app = app
         self.max_connections = max_connections
         self.request_seconds = request_seconds
         self._n_workers = workers
         try:
-            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+                0
+            ]
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -309,8 +407,9 @@ class Listener:
                 sock.close()
                 raise
         except OSError as e:
-            raise ListenFailed(f"metrics.listen: cannot listen on {host}:{port}: "
-                               f"{getattr(e, 'strerror', None) or e}") from None
+            raise ListenFailed(
+                f"metrics.listen: cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}"
+            ) from None
         sock.setblocking(False)
         self._sock = sock
         self.port: int = sock.getsockname()[1]
@@ -446,13 +545,23 @@ class Listener:
         """The whole HTTP response to a request head (None: one over ``MAX_HEAD`` bytes)."""
         environ = _environ(head) if head is not None else None
         if environ is None:
-            status, headers, body = ("431 Request Header Fields Too Large" if head is None else "400 Bad Request"), [], b""
+            status, headers, body = (
+                ("431 Request Header Fields Too Large" if head is None else "400 Bad Request"),
+                [],
+                b"",
+            )
         else:
             reply: list = []
             body = b"".join(self.app(environ, lambda status, headers, exc_info=None: reply.extend((status, headers))))
             status, headers = reply
-        lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers),
-                 f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        lines = [
+            f"HTTP/1.1 {status}",
+            *(f"{k}: {v}" for k, v in headers),
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            "",
+            "",
+        ]
         return "\r\n".join(lines).encode("latin-1") + body
 
 

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorad.daemon.protocol import socket_path_problem
 
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
-def problems(settings) -> list[str]:
+
+def problems(settings: Settings) -> list[str]:
     """Each problem as ``key: what is wrong``; empty when the daemon can start.
 
     Creates the state directory (and the buffer's and socket's folders) when missing, as
@@ -28,15 +33,15 @@ def problems(settings) -> list[str]:
     if problem:
         found.append(f"{key_of_socket}: {problem}")
     found += unwritable(settings, [] if problem else [(key_of_socket, socket.parent)])
-    from lorad.release.gguf import PUBLISH_KINDS, base_problem, publish_base
+    from lorad.release.gguf import PUBLISH_KINDS, base_problem, table_base
 
     for i, table in enumerate(settings.publish):
-        if table.kind in PUBLISH_KINDS and (problem := base_problem(publish_base([table], settings.training.base_model))):
+        if table.kind in PUBLISH_KINDS and (problem := base_problem(table_base(table, settings.training.base_model))):
             found.append(f"publish[{i}].base: {problem}")
     return found
 
 
-def unwritable(settings, more: list[tuple[str, Path]] = ()) -> list[str]:
+def unwritable(settings: Settings, more: Sequence[tuple[str, Path]] = ()) -> list[str]:
     """``key: why`` for each place lorad writes that it cannot: the state directory, the
     buffer's folder, and ``more`` (key, folder). `lorad ingest` and `lorad train` check these
     too, before they open the buffer."""
@@ -54,7 +59,7 @@ def unwritable(settings, more: list[tuple[str, Path]] = ()) -> list[str]:
     return found
 
 
-def socket_key(settings) -> str:
+def socket_key(settings: Settings) -> str:
     """The setting that decides where the socket is (for messages about it)."""
     if settings.daemon.socket:
         return "daemon.socket"

@@ -160,8 +160,10 @@ def socket_path_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be a Unix socket address, or None."""
     size = len(os.fsencode(str(path)))
     if size > MAX_SOCKET_PATH:
-        return (f"{path} is {size} bytes long; a Unix socket path can be at most "
-                f"{MAX_SOCKET_PATH} bytes (choose a shorter daemon.socket or daemon.state_dir)")
+        return (
+            f"{path} is {size} bytes long; a Unix socket path can be at most "
+            f"{MAX_SOCKET_PATH} bytes (choose a shorter daemon.socket or daemon.state_dir)"
+        )
     return None
 
 
@@ -228,8 +230,10 @@ def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
             return
         except BlockingIOError:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DaemonTimeout(f"the daemon did not take the connection within {timeout:g} s "
-                                    "(its queue stayed full); nothing was sent") from None
+                raise DaemonTimeout(
+                    f"the daemon did not take the connection within {timeout:g} s "
+                    "(its queue stayed full); nothing was sent"
+                ) from None
             time.sleep(0.005)
 
 
@@ -254,20 +258,24 @@ def request(path: str | Path, command: str, timeout: float | None = 30.0, **argu
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise DaemonUnavailable(f"no lorad daemon is running (nothing listens on {path}: {e.strerror})") from None
         except PermissionError:
-            raise DaemonUnavailable(f"permission denied on {path}: ask for membership of the daemon's "
-                                    "allowed_group, or run as its user") from None
+            raise DaemonUnavailable(
+                f"permission denied on {path}: ask for membership of the daemon's allowed_group, or run as its user"
+            ) from None
         try:
             sock.sendall(encode({"command": command, **arguments}))
         except BrokenPipeError:
             pass  # refused mid-send (too large, not allowed): the reason is waiting to be read
         except TimeoutError:  # the line never ended, so the daemon cannot have acted on it
-            raise DaemonTimeout(f"the daemon did not take the request within {timeout:g} s; "
-                                "nothing was applied") from None
+            raise DaemonTimeout(
+                f"the daemon did not take the request within {timeout:g} s; nothing was applied"
+            ) from None
         try:
             line = read_line(sock, MAX_RESPONSE)
         except TimeoutError:
-            raise DaemonTimeout(f"the daemon did not answer within {timeout:g} s; the request was sent "
-                                "and may still have been applied (check before repeating it)") from None
+            raise DaemonTimeout(
+                f"the daemon did not answer within {timeout:g} s; the request was sent "
+                "and may still have been applied (check before repeating it)"
+            ) from None
         except ConnectionResetError:
             raise DaemonUnavailable("the daemon closed the connection") from None
     finally:

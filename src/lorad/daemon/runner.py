@@ -12,11 +12,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorad import cycle
 from lorad.training import supervisor
 from lorad.training.jobdir import STAGE_EVALUATING
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 class JobRunner(threading.Thread):
@@ -31,8 +34,13 @@ class JobRunner(threading.Thread):
             its effects in status.
     """
 
-    def __init__(self, settings, job: dict, window_end: float | None = None,
-                 on_concluded: Callable[[Any], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        job: dict,
+        window_end: float | None = None,
+        on_concluded: Callable[[Any], None] | None = None,
+    ):
         super().__init__(name=f"lorad-job-{job['job_id']}", daemon=True)
         self.settings = settings
         self.job = job
@@ -67,10 +75,15 @@ class JobRunner(threading.Thread):
 
     def info(self) -> dict:
         with self._lock:
-            return {"job_id": self.job_id, "state": self.state, "trigger": self.job["trigger"],
-                    "progress": dict(self.progress) if self.progress else None,
-                    "started_at": self.started, "stopping": self._stop_request.mode if self._stop_request.requested else None,
-                    "window_end": self.window_end}
+            return {
+                "job_id": self.job_id,
+                "state": self.state,
+                "trigger": self.job["trigger"],
+                "progress": dict(self.progress) if self.progress else None,
+                "started_at": self.started,
+                "stopping": self._stop_request.mode if self._stop_request.requested else None,
+                "window_end": self.window_end,
+            }
 
     def pause(self, reason: str) -> None:
         self._stop_request.pause(reason)
@@ -98,6 +111,12 @@ class JobRunner(threading.Thread):
 
     def run(self) -> None:
         self.outcome = cycle.run(
-            self.settings, self.job_id, holder=f"the daemon, job {self.job_id}", window_end=self.window_end,
-            stop=self._stop_request, on_progress=self._on_progress, on_state=self._on_state,
-            on_concluded=self.on_concluded)
+            self.settings,
+            self.job_id,
+            holder=f"the daemon, job {self.job_id}",
+            window_end=self.window_end,
+            stop=self._stop_request,
+            on_progress=self._on_progress,
+            on_state=self._on_state,
+            on_concluded=self.on_concluded,
+        )

@@ -24,7 +24,7 @@ class Window:
     end: int
 
     @classmethod
-    def parse(cls, text: str) -> "Window":
+    def parse(cls, text: str) -> Window:
         a, b = text.split("-")
         (h1, m1), (h2, m2) = (map(int, a.split(":")), map(int, b.split(":")))
         return cls(h1 * 60 + m1, h2 * 60 + m2)
@@ -84,7 +84,10 @@ class Schedule:
 
     def _at_offset(self, instant: datetime) -> datetime:
         local = instant.astimezone(self.tz)
-        return local.replace(tzinfo=timezone(local.utcoffset(), local.tzname()))
+        offset, name = local.utcoffset(), local.tzname()
+        if offset is None or name is None:  # never: astimezone gives an aware datetime
+            return local
+        return local.replace(tzinfo=timezone(offset, name))
 
     def open_window(self, now: datetime) -> tuple[datetime, datetime] | None:
         """(start, end) of the window open at ``now``, or None when none is."""
@@ -94,9 +97,9 @@ class Schedule:
             for back in (0, 1):  # today's window, or yesterday's crossing midnight
                 opens = day - timedelta(days=back)
                 start, end = self.bounds(w, opens)
-                if _utc(start) <= _utc(now) < _utc(end) and self._allowed(opens):
-                    if best is None or _utc(end) > _utc(best[1]):
-                        best = (start, end)
+                is_open = _utc(start) <= _utc(now) < _utc(end) and self._allowed(opens)
+                if is_open and (best is None or _utc(end) > _utc(best[1])):
+                    best = (start, end)
         return best
 
     def next_window(self, now: datetime) -> tuple[datetime, datetime] | None:
@@ -105,8 +108,12 @@ class Schedule:
         if current:
             return current
         day = now.astimezone(self.tz).date()
-        starts = [self.bounds(w, day + timedelta(days=ahead)) for w in self.windows for ahead in range(8)
-                  if self._allowed(day + timedelta(days=ahead))]
+        starts = [
+            self.bounds(w, day + timedelta(days=ahead))
+            for w in self.windows
+            for ahead in range(8)
+            if self._allowed(day + timedelta(days=ahead))
+        ]
         later = [b for b in starts if _utc(b[0]) > _utc(now)]
         return min(later, key=lambda b: _utc(b[0])) if later else None
 
@@ -133,9 +140,19 @@ class Decision:
     job_id: str | None = None
 
 
-def decide(*, window_open: bool, running: dict | None, queued: list[dict], paused: list[dict],
-           scheduling_paused: bool, new_examples: int, min_new_examples: int,
-           gpu_busy: bool | None, now_ts: float, backoff_until: float) -> Decision:
+def decide(
+    *,
+    window_open: bool,
+    running: dict | None,
+    queued: list[dict],
+    paused: list[dict],
+    scheduling_paused: bool,
+    new_examples: int,
+    min_new_examples: int,
+    gpu_busy: bool | None,
+    now_ts: float,
+    backoff_until: float,
+) -> Decision:
     """The scheduler's choice at one instant, from plain values.
 
     Args:

@@ -25,19 +25,19 @@ import structlog
 
 from lorad import config as config_mod
 from lorad import events, release
-from lorad.release import gpu_share
 from lorad.buffer.job_table import FINAL, JobNotFound, JobStore
 from lorad.buffer.store import Buffer
 from lorad.config import ConfigError, Settings
 from lorad.daemon import protocol
 from lorad.daemon.control import Access, ControlServer, Peer, SocketInUse
-from lorad.daemon.runner import JobRunner
 from lorad.daemon.metrics import ListenFailed, Metrics, cycle_values
-from lorad.release.registry import Registry
+from lorad.daemon.runner import JobRunner
 from lorad.daemon.schedule import Schedule, backoff_delay, decide, gpu_busy
 from lorad.daemon.systemd import Notifier
 from lorad.daemon.waker import Waker
 from lorad.daemon.watcher import IngestLoop, Watcher
+from lorad.release import gpu_share
+from lorad.release.registry import Registry
 
 log = structlog.get_logger()
 
@@ -128,9 +128,12 @@ class Service:
             self.metrics.listen(s.metrics.host, s.metrics.port)
         self._start_ingest()
         self._refresh_snapshot()  # the first status answer is already a real one
-        self.control = ControlServer(s.daemon.socket_path, self._handle,
-                                     Access(s.daemon.allowed_uids, s.daemon.allowed_group),
-                                     max_per_uid=s.daemon.max_connections_per_uid)
+        self.control = ControlServer(
+            s.daemon.socket_path,
+            self._handle,
+            Access(s.daemon.allowed_uids, s.daemon.allowed_group),
+            max_per_uid=s.daemon.max_connections_per_uid,
+        )
         self.control.start()
         if conclude_now:
             self._start_job(conclude_now[0], None, "finishing a conclusion that a restart interrupted")
@@ -138,8 +141,13 @@ class Service:
         self._ready = True
         self._last_status_line = self._status_line()
         self.notifier.ready(self._last_status_line)
-        log.info(events.DAEMON_STARTED, pid=os.getpid(), socket=str(s.daemon.socket_path),
-                 state_dir=str(s.state_dir), sources=[src.key for src in s.store.sources])
+        log.info(
+            events.DAEMON_STARTED,
+            pid=os.getpid(),
+            socket=str(s.daemon.socket_path),
+            state_dir=str(s.state_dir),
+            sources=[src.key for src in s.store.sources],
+        )
 
     def _start_ingest(self) -> None:
         from lorad.sources import AtomicGuardSource, open_sources
@@ -151,13 +159,26 @@ class Service:
         self.watcher = Watcher(roots)
         self.watcher.start()  # before the first scan: nothing written meanwhile is missed
         self.ingest = IngestLoop(
-            Buffer(s.buffer_path, s.buffer.synchronous), readers, self.watcher, s.buffer.batch_size,
-            s.schedule.debounce_seconds, s.schedule.reconcile_interval, s.store.settle_seconds,
-            on_ingest=self.metrics.count_ingest, on_quiet=self._refresh_examples)
+            Buffer(s.buffer_path, s.buffer.synchronous),
+            readers,
+            self.watcher,
+            s.buffer.batch_size,
+            s.schedule.debounce_seconds,
+            s.schedule.reconcile_interval,
+            s.store.settle_seconds,
+            on_ingest=self.metrics.count_ingest,
+            on_quiet=self._refresh_examples,
+        )
         report = self.ingest.reconcile()  # catch up before reporting ready
         self._refresh_examples(self.ingest.buffer)  # the first status counts are current
-        log.info(events.STORE_RECONCILED, new=report.new, updated=report.updated, unchanged=report.unchanged,
-                 quarantined=report.quarantined, errors=report.errors)
+        log.info(
+            events.STORE_RECONCILED,
+            new=report.new,
+            updated=report.updated,
+            unchanged=report.unchanged,
+            quarantined=report.quarantined,
+            errors=report.errors,
+        )
         self.ingest.start()
 
     def _stop_ingest(self) -> None:
@@ -178,8 +199,11 @@ class Service:
             try:
                 change.result(max(0.0, hooks_until - time.monotonic()))
             except FutureTimeout:
-                log.warning(events.PUBLISH_INTERRUPTED, what="a promote or rollback by request",
-                            reason="its publish hooks outlasted the stop; the pointer change stands")
+                log.warning(
+                    events.PUBLISH_INTERRUPTED,
+                    what="a promote or rollback by request",
+                    reason="its publish hooks outlasted the stop; the pointer change stands",
+                )
         self.control.stop()
         self.metrics.stop()
         self.waker.stop()
@@ -197,9 +221,12 @@ class Service:
         deadline = time.monotonic() + STOP_TIMEOUT
         while runner.is_alive() and time.monotonic() < deadline:
             if runner.concluding and time.monotonic() >= hooks_until:
-                log.warning(events.PUBLISH_INTERRUPTED, what=f"job {runner.job_id}'s conclusion",
-                            job_id=runner.job_id, reason="its publish hooks outlasted the stop; the next start "
-                                                         "finishes the conclusion")
+                log.warning(
+                    events.PUBLISH_INTERRUPTED,
+                    what=f"job {runner.job_id}'s conclusion",
+                    job_id=runner.job_id,
+                    reason="its publish hooks outlasted the stop; the next start finishes the conclusion",
+                )
                 return
             runner.join(0.1)
         if runner.is_alive():
@@ -279,28 +306,41 @@ class Service:
         now = datetime.now(timezone.utc)
         window = self.schedule.open_window(now)
         queued, paused = self.jobs.waiting()
-        running = self.runner.info() if self.runner is not None and self.runner.is_alive() else None
+        runner = self.runner if self.runner is not None and self.runner.is_alive() else None
+        running = runner.info() if runner is not None else None
         new = self._snapshot.get("buffer", {}).get("untrained_examples", 0)
         busy = gpu_busy(s.gpu_busy_percent) if running is None and (queued or paused or window) else None
-        d = decide(window_open=window is not None, running=running, queued=queued, paused=paused,
-                   scheduling_paused=self.scheduling_paused, new_examples=new,
-                   min_new_examples=s.min_new_examples, gpu_busy=busy, now_ts=time.time(),
-                   backoff_until=self.backoff_until)
+        d = decide(
+            window_open=window is not None,
+            running=running,
+            queued=queued,
+            paused=paused,
+            scheduling_paused=self.scheduling_paused,
+            new_examples=new,
+            min_new_examples=s.min_new_examples,
+            gpu_busy=busy,
+            now_ts=time.time(),
+            backoff_until=self.backoff_until,
+        )
         if d.reason != self.last_decision and d.action == "wait":
             log.debug(events.SCHEDULE_WAITED, reason=d.reason)
         self.last_decision = d.reason
-        if d.action == "pause":
-            if not self.runner.stopping:
+        if d.action == "pause":  # decided only while a job runs
+            if runner is not None and not runner.stopping:
                 log.info(events.JOB_PAUSING, job_id=d.job_id, reason=d.reason)
-                self.runner.pause(d.reason)
+                runner.pause(d.reason)
         elif d.action in ("start", "resume"):
             job = self.jobs.get(d.job_id) if d.job_id else self.jobs.create("window")
             window_end = window[1].timestamp() if window and job["trigger"] == "window" else None
             self._start_job(job, window_end, d.reason)
 
     def _start_job(self, job: dict, window_end: float | None, reason: str) -> None:
-        log.info(events.JOB_STARTED if job["state"] == "queued" else events.JOB_RESUMED, job_id=job["job_id"],
-                 trigger=job["trigger"], reason=reason)
+        log.info(
+            events.JOB_STARTED if job["state"] == "queued" else events.JOB_RESUMED,
+            job_id=job["job_id"],
+            trigger=job["trigger"],
+            reason=reason,
+        )
         self.runner = JobRunner(self.settings, job, window_end=window_end, on_concluded=self._refresh_snapshot)
         self.runner.start()
         self._refresh_snapshot()
@@ -312,8 +352,9 @@ class Service:
         state = runner.final_state
         if state == "failed":
             self.failures += 1
-            delay = backoff_delay(self.failures, self.settings.schedule.backoff_initial,
-                                  self.settings.schedule.backoff_max)
+            delay = backoff_delay(
+                self.failures, self.settings.schedule.backoff_initial, self.settings.schedule.backoff_max
+            )
             self.backoff_until = time.time() + delay
             log.warning(events.BACKOFF_STARTED, job_id=runner.job_id, reason=runner.reason, backoff_s=delay)
         elif state == "skipped":
@@ -356,11 +397,16 @@ class Service:
             self.notifier.notify("READY=1")
             return protocol.error(f"config reload refused, old config kept: {e}")
         old = self.settings
-        restart_needed = [k for k, a, b in (
-            ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
-            ("daemon.socket", old.daemon.socket_path, new.daemon.socket_path),
-            ("buffer.path", old.buffer_path, new.buffer_path),
-            ("metrics.listen", old.metrics.listen, new.metrics.listen)) if a != b]
+        restart_needed = [
+            k
+            for k, a, b in (
+                ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
+                ("daemon.socket", old.daemon.socket_path, new.daemon.socket_path),
+                ("buffer.path", old.buffer_path, new.buffer_path),
+                ("metrics.listen", old.metrics.listen, new.metrics.listen),
+            )
+            if a != b
+        ]
         if restart_needed:
             log.warning(events.CONFIG_RELOAD_PARTIAL, restart_needed=restart_needed)
             new = _keep_location(new, old)
@@ -368,8 +414,12 @@ class Service:
         self.schedule = _schedule(new)
         self.control.access = Access(new.daemon.allowed_uids, new.daemon.allowed_group)
         self.control.max_per_uid = new.daemon.max_connections_per_uid
-        if new.store != old.store or new.buffer != old.buffer or new.schedule.reconcile_interval != old.schedule.reconcile_interval \
-                or new.schedule.debounce_seconds != old.schedule.debounce_seconds:
+        if (
+            new.store != old.store
+            or new.buffer != old.buffer
+            or new.schedule.reconcile_interval != old.schedule.reconcile_interval
+            or new.schedule.debounce_seconds != old.schedule.debounce_seconds
+        ):
             self._stop_ingest()
             self._start_ingest()
         if new.logging != old.logging:
@@ -384,7 +434,7 @@ class Service:
 
     # -- status ---------------------------------------------------------------------------------
 
-    def _refresh_examples(self, buffer) -> None:
+    def _refresh_examples(self, buffer: Buffer) -> None:
         """In the ingest thread, once a burst of changes is over: keep the examples current."""
         from lorad.buffer import examples
 
@@ -415,16 +465,24 @@ class Service:
             "buffer": counts,
             "job": running,
             "scheduling_paused": self.scheduling_paused,
-            "next_window": {"start": nxt[0].isoformat(), "end": nxt[1].isoformat(),
-                            "open": nxt[0] <= now} if nxt else None,
-            "schedule": {"windows": list(self.settings.schedule.windows),
-                         "min_new_examples": self.settings.schedule.min_new_examples,
-                         "decision": self.last_decision,
-                         "backoff_until": self.backoff_until or None, "failures": self.failures},
-            "ingest": {"last": self.ingest.last_ingest or None, "watch_events": self.watcher.events,
-                       "last_reconcile_age_s": round(time.monotonic() - self.ingest.last_reconcile, 1)},
-            "gpu_share": gpu_share.server_states(self.settings.publish,
-                                                 gpu_share.records(JobStore((reader or self.reader).conn))),
+            "next_window": {"start": nxt[0].isoformat(), "end": nxt[1].isoformat(), "open": nxt[0] <= now}
+            if nxt
+            else None,
+            "schedule": {
+                "windows": list(self.settings.schedule.windows),
+                "min_new_examples": self.settings.schedule.min_new_examples,
+                "decision": self.last_decision,
+                "backoff_until": self.backoff_until or None,
+                "failures": self.failures,
+            },
+            "ingest": {
+                "last": self.ingest.last_ingest or None,
+                "watch_events": self.watcher.events,
+                "last_reconcile_age_s": round(time.monotonic() - self.ingest.last_reconcile, 1),
+            },
+            "gpu_share": gpu_share.server_states(
+                self.settings.publish, gpu_share.records(JobStore((reader or self.reader).conn))
+            ),
             "config": str(self.settings.source_path) if self.settings.source_path else None,
             "reloads": self.reloads,
             "torch_loaded": "torch" in sys.modules,
@@ -448,7 +506,10 @@ class Service:
                 step += f" ({p['phase']})"
             return f"job {job['job_id']} {job['state']}{step}"
         b = snap.get("buffer", {})
-        return f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, {b.get('untrained_examples', 0)} examples not yet trained on"
+        return (
+            f"{snap.get('state', 'starting')}; {b.get('artifacts', 0)} artifacts, "
+            f"{b.get('untrained_examples', 0)} examples not yet trained on"
+        )
 
     def status(self) -> dict:
         with self._snap_lock:
@@ -512,7 +573,7 @@ class Service:
     def _on_feedback(self, args: protocol.FeedbackArguments) -> dict:
         from lorad.daemon import feedback
 
-        def task(buffer):
+        def task(buffer: Buffer):
             response = feedback.write_feedback(buffer, args.record, update=args.update)
             self.ingest.mark_changed()
             return response
@@ -576,28 +637,37 @@ class Service:
         version, reason = args.version, args.reason or None
         if command == "promote" and not version:
             return protocol.error("promote needs a VERSION")
-        concluding = self._call(lambda: self.runner is not None and self.runner.is_alive()
-                                and self.runner.state == "evaluating")
+        concluding = self._call(
+            lambda: self.runner is not None and self.runner.is_alive() and self.runner.state == "evaluating"
+        )
         if concluding:
             return protocol.error("a job is concluding; try again in a moment")
         with self._change_lock:
             if self._change is not None and not self._change.done():
-                return protocol.error(f"{command}: another promote or rollback is still running (its publish "
-                                      "hooks may be waiting on a server); try again when it ends")
+                return protocol.error(
+                    f"{command}: another promote or rollback is still running (its publish "
+                    "hooks may be waiting on a server); try again when it ends"
+                )
             future = self._change = Future()
-        threading.Thread(target=self._run_change, args=(command, version, reason, future), name="lorad-release",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._run_change, args=(command, version, reason, future), name="lorad-release", daemon=True
+        ).start()
         while True:
             try:
                 return future.result(0.2)
             except FutureTimeout:
                 if gone():
-                    log.info(events.CONTROL_CLIENT_LEFT, command=command, version=version,
-                             reason="the change goes on without its client")
+                    log.info(
+                        events.CONTROL_CLIENT_LEFT,
+                        command=command,
+                        version=version,
+                        reason="the change goes on without its client",
+                    )
                     return protocol.error("the client went away")  # read by no one; frees the worker
                 if self._stopping:
-                    return protocol.error(f"the daemon is stopping; `lorad history` shows whether the {command} "
-                                          "was made")
+                    return protocol.error(
+                        f"the daemon is stopping; `lorad history` shows whether the {command} was made"
+                    )
 
     def _run_change(self, command: str, version: str | None, reason: str | None, future: Future) -> None:
         from lorad.release.registry import RegistryError
@@ -605,10 +675,13 @@ class Service:
         try:
             with Buffer(self.settings.buffer_path, self.settings.buffer.synchronous) as buffer:
                 if command == "promote":
+                    if not version:  # the command table makes it required
+                        raise RegistryError("promote needs a version")
                     done = release.promote(self.settings, buffer, version, reason=reason or "promoted by hand")
                 else:
-                    done = release.rollback(self.settings, buffer, version or None,
-                                            reason=reason or "rolled back by hand")
+                    done = release.rollback(
+                        self.settings, buffer, version or None, reason=reason or "rolled back by hand"
+                    )
             self._call(self._refresh_cycle_metrics)  # the main loop refreshes the status snapshot after an action
             future.set_result({"ok": True, **done})
         except RegistryError as e:

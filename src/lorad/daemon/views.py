@@ -16,6 +16,7 @@ from lorad.release.registry import Registry
 
 log = structlog.get_logger()
 
+
 def buffer_counts(reader: Buffer, registry: Registry | None = None) -> dict:
     """Headline counts for ``lorad status``, from a read-only connection.
 

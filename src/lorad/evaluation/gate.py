@@ -43,7 +43,7 @@ class Verdict:
         return {"promote": self.promote, "reasons": list(self.reasons)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Verdict":
+    def from_dict(cls, d: dict) -> Verdict:
         return cls(bool(d["promote"]), list(d.get("reasons", [])))
 
 
@@ -75,11 +75,16 @@ class Paired:
     def sentence(self, first: str, second: str, confidence: float) -> str:
         n = self.tasks
         least = detectable(n, confidence)
-        seen = (f"on {n} tasks a change shows from {least} tasks ({least / n:.0%}) gained with none lost"
-                if least else f"on {n} tasks no change can be significant")
-        return (f"first-attempt acceptance {first} {self.first}/{n} ({self.first / n:.1%}) -> {second} "
-                f"{self.second}/{n} ({self.second / n:.1%}): {self.gained} tasks gained, {self.lost} lost "
-                f"(exact McNemar p = {self.p:.4g}; significant below {1 - confidence:.4g}; {seen})")
+        seen = (
+            f"on {n} tasks a change shows from {least} tasks ({least / n:.0%}) gained with none lost"
+            if least
+            else f"on {n} tasks no change can be significant"
+        )
+        return (
+            f"first-attempt acceptance {first} {self.first}/{n} ({self.first / n:.1%}) -> {second} "
+            f"{self.second}/{n} ({self.second / n:.1%}): {self.gained} tasks gained, {self.lost} lost "
+            f"(exact McNemar p = {self.p:.4g}; significant below {1 - confidence:.4g}; {seen})"
+        )
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -88,7 +93,7 @@ def mcnemar_p(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -120,9 +125,16 @@ def paired_test(first: dict, second: dict) -> Paired | None:
         return None
     gained = tuple(k for k in shared if b[k] and not a[k])
     lost = tuple(k for k in shared if a[k] and not b[k])
-    return Paired(tasks=len(shared), first=sum(a[k] for k in shared), second=sum(b[k] for k in shared),
-                  gained=len(gained), lost=len(lost), p=mcnemar_p(len(gained), len(lost)),
-                  gained_tasks=gained, lost_tasks=lost)
+    return Paired(
+        tasks=len(shared),
+        first=sum(a[k] for k in shared),
+        second=sum(b[k] for k in shared),
+        gained=len(gained),
+        lost=len(lost),
+        p=mcnemar_p(len(gained), len(lost)),
+        gained_tasks=gained,
+        lost_tasks=lost,
+    )
 
 
 def decide(active: dict, candidate: dict, thresholds: Thresholds) -> Verdict:
@@ -176,8 +188,10 @@ def decide(active: dict, candidate: dict, thresholds: Thresholds) -> Verdict:
     else:
         drop = (a - c) / a
         improved = drop >= thresholds.min_improvement
-        loss_sentence = (f"held-out loss {a:.4f} -> {c:.4f} ({-drop:+.2%}); "
-                         f"a drop of at least {thresholds.min_improvement:.2%} is required")
+        loss_sentence = (
+            f"held-out loss {a:.4f} -> {c:.4f} ({-drop:+.2%}); "
+            f"a drop of at least {thresholds.min_improvement:.2%} is required"
+        )
 
     # First-attempt acceptance, as pairs: the other way to show progress, and a veto.
     better, eps_sentence = False, None
@@ -194,8 +208,11 @@ def decide(active: dict, candidate: dict, thresholds: Thresholds) -> Verdict:
     if improved or better:
         passed += [s for s in (loss_sentence, eps_sentence) if s]
     elif loss_sentence or eps_sentence:
-        failed.append("no improvement shown: " + "; ".join(s for s in (loss_sentence, eps_sentence) if s)
-                      + ("; first-attempt acceptance is not significantly better" if eps_sentence else ""))
+        failed.append(
+            "no improvement shown: "
+            + "; ".join(s for s in (loss_sentence, eps_sentence) if s)
+            + ("; first-attempt acceptance is not significantly better" if eps_sentence else "")
+        )
 
     return Verdict(not failed, failed or passed)
 
@@ -218,18 +235,19 @@ def decide_rollback(active: dict, previous: dict, threshold: float, confidence: 
     by more than ``threshold`` (relative).
     """
     pairs = paired_test(previous, active)
-    eps = pairs.sentence("previous", "active", confidence) if pairs is not None else None
-    if pairs is not None and pairs.worse(confidence):
-        return RollbackDecision(True, [eps + "; the active adapter is significantly worse"])
-    if pairs is not None and pairs.better(confidence):
-        return RollbackDecision(False, [eps + "; the active adapter is significantly better"])
-    tail = [eps + "; no significant difference"] if eps else []
+    tail = []
+    if pairs is not None:
+        eps = pairs.sentence("previous", "active", confidence)
+        if pairs.worse(confidence):
+            return RollbackDecision(True, [eps + "; the active adapter is significantly worse"])
+        if pairs.better(confidence):
+            return RollbackDecision(False, [eps + "; the active adapter is significantly better"])
+        tail = [eps + "; no significant difference"]
     a, p = active.get("nll", math.nan), previous.get("nll", math.nan)
     if not (_finite(a) and _finite(p)) or p <= 0:
         return RollbackDecision(False, [f"cannot compare held-out losses (active {a}, previous {p})"] + tail)
     rise = (a - p) / p
-    sentence = (f"active held-out loss {a:.4f} vs previous {p:.4f} ({rise:+.2%}); "
-                f"rollback above +{threshold:.2%}")
+    sentence = f"active held-out loss {a:.4f} vs previous {p:.4f} ({rise:+.2%}); rollback above +{threshold:.2%}"
     return RollbackDecision(rise > threshold, [sentence] + tail)
 
 
@@ -248,8 +266,10 @@ def keep_last_phase(earlier: dict, last: dict) -> tuple[bool, str]:
     pairs = paired_test(earlier, last)
     if pairs is None:
         return True, "the phases were not both scored by the guard; the GRPO phase's adapter is kept"
-    counts = (f"held-out first attempts SFT phase {pairs.first}/{pairs.tasks} -> GRPO phase "
-              f"{pairs.second}/{pairs.tasks} ({pairs.gained} gained, {pairs.lost} lost)")
+    counts = (
+        f"held-out first attempts SFT phase {pairs.first}/{pairs.tasks} -> GRPO phase "
+        f"{pairs.second}/{pairs.tasks} ({pairs.gained} gained, {pairs.lost} lost)"
+    )
     if pairs.gained > pairs.lost:
         return True, f"{counts}: the GRPO phase's adapter is the candidate"
     return False, f"{counts}: no gain, so the SFT phase's adapter is the candidate"

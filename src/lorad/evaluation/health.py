@@ -18,8 +18,7 @@ class Health:
     examples: int
 
 
-def check_finite_logits(model, tokenizer, rows: list[dict], *, batch_size: int,
-                        max_seq_length: int) -> Health:
+def check_finite_logits(model, tokenizer, rows: list[dict], *, batch_size: int, max_seq_length: int) -> Health:
     """Forward ``batch_size`` held-out rows (``prompt`` + ``completion``) and check every logit.
 
     Rows without a prompt/completion pair (DPO rows use ``chosen``) fall back to that answer.
@@ -27,18 +26,23 @@ def check_finite_logits(model, tokenizer, rows: list[dict], *, batch_size: int,
     """
     import torch
 
-    batch = [_messages(r) for r in rows[:batch_size]] or [[
-        {"role": "user", "content": "Write a function that adds two numbers."},
-        {"role": "assistant", "content": "def add(a, b):\n    return a + b"}]]
-    encoded = [list(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
-               [:max_seq_length] for m in batch]
+    batch = [_messages(r) for r in rows[:batch_size]] or [
+        [
+            {"role": "user", "content": "Write a function that adds two numbers."},
+            {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+        ]
+    ]
+    encoded = [
+        list(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])[:max_seq_length]
+        for m in batch
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, ids in enumerate(encoded):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[i, :len(ids)] = 1
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[i, : len(ids)] = 1
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -56,8 +60,9 @@ def check_finite_logits(model, tokenizer, rows: list[dict], *, batch_size: int,
             kinds.append("NaN")
         if torch.isinf(values).any():
             kinds.append("Inf")
-        return Health(False, f"{bad} non-finite logits ({'/'.join(kinds)}) on a held-out batch of "
-                             f"{len(encoded)}", len(encoded))
+        return Health(
+            False, f"{bad} non-finite logits ({'/'.join(kinds)}) on a held-out batch of {len(encoded)}", len(encoded)
+        )
     return Health(True, "finite logits on a held-out batch", len(encoded))
 
 

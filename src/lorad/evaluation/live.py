@@ -17,8 +17,12 @@ from __future__ import annotations
 import math
 import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lorad.evaluation.gate import RollbackDecision
+
+if TYPE_CHECKING:
+    from lorad.config import Settings
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,13 @@ class Rate:
         return self.generated / self.attempts if self.attempts else math.nan
 
     def as_dict(self) -> dict:
-        return {"accepted": self.accepted, "attempts": self.attempts, "generated": self.generated,
-                "first_try": None if not self.attempts else self.value,
-                "mean_attempts": None if not self.attempts else self.mean_attempts}
+        return {
+            "accepted": self.accepted,
+            "attempts": self.attempts,
+            "generated": self.generated,
+            "first_try": None if not self.attempts else self.value,
+            "mean_attempts": None if not self.attempts else self.mean_attempts,
+        }
 
 
 def two_proportion_test(worse: Rate, better: Rate) -> tuple[float, float]:
@@ -67,14 +75,20 @@ def two_proportion_test(worse: Rate, better: Rate) -> tuple[float, float]:
 def decide_live(active: Rate, previous: Rate, confidence: float, min_attempts: int) -> RollbackDecision:
     """Whether the live numbers call for rolling the active version back."""
     if active.attempts < min_attempts or previous.attempts < min_attempts:
-        return RollbackDecision(False, [
-            f"not enough live first attempts yet (active {active.attempts}, previous "
-            f"{previous.attempts}; {min_attempts} each are needed)"])
+        return RollbackDecision(
+            False,
+            [
+                f"not enough live first attempts yet (active {active.attempts}, previous "
+                f"{previous.attempts}; {min_attempts} each are needed)"
+            ],
+        )
     z, p = two_proportion_test(active, previous)
-    sentence = (f"live first-attempt acceptance {active.value:.1%} ({active.accepted}/{active.attempts}, "
-                f"{active.mean_attempts:.2f} attempts a task) vs previous {previous.value:.1%} "
-                f"({previous.accepted}/{previous.attempts}, {previous.mean_attempts:.2f} attempts a task): "
-                f"z = {z:.2f}, one-sided p = {p:.4f}")
+    sentence = (
+        f"live first-attempt acceptance {active.value:.1%} ({active.accepted}/{active.attempts}, "
+        f"{active.mean_attempts:.2f} attempts a task) vs previous {previous.value:.1%} "
+        f"({previous.accepted}/{previous.attempts}, {previous.mean_attempts:.2f} attempts a task): "
+        f"z = {z:.2f}, one-sided p = {p:.4f}"
+    )
     alpha = 1 - confidence
     if p < alpha:
         return RollbackDecision(True, [sentence + f" < {alpha:.4g}: significantly worse"])
@@ -102,7 +116,9 @@ def live_counts(conn: sqlite3.Connection, metadata_key: str, versions: list[str]
               WHERE metadata IS NOT NULL AND json_valid(metadata) AND json_extract(metadata, ?) IS NOT NULL
                 AND status != 'pending')
         GROUP BY tag
-        """, (path, path)).fetchall()
+        """,
+        (path, path),
+    ).fetchall()
     counts = {v: [0, 0, 0] for v in versions}
     for tag, accepted, total, generated in rows:
         tag = str(tag)
@@ -115,7 +131,7 @@ def live_counts(conn: sqlite3.Connection, metadata_key: str, versions: list[str]
     return {v: Rate(a, n, g) for v, (a, n, g) in counts.items()}
 
 
-def live_rates(settings, versions: list[str]) -> dict[str, Rate]:
+def live_rates(settings: Settings, versions: list[str]) -> dict[str, Rate]:
     """version -> Rate from the state directory's buffer, for `lorad history` and `lorad report`;
     {} without a buffer or a live_metadata_key. Read-only: safe beside a running daemon."""
     from lorad.buffer.store import Buffer, BufferError

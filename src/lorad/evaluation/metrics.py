@@ -39,10 +39,18 @@ _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _CLOSED_BLOCK = re.compile(r"```[^\n`]*\n.*?```", re.DOTALL)
 
 
-def evaluate(model, tokenizer, heldout_rows: list[dict], *, adapters: dict[str, str | None],
-             batch_size: int, max_seq_length: int, guard_command: list[str] | tuple = (),
-             guard_timeout: float = EvaluationSettings.guard_timeout,
-             max_new_tokens: int = EvaluationSettings.max_new_tokens) -> dict[str, dict]:
+def evaluate(
+    model,
+    tokenizer,
+    heldout_rows: list[dict],
+    *,
+    adapters: dict[str, str | None],
+    batch_size: int,
+    max_seq_length: int,
+    guard_command: list[str] | tuple = (),
+    guard_timeout: float = EvaluationSettings.guard_timeout,
+    max_new_tokens: int = EvaluationSettings.max_new_tokens,
+) -> dict[str, dict]:
     """Score several adapters of one model on the same held-out rows.
 
     Args:
@@ -70,9 +78,14 @@ def evaluate(model, tokenizer, heldout_rows: list[dict], *, adapters: dict[str, 
         with _active(model, adapter):
             metrics = score_loss(model, tokenizer, encoded, batch_size)
             if samples:
-                answers = generate(model, tokenizer, [row["prompt"] for row in samples],
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   max_seq_length=max_seq_length)
+                answers = generate(
+                    model,
+                    tokenizer,
+                    [row["prompt"] for row in samples],
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    max_seq_length=max_seq_length,
+                )
                 metrics |= guard_answers(samples, answers, guard_command, guard_timeout)
         results[label] = metrics
     return results
@@ -95,7 +108,7 @@ def encode_example(tokenizer, row: dict, max_seq_length: int) -> tuple[list[int]
     prompt_ids = _chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)
     full_ids = _chat_ids(tokenizer, row["prompt"] + row["completion"])
     start = 0
-    for a, b in zip(prompt_ids, full_ids):
+    for a, b in zip(prompt_ids, full_ids, strict=False):  # the common prefix
         if a != b:
             break
         start += 1
@@ -103,8 +116,9 @@ def encode_example(tokenizer, row: dict, max_seq_length: int) -> tuple[list[int]
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=add_generation_prompt)
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
     return list(out["input_ids"])
 
 
@@ -118,27 +132,31 @@ def score_loss(model, tokenizer, encoded: list[tuple[list[int], int]], batch_siz
     model.eval()
     with torch.no_grad():
         for i in range(0, len(encoded), batch_size):
-            batch = encoded[i:i + batch_size]
+            batch = encoded[i : i + batch_size]
             width = max(len(ids) for ids, _ in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)
             for j, (ids, start) in enumerate(batch):
-                input_ids[j, :len(ids)] = torch.tensor(ids)
-                attention[j, :len(ids)] = 1
-                labels[j, start:len(ids)] = torch.tensor(ids[start:], dtype=torch.long)
+                input_ids[j, : len(ids)] = torch.tensor(ids)
+                attention[j, : len(ids)] = 1
+                labels[j, start : len(ids)] = torch.tensor(ids[start:], dtype=torch.long)
             # Position t predicts token t+1, so only positions from the earliest answer's start
             # on need the LM head: over a 49k vocabulary the prompts' logits were most of
             # evaluation's memory (6.2 GB for 8 SmolLM2 rows, above training's peak).
             first = max(min(start for _, start in batch) - 1, 0)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                           logits_to_keep=width - first).logits  # positions first .. width-1
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=width - first
+            ).logits  # positions first .. width-1
             shift_logits = logits[:, :-1, :].float()
-            shift_labels = labels[:, first + 1:].to(device)
+            shift_labels = labels[:, first + 1 :].to(device)
             nll = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                ignore_index=-100, reduction="none").view(shift_labels.shape)
-            counted = (shift_labels != -100)
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(shift_labels.shape)
+            counted = shift_labels != -100
             total += float(nll[counted].sum())
             tokens += int(counted.sum())
             examples += int(counted.any(dim=1).sum())
@@ -149,8 +167,9 @@ def score_loss(model, tokenizer, encoded: list[tuple[list[int], int]], batch_siz
     return {"nll": mean, "perplexity": perplexity, "tokens": tokens, "examples": examples}
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
-             max_seq_length: int) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int, max_seq_length: int
+) -> list[str]:
     """Greedy first-attempt answers, batched with left padding (so all rows end together)."""
     import torch
 
@@ -160,20 +179,27 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, ma
     model.eval()
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            ids = [_chat_ids(tokenizer, p, add_generation_prompt=True)[-max_seq_length:]
-                   for p in prompts[i:i + batch_size]]
+            ids = [
+                _chat_ids(tokenizer, p, add_generation_prompt=True)[-max_seq_length:]
+                for p in prompts[i : i + batch_size]
+            ]
             width = max(len(x) for x in ids)
             input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
             attention = torch.zeros((len(ids), width), dtype=torch.long)
             for j, x in enumerate(ids):
-                input_ids[j, width - len(x):] = torch.tensor(x)
-                attention[j, width - len(x):] = 1
+                input_ids[j, width - len(x) :] = torch.tensor(x)
+                attention[j, width - len(x) :] = 1
             # The guard reads the first fenced block only: a row ends once it has closed one
             # (SmolLM2 writes prose after its code, to the token budget, in most answers).
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 logits_processor=[first_block_closer(tokenizer, width)])
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+                logits_processor=[first_block_closer(tokenizer, width)],
+            )
             for row in out[:, width:]:
                 answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
     return answers
@@ -203,7 +229,8 @@ def first_block_closer(tokenizer, prompt_length: int):
                     # Why decode the whole completion only after a backtick: it is the only
                     # token that can close a block, and decoding every row each step is slow.
                     if "`" in last and closes_first_block(
-                            tokenizer.decode(input_ids[row, prompt_length:].tolist(), skip_special_tokens=True)):
+                        tokenizer.decode(input_ids[row, prompt_length:].tolist(), skip_special_tokens=True)
+                    ):
                         self.closed.add(row)
                 if row in self.closed:
                     scores[row] = torch.full_like(scores[row], float("-inf"))
@@ -219,8 +246,7 @@ def extract_code(answer: str) -> str:
     return (m.group(1) if m else answer).strip("\n") + "\n"
 
 
-def run_guard(command: list[str] | tuple, artifact: str, specification: str,
-              timeout: float) -> tuple[bool, str]:
+def run_guard(command: list[str] | tuple, artifact: str, specification: str, timeout: float) -> tuple[bool, str]:
     """Run the guard once: artifact on stdin, specification in $LORAD_SPECIFICATION.
 
     Returns:
@@ -229,8 +255,7 @@ def run_guard(command: list[str] | tuple, artifact: str, specification: str,
     """
     env = dict(os.environ, LORAD_SPECIFICATION=specification)
     try:
-        proc = subprocess.run(list(command), input=artifact, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(list(command), input=artifact, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"guard timed out after {timeout:g}s"
     except OSError as e:
@@ -239,21 +264,31 @@ def run_guard(command: list[str] | tuple, artifact: str, specification: str,
     return proc.returncode == 0, feedback[:FEEDBACK_CHARS]
 
 
-def guard_answers(rows: list[dict], answers: list[str], command, timeout: float,
-                  workers: int | None = None) -> dict[str, Any]:
+def guard_answers(
+    rows: list[dict], answers: list[str], command, timeout: float, workers: int | None = None
+) -> dict[str, Any]:
     """Guard every answer in parallel; ε = accepted / generated."""
     workers = workers or min(8, max(2, os.cpu_count() or 2))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        verdicts = list(pool.map(
-            lambda pair: run_guard(command, extract_code(pair[1]), pair[0].get("specification", ""),
-                                   timeout),
-            zip(rows, answers)))
+        verdicts = list(
+            pool.map(
+                lambda pair: run_guard(command, extract_code(pair[1]), pair[0].get("specification", ""), timeout),
+                zip(rows, answers, strict=True),
+            )
+        )
     accepted = sum(ok for ok, _ in verdicts)
     return {
         "epsilon": accepted / len(answers) if answers else float("nan"),
         "accepted": accepted,
         "generated": len(answers),
-        "guard": [{"task_key": row.get("task_key") or row.get("chain_id"), "chain_id": row.get("chain_id"),
-                   "task": (row.get("specification") or "")[:TASK_CHARS], "accepted": ok, "feedback": fb}
-                  for row, (ok, fb) in zip(rows, verdicts)],
+        "guard": [
+            {
+                "task_key": row.get("task_key") or row.get("chain_id"),
+                "chain_id": row.get("chain_id"),
+                "task": (row.get("specification") or "")[:TASK_CHARS],
+                "accepted": ok,
+                "feedback": fb,
+            }
+            for row, (ok, fb) in zip(rows, verdicts, strict=True)
+        ],
     }

@@ -74,18 +74,36 @@ def summary(results: list[Attempted]) -> dict:
     per_family: dict = {}
     for family in sorted({r.family for r in asked}):
         members = [r for r in asked if r.family == family]
-        per_family[family] = {"tasks": len(members), "first_try": sum(r.first_try for r in members) / len(members),
-                              "never": sum(not r.accepted for r in members) / len(members)}
-    return {"tasks": n, "errors": len(results) - n,
-            "first_try": first / n if n else None, "after_retries": later / n if n else None,
-            "never": (n - first - later) / n if n else None,
-            "mean_attempts": sum(r.attempts for r in asked) / n if n else None,
-            "human_answers": sum(r.human for r in asked), "per_family": per_family,
-            "attempts_histogram": dict(sorted(Counter(r.attempts for r in asked).items()))}
+        per_family[family] = {
+            "tasks": len(members),
+            "first_try": sum(r.first_try for r in members) / len(members),
+            "never": sum(not r.accepted for r in members) / len(members),
+        }
+    return {
+        "tasks": n,
+        "errors": len(results) - n,
+        "first_try": first / n if n else None,
+        "after_retries": later / n if n else None,
+        "never": (n - first - later) / n if n else None,
+        "mean_attempts": sum(r.attempts for r in asked) / n if n else None,
+        "human_answers": sum(r.human for r in asked),
+        "per_family": per_family,
+        "attempts_histogram": dict(sorted(Counter(r.attempts for r in asked).items())),
+    }
 
 
-def run_round(tasks: list[Task], *, store: Path, url: str, model: str, version: str, rmax: int = 3,
-              workers: int = 8, human_answers: bool = False, timeout: float = 300.0) -> list[Attempted]:
+def run_round(
+    tasks: list[Task],
+    *,
+    store: Path,
+    url: str,
+    model: str,
+    version: str,
+    rmax: int = 3,
+    workers: int = 8,
+    human_answers: bool = False,
+    timeout: float = 300.0,
+) -> list[Attempted]:
     """Answer every task through atomicguard, ``workers`` at a time; each attempt lands in ``store``.
 
     Args:
@@ -117,8 +135,9 @@ def _dag(store: Path):
     return Dag(str(store))
 
 
-def _workflow(task: Task, dag, url: str, model: str, version: str, rmax: int, human_answers: bool,
-              timeout: float) -> Attempted:
+def _workflow(
+    task: Task, dag, url: str, model: str, version: str, rmax: int, human_answers: bool, timeout: float
+) -> Attempted:
     from atomicguard.application.action_pair import ActionPair
     from atomicguard.application.agent import DualStateAgent
     from atomicguard.domain.exceptions import RmaxExhausted
@@ -126,8 +145,14 @@ def _workflow(task: Task, dag, url: str, model: str, version: str, rmax: int, hu
 
     workflow_id = str(uuid.uuid4())
     generator = _generator(url, model, timeout, {"adapter_version": version, "family": task.family, "task": task.name})
-    agent = DualStateAgent(ActionPair(generator, _guard(task), PromptTemplate(**TEMPLATE)), dag, rmax=rmax,
-                           constraints=CONSTRAINTS, action_pair_id=ACTION_PAIR, workflow_id=workflow_id)
+    agent = DualStateAgent(
+        ActionPair(generator, _guard(task), PromptTemplate(**TEMPLATE)),
+        dag,
+        rmax=rmax,
+        constraints=CONSTRAINTS,
+        action_pair_id=ACTION_PAIR,
+        workflow_id=workflow_id,
+    )
     try:
         agent.execute(task.specification)
         return Attempted(task.name, task.family, generator.attempts, True)
@@ -167,23 +192,45 @@ def _guard(task: Task):
 
 def _store_human_answer(task: Task, dag, workflow_id: str) -> bool:
     """A person's answer after the generator's last rejected attempt, as an amendment."""
-    from atomicguard.domain.models import (Artifact, ArtifactId, ArtifactSource, ArtifactStatus, ContextSnapshot,
-                                           FeedbackEntry, GuardResult)
+    from atomicguard.domain.models import (
+        Artifact,
+        ArtifactId,
+        ArtifactSource,
+        ArtifactStatus,
+        ContextSnapshot,
+        FeedbackEntry,
+        GuardResult,
+    )
 
     ok, feedback = judge(task, task.solution)
     if not ok:
         return False
     tried = sorted(dag.get_by_workflow(workflow_id), key=lambda a: a.attempt_number)
     last = tried[-1] if tried else None
-    history = tuple(FeedbackEntry(artifact_id=a.artifact_id, feedback=a.guard_result.feedback)
-                    for a in tried if a.guard_result)
-    dag.store(Artifact(
-        artifact_id=ArtifactId(str(uuid.uuid4())), workflow_id=workflow_id, content=task.solution,
-        previous_attempt_id=last.artifact_id if last else None, parent_action_pair_id=None,
-        action_pair_id=ACTION_PAIR, created_at=datetime.now().isoformat(),
-        attempt_number=(last.attempt_number + 1) if last else 1, status=ArtifactStatus.ACCEPTED,
-        guard_result=GuardResult(passed=True, feedback=feedback, guard_name="tests"),
-        context=ContextSnapshot(workflow_id=workflow_id, specification=task.specification, constraints=CONSTRAINTS,
-                                feedback_history=history, dependency_artifacts=()),
-        source=ArtifactSource.HUMAN, metadata={"family": task.family, "task": task.name}))
+    history = tuple(
+        FeedbackEntry(artifact_id=a.artifact_id, feedback=a.guard_result.feedback) for a in tried if a.guard_result
+    )
+    dag.store(
+        Artifact(
+            artifact_id=ArtifactId(str(uuid.uuid4())),
+            workflow_id=workflow_id,
+            content=task.solution,
+            previous_attempt_id=last.artifact_id if last else None,
+            parent_action_pair_id=None,
+            action_pair_id=ACTION_PAIR,
+            created_at=datetime.now().isoformat(),
+            attempt_number=(last.attempt_number + 1) if last else 1,
+            status=ArtifactStatus.ACCEPTED,
+            guard_result=GuardResult(passed=True, feedback=feedback, guard_name="tests"),
+            context=ContextSnapshot(
+                workflow_id=workflow_id,
+                specification=task.specification,
+                constraints=CONSTRAINTS,
+                feedback_history=history,
+                dependency_artifacts=(),
+            ),
+            source=ArtifactSource.HUMAN,
+            metadata={"family": task.family, "task": task.name},
+        )
+    )
     return True

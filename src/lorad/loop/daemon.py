@@ -38,10 +38,22 @@ class Daemon:
     def log_path(self) -> Path:
         return self.work / "daemon.log"
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def exit_code(self) -> int | None:
+        """Its exit status once it has exited; None while it runs (or before it starts)."""
+        return self.process.poll() if self.process is not None else None
+
     def start(self, timeout: float = 120.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen([sys.executable, "-m", "lorad", "--config", str(self.config), "serve"],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=self.work)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lorad", "--config", str(self.config), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.work,
+        )
         log.close()
         self.wait_for(lambda status: True, timeout, "the daemon to answer")
 

@@ -18,8 +18,10 @@ from lorad.loop.tasks import Task, judge
 
 # What atomicguard's OpenAI-protocol generators (OllamaGenerator, HuggingFaceGenerator) send as
 # the system message of every request; tests/loop checks it against the library's own request.
-SYSTEM = ("You are a Python programming assistant. Provide complete, runnable code in a markdown block:\n"
-          "```python\n# code\n```")
+SYSTEM = (
+    "You are a Python programming assistant. Provide complete, runnable code in a markdown block:\n"
+    "```python\n# code\n```"
+)
 
 
 def first_attempt_messages(task: Task) -> list[dict]:
@@ -27,10 +29,13 @@ def first_attempt_messages(task: Task) -> list[dict]:
     from atomicguard.domain.models import AmbientEnvironment, Context
     from atomicguard.domain.prompts import PromptTemplate
 
-    context = Context(ambient=AmbientEnvironment(repository=None, constraints=agent.CONSTRAINTS),
-                      specification=task.specification)
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": PromptTemplate(**agent.TEMPLATE).render(context)}]
+    context = Context(
+        ambient=AmbientEnvironment(repository=None, constraints=agent.CONSTRAINTS), specification=task.specification
+    )
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": PromptTemplate(**agent.TEMPLATE).render(context)},
+    ]
 
 
 def extract(reply: str) -> str:
@@ -40,9 +45,11 @@ def extract(reply: str) -> str:
     return OllamaGenerator._extract_code(None, reply)  # uses no instance state
 
 
-def first_attempts(url: str, model: str, tasks: list[Task], *, workers: int = 8,
-                   max_tokens: int = server.MAX_NEW_TOKENS) -> dict[str, dict]:
+def first_attempts(
+    url: str, model: str, tasks: list[Task], *, workers: int = 8, max_tokens: int = server.MAX_NEW_TOKENS
+) -> dict[str, dict]:
     """task name -> {"accepted", "feedback", "answer"}: one greedy first attempt each."""
+
     def one(task: Task) -> tuple[str, dict]:
         reply = server.chat(url, model, first_attempt_messages(task), max_tokens=max_tokens, temperature=0.0)
         ok, feedback = judge(task, extract(reply))
@@ -52,13 +59,23 @@ def first_attempts(url: str, model: str, tasks: list[Task], *, workers: int = 8,
         return dict(pool.map(one, tasks))
 
 
-def any_pass(url: str, model: str, tasks: list[Task], *, n: int = 8, temperature: float = 1.0,
-             max_tokens: int = server.MAX_NEW_TOKENS, workers: int = 4) -> dict[str, int]:
+def any_pass(
+    url: str,
+    model: str,
+    tasks: list[Task],
+    *,
+    n: int = 8,
+    temperature: float = 1.0,
+    max_tokens: int = server.MAX_NEW_TOKENS,
+    workers: int = 4,
+) -> dict[str, int]:
     """task name -> how many of ``n`` sampled first attempts pass: what GRPO with the guard as
     reward can learn from (a task none passes gives every sample the same reward: no signal)."""
+
     def one(task: Task) -> tuple[str, int]:
-        replies = server.samples(url, model, first_attempt_messages(task), n=n, temperature=temperature,
-                                 max_tokens=max_tokens)
+        replies = server.samples(
+            url, model, first_attempt_messages(task), n=n, temperature=temperature, max_tokens=max_tokens
+        )
         return task.name, sum(judge(task, extract(r))[0] for r in replies)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -87,8 +104,10 @@ def rates(outcomes: dict[str, dict], tasks: list[Task]) -> dict:
     families: dict[str, list[str]] = {}
     for t in tasks:
         families.setdefault(t.family, []).append(t.name)
-    return {"all": rate(outcomes, [t.name for t in tasks]),
-            "per_family": {f: rate(outcomes, names) for f, names in sorted(families.items())}}
+    return {
+        "all": rate(outcomes, [t.name for t in tasks]),
+        "per_family": {f: rate(outcomes, names) for f, names in sorted(families.items())},
+    }
 
 
 def paired(first: dict[str, dict], second: dict[str, dict]) -> dict:

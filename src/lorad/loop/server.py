@@ -60,11 +60,30 @@ class VllmServer:
     def argv(self) -> list[str]:
         # `python -m` because the `vllm` script looks its version up under the wrong
         # distribution name in the CPU build.
-        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-                "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras),
-                "--dtype", self.dtype, "--max-model-len", "2048",
-                "--override-generation-config", json.dumps({"max_new_tokens": self.max_new_tokens})]
+        return [
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_dir,
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(self.max_lora_rank),
+            "--max-loras",
+            str(self.max_loras),
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            "2048",
+            "--override-generation-config",
+            json.dumps({"max_new_tokens": self.max_new_tokens}),
+        ]
 
     def start(self, timeout: float = 600.0) -> float:
         """Start the server and wait until it lists its model; returns the seconds it took.
@@ -72,17 +91,25 @@ class VllmServer:
         Raises:
             ServerError: it exited, or did not answer within ``timeout``.
         """
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-                   HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_NO_USAGE_STATS="1")
+        env = dict(
+            os.environ,
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+            HF_HUB_OFFLINE="1",
+            VLLM_TARGET_DEVICE="cpu",
+            VLLM_NO_USAGE_STATS="1",
+        )
         t0 = time.monotonic()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         while time.monotonic() - t0 < timeout:
             if self.process.poll() is not None:
-                raise ServerError(f"vLLM exited with code {self.process.returncode} while starting; "
-                                  f"see {self.log_path}")
+                raise ServerError(
+                    f"vLLM exited with code {self.process.returncode} while starting; see {self.log_path}"
+                )
             try:
                 if self.served_name in models(self.url):
                     return time.monotonic() - t0
@@ -107,7 +134,7 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         self.start()
         return self
 
@@ -121,8 +148,15 @@ def models(url: str, timeout: float = 10.0) -> list[str]:
     return [m["id"] for m in body.get("data", [])]
 
 
-def chat(url: str, model: str, messages: list[dict], *, max_tokens: int | None = None,
-         temperature: float = 0.0, timeout: float = 300.0) -> str:
+def chat(
+    url: str,
+    model: str,
+    messages: list[dict],
+    *,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    timeout: float = 300.0,
+) -> str:
     """One chat completion's text."""
     body: dict = {"model": model, "messages": messages, "temperature": temperature}
     if max_tokens is not None:
@@ -131,8 +165,9 @@ def chat(url: str, model: str, messages: list[dict], *, max_tokens: int | None =
     return reply["choices"][0]["message"]["content"] or ""
 
 
-def samples(url: str, model: str, messages: list[dict], *, n: int, temperature: float, max_tokens: int,
-            timeout: float = 600.0) -> list[str]:
+def samples(
+    url: str, model: str, messages: list[dict], *, n: int, temperature: float, max_tokens: int, timeout: float = 600.0
+) -> list[str]:
     """``n`` sampled completions of one prompt (one request)."""
     body = {"model": model, "messages": messages, "n": n, "temperature": temperature, "max_tokens": max_tokens}
     reply = json.loads(http_client.send(url, "POST", "/v1/chat/completions", body, timeout=timeout))
@@ -141,8 +176,7 @@ def samples(url: str, model: str, messages: list[dict], *, n: int, temperature: 
 
 def load_adapter(url: str, name: str, path: Path, timeout: float = 120.0) -> None:
     """Load a peft adapter directory under ``name`` (what lorad's vllm hook does on promotion)."""
-    http_client.send(url, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)},
-                     timeout=timeout)
+    http_client.send(url, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, timeout=timeout)
 
 
 def unload_adapter(url: str, name: str, timeout: float = 60.0) -> None:

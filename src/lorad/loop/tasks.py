@@ -51,11 +51,16 @@ def judge(task: Task, code: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]
     """Run ``task``'s tests on ``code`` in a fresh interpreter: (accepted, feedback)."""
     payload = json.dumps({"task": asdict(task), "code": code})
     try:
-        proc = subprocess.run([sys.executable, "-m", "lorad.loop.tasks", "--run"], input=payload,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lorad.loop.tasks", "--run"],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:g} s (an endless loop?)"
-    feedback = (proc.stdout.strip() or proc.stderr.strip()[-FEEDBACK_CHARS:] or f"exit {proc.returncode}")
+    feedback = proc.stdout.strip() or proc.stderr.strip()[-FEEDBACK_CHARS:] or f"exit {proc.returncode}"
     return proc.returncode == 0, feedback[:FEEDBACK_CHARS]
 
 

@@ -10,23 +10,31 @@ and status read (:func:`since_seq`, :func:`trained_seq`). Torch-free.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from lorad import events
 from lorad.release.registry import Change, Registry, RegistryError
 
+if TYPE_CHECKING:
+    from lorad.buffer.store import Buffer
+    from lorad.config import Settings
+
 log = structlog.get_logger()
 
 
-def open_registry(settings, buffer=None) -> Registry:
+def open_registry(settings: Settings, buffer: Buffer | None = None) -> Registry:
     """The registry under ``settings.state_dir``; its changes go to ``buffer``'s audit table when given."""
-    return Registry(settings.state.adapters, settings.registry.keep, settings.registry.keep_best,
-                    audit=buffer.record_event if buffer is not None else None)
+    return Registry(
+        settings.state.adapters,
+        settings.registry.keep,
+        settings.registry.keep_best,
+        audit=buffer.record_event if buffer is not None else None,
+    )
 
 
-def promote(settings, buffer, version: str, reason: str = "promoted by hand", **detail: Any) -> dict:
+def promote(settings: Settings, buffer: Buffer, version: str, reason: str = "promoted by hand", **detail: Any) -> dict:
     """Promote a version (sha256 checked), record it, run the publish hooks.
 
     Returns:
@@ -41,8 +49,9 @@ def promote(settings, buffer, version: str, reason: str = "promoted by hand", **
     return {"change": change.as_dict(), "publish": publish(settings, buffer, change)}
 
 
-def rollback(settings, buffer, version: str | None = None, reason: str = "rolled back by hand",
-             **detail: Any) -> dict:
+def rollback(
+    settings: Settings, buffer: Buffer, version: str | None = None, reason: str = "rolled back by hand", **detail: Any
+) -> dict:
     """Roll back to ``version`` (default: the previous blessed one), record it, run the hooks.
 
     Raises:
@@ -54,7 +63,7 @@ def rollback(settings, buffer, version: str | None = None, reason: str = "rolled
     return {"change": change.as_dict(), "publish": publish(settings, buffer, change)}
 
 
-def publish(settings, buffer, change: Change, cancel: threading.Event | None = None) -> dict:
+def publish(settings: Settings, buffer: Buffer, change: Change, cancel: threading.Event | None = None) -> dict:
     """Run the ``[[publish]]`` hooks for a change already made; a failed required hook reverts it.
 
     Args:
@@ -66,18 +75,23 @@ def publish(settings, buffer, change: Change, cancel: threading.Event | None = N
     from lorad.release import hooks
 
     tables = hooks.hooks_from_settings(settings.publish, settings.training.base_model)
-    report = hooks.publish(open_registry(settings, buffer), change, tables,
-                           audit=buffer.record_event if buffer is not None else None, cancel=cancel)
+    report = hooks.publish(
+        open_registry(settings, buffer),
+        change,
+        tables,
+        audit=buffer.record_event if buffer is not None else None,
+        cancel=cancel,
+    )
     return report.as_dict()
 
 
-def hook_deadline(settings) -> float:
+def hook_deadline(settings: Settings) -> float:
     """Seconds one publish request may take as a whole: the largest ``[[publish]] timeout``
     (0 without hooks). What a stopping daemon waits, at most, for hooks in flight."""
     return max((t.timeout for t in settings.publish), default=0.0)
 
 
-def check_live(settings, buffer) -> dict | None:
+def check_live(settings: Settings, buffer: Buffer) -> dict | None:
     """Roll back when live first-attempt acceptance of the active version fell significantly.
 
     Returns:
@@ -93,9 +107,14 @@ def check_live(settings, buffer) -> dict | None:
         return None
     counts = live_counts(buffer.conn, e.live_metadata_key, [cur, prev])
     decision = decide_live(counts[cur], counts[prev], e.live_confidence, e.live_min_attempts)
-    out = {"kind": "live", "active": cur, "previous": prev, "rolled_back": False,
-           "counts": {v: {"accepted": r.accepted, "attempts": r.attempts} for v, r in counts.items()},
-           "reasons": decision.reasons}
+    out = {
+        "kind": "live",
+        "active": cur,
+        "previous": prev,
+        "rolled_back": False,
+        "counts": {v: {"accepted": r.accepted, "attempts": r.attempts} for v, r in counts.items()},
+        "reasons": decision.reasons,
+    }
     if decision.roll_back:
         done = rollback(settings, buffer, None, reason="live: " + decision.reasons[0], live=out["counts"])
         out |= {"rolled_back": True, "to": done["change"]["version"], "publish": done["publish"]}

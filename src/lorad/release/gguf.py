@@ -26,8 +26,14 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorad import durable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from lorad.release.registry import Registry
 
 ADAPTER_FILE = "adapter.gguf"
 MODELFILE = "Modelfile"
@@ -70,8 +76,14 @@ class Export:
     tensors: int  # lora_a + lora_b tensors
 
     def as_dict(self) -> dict:
-        return {"file": self.path.name, "sha256": self.sha256, "arch": self.arch, "alpha": self.alpha,
-                "rank": self.rank, "tensors": self.tensors}
+        return {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "alpha": self.alpha,
+            "rank": self.rank,
+            "tensors": self.tensors,
+        }
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -131,8 +143,10 @@ def architecture(hparams: dict) -> Architecture:
     names = hparams.get("architectures") or [hparams.get("model_type", "?")]
     found = ARCHITECTURES.get(names[0])
     if found is None:
-        raise ExportRefused(f"base model architecture {names[0]!r} is not supported for GGUF export "
-                            f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+        raise ExportRefused(
+            f"base model architecture {names[0]!r} is not supported for GGUF export "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
     return found
 
 
@@ -145,8 +159,9 @@ def _refuse_config(config: dict) -> None:
     if config.get("use_dora"):
         raise ExportRefused("use_dora: DoRA's magnitude vectors have no llama.cpp adapter form")
     if config.get("modules_to_save"):
-        raise ExportRefused(f"modules_to_save {config['modules_to_save']}: full module copies are not a "
-                            "LoRA adapter llama.cpp can load")
+        raise ExportRefused(
+            f"modules_to_save {config['modules_to_save']}: full module copies are not a LoRA adapter llama.cpp can load"
+        )
     if config.get("trainable_token_indices"):
         raise ExportRefused("trainable_token_indices: trained embedding rows are not a LoRA adapter")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
@@ -167,8 +182,10 @@ _UNTIED_LORA = re.compile(r"^(?:.*\.)?(?P<module>embed_tokens|lm_head)\.(?:base_
 
 def _not_exported(key: str, module: str) -> ExportRefused:
     what = "an embedding layer" if module == "embed_tokens" else "the output layer"
-    return ExportRefused(f"adapter tensor {key}: LoRA on {module} ({what}) is not exported: llama.cpp applies "
-                         "LoRA adapters to linear layers only; leave it out of training.target_modules")
+    return ExportRefused(
+        f"adapter tensor {key}: LoRA on {module} ({what}) is not exported: llama.cpp applies "
+        "LoRA adapters to linear layers only; leave it out of training.target_modules"
+    )
 
 
 def _refuse_key(key: str) -> ExportRefused:
@@ -191,7 +208,7 @@ def permute_rows(b, n_head: int):
     return b.reshape(n_head, 2, out // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
 
 
-def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[tuple[str, object, object]]]:
+def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[tuple[str, np.ndarray, np.ndarray]]]:
     """The GGUF tensors of a peft adapter: (gguf architecture, alpha, [(name, lora_a, lora_b)]).
 
     Args:
@@ -241,8 +258,10 @@ def plan(config: dict, tensors: dict, hparams: dict) -> tuple[str, float, list[t
         alphas.add(round(scale * rank, 6))
         out.append((name, a, b))
     if len(alphas) != 1:
-        raise ExportRefused(f"per-module scaling differs (effective alphas {sorted(alphas)}); "
-                            "llama.cpp applies one adapter.lora.alpha to every tensor")
+        raise ExportRefused(
+            f"per-module scaling differs (effective alphas {sorted(alphas)}); "
+            "llama.cpp applies one adapter.lora.alpha to every tensor"
+        )
     out.sort(key=lambda t: _natural(t[0]))
     return arch.gguf_arch, alphas.pop(), out
 
@@ -265,8 +284,9 @@ def _read_gguf(path: str | os.PathLike):
     except OSError as e:
         raise ExportRefused(f"{path} is not a readable GGUF file ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - a malformed file: any error of the parser is that
-        raise ExportRefused(f"{path} is not a readable GGUF file (cut short or malformed: "
-                            f"{type(e).__name__}: {e})"[:300]) from None
+        raise ExportRefused(
+            f"{path} is not a readable GGUF file (cut short or malformed: {type(e).__name__}: {e})"[:300]
+        ) from None
 
 
 def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
@@ -288,15 +308,23 @@ def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
     for name, a, b in tensors:
         want, have = [a.shape[1], b.shape[0]], shapes.get(name)
         if have is None or have[:2] != want:
-            raise ExportRefused(f"base GGUF {base_gguf}: tensor {name} is {have or 'missing'}, "
-                                f"the adapter needs [in={want[0]}, out={want[1]}] (another base model?)")
+            raise ExportRefused(
+                f"base GGUF {base_gguf}: tensor {name} is {have or 'missing'}, "
+                f"the adapter needs [in={want[0]}, out={want[1]}] (another base model?)"
+            )
 
 
 # -- writing --------------------------------------------------------------------------------------
 
 
-def write_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, output: str | os.PathLike, *,
-                  base_gguf: str | os.PathLike | None = None, name: str = "") -> Export:
+def write_adapter(
+    adapter_dir: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    base_gguf: str | os.PathLike | None = None,
+    name: str = "",
+) -> Export:
     """Write ``adapter_dir`` (peft) as a GGUF LoRA adapter at ``output``, whole or not at all.
 
     Args:
@@ -318,8 +346,9 @@ def write_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, o
         config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ExportRefused(f"adapter_config.json is not readable in {adapter_dir}: {e}") from None
-    arch, alpha, tensors = plan(config, read_safetensors(adapter_dir / "adapter_model.safetensors"),
-                                base_hparams(base_dir))
+    arch, alpha, tensors = plan(
+        config, read_safetensors(adapter_dir / "adapter_model.safetensors"), base_hparams(base_dir)
+    )
     if base_gguf is not None:
         check_base(base_gguf, arch, tensors)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -350,6 +379,7 @@ def write_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, o
 
 def modelfile(base: str, adapter: str = f"./{ADAPTER_FILE}") -> str:
     """An Ollama Modelfile: FROM the base (a GGUF path or an Ollama model), ADAPTER the adapter."""
+
     def arg(value: str) -> str:
         return f'"{value}"' if any(c.isspace() for c in value) else value
 
@@ -360,12 +390,18 @@ def publish_base(tables, training_base_model: str) -> str | None:
     """The base the gguf/ollama publish tables name (their ``base``, else a .gguf training base), or None."""
     for t in tables:
         if t.kind in PUBLISH_KINDS:
-            return t.base or (training_base_model if training_base_model.endswith(".gguf") else "")
+            return table_base(t, training_base_model)
     return None
 
 
-def export_into_version(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, base: str,
-                        name: str = "") -> Export:
+def table_base(table, training_base_model: str) -> str:
+    """The base one gguf/ollama publish table names: its ``base``, else a .gguf training base, else ""."""
+    return table.base or (training_base_model if training_base_model.endswith(".gguf") else "")
+
+
+def export_into_version(
+    adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, base: str, name: str = ""
+) -> Export:
     """Write adapter.gguf and a Modelfile into ``adapter_dir`` before it becomes a version.
 
     Why here: a version is immutable and every file in it has its sha256 in lorad.json, so the
@@ -389,8 +425,9 @@ def export_into_version(adapter_dir: str | os.PathLike, base_dir: str | os.PathL
     return done
 
 
-def version_export(tables, adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None,
-                   training_base_model: str, name: str = "") -> dict | None:
+def version_export(
+    tables, adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None, training_base_model: str, name: str = ""
+) -> dict | None:
     """Export into a job's adapter before it becomes version ``name``, when a gguf/ollama hook wants it.
 
     Returns:
@@ -406,8 +443,7 @@ def version_export(tables, adapter_dir: str | os.PathLike, base_dir: str | os.Pa
     try:
         if not base_dir:
             raise ExportRefused("the worker reported no base model directory")
-        return export_into_version(adapter_dir, base_dir, base, name).as_dict() | {"base": base,
-                                                                                 "modelfile": MODELFILE}
+        return export_into_version(adapter_dir, base_dir, base, name).as_dict() | {"base": base, "modelfile": MODELFILE}
     except ExportRefused as e:
         return {"refused": str(e)}
     except OSError as e:
@@ -425,12 +461,16 @@ def check_version(root: str | os.PathLike, version: str | None) -> tuple[bool, s
         refused = (json.loads((path / "lorad.json").read_text(encoding="utf-8")).get("gguf") or {}).get("refused")
     except (OSError, ValueError):
         refused = None
-    why = refused or ("it was made before a gguf or ollama publish table was configured; write one by hand "
-                      f"with: lorad export-adapter {version} --format gguf --output FILE")
+    why = refused or (
+        "it was made before a gguf or ollama publish table was configured; write one by hand "
+        f"with: lorad export-adapter {version} --format gguf --output FILE"
+    )
     return False, f"{version} has no {ADAPTER_FILE}: {why}"
 
 
-def export_version(registry, version: str, output: str | os.PathLike, base: str | None) -> tuple[Export, Path | None]:
+def export_version(
+    registry: Registry, version: str, output: str | os.PathLike, base: str | None
+) -> tuple[Export, Path | None]:
     """``lorad export-adapter``: write a registry version's adapter as GGUF at ``output``.
 
     Args:
@@ -453,8 +493,10 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
     if mf is not None:
         _refuse_output(mf, registry.root, "the Modelfile", base)
         if _place(mf) == _place(output):
-            raise ExportRefused(f"--output {output} is the Modelfile it would write beside the GGUF "
-                                f"(<name>.Modelfile); name the GGUF file <name>.gguf")
+            raise ExportRefused(
+                f"--output {output} is the Modelfile it would write beside the GGUF "
+                f"(<name>.Modelfile); name the GGUF file <name>.gguf"
+            )
     v = registry.get(version)
     problems = registry.verify(v.name)
     if problems:
@@ -464,7 +506,7 @@ def export_version(registry, version: str, output: str | os.PathLike, base: str 
         raise ExportRefused(f"{v.name}: lorad.json records no base_model_path (the checkpoint it was trained on)")
     base_gguf = base if base and base.endswith(".gguf") else None
     done = write_adapter(v.path, base_dir, output, base_gguf=base_gguf, name=f"lorad {v.name}")
-    if mf is None:
+    if mf is None or not base:  # no base named: no Modelfile
         return done, None
     from lorad.training.jobdir import atomic_write
 
@@ -499,8 +541,10 @@ def _refuse_output(path: Path, registry_root: Path, what: str, base: str | None)
         raise ExportRefused(f"{what} {path} is not a regular file (a device, FIFO or socket); it is left as it is")
     place, root = _place(path), Path(os.path.realpath(registry_root))
     if place == root or root in place.parents:
-        raise ExportRefused(f"{what} {path} is inside the adapter registry {registry_root}: versions are "
-                            "immutable (each file's sha256 is in its lorad.json); write it elsewhere")
+        raise ExportRefused(
+            f"{what} {path} is inside the adapter registry {registry_root}: versions are "
+            "immutable (each file's sha256 is in its lorad.json); write it elsewhere"
+        )
     if base and base.endswith(".gguf") and place == _place(Path(base)):
         raise ExportRefused(f"{what} {path} is the base GGUF; write the adapter elsewhere")
 

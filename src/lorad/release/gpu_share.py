@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 import structlog
 
 from lorad import events
-from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
+from lorad.release import http_client
 
 log = structlog.get_logger()
 
@@ -98,7 +98,7 @@ class SleepingServer:
             reply = None
         value = reply.get("is_sleeping") if isinstance(reply, dict) else None
         if not isinstance(value, bool):
-            raise ShareError(f"GET /is_sleeping answered {text[:DETAIL_CHARS]!r}, not {{\"is_sleeping\": bool}}")
+            raise ShareError(f'GET /is_sleeping answered {text[:DETAIL_CHARS]!r}, not {{"is_sleeping": bool}}')
         return value
 
     def _until(self, sleeping: bool, method: str, path: str) -> None:
@@ -114,8 +114,9 @@ class SleepingServer:
             except _NoSleepMode as e:
                 if not sleeping:
                     raise
-                raise ShareError(f"vllm {self.url}: {e} (is the server started with --enable-sleep-mode "
-                                 f"and VLLM_SERVER_DEV_MODE=1?)") from None
+                raise ShareError(
+                    f"vllm {self.url}: {e} (is the server started with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1?)"
+                ) from None
             except _Final as e:
                 raise ShareError(f"vllm {self.url}: {e}") from None
             except ShareError as e:
@@ -124,8 +125,14 @@ class SleepingServer:
 
     def _request(self, method: str, path: str) -> str:
         try:
-            return http_client.send(self.url, method, path, b"" if method == "POST" else None,
-                                    headers=http_client.bearer(self.api_key_env), timeout=self.timeout)
+            return http_client.send(
+                self.url,
+                method,
+                path,
+                b"" if method == "POST" else None,
+                headers=http_client.bearer(self.api_key_env),
+                timeout=self.timeout,
+            )
         except http_client.HttpError as e:
             text = f"{method} {path}: HTTP {e.status}: {e.text[:DETAIL_CHARS]}" if e.status else str(e)
             if e.status == 404:  # no sleep endpoints: not started with VLLM_SERVER_DEV_MODE=1
@@ -145,8 +152,11 @@ class _NoSleepMode(_Final):
 
 def servers_from_settings(tables) -> list[SleepingServer]:
     """The servers of the ``[[publish]]`` tables (PublishSettings) that sleep during training."""
-    return [SleepingServer(t.url, t.api_key_env, t.timeout, t.retries, t.backoff)
-            for t in tables if t.kind == "vllm" and t.sleep_during_training]
+    return [
+        SleepingServer(t.url, t.api_key_env, t.timeout, t.retries, t.backoff)
+        for t in tables
+        if t.kind == "vllm" and t.sleep_during_training
+    ]
 
 
 class GpuShare:
@@ -198,8 +208,12 @@ class GpuShare:
             try:
                 server = SleepingServer(**r["server"])
             except (KeyError, TypeError) as e:  # a record this version cannot read: say so, go on
-                log.error(events.SERVER_WAKE_FAILED, url=r.get("url"), job_id=r.get("job_id"),
-                          error=f"unreadable record: {type(e).__name__}: {e}")
+                log.error(
+                    events.SERVER_WAKE_FAILED,
+                    url=r.get("url"),
+                    job_id=r.get("job_id"),
+                    error=f"unreadable record: {type(e).__name__}: {e}",
+                )
                 failed.append(str(r.get("url")))
                 continue
             failed += self._wake([server], r.get("job_id"))
@@ -242,15 +256,22 @@ class GpuShare:
         log.error(events.SERVER_WAKE_FAILED, url=server.url, job_id=job_id, error=error, attempts=attempts)
         if self.audit is not None:
             try:
-                self.audit(events.SERVER_WAKE_FAILED, job_id=job_id, url=server.url, error=error,
-                           attempts=attempts)
+                self.audit(events.SERVER_WAKE_FAILED, job_id=job_id, url=server.url, error=error, attempts=attempts)
             except Exception:  # noqa: BLE001, S110 - the log line above says it all; the audit is its copy
                 pass
 
     def _record(self, server: SleepingServer, state: str, job_id: str | None, **detail) -> None:
-        self.store.set_state(STATE_PREFIX + server.url, {
-            "url": server.url, "state": state, "since": time.time(), "job_id": job_id,
-            "server": server.params(), **detail})
+        self.store.set_state(
+            STATE_PREFIX + server.url,
+            {
+                "url": server.url,
+                "state": state,
+                "since": time.time(),
+                "job_id": job_id,
+                "server": server.params(),
+                **detail,
+            },
+        )
 
 
 def records(store) -> list[dict]:
@@ -266,11 +287,18 @@ def server_states(tables, recorded: list[dict]) -> list[dict]:
         tables: the ``[[publish]]`` tables; recorded: :func:`records`.
     """
     by_url = {r["url"]: r for r in recorded}
-    out = []
+    out: list[dict] = []
     for url in [t.url for t in tables if t.kind == "vllm" and t.sleep_during_training] + list(by_url):
         if any(o["url"] == url for o in out):
             continue
         r = by_url.get(url)
-        out.append({"url": url, "state": r["state"] if r else "awake", "since": r.get("since") if r else None,
-                    "job_id": r.get("job_id") if r else None, "error": r.get("error") if r else None})
+        out.append(
+            {
+                "url": url,
+                "state": r["state"] if r else "awake",
+                "since": r.get("since") if r else None,
+                "job_id": r.get("job_id") if r else None,
+                "error": r.get("error") if r else None,
+            }
+        )
     return out

@@ -25,13 +25,13 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from lorad import events, log
-from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
+from lorad.release import http_client
 from lorad.release.registry import Change, Registry
 
 OUTPUT_CHARS = http_client.OUTPUT_CHARS
@@ -63,8 +63,11 @@ class CommandHook:
         return f"command {Path(self.argv[0]).name if self.argv else '?'}"
 
     def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
-        values = {"version": change.version or "", "previous": change.replaced or "",
-                  "path": str((root / change.version).resolve()) if change.version else ""}
+        values = {
+            "version": change.version or "",
+            "previous": change.replaced or "",
+            "path": str((root / change.version).resolve()) if change.version else "",
+        }
         try:
             argv = [part.format(**values) for part in self.argv]
         except (KeyError, IndexError, ValueError) as e:
@@ -78,16 +81,20 @@ class CommandHook:
         while True:
             left = started + self.timeout - time.monotonic()
             try:
-                stdout, stderr = proc.communicate(timeout=max(0.0, min(left, http_client.CANCEL_POLL) if cancel
-                                                              else left))
+                stdout, stderr = proc.communicate(
+                    timeout=max(0.0, min(left, http_client.CANCEL_POLL) if cancel else left)
+                )
                 break
             except subprocess.TimeoutExpired:
                 cancelled = cancel is not None and cancel.is_set()
                 if cancelled or time.monotonic() - started >= self.timeout:
                     proc.kill()
                     proc.communicate()
-                    why = (f"cancelled after {time.monotonic() - started:.1f} s" if cancelled
-                           else f"timed out after {self.timeout:g}s")
+                    why = (
+                        f"cancelled after {time.monotonic() - started:.1f} s"
+                        if cancelled
+                        else f"timed out after {self.timeout:g}s"
+                    )
                     return HookResult(self.name, False, self.required, why)
         output = (stdout.strip() + "\n" + stderr.strip()).strip()[:OUTPUT_CHARS]
         if proc.returncode != 0:
@@ -118,19 +125,28 @@ class VllmHook:
     def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
         notes = []
         if change.version:
-            ok, text = self._post("/v1/load_lora_adapter", {
-                "lora_name": self.adapter_name(change.version),
-                "lora_path": str((root / change.version).resolve())}, tolerate="already been loaded", cancel=cancel)
+            ok, text = self._post(
+                "/v1/load_lora_adapter",
+                {"lora_name": self.adapter_name(change.version), "lora_path": str((root / change.version).resolve())},
+                tolerate="already been loaded",
+                cancel=cancel,
+            )
             if not ok:
                 return HookResult(self.name, False, self.required, f"load failed: {text}")
             notes.append(f"loaded {self.adapter_name(change.version)}")
         if change.replaced and change.replaced != change.version:
-            ok, text = self._post("/v1/unload_lora_adapter",
-                                  {"lora_name": self.adapter_name(change.replaced)},
-                                  tolerate="cannot be found", cancel=cancel)
+            ok, text = self._post(
+                "/v1/unload_lora_adapter",
+                {"lora_name": self.adapter_name(change.replaced)},
+                tolerate="cannot be found",
+                cancel=cancel,
+            )
             # The new adapter is serving; an old one left loaded costs memory, not correctness.
-            notes.append(f"unloaded {self.adapter_name(change.replaced)}" if ok
-                         else f"unload of {self.adapter_name(change.replaced)} failed: {text}")
+            notes.append(
+                f"unloaded {self.adapter_name(change.replaced)}"
+                if ok
+                else f"unload of {self.adapter_name(change.replaced)} failed: {text}"
+            )
         return HookResult(self.name, True, self.required, "; ".join(notes))
 
     def _post(self, path: str, body: dict, tolerate: str, cancel: threading.Event | None) -> tuple[bool, str]:
@@ -138,9 +154,20 @@ class VllmHook:
         an error whose body says ``tolerate`` counts as done."""
         try:
             return True, http_client.retrying(
-                lambda: http_client.send(self.url, "POST", path, body, headers=http_client.bearer(self.api_key_env),
-                                         timeout=self.timeout, cancel=cancel),
-                retries=self.retries, backoff=self.backoff, sleep=self.sleep, cancel=cancel)
+                lambda: http_client.send(
+                    self.url,
+                    "POST",
+                    path,
+                    body,
+                    headers=http_client.bearer(self.api_key_env),
+                    timeout=self.timeout,
+                    cancel=cancel,
+                ),
+                retries=self.retries,
+                backoff=self.backoff,
+                sleep=self.sleep,
+                cancel=cancel,
+            )
         except http_client.HttpError as e:
             return (True, e.text) if tolerate in e.text else (False, str(e))
 
@@ -180,9 +207,10 @@ class OllamaHook:
     def run(self, change: Change, root: Path, cancel: threading.Event | None = None) -> HookResult:
         from lorad.release.ollama import Ollama, OllamaError
 
-        server = Ollama(self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep,
-                        cancel)
-        ok, detail = server.publish(change.version, root / change.version if change.version else None)
+        server = Ollama(
+            self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep, cancel
+        )
+        ok, detail = server.publish(change.version, root)
         if ok:
             # The alias serves; a model of a pruned version left behind costs disk, not
             # correctness, so nothing that goes wrong deleting it fails the hook.
@@ -205,7 +233,7 @@ def hooks_from_settings(tables, training_base_model: str = "") -> list[Hook]:
 
     ``training_base_model`` is the base of gguf/ollama tables that name none (a .gguf file).
     """
-    from lorad.release.gguf import publish_base
+    from lorad.release.gguf import table_base
 
     hooks: list[Hook] = []
     for t in tables:
@@ -214,11 +242,19 @@ def hooks_from_settings(tables, training_base_model: str = "") -> list[Hook]:
         elif t.kind == "gguf":
             hooks.append(GgufHook(t.required))
         elif t.kind == "ollama":
-            hooks.append(OllamaHook(t.url, publish_base([t], training_base_model), t.name_prefix, t.timeout,
-                                    t.retries, t.backoff, t.required))
+            hooks.append(
+                OllamaHook(
+                    t.url,
+                    table_base(t, training_base_model),
+                    t.name_prefix,
+                    t.timeout,
+                    t.retries,
+                    t.backoff,
+                    t.required,
+                )
+            )
         else:
-            hooks.append(VllmHook(t.url, t.name_prefix, t.api_key_env, t.timeout, t.retries,
-                                  t.backoff, t.required))
+            hooks.append(VllmHook(t.url, t.name_prefix, t.api_key_env, t.timeout, t.retries, t.backoff, t.required))
     return hooks
 
 
@@ -236,9 +272,13 @@ class PublishReport:
         return all(r.ok for r in self.results)
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "results": [r.as_dict() for r in self.results],
-                "reverted": self.reverted.as_dict() if self.reverted else None,
-                "revert_results": [r.as_dict() for r in self.revert_results], "cancelled": self.cancelled}
+        return {
+            "ok": self.ok,
+            "results": [r.as_dict() for r in self.results],
+            "reverted": self.reverted.as_dict() if self.reverted else None,
+            "revert_results": [r.as_dict() for r in self.revert_results],
+            "cancelled": self.cancelled,
+        }
 
 
 def run_all(hooks: list[Hook], change: Change, root: Path, cancel: threading.Event | None = None) -> list[HookResult]:
@@ -260,8 +300,13 @@ def run_all(hooks: list[Hook], change: Change, root: Path, cancel: threading.Eve
     return results
 
 
-def publish(registry: Registry, change: Change, hooks: list[Hook],
-            audit: Callable[..., None] | None = None, cancel: threading.Event | None = None) -> PublishReport:
+def publish(
+    registry: Registry,
+    change: Change,
+    hooks: list[Hook],
+    audit: Callable[..., None] | None = None,
+    cancel: threading.Event | None = None,
+) -> PublishReport:
     """Run every hook for ``change``; revert the registry when a required one failed.
 
     Args:
@@ -284,11 +329,16 @@ def publish(registry: Registry, change: Change, hooks: list[Hook],
         if r.ok:
             logger.info("adapter_published", version=change.version, hook=r.hook, action=change.action)
             continue
-        logger.warning("publish_failed", version=change.version, hook=r.hook, detail=r.detail,
-                       required=r.required)
+        logger.warning("publish_failed", version=change.version, hook=r.hook, detail=r.detail, required=r.required)
         if audit is not None:
-            audit("publish_failed", version=change.version, hook=r.hook, detail=r.detail,
-                  required=r.required, action=change.action)
+            audit(
+                "publish_failed",
+                version=change.version,
+                hook=r.hook,
+                detail=r.detail,
+                required=r.required,
+                action=change.action,
+            )
     failed_required = [r for r in report.results if not r.ok and r.required]
     if failed_required:
         reason = "required publish hook failed: " + "; ".join(f"{r.hook}: {r.detail}" for r in failed_required)

@@ -23,9 +23,13 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 OUTPUT_CHARS = 2000  # of a response kept in a message or a hook's detail
 MAX_BODY = 1 << 20  # bytes of a response body read at most; a longer one is refused
@@ -74,9 +78,16 @@ def bearer(api_key_env: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def send(url: str, method: str, path: str, body: dict | bytes | Path | None = None, *,
-         headers: dict[str, str] | None = None, timeout: float,
-         cancel: threading.Event | None = None) -> str:
+def send(
+    url: str,
+    method: str,
+    path: str,
+    body: dict | bytes | Path | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float,
+    cancel: threading.Event | None = None,
+) -> str:
     """One request, whole within ``timeout`` seconds; the response text (at most MAX_BODY bytes).
 
     Args:
@@ -95,7 +106,7 @@ def send(url: str, method: str, path: str, body: dict | bytes | Path | None = No
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
     headers = dict(headers or {})
-    data = body
+    data: bytes | BinaryIO | None
     if isinstance(body, dict):
         data = json.dumps(body).encode()
         headers.setdefault("Content-Type", "application/json")
@@ -105,6 +116,8 @@ def send(url: str, method: str, path: str, body: dict | bytes | Path | None = No
         headers.setdefault("Content-Type", "application/octet-stream")
         headers["Content-Length"] = str(size)
         data = open(body, "rb")  # noqa: SIM115 - streamed, closed below
+    else:
+        data = body
     deadline = _Deadline(timeout, cancel)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connection = (_TlsConnection if parts.scheme == "https" else _Connection)(parts.hostname, parts.port, deadline)
@@ -118,13 +131,14 @@ def send(url: str, method: str, path: str, body: dict | bytes | Path | None = No
     except _CancelledNow:
         raise Cancelled(f"{what}: cancelled after {deadline.elapsed():.1f} s") from None
     except http.client.IncompleteRead as e:
-        raise HttpError(f"{what}: the answer was cut short ({len(e.partial)} bytes of "
-                        f"{len(e.partial) + (e.expected or 0)})") from None
+        raise HttpError(
+            f"{what}: the answer was cut short ({len(e.partial)} bytes of {len(e.partial) + (e.expected or 0)})"
+        ) from None
     except (http.client.HTTPException, ssl.SSLError, OSError) as e:
         raise HttpError(f"{what}: {type(e).__name__}: {e}"[:OUTPUT_CHARS]) from None
     finally:
         connection.close()
-        if hasattr(data, "close"):
+        if not isinstance(data, bytes | None):  # the file being streamed
             data.close()
     if not 200 <= response.status < 300:
         raise HttpError(f"{what}: HTTP {response.status}: {text[:OUTPUT_CHARS]}", response.status, text)
@@ -136,14 +150,19 @@ def _read(response: http.client.HTTPResponse, what: str) -> bytes:
     MAX_BODY, else after MAX_BODY + 1 bytes. IncompleteRead for a cut body."""
     length = response.getheader("Content-Length") or ""
     if length.strip().isdigit() and int(length) > MAX_BODY:
-        raise BodyTooLarge(f"{what}: HTTP {response.status} with a body of {int(length)} bytes, "
-                           f"over the {MAX_BODY >> 20} MiB cap; not read", response.status)
+        raise BodyTooLarge(
+            f"{what}: HTTP {response.status} with a body of {int(length)} bytes, "
+            f"over the {MAX_BODY >> 20} MiB cap; not read",
+            response.status,
+        )
     if response.length is not None:
         return response.read()  # a known length: IncompleteRead when the server stops short
     data = response.read(MAX_BODY + 1)  # chunked (a cut chunk raises) or up to the close
     if len(data) > MAX_BODY:
-        raise BodyTooLarge(f"{what}: HTTP {response.status} with a body over the {MAX_BODY >> 20} MiB cap; "
-                           "not read further", response.status)
+        raise BodyTooLarge(
+            f"{what}: HTTP {response.status} with a body over the {MAX_BODY >> 20} MiB cap; not read further",
+            response.status,
+        )
     return data
 
 
@@ -179,7 +198,7 @@ class _Deadline:
         return min(left, CANCEL_POLL) if self.cancel is not None else left
 
 
-class _Bounded:
+class _Bounded(socket.socket):
     """Socket methods that wait no later than the deadline: each operation's timeout is what is
     left of it, so the sum of many waits (a reply dripped a byte at a time) is bounded too.
 
@@ -198,23 +217,25 @@ class _Bounded:
             except (TimeoutError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 continue  # a slice ended: left() raises when the deadline or a cancel did
 
-    def recv_into(self, buffer, nbytes=0, flags=0):
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
         return self._bounded(super().recv_into, buffer, nbytes, flags)
 
-    def recv(self, bufsize, flags=0):
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
         return self._bounded(super().recv, bufsize, flags)
 
-    def sendall(self, data, flags=0):
+    def sendall(self, data, flags: int = 0) -> None:
         view = memoryview(data).cast("B")
         while view:
-            view = view[self._bounded(super().send, view, flags):]
+            view = view[self._bounded(super().send, view, flags) :]
 
 
 class _Socket(_Bounded, socket.socket):
     pass
 
 
-class _TlsSocket(_Bounded, ssl.SSLSocket):
+# SSLSocket names recv's and recv_into's arguments where socket's are positional: _Bounded takes
+# socket's signatures and passes every argument through, so both bases are served.
+class _TlsSocket(_Bounded, ssl.SSLSocket):  # type: ignore[misc]
     pass
 
 
@@ -233,7 +254,7 @@ def _connect(host: str, port: int, deadline: _Deadline) -> _Socket:
                 if select.select([], [sock], [], deadline.left())[1]:
                     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                raise OSError(code, f"connect to {address[0]} port {address[1]}: {os.strerror(code)}")
+                raise OSError(code, f"connect to {address[0]} port {address[1]!r}: {os.strerror(code)}")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         except OSError as e:
@@ -263,15 +284,25 @@ class _TlsConnection(http.client.HTTPSConnection):
         context = ssl.create_default_context()
         context.sslsocket_class = _TlsSocket
         plain = _connect(self.host, self.port, self.deadline)
-        sock = context.wrap_socket(socket.socket(fileno=plain.detach()), server_hostname=self.host,
-                                   do_handshake_on_connect=False)
+        sock = cast(  # a _TlsSocket: the context's sslsocket_class
+            _TlsSocket,
+            context.wrap_socket(
+                socket.socket(fileno=plain.detach()), server_hostname=self.host, do_handshake_on_connect=False
+            ),
+        )
         sock.deadline = self.deadline
         sock._bounded(sock.do_handshake)
         self.sock = sock
 
 
-def retrying(call: Callable[[], T], *, retries: int, backoff: float,
-             sleep: Callable[[float], None] | None = None, cancel: threading.Event | None = None) -> T:
+def retrying(
+    call: Callable[[], T],
+    *,
+    retries: int,
+    backoff: float,
+    sleep: Callable[[float], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> T:
     """``call()``, again after backoff * 2**n seconds while it raises a HttpError that is not
     final, ``retries`` times at most.
 
@@ -284,11 +315,10 @@ def retrying(call: Callable[[], T], *, retries: int, backoff: float,
             retries ran out.
         Cancelled: ``cancel`` was set before an attempt.
     """
-    if sleep is None:
-        sleep = cancel.wait if cancel is not None else time.sleep
+    wait: Callable[[float], object] = sleep or (cancel.wait if cancel is not None else time.sleep)
     for attempt in range(retries + 1):
         if attempt:
-            sleep(backoff * 2 ** (attempt - 1))
+            wait(backoff * 2 ** (attempt - 1))
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled before attempt {attempt + 1}")
         try:

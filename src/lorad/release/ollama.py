@@ -21,12 +21,12 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from lorad.release import http_client
 from lorad.config import PublishSettings as _Defaults
+from lorad.release import http_client
 from lorad.release.gguf import ADAPTER_FILE
 from lorad.release.registry import VERSION_RE
 
@@ -83,13 +83,13 @@ class Ollama:
     def alias(self) -> str:
         return f"{self.name_prefix}:latest"
 
-    def publish(self, version: str | None, version_dir: Path | None) -> tuple[bool, str]:
+    def publish(self, version: str | None, root: Path) -> tuple[bool, str]:
         """(ok, detail): make ``version`` the alias's model (None: the bare base)."""
         try:
             if version is None:
                 self.create(self.alias, adapter=None)
                 return True, f"{self.alias} is the base model {self.base}"
-            adapter = Path(version_dir) / ADAPTER_FILE
+            adapter = root / version / ADAPTER_FILE
             if not adapter.is_file():
                 return False, f"{version} has no {ADAPTER_FILE} to upload (see the gguf_export_refused event)"
             name = self.model_name(version)
@@ -114,9 +114,13 @@ class Ollama:
         doomed = []
         for name in self._model_names():
             base, _, tag = name.partition(":")
-            version = base[len(self.name_prefix) + 1:] if base.startswith(self.name_prefix + "-") else ""
-            if (tag in ("", "latest") and _VERSION_ANY_CASE.match(version) and version.lower() in made
-                    and version.lower() not in kept):
+            version = base[len(self.name_prefix) + 1 :] if base.startswith(self.name_prefix + "-") else ""
+            if (
+                tag in ("", "latest")
+                and _VERSION_ANY_CASE.match(version)
+                and version.lower() in made
+                and version.lower() not in kept
+            ):
                 doomed.append(name)
         for name in doomed:
             self.request("DELETE", "/api/delete", {"model": name}, missing_ok=True)
@@ -151,7 +155,7 @@ class Ollama:
             body["from"] = self.base
         if adapter is not None:
             body["adapters"] = {adapter.name: self.upload(adapter)}
-        text = self.request("POST", "/api/create", body)
+        text = self.request("POST", "/api/create", body) or ""
         try:
             reply = json.loads(text) if text.strip() else {}
         except ValueError:
@@ -166,8 +170,9 @@ class Ollama:
             self.request("POST", f"/api/blobs/{digest}", path)
         return digest
 
-    def request(self, method: str, path: str, body: dict | Path | None = None, *,
-                missing_ok: bool = False) -> str | None:
+    def request(
+        self, method: str, path: str, body: dict | Path | None = None, *, missing_ok: bool = False
+    ) -> str | None:
         """The response text of one request, retried on connection errors and 5xx.
 
         Args:
@@ -180,7 +185,11 @@ class Ollama:
         try:
             return http_client.retrying(
                 lambda: http_client.send(self.url, method, path, body, timeout=self.timeout, cancel=self.cancel),
-                retries=self.retries, backoff=self.backoff, sleep=self.sleep, cancel=self.cancel)
+                retries=self.retries,
+                backoff=self.backoff,
+                sleep=self.sleep,
+                cancel=self.cancel,
+            )
         except http_client.HttpError as e:
             if e.status == 404 and missing_ok:
                 return None

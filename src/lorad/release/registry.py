@@ -40,11 +40,12 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -56,6 +57,20 @@ log = structlog.get_logger()
 RECORD = "lorad.json"
 POINTER_LOG = "pointers.jsonl"
 VERSION_RE = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$", re.ASCII)  # ASCII: int() takes "٣", not "²"
+
+
+def version_number(name: str) -> int:
+    """The N of a version name ``vNNNN-<time>``.
+
+    Raises:
+        ValueError: ``name`` is not a version name.
+    """
+    m = VERSION_RE.match(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a version name")
+    return int(m.group(1))
+
+
 POINTER_ACTIONS = ("promoted", "rolled_back", "reverted")
 POINTERS = ("current", "previous")
 
@@ -84,7 +99,7 @@ class Version:
 
     @property
     def number(self) -> int:
-        return int(VERSION_RE.match(self.name).group(1))
+        return version_number(self.name)
 
     @property
     def verdict(self) -> dict:
@@ -107,8 +122,14 @@ class Change:
     reason: str = ""
 
     def as_dict(self) -> dict:
-        return {"action": self.action, "version": self.version, "replaced": self.replaced,
-                "previous": self.previous, "before": list(self.before), "reason": self.reason}
+        return {
+            "action": self.action,
+            "version": self.version,
+            "replaced": self.replaced,
+            "previous": self.previous,
+            "before": list(self.before),
+            "reason": self.reason,
+        }
 
 
 def sha256_file(path: Path) -> str:
@@ -134,8 +155,13 @@ class Registry:
             rollback and revert (``Buffer.record_event`` fits); None = no audit trail.
     """
 
-    def __init__(self, root: str | Path, keep: int = RegistrySettings.keep,
-                 keep_best: bool = RegistrySettings.keep_best, audit: Audit | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int = RegistrySettings.keep,
+        keep_best: bool = RegistrySettings.keep_best,
+        audit: Audit | None = None,
+    ):
         self.root = Path(root)
         self.keep = keep
         self.keep_best = keep_best
@@ -154,7 +180,7 @@ class Registry:
         if not self.root.is_dir():
             return []
         found = [p.name for p in self.root.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
-        return sorted(found, key=lambda n: int(VERSION_RE.match(n).group(1)))
+        return sorted(found, key=lambda n: version_number(n))
 
     def get(self, name: str) -> Version:
         """A version by name (or by its number alone: "v0007" or "7").
@@ -181,7 +207,7 @@ class Registry:
         # any version's is none of them (and int() refuses 4,300 digits).
         if digits.isascii() and digits.isdigit() and len(digits) <= 18:
             for n in names:
-                if int(VERSION_RE.match(n).group(1)) == int(digits):
+                if version_number(n) == int(digits):
                     return n
         raise UnknownVersion(f"no adapter version {name!r} in {self.root}")
 
@@ -240,8 +266,10 @@ class Registry:
         if not (self.root / target).is_dir():
             return None, f"{which} points at {target}, which does not exist"
         if logged and target != logged[which]:
-            return None, (f"{which} points at {target}, but the pointer log says {logged[which]}: "
-                          "changed outside lorad (or lorad was killed while moving it)")
+            return None, (
+                f"{which} points at {target}, but the pointer log says {logged[which]}: "
+                "changed outside lorad (or lorad was killed while moving it)"
+            )
         problems = self._verify_cached(target)
         if problems:
             return target, f"{which} points at {target}, which fails verification: {problems[0]}"
@@ -257,12 +285,18 @@ class Registry:
     def _verify_cached(self, name: str) -> list[str]:
         """verify(), skipped while no file of the version changed (status reads pointers twice a second)."""
         path = self.root / name
+        files: tuple | None
         try:
-            signature = tuple(sorted((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                                     for p in path.rglob("*") if (st := p.stat()) and p.is_file()))
+            files = tuple(
+                sorted(
+                    (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    for p in path.rglob("*")
+                    if (st := p.stat()) and p.is_file()
+                )
+            )
         except OSError:
-            signature = None
-        signature = (signature, self.record_digest(name))
+            files = None
+        signature = (files, self.record_digest(name))
         cached = self._verified.get(str(path))
         if cached is not None and cached[0] == signature:
             return cached[1]
@@ -276,8 +310,11 @@ class Registry:
     def made(self) -> set[str]:
         """Every version this registry created, pruned ones included (pointers.jsonl's "created"
         entries; versions made before those entries existed are not among them)."""
-        return {e["version"] for e in self.pointer_log(all_entries=True)
-                if e.get("action") == "created" and isinstance(e.get("version"), str)}
+        return {
+            e["version"]
+            for e in self.pointer_log(all_entries=True)
+            if e.get("action") == "created" and isinstance(e.get("version"), str)
+        }
 
     def record_digest(self, name: str) -> str | None:
         """The sha256 of ``name``'s lorad.json as logged when it was made (None before digests)."""
@@ -349,8 +386,7 @@ class Registry:
                 self._holding = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def create(self, adapter_dir: str | Path, record: dict[str, Any],
-               now: datetime | None = None) -> Version:
+    def create(self, adapter_dir: str | Path, record: dict[str, Any], now: datetime | None = None) -> Version:
         """Store the files of ``adapter_dir`` as a new immutable version.
 
         Args:
@@ -373,10 +409,12 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(adapter_dir, tmp)
             (tmp / RECORD).unlink(missing_ok=True)
-            files = {str(p.relative_to(tmp)): sha256_file(p)
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            full = dict(record) | {"version": name, "created_at": now.astimezone(timezone.utc)
-                                   .isoformat(timespec="seconds"), "files": files}
+            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            full = dict(record) | {
+                "version": name,
+                "created_at": now.astimezone(timezone.utc).isoformat(timespec="seconds"),
+                "files": files,
+            }
             (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8")
             for p in tmp.rglob("*"):
                 if p.is_file():
@@ -384,8 +422,9 @@ class Registry:
                     p.chmod(0o440)  # read-only; the group (lorad) may read, others not
             durable.fsync(tmp)
             # lorad.json's own digest, kept outside the version (which holds the other digests)
-            self._append({"ts": time.time(), "action": "created", "version": name,
-                          "record_sha256": sha256_file(tmp / RECORD)})
+            self._append(
+                {"ts": time.time(), "action": "created", "version": name, "record_sha256": sha256_file(tmp / RECORD)}
+            )
             os.rename(tmp, self.root / name)
             durable.fsync(self.root)
         return self.get(name)
@@ -397,7 +436,7 @@ class Registry:
         except (FileNotFoundError, ValueError):
             last = 0
         for n in self.names():
-            last = max(last, int(VERSION_RE.match(n).group(1)))
+            last = max(last, version_number(n))
         seq_file.write_text(f"{last + 1}\n")
         return last + 1
 
@@ -438,8 +477,10 @@ class Registry:
             for which in POINTERS:
                 found, problem = self._read_pointer(which)
                 if problem and found is None and (which == "current" or not name):
-                    raise RegistryError(f"refusing to roll back: {problem}; promote a version by name "
-                                        "(lorad promote VERSION) to repair the pointers")
+                    raise RegistryError(
+                        f"refusing to roll back: {problem}; promote a version by name "
+                        "(lorad promote VERSION) to repair the pointers"
+                    )
             cur, prev = self.current(), self.previous()
             target = self.resolve(name) if name else prev
             if target is None:
@@ -506,15 +547,21 @@ class Registry:
 
     def _audit(self, event: str, change: Change, detail: dict) -> None:
         if self.audit is not None:
-            self.audit(event, version=change.version, replaced=change.replaced,
-                       previous=change.previous, reason=change.reason, **detail)
+            self.audit(
+                event,
+                version=change.version,
+                replaced=change.replaced,
+                previous=change.previous,
+                reason=change.reason,
+                **detail,
+            )
 
     # -- retention ------------------------------------------------------------------------------
 
     def retained(self) -> set[str]:
         """The versions pruning keeps: current, previous, the newest ``keep``, and the best."""
         names = self.names()
-        keep = set(names[-self.keep:]) if self.keep > 0 else set()
+        keep = set(names[-self.keep :]) if self.keep > 0 else set()
         keep |= {n for n in (self.current(), self.previous()) if n}
         # and what a bent pointer still names, or the log says: a repair may need them
         keep |= {n for n in self._logged().values() if n}
@@ -558,5 +605,3 @@ def _remove_tree(path: Path) -> None:
             p.chmod(0o755)
     path.chmod(0o755)
     shutil.rmtree(path)
-
-

@@ -13,8 +13,9 @@ __all__ = ["AtomicGuardSource", "JsonlSource", "ParseError", "Reader", "open_sou
 def open_source(source: SourceSettings, store: StoreSettings | None = None) -> Reader:
     store = store or StoreSettings()
     if source.kind == "atomicguard":
-        return AtomicGuardSource(source.key, source.path, store.max_file_bytes, store.settle_seconds,
-                                 store.parse_workers)
+        return AtomicGuardSource(
+            source.key, source.path, store.max_file_bytes, store.settle_seconds, store.parse_workers
+        )
     return JsonlSource(source.key, source.path, source.score_threshold, store.max_file_bytes)
 
 

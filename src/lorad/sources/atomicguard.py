@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 
@@ -22,7 +22,16 @@ from lorad.buffer.batch import Batch, Gone, Quarantined
 from lorad.config import BufferSettings, StoreSettings
 from lorad.sources import pool
 from lorad.sources.base import (
-    ORIGINS, STATUSES, ParseError, content_hash, decode_json, json_text, kind, safe_name, text, timestamp,
+    ORIGINS,
+    STATUSES,
+    ParseError,
+    content_hash,
+    decode_json,
+    json_text,
+    kind,
+    safe_name,
+    text,
+    timestamp,
 )
 
 if TYPE_CHECKING:
@@ -65,11 +74,7 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
     elif not isinstance(context, dict):
         raise ParseError(f"context: must be an object, got {kind(context)}")
 
-    workflow_id = (
-        text(obj, "workflow_id")
-        or text(context, "workflow_id", where="context.")
-        or ""
-    )
+    workflow_id = text(obj, "workflow_id") or text(context, "workflow_id", where="context.") or ""
     created_at, created_ts = timestamp(obj.get("created_at"))
 
     passed, fatal, feedback, sub_results = _guard_result(obj)
@@ -192,9 +197,14 @@ class AtomicGuardSource:
             files are read in the scanning process.
     """
 
-    def __init__(self, key: str, root: Path, max_file_bytes: int = StoreSettings.max_file_bytes,
-                 settle_seconds: float = StoreSettings.settle_seconds,
-                 parse_workers: int = 0):
+    def __init__(
+        self,
+        key: str,
+        root: Path,
+        max_file_bytes: int = StoreSettings.max_file_bytes,
+        settle_seconds: float = StoreSettings.settle_seconds,
+        parse_workers: int = 0,
+    ):
         self.key = key
         self.root = Path(root)
         self.abs_root = os.path.abspath(self.root)
@@ -219,7 +229,8 @@ class AtomicGuardSource:
         """(locator, absolute path) of candidate artifact files."""
         objects = os.path.join(str(self.root), "objects")
         if paths is not None:
-            real_objects, folders = os.path.realpath(objects), {}
+            real_objects = os.path.realpath(objects)
+            folders: dict[str, bool] = {}
             for p in paths:
                 locator = self._confined(os.fspath(p), real_objects, folders)
                 if locator is not None:
@@ -259,8 +270,9 @@ class AtomicGuardSource:
             real = folders[parts[1]] = os.path.realpath(folder) == os.path.join(real_objects, parts[1])
         return "/".join(parts) if real else None
 
-    def scan(self, buffer: Buffer, batch_size: int = BufferSettings.batch_size,
-             paths: Iterable[str] | None = None) -> Iterator[Batch]:
+    def scan(
+        self, buffer: Buffer, batch_size: int = BufferSettings.batch_size, paths: Iterable[str] | None = None
+    ) -> Iterator[Batch]:
         """Files seen before are statted and read only if they changed (a rescan is mostly
         that); files never seen are read in chain order, as index.json knows it, so that the
         attempts of a chain land in one batch and are linked once, not once per batch."""
@@ -271,10 +283,17 @@ class AtomicGuardSource:
             unmet = buffer.quarantined_locators(self.key)
         else:  # a few changed paths: only their signatures
             files = list(files)
-            known = buffer.file_signatures(self.key, [name for locator, _ in files for name in (
-                (locator, safe_name(locator)) if _undecodable(locator) else (locator,))])
+            known = buffer.file_signatures(
+                self.key,
+                [
+                    name
+                    for locator, _ in files
+                    for name in ((locator, safe_name(locator)) if _undecodable(locator) else (locator,))
+                ],
+            )
         out = _Scan(self.key, batch_size, self._index)
-        seen, unseen = [], []
+        seen: list[_File] = []
+        unseen: list[_File] = []
         for locator, path in files:
             last = known.get(locator)
             if last is None and _undecodable(locator):
@@ -307,18 +326,19 @@ class AtomicGuardSource:
         # the writer takes a batch's worth at once, then commits it while they go on
         # (measured: with two chunks ahead they sat idle half the time).
         per_batch = max(1, out.batch_size // CHUNK_FILES)
-        for outcomes, unchanged in pool.ordered_map(read_files, tasks, workers, __name__,
-                                                    ahead=3 * per_batch, head=per_batch):
+        for outcomes, unchanged in pool.ordered_map(
+            read_files, tasks, workers, __name__, ahead=3 * per_batch, head=per_batch
+        ):
             batch = out.batch
             batch.unchanged += unchanged
             for outcome in outcomes:
-                if type(outcome) is dict:
+                if isinstance(outcome, dict):
                     if not outcome["workflow_id"]:  # older library versions kept it only in the index
                         outcome["workflow_id"] = _indexed_workflow(out.index(), outcome["locator"]) or ""
                     batch.artifacts.append(outcome)
-                elif type(outcome) is Quarantined:
+                elif isinstance(outcome, Quarantined):
                     batch.quarantined.append(outcome)
-                elif type(outcome) is Gone:
+                elif isinstance(outcome, Gone):
                     batch.gone.append(outcome.locator)
                 else:  # touched, same content
                     batch.touched.append(outcome)
@@ -334,7 +354,7 @@ _File = tuple[str, str, "tuple[int, int, str] | None"]
 # (locator, size, mtime_ns, hash) for a file touched without changing, or Gone for a file
 # handled before that is not there any more. A file unchanged since last time, still being
 # written, or never seen and gone already gives nothing.
-_Outcome = "dict | Quarantined | Gone | tuple[str, int, int, str]"
+_Outcome: TypeAlias = "dict | Quarantined | Gone | tuple[str, int, int, str]"
 
 
 def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int]:
@@ -353,7 +373,7 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
             if last is None and not _undecodable(locator):
                 # Never seen: opened first, which saves a lookup of the path; a symlink
                 # refuses to open this way and is looked at below.
-                fd = _open(path, os.O_NOFOLLOW)
+                fd = _open_unless_symlink(path)
             if fd is not None:
                 st = os.fstat(fd)
             else:
@@ -380,7 +400,7 @@ def read_files(task: tuple[tuple, Sequence[_File]]) -> tuple[list[_Outcome], int
                 outcomes.append(Quarantined(key, locator, refused, None, st.st_size, st.st_mtime_ns))
                 continue
             if fd is None:
-                fd = _open(path, 0)
+                fd = _open(path)
             data = _read(fd, st.st_size, max_file_bytes)
         except FileNotFoundError:  # removed since listed, or a watcher's delete event
             if last is not None:  # its quarantine entry, if it has one, goes
@@ -430,7 +450,7 @@ class _Scan:
 
 def _artifact_id(locator: str) -> str:
     """The artifact id an object file is named after (its stem): index.json's key for it."""
-    return locator[locator.rfind("/") + 1:-5]
+    return locator[locator.rfind("/") + 1 : -5]
 
 
 def _index_entry(index: dict[str, dict], locator: str) -> dict | None:
@@ -451,8 +471,11 @@ def _chain_order(index: dict[str, dict]) -> Callable[[_File], str]:
     (A stable sort keeps the walk's order inside a group; linking does not need time order.)
     Each entry's key is made once, up front: a third faster than looking it up per file.
     """
-    groups = {artifact_id: f"{entry.get('workflow_id')}\0{entry.get('action_pair_id')}"
-              for artifact_id, entry in index.items() if type(entry) is dict}
+    groups = {
+        artifact_id: f"{entry.get('workflow_id')}\0{entry.get('action_pair_id')}"
+        for artifact_id, entry in index.items()
+        if type(entry) is dict
+    }
     unknown = "\U0010ffff"
 
     def key(item: _File) -> str:
@@ -461,13 +484,17 @@ def _chain_order(index: dict[str, dict]) -> Callable[[_File], str]:
     return key
 
 
-def _open(path: str, flags: int) -> int | None:
-    """A file descriptor to read ``path`` (never blocking on a FIFO); None if ``flags`` hold
-    O_NOFOLLOW and the path is a symlink."""
+def _open(path: str, flags: int = 0) -> int:
+    """A file descriptor to read ``path`` (never blocking on a FIFO)."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
+
+
+def _open_unless_symlink(path: str) -> int | None:
+    """:func:`_open`, or None where ``path`` is a symlink (O_NOFOLLOW)."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
+        return _open(path, os.O_NOFOLLOW)
     except OSError as e:
-        if e.errno == errno.ELOOP and flags & os.O_NOFOLLOW:
+        if e.errno == errno.ELOOP:
             return None
         raise
 

@@ -21,6 +21,8 @@ import orjson
 from lorad.buffer.batch import Batch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from lorad.buffer.store import Buffer
 
 STATUSES = ("pending", "rejected", "accepted", "superseded")
@@ -35,6 +37,10 @@ class Reader(Protocol):
     """A source of attempts and verdicts."""
 
     key: str
+
+    def watch_paths(self) -> list[Path]:
+        """The directories whose changes the daemon watches for this source."""
+        ...
 
     def scan(self, buffer: Buffer, batch_size: int, paths: Iterable[str] | None = None) -> Iterator[Batch]:
         """Yield batches of what changed since the buffer last saw this source.
@@ -150,7 +156,7 @@ def text(obj: dict, key: str, *, required: bool = False, default: str | None = N
     return value
 
 
-_EMPTY = {list: "[]", dict: "{}"}
+_EMPTY: dict[type, str] = {list: "[]", dict: "{}"}
 
 
 def json_text(value: Any) -> str | None:
@@ -165,8 +171,15 @@ def json_text(value: Any) -> str | None:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 kind = _kind

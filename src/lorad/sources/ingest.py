@@ -44,12 +44,23 @@ class IngestReport:
         counts["quarantined"] += quarantined
 
     def as_dict(self) -> dict:
-        return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged,
-                "quarantined": self.quarantined, "errors": self.errors, "sources": self.per_source}
+        return {
+            "new": self.new,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "quarantined": self.quarantined,
+            "errors": self.errors,
+            "sources": self.per_source,
+        }
 
 
-def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = BufferSettings.batch_size,
-                  paths: Iterable[str] | None = None, report: IngestReport | None = None) -> IngestReport:
+def ingest_source(
+    buffer: Buffer,
+    reader: Reader,
+    batch_size: int = BufferSettings.batch_size,
+    paths: Iterable[str] | None = None,
+    report: IngestReport | None = None,
+) -> IngestReport:
     """Scan one source and commit what changed, batch by batch.
 
     Batches are committed one at a time and in order, each with the resume state that
@@ -68,8 +79,8 @@ def ingest_source(buffer: Buffer, reader: Reader, batch_size: int = BufferSettin
             report.add(reader.key, new, updated, unchanged + batch.unchanged, len(batch.quarantined))
     except (OSError, sqlite3.OperationalError) as e:
         message = f"{reader.key}: {getattr(e, 'strerror', None) or e}"
-        if getattr(e, "filename", None):
-            message += f" ({e.filename})"
+        if filename := getattr(e, "filename", None):
+            message += f" ({filename})"
         report.errors.append(message)
         log.error(events.INGEST_FAILED, source=reader.key, error=message)
     return report
@@ -90,8 +101,12 @@ def _cycle_collector_paused():
             gc.enable()
 
 
-def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = BufferSettings.batch_size,
-           paths: Iterable[str] | None = None) -> IngestReport:
+def ingest(
+    buffer: Buffer,
+    readers: Iterable[Reader],
+    batch_size: int = BufferSettings.batch_size,
+    paths: Iterable[str] | None = None,
+) -> IngestReport:
     """Scan every source once (or only ``paths``, from watcher events)."""
     report = IngestReport()
     paths = list(paths) if paths is not None else None
@@ -101,6 +116,11 @@ def ingest(buffer: Buffer, readers: Iterable[Reader], batch_size: int = BufferSe
         for reader in readers:
             ingest_source(buffer, reader, batch_size, paths, report)
     if report.new or report.updated or report.quarantined:
-        log.info(events.INGEST_COMPLETED, new=report.new, updated=report.updated,
-                 unchanged=report.unchanged, quarantined=report.quarantined)
+        log.info(
+            events.INGEST_COMPLETED,
+            new=report.new,
+            updated=report.updated,
+            unchanged=report.unchanged,
+            quarantined=report.quarantined,
+        )
     return report

@@ -40,10 +40,18 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorad.config import BufferSettings
 from lorad.buffer.batch import Batch, Quarantined
+from lorad.config import BufferSettings
 from lorad.sources.base import (
-    ORIGINS, ParseError, content_hash, decode_json, finite_number, json_text, kind, text, timestamp,
+    ORIGINS,
+    ParseError,
+    content_hash,
+    decode_json,
+    finite_number,
+    json_text,
+    kind,
+    text,
+    timestamp,
 )
 
 HEAD_BYTES = 256  # bytes fingerprinted to tell an overwritten file from the one we read
@@ -52,8 +60,9 @@ if TYPE_CHECKING:
     from lorad.buffer.store import Buffer
 
 
-def parse_record(line: bytes, *, source: str, score_threshold: float = 0.5,
-                 parents: dict[str, tuple[str, int | None]] | None = None) -> dict:
+def parse_record(
+    line: bytes, *, source: str, score_threshold: float = 0.5, parents: dict[str, tuple[str, int | None]] | None = None
+) -> dict:
     """One JSONL line -> a normalised ``artifacts`` row.
 
     Args:
@@ -164,8 +173,9 @@ class JsonlSource:
     def watch_paths(self) -> list[Path]:
         return [self.path.parent]
 
-    def scan(self, buffer: Buffer, batch_size: int = BufferSettings.batch_size,
-             paths: Iterable[str] | None = None) -> Iterator[Batch]:
+    def scan(
+        self, buffer: Buffer, batch_size: int = BufferSettings.batch_size, paths: Iterable[str] | None = None
+    ) -> Iterator[Batch]:
         if paths is not None and not any(self._names_log(p) for p in paths):
             return
         state = buffer.source_state(self.key)
@@ -186,16 +196,16 @@ class JsonlSource:
         if old is not None:
             # Finish the rotated file first (its place in it is what each batch commits);
             # the live file is read from 0 after it.
-            yield from self._read(old, offset, head, (state["inode"], state.get("dev")), batch_size,
-                                  parents, then=live)
+            yield from self._read(old, offset, head, (state["inode"], state.get("dev")), batch_size, parents, then=live)
         yield from self._read(self.path, 0, "", live, batch_size, parents)
 
     def _names_log(self, path: str) -> bool:
         """Whether an event's path is the log or a rotated copy beside it (not a file of the
         same name in some other folder, or one reached through a symlinked folder)."""
         path = os.path.abspath(path)
-        return (os.path.basename(path).startswith(self.path.name)
-                and os.path.dirname(path) == os.path.abspath(self.path.parent))
+        return os.path.basename(path).startswith(self.path.name) and os.path.dirname(path) == os.path.abspath(
+            self.path.parent
+        )
 
     def _beside(self) -> Iterator[tuple[Path, os.stat_result]]:
         """The files beside the log whose names start with its name (its rotated copies)."""
@@ -220,13 +230,21 @@ class JsonlSource:
         found = []
         for path, st in self._beside():
             # Regular files only: opening a FIFO named like a rotated copy would block.
-            if stat.S_ISREG(st.st_mode) and st.st_size >= offset \
-                    and _head(path, min(offset, HEAD_BYTES)) == head:
+            if stat.S_ISREG(st.st_mode) and st.st_size >= offset and _head(path, min(offset, HEAD_BYTES)) == head:
                 found.append((st.st_mtime_ns, path.name, path))
         return max(found)[2] if found else None
 
-    def _read(self, path: Path, offset: int, head: str, identity: tuple[int, int | None], batch_size: int,
-              parents: dict, *, then: tuple[int, int] | None = None) -> Iterator[Batch]:
+    def _read(
+        self,
+        path: Path,
+        offset: int,
+        head: str,
+        identity: tuple[int, int | None],
+        batch_size: int,
+        parents: dict,
+        *,
+        then: tuple[int, int] | None = None,
+    ) -> Iterator[Batch]:
         """Read ``path`` from ``offset`` to its last complete line, in batches.
 
         Args:
@@ -255,11 +273,12 @@ class JsonlSource:
                 if not line:
                     break
                 if len(first) < HEAD_BYTES:
-                    first += line[:HEAD_BYTES - len(first)]
+                    first += line[: HEAD_BYTES - len(first)]
                 if not line.endswith(b"\n"):
                     if len(line) > self.max_line_bytes:
-                        batch.quarantined.append(Quarantined(
-                            self.key, f"{name}@{pos}", f"line over the {self.max_line_bytes}-byte limit"))
+                        batch.quarantined.append(
+                            Quarantined(self.key, f"{name}@{pos}", f"line over the {self.max_line_bytes}-byte limit")
+                        )
                         rest = f.readline()  # skip to the end of that line
                         while rest and not rest.endswith(b"\n"):
                             rest = f.readline()
@@ -272,8 +291,9 @@ class JsonlSource:
                 if not line.strip():
                     continue
                 try:
-                    row = parse_record(line.rstrip(b"\r\n"), source=self.key,
-                                       score_threshold=self.score_threshold, parents=parents)
+                    row = parse_record(
+                        line.rstrip(b"\r\n"), source=self.key, score_threshold=self.score_threshold, parents=parents
+                    )
                 except ParseError as e:
                     batch.quarantined.append(Quarantined(self.key, f"{name}@{start}", str(e), None, len(line)))
                 else:
@@ -284,13 +304,13 @@ class JsonlSource:
                     yield batch
                     batch = Batch(self.key)
         # The old file is done: the live file is read from its start next.
-        batch.state = _state(then, 0, b"") if final else _state(identity, pos, first)
+        batch.state = _state(then, 0, b"") if then is not None else _state(identity, pos, first)
         yield batch
 
 
 def _state(identity: tuple[int, int | None], offset: int, first: bytes) -> dict:
     inode, dev = identity
-    return {"inode": inode, "dev": dev, "offset": offset, "head": _digest(first[:min(offset, HEAD_BYTES)])}
+    return {"inode": inode, "dev": dev, "offset": offset, "head": _digest(first[: min(offset, HEAD_BYTES)])}
 
 
 def _digest(data: bytes) -> str:

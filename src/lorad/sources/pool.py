@@ -52,8 +52,9 @@ def worker_count(configured: int) -> int:
     return 0 if cpus < 2 else 2
 
 
-def ordered_map(fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload: str,
-                ahead: int = 0, head: int = 0) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R], chunks: Sequence[T], workers: int, preload: str, ahead: int = 0, head: int = 0
+) -> Iterator[R]:
     """``fn`` over ``chunks``, results in order; in ``workers`` processes when that helps.
 
     The first ``head`` chunks are done in this process while the workers start (a tenth of
@@ -137,4 +138,4 @@ def _yield_to_the_writer() -> None:
 
 
 def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -62,7 +62,8 @@ def resolve(base_model: str, state_dir, *, offline: bool = True, convert: bool =
             raise BaseModelError(
                 f"base model {base_model!r} is not in the local Hugging Face cache and lorad works "
                 f"offline; download it first (huggingface-cli download {base_model}) or set "
-                f"training.base_model to a local directory or .gguf file")
+                f"training.base_model to a local directory or .gguf file"
+            )
     return base_model
 
 

@@ -33,7 +33,7 @@ class Progress:
 
     def __init__(self, path: Path, enabled: bool):
         self.enabled = enabled
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.file = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 - closed by close()
 
     def write(self, **record) -> None:
         if self.file is None:
@@ -47,8 +47,9 @@ class Progress:
             self.file.close()
 
 
-def make_callback(flags: Flags, progress: Progress, root: Path, window_end: float | None,
-                  is_main: bool, phase: str | None = None):
+def make_callback(
+    flags: Flags, progress: Progress, root: Path, window_end: float | None, is_main: bool, phase: str | None = None
+):
     """The Trainer callback of one phase; checkpoints are published into ``root`` (a
     :func:`checkpoint_root`), and ``phase``, when set, is written on its progress records."""
     from transformers import TrainerCallback
@@ -74,9 +75,16 @@ def make_callback(flags: Flags, progress: Progress, root: Path, window_end: floa
                 self.t0 = time.monotonic()
                 self.step0 = state.global_step
                 self.tokens0 = state.num_input_tokens_seen
-                write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
-                      loss=None, learning_rate=None, tokens_per_s=None, eta_s=None,
-                      resumed=state.global_step > 0)
+                write(
+                    stage=jobfile.STAGE_TRAINING,
+                    step=state.global_step,
+                    total_steps=state.max_steps,
+                    loss=None,
+                    learning_rate=None,
+                    tokens_per_s=None,
+                    eta_s=None,
+                    resumed=state.global_step > 0,
+                )
             return control
 
         def on_step_end(self, args, state, control, **kw):
@@ -113,9 +121,17 @@ def make_callback(flags: Flags, progress: Progress, root: Path, window_end: floa
             tokens = state.num_input_tokens_seen - self.tokens0
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
             extra = {"reward": logs["reward"]} if "reward" in logs else {}  # GRPO: mean guard verdict
-            write(stage=jobfile.STAGE_TRAINING, step=state.global_step, total_steps=state.max_steps,
-                  loss=loss, learning_rate=logs.get("learning_rate"), tokens_per_s=tokens / elapsed, eta_s=eta,
-                  tokens=state.num_input_tokens_seen, **extra)
+            write(
+                stage=jobfile.STAGE_TRAINING,
+                step=state.global_step,
+                total_steps=state.max_steps,
+                loss=loss,
+                learning_rate=logs.get("learning_rate"),
+                tokens_per_s=tokens / elapsed,
+                eta_s=eta,
+                tokens=state.num_input_tokens_seen,
+                **extra,
+            )
             return control
 
         def on_save(self, args, state, control, **kw):

@@ -109,8 +109,12 @@ def clear_leftovers(root: Path, job_dir: Path) -> Path:
     adapter) and return an empty staging directory under ``root`` for the Trainer."""
     staging = root / STAGING
     shutil.rmtree(staging, ignore_errors=True)
-    for doomed in (*root.glob(DISCARDED + "*"), *root.glob(".adapter.*"), *job_dir.glob(DISCARDED + "*"),
-                   *job_dir.glob(".adapter.*")):
+    for doomed in (
+        *root.glob(DISCARDED + "*"),
+        *root.glob(".adapter.*"),
+        *job_dir.glob(DISCARDED + "*"),
+        *job_dir.glob(".adapter.*"),
+    ):
         shutil.rmtree(doomed, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
     return staging

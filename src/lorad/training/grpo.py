@@ -51,8 +51,10 @@ class GuardReward:
     def __call__(self, prompts, completions, specification, **_) -> list[float]:
         texts = [completion_text(c) for c in completions]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            verdicts = pool.map(lambda pair: run_guard(self.command, extract_code(pair[0]), pair[1],
-                                                       self.timeout), zip(texts, specification))
+            verdicts = pool.map(
+                lambda pair: run_guard(self.command, extract_code(pair[0]), pair[1], self.timeout),
+                zip(texts, specification, strict=True),
+            )
             return [1.0 if ok else 0.0 for ok, _ in verdicts]
 
 

@@ -27,9 +27,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lorad import durable
 
@@ -38,8 +38,7 @@ EXIT_FAILED = 1
 EXIT_PAUSED = 75  # SIGTERM or the end of the training window; resumable from the checkpoint
 EXIT_CANCELLED = 76  # SIGINT
 
-STATUS_BY_EXIT = {EXIT_OK: "succeeded", EXIT_FAILED: "failed", EXIT_PAUSED: "paused",
-                  EXIT_CANCELLED: "cancelled"}
+STATUS_BY_EXIT = {EXIT_OK: "succeeded", EXIT_FAILED: "failed", EXIT_PAUSED: "paused", EXIT_CANCELLED: "cancelled"}
 
 JOB_FILE = "job.json"
 TRAIN_FILE = "train.jsonl"
@@ -68,14 +67,36 @@ class JobError(Exception):
 
 
 # JobSpec fields filled from the [training] and [evaluation] sections by name.
-_TRAINING_KEYS = ("base_model", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-                  "learning_rate", "max_steps", "epochs", "batch_size", "grad_accum", "max_seq_length",
-                  "quantization", "processes", "accelerate_config", "save_steps",
-                  "gradient_checkpointing", "packing", "liger_kernel", "seed", "memory_headroom",
-                  "num_generations", "max_completion_length", "temperature", "beta", "grpo_steps",
-                  "grpo_learning_rate")
-_EVALUATION_KEYS = ("eval_batch_size", "guard_command", "guard_timeout",
-                    "max_new_tokens")
+_TRAINING_KEYS = (
+    "base_model",
+    "method",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "learning_rate",
+    "max_steps",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "max_seq_length",
+    "quantization",
+    "processes",
+    "accelerate_config",
+    "save_steps",
+    "gradient_checkpointing",
+    "packing",
+    "liger_kernel",
+    "seed",
+    "memory_headroom",
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "beta",
+    "grpo_steps",
+    "grpo_learning_rate",
+)
+_EVALUATION_KEYS = ("eval_batch_size", "guard_command", "guard_timeout", "max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -138,7 +159,7 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "JobSpec":
+    def from_dict(cls, data: dict) -> JobSpec:
         """Raises JobError on another schema version, an unknown key or a missing one."""
         _check_version(data, "job.json")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -151,9 +172,18 @@ class JobSpec:
         return cls(**values)
 
 
-def build_spec(job_id: str, state_dir, training, evaluation, *, parent_adapter: str | None = None,
-               reference_adapter: str | None = None, previous_adapter: str | None = None,
-               window_end: float | None = None, evaluate: bool = True) -> JobSpec:
+def build_spec(
+    job_id: str,
+    state_dir,
+    training,
+    evaluation,
+    *,
+    parent_adapter: str | None = None,
+    reference_adapter: str | None = None,
+    previous_adapter: str | None = None,
+    window_end: float | None = None,
+    evaluate: bool = True,
+) -> JobSpec:
     """The JobSpec for a run of ``training`` and ``evaluation`` (the config sections).
 
     ``parent_adapter`` is used only when ``training.warm_start`` is true.
@@ -162,10 +192,16 @@ def build_spec(job_id: str, state_dir, training, evaluation, *, parent_adapter: 
     values |= {k: getattr(evaluation, k) for k in _EVALUATION_KEYS}
     values["target_modules"] = tuple(values["target_modules"])
     values["guard_command"] = tuple(values["guard_command"])
-    return JobSpec(job_id=job_id, state_dir=str(state_dir),
-                   parent_adapter=parent_adapter if training.warm_start else None,
-                   reference_adapter=reference_adapter, previous_adapter=previous_adapter,
-                   window_end=window_end, evaluate=evaluate, **values)
+    return JobSpec(
+        job_id=job_id,
+        state_dir=str(state_dir),
+        parent_adapter=parent_adapter if training.warm_start else None,
+        reference_adapter=reference_adapter,
+        previous_adapter=previous_adapter,
+        window_end=window_end,
+        evaluate=evaluate,
+        **values,
+    )
 
 
 @dataclass
@@ -217,7 +253,7 @@ class Result:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Result":
+    def from_dict(cls, data: dict) -> Result:
         """Raises JobError on another schema version or an unknown key."""
         _check_version(data, "result.json")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -232,8 +268,10 @@ def _check_version(data, what: str) -> None:
         raise JobError(f"{what}: not a JSON object")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise JobError(f"{what}: schema version {version!r}, this lorad reads version {SCHEMA_VERSION} "
-                       f"(written by another lorad version?)")
+        raise JobError(
+            f"{what}: schema version {version!r}, this lorad reads version {SCHEMA_VERSION} "
+            f"(written by another lorad version?)"
+        )
 
 
 # -- writing and reading ------------------------------------------------------------------------
@@ -255,8 +293,6 @@ def atomic_write(path, data: bytes | str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     durable.fsync(path.parent)
-
-
 
 
 def write_jsonl(path, rows) -> int:
@@ -337,7 +373,7 @@ def iter_progress(job_dir, offset: int = 0) -> Iterator[tuple[dict, int]]:
     """
     path = Path(job_dir) / PROGRESS_FILE
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - the with below closes it; only the open may be missing
     except FileNotFoundError:
         return
     with f:
@@ -385,8 +421,17 @@ def launch_command(job_dir, spec: JobSpec) -> list[str]:
     else:
         # --multi_gpu selects accelerate's torchrun launcher; without CUDA its processes run
         # on the CPU and torch.distributed uses gloo. (--cpu would launch a single process.)
-        argv += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+        argv += [
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ]
     return argv + ["-m", "lorad.training.worker", job_dir]
 
 

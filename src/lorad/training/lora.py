@@ -8,12 +8,17 @@ device supports it (fp16 otherwise), gradient checkpointing, and 4-bit QLoRA whe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lorad.config import TrainingSettings
 
 # Columns each method's trainer reads; everything else in a row (metadata, ids) is dropped.
-COLUMNS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected"),
-           "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "specification")}
+COLUMNS = {
+    "sft": ("prompt", "completion"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"),
+    "grpo": ("prompt", "specification"),
+}
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,13 @@ class Precision:
 
 def precision(device_kind: str, dtype: str, gradient_checkpointing: bool) -> Precision:
     cuda = device_kind == "cuda"
-    return Precision(dtype, bf16=cuda and dtype in ("bfloat16", "4bit"), fp16=cuda and dtype == "float16",
-                     gradient_checkpointing=cuda and gradient_checkpointing, use_cpu=not cuda)
+    return Precision(
+        dtype,
+        bf16=cuda and dtype in ("bfloat16", "4bit"),
+        fp16=cuda and dtype == "float16",
+        gradient_checkpointing=cuda and gradient_checkpointing,
+        use_cpu=not cuda,
+    )
 
 
 def load_model(model_dir: str, prec: Precision, *, local_files_only: bool = True):
@@ -38,8 +48,10 @@ def load_model(model_dir: str, prec: Precision, *, local_files_only: bool = True
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=local_files_only)
     if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer of {model_dir} has no chat template; lorad formats every "
-                         f"example with the model's own template")
+        raise ValueError(
+            f"the tokenizer of {model_dir} has no chat template; lorad formats every "
+            f"example with the model's own template"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs: dict = {"local_files_only": local_files_only}
@@ -47,21 +59,22 @@ def load_model(model_dir: str, prec: Precision, *, local_files_only: bool = True
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     else:
         kwargs["dtype"] = getattr(torch, prec.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if prec.dtype == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=prec.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=prec.gradient_checkpointing)
     return model, tokenizer
 
 
-def attach_adapter(model, *, r: int, alpha: int, dropout: float, target_modules,
-                   parent_adapter: str | None = None):
+def attach_adapter(model, *, r: int, alpha: int, dropout: float, target_modules, parent_adapter: str | None = None):
     """A PeftModel: warm-started from ``parent_adapter`` (trainable), or a fresh LoRA.
 
     A fresh adapter's B matrices are zero, so before any step it changes nothing.
@@ -73,8 +86,9 @@ def attach_adapter(model, *, r: int, alpha: int, dropout: float, target_modules,
     targets = list(target_modules)
     if "all-linear" in targets:
         targets = linear_module_names(model)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                        bias="none", target_modules=targets)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM", bias="none", target_modules=targets
+    )
     return get_peft_model(model, config)
 
 
@@ -89,9 +103,8 @@ def linear_module_names(model) -> list[str]:
     output = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not output:
-            names.add(name.rsplit(".", 1)[-1])
-        elif type(module).__name__ in ("Linear4bit", "Linear8bitLt") and module is not output:
+        quantized = type(module).__name__ in ("Linear4bit", "Linear8bitLt")  # bitsandbytes' linears
+        if (isinstance(module, torch.nn.Linear) or quantized) and module is not output:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -103,19 +116,31 @@ def dataset(rows: list[dict], method: str):
     columns = COLUMNS[method]
     missing = [c for c in columns if rows and c not in rows[0]]
     if missing:
-        raise ValueError(f"training rows lack {missing} needed by method {method!r} "
-                         f"(the rows have {sorted(rows[0])})")
+        raise ValueError(f"training rows lack {missing} needed by method {method!r} (the rows have {sorted(rows[0])})")
     return Dataset.from_list([{c: r[c] for c in columns} for r in rows])
 
 
-def training_arguments(method: str, *, output_dir: str, prec: Precision, learning_rate: float,
-                       max_steps: int, epochs: float, batch_size: int, grad_accum: int,
-                       max_seq_length: int, save_steps: int, seed: int, packing: bool = False,
-                       padding_free: bool = False, liger: bool = False,
-                       num_generations: int = TrainingSettings.num_generations,
-                       max_completion_length: int = TrainingSettings.max_completion_length,
-                       temperature: float = TrainingSettings.temperature,
-                       beta: float = TrainingSettings.beta):
+def training_arguments(
+    method: str,
+    *,
+    output_dir: str,
+    prec: Precision,
+    learning_rate: float,
+    max_steps: int,
+    epochs: float,
+    batch_size: int,
+    grad_accum: int,
+    max_seq_length: int,
+    save_steps: int,
+    seed: int,
+    packing: bool = False,
+    padding_free: bool = False,
+    liger: bool = False,
+    num_generations: int = TrainingSettings.num_generations,
+    max_completion_length: int = TrainingSettings.max_completion_length,
+    temperature: float = TrainingSettings.temperature,
+    beta: float = TrainingSettings.beta,
+):
     """The trl config for ``method``; checkpoints go to ``output_dir`` every ``save_steps``.
 
     Logging every step (NaN filter off) is what lets the worker see a NaN loss at the step it
@@ -124,30 +149,52 @@ def training_arguments(method: str, *, output_dir: str, prec: Precision, learnin
     """
     from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
 
-    common = dict(
-        output_dir=output_dir, learning_rate=learning_rate, max_steps=max_steps or -1,
-        num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, save_strategy="steps", save_steps=save_steps,
-        save_total_limit=None, logging_steps=1, logging_nan_inf_filter=False, report_to=[],
-        seed=seed, data_seed=seed, disable_tqdm=True, bf16=prec.bf16, fp16=prec.fp16,
-        use_cpu=prec.use_cpu, activation_checkpointing=prec.gradient_checkpointing,
-        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-        max_length=max_seq_length, dataset_num_proc=None, remove_unused_columns=True,
+    common: dict[str, Any] = dict(
+        output_dir=output_dir,
+        learning_rate=learning_rate,
+        max_steps=max_steps or -1,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=None,
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        bf16=prec.bf16,
+        fp16=prec.fp16,
+        use_cpu=prec.use_cpu,
+        activation_checkpointing=prec.gradient_checkpointing,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        max_length=max_seq_length,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
         ddp_find_unused_parameters=False,
         # Liger's layer kernels; trl keeps its own chunked LM head (Liger's fused linear
         # cross-entropy would replace the forward it patches), which already never holds the logits.
-        use_liger_kernel=liger)
+        use_liger_kernel=liger,
+    )
     if method == "grpo":
         # Why no max_length, and no token counting by the Trainer: GRPOConfig has neither
         # (prompts are not cut; GRPO counts prompt and completion tokens itself).
         for key in ("max_length", "dataset_num_proc", "include_num_input_tokens_seen", "remove_unused_columns"):
             common.pop(key)
-        return GRPOConfig(**common, num_generations=num_generations, max_completion_length=max_completion_length,
-                          temperature=temperature, beta=beta, remove_unused_columns=False,
-                          include_num_input_tokens_seen="no")
+        return GRPOConfig(
+            **common,
+            num_generations=num_generations,
+            max_completion_length=max_completion_length,
+            temperature=temperature,
+            beta=beta,
+            remove_unused_columns=False,
+            include_num_input_tokens_seen="no",
+        )
     if method == "sft":
-        return SFTConfig(**common, packing=packing, padding_free=padding_free or packing,
-                         completion_only_loss=True)
+        return SFTConfig(**common, packing=packing, padding_free=padding_free or packing, completion_only_loss=True)
     if method == "dpo":
         return DPOConfig(**common)
     if method == "kto":
@@ -163,8 +210,13 @@ def trainer(method: str, model, tokenizer, train_dataset, args, callbacks, rewar
     from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
     if method == "grpo":
-        return GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=train_dataset,
-                           processing_class=tokenizer, callbacks=callbacks)
+        return GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     cls = {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[method]
-    return cls(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-               callbacks=callbacks)
+    return cls(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)

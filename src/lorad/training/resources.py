@@ -90,8 +90,10 @@ class Estimate:
 def check_learning_rate(lr: float) -> None:
     """Raises ResourceError when ``lr`` lies outside [1e-7, 1e-2] (no silent clamp)."""
     if not (LR_MIN <= lr <= LR_MAX):
-        raise ResourceError(f"learning_rate {lr!r} is outside the sane range for LoRA training "
-                            f"[{LR_MIN:g}, {LR_MAX:g}]; set training.learning_rate inside it (e.g. 2e-4)")
+        raise ResourceError(
+            f"learning_rate {lr!r} is outside the sane range for LoRA training "
+            f"[{LR_MIN:g}, {LR_MAX:g}]; set training.learning_rate inside it (e.g. 2e-4)"
+        )
 
 
 def detect_device() -> Device:
@@ -100,8 +102,14 @@ def detect_device() -> Device:
 
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(0)
-        return Device("cuda", torch.cuda.get_device_name(0), total, free,
-                      torch.cuda.is_bf16_supported(), torch.cuda.device_count())
+        return Device(
+            "cuda",
+            torch.cuda.get_device_name(0),
+            total,
+            free,
+            torch.cuda.is_bf16_supported(),
+            torch.cuda.device_count(),
+        )
     total, available = _ram()
     return Device("cpu", _cpu_name(), total, available, False, 1)
 
@@ -132,8 +140,9 @@ def model_shape(model_dir: str, lora_r: int, target_modules, *, local_files_only
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if str(model_dir).endswith(".gguf"):  # not converted yet: the GGUF header has the config
-        config = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(model_dir)),
-                                            gguf_file=os.path.basename(model_dir))
+        config = AutoConfig.from_pretrained(
+            os.path.dirname(os.path.abspath(model_dir)), gguf_file=os.path.basename(model_dir)
+        )
     else:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=local_files_only)
     with torch.device("meta"):
@@ -151,8 +160,15 @@ def model_shape(model_dir: str, lora_r: int, target_modules, *, local_files_only
     return ModelShape(parameters, text.hidden_size, text.num_hidden_layers, text.vocab_size, lora)
 
 
-def estimate(shape: ModelShape, *, batch_size: int, seq_length: int, dtype: str,
-             gradient_checkpointing: bool, lora_dropout: bool = True) -> Estimate:
+def estimate(
+    shape: ModelShape,
+    *,
+    batch_size: int,
+    seq_length: int,
+    dtype: str,
+    gradient_checkpointing: bool,
+    lora_dropout: bool = True,
+) -> Estimate:
     """Bytes a LoRA run needs (see the module docstring for the terms).
 
     ``lora_dropout``: whether training.lora_dropout is above 0 (peft then keeps a dropped copy
@@ -168,43 +184,82 @@ def estimate(shape: ModelShape, *, batch_size: int, seq_length: int, dtype: str,
     else:
         values = shape.layers * per_layer
     activations = tokens * shape.hidden_size * values * act_bytes
-    activations += (min(tokens, HEAD_TOKEN_CHUNK) * min(shape.vocab_size, HEAD_VOCAB_CHUNK) * 4
-                    * HEAD_TILES)
+    activations += min(tokens, HEAD_TOKEN_CHUNK) * min(shape.vocab_size, HEAD_VOCAB_CHUNK) * 4 * HEAD_TILES
     return Estimate(weights, lora, activations, FRAMEWORK_BYTES, dtype)
 
 
-def check_fits(shape: ModelShape, device: Device, *, batch_size: int, seq_length: int, dtype: str,
-               gradient_checkpointing: bool, headroom: float, lora_dropout: bool = True) -> Estimate:
+def check_fits(
+    shape: ModelShape,
+    device: Device,
+    *,
+    batch_size: int,
+    seq_length: int,
+    dtype: str,
+    gradient_checkpointing: bool,
+    headroom: float,
+    lora_dropout: bool = True,
+) -> Estimate:
     """The estimate, when it fits in ``headroom`` x the device's free memory.
 
     Raises:
         ResourceError: it does not fit; the message gives both figures and the largest
             batch size (then sequence length) that would.
     """
-    est = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                   gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout)
+    est = estimate(
+        shape,
+        batch_size=batch_size,
+        seq_length=seq_length,
+        dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
+        lora_dropout=lora_dropout,
+    )
     budget = int(device.free_bytes * headroom)
     if est.total <= budget:
         return est
-    hint = suggest(shape, budget, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                   gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout)
-    hint_text = (f"try training.batch_size = {hint[0]} and training.max_seq_length = {hint[1]}"
-                 if hint else "even batch_size 1 with max_seq_length 64 does not fit: use a smaller "
-                              "base model, quantization = \"4bit\" on CUDA, or a larger device")
+    hint = suggest(
+        shape,
+        budget,
+        batch_size=batch_size,
+        seq_length=seq_length,
+        dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
+        lora_dropout=lora_dropout,
+    )
+    hint_text = (
+        f"try training.batch_size = {hint[0]} and training.max_seq_length = {hint[1]}"
+        if hint
+        else "even batch_size 1 with max_seq_length 64 does not fit: use a smaller "
+        'base model, quantization = "4bit" on CUDA, or a larger device'
+    )
     raise ResourceError(
         f"the run needs about {_gib(est.total)} (weights {_gib(est.weights)}, LoRA + optimizer "
         f"{_gib(est.lora)}, activations {_gib(est.activations)} for batch {batch_size} x seq "
         f"{seq_length}) but {device.kind} has {_gib(device.free_bytes)} free "
-        f"({headroom:.0%} usable = {_gib(budget)}); {hint_text}")
+        f"({headroom:.0%} usable = {_gib(budget)}); {hint_text}"
+    )
 
 
-def suggest(shape: ModelShape, budget: int, *, batch_size: int, seq_length: int, dtype: str,
-            gradient_checkpointing: bool, lora_dropout: bool = True) -> tuple[int, int] | None:
+def suggest(
+    shape: ModelShape,
+    budget: int,
+    *,
+    batch_size: int,
+    seq_length: int,
+    dtype: str,
+    gradient_checkpointing: bool,
+    lora_dropout: bool = True,
+) -> tuple[int, int] | None:
     """The largest (batch, seq) that fits ``budget``: halve the batch first, then the sequence."""
     b, s = batch_size, seq_length
     while True:
-        est = estimate(shape, batch_size=b, seq_length=s, dtype=dtype,
-                       gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout)
+        est = estimate(
+            shape,
+            batch_size=b,
+            seq_length=s,
+            dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            lora_dropout=lora_dropout,
+        )
         if est.total <= budget:
             return b, s
         if b > 1:
@@ -215,8 +270,17 @@ def suggest(shape: ModelShape, budget: int, *, batch_size: int, seq_length: int,
             return None
 
 
-def use_checkpointing(shape: ModelShape, device: Device, *, requested: bool, batch_size: int, seq_length: int,
-                      dtype: str, headroom: float, lora_dropout: bool = True) -> bool:
+def use_checkpointing(
+    shape: ModelShape,
+    device: Device,
+    *,
+    requested: bool,
+    batch_size: int,
+    seq_length: int,
+    dtype: str,
+    headroom: float,
+    lora_dropout: bool = True,
+) -> bool:
     """Whether the run checkpoints activations (training.gradient_checkpointing = ``requested``).
 
     On CUDA as requested. On the CPU only when requested and the run would not fit without it:
@@ -226,8 +290,14 @@ def use_checkpointing(shape: ModelShape, device: Device, *, requested: bool, bat
     """
     if device.kind == "cuda" or not requested:
         return requested
-    without = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                       gradient_checkpointing=False, lora_dropout=lora_dropout)
+    without = estimate(
+        shape,
+        batch_size=batch_size,
+        seq_length=seq_length,
+        dtype=dtype,
+        gradient_checkpointing=False,
+        lora_dropout=lora_dropout,
+    )
     return without.total > int(device.free_bytes * headroom)
 
 
@@ -250,22 +320,40 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def environment(model_dir: str | None, *, state_dir: str | None, lora_r: int, target_modules, batch_size: int,
-                seq_length: int, quantization: str, gradient_checkpointing: bool, headroom: float,
-                lora_dropout: bool = True) -> dict:
+def environment(
+    model_dir: str | None,
+    *,
+    state_dir: str | None,
+    lora_r: int,
+    target_modules,
+    batch_size: int,
+    seq_length: int,
+    quantization: str,
+    gradient_checkpointing: bool,
+    headroom: float,
+    lora_dropout: bool = True,
+) -> dict:
     """A report of the environment for ``lorad doctor`` (and the estimate for a model)."""
     import torch
 
     device = detect_device()
     report: dict = {
-        "python": sys.version.split()[0], "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(), "cuda_version": torch.version.cuda,
-        "device": asdict(device), "bitsandbytes": bitsandbytes_available(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "device": asdict(device),
+        "bitsandbytes": bitsandbytes_available(),
     }
     if device.kind == "cuda":
-        report["devices"] = [{"index": i, "name": torch.cuda.get_device_name(i),
-                              "total_bytes": torch.cuda.get_device_properties(i).total_memory}
-                             for i in range(torch.cuda.device_count())]
+        report["devices"] = [
+            {
+                "index": i,
+                "name": torch.cuda.get_device_name(i),
+                "total_bytes": torch.cuda.get_device_properties(i).total_memory,
+            }
+            for i in range(torch.cuda.device_count())
+        ]
     if state_dir:
         probe = state_dir
         while probe and not os.path.exists(probe):
@@ -275,21 +363,45 @@ def environment(model_dir: str | None, *, state_dir: str | None, lora_r: int, ta
         try:
             shape = model_shape(model_dir, lora_r, target_modules)
             dtype = training_dtype(device, quantization)
-            checkpointing = use_checkpointing(shape, device, requested=gradient_checkpointing,
-                                              batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                                              headroom=headroom, lora_dropout=lora_dropout)
-            est = estimate(shape, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                           gradient_checkpointing=checkpointing, lora_dropout=lora_dropout)
+            checkpointing = use_checkpointing(
+                shape,
+                device,
+                requested=gradient_checkpointing,
+                batch_size=batch_size,
+                seq_length=seq_length,
+                dtype=dtype,
+                headroom=headroom,
+                lora_dropout=lora_dropout,
+            )
+            est = estimate(
+                shape,
+                batch_size=batch_size,
+                seq_length=seq_length,
+                dtype=dtype,
+                gradient_checkpointing=checkpointing,
+                lora_dropout=lora_dropout,
+            )
             budget = int(device.free_bytes * headroom)
             report["estimate"] = est.as_dict() | {
-                "model": model_dir, "parameters": shape.parameters,
-                "lora_parameters": shape.lora_parameters, "batch_size": batch_size,
-                "seq_length": seq_length, "gradient_checkpointing": checkpointing,
-                "budget_bytes": budget, "fits": est.total <= budget}
+                "model": model_dir,
+                "parameters": shape.parameters,
+                "lora_parameters": shape.lora_parameters,
+                "batch_size": batch_size,
+                "seq_length": seq_length,
+                "gradient_checkpointing": checkpointing,
+                "budget_bytes": budget,
+                "fits": est.total <= budget,
+            }
             if est.total > budget:
                 report["estimate"]["suggestion"] = suggest(
-                    shape, budget, batch_size=batch_size, seq_length=seq_length, dtype=dtype,
-                    gradient_checkpointing=checkpointing, lora_dropout=lora_dropout)
+                    shape,
+                    budget,
+                    batch_size=batch_size,
+                    seq_length=seq_length,
+                    dtype=dtype,
+                    gradient_checkpointing=checkpointing,
+                    lora_dropout=lora_dropout,
+                )
         except Exception as e:  # the doctor reports; it does not stop at the first problem
             report["estimate"] = {"model": model_dir, "error": f"{type(e).__name__}: {e}"}
     return report
@@ -322,11 +434,18 @@ def main(argv: list[str] | None = None) -> int:
         except BaseModelError as e:
             model_dir = None
             model_error = str(e)
-    report = environment(model_dir, state_dir=args.state_dir, lora_r=args.lora_r,
-                         target_modules=args.target_modules, batch_size=args.batch_size,
-                         seq_length=args.seq_length, quantization=args.quantization,
-                         gradient_checkpointing=not args.no_gradient_checkpointing,
-                         headroom=args.headroom, lora_dropout=args.lora_dropout > 0)
+    report = environment(
+        model_dir,
+        state_dir=args.state_dir,
+        lora_r=args.lora_r,
+        target_modules=args.target_modules,
+        batch_size=args.batch_size,
+        seq_length=args.seq_length,
+        quantization=args.quantization,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        headroom=args.headroom,
+        lora_dropout=args.lora_dropout > 0,
+    )
     if args.model and model_dir is None:
         report["estimate"] = {"model": args.model, "error": model_error}
     print(json.dumps(report))

@@ -31,8 +31,13 @@ PACKING_TOLERANCE = 0.01
 
 # Config attributes that scale or cap the logits; a model with any of them keeps trl's head,
 # which applies them (lorad's completion head assumes plain logits).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def cpu_threads(environ=os.environ) -> int:
@@ -73,7 +78,7 @@ def packing_problem(model, tokenizer) -> str | None:
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids = [i for i in range(min(vocab, 2000)) if i not in special]
     quarter = len(ids) // 4
-    first, second = ids[quarter:quarter + 7], ids[3 * quarter:3 * quarter + 5]
+    first, second = ids[quarter : quarter + 7], ids[3 * quarter : 3 * quarter + 5]
     device = model.get_input_embeddings().weight.device
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id or 0, padding_free=True)
     packed = collator([{"input_ids": first}, {"input_ids": second}])
@@ -85,8 +90,16 @@ def packing_problem(model, tokenizer) -> str | None:
         with torch.no_grad():
             alone = model(input_ids=torch.tensor([second], device=device)).logits[0].float()
             exact = model(**packed, use_cache=False).logits[0, n:].float()
-            leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                          attention_mask=torch.ones_like(packed["input_ids"]), use_cache=False).logits[0, n:].float()
+            leaky = (
+                model(
+                    input_ids=packed["input_ids"],
+                    position_ids=packed["position_ids"],
+                    attention_mask=torch.ones_like(packed["input_ids"]),
+                    use_cache=False,
+                )
+                .logits[0, n:]
+                .float()
+            )
     except Exception as e:  # a model whose forward refuses the packed inputs
         return f"the model's forward refuses padding-free inputs ({type(e).__name__}: {str(e)[:160]})"
     finally:
@@ -95,9 +108,11 @@ def packing_problem(model, tokenizer) -> str | None:
     leak = (leaky - alone).abs().max().item()
     if error <= PACKING_TOLERANCE * leak or error == 0.0:
         return None
-    return (f"attention implementation {implementation!r} of {type(model).__name__} does not keep packed rows "
-            f"apart (restarting position ids are not turned into a block-diagonal mask: a packed row's logits "
-            f"moved by {error:.3g}, a leaking attention moves them by {leak:.3g})")
+    return (
+        f"attention implementation {implementation!r} of {type(model).__name__} does not keep packed rows "
+        f"apart (restarting position ids are not turned into a block-diagonal mask: a packed row's logits "
+        f"moved by {error:.3g}, a leaking attention moves them by {leak:.3g})"
+    )
 
 
 def completion_head(model) -> bool:
@@ -128,24 +143,31 @@ def completion_head(model) -> bool:
     trl_forward = base.forward  # trl's head: kept for the cases below that this one does not cover
 
     @functools.wraps(type(base).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                **kwargs):
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head or shift_labels is not None or getattr(text, "output_router_logits", False):
-            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                               num_items_in_batch=num_items_in_batch, **kwargs)
+            return trl_forward(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
         kwargs["use_cache"] = False
         head = self.get_output_embeddings()
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1].to(head.weight.device)
         labels = labels[:, 1:].to(head.weight.device)
         mask = labels != -100
-        log_probs = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], 1.0,
-                                                 VOCAB_CHUNK, None, 1.0, ("log_probs",))[0]
+        log_probs = ChunkedLogProbFunction.apply(
+            hidden[mask], head.weight, head.bias, labels[mask], 1.0, VOCAB_CHUNK, None, 1.0, ("log_probs",)
+        )[0]
         # masked_scatter keeps a batch without any label connected to the graph (a zero loss).
         per_token = log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         zeros = torch.zeros_like(per_token)
-        return FusedCausalLMOutput(loss=-per_token.sum() / count, log_probs=per_token, entropy=zeros,
-                                   is_top1=zeros.bool(), label_mask=mask)
+        return FusedCausalLMOutput(
+            loss=-per_token.sum() / count, log_probs=per_token, entropy=zeros, is_top1=zeros.bool(), label_mask=mask
+        )
 
     base.forward = types.MethodType(forward, base)
     return True
@@ -171,7 +193,7 @@ def decide_packing(setting, method: str, model, tokenizer) -> tuple[bool, str]:
     if problem is None:
         return True, "exact: packed rows are kept apart by the attention mask (checked on the model)"
     if setting is True:
-        raise Refused(f"training.packing = true would not be exact: {problem}; set it to \"auto\" or false")
+        raise Refused(f'training.packing = true would not be exact: {problem}; set it to "auto" or false')
     return False, problem
 
 
@@ -192,6 +214,8 @@ def use_liger(setting, device_kind: str) -> bool:
     usable = device_kind == "cuda" and liger_available()
     if setting is True and not usable:
         why = "this run is on the CPU" if device_kind != "cuda" else "the liger-kernel package is not installed"
-        raise Refused(f"training.liger_kernel = true needs CUDA and liger-kernel (Triton kernels), but {why}; "
-                      f"set it to \"auto\" or false")
+        raise Refused(
+            f"training.liger_kernel = true needs CUDA and liger-kernel (Triton kernels), but {why}; "
+            f'set it to "auto" or false'
+        )
     return usable

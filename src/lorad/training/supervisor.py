@@ -27,8 +27,14 @@ WORKER_PID = "worker.pid"
 log = structlog.get_logger()
 
 
-def supervise(job_dir, stop: threading.Event | None = None, cancel: Callable[[], bool] | None = None, *,
-              on_progress: Callable[[dict], None] | None = None, poll: float = 0.5) -> int:
+def supervise(
+    job_dir,
+    stop: threading.Event | None = None,
+    cancel: Callable[[], bool] | None = None,
+    *,
+    on_progress: Callable[[dict], None] | None = None,
+    poll: float = 0.5,
+) -> int:
     """Run the worker on ``job_dir`` to its end; returns its exit code.
 
     Args:
@@ -49,13 +55,19 @@ def supervise(job_dir, stop: threading.Event | None = None, cancel: Callable[[],
     # before it writes its own must leave none, not the earlier run's reason.
     (job_dir / RESULT_FILE).unlink(missing_ok=True)
     with open(job_dir / WORKER_LOG, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     (job_dir / WORKER_PID).write_text(f"{proc.pid}\n")
 
     def tail():
         nonlocal offset
-        for record, offset in iter_progress(job_dir, offset):
+        for record, after in iter_progress(job_dir, offset):
+            offset = after  # where the next tail resumes
             if on_progress is not None:
                 on_progress(record)
 

@@ -33,11 +33,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lorad.training import checkpoints
 from lorad.training import jobdir as jobfile
 from lorad.training.callback import Flags, Progress, barrier, broadcast, make_callback
 from lorad.training.jobdir import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, STATUS_BY_EXIT
+
+if TYPE_CHECKING:
+    from lorad.training import lora
 
 METHODS = ("sft", "dpo", "kto", "grpo", "sft+grpo")
 EARLIER_PHASE = "sft_phase"  # the label (and adapter name) SFT+GRPO's SFT adapter is scored under
@@ -72,8 +76,7 @@ def run(job_dir) -> int:
     result.wall_seconds = time.time() - started
     result.peak_memory_bytes = _peak_memory_bytes()
     if is_main:
-        progress.write(stage=result.status, step=result.steps, total_steps=result.total_steps,
-                       reason=result.reason)
+        progress.write(stage=result.status, step=result.steps, total_steps=result.total_steps, reason=result.reason)
         jobfile.write_result(job_dir, result)
     progress.close()
     return code
@@ -103,7 +106,7 @@ class _Run:
     progress: Progress
     is_main: bool
     model_dir: str
-    prec: object  # lora.Precision
+    prec: lora.Precision
     liger: bool
     threads: int
     phases: tuple[str, ...]
@@ -120,8 +123,8 @@ class _Run:
 class _Trained:
     """The last phase's trainer, its tokenizer, and SFT+GRPO's SFT adapter (where GRPO began)."""
 
-    trainer: object
-    tokenizer: object
+    trainer: Any  # a trl trainer (SFT, DPO, KTO or GRPO)
+    tokenizer: Any  # a transformers tokenizer
     earlier: str | None
 
 
@@ -141,8 +144,9 @@ def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile
         raise JobFailed(f"unknown training method {spec.method!r} (expected {', '.join(METHODS)})")
     phases = tuple(spec.method.split("+"))
     if "grpo" in phases and not spec.guard_command:
-        raise JobFailed(f"method {spec.method} needs a guard command (evaluation.guard_command): its verdict "
-                        f"is the GRPO reward")
+        raise JobFailed(
+            f"method {spec.method} needs a guard command (evaluation.guard_command): its verdict is the GRPO reward"
+        )
     if len(phases) > 1:
         try:
             resources.check_learning_rate(phase_schedule(spec, "grpo", True)[1])
@@ -156,15 +160,20 @@ def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile
     device = resources.detect_device()
     dtype = resources.training_dtype(device, spec.quantization)
     if spec.quantization == "4bit" and dtype != "4bit":
-        raise JobFailed("quantization = \"4bit\" needs CUDA and bitsandbytes; use \"auto\" or \"none\"")
+        raise JobFailed('quantization = "4bit" needs CUDA and bitsandbytes; use "auto" or "none"')
     prec = lora.precision(device.kind, dtype, spec.gradient_checkpointing)
     try:
         liger = speed.use_liger(spec.liger_kernel, device.kind)
     except speed.Refused as e:
         raise JobFailed(str(e)) from None
     shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules, local_files_only=True)
-    fit = dict(batch_size=spec.batch_size, seq_length=spec.max_seq_length, dtype=dtype,
-               headroom=spec.memory_headroom, lora_dropout=spec.lora_dropout > 0)
+    fit = dict(
+        batch_size=spec.batch_size,
+        seq_length=spec.max_seq_length,
+        dtype=dtype,
+        headroom=spec.memory_headroom,
+        lora_dropout=spec.lora_dropout > 0,
+    )
     checkpointing = resources.use_checkpointing(shape, device, requested=spec.gradient_checkpointing, **fit)
     prec = dataclasses.replace(prec, gradient_checkpointing=checkpointing)
     try:
@@ -176,20 +185,35 @@ def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile
     result.processes = int(os.environ.get("WORLD_SIZE", "1"))
     result.base_model = model_dir
 
-    rows = {phase: jobfile.read_jsonl(job_dir / (jobfile.PROMPTS_FILE if phase == "grpo" else jobfile.TRAIN_FILE))
-            for phase in phases}
+    rows = {
+        phase: jobfile.read_jsonl(job_dir / (jobfile.PROMPTS_FILE if phase == "grpo" else jobfile.TRAIN_FILE))
+        for phase in phases
+    }
     for phase, phase_rows in rows.items():
         if not phase_rows:
             raise JobFailed("there are no prompts to train on" if phase == "grpo" else "the training set is empty")
-    return _Run(spec, job_dir, flags, progress, is_main, model_dir, prec, liger, threads, phases, rows,
-                jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE))
+    return _Run(
+        spec,
+        job_dir,
+        flags,
+        progress,
+        is_main,
+        model_dir,
+        prec,
+        liger,
+        threads,
+        phases,
+        rows,
+        jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE),
+    )
 
 
 def train(ctx: _Run, result: jobfile.Result) -> _Trained | int:
     """Every phase in turn, each starting from the adapter the one before left (SFT+GRPO: the
     GRPO phase from the SFT phase's). Returns the last phase's trainer, or the exit code of a
     phase a signal or the window's end stopped (EXIT_PAUSED, EXIT_CANCELLED)."""
-    parent, records = ctx.spec.parent_adapter, []
+    parent = ctx.spec.parent_adapter
+    records: list[dict] = []  # one a phase trained
     for phase in ctx.phases[:-1]:
         stop, parent = _earlier_phase(ctx, phase, parent, records, result)
         if stop is not None:
@@ -201,8 +225,9 @@ def train(ctx: _Run, result: jobfile.Result) -> _Trained | int:
     return _Trained(trainer, tokenizer, parent if ctx.split else None)
 
 
-def _earlier_phase(ctx: _Run, phase: str, parent: str | None, records: list[dict],
-                   result: jobfile.Result) -> tuple[int | None, str | None]:
+def _earlier_phase(
+    ctx: _Run, phase: str, parent: str | None, records: list[dict], result: jobfile.Result
+) -> tuple[int | None, str | None]:
     """A phase before the last: trained (or found done by an earlier run of this job) and kept
     whole in ``checkpoints/<phase>/adapter`` for the next phase to start from.
 
@@ -239,8 +264,13 @@ def save(ctx: _Run, trained: _Trained, result: jobfile.Result) -> None:
     model, state = trained.trainer.model, trained.trainer.state
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # GRPO's frozen reference (beta > 0) is no part of the result
-    health = check_finite_logits(model, trained.tokenizer, ctx.heldout or ctx.rows[ctx.phases[-1]],
-                                 batch_size=ctx.spec.eval_batch_size, max_seq_length=ctx.spec.max_seq_length)
+    health = check_finite_logits(
+        model,
+        trained.tokenizer,
+        ctx.heldout or ctx.rows[ctx.phases[-1]],
+        batch_size=ctx.spec.eval_batch_size,
+        max_seq_length=ctx.spec.max_seq_length,
+    )
     result.health = {"ok": health.ok, "reason": health.reason}
     if not health.ok:
         raise JobFailed(f"health check failed: {health.reason}")
@@ -255,30 +285,36 @@ def evaluate_candidate(ctx: _Run, trained: _Trained, result: jobfile.Result) -> 
         return
     model, state = trained.trainer.model, trained.trainer.state
     ctx.progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
-    result.metrics = evaluate(model, trained.tokenizer, ctx.heldout, ctx.spec, earlier_phase=trained.earlier)
+    result.metrics = metrics = evaluate(model, trained.tokenizer, ctx.heldout, ctx.spec, earlier_phase=trained.earlier)
     if trained.earlier:
-        _choose_phase(result, model, trained.tokenizer, ctx.heldout, ctx.spec, Path(trained.earlier), ctx.job_dir)
+        _choose_phase(
+            result, metrics, model, trained.tokenizer, ctx.heldout, ctx.spec, Path(trained.earlier), ctx.job_dir
+        )
 
 
-def _choose_phase(result: jobfile.Result, model, tokenizer, heldout_rows, spec, earlier: Path, job_dir: Path) -> None:
+def _choose_phase(
+    result: jobfile.Result, metrics: dict, model, tokenizer, heldout_rows, spec, earlier: Path, job_dir: Path
+) -> None:
     """SFT+GRPO: the job's candidate is the GRPO phase's adapter only if it gained held-out
     first attempts over the SFT phase's (:func:`lorad.evaluation.gate.keep_last_phase`);
     otherwise the SFT phase's adapter becomes adapter/, with its metrics and health."""
     from lorad.evaluation.gate import keep_last_phase
     from lorad.evaluation.health import check_finite_logits
 
-    sft = result.metrics.pop(EARLIER_PHASE)
-    keep, why = keep_last_phase(sft, result.metrics["candidate"])
-    result.phases[-1] |= {"kept": keep, "decision": why}
+    sft = metrics.pop(EARLIER_PHASE)
+    keep, why = keep_last_phase(sft, metrics["candidate"])
+    if result.phases:  # one entry a phase trained
+        result.phases[-1] |= {"kept": keep, "decision": why}
     if keep:
         return
     model.set_adapter(EARLIER_PHASE)
-    health = check_finite_logits(model, tokenizer, heldout_rows, batch_size=spec.eval_batch_size,
-                                 max_seq_length=spec.max_seq_length)
+    health = check_finite_logits(
+        model, tokenizer, heldout_rows, batch_size=spec.eval_batch_size, max_seq_length=spec.max_seq_length
+    )
     if not health.ok:
         raise JobFailed(f"health check of the SFT phase's adapter failed: {health.reason}")
     result.health = {"ok": health.ok, "reason": health.reason}
-    result.metrics["candidate"] = sft
+    metrics["candidate"] = sft
     result.adapter = str(checkpoints.adopt_adapter(earlier, job_dir / jobfile.ADAPTER_DIR))
 
 
@@ -312,8 +348,14 @@ def _train_phase(ctx: _Run, phase: str, parent: str | None, rows: list[dict]):
     root = checkpoints.checkpoint_root(ctx.job_dir, phase if ctx.split else None)
     torch.manual_seed(spec.seed)
     model, tokenizer = lora.load_model(ctx.model_dir, ctx.prec, local_files_only=True)
-    model = lora.attach_adapter(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                                target_modules=spec.target_modules, parent_adapter=parent)
+    model = lora.attach_adapter(
+        model,
+        r=spec.lora_r,
+        alpha=spec.lora_alpha,
+        dropout=spec.lora_dropout,
+        target_modules=spec.target_modules,
+        parent_adapter=parent,
+    )
     max_steps, learning_rate = phase_schedule(spec, phase, ctx.split)
     # packing = true is the SFT phase's; SFT+GRPO's GRPO phase decides as "auto" would.
     setting = "auto" if ctx.split and phase != "sft" else spec.packing
@@ -327,13 +369,27 @@ def _train_phase(ctx: _Run, phase: str, parent: str | None, rows: list[dict]):
         checkpoints.clear_leftovers(root, ctx.job_dir)
     barrier()
     args = lora.training_arguments(
-        phase, output_dir=str(staging), prec=ctx.prec, learning_rate=learning_rate,
-        max_steps=max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
-        grad_accum=spec.grad_accum, max_seq_length=spec.max_seq_length, save_steps=spec.save_steps,
-        seed=spec.seed, packing=packing, liger=ctx.liger, num_generations=spec.num_generations,
-        max_completion_length=spec.max_completion_length, temperature=spec.temperature, beta=spec.beta)
-    callback = make_callback(ctx.flags, ctx.progress, root, spec.window_end, ctx.is_main,
-                             phase=phase if ctx.split else None)
+        phase,
+        output_dir=str(staging),
+        prec=ctx.prec,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        grad_accum=spec.grad_accum,
+        max_seq_length=spec.max_seq_length,
+        save_steps=spec.save_steps,
+        seed=spec.seed,
+        packing=packing,
+        liger=ctx.liger,
+        num_generations=spec.num_generations,
+        max_completion_length=spec.max_completion_length,
+        temperature=spec.temperature,
+        beta=spec.beta,
+    )
+    callback = make_callback(
+        ctx.flags, ctx.progress, root, spec.window_end, ctx.is_main, phase=phase if ctx.split else None
+    )
     reward = None
     if phase == "grpo":
         from lorad.training.grpo import GuardReward
@@ -357,13 +413,24 @@ def _train_phase(ctx: _Run, phase: str, parent: str | None, rows: list[dict]):
             trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - t0
     state = trainer.state
-    record = {"method": phase, "steps": state.global_step, "total_steps": state.max_steps,
-              "tokens": state.num_input_tokens_seen, "final_loss": callback.final_loss,
-              "train_seconds": seconds, "new_tokens": state.num_input_tokens_seen - callback.tokens0,
-              "resumed_from": resume,
-              "speed": {"threads": ctx.threads, "packing": packing, "packing_reason": packing_reason,
-                        "completion_head": completion_head, "liger_kernel": ctx.liger,
-                        "gradient_checkpointing": ctx.prec.gradient_checkpointing}}
+    record = {
+        "method": phase,
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "tokens": state.num_input_tokens_seen,
+        "final_loss": callback.final_loss,
+        "train_seconds": seconds,
+        "new_tokens": state.num_input_tokens_seen - callback.tokens0,
+        "resumed_from": resume,
+        "speed": {
+            "threads": ctx.threads,
+            "packing": packing,
+            "packing_reason": packing_reason,
+            "completion_head": completion_head,
+            "liger_kernel": ctx.liger,
+            "gradient_checkpointing": ctx.prec.gradient_checkpointing,
+        },
+    }
     if callback.failure:
         record["failure"] = callback.failure if not ctx.split else f"{phase} phase: {callback.failure}"
     stop = {"pause": EXIT_PAUSED, "cancel": EXIT_CANCELLED}.get(callback.stopped)
@@ -405,17 +472,27 @@ def evaluate(model, tokenizer, heldout_rows: list[dict], spec, earlier_phase: st
     from lorad.evaluation.metrics import evaluate as score
 
     adapters: dict[str, str | None] = {"candidate": model.active_adapter}
-    for label, path in (("active", spec.reference_adapter), ("previous", spec.previous_adapter),
-                        (EARLIER_PHASE, earlier_phase)):
+    for label, path in (
+        ("active", spec.reference_adapter),
+        ("previous", spec.previous_adapter),
+        (EARLIER_PHASE, earlier_phase),
+    ):
         if label != "active" and not path:
             continue
         if path:
             model.load_adapter(path, adapter_name=label)
         adapters[label] = label if path else None
-    return score(model, tokenizer, heldout_rows, adapters=adapters, batch_size=spec.eval_batch_size,
-                 max_seq_length=spec.max_seq_length, guard_command=list(spec.guard_command),
-                 guard_timeout=spec.guard_timeout,
-                 max_new_tokens=spec.max_new_tokens)
+    return score(
+        model,
+        tokenizer,
+        heldout_rows,
+        adapters=adapters,
+        batch_size=spec.eval_batch_size,
+        max_seq_length=spec.max_seq_length,
+        guard_command=list(spec.guard_command),
+        guard_timeout=spec.guard_timeout,
+        max_new_tokens=spec.max_new_tokens,
+    )
 
 
 def _peak_memory_bytes() -> int:
@@ -427,7 +504,6 @@ def _peak_memory_bytes() -> int:
     except Exception:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 
 def launch(job_dir) -> int:
@@ -454,12 +530,17 @@ def launch(job_dir) -> int:
     signal.signal(signal.SIGINT, forward)
     rc = proc.wait()
     result = jobfile.read_result(job_dir)
-    fresh = result is not None and result_path.stat().st_mtime_ns != before
-    if not fresh:
+    if result is None or result_path.stat().st_mtime_ns == before:  # none, or the earlier run's
         if rc != 0:  # no rank got as far as writing a result: say so where the parent looks
-            jobfile.write_result(job_dir, jobfile.Result(
-                job_id=spec.job_id, status=STATUS_BY_EXIT[EXIT_FAILED], reason="launcher failed",
-                error=f"accelerate launch exited with {rc} before a result was written"))
+            jobfile.write_result(
+                job_dir,
+                jobfile.Result(
+                    job_id=spec.job_id,
+                    status=STATUS_BY_EXIT[EXIT_FAILED],
+                    reason="launcher failed",
+                    error=f"accelerate launch exited with {rc} before a result was written",
+                ),
+            )
             return EXIT_FAILED
         return EXIT_OK
     codes = {status: code for code, status in STATUS_BY_EXIT.items()}
