@@ -77,8 +77,11 @@ def test_every_command_flag_is_on_its_command_line_in_the_operations_page():
         own = [line for line in lines if re.search(rf"`lorad {re.escape(name)}[` ]", line)]
         for action in sub._actions:
             for flag in action.option_strings:
-                if flag.startswith("--") and flag not in ("--help", "--config", "--json") \
-                        and not any(re.search(rf"{re.escape(flag)}\b", line) for line in own):
+                if (
+                    flag.startswith("--")
+                    and flag not in ("--help", "--config", "--json")
+                    and not any(re.search(rf"{re.escape(flag)}\b", line) for line in own)
+                ):
                     missing.append(f"lorad {name} {flag}")
     assert not missing, f"flags not on their command's line in docs/operations.md: {missing}"
     common = "\n".join(lines)
