@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 import tracemalloc
+from typing import ClassVar
 
 import pytest
 
@@ -193,7 +194,7 @@ def scripted(*statuses: int) -> type[JsonHandler]:
     them all), a JSON body either way; ``seen`` lists the paths it was asked for."""
 
     class Scripted(JsonHandler):
-        seen: list[str] = []
+        seen: ClassVar[list[str]] = []
 
         def do_POST(self):
             self.read_body()
@@ -217,9 +218,8 @@ def load_adapter(url: str, waits: list[float], retries: int = 3, backoff: float 
 def test_a_4xx_is_final_one_request_and_no_retry(status):
     """Asking again gets the same answer: the error comes back at once, as the server gave it."""
     handler, waits = scripted(status, 200), []
-    with FakeServer(handler) as server:
-        with pytest.raises(HttpError) as e:
-            load_adapter(server.url, waits)
+    with FakeServer(handler) as server, pytest.raises(HttpError) as e:
+        load_adapter(server.url, waits)
     assert handler.seen == ["/v1/load_lora_adapter"] and waits == []
     assert e.value.status == status and e.value.final
     assert f"HTTP {status}" in str(e.value) and "attempts" not in str(e.value)
@@ -228,9 +228,8 @@ def test_a_4xx_is_final_one_request_and_no_retry(status):
 @pytest.mark.parametrize("status", [500, 502, 503])
 def test_a_5xx_is_retried_with_doubling_backoff_and_the_last_error_counts_the_attempts(status):
     handler, waits = scripted(status), []
-    with FakeServer(handler) as server:
-        with pytest.raises(HttpError) as e:
-            load_adapter(server.url, waits, retries=3, backoff=0.5)
+    with FakeServer(handler) as server, pytest.raises(HttpError) as e:
+        load_adapter(server.url, waits, retries=3, backoff=0.5)
     assert len(handler.seen) == 4 and waits == [0.5, 1.0, 2.0]
     assert e.value.status == status and not e.value.final
     assert f"HTTP {status}" in str(e.value) and str(e.value).endswith("(after 4 attempts)"), str(e.value)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from test_examples import add_task, sync
+
 from lorad.buffer.prompts import build_prompts
 from lorad.config import SelectionSettings
-from test_examples import add_task, sync
 
 SEL = SelectionSettings(heldout_fraction=0.3, heldout_min_tasks=0, heldout_per_family=0, dedup_similarity=0.9)
 

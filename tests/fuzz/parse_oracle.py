@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from lorad.sources.base import ORIGINS, STATUSES
 
@@ -109,7 +109,7 @@ class _Fields:
             self.out.bad.add(key)
             return
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         self.out.fields["created_at"], self.out.fields["created_ts"] = value, when.timestamp()
 
     def stored_json(self, column: str, value, key: str) -> None:

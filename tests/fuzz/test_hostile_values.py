@@ -15,18 +15,17 @@ import math
 import os
 import tomllib
 
+import parse_oracle
 import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from lorad import config
-from lorad.demo import synthetic
 from lorad.daemon import protocol
+from lorad.demo import synthetic
 from lorad.sources.atomicguard import parse_artifact
 from lorad.sources.base import ParseError
 from lorad.sources.jsonl import parse_record
-
-import parse_oracle
 
 EXAMPLES = int(os.environ.get("LORAD_FUZZ_EXAMPLES", "200"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 import os
 
+import parse_oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorad import config
-from lorad.demo import synthetic
 from lorad.buffer.store import ARTIFACT_COLUMNS, Buffer
-from lorad.sources.ingest import ingest
+from lorad.demo import synthetic
 from lorad.sources.atomicguard import parse_artifact
 from lorad.sources.base import ParseError
+from lorad.sources.ingest import ingest
 from lorad.sources.jsonl import JsonlSource, parse_record
-
-import parse_oracle
 
 EXAMPLES = int(os.environ.get("LORAD_FUZZ_EXAMPLES", "300"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
