@@ -1,5 +1,6 @@
 """lorad.release.http_client against hostile servers in the test: long, huge, cut and dripping replies,
-a silent one, and a cancel from another thread."""
+a silent one, and a cancel from another thread; and its retry rule: a 4xx is final, a 5xx or a
+connection error is retried with doubling backoff."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import threading
 import time
 import tracemalloc
+from typing import ClassVar
 
 import pytest
 
@@ -212,3 +214,78 @@ def test_https_has_the_same_whole_request_deadline(tls_files):
         with pytest.raises(HttpError, match="within 1.5 s"):
             http_client.send(server.url, "GET", "/is_sleeping", timeout=1.5)
         assert time.monotonic() - started < 3
+
+
+def scripted(*statuses: int) -> type[JsonHandler]:
+    """A handler answering the n-th request with the n-th of ``statuses`` (the last one after
+    them all), a JSON body either way; ``seen`` lists the paths it was asked for."""
+
+    class Scripted(JsonHandler):
+        seen: ClassVar[list[str]] = []
+
+        def do_POST(self):
+            self.read_body()
+            self.seen.append(self.path)
+            code = statuses[min(len(self.seen), len(statuses)) - 1]
+            self.reply(code, {"answer": len(self.seen)} if code < 300 else {"error": f"status {code}"})
+
+        do_GET = do_POST
+
+    return Scripted
+
+
+def load_adapter(url: str, waits: list[float], retries: int = 3, backoff: float = 0.5) -> str:
+    """A request as the publish hooks make it, retried; the waits between attempts recorded, not slept."""
+    return http_client.retrying(
+        lambda: http_client.send(url, "POST", "/v1/load_lora_adapter", {"lora_name": "v1"}, timeout=5),
+        retries=retries,
+        backoff=backoff,
+        sleep=waits.append,
+    )
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 409, 422])
+def test_a_4xx_is_final_one_request_and_no_retry(status):
+    """Asking again gets the same answer: the error comes back at once, as the server gave it."""
+    handler, waits = scripted(status, 200), []
+    with FakeServer(handler) as server, pytest.raises(HttpError) as e:
+        load_adapter(server.url, waits)
+    assert handler.seen == ["/v1/load_lora_adapter"] and waits == []
+    assert e.value.status == status and e.value.final
+    assert f"HTTP {status}" in str(e.value) and "attempts" not in str(e.value)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_5xx_is_retried_with_doubling_backoff_and_the_last_error_counts_the_attempts(status):
+    handler, waits = scripted(status), []
+    with FakeServer(handler) as server, pytest.raises(HttpError) as e:
+        load_adapter(server.url, waits, retries=3, backoff=0.5)
+    assert len(handler.seen) == 4 and waits == [0.5, 1.0, 2.0]
+    assert e.value.status == status and not e.value.final
+    assert f"HTTP {status}" in str(e.value) and str(e.value).endswith("(after 4 attempts)"), str(e.value)
+
+
+def test_a_5xx_then_an_answer_returns_the_answer():
+    handler, waits = scripted(503, 502, 200), []
+    with FakeServer(handler) as server:
+        assert json.loads(load_adapter(server.url, waits, retries=3, backoff=0.25)) == {"answer": 3}
+    assert len(handler.seen) == 3 and waits == [0.25, 0.5]
+
+
+def test_a_connection_error_is_retried_with_doubling_backoff_and_the_last_error_counts_the_attempts():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    calls, waits = [], []
+
+    def call():
+        calls.append(1)
+        return http_client.send(url, "POST", "/v1/load_lora_adapter", {"lora_name": "v1"}, timeout=5)
+
+    with pytest.raises(HttpError) as e:
+        http_client.retrying(call, retries=2, backoff=0.25, sleep=waits.append)
+    assert len(calls) == 3 and waits == [0.25, 0.5]
+    assert e.value.status is None and not e.value.final
+    assert "ConnectionRefused" in str(e.value) and str(e.value).endswith("(after 3 attempts)"), str(e.value)

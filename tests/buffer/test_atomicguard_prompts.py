@@ -58,7 +58,9 @@ def test_the_answer_is_the_stored_code_in_the_block_the_system_message_asks_for(
 
 
 def test_default_system_message_is_the_one_atomicguard_sends():
-    assert all(r[0] == {"role": "system", "content": ATOMICGUARD_SYSTEM} for rs in sent().values() for r in rs)
+    requests = [r for rs in sent().values() for r in rs]
+    assert len(requests) == 4  # wf-first's one request and wf-refined's three
+    assert all(r[0] == {"role": "system", "content": ATOMICGUARD_SYSTEM} for r in requests)
 
 
 def test_snapshot_trains_and_scores_under_atomicguard_prompts(buffer, chains, template):

@@ -504,7 +504,11 @@ def test_snapshot_system_message_takes_the_configured_template_role(buffer, fixt
     prompts = tmp_path / "prompts.json"
     prompts.write_text('{"g_coder": {"role": "You fix code."}}')
     snap = snapshot(buffer, SelectionSettings(prompt_template=f"{prompts}:g_coder"), n=5)
-    assert all(r["prompt"][0]["content"].startswith("You fix code.\n\n") for r in snap.train + snap.heldout)
+    assert snap.train and snap.heldout  # else the check below holds of nothing
+    for r in snap.train + snap.heldout:
+        assert r["prompt"][0]["role"] == "system" and r["prompt"][0]["content"].startswith("You fix code.\n\n"), r
+    default = snapshot(buffer, n=5)
+    assert default.train and not default.train[0]["prompt"][0]["content"].startswith("You fix code.")
 
 
 def test_snapshot_counts_contaminated_heldout_rows(buffer, tmp_path):

@@ -81,8 +81,10 @@ def test_counts_name_the_skipped_chains_and_the_split(config, tmp_path, capsys):
         + counts["other_split"]
         == 40
     )
+    assert rows and counts["examples"] > 0  # else the checks below hold of nothing
     assert all(r["metadata"]["outcome"] in ("refined", "first_try") and r["metadata"]["split"] == "train" for r in rows)
     refined = {r["metadata"]["chain_id"] for r in rows if r["metadata"]["outcome"] == "refined"}
+    assert refined and len(refined) < counts["examples"]  # refinements and first-try successes both
     assert counts["lines"] == counts["examples"] + len(refined)  # a refinement gives two lines
     with_history = [r for r in rows if "Previous attempts and feedback" in r["messages"][-2]["content"]]
     assert {r["metadata"]["chain_id"] for r in with_history} == refined

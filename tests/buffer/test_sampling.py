@@ -51,6 +51,7 @@ def test_draws_without_replacement_and_reproducibly_from_a_large_range():
 def test_draw_stays_inside_the_requested_range():
     members = {s: 0 for s in range(1, 200_001)}
     got = draw(500, 100_000, 150_000, *pool_of(members)[:2], random.Random(1))
+    assert len(got) == len(set(got)) == 500  # else the range check below holds of nothing
     assert all(100_000 < s <= 150_000 for s in got)
 
 

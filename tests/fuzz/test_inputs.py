@@ -1,7 +1,8 @@
 """Property-based fuzzing of everything that reads untrusted input.
 
 No input may crash a reader or slip past quarantine: each either becomes a valid row or is
-rejected with a non-empty reason. LORAD_FUZZ_EXAMPLES raises the example count for a long
+rejected with a non-empty reason; where parse_oracle can tell, the row is the one a correct
+parse gives and the reason names the field at fault. LORAD_FUZZ_EXAMPLES raises the example count for a long
 run (`make fuzz`); the default keeps the suite quick.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import parse_oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +73,8 @@ def _mutations():
 @fuzz
 @given(_mutations())
 def test_artifact_parser_rejects_every_wrong_field_with_a_reason(mutations):
+    """A field set to a wrong value is refused with a reason naming it; a field set to a right
+    one (or dropped where optional) gives the row a correct parse gives (parse_oracle)."""
     obj = json.loads(json.dumps(VALID))
     for key, value in mutations:
         target = obj if key in obj or key not in VALID["context"] else obj.get("context")
@@ -80,7 +84,32 @@ def test_artifact_parser_rejects_every_wrong_field_with_a_reason(mutations):
             target.pop(key, None)
         else:
             target[key] = value
-    _parse_or_reason(lambda d: parse_artifact(d, source="s", locator="l"), json.dumps(obj).encode())
+    data = json.dumps(obj).encode()
+    row = parse_oracle.assert_parsed_as(
+        lambda d: parse_artifact(d, source="s", locator="l"), data, parse_oracle.artifact(obj)
+    )
+    if row is not None:
+        _check_row(row)
+
+
+def test_the_artifact_oracle_accepts_the_valid_artifact_and_sees_each_kind_of_wrong_field():
+    """The oracle the fuzz test trusts: it takes VALID as it is and refuses what it must."""
+    good = parse_oracle.artifact(json.loads(json.dumps(VALID)))
+    assert not good.bad and good.fields["content"] == "def f(): pass" and good.fields["status"] == "rejected"
+    parse_oracle.check_row(parse_artifact(json.dumps(VALID).encode(), source="s", locator="l"), good)
+    for key, value, bad in [
+        ("status", "maybe", "status"),
+        ("attempt_number", 0, "attempt_number"),
+        ("attempt_number", True, "attempt_number"),
+        ("content", None, "content"),
+        ("guard_result", [], "guard_result"),
+        ("metadata", [1], "metadata"),
+        ("created_at", "yesterday", "created_at"),
+        ("artifact_id", "", "artifact_id"),
+    ]:
+        assert parse_oracle.artifact({**VALID, key: value}).bad == {bad}, key
+    history = {**VALID, "context": {**VALID["context"], "feedback_history": [["a0"]]}}
+    assert parse_oracle.artifact(history).bad == {"context.feedback_history"}
 
 
 @fuzz
