@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, str(HERE))
 
 import learning_tasks  # noqa: E402
 from learning_tasks import CONSTRAINTS, Task  # noqa: E402
+from lorad.loop.score import wilson  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,16 +365,6 @@ def first_attempts(model_dir: str, adapters: dict[str, str | None], tasks: list[
             "examples": [{"task": t.name, "answer": a[:300]} for t, a in list(zip(tasks, answers, strict=True))[:3]],
         }
     return out
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The 95% Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 # -- the run --------------------------------------------------------------------------------------
