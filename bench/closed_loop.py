@@ -39,6 +39,7 @@ import os
 import random
 import re
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -245,7 +246,6 @@ batch_size = {plan.batch_size}
 learning_rate = {plan.learning_rate}
 max_seq_length = {plan.max_seq_length}
 quantization = "none"
-gradient_checkpointing = false
 save_steps = 1000
 seed = {plan.seed}
 [evaluation]
@@ -371,10 +371,24 @@ def accepted_rows(store: Path) -> list[dict]:
 
 
 def plain_recipe(model_dir: str, rows: list[dict], out: Path, plan: Plan) -> dict:
+    """The plain recipe, trained in a process of its own: this one stays small between rounds
+    (a model trained in it kept ~3 GB resident, enough to make the next cycle's memory check
+    refuse its run while vLLM and the daemon held the rest)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows))
+    (out / "plan.json").write_text(json.dumps(dataclasses.asdict(plan)))
+    subprocess.run([sys.executable, __file__, "--plain", model_dir, str(out)], check=True)
+    return json.loads((out / "plain.json").read_text())
+
+
+def _plain_main(model_dir: str, out: Path) -> int:
     from learning import plain_sft
 
-    out.mkdir(parents=True, exist_ok=True)
-    return plain_sft(model_dir, rows, out, plan)
+    fields = json.loads((out / "plan.json").read_text())
+    plan = Plan(**{**fields, "lorad": tuple(tuple(x) for x in fields["lorad"])})
+    trained = plain_sft(model_dir, json.loads((out / "rows.json").read_text()), out, plan)
+    (out / "plain.json").write_text(json.dumps(trained))
+    return 0
 
 
 # -- one workload ---------------------------------------------------------------------------------
@@ -691,6 +705,9 @@ def base_model(work: Path) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--plain"]:  # the plain recipe's own process (plain_recipe)
+        return _plain_main(argv[1], Path(argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="templated,shifting,humaneval")
     parser.add_argument("--rounds", type=int)

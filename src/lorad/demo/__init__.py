@@ -170,7 +170,6 @@ batch_size = 4
 learning_rate = {LOOP_LEARNING_RATE}
 max_seq_length = 512
 save_steps = 8
-gradient_checkpointing = false
 
 [evaluation]
 guard_command = {json.dumps(guard)}
