@@ -30,6 +30,7 @@ from lorad.sources.base import (
     json_text,
     kind,
     safe_name,
+    shown,
     text,
     timestamp,
 )
@@ -61,12 +62,12 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
     if status is None:
         raise ParseError("status: required field is missing")
     if status not in STATUSES:
-        raise ParseError(f"status: must be one of {list(STATUSES)}, got {status!r}"[:200])
+        raise ParseError(f"status: must be one of {list(STATUSES)}, got {shown(status)}")
     attempt = obj.get("attempt_number")
     if attempt is None:
         raise ParseError("attempt_number: required field is missing")
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise ParseError(f"attempt_number: must be an integer >= 1, got {attempt!r}"[:200])
+        raise ParseError(f"attempt_number: must be an integer >= 1, got {shown(attempt)}")
 
     context = obj.get("context")
     if context is None:
@@ -82,7 +83,7 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
     if origin is None:
         origin = "generated"  # absent means generated (the schema's default)
     elif origin not in ORIGINS:
-        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {origin!r}"[:200])
+        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {shown(origin)}")
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ParseError(f"metadata: must be an object, got {kind(metadata)}")

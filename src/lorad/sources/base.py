@@ -170,6 +170,27 @@ def json_text(value: Any) -> str | None:
         raise ParseError(f"cannot be stored as JSON: {e}") from None
 
 
+def shown(value: Any, limit: int = 64) -> str:
+    """``value`` as a refusal's reason shows it: a string cut to ``limit`` characters, a number,
+    a boolean as JSON writes it, anything else by its kind ("an array", "null").
+
+    Never recursive, unlike ``repr()``: a value nested 1,000 deep (orjson reads up to 1,024)
+    has no repr, and a refusal must not raise RecursionError in its place.
+    """
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and abs(value) >= 10**20:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # past sys.get_int_max_str_digits() (4,300), where JSON's readers stop too
+            return "an integer of too many digits to print"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return _kind(value)
+
+
 def _kind(value: Any) -> str:
     return {
         dict: "an object",

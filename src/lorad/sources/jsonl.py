@@ -50,6 +50,7 @@ from lorad.sources.base import (
     finite_number,
     json_text,
     kind,
+    shown,
     text,
     timestamp,
 )
@@ -100,7 +101,7 @@ def parse_record(
     status, score = obj.get("status"), finite_number(obj, "score")  # NaN would compare as "rejected"
     if status is not None:
         if status not in ("accepted", "rejected"):
-            raise ParseError(f"status: must be accepted or rejected, got {status!r}"[:200])
+            raise ParseError(f"status: must be accepted or rejected, got {shown(status)}")
     elif score is not None:
         status = "accepted" if score >= score_threshold else "rejected"
     else:
@@ -113,14 +114,14 @@ def parse_record(
         raise ParseError(f"parent_id: must be a string, got {kind(parent_id)}")
     origin = obj.get("source") or "generated"
     if origin not in ORIGINS:
-        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {origin!r}"[:200])
+        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {shown(origin)}")
     created_at, created_ts = timestamp(obj.get("created_at"))
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ParseError(f"metadata: must be an object, got {kind(metadata)}")
     attempt = obj.get("attempt_number")
     if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
-        raise ParseError(f"attempt_number: must be an integer >= 1, got {attempt!r}"[:200])
+        raise ParseError(f"attempt_number: must be an integer >= 1, got {shown(attempt)}")
 
     parent = (parents or {}).get(parent_id) if parent_id else None
     workflow_id = text(obj, "workflow_id") or (parent[0] if parent else None) or parent_id or rid
