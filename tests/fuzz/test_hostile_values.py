@@ -227,7 +227,6 @@ def test_config_loader_rejects_hostile_numbers_naming_the_problem(section, key, 
 # lorad/sources (or the protocol) is fixed; then drop its mark and the parse_oracle discard.
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=parse_oracle.ATTEMPT_PAST_SQLITE)
 @pytest.mark.parametrize("attempt", [str(2**63), "9" * 4300], ids=["2**63", "4300 digits"])
 @pytest.mark.parametrize("kind", ["atomicguard", "jsonl"])
 def test_an_attempt_number_past_sqlite_integers_is_quarantined_not_a_crash(tmp_path, kind, attempt):

@@ -29,6 +29,7 @@ from lorad.sources.base import (
     decode_json,
     json_text,
     kind,
+    positive_int,
     safe_name,
     shown,
     text,
@@ -63,11 +64,7 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
         raise ParseError("status: required field is missing")
     if status not in STATUSES:
         raise ParseError(f"status: must be one of {list(STATUSES)}, got {shown(status)}")
-    attempt = obj.get("attempt_number")
-    if attempt is None:
-        raise ParseError("attempt_number: required field is missing")
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise ParseError(f"attempt_number: must be an integer >= 1, got {shown(attempt)}")
+    attempt = positive_int(obj, "attempt_number", required=True)
 
     context = obj.get("context")
     if context is None:

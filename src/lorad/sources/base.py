@@ -130,6 +130,26 @@ def finite_number(obj: dict, key: str) -> float | None:
     return number
 
 
+SQLITE_MAX_INT = 2**63 - 1  # the largest INTEGER SQLite stores: sqlite3 raises OverflowError past it
+
+
+def positive_int(obj: dict, key: str, *, required: bool = False) -> int | None:
+    """``obj[key]`` as an integer SQLite can store, from 1 to 2**63-1; None when it is absent or null.
+
+    Raises:
+        ParseError: it is missing though required, not an integer, below 1, or past 2**63-1 (the
+            insert would raise OverflowError, stopping the batch it is in, scan after scan).
+    """
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ParseError(f"{key}: required field is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SQLITE_MAX_INT:
+        raise ParseError(f"{key}: must be an integer from 1 to 2**63-1, got {shown(value)}")
+    return value
+
+
 def timestamp(value: Any, key: str = "created_at") -> tuple[str | None, float | None]:
     """(ISO text, epoch seconds) of an ISO 8601 timestamp; naive times are taken as UTC."""
     if value is None:

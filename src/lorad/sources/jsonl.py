@@ -44,12 +44,14 @@ from lorad.buffer.batch import Batch, Quarantined
 from lorad.config import BufferSettings
 from lorad.sources.base import (
     ORIGINS,
+    SQLITE_MAX_INT,
     ParseError,
     content_hash,
     decode_json,
     finite_number,
     json_text,
     kind,
+    positive_int,
     shown,
     text,
     timestamp,
@@ -119,9 +121,7 @@ def parse_record(
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ParseError(f"metadata: must be an object, got {kind(metadata)}")
-    attempt = obj.get("attempt_number")
-    if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
-        raise ParseError(f"attempt_number: must be an integer >= 1, got {shown(attempt)}")
+    attempt = positive_int(obj, "attempt_number")
 
     parent = (parents or {}).get(parent_id) if parent_id else None
     workflow_id = text(obj, "workflow_id") or (parent[0] if parent else None) or parent_id or rid
@@ -129,6 +129,8 @@ def parse_record(
         if not parent_id:
             attempt = 1
         elif parent and parent[1]:
+            if parent[1] >= SQLITE_MAX_INT:
+                raise ParseError(f"attempt_number: one past its parent's ({parent[1]}) is past 2**63-1")
             attempt = parent[1] + 1
     feedback = text(obj, "feedback")
     return {
