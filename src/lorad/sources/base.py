@@ -179,15 +179,40 @@ def text(obj: dict, key: str, *, required: bool = False, default: str | None = N
 _EMPTY: dict[type, str] = {list: "[]", dict: "{}"}
 
 
-def json_text(value: Any) -> str | None:
+def json_text(value: Any, key: str) -> str | None:
+    """``value`` as the JSON text stored for the field ``key``; None for null.
+
+    Raises:
+        ParseError: JSON text cannot hold it: nested past orjson's 255 levels, an integer past
+            64 bits, or NaN or an infinity (which only decode_json's standard-library fallback
+            reads: ``NaN``, ``Infinity``, ``1e999``), which orjson would write as null.
+    """
     if value is None:
         return None
     if not value and type(value) in _EMPTY:
         return _EMPTY[type(value)]
     try:
-        return orjson.dumps(value).decode()
+        data = orjson.dumps(value)
     except orjson.JSONEncodeError as e:  # nesting past orjson's 255 levels: the fuzz suite found it
         raise ParseError(f"cannot be stored as JSON: {e}") from None
+    if b"null" in data and _non_finite(value):  # looked for only where a null was written
+        raise ParseError(f"{key}: holds NaN or an infinite number (Infinity, 1e999), which JSON has no text for")
+    return data.decode()
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a decoded JSON value holds NaN or an infinity anywhere (without recursing)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def shown(value: Any, limit: int = 64) -> str:

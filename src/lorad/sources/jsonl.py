@@ -155,8 +155,8 @@ def parse_record(
         "feedback_history": None,
         "dependency_artifacts": None,
         "origin": origin,
-        "metadata": json_text(metadata),
-        "messages": json_text(messages),
+        "metadata": json_text(metadata, "metadata"),
+        "messages": json_text(messages, "messages"),
         "score": score,
         "content_hash": content_hash(line),
         "file_size": None,  # a line, not a file of its own: the source's offset says what was read
