@@ -22,7 +22,6 @@ SQLITE_MAX_INT = 2**63 - 1  # what an INTEGER column holds
 INT_AS_FLOAT = 2**64  # orjson reads a JSON integer from here on as a float
 
 # Known bugs, each with a strict xfail test in test_hostile_values.py.
-LOOSE_PAIRS = "a legacy dependency_artifacts entry that is not a [key, value] array is taken as a pair"
 
 
 class Json:
@@ -234,20 +233,14 @@ def _feedback_history(value, out: Expected) -> list | None:
 
 
 def _dependencies(value, out: Expected) -> dict | None:
-    """An object (stored as given), or legacy [action pair id, artifact id] arrays."""
+    """An object (stored as given), or legacy [action pair id, artifact id] arrays of two strings."""
     if value is None or isinstance(value, dict):
         return value
-    if not isinstance(value, list):
-        out.bad.add("context.dependency_artifacts")
-        return None
-    if all(type(e) is list and len(e) == 2 and isinstance(e[0], str) for e in value):
+    if isinstance(value, list) and all(
+        type(e) is list and len(e) == 2 and all(isinstance(x, str) for x in e) for e in value
+    ):
         return dict(value)
     out.bad.add("context.dependency_artifacts")
-    try:  # what Python's dict() makes a pair of: a 2-character string, a 2-key object
-        if all(isinstance(k, str) for k, _ in value):
-            out.known["context.dependency_artifacts"] = LOOSE_PAIRS
-    except (TypeError, ValueError):
-        pass
     return None
 
 

@@ -276,7 +276,6 @@ def test_a_non_finite_number_in_metadata_is_refused_not_stored_as_null(raw):
         parse_record(splice({**RECORD, "metadata": {"n": 0}}, ["metadata", "n"], raw), source="s")
 
 
-@pytest.mark.xfail(strict=True, reason=parse_oracle.LOOSE_PAIRS)
 @pytest.mark.parametrize("pairs", [["ab"], [{"a": 1, "b": 2}]], ids=["2-character string", "2-key object"])
 def test_legacy_dependency_pairs_are_two_element_arrays(pairs):
     doc = {**ARTIFACT, "context": {**ARTIFACT["context"], "dependency_artifacts": pairs}}

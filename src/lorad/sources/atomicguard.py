@@ -166,11 +166,14 @@ def _feedback_history(value: Any) -> list[dict] | None:
 def _dependencies(value: Any) -> dict | None:
     if value is None:
         return None
-    if isinstance(value, list):  # legacy tuple-of-pairs form
-        try:
-            value = dict(value)
-        except (TypeError, ValueError):
-            raise ParseError("context.dependency_artifacts: must map action pair ids to artifact ids") from None
+    if isinstance(value, list):  # legacy: [action pair id, artifact id] pairs
+        for i, pair in enumerate(value):
+            # Checked, not left to dict(), which takes any two-item iterable: "ab" as ("a", "b").
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise ParseError(
+                    f"context.dependency_artifacts[{i}]: must be an [action pair id, artifact id] array of two strings"
+                )
+        value = dict(value)
     if not isinstance(value, dict):
         raise ParseError(f"context.dependency_artifacts: must be an object, got {kind(value)}")
     return value
