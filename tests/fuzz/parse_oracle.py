@@ -5,8 +5,8 @@ Written from the formats as documented (``lorad.sources.atomicguard.parse_artifa
 reader stores, or the keys whose values it must refuse. A reader that accepts garbage, or
 stores something other than what it was given, disagrees with it and fails the test.
 
-Known bugs (each has a strict xfail test in test_hostile_values.py) are named in
-:attr:`Expected.known`; a fuzz test discards an example that only hits known bugs.
+Known bugs (each with a strict xfail test in test_hostile_values.py; none at present) are named
+in :attr:`Expected.known`; a fuzz test discards an example that only hits known bugs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from lorad.sources.base import ORIGINS, STATUSES
 
 SQLITE_MAX_INT = 2**63 - 1  # what an INTEGER column holds
 INT_AS_FLOAT = 2**64  # orjson reads a JSON integer from here on as a float
-
-# Known bugs, each with a strict xfail test in test_hostile_values.py.
 
 
 class Json:

@@ -4,7 +4,7 @@ strings. Random bytes almost never produce these, so they get their own strategi
 
 Every parser must turn each one into a rejection with a reason, or into the row a correct
 parse gives (parse_oracle), never another exception (an uncaught one would stop the ingest of
-everything after it). The known bugs these tests found are strict xfail tests at the end.
+everything after it). The bugs these tests found keep a test each at the end.
 """
 
 from __future__ import annotations
@@ -221,8 +221,9 @@ def test_config_loader_rejects_hostile_numbers_naming_the_problem(section, key, 
     assert getattr(getattr(settings, section), key) == value
 
 
-# Known bugs the fuzz tests above found: each test fails today (strict xfail) and passes once
-# lorad/sources (or the protocol) is fixed; then drop its mark and the parse_oracle discard.
+# Bugs the fuzz tests above found, one test each, fixed. A bug found next gets its test here as a
+# strict xfail, and parse_oracle's Expected.known (or crashes_known) discards the examples that
+# hit it until it is fixed; then both go.
 
 
 @pytest.mark.parametrize("attempt", [str(2**63), "9" * 4300], ids=["2**63", "4300 digits"])
