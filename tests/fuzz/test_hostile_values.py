@@ -4,7 +4,7 @@ strings. Random bytes almost never produce these, so they get their own strategi
 
 Every parser must turn each one into a rejection with a reason, or into the row a correct
 parse gives (parse_oracle), never another exception (an uncaught one would stop the ingest of
-everything after it). The known bugs these tests found are strict xfail tests at the end.
+everything after it). The bugs these tests found keep a test each at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tomllib
 
 import parse_oracle
 import pytest
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorad import config
@@ -63,7 +63,7 @@ def _paths(doc: dict) -> list[list[str]]:
 UNREADABLE = "unreadable"  # what no JSON reader may turn into a value: refused wherever it is
 NOT_JSON = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999")  # Python's json reads them; JSON has no such number
 DEEP = 240  # deeper nesting than this may be refused wherever it is (stored JSON is nested 255 deep at most)
-REPR_CRASH_KEYS = ("status", "attempt_number", "source")  # test_deep_value_in_a_checked_field_is_refused...
+CHECKED_KEYS = ("status", "attempt_number", "source")  # whose refusal showed repr(value), which recursed
 
 
 def decoded(raw: str):
@@ -103,9 +103,7 @@ def _parsed_as_a_correct_parse(parse, model, doc: dict, path: list[str], raw: st
         expected.may_refuse = "nested deeper than a reader need go"
     elif raw in NOT_JSON:
         expected.may_refuse = "not a JSON number"
-    row = parse_oracle.assert_parsed_as(
-        parse, data, expected, crashes_known=(RecursionError,) if deep and path[-1] in REPR_CRASH_KEYS else ()
-    )
+    row = parse_oracle.assert_parsed_as(parse, data, expected)
     if row is not None:
         json.dumps(row)  # what is accepted can be sent back out
         json.dumps(row, ensure_ascii=False).encode("utf-8")  # and stored: SQLite takes Unicode text only
@@ -180,8 +178,6 @@ def test_protocol_decoder_rejects_hostile_requests_with_a_reason(command, key, r
         assert problem is not None, f"refused valid arguments: {e}"
         assert f"{command}: " in str(e) and problem in str(e), str(e)
         return
-    if surrogate:
-        reject()  # the known bug test_a_lone_surrogate_in_an_argument_is_refused tracks
     assert problem is None, f"accepted a wrong {problem!r}: {str(request.get(problem))[:80]}"
     if key in ARGUMENTS[command]:
         assert getattr(arguments, key) is request[key]
@@ -225,11 +221,11 @@ def test_config_loader_rejects_hostile_numbers_naming_the_problem(section, key, 
     assert getattr(getattr(settings, section), key) == value
 
 
-# Known bugs the fuzz tests above found: each test fails today (strict xfail) and passes once
-# lorad/sources (or the protocol) is fixed; then drop its mark and the parse_oracle discard.
+# Bugs the fuzz tests above found, one test each, fixed. A bug found next gets its test here as a
+# strict xfail, and parse_oracle's Expected.known (or crashes_known) discards the examples that
+# hit it until it is fixed; then both go.
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=parse_oracle.ATTEMPT_PAST_SQLITE)
 @pytest.mark.parametrize("attempt", [str(2**63), "9" * 4300], ids=["2**63", "4300 digits"])
 @pytest.mark.parametrize("kind", ["atomicguard", "jsonl"])
 def test_an_attempt_number_past_sqlite_integers_is_quarantined_not_a_crash(tmp_path, kind, attempt):
@@ -261,12 +257,7 @@ def test_an_attempt_number_past_sqlite_integers_is_quarantined_not_a_crash(tmp_p
         assert "attempt_number" in buffer.quarantine()[0]["reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="the refusal's message holds repr(value), which recurses past Python's limit",
-)
-@pytest.mark.parametrize("key", REPR_CRASH_KEYS)
+@pytest.mark.parametrize("key", CHECKED_KEYS)
 @pytest.mark.parametrize(
     "parse, doc",
     [(lambda d: parse_artifact(d, source="s", locator="l"), ARTIFACT), (lambda d: parse_record(d, source="s"), RECORD)],
@@ -278,14 +269,12 @@ def test_deep_value_in_a_checked_field_is_refused_not_a_recursion_error(parse, d
         parse(splice(doc, [key], "[" * 1020 + "]" * 1020))
 
 
-@pytest.mark.xfail(strict=True, reason=parse_oracle.NON_FINITE_IN_JSON)
 @pytest.mark.parametrize("raw", ["Infinity", "NaN", "1e999"])
 def test_a_non_finite_number_in_metadata_is_refused_not_stored_as_null(raw):
-    with pytest.raises(ParseError):
+    with pytest.raises(ParseError, match="metadata: holds NaN or an infinite number"):
         parse_record(splice({**RECORD, "metadata": {"n": 0}}, ["metadata", "n"], raw), source="s")
 
 
-@pytest.mark.xfail(strict=True, reason=parse_oracle.LOOSE_PAIRS)
 @pytest.mark.parametrize("pairs", [["ab"], [{"a": 1, "b": 2}]], ids=["2-character string", "2-key object"])
 def test_legacy_dependency_pairs_are_two_element_arrays(pairs):
     doc = {**ARTIFACT, "context": {**ARTIFACT["context"], "dependency_artifacts": pairs}}
@@ -293,12 +282,8 @@ def test_legacy_dependency_pairs_are_two_element_arrays(pairs):
         parse_artifact(json.dumps(doc).encode(), source="s", locator="l")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decode_request and parse_arguments let a lone surrogate through; "
-    "the job query then fails with an internal error (UnicodeEncodeError)",
-)
 @pytest.mark.parametrize("command, key", [("job", "job_id"), ("cancel", "job_id"), ("promote", "version")])
 def test_a_lone_surrogate_in_an_argument_is_refused(command, key):
-    with pytest.raises((protocol.ProtocolError, protocol.BadArguments)):
+    """Refused naming the argument; it reached the job query, which failed with "internal error"."""
+    with pytest.raises(protocol.BadArguments, match=f"^{command}: {key} holds a lone surrogate"):
         protocol.parse_arguments(protocol.decode_request(splice({"command": command, key: 0}, [key], '"\\ud800"')))

@@ -401,7 +401,7 @@ def test_reads_source_metadata_and_pending_superseded_statuses():
         (lambda o: o.update(guard_result="yes"), "guard_result: must be an object or a boolean"),
         (lambda o: o.update(context=[]), "context: must be an object"),
         (lambda o: o.update(created_at="yesterday"), "created_at: not an ISO 8601 timestamp"),
-        (lambda o: o.update(attempt_number=0), "attempt_number: must be an integer >= 1"),
+        (lambda o: o.update(attempt_number=0), "attempt_number: must be an integer from 1 to"),
         (lambda o: o.update(artifact_id=""), "artifact_id: must not be empty"),
         (lambda o: o["context"].update(feedback_history=[{"artifact_id": 1}]), "feedback_history[0]"),
     ],

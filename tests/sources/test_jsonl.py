@@ -186,6 +186,16 @@ def test_each_bad_record_names_its_field(record, reason):
         parse_record(json.dumps(record).encode(), source="s")
 
 
+def test_a_retry_of_a_parent_at_the_largest_attempt_number_is_refused(buffer, tmp_path):
+    """Its attempt_number would be 2**63, past what SQLite stores: refused, not an OverflowError
+    at the insert (which would stop the batch, scan after scan)."""
+    log = tmp_path / "feedback.jsonl"
+    append(log, rec(1, attempt_number=2**63 - 1), rec(2, parent_id="r1"), rec(3))
+    report = scan(buffer, log)
+    assert ids(buffer) == ["r1", "r3"] and report.quarantined == 1
+    assert "attempt_number: one past its parent's" in buffer.quarantine()[0]["reason"]
+
+
 def test_only_events_naming_the_log_beside_it_start_a_read(tmp_path):
     log = tmp_path / "logs" / "feedback.jsonl"
     (tmp_path / "logs" / "deep").mkdir(parents=True)

@@ -101,13 +101,8 @@ def test_no_pid_file_or_a_pid_no_longer_running_is_no_orphan(tmp_path):
     assert supervisor.stop_orphan(tmp_path, timeout=0.5) is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stop_orphan watches only the group leader: once it exits on SIGTERM, "
-    "a rank still running in its process group is left running (supervise "
-    "kills the group of a worker that died of a signal; stop_orphan does not)",
-)
 def test_a_rank_that_outlives_the_worker_on_sigterm_is_killed_too(tmp_path, spawn):
+    """stop_orphan watched only the worker: once it exited on SIGTERM, the rank was left running."""
     worker = spawn(WITH_CHILD, tmp_path)
     rank = psutil.Process(int(worker.lines[0]))
     worker_of(tmp_path, worker)

@@ -112,6 +112,8 @@ def parse_arguments(request: dict):
         value = request[f.name]
         if not _is(value, hints[f.name]):
             raise BadArguments(f"{name}: {f.name} must be {_describe(hints[f.name])}, got {value!r}"[:200])
+        if isinstance(value, str) and not _unicode(value):  # no SQLite query can carry it
+            raise BadArguments(f"{name}: {f.name} holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text")
         why = f.metadata["check"](value) if "check" in f.metadata and value is not None else None
         if why:
             raise BadArguments(f"{name}: {f.name} {why}"[:200])
@@ -129,6 +131,15 @@ def _is(value, hint) -> bool:
         if option in (int, str, dict) and isinstance(value, option) and not isinstance(value, bool):
             return True
     return False
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is Unicode text: JSON's escapes can carry a lone surrogate ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe(hint) -> str:

@@ -29,7 +29,9 @@ from lorad.sources.base import (
     decode_json,
     json_text,
     kind,
+    positive_int,
     safe_name,
+    shown,
     text,
     timestamp,
 )
@@ -61,12 +63,8 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
     if status is None:
         raise ParseError("status: required field is missing")
     if status not in STATUSES:
-        raise ParseError(f"status: must be one of {list(STATUSES)}, got {status!r}"[:200])
-    attempt = obj.get("attempt_number")
-    if attempt is None:
-        raise ParseError("attempt_number: required field is missing")
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise ParseError(f"attempt_number: must be an integer >= 1, got {attempt!r}"[:200])
+        raise ParseError(f"status: must be one of {list(STATUSES)}, got {shown(status)}")
+    attempt = positive_int(obj, "attempt_number", required=True)
 
     context = obj.get("context")
     if context is None:
@@ -82,7 +80,7 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
     if origin is None:
         origin = "generated"  # absent means generated (the schema's default)
     elif origin not in ORIGINS:
-        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {origin!r}"[:200])
+        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {shown(origin)}")
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ParseError(f"metadata: must be an object, got {kind(metadata)}")
@@ -103,13 +101,15 @@ def parse_artifact(data: bytes, *, source: str, locator: str, digest: str | None
         "passed": None if passed is None else int(passed),
         "fatal": int(fatal),
         "feedback": feedback,
-        "sub_results": json_text(sub_results),
+        "sub_results": json_text(sub_results, "guard_result.sub_results"),
         "specification": text(context, "specification", default="", where="context."),
         "constraints": text(context, "constraints", default="", where="context."),
-        "feedback_history": json_text(_feedback_history(context.get("feedback_history"))),
-        "dependency_artifacts": json_text(_dependencies(context.get("dependency_artifacts"))),
+        "feedback_history": json_text(_feedback_history(context.get("feedback_history")), "context.feedback_history"),
+        "dependency_artifacts": json_text(
+            _dependencies(context.get("dependency_artifacts")), "context.dependency_artifacts"
+        ),
         "origin": origin,
-        "metadata": json_text(metadata),
+        "metadata": json_text(metadata, "metadata"),
         "messages": None,
         "score": None,
         "content_hash": digest or content_hash(data),
@@ -166,11 +166,14 @@ def _feedback_history(value: Any) -> list[dict] | None:
 def _dependencies(value: Any) -> dict | None:
     if value is None:
         return None
-    if isinstance(value, list):  # legacy tuple-of-pairs form
-        try:
-            value = dict(value)
-        except (TypeError, ValueError):
-            raise ParseError("context.dependency_artifacts: must map action pair ids to artifact ids") from None
+    if isinstance(value, list):  # legacy: [action pair id, artifact id] pairs
+        for i, pair in enumerate(value):
+            # Checked, not left to dict(), which takes any two-item iterable: "ab" as ("a", "b").
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise ParseError(
+                    f"context.dependency_artifacts[{i}]: must be an [action pair id, artifact id] array of two strings"
+                )
+        value = dict(value)
     if not isinstance(value, dict):
         raise ParseError(f"context.dependency_artifacts: must be an object, got {kind(value)}")
     return value

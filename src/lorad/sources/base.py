@@ -130,6 +130,26 @@ def finite_number(obj: dict, key: str) -> float | None:
     return number
 
 
+SQLITE_MAX_INT = 2**63 - 1  # the largest INTEGER SQLite stores: sqlite3 raises OverflowError past it
+
+
+def positive_int(obj: dict, key: str, *, required: bool = False) -> int | None:
+    """``obj[key]`` as an integer SQLite can store, from 1 to 2**63-1; None when it is absent or null.
+
+    Raises:
+        ParseError: it is missing though required, not an integer, below 1, or past 2**63-1 (the
+            insert would raise OverflowError, stopping the batch it is in, scan after scan).
+    """
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ParseError(f"{key}: required field is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SQLITE_MAX_INT:
+        raise ParseError(f"{key}: must be an integer from 1 to 2**63-1, got {shown(value)}")
+    return value
+
+
 def timestamp(value: Any, key: str = "created_at") -> tuple[str | None, float | None]:
     """(ISO text, epoch seconds) of an ISO 8601 timestamp; naive times are taken as UTC."""
     if value is None:
@@ -159,15 +179,61 @@ def text(obj: dict, key: str, *, required: bool = False, default: str | None = N
 _EMPTY: dict[type, str] = {list: "[]", dict: "{}"}
 
 
-def json_text(value: Any) -> str | None:
+def json_text(value: Any, key: str) -> str | None:
+    """``value`` as the JSON text stored for the field ``key``; None for null.
+
+    Raises:
+        ParseError: JSON text cannot hold it: nested past orjson's 255 levels, an integer past
+            64 bits, or NaN or an infinity (which only decode_json's standard-library fallback
+            reads: ``NaN``, ``Infinity``, ``1e999``), which orjson would write as null.
+    """
     if value is None:
         return None
     if not value and type(value) in _EMPTY:
         return _EMPTY[type(value)]
     try:
-        return orjson.dumps(value).decode()
+        data = orjson.dumps(value)
     except orjson.JSONEncodeError as e:  # nesting past orjson's 255 levels: the fuzz suite found it
         raise ParseError(f"cannot be stored as JSON: {e}") from None
+    if b"null" in data and _non_finite(value):  # looked for only where a null was written
+        raise ParseError(f"{key}: holds NaN or an infinite number (Infinity, 1e999), which JSON has no text for")
+    return data.decode()
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a decoded JSON value holds NaN or an infinity anywhere (without recursing)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """``value`` as a refusal's reason shows it: a string cut to ``limit`` characters, a number,
+    a boolean as JSON writes it, anything else by its kind ("an array", "null").
+
+    Never recursive, unlike ``repr()``: a value nested 1,000 deep (orjson reads up to 1,024)
+    has no repr, and a refusal must not raise RecursionError in its place.
+    """
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and abs(value) >= 10**20:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # past sys.get_int_max_str_digits() (4,300), where JSON's readers stop too
+            return "an integer of too many digits to print"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return _kind(value)
 
 
 def _kind(value: Any) -> str:

@@ -44,12 +44,15 @@ from lorad.buffer.batch import Batch, Quarantined
 from lorad.config import BufferSettings
 from lorad.sources.base import (
     ORIGINS,
+    SQLITE_MAX_INT,
     ParseError,
     content_hash,
     decode_json,
     finite_number,
     json_text,
     kind,
+    positive_int,
+    shown,
     text,
     timestamp,
 )
@@ -100,7 +103,7 @@ def parse_record(
     status, score = obj.get("status"), finite_number(obj, "score")  # NaN would compare as "rejected"
     if status is not None:
         if status not in ("accepted", "rejected"):
-            raise ParseError(f"status: must be accepted or rejected, got {status!r}"[:200])
+            raise ParseError(f"status: must be accepted or rejected, got {shown(status)}")
     elif score is not None:
         status = "accepted" if score >= score_threshold else "rejected"
     else:
@@ -113,14 +116,12 @@ def parse_record(
         raise ParseError(f"parent_id: must be a string, got {kind(parent_id)}")
     origin = obj.get("source") or "generated"
     if origin not in ORIGINS:
-        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {origin!r}"[:200])
+        raise ParseError(f"source: must be one of {list(ORIGINS)}, got {shown(origin)}")
     created_at, created_ts = timestamp(obj.get("created_at"))
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ParseError(f"metadata: must be an object, got {kind(metadata)}")
-    attempt = obj.get("attempt_number")
-    if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
-        raise ParseError(f"attempt_number: must be an integer >= 1, got {attempt!r}"[:200])
+    attempt = positive_int(obj, "attempt_number")
 
     parent = (parents or {}).get(parent_id) if parent_id else None
     workflow_id = text(obj, "workflow_id") or (parent[0] if parent else None) or parent_id or rid
@@ -128,6 +129,8 @@ def parse_record(
         if not parent_id:
             attempt = 1
         elif parent and parent[1]:
+            if parent[1] >= SQLITE_MAX_INT:
+                raise ParseError(f"attempt_number: one past its parent's ({parent[1]}) is past 2**63-1")
             attempt = parent[1] + 1
     feedback = text(obj, "feedback")
     return {
@@ -152,8 +155,8 @@ def parse_record(
         "feedback_history": None,
         "dependency_artifacts": None,
         "origin": origin,
-        "metadata": json_text(metadata),
-        "messages": json_text(messages),
+        "metadata": json_text(metadata, "metadata"),
+        "messages": json_text(messages, "messages"),
         "score": score,
         "content_hash": content_hash(line),
         "file_size": None,  # a line, not a file of its own: the source's offset says what was read

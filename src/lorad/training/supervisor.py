@@ -102,35 +102,60 @@ def kill(job_dir) -> bool:
 
 
 def stop_orphan(job_dir, timeout: float = 30.0) -> bool:
-    """Stop a worker still running on ``job_dir`` without its parent; True if there was one.
+    """Stop a worker still running on ``job_dir`` without its parent, with its process group
+    (accelerate's ranks, guard commands); True if there was one.
 
-    SIGTERM first (it checkpoints and exits paused), SIGKILL after ``timeout``. The pid is only
-    signalled while its command line still names the job directory (pids are reused).
+    SIGTERM first (it checkpoints and exits paused), SIGKILL after ``timeout`` to whatever of
+    the group still runs, the worker gone or not. The pid is only signalled while its command
+    line names the job directory (pids are reused); the group, once its leader is gone, only
+    while a process that was in it then still is (the group's id is not reused while it has one).
     """
     job_dir = Path(job_dir)
     pid = _pid(job_dir)
     if pid is None:
         return False
-
-    def alive() -> bool:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            return False
-        return str(job_dir).encode() in cmdline
-
-    if not alive():
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
         return False
+    if str(job_dir).encode() not in cmdline:
+        return False
+    run = _group(pid)  # the worker's processes, while its command line vouches for them
     log.warning(events.ORPHAN_WORKER_STOPPED, pid=pid, job_dir=str(job_dir))
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        if not _signal_group(pid, sig):
+        if not _running(pid, run) or not _signal_group(pid, sig):
             return True
         deadline = time.monotonic() + wait
-        while alive() and time.monotonic() < deadline:
+        while _running(pid, run) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not alive():
-            return True
     return True
+
+
+def _group(pgid: int) -> dict[int, int]:
+    """The running processes of process group ``pgid`` (zombies left out): pid -> start time.
+
+    The start time (clock ticks after boot) tells a process from a later one given its pid.
+    """
+    members = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        # After "pid (comm) ": state, ppid, pgrp, ... starttime (field 22); comm may hold spaces.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members[int(name)] = int(fields[19])
+    return members
+
+
+def _running(pgid: int, run: dict[int, int]) -> bool:
+    """Whether a process of ``run`` still runs in group ``pgid``: then the group is still the
+    run's, and signalling it reaches no other program."""
+    now = _group(pgid)
+    return any(now.get(pid) == started for pid, started in run.items())
 
 
 def _pid(job_dir: Path) -> int | None:
