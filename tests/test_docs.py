@@ -92,7 +92,8 @@ def _exposed_metrics() -> set[str]:
     """The names src/lorad/daemon/metrics.py exposes: counters gain _total and info metrics _info."""
     source = Path(importlib.util.find_spec("lorad.daemon.metrics").origin).read_text()
     names = set()
-    for m in re.finditer(r'(?:(\w*MetricFamily)\b[^"\n]*)?"(lorad_[a-z0-9_]+)"', source):
+    # (a family's name may be on the line before its metric's: ruff format splits long calls)
+    for m in re.finditer(r'(?:(\w*MetricFamily)[(,]\s*)?"(lorad_[a-z0-9_]+)"', source):
         family, name = m.groups()
         suffix = {"CounterMetricFamily": "_total", "InfoMetricFamily": "_info"}.get(family or "", "")
         names.add(name + suffix)
