@@ -98,16 +98,31 @@ def smollm2(tmp_path_factory):
     return {"llama_cpp": llama_cpp, "gguf": gguf, "base_dir": base_dir, "root": root, "ids": ids, "peft": peft_logits}
 
 
+def open_llama(llama_cpp, **kwargs):
+    """A Llama without llama.cpp's extra weight buffer types (runtime repacking, AMX).
+
+    On a CPU with AMX_INT8 (CI's), llama-cpp-python 0.3.36 crashes with SIGSEGV in llama_decode on
+    SmolLM2's first batch when they are on; plain CPU buffers run. The export's maths does not depend
+    on them, and Llama() takes no argument for it, so the model parameters' default is changed here.
+    """
+    from llama_cpp import llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(logits_all=True, n_ctx=256, n_threads=2, seed=0, verbose=False, **kwargs)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
+
+
 def llama_logits(s, lora_path=None) -> dict:
-    llm = s["llama_cpp"].Llama(
-        model_path=str(s["gguf"]),
-        lora_path=str(lora_path) if lora_path else None,
-        logits_all=True,
-        n_ctx=256,
-        n_threads=2,
-        seed=0,
-        verbose=False,
-    )
+    llm = open_llama(s["llama_cpp"], model_path=str(s["gguf"]), lora_path=str(lora_path) if lora_path else None)
     out = {}
     for p, seq in s["ids"].items():
         llm.reset()
