@@ -318,17 +318,22 @@ def _read_gguf(path: str | os.PathLike):
         ) from None
 
 
-def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
+def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list, reader=None) -> None:
     """Refuse an adapter that the base GGUF file would not take (architecture, names, shapes).
+
+    Args:
+        reader: the base GGUF already read (gguf's reader parses its metadata slowly: the
+            vocabulary is read token by token), else it is read here.
 
     Raises:
         ExportRefused: the file is unreadable, of another architecture, or lacks a tensor of
             the adapted shape.
     """
-    try:
-        reader = _read_gguf(base_gguf)
-    except ExportRefused as e:
-        raise ExportRefused(f"base GGUF: {e}") from None
+    if reader is None:
+        try:
+            reader = _read_gguf(base_gguf)
+        except ExportRefused as e:
+            raise ExportRefused(f"base GGUF: {e}") from None
     found = reader.fields.get("general.architecture")
     base_arch = found.contents() if found is not None else None
     if base_arch != arch:
@@ -464,8 +469,11 @@ def write_merged(
     """
     adapter_dir, output = Path(adapter_dir), Path(output)
     arch, alpha, tensors = _adapter_plan(adapter_dir, base_dir)
-    check_base(base_gguf, arch, tensors)
-    reader = _read_gguf(base_gguf)
+    try:
+        reader = _read_gguf(base_gguf)
+    except ExportRefused as e:
+        raise ExportRefused(f"base GGUF: {e}") from None
+    check_base(base_gguf, arch, tensors, reader)
     if reader.byte_order != "I":
         raise ExportRefused(f"base GGUF {base_gguf} is of the other byte order; it is not merged")
     adapted = {name: (a, b, alpha / a.shape[0]) for name, a, b in tensors}  # llama.cpp's alpha / rank
