@@ -262,7 +262,7 @@ def test_config_takes_ollama_mode_on_ollama_tables_with_a_gguf_base_only():
         table + 'base = "/m/base.gguf"\nollama_mode = "fused"\n'
     )
     assert (
-        "publish[0].ollama_mode: \"merged\" merges the adapter into the base GGUF file, but the base is the "
+        'publish[0].ollama_mode: "merged" merges the adapter into the base GGUF file, but the base is the '
         "Ollama model 'smollm2:135m'" in problems(table + 'base = "smollm2:135m"\nollama_mode = "merged"\n')
     )
     assert 'publish[0].ollama_mode: only a kind = "ollama" hook has a mode, not kind = "gguf"' in problems(
