@@ -217,9 +217,7 @@ def merged_passes(m: dict) -> bool:
 
 def merged_logits(s, adapter_dir, name: str) -> dict:
     done = gguf_export.write_merged(adapter_dir, s["base_dir"], s["gguf"], s["root"] / f"{name}.gguf")
-    llm = s["llama_cpp"].Llama(
-        model_path=str(done.path), logits_all=True, n_ctx=256, n_threads=2, seed=0, verbose=False
-    )
+    llm = open_llama(s["llama_cpp"], model_path=str(done.path))
     out = {}
     for p, seq in s["ids"].items():
         llm.reset()
