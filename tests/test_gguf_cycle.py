@@ -1,4 +1,4 @@
-"""A training cycle with gguf and ollama publish tables: the GGUF is part of the immutable version."""
+"""A training cycle with gguf and ollama publish tables: the GGUFs are part of the immutable version."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ kind = "ollama"
 url = "{server.url}"
 base = "{base_gguf}"
 retries = 0
+[[publish]]
+kind = "ollama"
+url = "{server.url}"
+base = "{base_gguf}"
+name_prefix = "merged"
+ollama_mode = "merged"
+retries = 0
 """,
         )
         settings = config.loads(text)
@@ -54,15 +61,20 @@ retries = 0
         fields, tensors = read(version.path / "adapter.gguf")
         assert fields["adapter.lora.alpha"] == pytest.approx(64.0) and len(tensors) == 28
         assert (version.path / "Modelfile").read_text() == f"FROM {base_gguf}\nADAPTER ./adapter.gguf\n"
+        # merged.gguf too (an ollama table's mode is merged), a version file; the job keeps no copy
+        merged = version.record["gguf"]["merged"]
+        assert merged["sha256"] == version.record["files"]["merged.gguf"] and merged["merged"] == 14
+        assert not (settings.state.jobs / outcome.job_id / "adapter" / "merged.gguf").exists()
         if not outcome.promoted:  # the gate's call on a tiny model; the hooks run on a promotion either way
             with Buffer(settings.buffer_path) as buffer:
                 release.promote(settings, buffer, version.name)
         else:
-            assert [r["ok"] for r in outcome.publish] == [True, True]
+            assert [r["ok"] for r in outcome.publish] == [True, True, True]
         assert server.models["lorad:latest"] == server.models[f"lorad-{version.name}:latest"]
         assert server.models["lorad:latest"]["adapters"] == {
             "adapter.gguf": "sha256:" + version.record["files"]["adapter.gguf"]
         }
+        assert server.models["merged:latest"] == {"files": {"merged.gguf": "sha256:" + merged["sha256"]}}
 
     # by hand: the same tensors, and a Modelfile beside the output
     out = tmp_path / "exported" / "v.gguf"

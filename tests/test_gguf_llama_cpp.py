@@ -11,6 +11,9 @@ mistakes (here: correlation 0.99 right, 0.78 unpermuted, 0.34 unscaled).
 Whether the adapted top-1 token agrees is printed but not checked: llama.cpp's quantized kernels
 differ between CPUs, and a random adapter this strong leaves near-ties that flip with them (6/6 on
 one machine, 3/6 on another, at the same 0.99 correlation).
+
+merged.gguf (the adapter merged into the base, for an Ollama that takes no adapters) is run alone
+and its logits compared with peft's adapted ones; there the top-1 token is checked (see below).
 """
 
 from __future__ import annotations
@@ -169,3 +172,104 @@ def test_an_export_without_the_alpha_scaling_fails_the_same_checks(smollm2, base
     m = agreement(s["peft"], {"base": base_logits, "adapted": llama_logits(s, wrong.path)})
     print("without the alpha scaling:", json.dumps(m))
     assert not passes(m), m
+
+
+# -- the adapter merged into the base GGUF (merged.gguf, for an Ollama that takes no adapters) ----
+#
+# llama.cpp runs merged.gguf alone. Its adapted weights are the base's dequantized weights plus
+# the delta (F16), what peft's model holds, so its logits should be peft's adapted ones up to F16
+# rounding and llama.cpp's kernels, the untouched tensors (embeddings, norms) being the base's.
+# Checked per prompt: the correlation of the logits with peft's adapted logits, the delta checks of
+# the adapter export (merged minus base in llama.cpp against adapted minus base in peft), and the
+# adapted top-1 token. The wrong merges below must fail them.
+
+MERGED_MIN_CORRELATION = 0.99  # the logits themselves, each prompt
+MERGED_MIN_DELTA_CORRELATION = 0.95  # what the adapter changes, each prompt
+MERGED_SLOPE = (0.85, 1.15)
+MERGED_MIN_TOP1 = 5 / 6
+
+
+def merged_agreement(peft_logits: dict, base_logits: dict, merged_logits: dict) -> dict:
+    corr, delta_corr, slope, top1 = [], [], [], []
+    for p in PROMPTS:
+        lp, lm = peft_logits["adapted"][p], merged_logits[p]
+        a, b = lp - lp.mean(), lm - lm.mean()
+        corr.append(float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)))
+        dp = lp - peft_logits["base"][p]
+        dl = lm - base_logits[p]
+        dp, dl = dp - dp.mean(), dl - dl.mean()
+        delta_corr.append(float(np.dot(dp, dl) / np.linalg.norm(dp) / np.linalg.norm(dl)))
+        slope.append(float(np.dot(dp, dl) / np.dot(dp, dp)))
+        top1.append(int(np.argmax(lp) == np.argmax(lm)))
+    return {
+        "min_correlation": min(corr),
+        "min_delta_correlation": min(delta_corr),
+        "slopes": [round(x, 3) for x in slope],
+        "top1": sum(top1) / len(top1),
+    }
+
+
+def merged_passes(m: dict) -> bool:
+    return (
+        m["min_correlation"] >= MERGED_MIN_CORRELATION
+        and m["min_delta_correlation"] >= MERGED_MIN_DELTA_CORRELATION
+        and all(MERGED_SLOPE[0] <= s <= MERGED_SLOPE[1] for s in m["slopes"])
+        and m["top1"] >= MERGED_MIN_TOP1
+    )
+
+
+def merged_logits(s, adapter_dir, name: str) -> dict:
+    done = gguf_export.write_merged(adapter_dir, s["base_dir"], s["gguf"], s["root"] / f"{name}.gguf")
+    llm = open_llama(s["llama_cpp"], model_path=str(done.path))
+    out = {}
+    for p, seq in s["ids"].items():
+        llm.reset()
+        llm.eval(seq)
+        out[p] = np.array(llm.scores[len(seq) - 1], dtype=np.float64)
+    llm.close()
+    done.path.unlink()  # a whole model each
+    return out
+
+
+def test_merged_gguf_gives_llama_cpp_the_logits_peft_gives_with_the_adapter(smollm2, base_logits):
+    s = smollm2
+    m = merged_agreement(s["peft"], base_logits, merged_logits(s, s["root"] / "adapter", "merged"))
+    print("right merge:", json.dumps(m))
+    assert merged_passes(m), m
+
+
+def test_a_merge_without_the_qk_permutation_fails_the_same_checks(smollm2, base_logits, monkeypatch):
+    s = smollm2
+    monkeypatch.setattr(gguf_export, "permute_rows", lambda b, n_head: b)
+    m = merged_agreement(s["peft"], base_logits, merged_logits(s, s["root"] / "adapter", "unpermuted-merged"))
+    print("merge without the q/k permutation:", json.dumps(m))
+    assert not merged_passes(m), m
+
+
+def test_a_merge_without_the_alpha_scaling_fails_the_same_checks(smollm2, base_logits):
+    s = smollm2
+    unscaled = s["root"] / "unscaled-for-merge"
+    if not unscaled.exists():
+        shutil.copytree(s["root"] / "adapter", unscaled)
+        cfg = json.loads((unscaled / "adapter_config.json").read_text())
+        (unscaled / "adapter_config.json").write_text(json.dumps(cfg | {"lora_alpha": cfg["r"]}))
+    m = merged_agreement(s["peft"], base_logits, merged_logits(s, unscaled, "unscaled-merged"))
+    print("merge without the alpha scaling:", json.dumps(m))
+    assert not merged_passes(m), m
+
+
+def test_a_merge_with_the_delta_transposed_fails_the_same_checks(smollm2, base_logits, monkeypatch):
+    """B A transposed (ggml's [in, out] order taken for numpy's): only the square weights (q, o)
+    take it; any other shape would not load."""
+    s = smollm2
+    right = gguf_export.merge_weight
+
+    def transposed(weight, lora_a, lora_b, scale):
+        if weight.shape[0] != weight.shape[1]:
+            return right(weight, lora_a, lora_b, scale)
+        return np.asarray(weight, np.float32) + np.float32(scale) * (lora_b @ lora_a).T
+
+    monkeypatch.setattr(gguf_export, "merge_weight", transposed)
+    m = merged_agreement(s["peft"], base_logits, merged_logits(s, s["root"] / "adapter", "transposed-merged"))
+    print("merge with the delta transposed:", json.dumps(m))
+    assert not merged_passes(m), m

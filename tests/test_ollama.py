@@ -43,12 +43,16 @@ def listed(name: str) -> dict:
 
 
 class FakeOllama(FakeServer):
-    """Ollama's /api/blobs, /api/create and /api/copy as its API docs describe them.
+    """Ollama's /api/blobs, /api/create, /api/copy and /api/version as its API docs describe them.
 
-    ``fail`` maps a path prefix to how many 500s to answer before behaving.
+    ``fail`` maps a path prefix to how many 500s to answer before behaving. ``version`` is what
+    GET /api/version says (None: 404). ``refuses_adapters`` makes a create with ``adapters``
+    fail with a 400, as an Ollama that no longer creates models with adapters might (what 0.34.1
+    answers is not known here: its CLI refuses ADAPTER before sending).
     """
 
-    def __init__(self, library=("smollm2:135m",)):
+    def __init__(self, library=("smollm2:135m",), version: str | None = "0.34.0", refuses_adapters=False):
+        self.version, self.refuses_adapters = version, refuses_adapters
         self.blobs: dict[str, bytes] = {}
         self.models: dict[str, dict] = {_tagged(m): {"from": "library"} for m in library}
         self.requests: list[tuple[str, str]] = []
@@ -73,6 +77,8 @@ class FakeOllama(FakeServer):
                     if fake.tags is not None:
                         return self.reply(200, fake.tags)
                     return self.reply(200, {"models": [listed(n) for n in fake.models]})
+                if self.path == "/api/version" and fake.version is not None:
+                    return self.reply(200, {"version": fake.version})
                 return self.reply(404, {"error": "not found"})
 
             def do_DELETE(self):
@@ -116,6 +122,8 @@ class FakeOllama(FakeServer):
             def create(self, body):
                 if not body.get("model"):
                     return self.reply(400, {"error": "model is required"})
+                if body.get("adapters") and fake.refuses_adapters:
+                    return self.reply(400, {"error": "creating models with adapters is not supported"})
                 for field in ("files", "adapters"):
                     for name, digest in (body.get(field) or {}).items():
                         if digest not in fake.blobs:
@@ -148,7 +156,9 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def make_versions(root, n=2, gguf=True, start=T0) -> Registry:
+def make_versions(root, n=2, gguf=True, start=T0, merged=False, record=None) -> Registry:
+    """``n`` versions with adapter.gguf (``gguf``) and merged.gguf (``merged``), lorad.json
+    holding ``record`` besides the verdict."""
     reg = Registry(root)
     for i in range(1, n + 1):
         d = root.parent / f"job{i}"
@@ -158,7 +168,10 @@ def make_versions(root, n=2, gguf=True, start=T0) -> Registry:
         if gguf:
             (d / "adapter.gguf").write_bytes(b"GGUF" + bytes([i]) * 32)
             (d / "Modelfile").write_text("FROM /base.gguf\nADAPTER ./adapter.gguf\n")
-        reg.create(d, {"verdict": {"promote": True, "reasons": []}}, now=start + timedelta(minutes=i))
+        if merged:
+            (d / "merged.gguf").write_bytes(b"GGUF merged" + bytes([i]) * 64)
+        extra = record or {}
+        reg.create(d, {"verdict": {"promote": True, "reasons": []}} | extra, now=start + timedelta(minutes=i))
     return reg
 
 
@@ -321,12 +334,18 @@ def test_hooks_are_built_from_gguf_and_ollama_tables():
     )
     gguf, ollama = hooks_from_settings(s.publish, s.training.base_model)
     assert gguf == GgufHook(required=True)
-    assert (ollama.url, ollama.base, ollama.name_prefix, ollama.required) == (
+    assert (ollama.url, ollama.base, ollama.name_prefix, ollama.required, ollama.mode) == (
         "http://127.0.0.1:11434",
         "/m/base.gguf",
         "coder",
         False,
+        "adapter",
     )
+    auto = config.loads(
+        '[training]\nbase_model = "/m/base.gguf"\n[[publish]]\nkind = "ollama"\n'
+        'url = "http://127.0.0.1:11434"\nollama_mode = "auto"\n'
+    )
+    assert hooks_from_settings(auto.publish, auto.training.base_model)[0].mode == "auto"
 
 
 def remove_version(reg, name) -> None:
@@ -395,3 +414,125 @@ def test_two_registries_with_the_default_prefix_never_delete_each_others_models(
         assert report.ok and f"deleted lorad-{pruned}:latest" in report.results[0].detail
         assert f"lorad-{pruned}:latest" not in server.models
         assert {f"lorad-{n}:latest" for n in theirs.names()} <= set(server.models), report.results[0].detail
+
+
+# -- creating a version from merged.gguf (Ollama 0.34.1 creates no models with adapters) -----------
+
+
+def test_merged_mode_creates_the_version_from_merged_gguf_alone(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", merged=True)
+    a, b = reg.names()
+    with FakeOllama(version="0.34.1") as server:
+        hook = OllamaHook(server.url, str(base_gguf), retries=0, mode="merged")
+        report = publish(reg, reg.promote(a), [hook])
+        assert report.ok and f"created lorad-{a} (from merged.gguf)" in report.results[0].detail
+        merged_a = digest((reg.root / a / "merged.gguf").read_bytes())
+        assert server.models[f"lorad-{a}:latest"] == {"files": {"merged.gguf": merged_a}}
+        assert server.models["lorad:latest"] == server.models[f"lorad-{a}:latest"]
+        assert publish(reg, reg.promote(b), [hook]).ok
+        assert publish(reg, reg.rollback(), [hook]).ok
+        assert server.models["lorad:latest"] == {"files": {"merged.gguf": merged_a}}
+        # neither the base nor an adapter went up, and the server's version was not asked
+        assert server.posts(f"/api/blobs/{digest(base_gguf.read_bytes())}") == 0
+        assert not any(
+            p.startswith("/api/blobs/" + digest((reg.root / a / "adapter.gguf").read_bytes()))
+            for _, p in server.requests
+        )
+        assert ("GET", "/api/version") not in server.requests
+        # a revert to no version: the alias is the bare base, as in the adapter mode
+        fresh = make_versions(tmp_path / "other" / "adapters", n=1, merged=True)
+        assert publish(fresh, fresh.revert(fresh.promote(fresh.names()[0])), [hook]).ok
+        assert server.models["lorad:latest"] == {"files": {"base.gguf": digest(base_gguf.read_bytes())}}
+
+
+@pytest.mark.parametrize(
+    "version, route",
+    [
+        ("0.33.2", "adapter"),
+        ("0.34.0", "adapter"),
+        ("0.34.1", "merged"),
+        ("0.34.1-rc0", "merged"),
+        ("0.35.0", "merged"),
+        ("1.0.0", "merged"),
+        ("0.0.0", "merged"),  # a development build
+        ("nightly", "merged"),
+        (None, "merged"),  # no /api/version (404)
+    ],
+)
+def test_auto_takes_the_adapter_route_only_from_a_server_known_to_be_older_than_0_34_1(
+    tmp_path, base_gguf, version, route
+):
+    reg = make_versions(tmp_path / "adapters", n=1, merged=True)
+    (name,) = reg.names()
+    with FakeOllama(version=version) as server:
+        report = publish(reg, reg.promote(name), [OllamaHook(server.url, str(base_gguf), retries=0, mode="auto")])
+        [result] = report.results
+        assert result.ok, result.detail
+        assert f"Ollama {version or 'of unknown version'}: " in result.detail
+        model = server.models[f"lorad-{name}:latest"]
+        if route == "adapter":
+            assert model == {
+                "files": {"base.gguf": digest(base_gguf.read_bytes())},
+                "adapters": {"adapter.gguf": digest((reg.root / name / "adapter.gguf").read_bytes())},
+            }
+        else:
+            assert model == {"files": {"merged.gguf": digest((reg.root / name / "merged.gguf").read_bytes())}}
+        assert server.requests.count(("GET", "/api/version")) == 1
+
+
+def test_auto_falls_back_to_merged_gguf_when_the_server_refuses_the_adapter(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=1, merged=True)
+    (name,) = reg.names()
+    waits = []
+    with FakeOllama(version="0.34.0", refuses_adapters=True) as server:
+        hook = OllamaHook(server.url, str(base_gguf), retries=2, sleep=waits.append, mode="auto")
+        [result] = publish(reg, reg.promote(name), [hook]).results
+        assert result.ok, result.detail
+        assert "the adapter route was refused" in result.detail and "HTTP 400" in result.detail
+        assert "from merged.gguf" in result.detail
+        assert server.models[f"lorad-{name}:latest"] == {
+            "files": {"merged.gguf": digest((reg.root / name / "merged.gguf").read_bytes())}
+        }
+        assert server.posts("/api/create") == 2 and waits == []  # a 4xx is final: no retry, then merged
+
+
+def test_the_adapter_mode_refused_by_the_server_says_which_key_to_set(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=1, merged=True)
+    with FakeOllama(refuses_adapters=True) as server:
+        [result] = publish(
+            reg, reg.promote(reg.names()[0]), [OllamaHook(server.url, str(base_gguf), retries=0)]
+        ).results
+    assert not result.ok and "creating models with adapters is not supported" in result.detail
+    assert 'set ollama_mode = "auto" or "merged"' in result.detail
+
+
+def test_a_version_without_merged_gguf_fails_the_merged_route_with_the_reason(tmp_path, base_gguf):
+    """A version made while the mode was adapter, or whose merge was refused: lorad.json says why."""
+    refused = {
+        "gguf": {
+            "sha256": "x",
+            "merged": {"refused": "base tensor blk.0.attn_q.weight (IQ2_XXS) cannot be dequantized"},
+        }
+    }
+    made_before = make_versions(tmp_path / "one" / "adapters", n=1)
+    merge_refused = make_versions(tmp_path / "two" / "adapters", n=1, record=refused)
+    with FakeOllama(version="0.34.1") as server:
+        for reg, why in (
+            (made_before, 'it was made while no ollama table had ollama_mode = "merged" or "auto"'),
+            (merge_refused, "IQ2_XXS) cannot be dequantized"),
+        ):
+            for mode in ("merged", "auto"):
+                hook = OllamaHook(server.url, str(base_gguf), retries=0, mode=mode)
+                result = hook.run(_change(reg), reg.root)
+                assert not result.ok and f"{reg.names()[0]} has no merged.gguf: " in result.detail
+                assert why in result.detail
+        assert server.posts("/api/create") == 0
+
+
+def test_auto_with_the_server_down_fails_after_its_retries_without_creating(tmp_path, base_gguf):
+    reg = make_versions(tmp_path / "adapters", n=1, merged=True)
+    waits = []
+    hook = OllamaHook(closed_port_url(), str(base_gguf), retries=1, backoff=0.1, sleep=waits.append, mode="auto")
+    [result] = publish(reg, reg.promote(reg.names()[0]), [hook]).results
+    assert not result.ok and "GET /api/version" in result.detail and "after 2 attempts" in result.detail
+    assert waits == [0.1]

@@ -472,12 +472,19 @@ class PublishSettings:
     # vllm: put the server to sleep (POST /sleep?level=1) while the worker trains, wake it after;
     # the server needs --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (lorad.release.gpu_share).
     sleep_during_training: bool = False
+    # ollama: how <prefix>-<version> is created: "adapter" (the base + adapter.gguf, which Ollama
+    # refuses from 0.34.1), "merged" (merged.gguf, the adapter merged into a .gguf base: a whole
+    # model in every version), "auto" (merged.gguf in every version; GET /api/version decides,
+    # the adapter route below 0.34.1 unless refused).
+    ollama_mode: Literal["adapter", "merged", "auto"] = "adapter"
 
     def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run, judged with ``kind``."""
         found = []
         if self.sleep_during_training and self.kind != "vllm":
             return [("sleep_during_training", f'only a kind = "vllm" hook can sleep, not kind = "{self.kind}"')]
+        if self.ollama_mode != "adapter" and self.kind != "ollama":
+            return [("ollama_mode", f'only a kind = "ollama" hook has a mode, not kind = "{self.kind}"')]
         if self.kind in ("gguf", "ollama") and self.base.endswith(".gguf") and not Path(self.base).is_absolute():
             found.append(
                 ("base", f"must be an absolute path to a .gguf file (or an Ollama model name), got {self.base!r}")
@@ -604,6 +611,14 @@ class Settings:
                         f"required for kind {t.kind!r}: training.base_model "
                         f"({self.training.base_model!r}) is not a .gguf file; name the base GGUF file "
                         "(or an Ollama model) the adapter applies to",
+                    )
+                )
+            elif t.ollama_mode != "adapter" and not base.endswith(".gguf"):
+                found.append(
+                    (
+                        f"publish[{i}].ollama_mode",
+                        f'"{t.ollama_mode}" merges the adapter into the base GGUF file, but the base is '
+                        f'the Ollama model {base!r}; name the base .gguf file, or use ollama_mode = "adapter"',
                     )
                 )
             bases.add(base)

@@ -32,6 +32,8 @@ PUBLISH_CANCELLED = "publish_cancelled"  # hooks still waiting were cut short by
 VERSIONS_PRUNED = "versions_pruned"
 GGUF_EXPORTED = "gguf_exported"  # adapter.gguf + Modelfile written into a new version
 GGUF_EXPORT_REFUSED = "gguf_export_refused"  # the version is made without them; its hooks say why
+GGUF_MERGED = "gguf_merged"  # merged.gguf (the adapter merged into the base GGUF) written into a new version
+GGUF_MERGE_REFUSED = "gguf_merge_refused"  # the version is made without merged.gguf; the ollama hook says why
 
 # The daemon's scheduling (lorad.daemon.service)
 JOB_QUEUED = "job_queued"

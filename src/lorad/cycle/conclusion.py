@@ -164,6 +164,8 @@ class Conclusion:
         version = version_of(self.registry, self.journal, self.spec.job_id)
         if version is None:
             version = self.registry.create(self.job_dir / ADAPTER_DIR, self._record(self._verdict()), now=now)
+        # The version holds its own copy of merged.gguf; the job's is a whole model more on disk.
+        gguf.drop_merged(self.job_dir / ADAPTER_DIR)
         if "version" not in self.journal:
             self.journal.record("version", version.name)
         self.outcome.verdict, self.outcome.version = Verdict.from_dict(version.verdict).as_dict(), version.name
@@ -247,6 +249,11 @@ class Conclusion:
                 log.warning(events.GGUF_EXPORT_REFUSED, job_id=spec.job_id, reason=exported["refused"])
             else:
                 log.info(events.GGUF_EXPORTED, job_id=spec.job_id, sha256=exported["sha256"], base=exported["base"])
+            merged = exported.get("merged")
+            if merged is not None and "refused" in merged:
+                log.warning(events.GGUF_MERGE_REFUSED, job_id=spec.job_id, reason=merged["refused"])
+            elif merged is not None:
+                log.info(events.GGUF_MERGED, job_id=spec.job_id, sha256=merged["sha256"], bytes=merged["bytes"])
         return record
 
     def promote_or_reject(self, version) -> None:

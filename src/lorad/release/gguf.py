@@ -14,6 +14,11 @@ llama.cpp cannot load the same way is refused with the reason, never written in 
 ``modules_to_save``, embedding or lm_head LoRA, bias or other extra tensors, per-module alphas
 that one ``adapter.lora.alpha`` cannot express, an architecture not in :data:`ARCHITECTURES`,
 a base GGUF whose architecture or tensor shapes differ.
+
+The same plan also gives the merged model (:func:`write_merged`): a copy of the base GGUF, its
+metadata and every tensor, in which each adapted weight W is replaced by ``W + alpha / rank *
+lora_b @ lora_a`` in llama.cpp's layout (a quantized W dequantized first and the sum written
+unquantized), for servers that no longer take adapters (Ollama from 0.34.1 refuses ``ADAPTER``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     from lorad.release.registry import Registry
 
 ADAPTER_FILE = "adapter.gguf"
+MERGED_FILE = "merged.gguf"  # the adapter merged into the base: a whole model
 MODELFILE = "Modelfile"
 PUBLISH_KINDS = ("gguf", "ollama")  # the [[publish]] kinds that need the GGUF in the version
 
@@ -83,6 +90,28 @@ class Export:
             "alpha": self.alpha,
             "rank": self.rank,
             "tensors": self.tensors,
+        }
+
+
+@dataclass(frozen=True)
+class MergedExport:
+    """The merged model written: the file, its sha256, how many weights took the adapter."""
+
+    path: Path
+    sha256: str
+    arch: str
+    merged: int  # weights replaced by W + scale * B @ A
+    tensors: int  # every tensor of the file (the base's)
+    size: int  # bytes
+
+    def as_dict(self) -> dict:
+        return {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "merged": self.merged,
+            "tensors": self.tensors,
+            "bytes": self.size,
         }
 
 
@@ -289,17 +318,22 @@ def _read_gguf(path: str | os.PathLike):
         ) from None
 
 
-def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
+def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list, reader=None) -> None:
     """Refuse an adapter that the base GGUF file would not take (architecture, names, shapes).
+
+    Args:
+        reader: the base GGUF already read (gguf's reader parses its metadata slowly: the
+            vocabulary is read token by token), else it is read here.
 
     Raises:
         ExportRefused: the file is unreadable, of another architecture, or lacks a tensor of
             the adapted shape.
     """
-    try:
-        reader = _read_gguf(base_gguf)
-    except ExportRefused as e:
-        raise ExportRefused(f"base GGUF: {e}") from None
+    if reader is None:
+        try:
+            reader = _read_gguf(base_gguf)
+        except ExportRefused as e:
+            raise ExportRefused(f"base GGUF: {e}") from None
     found = reader.fields.get("general.architecture")
     base_arch = found.contents() if found is not None else None
     if base_arch != arch:
@@ -315,6 +349,33 @@ def check_base(base_gguf: str | os.PathLike, arch: str, tensors: list) -> None:
 
 
 # -- writing --------------------------------------------------------------------------------------
+
+
+def _adapter_plan(adapter_dir: Path, base_dir: str | os.PathLike) -> tuple[str, float, list]:
+    """:func:`plan` of the peft adapter in ``adapter_dir`` on the checkpoint in ``base_dir``.
+
+    Raises:
+        ExportRefused: as :func:`plan`, or adapter_config.json is not readable.
+    """
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportRefused(f"adapter_config.json is not readable in {adapter_dir}: {e}") from None
+    return plan(config, read_safetensors(adapter_dir / "adapter_model.safetensors"), base_hparams(base_dir))
+
+
+def _write_whole(output: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` on a temporary name beside ``output``, fsynced, renamed to ``output``; on
+    any failure the temporary file is removed and ``output`` is left as it was."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        durable.fsync(tmp)
+        os.replace(tmp, output)
+        durable.fsync(output.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_adapter(
@@ -342,18 +403,11 @@ def write_adapter(
     import numpy as np
 
     adapter_dir, output = Path(adapter_dir), Path(output)
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ExportRefused(f"adapter_config.json is not readable in {adapter_dir}: {e}") from None
-    arch, alpha, tensors = plan(
-        config, read_safetensors(adapter_dir / "adapter_model.safetensors"), base_hparams(base_dir)
-    )
+    arch, alpha, tensors = _adapter_plan(adapter_dir, base_dir)
     if base_gguf is not None:
         check_base(base_gguf, arch, tensors)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -367,14 +421,140 @@ def write_adapter(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        durable.fsync(tmp)
-        os.replace(tmp, output)
-        durable.fsync(output.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    _write_whole(output, write)
     from lorad.release.registry import sha256_file
 
     return Export(output, sha256_file(output), arch, alpha, int(tensors[0][1].shape[0]), 2 * len(tensors))
+
+
+def merge_weight(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scale: float) -> np.ndarray:
+    """``weight + scale * lora_b @ lora_a`` in float32, a new array.
+
+    ``weight`` is as the GGUF holds it (out x in, q/k rows already in llama.cpp's order) and
+    ``lora_b`` is :func:`plan`'s (its rows permuted the same way), so the sum is in that layout.
+    """
+    import numpy as np
+
+    merged = np.array(weight, dtype=np.float32)
+    merged += np.float32(scale) * (np.asarray(lora_b, np.float32) @ np.asarray(lora_a, np.float32))
+    return merged
+
+
+def write_merged(
+    adapter_dir: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    base_gguf: str | os.PathLike,
+    output: str | os.PathLike,
+) -> MergedExport:
+    """Write the base GGUF with ``adapter_dir`` merged into it at ``output``, whole or not at all.
+
+    The header and metadata are the base's, byte for byte; so is every tensor the adapter does
+    not touch. Each adapted weight W becomes ``W + alpha / rank * lora_b @ lora_a`` (the tensors
+    :func:`plan` gives the adapter export, so the same names and q/k row order); a W stored
+    quantized (or BF16) is dequantized with gguf's quants module and the sum written as F16, an
+    F32 one as F32. Tensors are written one at a time: memory holds one weight, not the model.
+
+    Args:
+        adapter_dir: holds adapter_config.json and adapter_model.safetensors.
+        base_dir: the Hugging Face checkpoint it was trained on (its config.json).
+        base_gguf: the base model's GGUF file, what the merged file copies.
+        output: the .gguf file to write (a temporary name beside it, fsynced, then renamed).
+
+    Raises:
+        ExportRefused: what :func:`write_adapter` refuses; a base GGUF of the other byte order,
+            an adapted weight of a type gguf cannot dequantize, or a merged value beyond F16's
+            range. Nothing is written.
+        OSError: the file could not be written (a full disk); nothing is left behind.
+    """
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    arch, alpha, tensors = _adapter_plan(adapter_dir, base_dir)
+    try:
+        reader = _read_gguf(base_gguf)
+    except ExportRefused as e:
+        raise ExportRefused(f"base GGUF: {e}") from None
+    check_base(base_gguf, arch, tensors, reader)
+    if reader.byte_order != "I":
+        raise ExportRefused(f"base GGUF {base_gguf} is of the other byte order; it is not merged")
+    adapted = {name: (a, b, alpha / a.shape[0]) for name, a, b in tensors}  # llama.cpp's alpha / rank
+    _write_whole(output, lambda tmp: _write_merged_file(tmp, reader, adapted))
+    from lorad.release.registry import sha256_file
+
+    return MergedExport(output, sha256_file(output), arch, len(adapted), len(reader.tensors), output.stat().st_size)
+
+
+def _merged_type(base_type):
+    """The type an adapted weight is written in: F32 stays F32, anything else (F16, BF16, the
+    quantized types) becomes F16."""
+    import gguf
+
+    F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+    return F32 if base_type == F32 else F16
+
+
+def _merged_tensor(tensor, lora: tuple) -> np.ndarray:
+    """One adapted weight of the base, merged, in its :func:`_merged_type`.
+
+    Raises:
+        ExportRefused: gguf cannot dequantize its type, its shape is not the adapter's, or a
+            merged value does not fit F16.
+    """
+    import gguf
+    import numpy as np
+
+    a, b, scale = lora
+    try:
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except (NotImplementedError, gguf.quants.QuantError) as e:
+        raise ExportRefused(
+            f"base tensor {tensor.name} ({tensor.tensor_type.name}) cannot be dequantized: {e}"
+        ) from None
+    if weight.shape != (b.shape[0], a.shape[1]):
+        raise ExportRefused(
+            f"base tensor {tensor.name} is {list(weight.shape)}, the adapter's delta {[b.shape[0], a.shape[1]]}"
+        )
+    merged = merge_weight(weight, a, b, scale)
+    if _merged_type(tensor.tensor_type) == gguf.GGMLQuantizationType.F32:
+        return merged
+    half = merged.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise ExportRefused(f"merged tensor {tensor.name} has values beyond F16's range; it is not written")
+    return half
+
+
+def _write_merged_file(path: Path, reader, adapted: dict) -> None:
+    """The GGUF at ``path``: ``reader``'s header and metadata bytes, its tensor infos with the
+    adapted weights' new types and every tensor's offset, then the data, aligned as the base is."""
+    import gguf
+
+    if not reader.tensors:
+        raise ExportRefused("the base GGUF holds no tensors")
+    metadata_end = reader.tensors[0].field.offset  # the header and every key/value pair end here
+    align = int(reader.alignment)
+
+    def padded(n: int) -> int:
+        return (n + align - 1) // align * align
+
+    infos, offset = bytearray(), 0
+    for t in reader.tensors:
+        kind, size = t.tensor_type, int(t.n_bytes)
+        if t.name in adapted:
+            kind = _merged_type(t.tensor_type)
+            size = int(t.n_elements) * (4 if kind == gguf.GGMLQuantizationType.F32 else 2)
+        name = t.name.encode("utf-8")
+        infos += struct.pack("<Q", len(name)) + name + struct.pack("<I", len(t.shape))
+        infos += b"".join(struct.pack("<Q", int(n)) for n in t.shape)  # ggml order, as the base has it
+        infos += struct.pack("<IQ", int(kind), offset)
+        offset = padded(offset + size)
+    with open(path, "wb") as out:
+        out.write(memoryview(reader.data[:metadata_end]))
+        out.write(infos)
+        out.write(b"\0" * (padded(out.tell()) - out.tell()))
+        start = out.tell()
+        for t in reader.tensors:
+            out.write(b"\0" * (start + padded(out.tell() - start) - out.tell()))
+            data = _merged_tensor(t, adapted[t.name]) if t.name in adapted else t.data
+            out.write(data.tobytes() if t.name in adapted else memoryview(data).cast("B"))  # type: ignore[arg-type]
 
 
 def modelfile(base: str, adapter: str = f"./{ADAPTER_FILE}") -> str:
@@ -425,6 +605,34 @@ def export_into_version(
     return done
 
 
+def wants_merged(tables) -> bool:
+    """Does an ollama publish table need the merged model in each version (``ollama_mode`` merged or auto)?"""
+    return any(t.kind == "ollama" and t.ollama_mode != "adapter" for t in tables)
+
+
+def merged_into_version(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, base: str) -> dict:
+    """Write merged.gguf into ``adapter_dir`` before it becomes a version; what lorad.json records
+    under ``gguf.merged``: the :class:`MergedExport`, or ``{"refused": why}`` (nothing left behind).
+
+    Why here, as for adapter.gguf: the version is immutable and lists every file's sha256.
+    """
+    output = Path(adapter_dir) / MERGED_FILE
+    try:
+        if not base.endswith(".gguf"):
+            raise ExportRefused(f"the base {base!r} is not a .gguf file, so there is nothing to merge into")
+        return write_merged(adapter_dir, base_dir, base, output).as_dict()
+    except ExportRefused as e:
+        return {"refused": str(e)}
+    except OSError as e:
+        output.unlink(missing_ok=True)
+        return {"refused": f"cannot write {MERGED_FILE} into the version: {e.strerror or e}"}
+
+
+def drop_merged(adapter_dir: str | os.PathLike) -> None:
+    """Remove a job's merged.gguf once its version holds a copy (it is a whole model)."""
+    (Path(adapter_dir) / MERGED_FILE).unlink(missing_ok=True)
+
+
 def version_export(
     tables, adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None, training_base_model: str, name: str = ""
 ) -> dict | None:
@@ -435,7 +643,8 @@ def version_export(
         the :class:`Export` with its base, or ``{"refused": why}`` (the version is made
         without the file and its gguf/ollama hooks fail with that reason). A file that
         cannot be written (a full disk) is such a refusal too: the trained adapter is kept
-        as a version either way.
+        as a version either way. When an ollama table's ``ollama_mode`` is merged or auto
+        (:func:`wants_merged`), ``merged`` says what :func:`merged_into_version` wrote or why not.
     """
     base = publish_base(tables, training_base_model)
     if base is None:
@@ -443,11 +652,26 @@ def version_export(
     try:
         if not base_dir:
             raise ExportRefused("the worker reported no base model directory")
-        return export_into_version(adapter_dir, base_dir, base, name).as_dict() | {"base": base, "modelfile": MODELFILE}
+        done = export_into_version(adapter_dir, base_dir, base, name)
+        record = done.as_dict() | {"base": base, "modelfile": MODELFILE}
     except ExportRefused as e:
         return {"refused": str(e)}
     except OSError as e:
         return {"refused": f"cannot write {ADAPTER_FILE} and {MODELFILE} into the version: {e.strerror or e}"}
+    if wants_merged(tables):
+        record["merged"] = merged_into_version(adapter_dir, base_dir, base)
+    return record
+
+
+def _recorded_refusal(version_dir: Path, part: str | None = None) -> str | None:
+    """Why lorad.json says the version's GGUF (or its ``part``, e.g. merged) was not written, if it says."""
+    try:
+        found = json.loads((version_dir / "lorad.json").read_text(encoding="utf-8")).get("gguf") or {}
+    except (OSError, ValueError):
+        return None
+    if part is not None and "refused" not in found:
+        found = found.get(part) or {}
+    return found.get("refused") if isinstance(found, dict) else None
 
 
 def check_version(root: str | os.PathLike, version: str | None) -> tuple[bool, str]:
@@ -457,15 +681,20 @@ def check_version(root: str | os.PathLike, version: str | None) -> tuple[bool, s
     path = Path(root) / version
     if (path / ADAPTER_FILE).is_file() and (path / MODELFILE).is_file():
         return True, f"{path / ADAPTER_FILE} (FROM/ADAPTER in {path / MODELFILE})"
-    try:
-        refused = (json.loads((path / "lorad.json").read_text(encoding="utf-8")).get("gguf") or {}).get("refused")
-    except (OSError, ValueError):
-        refused = None
-    why = refused or (
+    why = _recorded_refusal(path) or (
         "it was made before a gguf or ollama publish table was configured; write one by hand "
         f"with: lorad export-adapter {version} --format gguf --output FILE"
     )
     return False, f"{version} has no {ADAPTER_FILE}: {why}"
+
+
+def merged_problem(root: str | os.PathLike, version: str) -> str | None:
+    """Why version ``version`` under the registry ``root`` has no merged.gguf (None when it has one)."""
+    path = Path(root) / version
+    if (path / MERGED_FILE).is_file():
+        return None
+    why = _recorded_refusal(path, "merged") or 'it was made while no ollama table had ollama_mode = "merged" or "auto"'
+    return f"{version} has no {MERGED_FILE}: {why}"
 
 
 def export_version(

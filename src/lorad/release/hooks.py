@@ -188,8 +188,9 @@ class GgufHook:
 
 @dataclass(frozen=True)
 class OllamaHook:
-    """Create ``<prefix>-<version>`` in Ollama from the base and adapter.gguf; move ``<prefix>:latest``;
-    delete the models of versions the registry no longer holds."""
+    """Create ``<prefix>-<version>`` in Ollama from the base and adapter.gguf, or from merged.gguf
+    (``mode``: adapter, merged, auto); move ``<prefix>:latest``; delete the models of versions the
+    registry no longer holds."""
 
     url: str
     base: str
@@ -198,6 +199,7 @@ class OllamaHook:
     retries: int = _Defaults.retries
     backoff: float = _Defaults.backoff
     required: bool = _Defaults.required
+    mode: str = _Defaults.ollama_mode
     sleep: Callable[[float], None] | None = field(default=None, repr=False, compare=False)  # None: time.sleep
 
     @property
@@ -208,7 +210,15 @@ class OllamaHook:
         from lorad.release.ollama import Ollama, OllamaError
 
         server = Ollama(
-            self.url, self.base, self.name_prefix, self.timeout, self.retries, self.backoff, self.sleep, cancel
+            self.url,
+            self.base,
+            self.name_prefix,
+            self.timeout,
+            self.retries,
+            self.backoff,
+            self.sleep,
+            cancel,
+            self.mode,
         )
         ok, detail = server.publish(change.version, root)
         if ok:
@@ -251,6 +261,7 @@ def hooks_from_settings(tables, training_base_model: str = "") -> list[Hook]:
                     t.retries,
                     t.backoff,
                     t.required,
+                    t.ollama_mode,
                 )
             )
         else:

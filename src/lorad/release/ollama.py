@@ -4,11 +4,16 @@ For a promoted (or rolled-back-to) version: upload the version's adapter.gguf as
 (``HEAD /api/blobs/sha256:<hex>``, then ``POST`` the bytes when the server lacks it), upload
 the base GGUF the same way when the base is a file (an Ollama model name is used as ``from``),
 ``POST /api/create`` the model ``<prefix>-<version>`` with ``adapters`` (``stream: false``), then
-``POST /api/copy`` it to the stable alias ``<prefix>:latest``. When no version serves any more
-(a revert to the bare base) the alias is created from the base alone. Versions are immutable,
-so creating one again (a retry, a rollback) makes the same model. Models of versions the
-registry made and has since pruned are deleted (``GET /api/tags``, ``DELETE /api/delete``) at
-the next publish; a second lorad using the same prefix on the server keeps its own.
+``POST /api/copy`` it to the stable alias ``<prefix>:latest``. Ollama 0.34.1 stopped creating
+models with adapters (ollama/ollama#14969: its CLI refuses ``ADAPTER``), so the model can be
+created from the version's merged.gguf instead (``files`` alone, no ``adapters``): the mode
+``merged``, or ``auto``, which asks ``GET /api/version`` and takes the adapter route only from
+a server it knows to be older (and falls back to merged.gguf when that server refuses it).
+When no version serves any more (a revert to the bare base) the alias is created from the base
+alone. Versions are immutable, so creating one again (a retry, a rollback) makes the same
+model. Models of versions the registry made and has since pruned are deleted (``GET
+/api/tags``, ``DELETE /api/delete``) at the next publish; a second lorad using the same prefix
+on the server keeps its own.
 
 Every request is retried on connection errors and 5xx with exponential back-off; a 4xx is
 final. Torch-free; only the standard library.
@@ -27,16 +32,41 @@ from pathlib import Path
 
 from lorad.config import PublishSettings as _Defaults
 from lorad.release import http_client
-from lorad.release.gguf import ADAPTER_FILE
+from lorad.release.gguf import ADAPTER_FILE, MERGED_FILE, merged_problem
 from lorad.release.registry import VERSION_RE
 
 _VERSION_ANY_CASE = re.compile(VERSION_RE.pattern, re.IGNORECASE)  # Ollama may list names lowercased
+
+# The first Ollama whose create refuses adapters (ollama/ollama#14969, merged 2026-09-15).
+ADAPTERS_REFUSED_FROM = (0, 34, 1)
 
 _digests: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> "sha256:<hex>" (bases are GBs)
 
 
 class OllamaError(Exception):
-    "The Ollama server refused a request or could not be reached; the message says which and why."
+    """The Ollama server refused a request or could not be reached; the message says which and why.
+
+    ``answered`` is true when the server answered (an HTTP error status, or an error in the
+    reply), false when it could not be reached or the request was cancelled.
+    """
+
+    def __init__(self, message: str, answered: bool = False):
+        super().__init__(message)
+        self.answered = answered
+
+
+def route_for(server_version: str | None) -> str:
+    """``"adapter"`` or ``"merged"``: how ``auto`` creates a version on a server of ``server_version``.
+
+    The adapter route only for a version known to be below 0.34.1; anything else (0.34.1 and
+    later, their release candidates, a development build's 0.0.0, no version at all) takes
+    merged.gguf, which every Ollama creates a model from.
+    """
+    found = re.match(r"v?(\d+)\.(\d+)\.(\d+)", server_version or "")
+    if found is None:
+        return "merged"
+    number = tuple(int(part) for part in found.groups())
+    return "adapter" if (0, 0, 0) < number < ADAPTERS_REFUSED_FROM else "merged"
 
 
 def blob_digest(path: str | os.PathLike) -> str:
@@ -65,6 +95,8 @@ class Ollama:
         retries, backoff: retries after the first attempt, waiting backoff * 2**n seconds.
         sleep: how to wait between attempts (None: time.sleep, cut short by ``cancel``).
         cancel: once set, the request waiting stops (``OllamaError``, cancelled) and none follows.
+        mode: ``adapter`` (the base + adapter.gguf), ``merged`` (merged.gguf) or ``auto``
+            (:func:`route_for` the server's version; merged.gguf when the adapter is refused).
     """
 
     url: str
@@ -75,6 +107,7 @@ class Ollama:
     backoff: float = _Defaults.backoff
     sleep: Callable[[float], None] | None = field(default=None, repr=False, compare=False)
     cancel: threading.Event | None = field(default=None, repr=False, compare=False)
+    mode: str = _Defaults.ollama_mode
 
     def model_name(self, version: str) -> str:
         return f"{self.name_prefix}-{version}"
@@ -87,17 +120,70 @@ class Ollama:
         """(ok, detail): make ``version`` the alias's model (None: the bare base)."""
         try:
             if version is None:
-                self.create(self.alias, adapter=None)
+                self.create(self.alias)
                 return True, f"{self.alias} is the base model {self.base}"
-            adapter = root / version / ADAPTER_FILE
-            if not adapter.is_file():
-                return False, f"{version} has no {ADAPTER_FILE} to upload (see the gguf_export_refused event)"
             name = self.model_name(version)
-            self.create(name, adapter=adapter)
+            how = self.create_version(name, root, version)
             self.request("POST", "/api/copy", {"source": name, "destination": self.alias})
-            return True, f"created {name}; {self.alias} -> {name}"
+            return True, f"created {name} {how}; {self.alias} -> {name}"
         except OllamaError as e:
             return False, str(e)
+
+    def create_version(self, name: str, root: Path, version: str) -> str:
+        """Create the model ``name`` of ``version`` by this hook's mode; says how it was made.
+
+        Raises:
+            OllamaError: a request failed, or the version lacks the file its route needs.
+        """
+        route, server = self.mode, ""
+        if self.mode == "auto":
+            found = self.server_version()
+            route, server = route_for(found), f"Ollama {found or 'of unknown version'}: "
+        refused = None
+        if route == "adapter":
+            adapter = root / version / ADAPTER_FILE
+            if not adapter.is_file():
+                raise OllamaError(f"{version} has no {ADAPTER_FILE} to upload (see the gguf_export_refused event)")
+            try:
+                self.create(name, adapter=adapter)
+                return f"({server}the base + {ADAPTER_FILE})"
+            except OllamaError as e:
+                if self.mode != "auto" or not e.answered:
+                    if e.answered and "adapter" in str(e).lower():
+                        raise OllamaError(
+                            f'{e} (Ollama 0.34.1 and later create no models with adapters: set ollama_mode = "auto" '
+                            'or "merged")',
+                            answered=True,
+                        ) from None
+                    raise
+                refused = e
+        problem = merged_problem(root, version)
+        if problem is not None:
+            raise OllamaError(problem + (f"; and the adapter route was refused: {refused}" if refused else ""))
+        self.create(name, merged=root / version / MERGED_FILE)
+        if refused is not None:
+            return f"({server}the adapter route was refused ({refused}); from {MERGED_FILE})"
+        return f"({server}from {MERGED_FILE})"
+
+    def server_version(self) -> str | None:
+        """What ``GET /api/version`` says, or None when the server has no such endpoint or its
+        answer is not ``{"version": "..."}``.
+
+        Raises:
+            OllamaError: the server could not be reached (after the retries) or the request was cancelled.
+        """
+        try:
+            text = self.request("GET", "/api/version", missing_ok=True)
+        except OllamaError as e:
+            if e.answered:
+                return None
+            raise
+        try:
+            reply = json.loads(text or "")
+        except (ValueError, RecursionError):
+            return None
+        found = reply.get("version") if isinstance(reply, dict) else None
+        return found if isinstance(found, str) else None
 
     def prune(self, kept: set[str], made: set[str]) -> list[str]:
         """Delete the version models (``<prefix>-<version>``) of versions this registry made
@@ -142,14 +228,17 @@ class Ollama:
             raise OllamaError(f"GET /api/tags: not a list of models: {text[:120]!r}")
         return [str(m.get("name") or m.get("model") or "") for m in models]
 
-    def create(self, model: str, adapter: Path | None) -> None:
-        """POST /api/create for ``model`` from the base (+ the adapter), blobs uploaded first.
+    def create(self, model: str, adapter: Path | None = None, merged: Path | None = None) -> None:
+        """POST /api/create for ``model``: from ``merged`` (a whole model GGUF) alone, else from the
+        base (+ the adapter); blobs uploaded first.
 
         Raises:
             OllamaError: a request failed after its retries, or the server said it failed.
         """
         body: dict = {"model": model, "stream": False}
-        if self.base.endswith(".gguf"):
+        if merged is not None:
+            body["files"] = {merged.name: self.upload(merged)}
+        elif self.base.endswith(".gguf"):
             body["files"] = {Path(self.base).name: self.upload(Path(self.base))}
         else:
             body["from"] = self.base
@@ -161,7 +250,7 @@ class Ollama:
         except ValueError:
             reply = {}
         if isinstance(reply, dict) and (reply.get("error") or reply.get("status", "success") != "success"):
-            raise OllamaError(f"create {model}: {reply.get('error') or reply.get('status')}")
+            raise OllamaError(f"create {model}: {reply.get('error') or reply.get('status')}", answered=True)
 
     def upload(self, path: Path) -> str:
         """The blob digest of ``path``, pushed to the server unless it has it already."""
@@ -193,4 +282,5 @@ class Ollama:
         except http_client.HttpError as e:
             if e.status == 404 and missing_ok:
                 return None
-            raise OllamaError(str(e)) from None
+            answered = e.status is not None and not isinstance(e, http_client.Cancelled)
+            raise OllamaError(str(e), answered=answered) from None
