@@ -22,7 +22,8 @@ the Trainer callback, signal flags and rank agreement :mod:`lorad.training.callb
 
 Signal handlers only set flags; the training callback acts on them at the next step end.
 Under ``accelerate launch`` every rank trains; rank 0 alone writes progress, checkpoints'
-markers, the adapter, the metrics and the result.
+markers, the adapter, the metrics and the result. :func:`launch` runs the launcher and exits
+as one worker would (a rank killed by a signal: as a worker killed by it).
 """
 
 from __future__ import annotations
@@ -579,26 +580,33 @@ def _peak_memory_bytes() -> int:
 def launch(job_dir) -> int:
     """Run the job's processes through ``accelerate launch`` and exit as a single worker would.
 
-    The launcher is in this process group, so a signal to the group reaches every rank
-    directly; a signal to this process alone is forwarded to the launcher (which passes it on
-    to the ranks). The exit code is the outcome result.json records (the launcher's own is
-    1 for anything but success, paused included).
+    The launcher (accelerate's, then torch's elastic agent) runs in this process, in the process
+    group of the ranks: a signal to the group reaches every rank directly, one to this process
+    alone the agent passes on to them. The exit code is the outcome result.json records (the
+    launcher's own is 1 for anything but success, paused included). A rank killed by a signal
+    (the OOM killer, kill -9) ends this process with that signal once the agent has stopped the
+    other ranks, so the parent treats the run as a killed single worker: paused, resumed from
+    its last complete checkpoint, failed after ``schedule.max_worker_kills`` kills in a row.
     """
-    import subprocess
-
     job_dir = Path(job_dir)
     spec = jobfile.read_job(job_dir)
     result_path = job_dir / jobfile.RESULT_FILE
     before = result_path.stat().st_mtime_ns if result_path.exists() else None
-    proc = subprocess.Popen(jobfile.launch_command(job_dir, spec))
-
-    def forward(signum, frame):
-        if proc.poll() is None:
-            proc.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    rc = proc.wait()
+    rc, killed = _run_launcher(jobfile.launch_command(job_dir, spec))
+    if killed is not None:
+        rank, signum = killed
+        name = signal.Signals(signum).name
+        jobfile.write_result(
+            job_dir,
+            jobfile.Result(
+                job_id=spec.job_id,
+                status=STATUS_BY_EXIT[EXIT_FAILED],
+                reason=f"rank {rank} was killed by signal {signum} ({name})",
+                error=f"rank {rank} was killed by signal {signum} ({name}); the other ranks were stopped",
+                processes=spec.processes,
+            ),
+        )
+        _die_of(signum)
     result = jobfile.read_result(job_dir)
     if result is None or result_path.stat().st_mtime_ns == before:  # none, or the earlier run's
         if rc != 0:  # no rank got as far as writing a result: say so where the parent looks
@@ -615,6 +623,38 @@ def launch(job_dir) -> int:
         return EXIT_OK
     codes = {status: code for code, status in STATUS_BY_EXIT.items()}
     return codes.get(result.status, EXIT_FAILED)
+
+
+def _run_launcher(argv: list[str]) -> tuple[int, tuple[int, int] | None]:
+    """Run ``accelerate launch`` (``argv`` as :func:`jobfile.launch_command` gives it) in this
+    process until every rank has ended.
+
+    Returns:
+        (exit code, (rank, signal) of a rank that died of a signal, else None).
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv[argv.index("accelerate.commands.launch") + 1 :])
+    try:
+        launch_command(args)
+    except ChildFailedError as e:  # the agent has stopped the other ranks (with SIGTERM, then SIGKILL)
+        # Why the first failure only: the ranks the agent stopped after it died of signals too.
+        rank, first = e.get_first_failure()
+        return 1, ((rank, -first.exitcode) if first.exitcode < 0 else None)
+    except SystemExit as e:  # accelerate's exit on a signal to the agent (128 + the signal), or argv errors
+        return (e.code if isinstance(e.code, int) else 1), None
+    return 0, None
+
+
+def _die_of(signum: int) -> None:
+    """End this process by ``signum`` (its default action), as the rank it stands for did."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):  # the two whose action cannot be changed
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # a signal whose default is not to terminate
 
 
 def main(argv: list[str] | None = None) -> int:
