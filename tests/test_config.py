@@ -182,21 +182,103 @@ def test_cli_exits_78_when_the_config_file_is_missing(tmp_path):
     assert "cannot read config file" in proc.stderr
 
 
-def test_sharded_accelerate_configs_are_refused_at_load_with_the_reason(tmp_path):
-    """FSDP and DeepSpeed shard the model; lorad saves and scores the adapter on rank 0 alone."""
-    fsdp = tmp_path / "fsdp.yaml"
-    fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n")
-    with pytest.raises(
-        ConfigError,
-        match=r"training.accelerate_config: .*distributed_type: FSDP.*only "
-        r"data-parallel configs",
-    ):
-        config.loads(f'[training]\nprocesses = 2\naccelerate_config = "{fsdp}"\n')
-    with pytest.raises(ConfigError, match=r"training.accelerate_config: cannot read"):
-        config.loads(f'[training]\naccelerate_config = "{tmp_path / "missing.yaml"}"\n')
+FSDP2 = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+def _training(path, processes=2) -> str:
+    return f'[training]\nprocesses = {processes}\naccelerate_config = "{path}"\n'
+
+
+def test_an_fsdp2_accelerate_config_is_accepted_and_shards_over_the_processes(tmp_path):
+    fsdp2 = tmp_path / "fsdp2.yaml"
+    fsdp2.write_text(FSDP2)
+    training = config.loads(_training(fsdp2)).training
+    assert training.accelerate_config == str(fsdp2)
+    assert training.shards == 2
     ddp = tmp_path / "ddp.yaml"
     ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
-    assert config.loads(f'[training]\naccelerate_config = "{ddp}"\n').training.accelerate_config == str(ddp)
+    assert config.loads(_training(ddp)).training.shards == 1
+    assert config.loads("[training]\nprocesses = 2\n").training.shards == 1
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (
+            "distributed_type: FSDP\nnum_processes: 2\n",
+            r"sets FSDP version 1 \(fsdp_config.fsdp_version; absent means 1\); lorad supports FSDP2 only",
+        ),
+        (
+            FSDP2.replace("fsdp_version: 2", "fsdp_version: 1"),
+            r"sets FSDP version 1 .*set fsdp_config.fsdp_version: 2",
+        ),
+        (
+            "distributed_type: DEEPSPEED\nnum_processes: 2\n",
+            r"sets distributed_type: DEEPSPEED; lorad shards the model only with FSDP2 .*one rank's part",
+        ),
+        ("distributed_type: MEGATRON_LM\n", r"sets distributed_type: MEGATRON_LM; lorad shards the model only"),
+        (
+            FSDP2.replace("  fsdp_state_dict_type: FULL_STATE_DICT\n", ""),
+            r"fsdp_state_dict_type must be FULL_STATE_DICT \(got absent, which FSDP2 takes as SHARDED_STATE_DICT\)",
+        ),
+        (
+            FSDP2.replace("FULL_STATE_DICT", "SHARDED_STATE_DICT"),
+            r"fsdp_state_dict_type must be FULL_STATE_DICT \(got SHARDED_STATE_DICT\)",
+        ),
+        (
+            FSDP2 + "  fsdp_activation_checkpointing: true\n",
+            r"fsdp_activation_checkpointing: true; lorad turns activation checkpointing on itself",
+        ),
+        (FSDP2.replace("num_machines: 1", "num_machines: 2"), r"num_machines: 2; lorad launches the ranks of one"),
+        ("[1, 2]\n", r"is not a valid accelerate config file: expected a mapping of keys, got a list"),
+        ("distributed_type: [FSDP\n", r"is not a valid accelerate config file"),
+    ],
+)
+def test_accelerate_configs_lorad_cannot_run_are_refused_at_load_with_the_reason(tmp_path, text, says):
+    """FSDP1, DeepSpeed and Megatron-LM partition the model in ways lorad's gather does not read;
+    an FSDP2 config must checkpoint the whole adapter and leave activation checkpointing to lorad."""
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"training.accelerate_config: .*" + says):
+        config.loads(_training(path))
+
+
+def test_an_unreadable_accelerate_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"training.accelerate_config: cannot read"):
+        config.loads(f'[training]\naccelerate_config = "{tmp_path / "missing.yaml"}"\n')
+
+
+def test_processes_must_match_the_accelerate_configs_num_processes(tmp_path):
+    fsdp2 = tmp_path / "fsdp2.yaml"
+    fsdp2.write_text(FSDP2)
+    with pytest.raises(
+        ConfigError, match=r"training.processes: must equal num_processes in training.accelerate_config \(2\), got 4"
+    ):
+        config.loads(_training(fsdp2, processes=4))
+    fsdp2.write_text(FSDP2.replace("num_processes: 2\n", ""))
+    with pytest.raises(ConfigError, match=r"training.processes: an FSDP2 accelerate config shards the model over"):
+        config.loads(_training(fsdp2, processes=1))
+    assert config.loads(_training(fsdp2, processes=3)).training.shards == 3
+
+
+def test_cli_exits_78_naming_the_key_for_an_fsdp1_config(tmp_path):
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    toml = tmp_path / "config.toml"
+    toml.write_text(_training(fsdp1))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(toml), "ingest"], capture_output=True, text=True
+    )
+    assert proc.returncode == 78
+    assert "training.accelerate_config:" in proc.stderr and "FSDP2 only" in proc.stderr
 
 
 @pytest.mark.parametrize(

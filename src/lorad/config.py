@@ -139,30 +139,99 @@ def filter_policy(v):
     return None
 
 
-# Sharding launchers keep parts of the model on each rank, and lorad's worker saves, checks and
-# scores the adapter on rank 0 alone: under them it would save a shard. Only data parallelism
-# (every rank holds the whole model) is supported.
-_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+@dataclass(frozen=True)
+class AccelerateConfig:
+    """What lorad reads of an accelerate config file (``training.accelerate_config``)."""
+
+    distributed_type: str  # upper case, "" when the file leaves it out
+    fsdp_version: int  # fsdp_config.fsdp_version; accelerate's default is 1
+    state_dict_type: str  # fsdp_config.fsdp_state_dict_type, "" when left out
+    activation_checkpointing: bool  # fsdp_config.fsdp_activation_checkpointing
+    offload_params: bool  # fsdp_config.fsdp_offload_params: the shards live in host memory
+    num_processes: int | None
+    num_machines: int | None
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each rank holds a shard of every parameter."""
+        return self.distributed_type == "FSDP"
+
+
+def read_accelerate_config(path) -> AccelerateConfig:
+    """Parse an accelerate config file (YAML, or JSON, which YAML reads).
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: it is not YAML, or not a mapping.
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(str(e)[:120]) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping of keys, got {_tname(data)}")
+    fsdp = data.get("fsdp_config") or {}
+    fsdp = fsdp if isinstance(fsdp, dict) else {}
+
+    def number(value):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return AccelerateConfig(
+        distributed_type=str(data.get("distributed_type") or "").upper(),
+        fsdp_version=number(fsdp.get("fsdp_version")) or 1,
+        state_dict_type=str(fsdp.get("fsdp_state_dict_type") or "").upper(),
+        activation_checkpointing=str(fsdp.get("fsdp_activation_checkpointing", False)).lower() == "true",
+        offload_params=str(fsdp.get("fsdp_offload_params", False)).lower() == "true",
+        num_processes=number(data.get("num_processes")),
+        num_machines=number(data.get("num_machines")),
+    )
 
 
 def accelerate_config_file(v):
+    """Data parallel (every rank holds the whole model) or FSDP2 (each rank a shard of it): lorad
+    gathers the adapter whole from FSDP2's DTensor shards before it saves, checks and scores it
+    (lorad.training.sharding). FSDP1, DeepSpeed and Megatron-LM partition the model in ways that
+    gather does not read, so a save there would hold one rank's part of the adapter."""
     if not v:
         return None
     try:
-        import yaml
-
-        with open(v, encoding="utf-8") as f:
-            data = yaml.safe_load(f)  # accelerate's config files are YAML (or JSON, which YAML reads)
+        launch = read_accelerate_config(v)
     except OSError as e:
         return f"cannot read {v!r}: {e.strerror}"
-    except yaml.YAMLError as e:
-        return f"{v!r} is not a valid accelerate config file: {str(e)[:120]}"
-    kind = str((data or {}).get("distributed_type", "")).upper() if isinstance(data, dict) else ""
-    if kind in _SHARDED:
+    except ValueError as e:
+        return f"{v!r} is not a valid accelerate config file: {e}"
+    kind = launch.distributed_type
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         return (
-            f"{v!r} sets distributed_type: {kind}, which shards the model across ranks; lorad saves and "
-            f"evaluates the adapter on rank 0 alone, so only data-parallel configs (MULTI_GPU, MULTI_CPU) "
-            f"are supported"
+            f"{v!r} sets distributed_type: {kind}; lorad shards the model only with FSDP2 (distributed_type: FSDP "
+            f"and fsdp_config.fsdp_version: 2), whose shards it gathers to save the adapter whole; {kind}'s "
+            f"partitions are not gathered that way, so a save would hold one rank's part"
+        )
+    if kind == "FSDP" and launch.fsdp_version != 2:
+        return (
+            f"{v!r} sets FSDP version {launch.fsdp_version} (fsdp_config.fsdp_version; absent means 1); lorad "
+            f"supports FSDP2 only, whose DTensor shards it gathers to save the adapter whole: set "
+            f"fsdp_config.fsdp_version: 2"
+        )
+    if kind == "FSDP" and launch.state_dict_type != "FULL_STATE_DICT":
+        got = launch.state_dict_type or "absent, which FSDP2 takes as SHARDED_STATE_DICT"
+        return (
+            f"{v!r}: fsdp_config.fsdp_state_dict_type must be FULL_STATE_DICT (got {got}): each checkpoint "
+            f"then holds the whole adapter (it is small), which a resume loads on any number of ranks"
+        )
+    if kind == "FSDP" and launch.activation_checkpointing:
+        return (
+            f"{v!r} sets fsdp_config.fsdp_activation_checkpointing: true; lorad turns activation "
+            f"checkpointing on itself (training.gradient_checkpointing) and the two cannot both be on: "
+            f"remove the key"
+        )
+    if (launch.num_machines or 1) > 1:
+        return (
+            f"{v!r} sets num_machines: {launch.num_machines}; lorad launches the ranks of one machine "
+            f"(training.processes of them): set num_machines: 1"
         )
     return None
 
@@ -340,7 +409,8 @@ class TrainingSettings:
     replay_ratio: float = _c(fraction, default=0.5)
     train_examples: int = _c(positive, default=2000)
     processes: int = _c(positive, default=1)
-    # An accelerate config file for processes > 1 (data parallel only; FSDP/DeepSpeed refused).
+    # An accelerate config file for processes > 1: data parallel, or FSDP2 (distributed_type:
+    # FSDP, fsdp_version: 2, fsdp_state_dict_type: FULL_STATE_DICT); FSDP1 and DeepSpeed refused.
     accelerate_config: str = _c(accelerate_config_file, default="")
     save_steps: int = _c(positive, default=50)
     gradient_checkpointing: bool = True
@@ -371,6 +441,41 @@ class TrainingSettings:
         """The trainers a job of ``method`` runs, in order."""
         return tuple(self.method.split("+"))
 
+    @property
+    def launch(self) -> AccelerateConfig | None:
+        """The accelerate config file's settings (None without one)."""
+        return read_accelerate_config(self.accelerate_config) if self.accelerate_config else None
+
+    @property
+    def shards(self) -> int:
+        """The ranks the model is sharded over: ``processes`` under an FSDP2 accelerate config,
+        else 1 (every process holds the whole model)."""
+        launch = self.launch
+        return self.processes if launch is not None and launch.sharded else 1
+
+    def _launch_problems(self) -> list[tuple[str, str]]:
+        """``processes`` against what the accelerate config says (its file was checked at load)."""
+        if not self.accelerate_config:
+            return []
+        launch = read_accelerate_config(self.accelerate_config)
+        if launch.num_processes is not None and launch.num_processes != self.processes:
+            return [
+                (
+                    "processes",
+                    f"must equal num_processes in training.accelerate_config ({launch.num_processes}), "
+                    f"got {self.processes}",
+                )
+            ]
+        if launch.sharded and self.processes < 2:
+            return [
+                (
+                    "processes",
+                    "an FSDP2 accelerate config shards the model over the ranks: must be at least 2, "
+                    f"got {self.processes}",
+                )
+            ]
+        return []
+
     def invalid(self) -> list[tuple[str, str]]:
         """(key, why) for values that type-check but could not run, judged with ``method``."""
         found = []
@@ -393,6 +498,7 @@ class TrainingSettings:
                 for key in ("grpo_steps", "grpo_learning_rate")
                 if getattr(self, key)
             ]
+        found += self._launch_problems()
         if self.packing is True and "sft" not in self.phases:
             found.append(("packing", f'true packs SFT rows only, and method = {self.method!r}; use "auto" or false'))
         if self.liger_kernel is True:

@@ -7,7 +7,7 @@ import stat
 import time
 
 import pytest
-from training_helpers import output, run_worker, start_worker, training_starts
+from training_helpers import FSDP2_CONFIG, output, run_worker, start_worker, training_starts
 
 from lorad.evaluation.metrics import closes_first_block
 from lorad.training import jobdir as jobfile
@@ -289,6 +289,25 @@ def test_sft_then_grpo_runs_under_two_processes(make_grpo_job):
     assert code == jobfile.EXIT_OK, out[-3000:]
     assert result.processes == 2 and [(p["method"], p["steps"]) for p in result.phases] == [("sft", 2), ("grpo", 2)]
     assert sorted(_rewards(job_dir)) == [1, 2]  # rank 0 alone writes progress
+
+
+@pytest.mark.timeout(900)
+def test_sft_then_grpo_runs_under_two_fsdp2_ranks_with_the_sft_adapter_whole(make_grpo_job, tmp_path):
+    """FSDP2: the SFT phase's adapter is gathered from both ranks' shards before GRPO starts from it."""
+    from lorad.training import sharding
+
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(FSDP2_CONFIG)
+    job_dir = make_grpo_job(method="sft+grpo", max_steps=2, grpo_steps=2, processes=2, accelerate_config=str(config))
+    code, result, out = run_worker(job_dir, timeout=600)
+    assert code == jobfile.EXIT_OK, out[-3000:]
+    assert [(p["method"], p["steps"]) for p in result.phases] == [("sft", 2), ("grpo", 2)]
+    sft = _adapter_weights(job_dir / "checkpoints" / "sft" / "adapter")
+    final = _adapter_weights(job_dir / "adapter")
+    assert {k: v.shape for k, v in sft.items()} == {k: v.shape for k, v in final.items()}
+    expected = {k: tuple(v.shape) for k, v in final.items()}
+    sharding.check_adapter(job_dir / "checkpoints" / "sft" / "adapter" / sharding.ADAPTER_WEIGHTS, expected)
+    assert all(v.shape[0] == 4 for k, v in sft.items() if "lora_A" in k)  # r = 4 rows: not one rank's 2
 
 
 def test_sft_then_grpo_offers_the_sft_phase_adapter_when_grpo_gains_no_held_out_task(make_grpo_job):

@@ -98,6 +98,9 @@ def test_worker_command_goes_through_accelerate_launch_for_several_processes(tmp
     with_config = jobfile.launch_command(tmp_path, make_spec(processes=4, accelerate_config="/etc/ddp.yaml"))
     assert with_config[with_config.index("--config_file") + 1] == "/etc/ddp.yaml"
     assert "--multi_gpu" not in with_config
+    # A port of its own, config file or not: jobs on one host never meet on the default 29500.
+    assert int(argv[argv.index("--main_process_port") + 1]) > 0
+    assert int(with_config[with_config.index("--main_process_port") + 1]) > 0
 
 
 def test_build_spec_takes_training_and_evaluation_keys():

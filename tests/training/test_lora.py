@@ -119,3 +119,13 @@ def test_sft_loss_counts_only_the_assistant_answer(tiny_model_dir, tmp_path):
     for labels, row in zip(batch["labels"], rows, strict=True):
         counted = tokenizer.decode([i for i in labels.tolist() if i != -100])
         assert counted == row["completion"][0]["content"] + "<|im_end|>\n"
+
+
+def test_sharded_qlora_stores_the_quantized_weights_in_the_compute_dtype():
+    """FSDP shards floating-point tensors only, and a layer's together only when they share a
+    dtype: sharded, the 4-bit storage is bf16 like the computation; alone, bitsandbytes' uint8."""
+    sharded = lora.quantization_config(sharded=True)
+    assert sharded.load_in_4bit and sharded.bnb_4bit_quant_type == "nf4"
+    assert sharded.bnb_4bit_quant_storage == sharded.bnb_4bit_compute_dtype == torch.bfloat16
+    alone = lora.quantization_config(sharded=False)
+    assert alone.bnb_4bit_quant_storage == torch.uint8 and alone.bnb_4bit_compute_dtype == torch.bfloat16

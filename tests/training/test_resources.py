@@ -74,6 +74,52 @@ def test_model_shape_counts_parameters_without_loading_weights(tiny_model_dir):
     # q,k,v,o,gate,up,down per layer; r * (in + out) each
     per_layer = 4 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + (32 + 64) * 2 + (64 + 32))
     assert shape.lora_parameters == 2 * per_layer
+    assert shape.tied_embeddings is False  # the tiny Llama has its own output head
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert shape.layer_parameters == layer + model.model.norm.weight.numel() // 2  # the final norm, spread
+
+
+# Llama-3-70B's shape (untied head); LoRA r 16 on every linear layer.
+SHAPE_70B = ModelShape(
+    parameters=70_553_706_496,
+    hidden_size=8192,
+    layers=80,
+    vocab_size=128_256,
+    lora_parameters=207_093_760,
+    tied_embeddings=False,
+)
+
+
+@pytest.mark.parametrize("shape", [SHAPE_135M, SHAPE_70B])
+def test_sharded_estimate_is_per_rank_with_the_units_gathered_whole(shape):
+    """FSDP2: 1/N of the weights and of LoRA + optimizer on each rank, plus two decoder layers and
+    the output head held whole while they compute; activations are each rank's own batch."""
+    fit = dict(batch_size=1, seq_length=1024, dtype="4bit", gradient_checkpointing=True)
+    whole = resources.estimate(shape, **fit)
+    two = resources.estimate(shape, **fit, shards=2)
+    eight = resources.estimate(shape, **fit, shards=8)
+    gathered = int((2 * shape.layer_parameters + shape.vocab_size * shape.hidden_size) * 0.5625)
+    assert (two.shards, two.gathered) == (2, gathered)
+    assert two.weights == -(-whole.weights // 2) + gathered
+    assert eight.weights == -(-whole.weights // 8) + gathered
+    assert two.lora == -(-whole.lora // 2) and eight.lora == -(-whole.lora // 8)
+    assert two.activations == eight.activations == whole.activations
+    assert eight.total < two.total < whole.total
+    assert two.as_dict()["shards"] == 2
+
+
+def test_a_model_too_big_for_one_device_fits_sharded_over_enough_of_them():
+    """70B in 4 bits needs about 37 GiB of weights: not one 24 GiB card nor two, but four."""
+    card = Device("cuda", "24 GiB card", total_bytes=24 * GIB, free_bytes=24 * GIB, bf16=True)
+    fit = dict(batch_size=1, seq_length=1024, dtype="4bit", gradient_checkpointing=True, headroom=0.9)
+    with pytest.raises(ResourceError, match=r"per rank of 2 \(FSDP2\)"):
+        resources.check_fits(SHAPE_70B, card, **fit, shards=2)
+    with pytest.raises(ResourceError, match=r"the run needs about .* GiB \(weights"):
+        resources.check_fits(SHAPE_70B, card, **fit)
+    assert resources.check_fits(SHAPE_70B, card, **fit, shards=4).total <= 0.9 * 24 * GIB
+    # fsdp_offload_params: the shards in host memory, only the gathered units on the card.
+    offloaded = resources.check_fits(SHAPE_70B, card, **fit, shards=2, offload=True)
+    assert offloaded.weights == offloaded.gathered and offloaded.offload
 
 
 def test_cpu_training_is_fp32_and_never_4bit():

@@ -51,6 +51,20 @@ def kto_row(i: int) -> dict:
     return {"prompt": r["prompt"], "completion": answer, "label": good}
 
 
+# An accelerate config for two FSDP2 ranks, as lorad accepts it (on the CPU: gloo).
+FSDP2_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_reshard_after_forward: true
+"""
+
+
 def worker_env() -> dict:
     env = dict(os.environ)
     env.update(

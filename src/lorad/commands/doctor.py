@@ -55,6 +55,10 @@ def probe_command(training, state_dir) -> list[str]:
     ]
     if not t.gradient_checkpointing:
         argv.append("--no-gradient-checkpointing")
+    if t.shards > 1:  # FSDP2: the estimate is each rank's
+        argv += ["--shards", str(t.shards)]
+        if t.launch is not None and t.launch.offload_params:
+            argv.append("--offload")
     return argv
 
 
@@ -102,8 +106,16 @@ def render(r: dict) -> str:
             f"model {est['model']}: {est['parameters']:,} parameters, "
             f"{est['lora_parameters']:,} LoRA parameters ({est['dtype']})"
         )
+        shards = est.get("shards", 1)
+        where = "the weight shards in host memory" if est.get("offload") else f"1/{shards} of the weights"
+        sharded = (
+            f" per rank of {shards} (FSDP2: {where} and 1/{shards} of LoRA + optimizer, "
+            f"{_gib(est.get('gathered', 0))} of weights gathered at a time, activations of each rank's batch)"
+            if shards > 1
+            else ""
+        )
         lines.append(
-            f"estimate for batch {est['batch_size']} x seq {est['seq_length']}: {_gib(est['total'])} "
+            f"estimate for batch {est['batch_size']} x seq {est['seq_length']}{sharded}: {_gib(est['total'])} "
             f"(weights {_gib(est['weights'])}, LoRA + optimizer {_gib(est['lora'])}, activations "
             f"{_gib(est['activations'])}, framework {_gib(est['framework'])}"
             f"{', gradient checkpointing' if est.get('gradient_checkpointing') else ''}) of "

@@ -48,10 +48,18 @@ class Progress:
 
 
 def make_callback(
-    flags: Flags, progress: Progress, root: Path, window_end: float | None, is_main: bool, phase: str | None = None
+    flags: Flags,
+    progress: Progress,
+    root: Path,
+    window_end: float | None,
+    is_main: bool,
+    phase: str | None = None,
+    sharded: bool = False,
 ):
     """The Trainer callback of one phase; checkpoints are published into ``root`` (a
-    :func:`checkpoint_root`), and ``phase``, when set, is written on its progress records."""
+    :func:`checkpoint_root`), and ``phase``, when set, is written on its progress records.
+    ``sharded`` (FSDP2): a checkpoint is published only once its adapter files hold every LoRA
+    tensor whole (:func:`lorad.training.sharding.check_checkpoint`)."""
     from transformers import TrainerCallback
 
     write = functools.partial(progress.write, phase=phase) if phase else progress.write
@@ -138,6 +146,10 @@ def make_callback(
             staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             barrier()  # every rank has written its RNG state into the staged directory
             if is_main and staged.is_dir():
+                if sharded:  # a resume must find the whole adapter, never one rank's slice of it
+                    from lorad.training.sharding import check_checkpoint
+
+                    check_checkpoint(staged, kw["model"])
                 publish_checkpoint(staged, root, state.global_step)
                 write(stage=jobfile.STAGE_CHECKPOINTED, step=state.global_step, total_steps=state.max_steps)
             barrier()

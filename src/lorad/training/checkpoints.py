@@ -120,16 +120,41 @@ def clear_leftovers(root: Path, job_dir: Path) -> Path:
     return staging
 
 
-def save_adapter(model, final: Path, record: dict[str, dict] | None = None) -> Path:
+def save_adapter(
+    model,
+    final: Path,
+    record: dict[str, dict] | None = None,
+    *,
+    state_dict: dict | None = None,
+    expected: dict[str, tuple[int, ...]] | None = None,
+) -> Path:
     """``final``/ with adapter_config.json and adapter_model.safetensors (and ``record``'s
     JSON files, by name), appearing whole or not at all. (The registry hashes the files when
-    the adapter becomes a version.)"""
+    the adapter becomes a version.)
+
+    Args:
+        state_dict: the adapter's tensors when the model's own are shards (FSDP2: gathered by
+            :func:`lorad.training.sharding.full_adapter_state`); None = the model's.
+        expected: when set, the written file must hold these tensors whole
+            (:func:`lorad.training.sharding.check_adapter`) before it is installed.
+    """
+    tmp = stage_adapter(model, final, record, state_dict=state_dict)
+    if expected is not None:
+        from lorad.training import sharding
+
+        sharding.check_adapter(tmp / "adapter_model.safetensors", expected)
+    return install_adapter(tmp, final)
+
+
+def stage_adapter(model, final: Path, record: dict[str, dict] | None = None, *, state_dict: dict | None = None) -> Path:
+    """The adapter written into a temporary directory beside ``final`` (:func:`install_adapter`
+    moves it into place; :func:`clear_leftovers` removes one a killed run left)."""
     tmp = _staged_adapter(final)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub; lorad.json says more
     for name, data in (record or {}).items():
         (tmp / name).write_text(json.dumps(data) + "\n")
-    return _install_adapter(tmp, final)
+    return tmp
 
 
 def adopt_adapter(source: Path, final: Path) -> Path:
@@ -137,7 +162,7 @@ def adopt_adapter(source: Path, final: Path) -> Path:
     tmp = _staged_adapter(final)
     for name in ADAPTER_FILES:
         shutil.copy2(source / name, tmp / name)
-    return _install_adapter(tmp, final)
+    return install_adapter(tmp, final)
 
 
 def _staged_adapter(final: Path) -> Path:
@@ -146,7 +171,8 @@ def _staged_adapter(final: Path) -> Path:
     return tmp
 
 
-def _install_adapter(tmp: Path, final: Path) -> Path:
+def install_adapter(tmp: Path, final: Path) -> Path:
+    """Move a staged adapter directory into place as ``final`` (fsynced; an old one discarded)."""
     durable.fsync_tree(tmp)
     if final.exists():
         discard(final)

@@ -416,6 +416,9 @@ def launch_command(job_dir, spec: JobSpec) -> list[str]:
     with ``spec.accelerate_config`` (FSDP and the like)."""
     job_dir = str(job_dir)
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(spec.processes)]
+    # Jobs on one host must not collide on torch.distributed's default port 29500 (a config file's
+    # main_process_port included: lorad launches one machine's ranks, any free port serves).
+    argv += ["--main_process_port", str(_free_port())]
     if spec.accelerate_config:
         argv += ["--config_file", spec.accelerate_config]
     else:
@@ -429,14 +432,11 @@ def launch_command(job_dir, spec: JobSpec) -> list[str]:
             "no",
             "--dynamo_backend",
             "no",
-            "--main_process_port",
-            str(_free_port()),
         ]
     return argv + ["-m", "lorad.training.worker", job_dir]
 
 
 def _free_port() -> int:
-    # Jobs on one host must not collide on torch.distributed's default port 29500.
     import socket
 
     with socket.socket() as s:

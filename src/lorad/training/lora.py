@@ -41,8 +41,19 @@ def precision(device_kind: str, dtype: str, gradient_checkpointing: bool) -> Pre
     )
 
 
-def load_model(model_dir: str, prec: Precision, *, local_files_only: bool = True):
-    """The base model and its tokenizer (which must carry a chat template)."""
+def load_model(
+    model_dir: str, prec: Precision, *, local_files_only: bool = True, sharded: bool = False, whole: bool = False
+):
+    """The base model and its tokenizer (which must carry a chat template).
+
+    Args:
+        sharded: the model will be sharded by FSDP2: a 4-bit model is loaded with its quantized
+            storage and every other weight in the compute dtype (:func:`quantization_config`),
+            and is not prepared by peft's ``prepare_model_for_kbit_training``, which would cast
+            the norms to fp32 (FSDP2 shards a module's parameters only when they share a dtype).
+        whole: the one-process reload after a sharded run: on CUDA spread over every visible
+            device (``device_map="auto"``), as the model may not fit one.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,22 +67,51 @@ def load_model(model_dir: str, prec: Precision, *, local_files_only: bool = True
         tokenizer.pad_token = tokenizer.eos_token
     kwargs: dict = {"local_files_only": local_files_only}
     if prec.dtype == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        kwargs["quantization_config"] = quantization_config(sharded)
+        if sharded:
+            kwargs["dtype"] = COMPUTE_DTYPE
     else:
         kwargs["dtype"] = getattr(torch, prec.dtype)
+    if whole and not prec.use_cpu:
+        kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if prec.dtype == "4bit":
+    if prec.dtype == "4bit" and not (sharded or whole):  # (whole: scored, not trained)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=prec.gradient_checkpointing)
     return model, tokenizer
+
+
+# 4-bit QLoRA computes in bf16 (lorad takes 4-bit only where CUDA and bitsandbytes are).
+COMPUTE_DTYPE = "bfloat16"
+
+
+def quantization_config(sharded: bool):
+    """bitsandbytes' NF4 config lorad loads a 4-bit base with.
+
+    Sharded (FSDP2), the quantized weights are stored in the compute dtype
+    (``bnb_4bit_quant_storage``) rather than uint8: FSDP shards floating-point tensors only, and
+    shards a layer's weights together only when they share one dtype (bitsandbytes' FSDP-QLoRA
+    guide). Otherwise bitsandbytes' default storage (uint8) is kept.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = getattr(torch, COMPUTE_DTYPE)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if sharded else {}),
+    )
+
+
+def load_adapter(model, adapter_dir: str):
+    """A PeftModel of ``model`` with the saved adapter in ``adapter_dir`` (for scoring, not training)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
 def attach_adapter(model, *, r: int, alpha: int, dropout: float, target_modules, parent_adapter: str | None = None):

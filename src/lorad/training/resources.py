@@ -21,6 +21,14 @@ The estimate (bytes) for a LoRA run is the sum of:
   an upper bound for the completion head, which scores the completion tokens only;
 - a fixed allowance for the process (imported libraries, CUDA context, allocator slack).
 
+Sharded over N ranks (FSDP2) the estimate is per rank: each rank keeps 1/N of every weight and
+of the LoRA parameters, their gradients and AdamW's moments, plus the units it gathers whole
+while computing them (:data:`GATHERED_LAYERS` decoder layers, the one running and the one
+prefetched, and the output head, which accelerate keeps gathered from the end of the forward
+to the start of the backward); the activations are each rank's own batch, as without sharding.
+With ``fsdp_offload_params`` (``offload``) the shards live in host memory and only the gathered
+units occupy the device.
+
 tests/training/test_resources.py checks the estimate against a measured peak (tiny model).
 
 Run as ``python -m lorad.training.resources [--model DIR] ...`` it prints the environment as
@@ -46,6 +54,8 @@ HEAD_TOKEN_CHUNK, HEAD_VOCAB_CHUNK = 4096, 32768  # the chunked LM head's tile (
 # The process itself: Python with torch, transformers, trl and peft imported is ~460 MB resident
 # before a model loads (measured on CPU); a CUDA context takes 300-500 MB; plus allocator slack.
 FRAMEWORK_BYTES = 768 * 2**20
+# FSDP2 gathers a decoder layer whole to compute it, and prefetches the next one meanwhile.
+GATHERED_LAYERS = 2
 
 
 class ResourceError(Exception):
@@ -69,15 +79,28 @@ class ModelShape:
     layers: int
     vocab_size: int
     lora_parameters: int
+    tied_embeddings: bool = True  # the output head shares the input embedding's weights
+
+    @property
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer (all but the embedding and the output head, evenly)."""
+        outside = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+        return max(self.parameters - outside, 0) // max(self.layers, 1)
 
 
 @dataclass(frozen=True)
 class Estimate:
+    """Bytes one process needs; with ``shards`` > 1 (FSDP2) one rank's share, ``weights``
+    including the ``gathered`` units it holds whole while computing them."""
+
     weights: int
     lora: int
     activations: int
     framework: int
     dtype: str
+    shards: int = 1
+    gathered: int = 0
+    offload: bool = False  # the shards are in host memory; the device holds the gathered units
 
     @property
     def total(self) -> int:
@@ -157,7 +180,9 @@ def model_shape(model_dir: str, lora_r: int, target_modules, *, local_files_only
         if "all-linear" in targets or name.rsplit(".", 1)[-1] in targets:
             lora += lora_r * (module.in_features + module.out_features)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelShape(parameters, text.hidden_size, text.num_hidden_layers, text.vocab_size, lora)
+    inputs = model.get_input_embeddings()
+    tied = output is None or inputs is None or output.weight is inputs.weight
+    return ModelShape(parameters, text.hidden_size, text.num_hidden_layers, text.vocab_size, lora, tied)
 
 
 def estimate(
@@ -168,14 +193,25 @@ def estimate(
     dtype: str,
     gradient_checkpointing: bool,
     lora_dropout: bool = True,
+    shards: int = 1,
+    offload: bool = False,
 ) -> Estimate:
-    """Bytes a LoRA run needs (see the module docstring for the terms).
+    """Bytes a LoRA run needs (see the module docstring for the terms), per rank.
 
     ``lora_dropout``: whether training.lora_dropout is above 0 (peft then keeps a dropped copy
-    of each adapted layer's input for the backward pass).
+    of each adapted layer's input for the backward pass). ``shards``: the ranks an FSDP2 run
+    shards the model over (1: every process holds the whole model, as DDP's do). ``offload``:
+    FSDP2 keeps the shards in host memory (fsdp_offload_params), so the device holds only the
+    gathered units.
     """
-    weights = int(shape.parameters * BYTES_PER_PARAM[dtype])
+    per_param = BYTES_PER_PARAM[dtype]
+    weights = int(shape.parameters * per_param)
     lora = shape.lora_parameters * 4 * 4
+    gathered = 0
+    if shards > 1:
+        gathered = int((GATHERED_LAYERS * shape.layer_parameters + shape.vocab_size * shape.hidden_size) * per_param)
+        weights = (0 if offload else -(-weights // shards)) + gathered
+        lora = -(-lora // shards)
     act_bytes = 4 if dtype == "float32" else 2
     per_layer = ACTIVATION_FACTOR[bool(lora_dropout)]
     tokens = batch_size * seq_length  # packed or padded, a batch holds at most this many
@@ -185,7 +221,7 @@ def estimate(
         values = shape.layers * per_layer
     activations = tokens * shape.hidden_size * values * act_bytes
     activations += min(tokens, HEAD_TOKEN_CHUNK) * min(shape.vocab_size, HEAD_VOCAB_CHUNK) * 4 * HEAD_TILES
-    return Estimate(weights, lora, activations, FRAMEWORK_BYTES, dtype)
+    return Estimate(weights, lora, activations, FRAMEWORK_BYTES, dtype, shards, gathered, shards > 1 and offload)
 
 
 def check_fits(
@@ -198,8 +234,11 @@ def check_fits(
     gradient_checkpointing: bool,
     headroom: float,
     lora_dropout: bool = True,
+    shards: int = 1,
+    offload: bool = False,
 ) -> Estimate:
-    """The estimate, when it fits in ``headroom`` x the device's free memory.
+    """The estimate, when it fits in ``headroom`` x the device's free memory (per rank: each
+    rank has a device of its own).
 
     Raises:
         ResourceError: it does not fit; the message gives both figures and the largest
@@ -212,6 +251,8 @@ def check_fits(
         dtype=dtype,
         gradient_checkpointing=gradient_checkpointing,
         lora_dropout=lora_dropout,
+        shards=shards,
+        offload=offload,
     )
     budget = int(device.free_bytes * headroom)
     if est.total <= budget:
@@ -224,6 +265,8 @@ def check_fits(
         dtype=dtype,
         gradient_checkpointing=gradient_checkpointing,
         lora_dropout=lora_dropout,
+        shards=shards,
+        offload=offload,
     )
     hint_text = (
         f"try training.batch_size = {hint[0]} and training.max_seq_length = {hint[1]}"
@@ -231,8 +274,9 @@ def check_fits(
         else "even batch_size 1 with max_seq_length 64 does not fit: use a smaller "
         'base model, quantization = "4bit" on CUDA, or a larger device'
     )
+    per_rank = f" per rank of {shards} (FSDP2)" if shards > 1 else ""
     raise ResourceError(
-        f"the run needs about {_gib(est.total)} (weights {_gib(est.weights)}, LoRA + optimizer "
+        f"the run needs about {_gib(est.total)}{per_rank} (weights {_gib(est.weights)}, LoRA + optimizer "
         f"{_gib(est.lora)}, activations {_gib(est.activations)} for batch {batch_size} x seq "
         f"{seq_length}) but {device.kind} has {_gib(device.free_bytes)} free "
         f"({headroom:.0%} usable = {_gib(budget)}); {hint_text}"
@@ -248,6 +292,8 @@ def suggest(
     dtype: str,
     gradient_checkpointing: bool,
     lora_dropout: bool = True,
+    shards: int = 1,
+    offload: bool = False,
 ) -> tuple[int, int] | None:
     """The largest (batch, seq) that fits ``budget``: halve the batch first, then the sequence."""
     b, s = batch_size, seq_length
@@ -259,6 +305,8 @@ def suggest(
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
             lora_dropout=lora_dropout,
+            shards=shards,
+            offload=offload,
         )
         if est.total <= budget:
             return b, s
@@ -280,6 +328,8 @@ def use_checkpointing(
     dtype: str,
     headroom: float,
     lora_dropout: bool = True,
+    shards: int = 1,
+    offload: bool = False,
 ) -> bool:
     """Whether the run checkpoints activations (training.gradient_checkpointing = ``requested``).
 
@@ -297,6 +347,8 @@ def use_checkpointing(
         dtype=dtype,
         gradient_checkpointing=False,
         lora_dropout=lora_dropout,
+        shards=shards,
+        offload=offload,
     )
     return without.total > int(device.free_bytes * headroom)
 
@@ -332,8 +384,11 @@ def environment(
     gradient_checkpointing: bool,
     headroom: float,
     lora_dropout: bool = True,
+    shards: int = 1,
+    offload: bool = False,
 ) -> dict:
-    """A report of the environment for ``lorad doctor`` (and the estimate for a model)."""
+    """A report of the environment for ``lorad doctor`` (and the estimate for a model; per rank
+    when ``shards`` > 1, an FSDP2 run's ranks)."""
     import torch
 
     device = detect_device()
@@ -372,6 +427,8 @@ def environment(
                 dtype=dtype,
                 headroom=headroom,
                 lora_dropout=lora_dropout,
+                shards=shards,
+                offload=offload,
             )
             est = estimate(
                 shape,
@@ -380,6 +437,8 @@ def environment(
                 dtype=dtype,
                 gradient_checkpointing=checkpointing,
                 lora_dropout=lora_dropout,
+                shards=shards,
+                offload=offload,
             )
             budget = int(device.free_bytes * headroom)
             report["estimate"] = est.as_dict() | {
@@ -401,6 +460,8 @@ def environment(
                     dtype=dtype,
                     gradient_checkpointing=checkpointing,
                     lora_dropout=lora_dropout,
+                    shards=shards,
+                    offload=offload,
                 )
         except Exception as e:  # the doctor reports; it does not stop at the first problem
             report["estimate"] = {"model": model_dir, "error": f"{type(e).__name__}: {e}"}
@@ -424,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default=d.quantization)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--headroom", type=float, default=d.memory_headroom)
+    p.add_argument("--shards", type=int, default=1, help="ranks an FSDP2 run shards the model over")
+    p.add_argument("--offload", action="store_true", help="FSDP2 keeps the shards in host memory")
     args = p.parse_args(argv)
     model_dir = None
     if args.model:
@@ -445,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         headroom=args.headroom,
         lora_dropout=args.lora_dropout > 0,
+        shards=args.shards,
+        offload=args.offload,
     )
     if args.model and model_dir is None:
         report["estimate"] = {"model": args.model, "error": model_error}

@@ -130,6 +130,7 @@ def completion_head(model) -> bool:
     be a PeftModel.
     """
     import torch
+    from torch.distributed.tensor import DTensor
 
     try:  # trl >= 1.16: the chunked head this builds on
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -158,8 +159,12 @@ def completion_head(model) -> bool:
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1].to(head.weight.device)
         labels = labels[:, 1:].to(head.weight.device)
         mask = labels != -100
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # FSDP2's shard of the head: gathered (differentiably), as trl does
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
         log_probs = ChunkedLogProbFunction.apply(
-            hidden[mask], head.weight, head.bias, labels[mask], 1.0, VOCAB_CHUNK, None, 1.0, ("log_probs",)
+            hidden[mask], weight, bias, labels[mask], 1.0, VOCAB_CHUNK, None, 1.0, ("log_probs",)
         )[0]
         # masked_scatter keeps a batch without any label connected to the graph (a zero loss).
         per_token = log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)

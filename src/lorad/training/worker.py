@@ -10,6 +10,9 @@ Reads the job directory the parent wrote (see :mod:`lorad.training.jobdir`), the
    stops (exit 75); SIGINT cancels (exit 76). A new worker on the same directory resumes from
    the last complete checkpoint (optimizer, scheduler and RNG state included);
 3. save: health check (finite logits on a held-out batch), then the adapter (whole or not at all);
+   under FSDP2 the adapter is first gathered whole from the ranks' shards, written, checked and
+   reloaded in one process (:mod:`lorad.training.sharding`), and that reload is what is checked
+   and scored;
 4. evaluate: held-out metrics of the candidate beside the active adapter (or the bare base);
 5. result.json, and the exit code.
 
@@ -19,7 +22,8 @@ the Trainer callback, signal flags and rank agreement :mod:`lorad.training.callb
 
 Signal handlers only set flags; the training callback acts on them at the next step end.
 Under ``accelerate launch`` every rank trains; rank 0 alone writes progress, checkpoints'
-markers, the adapter, the metrics and the result.
+markers, the adapter, the metrics and the result. :func:`launch` runs the launcher and exits
+as one worker would (a rank killed by a signal: as a worker killed by it).
 """
 
 from __future__ import annotations
@@ -86,10 +90,11 @@ def _steps(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfil
     """setup -> train -> save -> evaluate; an exit code other than EXIT_OK from train stops there."""
     progress.write(stage=jobfile.STAGE_PREPARING, step=0, total_steps=None)
     ctx = setup(spec, job_dir, flags, progress, result, is_main)
-    trained = train(ctx, result)
-    if isinstance(trained, int):
-        return trained
-    if not is_main:
+    outcome = train(ctx, result)
+    if isinstance(outcome, int):
+        return outcome
+    trained = unshard(ctx, outcome) if ctx.sharded else outcome
+    if trained is None or not is_main:
         return EXIT_OK
     save(ctx, trained, result)
     evaluate_candidate(ctx, trained, result)
@@ -112,6 +117,7 @@ class _Run:
     phases: tuple[str, ...]
     rows: dict  # phase -> its training rows (train.jsonl, or prompts.jsonl for GRPO)
     heldout: list[dict]
+    sharded: bool  # FSDP2: every rank holds a shard of each parameter (lorad.training.sharding)
 
     @property
     def split(self) -> bool:
@@ -121,18 +127,22 @@ class _Run:
 
 @dataclasses.dataclass
 class _Trained:
-    """The last phase's trainer, its tokenizer, and SFT+GRPO's SFT adapter (where GRPO began)."""
+    """The last phase's model and trainer state, its tokenizer, and SFT+GRPO's SFT adapter
+    (where GRPO began). ``staged``: under FSDP2, the adapter already written (gathered) that
+    ``model`` was reloaded from in one process; save() installs it instead of writing one."""
 
-    trainer: Any  # a trl trainer (SFT, DPO, KTO or GRPO)
+    model: Any  # a PeftModel
+    state: Any  # the trainer's TrainerState
     tokenizer: Any  # a transformers tokenizer
     earlier: str | None
+    staged: Path | None = None
 
 
 def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile.Result, is_main: bool) -> _Run:
     """Everything that can refuse the run, before the first step: the method and its guard, the
     learning rates, the base model (rank 0 converts a GGUF), device and precision, Liger, the
     memory estimate, and the rows to train on."""
-    from lorad.training import lora, resources, speed
+    from lorad.training import lora, resources, sharding, speed
     from lorad.training.base_model import BaseModelError, resolve
 
     threads = speed.configure_threads()  # every core this process may run on, not a constant
@@ -167,12 +177,16 @@ def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile
     except speed.Refused as e:
         raise JobFailed(str(e)) from None
     shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules, local_files_only=True)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    sharded = sharding.active() and processes > 1
     fit = dict(
         batch_size=spec.batch_size,
         seq_length=spec.max_seq_length,
         dtype=dtype,
         headroom=spec.memory_headroom,
         lora_dropout=spec.lora_dropout > 0,
+        shards=processes if sharded else 1,  # the estimate is per rank
+        offload=sharded and device.kind == "cuda" and sharding.offloaded(),
     )
     checkpointing = resources.use_checkpointing(shape, device, requested=spec.gradient_checkpointing, **fit)
     prec = dataclasses.replace(prec, gradient_checkpointing=checkpointing)
@@ -182,7 +196,7 @@ def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile
         raise JobFailed(str(e)) from None
     result.memory_estimate = estimate.as_dict()
     result.device = device.kind
-    result.processes = int(os.environ.get("WORLD_SIZE", "1"))
+    result.processes = processes
     result.base_model = model_dir
 
     rows = {
@@ -205,6 +219,7 @@ def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile
         phases,
         rows,
         jobfile.read_jsonl(job_dir / jobfile.HELDOUT_FILE),
+        sharded,
     )
 
 
@@ -222,7 +237,7 @@ def train(ctx: _Run, result: jobfile.Result) -> _Trained | int:
     _account(result, records, record, ctx.split)
     if stop is not None:
         return stop
-    return _Trained(trainer, tokenizer, parent if ctx.split else None)
+    return _Trained(trainer.model, trainer.state, tokenizer, parent if ctx.split else None)
 
 
 def _earlier_phase(
@@ -243,8 +258,16 @@ def _earlier_phase(
     _account(result, records, record, ctx.split)
     if stop is not None:
         return stop, parent
+    state, expected = None, None
+    if ctx.sharded:
+        from lorad.training import sharding
+
+        expected = sharding.adapter_shapes(trainer.model)
+        state = sharding.full_adapter_state(trainer.model)  # a collective: every rank gathers
     if ctx.is_main:
-        checkpoints.save_adapter(trainer.model, finished, record={checkpoints.PHASE_RECORD: record})
+        checkpoints.save_adapter(
+            trainer.model, finished, record={checkpoints.PHASE_RECORD: record}, state_dict=state, expected=expected
+        )
     barrier()
     return None, str(finished)
 
@@ -257,11 +280,45 @@ def _account(result: jobfile.Result, records: list[dict], record: dict, split: b
         raise JobFailed(record["failure"])
 
 
+def unshard(ctx: _Run, trained: _Trained) -> _Trained | None:
+    """FSDP2: the adapter gathered whole from the ranks' shards and written by rank 0 (staged,
+    not yet the job's adapter), then, once every rank has let go of the sharded model, reloaded
+    in one process on rank 0 from that file alone, so that what is checked, scored and handed to
+    the gate is exactly what was saved (accelerate #4206, peft #939: a save of one rank's shard
+    reads as a smaller adapter, or as the base).
+
+    Returns:
+        On rank 0 the reloaded model (``staged`` set); None on the other ranks, whose part ends.
+
+    Raises:
+        sharding.AdapterIncomplete: the staged file lacks a LoRA tensor or holds a slice of one.
+    """
+    from lorad.training import lora, sharding
+
+    expected = sharding.adapter_shapes(trained.model)
+    state = sharding.full_adapter_state(trained.model)  # a collective: every rank gathers
+    staged = None
+    if ctx.is_main:
+        staged = checkpoints.stage_adapter(trained.model, ctx.job_dir / jobfile.ADAPTER_DIR, state_dict=state)
+    del state
+    trained.model = None  # the sharded model goes with the trainer (release() collects them)
+    sharding.release()
+    barrier()  # every rank has released its shards (rank 0 is about to load the whole model)
+    sharding.leave()
+    if not ctx.is_main:
+        return None
+    assert staged is not None
+    sharding.check_adapter(staged / sharding.ADAPTER_WEIGHTS, expected)
+    base, _ = lora.load_model(ctx.model_dir, ctx.prec, local_files_only=True, whole=True)
+    model = lora.load_adapter(base, str(staged))
+    return dataclasses.replace(trained, model=model, staged=staged)
+
+
 def save(ctx: _Run, trained: _Trained, result: jobfile.Result) -> None:
     """Only a healthy adapter is written (finite logits on a held-out batch), whole or not at all."""
     from lorad.evaluation.health import check_finite_logits
 
-    model, state = trained.trainer.model, trained.trainer.state
+    model, state = trained.model, trained.state
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # GRPO's frozen reference (beta > 0) is no part of the result
     health = check_finite_logits(
@@ -275,7 +332,11 @@ def save(ctx: _Run, trained: _Trained, result: jobfile.Result) -> None:
     if not health.ok:
         raise JobFailed(f"health check failed: {health.reason}")
     ctx.progress.write(stage=jobfile.STAGE_SAVING, step=state.global_step, total_steps=state.max_steps)
-    result.adapter = str(checkpoints.save_adapter(model, ctx.job_dir / jobfile.ADAPTER_DIR))
+    final = ctx.job_dir / jobfile.ADAPTER_DIR
+    if trained.staged is not None:  # FSDP2: written from the gathered shards, checked and reloaded
+        result.adapter = str(checkpoints.install_adapter(trained.staged, final))
+    else:
+        result.adapter = str(checkpoints.save_adapter(model, final))
 
 
 def evaluate_candidate(ctx: _Run, trained: _Trained, result: jobfile.Result) -> None:
@@ -283,7 +344,7 @@ def evaluate_candidate(ctx: _Run, trained: _Trained, result: jobfile.Result) -> 
     phase's adapter, which becomes the candidate unless GRPO gained)."""
     if not (ctx.spec.evaluate and ctx.heldout):
         return
-    model, state = trained.trainer.model, trained.trainer.state
+    model, state = trained.model, trained.state
     ctx.progress.write(stage=jobfile.STAGE_EVALUATING, step=state.global_step, total_steps=state.max_steps)
     result.metrics = metrics = evaluate(model, trained.tokenizer, ctx.heldout, ctx.spec, earlier_phase=trained.earlier)
     if trained.earlier:
@@ -346,8 +407,8 @@ def _train_phase(ctx: _Run, phase: str, parent: str | None, rows: list[dict]):
 
     spec = ctx.spec
     root = checkpoints.checkpoint_root(ctx.job_dir, phase if ctx.split else None)
-    torch.manual_seed(spec.seed)
-    model, tokenizer = lora.load_model(ctx.model_dir, ctx.prec, local_files_only=True)
+    torch.manual_seed(spec.seed)  # every rank draws the same fresh LoRA A matrices
+    model, tokenizer = lora.load_model(ctx.model_dir, ctx.prec, local_files_only=True, sharded=ctx.sharded)
     model = lora.attach_adapter(
         model,
         r=spec.lora_r,
@@ -388,13 +449,23 @@ def _train_phase(ctx: _Run, phase: str, parent: str | None, rows: list[dict]):
         beta=spec.beta,
     )
     callback = make_callback(
-        ctx.flags, ctx.progress, root, spec.window_end, ctx.is_main, phase=phase if ctx.split else None
+        ctx.flags,
+        ctx.progress,
+        root,
+        spec.window_end,
+        ctx.is_main,
+        phase=phase if ctx.split else None,
+        sharded=ctx.sharded,
     )
     reward = None
     if phase == "grpo":
         from lorad.training.grpo import GuardReward
 
         reward = GuardReward(spec.guard_command, spec.guard_timeout)
+    if ctx.sharded:
+        from lorad.training import sharding
+
+        sharding.enable_on_cpu(args)
     trainer = lora.trainer(phase, model, tokenizer, train_dataset, args, [callback], reward=reward)
     # Why after the trainer: trl installs its own LM head in the constructor; this one replaces it.
     completion_head = phase == "sft" and speed.completion_head(trainer.model)
@@ -509,26 +580,33 @@ def _peak_memory_bytes() -> int:
 def launch(job_dir) -> int:
     """Run the job's processes through ``accelerate launch`` and exit as a single worker would.
 
-    The launcher is in this process group, so a signal to the group reaches every rank
-    directly; a signal to this process alone is forwarded to the launcher (which passes it on
-    to the ranks). The exit code is the outcome result.json records (the launcher's own is
-    1 for anything but success, paused included).
+    The launcher (accelerate's, then torch's elastic agent) runs in this process, in the process
+    group of the ranks: a signal to the group reaches every rank directly, one to this process
+    alone the agent passes on to them. The exit code is the outcome result.json records (the
+    launcher's own is 1 for anything but success, paused included). A rank killed by a signal
+    (the OOM killer, kill -9) ends this process with that signal once the agent has stopped the
+    other ranks, so the parent treats the run as a killed single worker: paused, resumed from
+    its last complete checkpoint, failed after ``schedule.max_worker_kills`` kills in a row.
     """
-    import subprocess
-
     job_dir = Path(job_dir)
     spec = jobfile.read_job(job_dir)
     result_path = job_dir / jobfile.RESULT_FILE
     before = result_path.stat().st_mtime_ns if result_path.exists() else None
-    proc = subprocess.Popen(jobfile.launch_command(job_dir, spec))
-
-    def forward(signum, frame):
-        if proc.poll() is None:
-            proc.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    rc = proc.wait()
+    rc, killed = _run_launcher(jobfile.launch_command(job_dir, spec))
+    if killed is not None:
+        rank, signum = killed
+        name = signal.Signals(signum).name
+        jobfile.write_result(
+            job_dir,
+            jobfile.Result(
+                job_id=spec.job_id,
+                status=STATUS_BY_EXIT[EXIT_FAILED],
+                reason=f"rank {rank} was killed by signal {signum} ({name})",
+                error=f"rank {rank} was killed by signal {signum} ({name}); the other ranks were stopped",
+                processes=spec.processes,
+            ),
+        )
+        _die_of(signum)
     result = jobfile.read_result(job_dir)
     if result is None or result_path.stat().st_mtime_ns == before:  # none, or the earlier run's
         if rc != 0:  # no rank got as far as writing a result: say so where the parent looks
@@ -545,6 +623,38 @@ def launch(job_dir) -> int:
         return EXIT_OK
     codes = {status: code for code, status in STATUS_BY_EXIT.items()}
     return codes.get(result.status, EXIT_FAILED)
+
+
+def _run_launcher(argv: list[str]) -> tuple[int, tuple[int, int] | None]:
+    """Run ``accelerate launch`` (``argv`` as :func:`jobfile.launch_command` gives it) in this
+    process until every rank has ended.
+
+    Returns:
+        (exit code, (rank, signal) of a rank that died of a signal, else None).
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv[argv.index("accelerate.commands.launch") + 1 :])
+    try:
+        launch_command(args)
+    except ChildFailedError as e:  # the agent has stopped the other ranks (with SIGTERM, then SIGKILL)
+        # Why the first failure only: the ranks the agent stopped after it died of signals too.
+        rank, first = e.get_first_failure()
+        return 1, ((rank, -first.exitcode) if first.exitcode < 0 else None)
+    except SystemExit as e:  # accelerate's exit on a signal to the agent (128 + the signal), or argv errors
+        return (e.code if isinstance(e.code, int) else 1), None
+    return 0, None
+
+
+def _die_of(signum: int) -> None:
+    """End this process by ``signum`` (its default action), as the rank it stands for did."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):  # the two whose action cannot be changed
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # a signal whose default is not to terminate
 
 
 def main(argv: list[str] | None = None) -> int:
