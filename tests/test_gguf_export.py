@@ -25,16 +25,15 @@ MODULES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny Llama (4 heads, 2 KV heads, 2 layers) and a LoRA adapter on all its linear layers, B random."""
+def tiny_lora(root: Path):
+    """A tiny Llama (4 heads, 2 KV heads, 2 layers) in ``root/base`` and a LoRA adapter on all its
+    linear layers, B random, saved in ``root/adapter``; returns the base's path and the peft model."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from lorad.training.tiny import build_tiny_model
 
-    root = tmp_path_factory.mktemp("gguf")
     base = build_tiny_model(root / "base", hidden_size=32, vocab_size=512)
     torch.manual_seed(0)
     model = get_peft_model(
@@ -44,6 +43,14 @@ def tiny(tmp_path_factory):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
     model.save_pretrained(root / "adapter")
+    return base, model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama and a LoRA adapter on all its linear layers (:func:`tiny_lora`)."""
+    root = tmp_path_factory.mktemp("gguf")
+    base, _ = tiny_lora(root)
     return base, root / "adapter"
 
 

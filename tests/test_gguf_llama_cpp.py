@@ -124,8 +124,10 @@ def open_llama(llama_cpp, **kwargs):
         llama_module.llama_cpp.llama_model_default_params = defaults
 
 
-def llama_logits(s, lora_path=None) -> dict:
-    llm = open_llama(s["llama_cpp"], model_path=str(s["gguf"]), lora_path=str(lora_path) if lora_path else None)
+def llama_logits(s, lora_path=None, model_path=None) -> dict:
+    """llama.cpp's next-token logits per prompt: the base GGUF (or ``model_path``), with ``lora_path`` applied."""
+    model_path = model_path or s["gguf"]
+    llm = open_llama(s["llama_cpp"], model_path=str(model_path), lora_path=str(lora_path) if lora_path else None)
     out = {}
     for p, seq in s["ids"].items():
         llm.reset()
@@ -220,13 +222,7 @@ def merged_passes(m: dict) -> bool:
 
 def merged_logits(s, adapter_dir, name: str) -> dict:
     done = gguf_export.write_merged(adapter_dir, s["base_dir"], s["gguf"], s["root"] / f"{name}.gguf")
-    llm = open_llama(s["llama_cpp"], model_path=str(done.path))
-    out = {}
-    for p, seq in s["ids"].items():
-        llm.reset()
-        llm.eval(seq)
-        out[p] = np.array(llm.scores[len(seq) - 1], dtype=np.float64)
-    llm.close()
+    out = llama_logits(s, model_path=done.path)
     done.path.unlink()  # a whole model each
     return out
 

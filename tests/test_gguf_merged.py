@@ -15,7 +15,7 @@ import pytest
 from lorad import config
 from lorad.release import gguf as gguf_export
 from lorad.release.gguf import ExportRefused, write_merged
-from test_gguf_export import MODULES, copy_adapter, write_base_gguf
+from test_gguf_export import MODULES, copy_adapter, tiny_lora, write_base_gguf
 
 # How the base GGUF below stores each adapted weight: every storage the merge has to read.
 STORED = {
@@ -34,22 +34,10 @@ ALIGNMENT = 64  # not gguf's default 32: the data must follow the base's general
 def tiny(tmp_path_factory):
     """A tiny Llama, a LoRA on all its linear layers (B random), peft's merged weights, and a base
     GGUF holding the real weights as llama.cpp's converter would (q/k rows permuted)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorad.training.tiny import build_tiny_model
-
     root = tmp_path_factory.mktemp("merged")
-    base = build_tiny_model(root / "base", hidden_size=32, vocab_size=512)
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    )
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    model.save_pretrained(root / "adapter")
+    base, model = tiny_lora(root)
     merged = {k: v.detach().float().numpy().copy() for k, v in model.merge_and_unload().state_dict().items()}
     original = {
         k: v.detach().float().numpy() for k, v in AutoModelForCausalLM.from_pretrained(base).state_dict().items()
