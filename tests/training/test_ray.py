@@ -100,7 +100,8 @@ def test_two_ray_workers_train_an_adapter_that_loads_like_a_local_runs(make_job,
     assert code == jobfile.EXIT_OK, out
 
     job_dir = ray_job(make_job, max_steps=4)
-    assert jobfile.worker_command(job_dir, jobfile.read_job(job_dir))[-2:] == ["--ray", str(job_dir)]
+    argv = jobfile.worker_command(job_dir, jobfile.read_job(job_dir))
+    assert argv[-3:] == ["-m", "lorad.training.ray_launcher", str(job_dir)]
     code, two, out = run_worker(job_dir, timeout=400)
     assert code == jobfile.EXIT_OK, out
     assert two.status == "succeeded" and two.processes == 2 and one.processes == 1

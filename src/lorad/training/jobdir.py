@@ -414,12 +414,12 @@ def worker_command(job_dir, spec: JobSpec) -> list[str]:
     ``python -m lorad.training.worker --launch JOB_DIR``, which runs :func:`launch_command`
     (``accelerate launch``), forwards SIGTERM/SIGINT to it, and exits with the EXIT_* code of
     the outcome in result.json (the launcher's own exit code cannot tell paused from failed).
-    With ``spec.launcher == "ray"``: ``python -m lorad.training.worker --ray JOB_DIR``, the
+    With ``spec.launcher == "ray"``: ``python -m lorad.training.ray_launcher JOB_DIR``, the
     driver of a Ray Train job (:mod:`lorad.training.ray_launcher`), which exits the same way.
     """
     job_dir = str(job_dir)
     if spec.launcher == "ray":
-        return [sys.executable, "-m", "lorad.training.worker", "--ray", job_dir]
+        return [sys.executable, "-m", "lorad.training.ray_launcher", job_dir]
     if spec.processes <= 1:
         return [sys.executable, "-m", "lorad.training.worker", job_dir]
     return [sys.executable, "-m", "lorad.training.worker", "--launch", job_dir]

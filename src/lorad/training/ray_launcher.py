@@ -1,4 +1,4 @@
-"""The worker as a Ray Train job: ``python -m lorad.training.worker --ray JOB_DIR``
+"""The worker as a Ray Train job: ``python -m lorad.training.ray_launcher JOB_DIR``
 (``[training] launcher = "ray"``).
 
 This process is the Ray driver, in the worker's place: the parent (supervisor, cycle) starts it,
@@ -44,6 +44,7 @@ from typing import Any, cast
 from lorad.training import jobdir as jobfile
 from lorad.training.callback import Flags
 from lorad.training.jobdir import EXIT_CANCELLED, EXIT_FAILED, EXIT_PAUSED, STATUS_BY_EXIT
+from lorad.training.supervisor import live_processes
 
 POLL = 0.5  # seconds between the driver's looks at its flags, and the ranks' at the stop board
 START_TIMEOUT = 120.0  # seconds for a local Ray instance to come up
@@ -386,19 +387,7 @@ class LocalRay:
 
 def session(sid: int) -> list[int]:
     """The running processes of session ``sid``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_bytes()
-        except OSError:  # gone meanwhile
-            continue
-        # After "pid (comm) ": state, ppid, pgrp, session, ...; comm may hold spaces.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[3]) == sid and fields[0] != b"Z":
-            found.append(int(name))
-    return found
+    return [pid for pid, fields in live_processes() if int(fields[3]) == sid]
 
 
 def _die_with_parent() -> None:
@@ -421,3 +410,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LocalRay.HOST, 0))
         return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lorad.training.ray_launcher JOB_DIR``: :func:`launch`, exiting as a worker does.
+
+    Its own entry point, not a flag of the worker's: the ranks run the worker's code, so the
+    worker must not import this module back.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m lorad.training.ray_launcher JOB_DIR", file=sys.stderr)
+        return 2
+    try:
+        return launch(argv[0])
+    except jobfile.JobError as e:
+        print(f"lorad worker: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

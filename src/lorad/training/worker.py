@@ -668,17 +668,13 @@ def _die_of(signum: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    launcher = argv[0] if argv[:1] in (["--launch"], ["--ray"]) else None
+    launcher = argv[:1] == ["--launch"]
     if launcher:
         argv = argv[1:]
     if len(argv) != 1:
-        print("usage: python -m lorad.training.worker [--launch | --ray] JOB_DIR", file=sys.stderr)
+        print("usage: python -m lorad.training.worker [--launch] JOB_DIR", file=sys.stderr)
         return 2
     try:
-        if launcher == "--ray":  # the driver of a Ray Train job; it imports ray, the rest never does
-            from lorad.training import ray_launcher
-
-            return ray_launcher.launch(argv[0])
         return launch(argv[0]) if launcher else run(argv[0])
     except jobfile.JobError as e:
         print(f"lorad worker: {e}", file=sys.stderr)
