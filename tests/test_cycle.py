@@ -532,6 +532,39 @@ def test_a_job_whose_worker_is_killed_every_run_is_paused_then_fails_at_max_work
     assert Path(job["job_dir"], "train.jsonl").is_file()  # prepared once, resumed on the same directory
 
 
+def test_a_killed_worker_that_wrote_why_leaves_its_reason_in_the_paused_job(tmp_path, monkeypatch):
+    """The Ray driver writes result.json ("Ray worker of rank 1 was lost: ...") before it ends by
+    SIGKILL: the job is paused as for any killed worker, with that reason after the usual one."""
+    import signal
+
+    from lorad.training.jobdir import Result, write_result
+
+    s = settings_for(tmp_path, str(tmp_path / "never-loaded"))
+    (tmp_path / "state").mkdir()
+
+    def lost(job_dir, *args, **kwargs):
+        (Path(job_dir) / "result.json").unlink(missing_ok=True)
+        job = read_job(job_dir)
+        write_result(
+            job_dir,
+            Result(job_id=job.job_id, method=job.method, status="failed", reason="Ray worker of rank 1 was lost: gone"),
+        )
+        return -signal.SIGKILL
+
+    monkeypatch.setattr(supervisor, "supervise", lost)
+    with Buffer(s.buffer_path) as b:
+        from lorad.sources import open_sources
+        from lorad.sources.ingest import ingest
+
+        ingest(b, open_sources(s.store))
+        job_id = JobStore(b.conn).create("manual")["job_id"]
+    outcome = cycle.run(s, job_id, holder="test", stop=cycle.StopRequest())
+    assert (outcome.status, outcome.reason) == (
+        "paused",
+        "worker killed (signal 9): Ray worker of rank 1 was lost: gone",
+    )
+
+
 def test_one_training_cycle_at_a_time_per_state_directory(tmp_path, capsys):
     import os
 

@@ -236,6 +236,27 @@ def accelerate_config_file(v):
     return None
 
 
+def cluster_address(v):
+    if v in ("", "auto"):
+        return None
+    host, sep, port = v.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return (
+            f'must be "" (a Ray instance on this machine for each job), "auto", "HOST:PORT" or '
+            f'"ray://HOST:PORT", got {v!r}'
+        )
+    return None
+
+
+def gpus_per_worker(v):
+    if v in (0, 1):
+        return None
+    return f"must be 0 (CPU workers, gloo) or 1 (one GPU each, NCCL): a rank trains on one GPU, got {v!r}"
+
+
+# [training] keys of launcher = "ray" alone.
+RAY_KEYS = ("ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker")
+
 PLACEHOLDERS = ("version", "path", "previous")  # what a command hook's argv may contain
 
 
@@ -435,6 +456,18 @@ class TrainingSettings:
     # and learning rate (0 = learning_rate); the SFT phase takes max_steps and learning_rate.
     grpo_steps: int = _c(non_negative, default=0)
     grpo_learning_rate: float = _c(learning_rate_or_zero, default=0.0)
+    # Where the worker's ranks run: "local" = this machine (one process, or `processes` through
+    # accelerate launch); "ray" = a Ray Train TorchTrainer of ray_workers workers on a Ray cluster
+    # (the optional extra lorad[ray]; the daemon never imports ray, the worker subprocess does).
+    launcher: Literal["local", "ray"] = "local"
+    # launcher "ray" only: "" = a Ray instance started on this machine for each job and stopped
+    # after it; "auto" = the cluster this machine is a node of; "HOST:PORT" (its GCS) or
+    # "ray://HOST:10001" (Ray Client, which needs ray[client]).
+    ray_address: str = _c(cluster_address, default="")
+    ray_workers: int = _c(at_least(1), default=1)
+    ray_cpus_per_worker: float = _c(positive, default=1.0)
+    # 0 = CPU workers (gloo); 1 = one GPU each (NCCL): a rank trains on one GPU.
+    ray_gpus_per_worker: float = _c(gpus_per_worker, default=0.0)
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -512,6 +545,41 @@ class TrainingSettings:
                         'and CUDA; it is not installed (use "auto" or false)',
                     )
                 )
+        return found + self._launcher_problems()
+
+    def _launcher_problems(self) -> list[tuple[str, str]]:
+        """(key, why) for the launcher and the keys that belong to the other launcher."""
+        import importlib.util
+
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.launcher == "local":
+            return [
+                (key, 'applies to launcher = "ray" only, and launcher = "local"; remove it or set launcher = "ray"')
+                for key in RAY_KEYS
+                if getattr(self, key) != defaults[key]
+            ]
+        found = []
+        if importlib.util.find_spec("ray") is None:
+            found.append(
+                (
+                    "launcher",
+                    '"ray" runs the worker as a Ray Train job, and ray is not installed in this Python; '
+                    "install the extra: pip install 'lorad[ray]'",
+                )
+            )
+        elif self.ray_address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+            found.append(
+                ("ray_address", f"{self.ray_address!r} goes through Ray Client, which needs pip install 'ray[client]'")
+            )
+        found += [
+            (
+                key,
+                'applies to launcher = "local" only, and launcher = "ray" (whose ranks are the ray_workers '
+                "Ray workers); remove it",
+            )
+            for key in ("processes", "accelerate_config")
+            if getattr(self, key) != defaults[key]
+        ]
         return found
 
 

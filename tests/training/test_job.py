@@ -46,7 +46,8 @@ def test_read_job_names_the_file_when_missing_or_unknown_keys(tmp_path):
 
 def test_job_and_result_files_of_another_schema_version_are_refused_with_the_reason(tmp_path):
     (tmp_path / "job.json").write_text(json.dumps(make_spec().as_dict() | {"schema_version": 1}))
-    with pytest.raises(JobError, match="job.json: schema version 1, this lorad reads version 3"):
+    expected = f"job.json: schema version 1, this lorad reads version {jobfile.SCHEMA_VERSION}"
+    with pytest.raises(JobError, match=expected):
         jobfile.read_job(tmp_path)
     (tmp_path / "result.json").write_text(json.dumps({"job_id": "j", "status": "succeeded"}))
     with pytest.raises(JobError, match="result.json: schema version None"):

@@ -231,7 +231,8 @@ def _stopped_or_failed(
         # Killed by a signal lorad did not send (the OOM killer, kill -9): the checkpoints it
         # left are whole (only complete ones are trusted), so the job resumes from them, unless
         # its worker dies every time.
-        why = f"{KILLED_REASON} (signal {-code})"
+        # A worker that saw why it ends says so first (the Ray driver, when Ray lost a worker).
+        why = f"{KILLED_REASON} (signal {-code})" + (f": {said}" if said else "")
         n = kills + 1
         if n >= max_kills:
             hint = "; the kernel's OOM killer sends signal 9: is memory short?" if -code == signal.SIGKILL else ""

@@ -98,13 +98,13 @@ def make_callback(
         def on_step_end(self, args, state, control, **kw):
             if flags.stop is None and window_end is not None and time.time() >= window_end:
                 flags.stop, flags.reason = "pause", "paused at the end of the training window"
-            agree_on_stop(flags, args.device)
-            if state.global_step >= state.max_steps and flags.stop is None:
+            stop, reason = agree_on_stop(flags, args.device)
+            if state.global_step >= state.max_steps and stop is None:
                 # Why no checkpoint at the last step: the adapter is saved right after, and a
                 # checkpoint there would only cost time (optimizer state, fsync).
                 control.should_save = False
-            if flags.stop is not None and self.stopped is None:
-                self.stopped, self.reason = flags.stop, flags.reason
+            if stop is not None and self.stopped is None:
+                self.stopped, self.reason = stop, reason
                 control.should_training_stop = True
                 # Why save on cancel too: it costs one checkpoint and lets an operator resume.
                 control.should_save = True
@@ -161,23 +161,34 @@ def make_callback(
 _STOP_CODES = {None: 0, "pause": 1, "cancel": 2}
 
 
-def agree_on_stop(flags: Flags, device) -> None:
+def agree_on_stop(flags: Flags, device) -> tuple[str | None, str]:
     """Every rank stops at the same step: the strongest request of any rank wins.
+
+    Returns:
+        The agreed (stop, reason): what this step end acts on. A request that lands in
+        ``flags`` after the all-reduce waits for the next step end on every rank.
 
     Why: ranks get a signal at slightly different moments; a rank that stopped a step
     earlier than the others would leave them waiting forever in the gradient all-reduce.
+    Why a snapshot and not ``flags`` itself after the all-reduce: the flags may be set from
+    another thread meanwhile (a Ray Train rank's stop follower), so one rank would act on a
+    request the others did not agree on.
     """
     import torch
     import torch.distributed as dist
 
+    mine, why = flags.stop, flags.reason
     if not (dist.is_available() and dist.is_initialized()):
-        return
-    code = torch.tensor([_STOP_CODES[flags.stop]], device=device)
+        return mine, why
+    code = torch.tensor([_STOP_CODES[mine]], device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
     agreed = {v: k for k, v in _STOP_CODES.items()}[int(code.item())]
-    if agreed != flags.stop and agreed is not None:
-        flags.stop = agreed
-        flags.reason = "paused on SIGTERM" if agreed == "pause" else "cancelled on SIGINT"
+    if agreed == mine:
+        return mine, why
+    why = "paused on SIGTERM" if agreed == "pause" else "cancelled on SIGINT"
+    if _STOP_CODES[agreed] > _STOP_CODES[flags.stop]:  # flags may have grown stronger meanwhile
+        flags.stop, flags.reason = agreed, why
+    return agreed, why
 
 
 def barrier() -> None:

@@ -50,8 +50,9 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 
 
-SCHEMA_VERSION = 3  # of job.json and result.json; a reader refuses any other (2: GRPO keys, no
-# generation_samples; 3: method "sft+grpo", its grpo_steps / grpo_learning_rate and result phases)
+SCHEMA_VERSION = 4  # of job.json and result.json; a reader refuses any other (2: GRPO keys, no
+# generation_samples; 3: method "sft+grpo", its grpo_steps / grpo_learning_rate and result phases;
+# 4: launcher and its ray_* keys)
 
 # Progress stages the worker writes (progress.jsonl "stage"), in the order they come; a
 # record whose stage is a status (succeeded, failed, paused, cancelled) is the last one.
@@ -95,6 +96,11 @@ _TRAINING_KEYS = (
     "beta",
     "grpo_steps",
     "grpo_learning_rate",
+    "launcher",
+    "ray_address",
+    "ray_workers",
+    "ray_cpus_per_worker",
+    "ray_gpus_per_worker",
 )
 _EVALUATION_KEYS = ("eval_batch_size", "guard_command", "guard_timeout", "max_new_tokens")
 
@@ -144,6 +150,11 @@ class JobSpec:
     beta: float
     grpo_steps: int
     grpo_learning_rate: float
+    launcher: str  # "local" or "ray"
+    ray_address: str
+    ray_workers: int
+    ray_cpus_per_worker: float
+    ray_gpus_per_worker: float
     eval_batch_size: int
     guard_command: tuple[str, ...]
     guard_timeout: float
@@ -403,8 +414,12 @@ def worker_command(job_dir, spec: JobSpec) -> list[str]:
     ``python -m lorad.training.worker --launch JOB_DIR``, which runs :func:`launch_command`
     (``accelerate launch``), forwards SIGTERM/SIGINT to it, and exits with the EXIT_* code of
     the outcome in result.json (the launcher's own exit code cannot tell paused from failed).
+    With ``spec.launcher == "ray"``: ``python -m lorad.training.ray_launcher JOB_DIR``, the
+    driver of a Ray Train job (:mod:`lorad.training.ray_launcher`), which exits the same way.
     """
     job_dir = str(job_dir)
+    if spec.launcher == "ray":
+        return [sys.executable, "-m", "lorad.training.ray_launcher", job_dir]
     if spec.processes <= 1:
         return [sys.executable, "-m", "lorad.training.worker", job_dir]
     return [sys.executable, "-m", "lorad.training.worker", "--launch", job_dir]

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -131,12 +131,10 @@ def stop_orphan(job_dir, timeout: float = 30.0) -> bool:
     return True
 
 
-def _group(pgid: int) -> dict[int, int]:
-    """The running processes of process group ``pgid`` (zombies left out): pid -> start time.
-
-    The start time (clock ticks after boot) tells a process from a later one given its pid.
-    """
-    members = {}
+def live_processes() -> Iterator[tuple[int, list[bytes]]]:
+    """Every running process (zombies left out): its pid and the fields of /proc/PID/stat after
+    "pid (comm) ", so that ``fields[0]`` is the state, ``[1]`` ppid, ``[2]`` pgrp, ``[3]`` session,
+    ``[19]`` starttime (comm may hold spaces, so it is cut at its last parenthesis)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -144,11 +142,17 @@ def _group(pgid: int) -> dict[int, int]:
             stat = Path(f"/proc/{name}/stat").read_bytes()
         except OSError:  # gone meanwhile
             continue
-        # After "pid (comm) ": state, ppid, pgrp, ... starttime (field 22); comm may hold spaces.
         fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            members[int(name)] = int(fields[19])
-    return members
+        if fields[0] != b"Z":
+            yield int(name), fields
+
+
+def _group(pgid: int) -> dict[int, int]:
+    """The running processes of process group ``pgid``: pid -> start time.
+
+    The start time (clock ticks after boot) tells a process from a later one given its pid.
+    """
+    return {pid: int(fields[19]) for pid, fields in live_processes() if int(fields[2]) == pgid}
 
 
 def _running(pgid: int, run: dict[int, int]) -> bool:

@@ -55,18 +55,27 @@ class JobFailed(Exception):
     "The job cannot succeed; the message is the reason written to result.json."
 
 
-def run(job_dir) -> int:
-    """Run the job in ``job_dir`` to an outcome; returns the exit code (result.json says why)."""
+def run(job_dir, rank: int | None = None, processes: int | None = None, flags: Flags | None = None) -> int:
+    """Run the job in ``job_dir`` to an outcome; returns the exit code (result.json says why).
+
+    Args:
+        rank, processes: this rank and the number of ranks; None = the launcher's RANK and
+            WORLD_SIZE (accelerate launch). A Ray Train worker passes those of Ray's context.
+        flags: set by whoever asks the run to stop; None = this process's SIGTERM and SIGINT
+            handlers set them (a Ray Train worker runs this in a thread, where no handler can be
+            installed: its flags follow the driver's stop requests).
+    """
     job_dir = Path(job_dir)
     spec = jobfile.read_job(job_dir)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     is_main = rank == 0
-    flags = Flags()
-    signal.signal(signal.SIGTERM, flags.on_sigterm)
-    signal.signal(signal.SIGINT, flags.on_sigint)
+    if flags is None:
+        flags = Flags()
+        signal.signal(signal.SIGTERM, flags.on_sigterm)
+        signal.signal(signal.SIGINT, flags.on_sigint)
     progress = Progress(job_dir / jobfile.PROGRESS_FILE, is_main)
     started = time.time()
-    result = jobfile.Result(job_id=spec.job_id, method=spec.method)
+    result = jobfile.Result(job_id=spec.job_id, method=spec.method, processes=processes)
     try:
         code = _steps(spec, job_dir, flags, progress, result, is_main)
     except JobFailed as e:
@@ -177,7 +186,7 @@ def setup(spec, job_dir: Path, flags: Flags, progress: Progress, result: jobfile
     except speed.Refused as e:
         raise JobFailed(str(e)) from None
     shape = resources.model_shape(model_dir, spec.lora_r, spec.target_modules, local_files_only=True)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = result.processes or int(os.environ.get("WORLD_SIZE", "1"))  # Ray passes its own
     sharded = sharding.active() and processes > 1
     fit = dict(
         batch_size=spec.batch_size,
