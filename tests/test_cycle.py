@@ -42,11 +42,13 @@ def config_text(
     max_seq: int = 256,
     batch_size: int = 4,
     learning_rate: float = 0.01,
+    save_steps: int = 1000,
+    training: str = "",
     evaluation: str = "",
 ) -> str:
     """config.toml of a cycle on the fixture store: a rank-8 LoRA from scratch (no warm start),
-    the fixture guard unless ``guard`` is false; ``evaluation`` is appended to [evaluation]
-    (and may go on with more tables, such as [[publish]])."""
+    the fixture guard unless ``guard`` is false; ``training`` is appended to [training] and
+    ``evaluation`` to [evaluation] (which may go on with more tables, such as [[publish]])."""
     guard_line = f'guard_command = ["{sys.executable}", "{GUARD}"]' if guard else ""
     return f"""
 [daemon]
@@ -67,11 +69,12 @@ learning_rate = {learning_rate}
 max_seq_length = {max_seq}
 quantization = "none"
 gradient_checkpointing = false
-save_steps = 1000
+save_steps = {save_steps}
 lora_r = 8
 lora_alpha = 64
 lora_dropout = 0.0
 warm_start = false
+{training}
 [evaluation]
 {guard_line}
 max_new_tokens = 24

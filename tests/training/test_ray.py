@@ -31,7 +31,6 @@ except ImportError:
 needs_ray = pytest.mark.skipif(
     not HAVE_RAY, reason="ray[train] is not installed (pip install 'lorad[ray]'; make install does)"
 )
-FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
@@ -212,41 +211,11 @@ def test_a_lost_ray_worker_fails_the_run_with_the_reason_and_the_next_cycle_resu
 
 
 def cycle_settings(root: Path, base_model: Path, *, steps: int, save_steps: int):
-    """A cycle on the fixture store (as tests/test_cycle.py's) whose worker is a Ray Train job."""
-    from lorad import config
+    """A cycle on the fixture store (tests/test_cycle.py's) whose worker is a Ray Train job."""
+    from test_cycle import settings_for
 
-    return config.loads(
-        f"""
-[daemon]
-state_dir = "{root / "state"}"
-[[store.sources]]
-kind = "atomicguard"
-path = "{FIXTURES / "atomicguard-store"}"
-[selection]
-policy = "all_successes"
-heldout_fraction = 0.3
-max_history = 1
-max_artifact_chars = 300
-[training]
-base_model = "{base_model}"
-max_steps = {steps}
-batch_size = 4
-learning_rate = 0.01
-max_seq_length = 256
-quantization = "none"
-gradient_checkpointing = false
-save_steps = {save_steps}
-lora_r = 8
-lora_alpha = 64
-lora_dropout = 0.0
-warm_start = false
-launcher = "ray"
-ray_workers = 2
-[evaluation]
-guard_command = ["{sys.executable}", "{FIXTURES / "task_guard.py"}"]
-max_new_tokens = 24
-min_heldout_examples = 3
-"""
+    return settings_for(
+        root, str(base_model), steps=steps, save_steps=save_steps, training='launcher = "ray"\nray_workers = 2'
     )
 
 
