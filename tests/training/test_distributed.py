@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
-from training_helpers import run_worker
+from training_helpers import adapter_like_single, run_worker
 
 from lorad.training import jobdir as jobfile
 
@@ -12,9 +11,6 @@ torch.set_num_threads(1)
 
 
 def test_two_process_run_saves_an_adapter_of_the_same_shape_that_loads_the_same_way(make_job, tiny_model_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     single = make_job(max_steps=2)
     code, one, out = run_worker(single)
     assert code == jobfile.EXIT_OK, out
@@ -30,14 +26,7 @@ def test_two_process_run_saves_an_adapter_of_the_same_shape_that_loads_the_same_
     steps = [r["step"] for r, _ in jobfile.iter_progress(job_dir) if r.get("loss") is not None]
     assert steps == [1, 2]
 
-    a = load_file(single / "adapter" / "adapter_model.safetensors")
-    b = load_file(job_dir / "adapter" / "adapter_model.safetensors")
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(base, job_dir / "adapter").eval()
-    ids = torch.tensor([[1, 5, 9, 2]])
-    with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
+    adapter_like_single(single, job_dir, tiny_model_dir)
 
 
 def test_two_process_run_pauses_on_sigterm_with_the_paused_exit_code(make_job):

@@ -189,3 +189,22 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def adapter_like_single(single: Path, job_dir: Path, base_model: Path):
+    """Check that ``job_dir``'s adapter (a run of several ranks) has the tensors and shapes of
+    ``single``'s (one process) and gives finite logits on ``base_model``; returns the loaded
+    peft model and a prompt's ids for further checks."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    a = load_file(single / "adapter" / "adapter_model.safetensors")
+    b = load_file(job_dir / "adapter" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), job_dir / "adapter").eval()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    return model, ids
